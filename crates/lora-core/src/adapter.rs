@@ -1,0 +1,329 @@
+//! Adapters: trainable low-rank additions to a frozen [`Linear`](crate::Linear).
+
+use std::fmt::Debug;
+
+use crate::backend::{Backend, Tensor};
+use crate::error::{Error, Result};
+use crate::ops::{LoraGrads, LoraOps};
+use crate::rng::{self, RngState};
+
+/// Training or inference. Dropout acts only in training, and only training saves
+/// activations for the backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Dropout on, activations saved.
+    Train,
+    /// Dropout off, nothing saved.
+    Eval,
+}
+
+/// A trainable tensor and its gradient, as handed to an [`Optimizer`](crate::Optimizer).
+#[derive(Debug)]
+pub struct ParamGrad<'a, T> {
+    /// The parameter, updated in place.
+    pub param: &'a mut T,
+    /// Its gradient from the last backward.
+    pub grad: &'a T,
+}
+
+/// A trainable addition to a frozen linear layer's output.
+pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
+    /// Adds the adapter's term to `y` (the base output for input `x`).
+    fn forward(&mut self, backend: &B, x: &B::Tensor, y: &mut B::Tensor, mode: Mode) -> Result<()>;
+    /// Computes the parameter gradients from the saved forward and adds the adapter's part
+    /// of the input gradient to `dx`.
+    fn backward(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        dx: &mut B::Tensor,
+    ) -> Result<()>;
+    /// The dense `[out, in]` weight update this adapter is equivalent to.
+    fn delta_weight(&self, backend: &B) -> Result<B::Tensor>;
+    /// Named tensors, with PEFT's names (`lora_A`, `lora_B`).
+    fn tensors(&self) -> Vec<(&'static str, &B::Tensor)>;
+    /// Replaces a named tensor (loading an adapter file); the shape must match.
+    fn set_tensor(&mut self, name: &str, value: B::Tensor) -> Result<()>;
+    /// Trainable parameters with their gradients; empty before the first backward.
+    fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, B::Tensor>>;
+    /// Number of trainable scalars.
+    fn num_parameters(&self) -> usize {
+        self.tensors().iter().map(|(_, t)| t.numel()).sum()
+    }
+}
+
+/// How `lora_A` and `lora_B` start (`init_lora_weights` in PEFT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraInit {
+    /// `true`: A Kaiming-uniform (a = √5), B zeros. A fresh adapter is a no-op.
+    KaimingUniform,
+    /// `"gaussian"`: A ~ N(0, (1/r)²), B zeros.
+    Gaussian,
+    /// `false`: both random, as `nn.Linear`'s default init; not a no-op (for tests).
+    Random,
+}
+
+/// The hyper-parameters of one LoRA adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    /// Rank `r`, `1 <= r <= min(in, out)`.
+    pub r: usize,
+    /// `lora_alpha`.
+    pub alpha: f32,
+    /// Dropout probability on the LoRA input, in `[0, 1)`.
+    pub dropout: f32,
+    /// rsLoRA: scaling `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// Initialisation.
+    pub init: LoraInit,
+    /// Seed of the shared generator for init and dropout.
+    pub seed: u64,
+}
+
+impl Default for LoraSpec {
+    /// PEFT's defaults: `r = 8`, `lora_alpha = 8`, no dropout, Kaiming init.
+    fn default() -> Self {
+        LoraSpec {
+            r: 8,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            init: LoraInit::KaimingUniform,
+            seed: 0,
+        }
+    }
+}
+
+impl LoraSpec {
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self) -> f32 {
+        if self.use_rslora {
+            self.alpha / (self.r as f32).sqrt()
+        } else {
+            self.alpha / self.r as f32
+        }
+    }
+
+    /// Checks the spec for a layer `[out, in]` named `layer`.
+    pub fn validate(&self, layer: &str, in_f: usize, out_f: usize) -> Result<()> {
+        let ctx = || format!("LoRA on {layer} [{out_f}, {in_f}]");
+        if self.r == 0 {
+            return Err(Error::config(ctx(), "r", self.r, "rank must be at least 1"));
+        }
+        if self.r > in_f.min(out_f) {
+            return Err(Error::config(
+                ctx(),
+                "r",
+                self.r,
+                format!("rank must not exceed min(in, out) = {}", in_f.min(out_f)),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(
+                ctx(),
+                "lora_dropout",
+                self.dropout,
+                "must be in [0, 1)",
+            ));
+        }
+        if !self.alpha.is_finite() {
+            return Err(Error::config(
+                ctx(),
+                "lora_alpha",
+                self.alpha,
+                "must be finite",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Activations kept from the forward for the backward.
+#[derive(Debug, Clone)]
+struct Saved<T> {
+    h: T,
+    mask: Option<T>,
+}
+
+/// A LoRA adapter: `y += scaling · (dropout(x) Aᵀ) Bᵀ` with `A: [r, in]`, `B: [out, r]`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter<B: Backend> {
+    layer: String,
+    a: B::Tensor,
+    b: B::Tensor,
+    scaling: f32,
+    dropout: f32,
+    dropout_rng: RngState,
+    saved: Option<Saved<B::Tensor>>,
+    grads: Option<LoraGrads<B::Tensor>>,
+}
+
+impl<B: LoraOps> LoraAdapter<B> {
+    /// A new adapter for the layer named `layer` with shape `[out, in]`, initialised from
+    /// the shared generator (streams derived from the layer name and `spec.seed`).
+    pub fn new(
+        backend: &B,
+        layer: &str,
+        in_f: usize,
+        out_f: usize,
+        spec: &LoraSpec,
+    ) -> Result<Self> {
+        spec.validate(layer, in_f, out_f)?;
+        let r = spec.r;
+        let mut a = vec![0.0f32; r * in_f];
+        let mut b = vec![0.0f32; out_f * r];
+        let a_rng = RngState::new(spec.seed, rng::stream_id(layer, "lora_A"));
+        let b_rng = RngState::new(spec.seed, rng::stream_id(layer, "lora_B"));
+        // Kaiming-uniform with a = sqrt(5): bound = sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(fan_in).
+        let kaiming = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+        match spec.init {
+            LoraInit::KaimingUniform => {
+                let bound = kaiming(in_f);
+                rng::uniform(a_rng, -bound, bound, &mut a);
+            }
+            LoraInit::Gaussian => rng::normal(a_rng, 0.0, 1.0 / r as f32, &mut a),
+            LoraInit::Random => {
+                let bound = kaiming(in_f);
+                rng::uniform(a_rng, -bound, bound, &mut a);
+                let bound = kaiming(r);
+                rng::uniform(b_rng, -bound, bound, &mut b);
+            }
+        }
+        Ok(LoraAdapter {
+            layer: layer.to_string(),
+            a: backend.from_host(&a, &[r, in_f])?,
+            b: backend.from_host(&b, &[out_f, r])?,
+            scaling: spec.scaling(),
+            dropout: spec.dropout,
+            dropout_rng: RngState::new(spec.seed, rng::stream_id(layer, "dropout")),
+            saved: None,
+            grads: None,
+        })
+    }
+
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.a.shape().dims()[0]
+    }
+
+    /// The scaling applied to the LoRA term.
+    pub fn scaling(&self) -> f32 {
+        self.scaling
+    }
+
+    /// `lora_A`, `[r, in]`.
+    pub fn lora_a(&self) -> &B::Tensor {
+        &self.a
+    }
+
+    /// `lora_B`, `[out, r]`.
+    pub fn lora_b(&self) -> &B::Tensor {
+        &self.b
+    }
+
+    /// Gradients from the last backward.
+    pub fn grads(&self) -> Option<&LoraGrads<B::Tensor>> {
+        self.grads.as_ref()
+    }
+
+    /// The dropout stream's position (exposed so tests can replay a mask).
+    pub fn dropout_rng(&self) -> RngState {
+        self.dropout_rng
+    }
+
+    /// Rewinds or moves the dropout stream.
+    pub fn set_dropout_rng(&mut self, state: RngState) {
+        self.dropout_rng = state;
+    }
+}
+
+impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
+    fn forward(&mut self, backend: &B, x: &B::Tensor, y: &mut B::Tensor, mode: Mode) -> Result<()> {
+        let mask = if mode == Mode::Train && self.dropout > 0.0 {
+            let rng = self.dropout_rng.advance(x.numel());
+            Some(backend.dropout_mask(x.shape().dims(), self.dropout, rng)?)
+        } else {
+            None
+        };
+        let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), y)?;
+        self.saved = match mode {
+            Mode::Train => Some(Saved { h, mask }),
+            Mode::Eval => None,
+        };
+        Ok(())
+    }
+
+    fn backward(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        dx: &mut B::Tensor,
+    ) -> Result<()> {
+        let saved = self.saved.take().ok_or_else(|| {
+            Error::state(
+                format!("LoRA on {}", self.layer),
+                "backward called without a forward in training mode",
+            )
+        })?;
+        let grads = backend.lora_backward(
+            x,
+            &self.a,
+            &self.b,
+            self.scaling,
+            saved.mask.as_ref(),
+            &saved.h,
+            dy,
+            dx,
+        )?;
+        self.grads = Some(grads);
+        Ok(())
+    }
+
+    fn delta_weight(&self, backend: &B) -> Result<B::Tensor> {
+        backend.lora_delta_weight(&self.a, &self.b, self.scaling)
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &B::Tensor)> {
+        vec![("lora_A", &self.a), ("lora_B", &self.b)]
+    }
+
+    fn set_tensor(&mut self, name: &str, value: B::Tensor) -> Result<()> {
+        let slot = match name {
+            "lora_A" => &mut self.a,
+            "lora_B" => &mut self.b,
+            other => {
+                return Err(Error::state(
+                    format!("LoRA on {}", self.layer),
+                    format!("unknown adapter tensor {other:?} (expected lora_A or lora_B)"),
+                ));
+            }
+        };
+        if slot.shape() != value.shape() {
+            return Err(Error::shape(
+                format!("LoRA on {} tensor {name}", self.layer),
+                format!("{}", slot.shape()),
+                value.shape(),
+            ));
+        }
+        *slot = value;
+        Ok(())
+    }
+
+    fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, B::Tensor>> {
+        match &self.grads {
+            Some(g) => vec![
+                ParamGrad {
+                    param: &mut self.a,
+                    grad: &g.d_a,
+                },
+                ParamGrad {
+                    param: &mut self.b,
+                    grad: &g.d_b,
+                },
+            ],
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The backend contract: device tensors and op-level primitives.
+//!
+//! A backend implements [`Backend`] (the primitives) and then opts into the layer-level
+//! traits [`LoraOps`](crate::ops::LoraOps) and [`OptimOps`](crate::ops::OptimOps) with an
+//! empty `impl` to take the default implementations, or overrides single methods with
+//! fused kernels. This is burn's `ModuleOps` pattern.
+
+use std::fmt::Debug;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::rng::RngState;
+use crate::shape::Shape;
+
+/// A tensor that lives on a backend's device.
+pub trait Tensor: Clone + Debug + Send + Sync + 'static {
+    /// Its shape.
+    fn shape(&self) -> &Shape;
+    /// Its storage type.
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+    /// Number of elements.
+    fn numel(&self) -> usize {
+        self.shape().numel()
+    }
+    /// Bytes of device memory held.
+    fn size_in_bytes(&self) -> usize {
+        self.numel() * self.dtype().size_in_bytes()
+    }
+}
+
+/// Whether a GEMM operand is used as stored or transposed (in its matrix view).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transpose {
+    /// Use as stored.
+    No,
+    /// Use transposed.
+    Yes,
+}
+
+impl Transpose {
+    /// The `(rows, cols)` of the operand after this transpose.
+    pub fn apply(self, (rows, cols): (usize, usize)) -> (usize, usize) {
+        match self {
+            Transpose::No => (rows, cols),
+            Transpose::Yes => (cols, rows),
+        }
+    }
+}
+
+/// Elementwise binary operations on two tensors of the same shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    /// `a + b`
+    Add,
+    /// `a - b`
+    Sub,
+    /// `a * b`
+    Mul,
+    /// `a / b`
+    Div,
+}
+
+/// Elementwise unary operations; the activations also have a backward
+/// ([`Backend::unary_backward`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnaryOp {
+    /// `max(x, 0)`
+    Relu,
+    /// GELU, exact (erf) form, as `torch.nn.GELU()` and BERT use.
+    Gelu,
+    /// `tanh(x)`
+    Tanh,
+    /// `sqrt(x)`
+    Sqrt,
+    /// `x * x`
+    Square,
+}
+
+/// Op-level primitives every backend supplies. Everything else (LoRA forward and backward,
+/// optimizer steps, losses, layers) is written once over these.
+///
+/// Conventions shared by all methods:
+/// * f32 compute; tensors are dense and row-major.
+/// * A GEMM operand is seen through its matrix view [`Shape::as_matrix`]: leading
+///   dimensions flattened into rows, like `torch.nn.Linear` does.
+/// * Errors name the operation and the shapes; no method panics on bad input.
+pub trait Backend: Clone + Debug + Send + Sync + 'static {
+    /// The device tensor type.
+    type Tensor: Tensor;
+
+    /// Short name: `ndarray`, `tch`, `cuda`.
+    fn name(&self) -> &'static str;
+
+    /// Human-readable device, e.g. `cpu (2 threads)`.
+    fn device(&self) -> String;
+
+    /// Waits until all queued work is done (a no-op on synchronous backends). Benchmarks
+    /// call it before stopping the clock.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Copies host data into a new device tensor. `data.len()` must equal the shape's
+    /// element count.
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// Copies a tensor to the host, row-major.
+    fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// A tensor of zeros.
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// The same elements under a new shape with the same element count.
+    fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// `c = alpha * op_a(a) op_b(b) + beta * c` on the matrix views. With `beta == 0`
+    /// the old contents of `c` are ignored (NaN in `c` does not propagate).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        alpha: f32,
+        a: &Self::Tensor,
+        trans_a: Transpose,
+        b: &Self::Tensor,
+        trans_b: Transpose,
+        beta: f32,
+        c: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// Elementwise `a op b`; shapes must be equal.
+    fn binary(&self, op: BinaryOp, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Elementwise `op(a)`.
+    fn unary(&self, op: UnaryOp, a: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Backward of an activation: `dy * op'(x)` where `x` is the activation's input.
+    /// Defined for [`UnaryOp::Relu`], [`UnaryOp::Gelu`], [`UnaryOp::Tanh`].
+    fn unary_backward(
+        &self,
+        op: UnaryOp,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+
+    /// In place `y = alpha * x + beta * y`; shapes must be equal.
+    fn axpby(&self, alpha: f32, x: &Self::Tensor, beta: f32, y: &mut Self::Tensor) -> Result<()>;
+
+    /// Elementwise `a * mul + add`.
+    fn affine(&self, a: &Self::Tensor, mul: f32, add: f32) -> Result<Self::Tensor>;
+
+    /// In place `a[i, :] += row` over the matrix view of `a`; `row` has `cols` elements.
+    fn add_row_broadcast(&self, a: &mut Self::Tensor, row: &Self::Tensor) -> Result<()>;
+
+    /// Sum over rows of the matrix view: `[rows, cols] -> [cols]` (e.g. a bias gradient).
+    fn sum_rows(&self, a: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Sum over columns of the matrix view: `[rows, cols] -> [rows]`.
+    fn sum_cols(&self, a: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Sum of all elements (accumulated in f64 where the backend can).
+    fn sum_all(&self, a: &Self::Tensor) -> Result<f64>;
+
+    /// Largest absolute value (NaN if any element is NaN).
+    fn max_abs(&self, a: &Self::Tensor) -> Result<f32>;
+
+    /// Whether every element is finite.
+    fn all_finite(&self, a: &Self::Tensor) -> Result<bool>;
+
+    /// A dropout keep-mask (`0` or `1/(1-p)`) drawn from the shared Philox generator at
+    /// `rng`. The default draws on the host; device backends override it with a kernel that
+    /// must give the same bits ([`crate::rng`] documents the mapping).
+    fn dropout_mask(&self, shape: &[usize], p: f32, rng: RngState) -> Result<Self::Tensor> {
+        let mut mask = vec![0.0f32; shape.iter().product()];
+        crate::rng::dropout_mask(rng, p, &mut mask);
+        self.from_host(&mask, shape)
+    }
+}
+
+/// Checks the operands of [`Backend::gemm`] and returns `(m, n, k)`: `op(a)` is `[m, k]`,
+/// `op(b)` is `[k, n]`, `c` is `[m, n]`. Backends call this so that every backend rejects
+/// the same inputs with the same message.
+pub fn check_gemm(
+    a: &Shape,
+    trans_a: Transpose,
+    b: &Shape,
+    trans_b: Transpose,
+    c: &Shape,
+) -> Result<(usize, usize, usize)> {
+    let (m, k) = trans_a.apply(a.as_matrix());
+    let (kb, n) = trans_b.apply(b.as_matrix());
+    if k != kb {
+        return Err(Error::ShapeMismatch {
+            context: format!("gemm (a {a} trans={trans_a:?}, b trans={trans_b:?})"),
+            expected: format!("b with inner dimension {k}"),
+            got: b.clone(),
+        });
+    }
+    if c.as_matrix() != (m, n) {
+        return Err(Error::shape(
+            format!("gemm (a {a} trans={trans_a:?}, b {b} trans={trans_b:?})"),
+            format!("output c as [{m}, {n}]"),
+            c,
+        ));
+    }
+    Ok((m, n, k))
+}
+
+/// Checks that two operands of an elementwise op have equal shapes.
+pub fn check_same_shape(op: &str, a: &Shape, b: &Shape) -> Result<()> {
+    if a != b {
+        return Err(Error::shape(
+            format!("{op} (first operand {a})"),
+            format!("{a}"),
+            b,
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `data_len` elements fill `shape`.
+pub fn check_host_len(data_len: usize, shape: &[usize]) -> Result<()> {
+    let s = Shape::new(shape);
+    if s.numel() != data_len {
+        return Err(Error::shape(
+            "from_host",
+            format!("{} elements for the given data", data_len),
+            &s,
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! # lora-core
+//!
+//! Backend-agnostic building blocks of lora-rs:
+//!
+//! * [`Backend`] and [`Tensor`]: device tensors and op-level primitives (GEMM,
+//!   elementwise, reductions, activations, dropout masks) that every backend supplies.
+//! * [`LoraOps`] and [`OptimOps`]: layer-level operations (LoRA forward/backward, optimizer
+//!   steps) with default implementations over the primitives, which a backend may override
+//!   with fused kernels.
+//! * [`Linear`] (frozen layers), [`Adapter`] (trainable additions, [`LoraAdapter`]),
+//!   [`LoraLinear`] (a named layer with its adapter), [`Model`] (layers by dotted name) and
+//!   [`Optimizer`] ([`Sgd`], [`Adam`]).
+//! * [`rng`]: the counter-based Philox generator shared by all backends, so the same seed
+//!   gives the same init and dropout masks everywhere.
+//!
+//! See `docs/architecture.md` in the repository for the design.
+
+pub mod adapter;
+pub mod backend;
+pub mod dtype;
+pub mod error;
+pub mod fs;
+pub mod linear;
+pub mod lora_linear;
+pub mod loss;
+pub mod module;
+pub mod ops;
+pub mod optim;
+pub mod rng;
+pub mod shape;
+
+pub use adapter::{Adapter, LoraAdapter, LoraInit, LoraSpec, Mode, ParamGrad};
+pub use backend::{Backend, BinaryOp, Tensor, Transpose, UnaryOp};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use linear::{DenseLinear, Linear};
+pub use lora_linear::LoraLinear;
+pub use loss::mse_loss;
+pub use module::Model;
+pub use ops::{AdamHyper, LoraGrads, LoraOps, OptimOps, SgdHyper};
+pub use optim::{Adam, Optimizer, Sgd};
+pub use shape::Shape;
+
+/// Everything a backend implements: the primitives plus the layer-level operations.
+/// Blanket-implemented; use it as the bound for code generic over backends.
+pub trait FullBackend: Backend + LoraOps + OptimOps {}
+
+impl<B: Backend + LoraOps + OptimOps> FullBackend for B {}

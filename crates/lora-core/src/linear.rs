@@ -1,0 +1,175 @@
+//! Frozen linear layers: the `Linear` trait and its dense f32 implementation.
+
+use std::fmt::Debug;
+
+use crate::backend::{Backend, Tensor, Transpose, check_same_shape};
+use crate::error::{Error, Result};
+
+/// A frozen linear layer `y = x Wᵀ + b` with `W` stored `[out, in]` (PyTorch layout).
+///
+/// Frozen means: the backward returns only `dx = dy W`; there is no weight gradient, no
+/// optimizer state and no extra copy of `W` kept for it. A quantized layer implements the
+/// same trait with its own storage.
+pub trait Linear<B: Backend>: Debug + Send + Sync {
+    /// Input features.
+    fn in_features(&self) -> usize;
+    /// Output features.
+    fn out_features(&self) -> usize;
+    /// `y = x Wᵀ + b` over the matrix view of `x` (`[..., in] -> [..., out]`).
+    fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor>;
+    /// `dx = dy W` (`[..., out] -> [..., in]`).
+    fn backward(&self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor>;
+    /// The weight as a dense f32 `[out, in]` tensor (dequantized if stored otherwise).
+    fn weight(&self, backend: &B) -> Result<B::Tensor>;
+    /// The bias, `[out]`, if any.
+    fn bias(&self) -> Option<&B::Tensor>;
+    /// In place `W += alpha * delta` (merge / unmerge).
+    fn add_to_weight(&mut self, backend: &B, delta: &B::Tensor, alpha: f32) -> Result<()>;
+    /// Number of scalar parameters (weight and bias).
+    fn num_parameters(&self) -> usize;
+    /// Bytes of device memory the layer keeps resident.
+    fn resident_bytes(&self) -> usize;
+    /// The dense layer behind this one, for full fine-tuning (pretraining a model, or the
+    /// baseline LoRA is compared with). Quantized layers return `None`.
+    fn as_dense_mut(&mut self) -> Option<&mut DenseLinear<B>> {
+        None
+    }
+}
+
+/// A dense f32 linear layer.
+#[derive(Debug, Clone)]
+pub struct DenseLinear<B: Backend> {
+    weight: B::Tensor,
+    bias: Option<B::Tensor>,
+}
+
+impl<B: Backend> DenseLinear<B> {
+    /// Wraps a `[out, in]` weight and an optional `[out]` bias.
+    pub fn new(weight: B::Tensor, bias: Option<B::Tensor>) -> Result<Self> {
+        if weight.shape().rank() != 2 {
+            return Err(Error::shape("linear weight", "[out, in]", weight.shape()));
+        }
+        let out_f = weight.shape().dims()[0];
+        if let Some(b) = &bias {
+            if b.shape().dims() != [out_f] {
+                return Err(Error::shape("linear bias", format!("[{out_f}]"), b.shape()));
+            }
+        }
+        Ok(DenseLinear { weight, bias })
+    }
+
+    /// The weight tensor.
+    pub fn weight_tensor(&self) -> &B::Tensor {
+        &self.weight
+    }
+
+    /// Mutable weight and bias, for full fine-tuning.
+    pub fn params_mut(&mut self) -> (&mut B::Tensor, Option<&mut B::Tensor>) {
+        (&mut self.weight, self.bias.as_mut())
+    }
+
+    /// Full fine-tuning gradients: `dW = dyᵀ x` (`[out, in]`) and `db = Σ_rows dy`.
+    pub fn param_grads(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
+        let mut d_w = backend.zeros(self.weight.shape().dims())?;
+        backend.gemm(1.0, dy, Transpose::Yes, x, Transpose::No, 0.0, &mut d_w)?;
+        let d_b = match &self.bias {
+            Some(_) => Some(backend.sum_rows(dy)?),
+            None => None,
+        };
+        Ok((d_w, d_b))
+    }
+
+    fn check_features(&self, what: &str, t: &B::Tensor, expected: usize) -> Result<()> {
+        if t.shape().last() != expected || t.shape().rank() == 0 {
+            return Err(Error::shape(
+                format!("linear [{}, {}] {what}", self.out(), self.inp()),
+                format!("[..., {expected}]"),
+                t.shape(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn out(&self) -> usize {
+        self.weight.shape().dims()[0]
+    }
+
+    fn inp(&self) -> usize {
+        self.weight.shape().dims()[1]
+    }
+}
+
+impl<B: Backend> Linear<B> for DenseLinear<B> {
+    fn in_features(&self) -> usize {
+        self.inp()
+    }
+
+    fn out_features(&self) -> usize {
+        self.out()
+    }
+
+    fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        self.check_features("forward input x", x, self.inp())?;
+        let out_shape = x.shape().with_last(self.out());
+        let mut y = backend.zeros(out_shape.dims())?;
+        backend.gemm(
+            1.0,
+            x,
+            Transpose::No,
+            &self.weight,
+            Transpose::Yes,
+            0.0,
+            &mut y,
+        )?;
+        if let Some(b) = &self.bias {
+            backend.add_row_broadcast(&mut y, b)?;
+        }
+        Ok(y)
+    }
+
+    fn backward(&self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
+        self.check_features("backward gradient dy", dy, self.out())?;
+        let dx_shape = dy.shape().with_last(self.inp());
+        let mut dx = backend.zeros(dx_shape.dims())?;
+        backend.gemm(
+            1.0,
+            dy,
+            Transpose::No,
+            &self.weight,
+            Transpose::No,
+            0.0,
+            &mut dx,
+        )?;
+        Ok(dx)
+    }
+
+    fn weight(&self, _backend: &B) -> Result<B::Tensor> {
+        Ok(self.weight.clone())
+    }
+
+    fn bias(&self) -> Option<&B::Tensor> {
+        self.bias.as_ref()
+    }
+
+    fn add_to_weight(&mut self, backend: &B, delta: &B::Tensor, alpha: f32) -> Result<()> {
+        check_same_shape("add_to_weight", self.weight.shape(), delta.shape())?;
+        backend.axpby(alpha, delta, 1.0, &mut self.weight)
+    }
+
+    fn num_parameters(&self) -> usize {
+        self.weight.numel() + self.bias.as_ref().map_or(0, |b| b.numel())
+    }
+
+    fn resident_bytes(&self) -> usize {
+        self.weight.size_in_bytes() + self.bias.as_ref().map_or(0, |b| b.size_in_bytes())
+    }
+
+    fn as_dense_mut(&mut self) -> Option<&mut DenseLinear<B>> {
+        Some(self)
+    }
+}

@@ -1,0 +1,150 @@
+//! The LoRA forward and backward, written once over the backend primitives.
+//!
+//! Notation (PyTorch layout, see `docs/architecture.md`): `x` is `[n, in]`, `A` is
+//! `[r, in]`, `B` is `[out, r]`, `s` the scaling, `M` the dropout mask (or all ones),
+//! `X = x ⊙ M`, `H = X Aᵀ` (`[n, r]`), `G = dL/dy`.
+//!
+//! * forward:  `y += s · H Bᵀ`
+//! * backward: `dB = s · Gᵀ H`, `dA = s · (G B)ᵀ X`, `dx += s · ((G B) A) ⊙ M`
+//!
+//! Nothing here ever forms the `[out, in]` product `B A`: all work goes through the rank-r
+//! dimension, which is what keeps LoRA's overhead over the frozen layer at a few percent.
+
+use crate::backend::{Backend, BinaryOp, Transpose};
+use crate::error::Result;
+
+/// Gradients of one adapter's parameters.
+#[derive(Debug, Clone)]
+pub struct LoraGrads<T> {
+    /// `dL/dA`, `[r, in]`.
+    pub d_a: T,
+    /// `dL/dB`, `[out, r]`.
+    pub d_b: T,
+}
+
+/// LoRA forward and backward. Shapes have been checked by the caller
+/// ([`LoraAdapter`](crate::LoraAdapter)); the defaults are the reference semantics.
+pub trait LoraOps: Backend {
+    /// Accumulates the LoRA term into `y` (which already holds the base output) and
+    /// returns `H = (x ⊙ mask) Aᵀ` for the backward.
+    fn lora_forward(
+        &self,
+        x: &Self::Tensor,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        scaling: f32,
+        mask: Option<&Self::Tensor>,
+        y: &mut Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let dropped;
+        let x_lora = match mask {
+            Some(m) => {
+                dropped = self.binary(BinaryOp::Mul, x, m)?;
+                &dropped
+            }
+            None => x,
+        };
+        let (n, _) = x.shape_matrix();
+        let r = a.shape_matrix().0;
+        let mut h = self.zeros(&[n, r])?;
+        self.gemm(1.0, x_lora, Transpose::No, a, Transpose::Yes, 0.0, &mut h)?;
+        self.gemm(scaling, &h, Transpose::No, b, Transpose::Yes, 1.0, y)?;
+        Ok(h)
+    }
+
+    /// Computes `dA`, `dB` and accumulates the LoRA part of the input gradient into `dx`
+    /// (which already holds the base layer's `dy W`).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        x: &Self::Tensor,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        scaling: f32,
+        mask: Option<&Self::Tensor>,
+        h: &Self::Tensor,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+    ) -> Result<LoraGrads<Self::Tensor>> {
+        let (n, _) = x.shape_matrix();
+        let (r, in_f) = a.shape_matrix();
+        let out_f = b.shape_matrix().0;
+
+        let mut d_b = self.zeros(&[out_f, r])?;
+        self.gemm(scaling, dy, Transpose::Yes, h, Transpose::No, 0.0, &mut d_b)?;
+
+        // G B: the output gradient projected into the rank-r space.
+        let mut g_b = self.zeros(&[n, r])?;
+        self.gemm(1.0, dy, Transpose::No, b, Transpose::No, 0.0, &mut g_b)?;
+
+        let mut d_a = self.zeros(&[r, in_f])?;
+        match mask {
+            Some(m) => {
+                let x_lora = self.binary(BinaryOp::Mul, x, m)?;
+                self.gemm(
+                    scaling,
+                    &g_b,
+                    Transpose::Yes,
+                    &x_lora,
+                    Transpose::No,
+                    0.0,
+                    &mut d_a,
+                )?;
+                let mut dx_lora = self.zeros(dx.shape_dims())?;
+                self.gemm(
+                    scaling,
+                    &g_b,
+                    Transpose::No,
+                    a,
+                    Transpose::No,
+                    0.0,
+                    &mut dx_lora,
+                )?;
+                let dx_lora = self.binary(BinaryOp::Mul, &dx_lora, m)?;
+                self.axpby(1.0, &dx_lora, 1.0, dx)?;
+            }
+            None => {
+                self.gemm(
+                    scaling,
+                    &g_b,
+                    Transpose::Yes,
+                    x,
+                    Transpose::No,
+                    0.0,
+                    &mut d_a,
+                )?;
+                self.gemm(scaling, &g_b, Transpose::No, a, Transpose::No, 1.0, dx)?;
+            }
+        }
+        Ok(LoraGrads { d_a, d_b })
+    }
+
+    /// `delta_W = s · B A`, `[out, in]`: only for merging and inspection, never in training.
+    fn lora_delta_weight(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        scaling: f32,
+    ) -> Result<Self::Tensor> {
+        let in_f = a.shape_matrix().1;
+        let out_f = b.shape_matrix().0;
+        let mut delta = self.zeros(&[out_f, in_f])?;
+        self.gemm(scaling, b, Transpose::No, a, Transpose::No, 0.0, &mut delta)?;
+        Ok(delta)
+    }
+}
+
+/// Small conveniences on tensors used by the default implementations.
+pub(crate) trait TensorShapeExt {
+    fn shape_matrix(&self) -> (usize, usize);
+    fn shape_dims(&self) -> &[usize];
+}
+
+impl<T: crate::backend::Tensor> TensorShapeExt for T {
+    fn shape_matrix(&self) -> (usize, usize) {
+        self.shape().as_matrix()
+    }
+    fn shape_dims(&self) -> &[usize] {
+        self.shape().dims()
+    }
+}

@@ -1,0 +1,10 @@
+//! Layer-level operations with default implementations over the [`Backend`](crate::Backend)
+//! primitives. A backend takes the defaults with an empty `impl` or overrides a method with
+//! a fused kernel; results must match the defaults within the tolerances of the
+//! cross-backend test suite.
+
+mod lora;
+mod optim;
+
+pub use lora::{LoraGrads, LoraOps};
+pub use optim::{AdamHyper, OptimOps, SgdHyper};

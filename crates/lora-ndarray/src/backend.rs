@@ -1,0 +1,212 @@
+//! The `ndarray` backend: the reference every other backend is checked against.
+
+use lora_core::backend::{check_host_len, check_same_shape};
+use lora_core::{
+    Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Shape, Tensor, Transpose, UnaryOp,
+};
+use ndarray::{Axis, Zip};
+
+use crate::gemm::gemm_into;
+use crate::tensor::NdTensor;
+
+/// The pure-Rust CPU backend. Cheap to clone; GEMMs use rayon's global pool.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NdArray;
+
+impl NdArray {
+    /// The backend handle.
+    pub fn new() -> Self {
+        NdArray
+    }
+}
+
+fn unary_f(op: UnaryOp) -> Result<fn(f32) -> f32> {
+    Ok(match op {
+        UnaryOp::Relu => |x| if x > 0.0 { x } else { 0.0 },
+        UnaryOp::Gelu => |x| 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+        UnaryOp::Tanh => f32::tanh,
+        UnaryOp::Sqrt => f32::sqrt,
+        UnaryOp::Square => |x| x * x,
+    })
+}
+
+/// `op'(x)` for the activations.
+fn derivative(op: UnaryOp) -> Result<fn(f32) -> f32> {
+    Ok(match op {
+        UnaryOp::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },
+        UnaryOp::Gelu => |x| {
+            let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * x * x).exp() * 0.398_942_3; // 1/sqrt(2π)
+            cdf + x * pdf
+        },
+        UnaryOp::Tanh => |x| {
+            let t = x.tanh();
+            1.0 - t * t
+        },
+        UnaryOp::Sqrt | UnaryOp::Square => {
+            return Err(Error::Backend {
+                backend: "ndarray",
+                reason: format!("unary_backward is defined for activations only, not {op:?}"),
+            });
+        }
+    })
+}
+
+impl Backend for NdArray {
+    type Tensor = NdTensor;
+
+    fn name(&self) -> &'static str {
+        "ndarray"
+    }
+
+    fn device(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<NdTensor> {
+        check_host_len(data.len(), shape)?;
+        NdTensor::from_vec(data.to_vec(), shape)
+    }
+
+    fn to_host(&self, t: &NdTensor) -> Result<Vec<f32>> {
+        Ok(t.as_slice().to_vec())
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<NdTensor> {
+        NdTensor::from_vec(vec![0.0; shape.iter().product()], shape)
+    }
+
+    fn reshape(&self, t: &NdTensor, shape: &[usize]) -> Result<NdTensor> {
+        if Shape::new(shape).numel() != t.numel() {
+            return Err(Error::shape(
+                format!("reshape to {}", Shape::new(shape)),
+                format!("{} elements", Shape::new(shape).numel()),
+                t.shape(),
+            ));
+        }
+        NdTensor::from_vec(t.as_slice().to_vec(), shape)
+    }
+
+    fn gemm(
+        &self,
+        alpha: f32,
+        a: &NdTensor,
+        trans_a: Transpose,
+        b: &NdTensor,
+        trans_b: Transpose,
+        beta: f32,
+        c: &mut NdTensor,
+    ) -> Result<()> {
+        gemm_into(alpha, a, trans_a, b, trans_b, beta, c)
+    }
+
+    fn binary(&self, op: BinaryOp, a: &NdTensor, b: &NdTensor) -> Result<NdTensor> {
+        check_same_shape(&format!("{op:?}"), a.shape(), b.shape())?;
+        let f: fn(f32, f32) -> f32 = match op {
+            BinaryOp::Add => |x, y| x + y,
+            BinaryOp::Sub => |x, y| x - y,
+            BinaryOp::Mul => |x, y| x * y,
+            BinaryOp::Div => |x, y| x / y,
+        };
+        let out = Zip::from(a.array())
+            .and(b.array())
+            .map_collect(|&x, &y| f(x, y));
+        Ok(NdTensor::from_array(out))
+    }
+
+    fn unary(&self, op: UnaryOp, a: &NdTensor) -> Result<NdTensor> {
+        let f = unary_f(op)?;
+        Ok(NdTensor::from_array(a.array().mapv(f)))
+    }
+
+    fn unary_backward(&self, op: UnaryOp, x: &NdTensor, dy: &NdTensor) -> Result<NdTensor> {
+        check_same_shape(&format!("{op:?} backward"), x.shape(), dy.shape())?;
+        let d = derivative(op)?;
+        let out = Zip::from(x.array())
+            .and(dy.array())
+            .map_collect(|&x, &g| g * d(x));
+        Ok(NdTensor::from_array(out))
+    }
+
+    fn axpby(&self, alpha: f32, x: &NdTensor, beta: f32, y: &mut NdTensor) -> Result<()> {
+        check_same_shape("axpby", y.shape(), x.shape())?;
+        for (yv, xv) in y.as_mut_slice().iter_mut().zip(x.as_slice()) {
+            *yv = alpha * xv + beta * *yv;
+        }
+        Ok(())
+    }
+
+    fn affine(&self, a: &NdTensor, mul: f32, add: f32) -> Result<NdTensor> {
+        Ok(NdTensor::from_array(a.array().mapv(|v| v * mul + add)))
+    }
+
+    fn add_row_broadcast(&self, a: &mut NdTensor, row: &NdTensor) -> Result<()> {
+        let cols = a.shape().as_matrix().1;
+        if row.numel() != cols {
+            return Err(Error::shape(
+                format!("add_row_broadcast onto {}", a.shape()),
+                format!("[{cols}]"),
+                row.shape(),
+            ));
+        }
+        if cols == 0 {
+            return Ok(());
+        }
+        let r = row.as_slice();
+        for chunk in a.as_mut_slice().chunks_exact_mut(cols) {
+            for (v, b) in chunk.iter_mut().zip(r) {
+                *v += b;
+            }
+        }
+        Ok(())
+    }
+
+    fn sum_rows(&self, a: &NdTensor) -> Result<NdTensor> {
+        let (rows, cols) = a.shape().as_matrix();
+        let m = a
+            .array()
+            .view()
+            .into_shape_with_order((rows, cols))
+            .map_err(|e| Error::Backend {
+                backend: "ndarray",
+                reason: e.to_string(),
+            })?;
+        Ok(NdTensor::from_array(m.sum_axis(Axis(0)).into_dyn()))
+    }
+
+    fn sum_cols(&self, a: &NdTensor) -> Result<NdTensor> {
+        let (rows, cols) = a.shape().as_matrix();
+        let m = a
+            .array()
+            .view()
+            .into_shape_with_order((rows, cols))
+            .map_err(|e| Error::Backend {
+                backend: "ndarray",
+                reason: e.to_string(),
+            })?;
+        Ok(NdTensor::from_array(m.sum_axis(Axis(1)).into_dyn()))
+    }
+
+    fn sum_all(&self, a: &NdTensor) -> Result<f64> {
+        Ok(a.as_slice().iter().map(|&v| f64::from(v)).sum())
+    }
+
+    fn max_abs(&self, a: &NdTensor) -> Result<f32> {
+        Ok(a.as_slice().iter().fold(0.0f32, |m, &v| {
+            if v.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(v.abs())
+            }
+        }))
+    }
+
+    fn all_finite(&self, a: &NdTensor) -> Result<bool> {
+        Ok(a.as_slice().iter().all(|v| v.is_finite()))
+    }
+}
+
+/// The reference backend uses the default layer-level operations: they *are* the
+/// reference semantics that fused kernels elsewhere are checked against.
+impl LoraOps for NdArray {}
+impl OptimOps for NdArray {}

@@ -1,0 +1,13 @@
+//! # lora-ndarray
+//!
+//! The default, pure-Rust backend of lora-rs and the reference all other backends are
+//! tested against. Tensors are [`ndarray`] arrays in standard layout; matrix products go
+//! through the [`gemm`](https://docs.rs/gemm) crate with rayon threading (see the
+//! `gemm` module for why). Layer-level ops use `lora-core`'s default implementations.
+
+mod backend;
+mod gemm;
+mod tensor;
+
+pub use backend::NdArray;
+pub use tensor::NdTensor;

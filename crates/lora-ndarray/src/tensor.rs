@@ -1,0 +1,62 @@
+//! The ndarray tensor: an owned, contiguous, row-major f32 array.
+
+use lora_core::{Error, Result, Shape, Tensor};
+use ndarray::{ArrayD, IxDyn};
+
+/// A dense f32 tensor in standard (row-major, contiguous) layout.
+///
+/// The layout invariant lets GEMM and the elementwise kernels treat the data as a flat
+/// slice; every constructor establishes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NdTensor {
+    array: ArrayD<f32>,
+    shape: Shape,
+}
+
+impl NdTensor {
+    /// Wraps an array, copying it into standard layout if it is not already.
+    pub fn from_array(array: ArrayD<f32>) -> Self {
+        let array = if array.is_standard_layout() {
+            array
+        } else {
+            array.as_standard_layout().into_owned()
+        };
+        let shape = Shape::new(array.shape());
+        NdTensor { array, shape }
+    }
+
+    /// From a flat row-major vector.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
+        lora_core::backend::check_host_len(data.len(), shape)?;
+        let array = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| Error::Backend {
+            backend: "ndarray",
+            reason: e.to_string(),
+        })?;
+        Ok(NdTensor {
+            array,
+            shape: Shape::new(shape),
+        })
+    }
+
+    /// The underlying array.
+    pub fn array(&self) -> &ArrayD<f32> {
+        &self.array
+    }
+
+    /// The elements as a flat row-major slice.
+    pub fn as_slice(&self) -> &[f32] {
+        // Standard layout is an invariant of this type, so this never fails.
+        self.array.as_slice().unwrap_or(&[])
+    }
+
+    /// The elements as a flat mutable slice.
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        self.array.as_slice_mut().unwrap_or(&mut [])
+    }
+}
+
+impl Tensor for NdTensor {
+    fn shape(&self) -> &Shape {
+        &self.shape
+    }
+}

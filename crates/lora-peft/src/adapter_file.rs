@@ -1,0 +1,207 @@
+//! PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`.
+//!
+//! Keys are `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `.lora_B.weight`
+//! (`[out, r]`); files written by PEFT may carry the adapter name
+//! (`.lora_A.default.weight`) and f16/bf16 tensors, and both load here.
+#![allow(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use lora_core::fs::write_atomic;
+use lora_core::{Backend, LoraOps, Model, Tensor};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::LoraConfig;
+use crate::error::{PeftError, Result};
+use crate::targeting::inject_adapters;
+
+/// The config file's name.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file's name.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Prefix PEFT puts before every module path (`PeftModel.base_model.model`).
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// A host tensor read from a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values, converted to f32.
+    pub data: Vec<f32>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PeftError + '_ {
+    move |source| PeftError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes the adapters of `model` and `config` into `dir` as PEFT does. Each file is
+/// written to a temporary name and renamed, so a failure never leaves a partial file.
+pub fn save_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
+    dir: &Path,
+    model: &M,
+    backend: &B,
+    config: &LoraConfig,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for layer in model.linears() {
+        let Some(adapter) = layer.adapter() else {
+            continue;
+        };
+        for (name, t) in adapter.tensors() {
+            let data = backend.to_host(t)?;
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((
+                format!("{KEY_PREFIX}{}.{name}.weight", layer.name()),
+                t.shape().dims().to_vec(),
+                bytes,
+            ));
+        }
+    }
+    if tensors.is_empty() {
+        return Err(PeftError::Format {
+            path: dir.display().to_string(),
+            reason: "the model has no adapters to save".into(),
+        });
+    }
+    let views = tensors
+        .iter()
+        .map(|(k, shape, bytes)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| PeftError::Format {
+            path: dir.join(WEIGHTS_FILE).display().to_string(),
+            reason: e.to_string(),
+        })?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| PeftError::Format {
+        path: dir.join(WEIGHTS_FILE).display().to_string(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    let json = config.to_json_string()?;
+    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
+    Ok(())
+}
+
+/// Reads every tensor of a safetensors file (memory-mapped), converting f32, f16 and
+/// bf16 to f32.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    // SAFETY: the map is read-only and dropped before returning; as with every mmap-based
+    // loader (safetensors, PEFT), another process truncating the file meanwhile is
+    // undefined behaviour we accept for zero-copy reads.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| PeftError::Format {
+        path: path.display().to_string(),
+        reason: format!("not a valid safetensors file: {e}"),
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(PeftError::Format {
+                    path: path.display().to_string(),
+                    reason: format!("tensor {name} has dtype {other:?}; expected F32, F16 or BF16"),
+                });
+            }
+        };
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// `base_model.model.X.lora_A.default.weight` -> `X.lora_A`; `None` for keys that are not
+/// LoRA tensors of a module.
+fn normalise_key(key: &str) -> Option<(String, String)> {
+    let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
+    let rest = rest.strip_suffix(".weight").unwrap_or(rest);
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    let (module, tensor) = rest.rsplit_once('.')?;
+    matches!(tensor, "lora_A" | "lora_B").then(|| (module.to_string(), tensor.to_string()))
+}
+
+/// Loads a PEFT adapter directory into `model`: injects adapters per its
+/// `adapter_config.json`, then fills them from `adapter_model.safetensors`. Every adapter
+/// tensor must be present with the right shape, and every tensor in the file must belong
+/// to an adapted module; errors name the file, the key and the shapes.
+pub fn load_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
+    dir: &Path,
+    model: &mut M,
+    backend: &B,
+) -> Result<LoraConfig> {
+    let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let file_tensors = read_safetensors(&weights_path)?;
+    let mut by_module: BTreeMap<(String, String), (&str, &HostTensor)> = BTreeMap::new();
+    for (key, t) in &file_tensors {
+        let norm = normalise_key(key).ok_or_else(|| PeftError::Format {
+            path: weights_path.display().to_string(),
+            reason: format!("tensor {key} is not a LoRA tensor (lora_A / lora_B) of a module"),
+        })?;
+        by_module.insert(norm, (key.as_str(), t));
+    }
+    inject_adapters(model, backend, &config, 0)?;
+    for layer in model.linears_mut() {
+        let name = layer.name().to_string();
+        let Some(adapter) = layer.adapter_mut() else {
+            continue;
+        };
+        let wanted: Vec<&'static str> = adapter.tensors().iter().map(|(n, _)| *n).collect();
+        for tname in wanted {
+            let (key, t) = by_module
+                .remove(&(name.clone(), tname.to_string()))
+                .ok_or_else(|| PeftError::Format {
+                    path: weights_path.display().to_string(),
+                    reason: format!("missing tensor {KEY_PREFIX}{name}.{tname}.weight"),
+                })?;
+            let value = backend.from_host(&t.data, &t.shape)?;
+            adapter
+                .set_tensor(tname, value)
+                .map_err(|e| PeftError::Format {
+                    path: weights_path.display().to_string(),
+                    reason: format!("tensor {key}: {e}"),
+                })?;
+        }
+    }
+    if let Some(((module, tensor), (key, _))) = by_module.into_iter().next() {
+        return Err(PeftError::Format {
+            path: weights_path.display().to_string(),
+            reason: format!(
+                "tensor {key} is for module {module} ({tensor}), which the config's target_modules did not select or the model does not have"
+            ),
+        });
+    }
+    Ok(config)
+}
+
+/// Convenience for tests and tools: the backend's copy of a host tensor.
+pub fn to_backend<B: Backend>(backend: &B, t: &HostTensor) -> Result<B::Tensor> {
+    Ok(backend.from_host(&t.data, &t.shape)?)
+}

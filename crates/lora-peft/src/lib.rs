@@ -1,0 +1,23 @@
+//! # lora-peft
+//!
+//! Compatibility with Hugging Face PEFT:
+//!
+//! * [`LoraConfig`]: `adapter_config.json` with PEFT's field names and defaults; unknown
+//!   fields are kept, unsupported number-changing fields are clear errors.
+//! * [`inject_adapters`]: PEFT's `target_modules` / `exclude_modules` / `rank_pattern` /
+//!   `alpha_pattern` rules over a model's dotted layer names.
+//! * [`save_pretrained`] / [`load_pretrained`]: PEFT adapter directories
+//!   (`adapter_model.safetensors` with `base_model.model.<path>.lora_A.weight` keys).
+
+mod adapter_file;
+mod config;
+mod error;
+mod targeting;
+
+pub use adapter_file::{
+    CONFIG_FILE, HostTensor, KEY_PREFIX, WEIGHTS_FILE, load_pretrained, read_safetensors,
+    save_pretrained, to_backend,
+};
+pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
+pub use error::{PeftError, Result};
+pub use targeting::{inject_adapters, matches, pattern_value};
