@@ -1,1 +1,37 @@
-fn main() {}
+//! `lora`: the lora-rs command line.
+
+mod backend_choice;
+mod demo;
+mod plots;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+/// LoRA fine-tuning in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "lora", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pretrain a small MLP on sin(x), freeze it, LoRA-fine-tune it on a shifted task, save
+    /// a PEFT adapter and plots, then reload, merge and verify.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,10 +1,14 @@
 //! Models as trees of named layers.
 
+use std::collections::BTreeMap;
+
 use crate::adapter::{Mode, ParamGrad};
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::host_tensor::HostTensor;
 use crate::lora_linear::LoraLinear;
 use crate::ops::LoraOps;
+use crate::backend::Tensor;
 
 /// A model made of named [`LoraLinear`] layers (plus whatever else it needs between them).
 ///
@@ -50,5 +54,47 @@ pub trait Model<B: LoraOps> {
             .into_iter()
             .flat_map(|l| l.params_and_grads())
             .collect()
+    }
+
+    /// The base weights as a Hugging Face-style state dict: `<layer>.weight` and
+    /// `<layer>.bias` for every linear layer (merged adapters included, unmerged not).
+    fn state_dict(&self, backend: &B) -> Result<Vec<(String, HostTensor)>> {
+        let mut out = Vec::new();
+        for l in self.linears() {
+            let w = l.base().weight(backend)?;
+            out.push((format!("{}.weight", l.name()), HostTensor::from_backend(backend, &w)?));
+            if let Some(b) = l.base().bias() {
+                out.push((format!("{}.bias", l.name()), HostTensor::from_backend(backend, b)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads base weights from a state dict (see [`Model::state_dict`]). Every layer's
+    /// weight and bias must be present with its shape; errors name the key.
+    fn load_state_dict(&mut self, backend: &B, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
+        for l in self.linears_mut() {
+            let name = l.name().to_string();
+            let dense = l
+                .base_mut()
+                .as_dense_mut()
+                .ok_or_else(|| Error::state(&name, "loading weights needs a dense base"))?;
+            let (w, b) = dense.params_mut();
+            let key = format!("{name}.weight");
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| Error::state("load_state_dict", format!("missing tensor {key}")))?;
+            t.expect_shape(&format!("load_state_dict tensor {key}"), w.shape().dims())?;
+            *w = t.to_backend(backend)?;
+            if let Some(b) = b {
+                let key = format!("{name}.bias");
+                let t = tensors.get(&key).ok_or_else(|| {
+                    Error::state("load_state_dict", format!("missing tensor {key}"))
+                })?;
+                t.expect_shape(&format!("load_state_dict tensor {key}"), b.shape().dims())?;
+                *b = t.to_backend(backend)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use lora_core::fs::write_atomic;
-use lora_core::{Backend, LoraOps, Model, Tensor};
+use lora_core::{HostTensor, LoraOps, Model};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LoraConfig;
@@ -22,15 +22,6 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Prefix PEFT puts before every module path (`PeftModel.base_model.model`).
 pub const KEY_PREFIX: &str = "base_model.model.";
-
-/// A host tensor read from a file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Row-major values, converted to f32.
-    pub data: Vec<f32>,
-}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PeftError + '_ {
     move |source| PeftError::Io {
@@ -48,18 +39,13 @@ pub fn save_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
     config: &LoraConfig,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors = Vec::new();
     for layer in model.linears() {
-        let Some(adapter) = layer.adapter() else {
-            continue;
-        };
+        let Some(adapter) = layer.adapter() else { continue };
         for (name, t) in adapter.tensors() {
-            let data = backend.to_host(t)?;
-            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
             tensors.push((
                 format!("{KEY_PREFIX}{}.{name}.weight", layer.name()),
-                t.shape().dims().to_vec(),
-                bytes,
+                HostTensor::from_backend(backend, t)?,
             ));
         }
     }
@@ -69,25 +55,35 @@ pub fn save_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
             reason: "the model has no adapters to save".into(),
         });
     }
-    let views = tensors
-        .iter()
-        .map(|(k, shape, bytes)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (k.clone(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| PeftError::Format {
-            path: dir.join(WEIGHTS_FILE).display().to_string(),
-            reason: e.to_string(),
-        })?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| PeftError::Format {
-        path: dir.join(WEIGHTS_FILE).display().to_string(),
-        reason: e.to_string(),
-    })?;
-    write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
     let json = config.to_json_string()?;
     write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
+    Ok(())
+}
+
+/// Writes f32 tensors to a safetensors file with PyTorch's `{"format": "pt"}` metadata,
+/// atomically (temporary file, then rename).
+pub fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
+    let format_err = |reason: String| PeftError::Format {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, t)| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, t), b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| format_err(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let out = safetensors::serialize(views, Some(metadata)).map_err(|e| format_err(e.to_string()))?;
+    write_atomic(path, &out)?;
     Ok(())
 }
 
@@ -181,7 +177,7 @@ pub fn load_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
                     path: weights_path.display().to_string(),
                     reason: format!("missing tensor {KEY_PREFIX}{name}.{tname}.weight"),
                 })?;
-            let value = backend.from_host(&t.data, &t.shape)?;
+            let value = t.to_backend(backend)?;
             adapter
                 .set_tensor(tname, value)
                 .map_err(|e| PeftError::Format {
@@ -199,9 +195,4 @@ pub fn load_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
         });
     }
     Ok(config)
-}
-
-/// Convenience for tests and tools: the backend's copy of a host tensor.
-pub fn to_backend<B: Backend>(backend: &B, t: &HostTensor) -> Result<B::Tensor> {
-    Ok(backend.from_host(&t.data, &t.shape)?)
 }

@@ -15,8 +15,8 @@ mod error;
 mod targeting;
 
 pub use adapter_file::{
-    CONFIG_FILE, HostTensor, KEY_PREFIX, WEIGHTS_FILE, load_pretrained, read_safetensors,
-    save_pretrained, to_backend,
+    CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, load_pretrained, read_safetensors, save_pretrained,
+    write_safetensors,
 };
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
 pub use error::{PeftError, Result};
