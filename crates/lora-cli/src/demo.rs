@@ -114,7 +114,7 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
     println!("lora demo: LoRA fine-tuning of a sine-wave MLP on {} ({})", b.name(), b.device());
 
     // 1. Pretrain the base model (every weight trains: this is the expensive way).
-    let mut model = Mlp::new(b, &sizes, UnaryOp::Tanh, args.seed)?;
+    let mut model = Mlp::new(b, &sizes, UnaryOp::Relu, args.seed)?;
     let mut opt = Adam::<B>::adam(3e-3)?;
     let bar = progress(args.pretrain_steps, "pretrain");
     let mut pre_loss = f64::NAN;
@@ -205,7 +205,7 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
 
     let trainable = model.num_trainable();
     let total = model.num_parameters();
-    println!("  model           MLP {} (tanh), {} parameters", sizes.map(|s| s.to_string()).join("-"), thousands(full_params));
+    println!("  model           MLP {} (ReLU), {} parameters", sizes.map(|s| s.to_string()).join("-"), thousands(full_params));
     println!("  pretrained on   y = sin(x), {} full-batch steps (Adam), final MSE {pre_loss:.2e}", args.pretrain_steps);
     println!(
         "  LoRA            r={}, alpha={}, scaling={}, dropout={}, on {}",
@@ -261,7 +261,7 @@ fn reload_and_merge<B: FullBackend>(
     x: &B::Tensor,
     trained_pred: &[f32],
 ) -> Result<(f32, f32)> {
-    let mut reloaded = Mlp::new(b, sizes, UnaryOp::Tanh, args.seed.wrapping_add(1))?;
+    let mut reloaded = Mlp::new(b, sizes, UnaryOp::Relu, args.seed.wrapping_add(1))?;
     reloaded.load_state_dict(b, &peft::read_safetensors(base_path)?)?;
     peft::load_pretrained(&args.out, &mut reloaded, b)?;
     let unmerged = b.to_host(&reloaded.forward(b, x, Mode::Eval)?)?;

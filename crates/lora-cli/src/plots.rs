@@ -47,7 +47,7 @@ pub fn loss_curve(path: &Path, title: &str, losses: &[f64]) -> Result<()> {
             ))?
             .label("LoRA fine-tuning")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).border_style(BLACK).background_style(WHITE).draw()?;
         root.present()?;
         Ok(())
     })

@@ -4,7 +4,8 @@ use lora_core::backend::{check_host_len, check_same_shape};
 use lora_core::{
     Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Shape, Tensor, Transpose, UnaryOp,
 };
-use ndarray::{Axis, Zip};
+use ndarray::Axis;
+use rayon::prelude::*;
 
 use crate::gemm::gemm_into;
 use crate::tensor::NdTensor;
@@ -17,6 +18,54 @@ impl NdArray {
     /// The backend handle.
     pub fn new() -> Self {
         NdArray
+    }
+}
+
+/// Elementwise work below this many elements stays on one thread (the fork costs more).
+const PAR_MIN_ELEMS: usize = 1 << 15;
+/// Elements per parallel task.
+const PAR_CHUNK: usize = 1 << 13;
+
+/// `out[i] = f(a[i])`, split across threads for large tensors.
+fn map1(a: &NdTensor, f: impl Fn(f32) -> f32 + Sync) -> Result<NdTensor> {
+    let src = a.as_slice();
+    let mut out = vec![0.0f32; src.len()];
+    if src.len() < PAR_MIN_ELEMS {
+        out.iter_mut().zip(src).for_each(|(o, &x)| *o = f(x));
+    } else {
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(src.par_chunks(PAR_CHUNK))
+            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+    }
+    NdTensor::from_vec(out, a.shape().dims())
+}
+
+/// `out[i] = f(a[i], b[i])` (shapes checked by the caller).
+fn map2(a: &NdTensor, b: &NdTensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<NdTensor> {
+    let (sa, sb) = (a.as_slice(), b.as_slice());
+    let mut out = vec![0.0f32; sa.len()];
+    if sa.len() < PAR_MIN_ELEMS {
+        out.iter_mut().zip(sa.iter().zip(sb)).for_each(|(o, (&x, &y))| *o = f(x, y));
+    } else {
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(sa.par_chunks(PAR_CHUNK).zip(sb.par_chunks(PAR_CHUNK)))
+            .for_each(|(o, (x, y))| {
+                o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y))
+            });
+    }
+    NdTensor::from_vec(out, a.shape().dims())
+}
+
+/// In place `y[i] = f(y[i], x[i])` (shapes checked by the caller).
+fn update2(y: &mut NdTensor, x: &NdTensor, f: impl Fn(f32, f32) -> f32 + Sync) {
+    let sx = x.as_slice();
+    let sy = y.as_mut_slice();
+    if sy.len() < PAR_MIN_ELEMS {
+        sy.iter_mut().zip(sx).for_each(|(y, &x)| *y = f(*y, x));
+    } else {
+        sy.par_chunks_mut(PAR_CHUNK)
+            .zip(sx.par_chunks(PAR_CHUNK))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = f(*y, x)));
     }
 }
 
@@ -108,36 +157,27 @@ impl Backend for NdArray {
             BinaryOp::Mul => |x, y| x * y,
             BinaryOp::Div => |x, y| x / y,
         };
-        let out = Zip::from(a.array())
-            .and(b.array())
-            .map_collect(|&x, &y| f(x, y));
-        Ok(NdTensor::from_array(out))
+        map2(a, b, f)
     }
 
     fn unary(&self, op: UnaryOp, a: &NdTensor) -> Result<NdTensor> {
-        let f = unary_f(op)?;
-        Ok(NdTensor::from_array(a.array().mapv(f)))
+        map1(a, unary_f(op)?)
     }
 
     fn unary_backward(&self, op: UnaryOp, x: &NdTensor, dy: &NdTensor) -> Result<NdTensor> {
         check_same_shape(&format!("{op:?} backward"), x.shape(), dy.shape())?;
         let d = derivative(op)?;
-        let out = Zip::from(x.array())
-            .and(dy.array())
-            .map_collect(|&x, &g| g * d(x));
-        Ok(NdTensor::from_array(out))
+        map2(x, dy, |x, g| g * d(x))
     }
 
     fn axpby(&self, alpha: f32, x: &NdTensor, beta: f32, y: &mut NdTensor) -> Result<()> {
         check_same_shape("axpby", y.shape(), x.shape())?;
-        for (yv, xv) in y.as_mut_slice().iter_mut().zip(x.as_slice()) {
-            *yv = alpha * xv + beta * *yv;
-        }
+        update2(y, x, |yv, xv| alpha * xv + beta * yv);
         Ok(())
     }
 
     fn affine(&self, a: &NdTensor, mul: f32, add: f32) -> Result<NdTensor> {
-        Ok(NdTensor::from_array(a.array().mapv(|v| v * mul + add)))
+        map1(a, |v| v * mul + add)
     }
 
     fn add_row_broadcast(&self, a: &mut NdTensor, row: &NdTensor) -> Result<()> {
@@ -202,7 +242,12 @@ impl Backend for NdArray {
     }
 
     fn all_finite(&self, a: &NdTensor) -> Result<bool> {
-        Ok(a.as_slice().iter().all(|v| v.is_finite()))
+        let s = a.as_slice();
+        Ok(if s.len() < PAR_MIN_ELEMS {
+            s.iter().all(|v| v.is_finite())
+        } else {
+            s.par_chunks(PAR_CHUNK).all(|c| c.iter().all(|v| v.is_finite()))
+        })
     }
 }
 
