@@ -1,1 +1,215 @@
-//! placeholder
+//! Semantics of the LoRA layer: no-op init, forward against an f64 reference (dropout only
+//! on the LoRA input and only in training), merge/unmerge, safe_merge, init distributions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lora::rng::{self, RngState};
+use lora::{
+    Backend, DenseLinear, LoraInit, LoraLinear, LoraSpec, Mode, NdArray, Tensor,
+};
+use lora_tests::{HostLora, assert_close, backend, host, rand_tensor, to64};
+
+fn base(out: usize, inp: usize, seed: u64) -> Box<DenseLinear<NdArray>> {
+    Box::new(
+        DenseLinear::new(rand_tensor(&[out, inp], seed, 1), Some(rand_tensor(&[out], seed, 2)))
+            .unwrap(),
+    )
+}
+
+fn spec(r: usize, alpha: f32, dropout: f32, init: LoraInit) -> LoraSpec {
+    LoraSpec { r, alpha, dropout, use_rslora: false, init, seed: 77 }
+}
+
+#[test]
+fn fresh_adapter_is_bit_identical_to_the_base_in_both_modes() {
+    let b = backend();
+    for (x_shape, inp, out, r) in [(vec![4, 6], 6, 5, 2), (vec![2, 3, 8], 8, 8, 8), (vec![1, 1], 1, 3, 1)] {
+        let x = rand_tensor(&x_shape, 3, 3);
+        let mut l = LoraLinear::new("q", base(out, inp, 1));
+        let want = host(&b, &l.base().forward(&b, &x).unwrap());
+        l.inject_lora(&b, &spec(r, 16.0, 0.5, LoraInit::KaimingUniform)).unwrap();
+        for mode in [Mode::Eval, Mode::Train] {
+            let got = host(&b, &l.forward(&b, &x, mode).unwrap());
+            assert_eq!(got, want, "x {x_shape:?}, mode {mode:?}");
+        }
+        let gauss = {
+            let mut g = LoraLinear::new("q", base(out, inp, 1));
+            g.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::Gaussian)).unwrap();
+            host(&b, &g.forward(&b, &x, Mode::Eval).unwrap())
+        };
+        assert_eq!(gauss, want, "gaussian init is a no-op too");
+    }
+}
+
+/// Forward in training mode against the f64 formula with the mask the shared generator
+/// gives for this layer's dropout stream; in eval mode, no mask at all.
+#[test]
+fn forward_matches_reference_with_dropout_only_in_training() {
+    let b = backend();
+    let (n, inp, out, r, p) = (7, 9, 5, 3, 0.4f32);
+    let name = "encoder.layer.0.attention.self.query";
+    let mut l = LoraLinear::new(name, base(out, inp, 4));
+    let sp = spec(r, 6.0, p, LoraInit::Random);
+    l.inject_lora(&b, &sp).unwrap();
+    let x = rand_tensor(&[n, inp], 5, 5);
+    let ad = l.adapter().unwrap();
+    let mut h = HostLora {
+        n,
+        inp,
+        out,
+        r,
+        x: to64(&host(&b, &x)),
+        w: to64(&host(&b, &l.base().weight(&b).unwrap())),
+        bias: to64(&host(&b, l.base().bias().unwrap())),
+        a: to64(&host(&b, ad.tensors()[0].1)),
+        b: to64(&host(&b, ad.tensors()[1].1)),
+        s: 2.0,
+        mask: vec![1.0; n * inp],
+    };
+    let eval = host(&b, &l.forward(&b, &x, Mode::Eval).unwrap());
+    assert_close("eval forward", &eval, &h.forward(), 1e-5, 1e-5);
+
+    // The first training forward draws the mask at offset 0 of the layer's dropout stream.
+    let mut mask = vec![0.0; n * inp];
+    rng::dropout_mask(RngState::new(77, rng::stream_id(name, "dropout")), p, &mut mask);
+    assert!(mask.iter().any(|&m| m == 0.0), "the mask drops something");
+    h.mask = to64(&mask);
+    let train = host(&b, &l.forward(&b, &x, Mode::Train).unwrap());
+    assert_close("train forward", &train, &h.forward(), 1e-5, 1e-5);
+
+    // And the base path never sees dropout: with B = 0 the output is the base's exactly.
+    let zero_b = b.zeros(&[out, r]).unwrap();
+    l.adapter_mut().unwrap().set_tensor("lora_B", zero_b).unwrap();
+    let train0 = host(&b, &l.forward(&b, &x, Mode::Train).unwrap());
+    assert_eq!(train0, host(&b, &l.base().forward(&b, &x).unwrap()));
+}
+
+#[test]
+fn backward_matches_reference_formulas() {
+    let b = backend();
+    let (n, inp, out, r) = (6, 8, 7, 4);
+    let mut l = LoraLinear::new("v", base(out, inp, 6));
+    l.inject_lora(&b, &LoraSpec { use_rslora: true, ..spec(r, 8.0, 0.0, LoraInit::Random) }).unwrap();
+    let x = rand_tensor(&[n, inp], 7, 7);
+    let g = rand_tensor(&[n, out], 7, 8);
+    let ad = l.adapter().unwrap();
+    let h = HostLora {
+        n,
+        inp,
+        out,
+        r,
+        x: to64(&host(&b, &x)),
+        w: to64(&host(&b, &l.base().weight(&b).unwrap())),
+        bias: vec![0.0; out],
+        a: to64(&host(&b, ad.tensors()[0].1)),
+        b: to64(&host(&b, ad.tensors()[1].1)),
+        s: 8.0 / 2.0, // rsLoRA: alpha / sqrt(4)
+        mask: vec![1.0; n * inp],
+    };
+    l.forward(&b, &x, Mode::Train).unwrap();
+    let dx = host(&b, &l.backward(&b, &g).unwrap());
+    let (want_dx, want_da, want_db) = h.backward(&to64(&host(&b, &g)));
+    let pg = l.params_and_grads();
+    assert_close("dx", &dx, &want_dx, 1e-5, 1e-5);
+    assert_close("dA", &host(&b, pg[0].grad), &want_da, 1e-5, 1e-5);
+    assert_close("dB", &host(&b, pg[1].grad), &want_db, 1e-5, 1e-5);
+}
+
+#[test]
+fn merge_then_forward_equals_unmerged_and_unmerge_restores_w() {
+    let b = backend();
+    for (inp, out, r) in [(16, 12, 4), (3, 3, 3), (40, 1, 1)] {
+        let mut l = LoraLinear::new("o", base(out, inp, 8));
+        l.inject_lora(&b, &spec(r, 32.0, 0.0, LoraInit::Random)).unwrap();
+        let x = rand_tensor(&[5, inp], 9, 9);
+        let w0 = host(&b, &l.base().weight(&b).unwrap());
+        let unmerged = host(&b, &l.forward(&b, &x, Mode::Eval).unwrap());
+        l.merge(&b, true).unwrap();
+        assert!(l.is_merged());
+        let w_merged = host(&b, &l.base().weight(&b).unwrap());
+        assert_ne!(w_merged, w0, "merging changed W");
+        let merged = host(&b, &l.forward(&b, &x, Mode::Eval).unwrap());
+        assert_close("merged forward", &merged, &to64(&unmerged), 1e-5, 1e-5);
+        l.unmerge(&b).unwrap();
+        let w1 = host(&b, &l.base().weight(&b).unwrap());
+        let delta = host(&b, &l.adapter().unwrap().delta_weight(&b).unwrap());
+        for ((a, c), d) in w1.iter().zip(&w0).zip(&delta) {
+            // (w + d) - d rounds at most one ulp of the larger magnitude, twice.
+            let ulp = f32::EPSILON * a.abs().max(d.abs()).max(c.abs());
+            assert!((a - c).abs() <= 2.0 * ulp, "unmerge: {a} vs {c}");
+        }
+        assert!(l.unmerge(&b).is_err(), "unmerge twice is an error");
+    }
+}
+
+#[test]
+fn delta_weight_is_scaling_times_b_a() {
+    let b = backend();
+    let mut l = LoraLinear::new("k", base(3, 4, 1));
+    l.inject_lora(&b, &spec(2, 3.0, 0.0, LoraInit::Random)).unwrap();
+    let ad = l.adapter().unwrap();
+    let a = to64(&host(&b, ad.tensors()[0].1));
+    let bb = to64(&host(&b, ad.tensors()[1].1));
+    let want: Vec<f64> = lora_tests::matmul64(&bb, &a, 3, 2, 4, false, false).iter().map(|v| v * 1.5).collect();
+    assert_close("delta_W", &host(&b, &ad.delta_weight(&b).unwrap()), &want, 1e-6, 1e-7);
+}
+
+#[test]
+fn safe_merge_refuses_non_finite_and_leaves_the_layer_untouched() {
+    let b = backend();
+    let mut l = LoraLinear::new("dense", base(3, 3, 1));
+    l.inject_lora(&b, &spec(1, 1.0, 0.0, LoraInit::Random)).unwrap();
+    let huge = b.from_host(&[f32::MAX, f32::MAX, f32::MAX], &[3, 1]).unwrap();
+    l.adapter_mut().unwrap().set_tensor("lora_B", huge).unwrap();
+    let a = b.from_host(&[4.0, 4.0, 4.0], &[1, 3]).unwrap();
+    l.adapter_mut().unwrap().set_tensor("lora_A", a).unwrap();
+    let w0 = host(&b, &l.base().weight(&b).unwrap());
+    let err = l.merge(&b, true).unwrap_err().to_string();
+    assert!(err.contains("dense") && err.contains("non-finite"), "{err}");
+    assert!(!l.is_merged());
+    assert_eq!(host(&b, &l.base().weight(&b).unwrap()), w0);
+}
+
+#[test]
+fn init_distributions_follow_peft() {
+    let b = backend();
+    let (inp, out, r) = (256, 64, 16);
+    let mut l = LoraLinear::new("x", base(out, inp, 1));
+    l.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::KaimingUniform)).unwrap();
+    let a = host(&b, l.adapter().unwrap().tensors()[0].1);
+    let bound = 1.0 / (inp as f32).sqrt();
+    assert!(a.iter().all(|v| v.abs() <= bound));
+    let max = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(max > 0.95 * bound, "Kaiming-uniform fills its range");
+    assert!(host(&b, l.adapter().unwrap().tensors()[1].1).iter().all(|v| *v == 0.0));
+
+    let mut g = LoraLinear::new("x", base(out, inp, 1));
+    g.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::Gaussian)).unwrap();
+    let a = host(&b, g.adapter().unwrap().tensors()[0].1);
+    let var = a.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / a.len() as f64;
+    let want = (1.0 / r as f64).powi(2);
+    assert!((var - want).abs() < 0.1 * want, "gaussian variance {var} vs {want}");
+}
+
+#[test]
+fn same_seed_same_adapter_and_different_layers_differ() {
+    let b = backend();
+    let make = |name: &str, seed: u64| {
+        let mut l = LoraLinear::new(name, base(8, 8, 1));
+        l.inject_lora(&b, &LoraSpec { seed, ..spec(2, 2.0, 0.0, LoraInit::KaimingUniform) }).unwrap();
+        host(&b, l.adapter().unwrap().tensors()[0].1)
+    };
+    assert_eq!(make("a.q", 1), make("a.q", 1));
+    assert_ne!(make("a.q", 1), make("a.k", 1));
+    assert_ne!(make("a.q", 1), make("a.q", 2));
+}
+
+#[test]
+fn trainable_parameter_count_is_r_times_in_plus_out() {
+    let b = backend();
+    let mut l = LoraLinear::new("x", base(4096, 4096, 1).clone());
+    assert_eq!(l.num_trainable(), 0);
+    l.inject_lora(&b, &spec(8, 16.0, 0.0, LoraInit::KaimingUniform)).unwrap();
+    assert_eq!(l.num_trainable(), 8 * (4096 + 4096));
+    assert_eq!(l.base().num_parameters(), 4096 * 4096 + 4096);
+    assert!(l.adapter().unwrap().tensors().iter().all(|(_, t)| t.shape().rank() == 2));
+}

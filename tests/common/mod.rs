@@ -1,1 +1,137 @@
-//! Shared helpers for the workspace tests.
+//! Shared helpers for the workspace tests: random tensors from the shared generator, host
+//! references in f64, and closeness checks with readable failures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lora::rng::{self, RngState};
+use lora::{Backend, NdArray, NdTensor};
+
+/// The reference backend.
+pub fn backend() -> NdArray {
+    NdArray::new()
+}
+
+/// Uniform values in `[-1, 1)` from stream `stream` of `seed`.
+pub fn rand_vec(n: usize, seed: u64, stream: u64) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    rng::uniform(RngState::new(seed, stream), -1.0, 1.0, &mut v);
+    v
+}
+
+/// A random tensor on the reference backend.
+pub fn rand_tensor(shape: &[usize], seed: u64, stream: u64) -> NdTensor {
+    backend()
+        .from_host(&rand_vec(shape.iter().product(), seed, stream), shape)
+        .expect("from_host")
+}
+
+/// Host copy.
+pub fn host<B: Backend>(b: &B, t: &B::Tensor) -> Vec<f32> {
+    b.to_host(t).expect("to_host")
+}
+
+/// Asserts `|got - want| <= atol + rtol * |want|` elementwise, reporting the worst element.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    let mut worst = (0usize, 0.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (f64::from(g) - w).abs() - (atol + rtol * w.abs());
+        if err > worst.1 || !f64::from(g).is_finite() {
+            worst = (i, err.max(f64::MAX * f64::from(u8::from(!g.is_finite()))));
+        }
+    }
+    let (i, excess) = worst;
+    assert!(
+        excess <= 0.0,
+        "{what}: element {i}: got {} want {} (rtol {rtol}, atol {atol})",
+        got[i],
+        want[i]
+    );
+}
+
+/// Row-major `[m, k] x [k, n]` in f64; `ta`/`tb` read the operands transposed.
+pub fn matmul64(a: &[f64], b: &[f64], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0;
+            for p in 0..k {
+                let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                s += av * bv;
+            }
+            out[i * n + j] = s;
+        }
+    }
+    out
+}
+
+/// f32 -> f64.
+pub fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// A LoRA layer problem on the host, in f64: the independent reference for forward and
+/// backward (`x: [n, in]`, `w: [out, in]`, `bias: [out]`, `a: [r, in]`, `b: [out, r]`).
+#[derive(Debug, Clone)]
+pub struct HostLora {
+    /// Rows.
+    pub n: usize,
+    /// In features.
+    pub inp: usize,
+    /// Out features.
+    pub out: usize,
+    /// Rank.
+    pub r: usize,
+    /// Input.
+    pub x: Vec<f64>,
+    /// Frozen weight.
+    pub w: Vec<f64>,
+    /// Bias.
+    pub bias: Vec<f64>,
+    /// lora_A.
+    pub a: Vec<f64>,
+    /// lora_B.
+    pub b: Vec<f64>,
+    /// Scaling.
+    pub s: f64,
+    /// Dropout mask on the LoRA input (ones without dropout).
+    pub mask: Vec<f64>,
+}
+
+impl HostLora {
+    /// `y = x Wᵀ + bias + s (x ⊙ M) Aᵀ Bᵀ`.
+    pub fn forward(&self) -> Vec<f64> {
+        let mut y = matmul64(&self.x, &self.w, self.n, self.inp, self.out, false, true);
+        let xm: Vec<f64> = self.x.iter().zip(&self.mask).map(|(x, m)| x * m).collect();
+        let h = matmul64(&xm, &self.a, self.n, self.inp, self.r, false, true);
+        let l = matmul64(&h, &self.b, self.n, self.r, self.out, false, true);
+        for i in 0..self.n {
+            for j in 0..self.out {
+                y[i * self.out + j] += self.bias[j] + self.s * l[i * self.out + j];
+            }
+        }
+        y
+    }
+
+    /// `(dx, dA, dB)` for output gradient `g`, straight from the formulas in
+    /// `shared/reference/peft-compat.md`.
+    pub fn backward(&self, g: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let xm: Vec<f64> = self.x.iter().zip(&self.mask).map(|(x, m)| x * m).collect();
+        let h = matmul64(&xm, &self.a, self.n, self.inp, self.r, false, true);
+        let d_b: Vec<f64> = matmul64(g, &h, self.out, self.n, self.r, true, false)
+            .into_iter()
+            .map(|v| v * self.s)
+            .collect();
+        let gb = matmul64(g, &self.b, self.n, self.out, self.r, false, false);
+        let d_a: Vec<f64> = matmul64(&gb, &xm, self.r, self.n, self.inp, true, false)
+            .into_iter()
+            .map(|v| v * self.s)
+            .collect();
+        let mut dx = matmul64(g, &self.w, self.n, self.out, self.inp, false, false);
+        let gba = matmul64(&gb, &self.a, self.n, self.r, self.inp, false, false);
+        for (i, d) in dx.iter_mut().enumerate() {
+            *d += self.s * gba[i] * self.mask[i];
+        }
+        (dx, d_a, d_b)
+    }
+}
