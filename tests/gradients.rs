@@ -14,7 +14,10 @@ use lora_tests::{backend, host, rand_tensor, rand_vec};
 const EPS: f32 = 3e-3;
 
 fn loss(y: &[f32], r: &[f32]) -> f64 {
-    y.iter().zip(r).map(|(&y, &r)| f64::from(y).tanh() * f64::from(r)).sum()
+    y.iter()
+        .zip(r)
+        .map(|(&y, &r)| f64::from(y).tanh() * f64::from(r))
+        .sum()
 }
 
 fn dloss(b: &NdArray, y: &NdTensor, r: &[f32]) -> NdTensor {
@@ -28,7 +31,10 @@ fn dloss(b: &NdArray, y: &NdTensor, r: &[f32]) -> NdTensor {
 
 /// Compares an analytic gradient with finite differences of `f` at `theta`.
 fn check(what: &str, theta: &[f32], analytic: &[f32], mut f: impl FnMut(&[f32]) -> f64) {
-    let scale = analytic.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+    let scale = analytic
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(1e-3);
     let mut p = theta.to_vec();
     for i in 0..theta.len() {
         p[i] = theta[i] + EPS;
@@ -46,13 +52,29 @@ fn check(what: &str, theta: &[f32], analytic: &[f32], mut f: impl FnMut(&[f32]) 
     }
 }
 
-fn layer(b: &NdArray, shape: (usize, usize, usize), r: usize, alpha: f32, rslora: bool) -> LoraLinear<NdArray> {
+fn layer(
+    b: &NdArray,
+    shape: (usize, usize, usize),
+    r: usize,
+    alpha: f32,
+    rslora: bool,
+) -> LoraLinear<NdArray> {
     let (_, inp, out) = shape;
     let w = rand_tensor(&[out, inp], 1, 10);
     let bias = rand_tensor(&[out], 1, 11);
-    let mut l = LoraLinear::new("blocks.0.proj", Box::new(DenseLinear::new(w, Some(bias)).unwrap()));
+    let mut l = LoraLinear::new(
+        "blocks.0.proj",
+        Box::new(DenseLinear::new(w, Some(bias)).unwrap()),
+    );
     // Random B so that dA is not trivially zero.
-    let spec = LoraSpec { r, alpha, dropout: 0.0, use_rslora: rslora, init: LoraInit::Random, seed: 5 };
+    let spec = LoraSpec {
+        r,
+        alpha,
+        dropout: 0.0,
+        use_rslora: rslora,
+        init: LoraInit::Random,
+        seed: 5,
+    };
     l.inject_lora(b, &spec).unwrap();
     l
 }
@@ -85,10 +107,15 @@ fn run_layer_case(x_shape: &[usize], inp: usize, out: usize, r: usize, alpha: f3
     });
     // d/dA and d/dB: replace the adapter tensor, evaluate, restore.
     for (name, theta, grad) in [("lora_A", &ah, &d_a), ("lora_B", &bh, &d_b)] {
-        let shape = if name == "lora_A" { vec![r, inp] } else { vec![out, r] };
+        let shape = if name == "lora_A" {
+            vec![r, inp]
+        } else {
+            vec![out, r]
+        };
         check(&format!("d{name} ({tag})"), theta, grad, |p| {
             let ad = l.adapter_mut().unwrap();
-            ad.set_tensor(name, b.from_host(p, &shape).unwrap()).unwrap();
+            ad.set_tensor(name, b.from_host(p, &shape).unwrap())
+                .unwrap();
             let v = loss(&host(&b, &l.forward(&b, &x, Mode::Eval).unwrap()), &rw);
             ad_restore(&mut l, name, theta, &shape);
             v
@@ -98,7 +125,10 @@ fn run_layer_case(x_shape: &[usize], inp: usize, out: usize, r: usize, alpha: f3
 
 fn ad_restore(l: &mut LoraLinear<NdArray>, name: &str, theta: &[f32], shape: &[usize]) {
     let b = backend();
-    l.adapter_mut().unwrap().set_tensor(name, b.from_host(theta, shape).unwrap()).unwrap();
+    l.adapter_mut()
+        .unwrap()
+        .set_tensor(name, b.from_host(theta, shape).unwrap())
+        .unwrap();
 }
 
 #[test]
@@ -123,9 +153,14 @@ fn gradients_with_dropout_match_finite_differences() {
         let x0 = rand_vec(n * inp, 4, 43);
         let rw = rand_vec(n * out, 4, 44);
         let s = 2.0 / r as f32;
-        let mask = b.dropout_mask(&[n, inp], p, lora::rng::RngState::new(9, 1)).unwrap();
+        let mask = b
+            .dropout_mask(&[n, inp], p, lora::rng::RngState::new(9, 1))
+            .unwrap();
         let mask_h = host(&b, &mask);
-        assert!(mask_h.iter().any(|&m| m == 0.0) || n * inp < 8, "mask drops something");
+        assert!(
+            mask_h.iter().any(|&m| m == 0.0) || n * inp < 8,
+            "mask drops something"
+        );
 
         let fwd = |xv: &[f32], av: &[f32], bv: &[f32]| -> (NdTensor, NdTensor) {
             let x = b.from_host(xv, &[n, inp]).unwrap();
@@ -151,9 +186,24 @@ fn gradients_with_dropout_match_finite_differences() {
             )
             .unwrap();
         let tag = format!("n {n} in {inp} out {out} r {r} p {p}");
-        check(&format!("dx with dropout ({tag})"), &x0, &host(&b, &dx), |v| loss(&host(&b, &fwd(v, &a0, &b0).0), &rw));
-        check(&format!("dA with dropout ({tag})"), &a0, &host(&b, &grads.d_a), |v| loss(&host(&b, &fwd(&x0, v, &b0).0), &rw));
-        check(&format!("dB with dropout ({tag})"), &b0, &host(&b, &grads.d_b), |v| loss(&host(&b, &fwd(&x0, &a0, v).0), &rw));
+        check(
+            &format!("dx with dropout ({tag})"),
+            &x0,
+            &host(&b, &dx),
+            |v| loss(&host(&b, &fwd(v, &a0, &b0).0), &rw),
+        );
+        check(
+            &format!("dA with dropout ({tag})"),
+            &a0,
+            &host(&b, &grads.d_a),
+            |v| loss(&host(&b, &fwd(&x0, v, &b0).0), &rw),
+        );
+        check(
+            &format!("dB with dropout ({tag})"),
+            &b0,
+            &host(&b, &grads.d_b),
+            |v| loss(&host(&b, &fwd(&x0, &a0, v).0), &rw),
+        );
     }
 }
 
@@ -170,14 +220,25 @@ fn mlp_full_backward_matches_finite_differences() {
     let y = mlp.forward(&b, &x, Mode::Train).unwrap();
     let grads = mlp.backward_full(&b, &dloss(&b, &y, &rw)).unwrap();
     let w_name = "layers.2";
-    let w0 = host(&b, &lora::Linear::weight(mlp.linears()[1].base(), &b).unwrap());
+    let w0 = host(
+        &b,
+        &lora::Linear::weight(mlp.linears()[1].base(), &b).unwrap(),
+    );
     let analytic = host(&b, &grads[1].0);
     check("MLP dW of layers.2", &w0, &analytic, |p| {
-        let l = mlp.linears_mut().into_iter().find(|l| l.name() == w_name).unwrap();
+        let l = mlp
+            .linears_mut()
+            .into_iter()
+            .find(|l| l.name() == w_name)
+            .unwrap();
         let dense = l.base_mut().as_dense_mut().unwrap();
         *dense.params_mut().0 = b.from_host(p, &[4, 5]).unwrap();
         let v = loss(&host(&b, &mlp.forward(&b, &x, Mode::Eval).unwrap()), &rw);
-        let l = mlp.linears_mut().into_iter().find(|l| l.name() == w_name).unwrap();
+        let l = mlp
+            .linears_mut()
+            .into_iter()
+            .find(|l| l.name() == w_name)
+            .unwrap();
         *l.base_mut().as_dense_mut().unwrap().params_mut().0 = b.from_host(&w0, &[4, 5]).unwrap();
         v
     });

@@ -3,37 +3,51 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lora::rng::{self, RngState};
-use lora::{
-    Backend, DenseLinear, LoraInit, LoraLinear, LoraSpec, Mode, NdArray, Tensor,
-};
+use lora::{Backend, DenseLinear, LoraInit, LoraLinear, LoraSpec, Mode, NdArray, Tensor};
 use lora_tests::{HostLora, assert_close, backend, host, rand_tensor, to64};
 
 fn base(out: usize, inp: usize, seed: u64) -> Box<DenseLinear<NdArray>> {
     Box::new(
-        DenseLinear::new(rand_tensor(&[out, inp], seed, 1), Some(rand_tensor(&[out], seed, 2)))
-            .unwrap(),
+        DenseLinear::new(
+            rand_tensor(&[out, inp], seed, 1),
+            Some(rand_tensor(&[out], seed, 2)),
+        )
+        .unwrap(),
     )
 }
 
 fn spec(r: usize, alpha: f32, dropout: f32, init: LoraInit) -> LoraSpec {
-    LoraSpec { r, alpha, dropout, use_rslora: false, init, seed: 77 }
+    LoraSpec {
+        r,
+        alpha,
+        dropout,
+        use_rslora: false,
+        init,
+        seed: 77,
+    }
 }
 
 #[test]
 fn fresh_adapter_is_bit_identical_to_the_base_in_both_modes() {
     let b = backend();
-    for (x_shape, inp, out, r) in [(vec![4, 6], 6, 5, 2), (vec![2, 3, 8], 8, 8, 8), (vec![1, 1], 1, 3, 1)] {
+    for (x_shape, inp, out, r) in [
+        (vec![4, 6], 6, 5, 2),
+        (vec![2, 3, 8], 8, 8, 8),
+        (vec![1, 1], 1, 3, 1),
+    ] {
         let x = rand_tensor(&x_shape, 3, 3);
         let mut l = LoraLinear::new("q", base(out, inp, 1));
         let want = host(&b, &l.base().forward(&b, &x).unwrap());
-        l.inject_lora(&b, &spec(r, 16.0, 0.5, LoraInit::KaimingUniform)).unwrap();
+        l.inject_lora(&b, &spec(r, 16.0, 0.5, LoraInit::KaimingUniform))
+            .unwrap();
         for mode in [Mode::Eval, Mode::Train] {
             let got = host(&b, &l.forward(&b, &x, mode).unwrap());
             assert_eq!(got, want, "x {x_shape:?}, mode {mode:?}");
         }
         let gauss = {
             let mut g = LoraLinear::new("q", base(out, inp, 1));
-            g.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::Gaussian)).unwrap();
+            g.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::Gaussian))
+                .unwrap();
             host(&b, &g.forward(&b, &x, Mode::Eval).unwrap())
         };
         assert_eq!(gauss, want, "gaussian init is a no-op too");
@@ -70,7 +84,11 @@ fn forward_matches_reference_with_dropout_only_in_training() {
 
     // The first training forward draws the mask at offset 0 of the layer's dropout stream.
     let mut mask = vec![0.0; n * inp];
-    rng::dropout_mask(RngState::new(77, rng::stream_id(name, "dropout")), p, &mut mask);
+    rng::dropout_mask(
+        RngState::new(77, rng::stream_id(name, "dropout")),
+        p,
+        &mut mask,
+    );
     assert!(mask.iter().any(|&m| m == 0.0), "the mask drops something");
     h.mask = to64(&mask);
     let train = host(&b, &l.forward(&b, &x, Mode::Train).unwrap());
@@ -78,7 +96,10 @@ fn forward_matches_reference_with_dropout_only_in_training() {
 
     // And the base path never sees dropout: with B = 0 the output is the base's exactly.
     let zero_b = b.zeros(&[out, r]).unwrap();
-    l.adapter_mut().unwrap().set_tensor("lora_B", zero_b).unwrap();
+    l.adapter_mut()
+        .unwrap()
+        .set_tensor("lora_B", zero_b)
+        .unwrap();
     let train0 = host(&b, &l.forward(&b, &x, Mode::Train).unwrap());
     assert_eq!(train0, host(&b, &l.base().forward(&b, &x).unwrap()));
 }
@@ -88,7 +109,14 @@ fn backward_matches_reference_formulas() {
     let b = backend();
     let (n, inp, out, r) = (6, 8, 7, 4);
     let mut l = LoraLinear::new("v", base(out, inp, 6));
-    l.inject_lora(&b, &LoraSpec { use_rslora: true, ..spec(r, 8.0, 0.0, LoraInit::Random) }).unwrap();
+    l.inject_lora(
+        &b,
+        &LoraSpec {
+            use_rslora: true,
+            ..spec(r, 8.0, 0.0, LoraInit::Random)
+        },
+    )
+    .unwrap();
     let x = rand_tensor(&[n, inp], 7, 7);
     let g = rand_tensor(&[n, out], 7, 8);
     let ad = l.adapter().unwrap();
@@ -119,7 +147,8 @@ fn merge_then_forward_equals_unmerged_and_unmerge_restores_w() {
     let b = backend();
     for (inp, out, r) in [(16, 12, 4), (3, 3, 3), (40, 1, 1)] {
         let mut l = LoraLinear::new("o", base(out, inp, 8));
-        l.inject_lora(&b, &spec(r, 32.0, 0.0, LoraInit::Random)).unwrap();
+        l.inject_lora(&b, &spec(r, 32.0, 0.0, LoraInit::Random))
+            .unwrap();
         let x = rand_tensor(&[5, inp], 9, 9);
         let w0 = host(&b, &l.base().weight(&b).unwrap());
         let unmerged = host(&b, &l.forward(&b, &x, Mode::Eval).unwrap());
@@ -145,20 +174,33 @@ fn merge_then_forward_equals_unmerged_and_unmerge_restores_w() {
 fn delta_weight_is_scaling_times_b_a() {
     let b = backend();
     let mut l = LoraLinear::new("k", base(3, 4, 1));
-    l.inject_lora(&b, &spec(2, 3.0, 0.0, LoraInit::Random)).unwrap();
+    l.inject_lora(&b, &spec(2, 3.0, 0.0, LoraInit::Random))
+        .unwrap();
     let ad = l.adapter().unwrap();
     let a = to64(&host(&b, ad.tensors()[0].1));
     let bb = to64(&host(&b, ad.tensors()[1].1));
-    let want: Vec<f64> = lora_tests::matmul64(&bb, &a, 3, 2, 4, false, false).iter().map(|v| v * 1.5).collect();
-    assert_close("delta_W", &host(&b, &ad.delta_weight(&b).unwrap()), &want, 1e-6, 1e-7);
+    let want: Vec<f64> = lora_tests::matmul64(&bb, &a, 3, 2, 4, false, false)
+        .iter()
+        .map(|v| v * 1.5)
+        .collect();
+    assert_close(
+        "delta_W",
+        &host(&b, &ad.delta_weight(&b).unwrap()),
+        &want,
+        1e-6,
+        1e-7,
+    );
 }
 
 #[test]
 fn safe_merge_refuses_non_finite_and_leaves_the_layer_untouched() {
     let b = backend();
     let mut l = LoraLinear::new("dense", base(3, 3, 1));
-    l.inject_lora(&b, &spec(1, 1.0, 0.0, LoraInit::Random)).unwrap();
-    let huge = b.from_host(&[f32::MAX, f32::MAX, f32::MAX], &[3, 1]).unwrap();
+    l.inject_lora(&b, &spec(1, 1.0, 0.0, LoraInit::Random))
+        .unwrap();
+    let huge = b
+        .from_host(&[f32::MAX, f32::MAX, f32::MAX], &[3, 1])
+        .unwrap();
     l.adapter_mut().unwrap().set_tensor("lora_B", huge).unwrap();
     let a = b.from_host(&[4.0, 4.0, 4.0], &[1, 3]).unwrap();
     l.adapter_mut().unwrap().set_tensor("lora_A", a).unwrap();
@@ -174,20 +216,29 @@ fn init_distributions_follow_peft() {
     let b = backend();
     let (inp, out, r) = (256, 64, 16);
     let mut l = LoraLinear::new("x", base(out, inp, 1));
-    l.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::KaimingUniform)).unwrap();
+    l.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::KaimingUniform))
+        .unwrap();
     let a = host(&b, l.adapter().unwrap().tensors()[0].1);
     let bound = 1.0 / (inp as f32).sqrt();
     assert!(a.iter().all(|v| v.abs() <= bound));
     let max = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(max > 0.95 * bound, "Kaiming-uniform fills its range");
-    assert!(host(&b, l.adapter().unwrap().tensors()[1].1).iter().all(|v| *v == 0.0));
+    assert!(
+        host(&b, l.adapter().unwrap().tensors()[1].1)
+            .iter()
+            .all(|v| *v == 0.0)
+    );
 
     let mut g = LoraLinear::new("x", base(out, inp, 1));
-    g.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::Gaussian)).unwrap();
+    g.inject_lora(&b, &spec(r, 16.0, 0.0, LoraInit::Gaussian))
+        .unwrap();
     let a = host(&b, g.adapter().unwrap().tensors()[0].1);
     let var = a.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / a.len() as f64;
     let want = (1.0 / r as f64).powi(2);
-    assert!((var - want).abs() < 0.1 * want, "gaussian variance {var} vs {want}");
+    assert!(
+        (var - want).abs() < 0.1 * want,
+        "gaussian variance {var} vs {want}"
+    );
 }
 
 #[test]
@@ -195,7 +246,14 @@ fn same_seed_same_adapter_and_different_layers_differ() {
     let b = backend();
     let make = |name: &str, seed: u64| {
         let mut l = LoraLinear::new(name, base(8, 8, 1));
-        l.inject_lora(&b, &LoraSpec { seed, ..spec(2, 2.0, 0.0, LoraInit::KaimingUniform) }).unwrap();
+        l.inject_lora(
+            &b,
+            &LoraSpec {
+                seed,
+                ..spec(2, 2.0, 0.0, LoraInit::KaimingUniform)
+            },
+        )
+        .unwrap();
         host(&b, l.adapter().unwrap().tensors()[0].1)
     };
     assert_eq!(make("a.q", 1), make("a.q", 1));
@@ -208,8 +266,15 @@ fn trainable_parameter_count_is_r_times_in_plus_out() {
     let b = backend();
     let mut l = LoraLinear::new("x", base(4096, 4096, 1).clone());
     assert_eq!(l.num_trainable(), 0);
-    l.inject_lora(&b, &spec(8, 16.0, 0.0, LoraInit::KaimingUniform)).unwrap();
+    l.inject_lora(&b, &spec(8, 16.0, 0.0, LoraInit::KaimingUniform))
+        .unwrap();
     assert_eq!(l.num_trainable(), 8 * (4096 + 4096));
     assert_eq!(l.base().num_parameters(), 4096 * 4096 + 4096);
-    assert!(l.adapter().unwrap().tensors().iter().all(|(_, t)| t.shape().rank() == 2));
+    assert!(
+        l.adapter()
+            .unwrap()
+            .tensors()
+            .iter()
+            .all(|(_, t)| t.shape().rank() == 2)
+    );
 }

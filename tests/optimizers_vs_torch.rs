@@ -7,17 +7,26 @@ use lora_tests::{assert_close, backend, host, to64};
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/optimizers.json"))
-        .expect("fixtures/optimizers.json (run tests/fixtures/make_fixtures.py)");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/optimizers.json"
+    ))
+    .expect("fixtures/optimizers.json (run tests/fixtures/make_fixtures.py)");
     serde_json::from_str(&text).unwrap()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn f(kw: &Value, key: &str, default: f32) -> f32 {
-    kw.get(key).and_then(Value::as_f64).map_or(default, |v| v as f32)
+    kw.get(key)
+        .and_then(Value::as_f64)
+        .map_or(default, |v| v as f32)
 }
 
 fn make_optimizer(class: &str, kw: &Value) -> Box<dyn Optimizer<NdArray>> {
@@ -33,7 +42,10 @@ fn make_optimizer(class: &str, kw: &Value) -> Box<dyn Optimizer<NdArray>> {
             .unwrap(),
         ),
         "Adam" | "AdamW" => {
-            let betas = kw.get("betas").map(floats).unwrap_or_else(|| vec![0.9, 0.999]);
+            let betas = kw
+                .get("betas")
+                .map(floats)
+                .unwrap_or_else(|| vec![0.9, 0.999]);
             Box::new(
                 Adam::new(AdamHyper {
                     lr: f(kw, "lr", 1e-3),
@@ -41,7 +53,11 @@ fn make_optimizer(class: &str, kw: &Value) -> Box<dyn Optimizer<NdArray>> {
                     beta2: betas[1],
                     eps: f(kw, "eps", 1e-8),
                     // torch's AdamW default decay is 0.01, Adam's is 0.
-                    weight_decay: f(kw, "weight_decay", if class == "AdamW" { 0.01 } else { 0.0 }),
+                    weight_decay: f(
+                        kw,
+                        "weight_decay",
+                        if class == "AdamW" { 0.01 } else { 0.0 },
+                    ),
                     decoupled: class == "AdamW",
                 })
                 .unwrap(),
@@ -59,7 +75,13 @@ fn every_optimizer_follows_torch_for_six_steps() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect())
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect()
+        })
         .collect();
     let cases = fx["cases"].as_object().unwrap();
     assert_eq!(cases.len(), 6);
@@ -94,10 +116,19 @@ fn every_optimizer_follows_torch_for_six_steps() {
             opt.step(&b, &mut pg).unwrap();
             for (i, (p, w)) in params.iter().zip(want.as_array().unwrap()).enumerate() {
                 let want: Vec<f64> = to64(&floats(w));
-                assert_close(&format!("{name} step {} param {i}", step + 1), &host(&b, p), &want, 2e-6, 2e-7);
+                assert_close(
+                    &format!("{name} step {} param {i}", step + 1),
+                    &host(&b, p),
+                    &want,
+                    2e-6,
+                    2e-7,
+                );
             }
         }
-        assert!(opt.state_bytes() > 0 || name == "sgd_plain", "{name} keeps state");
+        assert!(
+            opt.state_bytes() > 0 || name == "sgd_plain",
+            "{name} keeps state"
+        );
     }
 }
 
@@ -107,12 +138,37 @@ fn optimizer_rejects_a_changed_parameter_list() {
     let mut opt = Adam::<NdArray>::adam(1e-3).unwrap();
     let mut p = b.zeros(&[2, 2]).unwrap();
     let g = b.zeros(&[2, 2]).unwrap();
-    opt.step(&b, &mut [ParamGrad { param: &mut p, grad: &g }]).unwrap();
+    opt.step(
+        &b,
+        &mut [ParamGrad {
+            param: &mut p,
+            grad: &g,
+        }],
+    )
+    .unwrap();
     let mut q = b.zeros(&[3]).unwrap();
     let gq = b.zeros(&[3]).unwrap();
-    let err = opt.step(&b, &mut [ParamGrad { param: &mut q, grad: &gq }]).unwrap_err().to_string();
+    let err = opt
+        .step(
+            &b,
+            &mut [ParamGrad {
+                param: &mut q,
+                grad: &gq,
+            }],
+        )
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("[2, 2]") && err.contains("[3]"), "{err}");
     let bad = b.zeros(&[4]).unwrap();
-    let err = opt.step(&b, &mut [ParamGrad { param: &mut p, grad: &bad }]).unwrap_err().to_string();
+    let err = opt
+        .step(
+            &b,
+            &mut [ParamGrad {
+                param: &mut p,
+                grad: &bad,
+            }],
+        )
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("gradient"), "{err}");
 }

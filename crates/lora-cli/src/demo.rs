@@ -89,13 +89,21 @@ fn progress(len: usize, prefix: &'static str) -> ProgressBar {
     bar
 }
 
-fn eval_loss<B: FullBackend>(b: &B, model: &mut Mlp<B>, x: &B::Tensor, y: &B::Tensor) -> Result<f64> {
+fn eval_loss<B: FullBackend>(
+    b: &B,
+    model: &mut Mlp<B>,
+    x: &B::Tensor,
+    y: &B::Tensor,
+) -> Result<f64> {
     let pred = model.forward(b, x, Mode::Eval)?;
     Ok(mse_loss(b, &pred, y)?.0)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
@@ -103,7 +111,9 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
         .with_context(|| format!("creating output directory {}", args.out.display()))?;
     let sizes = [1, args.hidden, args.hidden, args.hidden, 1];
     let xs: Vec<f32> = (0..POINTS)
-        .map(|i| -std::f32::consts::PI + 2.0 * std::f32::consts::PI * i as f32 / (POINTS - 1) as f32)
+        .map(|i| {
+            -std::f32::consts::PI + 2.0 * std::f32::consts::PI * i as f32 / (POINTS - 1) as f32
+        })
         .collect();
     let base_task: Vec<f32> = xs.iter().map(|x| x.sin()).collect();
     let new_task: Vec<f32> = xs.iter().map(|x| (x + args.shift).sin()).collect();
@@ -111,7 +121,11 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
     let y_base = b.from_host(&base_task, &[POINTS, 1])?;
     let y_new = b.from_host(&new_task, &[POINTS, 1])?;
 
-    println!("lora demo: LoRA fine-tuning of a sine-wave MLP on {} ({})", b.name(), b.device());
+    println!(
+        "lora demo: LoRA fine-tuning of a sine-wave MLP on {} ({})",
+        b.name(),
+        b.device()
+    );
 
     // 1. Pretrain the base model (every weight trains: this is the expensive way).
     let mut model = Mlp::new(b, &sizes, UnaryOp::Relu, args.seed)?;
@@ -141,8 +155,13 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
         r: args.rank,
         lora_alpha: args.alpha,
         lora_dropout: args.dropout,
-        target_modules: Some(TargetModules::List(TARGETS.iter().map(|s| s.to_string()).collect())),
-        base_model_name_or_path: Some(format!("lora-demo-mlp-{}", sizes.map(|s| s.to_string()).join("-"))),
+        target_modules: Some(TargetModules::List(
+            TARGETS.iter().map(|s| s.to_string()).collect(),
+        )),
+        base_model_name_or_path: Some(format!(
+            "lora-demo-mlp-{}",
+            sizes.map(|s| s.to_string()).join("-")
+        )),
         task_type: None,
         inference_mode: true,
         ..LoraConfig::default()
@@ -188,15 +207,34 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
     peft::save_pretrained(&args.out, &model, b, &config)?;
     let loss_png = args.out.join("loss.png");
     let pred_png = args.out.join("predictions.png");
-    plots::loss_curve(&loss_png, "LoRA fine-tuning loss (adapters only, base frozen)", &losses)?;
+    plots::loss_curve(
+        &loss_png,
+        "LoRA fine-tuning loss (adapters only, base frozen)",
+        &losses,
+    )?;
     plots::predictions(
         &pred_png,
-        &format!("sin(x + {}) learned by LoRA on a frozen sin(x) model", args.shift),
+        &format!(
+            "sin(x + {}) learned by LoRA on a frozen sin(x) model",
+            args.shift
+        ),
         &xs,
         &[
-            Curve { label: "target sin(x + shift)", ys: &new_task, color: RGBColor(0, 0, 0) },
-            Curve { label: "frozen base model", ys: &base_pred, color: RGBColor(200, 120, 0) },
-            Curve { label: "base + LoRA", ys: &lora_pred, color: RGBColor(30, 90, 220) },
+            Curve {
+                label: "target sin(x + shift)",
+                ys: &new_task,
+                color: RGBColor(0, 0, 0),
+            },
+            Curve {
+                label: "frozen base model",
+                ys: &base_pred,
+                color: RGBColor(200, 120, 0),
+            },
+            Curve {
+                label: "base + LoRA",
+                ys: &lora_pred,
+                color: RGBColor(30, 90, 220),
+            },
         ],
     )?;
 
@@ -205,8 +243,15 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
 
     let trainable = model.num_trainable();
     let total = model.num_parameters();
-    println!("  model           MLP {} (ReLU), {} parameters", sizes.map(|s| s.to_string()).join("-"), thousands(full_params));
-    println!("  pretrained on   y = sin(x), {} full-batch steps (Adam), final MSE {pre_loss:.2e}", args.pretrain_steps);
+    println!(
+        "  model           MLP {} (ReLU), {} parameters",
+        sizes.map(|s| s.to_string()).join("-"),
+        thousands(full_params)
+    );
+    println!(
+        "  pretrained on   y = sin(x), {} full-batch steps (Adam), final MSE {pre_loss:.2e}",
+        args.pretrain_steps
+    );
     println!(
         "  LoRA            r={}, alpha={}, scaling={}, dropout={}, on {}",
         args.rank,
@@ -223,7 +268,10 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
         thousands(full_params),
         full_params as f64 / trainable as f64
     );
-    println!("  new task        y = sin(x + {}) on {POINTS} points in [-pi, pi]", args.shift);
+    println!(
+        "  new task        y = sin(x + {}) on {POINTS} points in [-pi, pi]",
+        args.shift
+    );
     println!("  loss before     {loss_before:.3e}  (frozen base on the new task)");
     println!(
         "  loss after      {loss_after:.3e}  ({:.0}x lower after {} steps, AdamW lr {})",
@@ -236,11 +284,16 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
         duration(train_s / args.steps as f64),
         duration(train_s)
     );
-    println!("  optimizer state {} (adapters only)", bytes(opt.state_bytes() as u64));
+    println!(
+        "  optimizer state {} (adapters only)",
+        bytes(opt.state_bytes() as u64)
+    );
     if let Some(rss) = peak_rss_bytes() {
         println!("  peak memory     {} RSS", bytes(rss));
     }
-    println!("  reload check    adapter reloaded from disk: max |diff| {reload_diff:.1e} vs the trained model");
+    println!(
+        "  reload check    adapter reloaded from disk: max |diff| {reload_diff:.1e} vs the trained model"
+    );
     println!("  merge check     merged vs unmerged: max |diff| {merge_diff:.1e}  (ok)");
     println!(
         "  wrote           {}: {}, {}, base_model.safetensors, loss.png, predictions.png",

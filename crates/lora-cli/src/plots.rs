@@ -22,9 +22,17 @@ fn register_font() {
 /// Training loss per step, log scale.
 pub fn loss_curve(path: &Path, title: &str, losses: &[f64]) -> Result<()> {
     register_font();
-    let lo = losses.iter().copied().filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
+    let lo = losses
+        .iter()
+        .copied()
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min);
     let hi = losses.iter().copied().fold(0.0f64, f64::max);
-    let (lo, hi) = if lo.is_finite() && hi > lo { (lo * 0.8, hi * 1.25) } else { (1e-6, 1.0) };
+    let (lo, hi) = if lo.is_finite() && hi > lo {
+        (lo * 0.8, hi * 1.25)
+    } else {
+        (1e-6, 1.0)
+    };
     lora::fs::with_atomic_path(path, |tmp| -> Result<()> {
         let root = BitMapBackend::new(tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -47,7 +55,12 @@ pub fn loss_curve(path: &Path, title: &str, losses: &[f64]) -> Result<()> {
             ))?
             .label("LoRA fine-tuning")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).border_style(BLACK).background_style(WHITE).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
         root.present()?;
         Ok(())
     })
@@ -67,9 +80,14 @@ pub struct Curve<'a> {
 /// Several curves over the same x values.
 pub fn predictions(path: &Path, title: &str, xs: &[f32], curves: &[Curve<'_>]) -> Result<()> {
     register_font();
-    let (x0, x1) = (xs.first().copied().unwrap_or(0.0), xs.last().copied().unwrap_or(1.0));
+    let (x0, x1) = (
+        xs.first().copied().unwrap_or(0.0),
+        xs.last().copied().unwrap_or(1.0),
+    );
     let all = curves.iter().flat_map(|c| c.ys.iter().copied());
-    let (y0, y1) = all.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (y0, y1) = all.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
     let pad = 0.1 * (y1 - y0).max(1e-3);
     lora::fs::with_atomic_path(path, |tmp| -> Result<()> {
         let root = BitMapBackend::new(tmp, (900, 540)).into_drawing_area();
@@ -89,7 +107,9 @@ pub fn predictions(path: &Path, title: &str, xs: &[f32], curves: &[Curve<'_>]) -
                     color.stroke_width(2),
                 ))?
                 .label(c.label)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()

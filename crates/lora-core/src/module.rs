@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 
 use crate::adapter::{Mode, ParamGrad};
 use crate::backend::Backend;
+use crate::backend::Tensor;
 use crate::error::{Error, Result};
 use crate::host_tensor::HostTensor;
 use crate::lora_linear::LoraLinear;
 use crate::ops::LoraOps;
-use crate::backend::Tensor;
 
 /// A model made of named [`LoraLinear`] layers (plus whatever else it needs between them).
 ///
@@ -62,9 +62,15 @@ pub trait Model<B: LoraOps> {
         let mut out = Vec::new();
         for l in self.linears() {
             let w = l.base().weight(backend)?;
-            out.push((format!("{}.weight", l.name()), HostTensor::from_backend(backend, &w)?));
+            out.push((
+                format!("{}.weight", l.name()),
+                HostTensor::from_backend(backend, &w)?,
+            ));
             if let Some(b) = l.base().bias() {
-                out.push((format!("{}.bias", l.name()), HostTensor::from_backend(backend, b)?));
+                out.push((
+                    format!("{}.bias", l.name()),
+                    HostTensor::from_backend(backend, b)?,
+                ));
             }
         }
         Ok(out)
@@ -72,7 +78,11 @@ pub trait Model<B: LoraOps> {
 
     /// Loads base weights from a state dict (see [`Model::state_dict`]). Every layer's
     /// weight and bias must be present with its shape; errors name the key.
-    fn load_state_dict(&mut self, backend: &B, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
+    fn load_state_dict(
+        &mut self,
+        backend: &B,
+        tensors: &BTreeMap<String, HostTensor>,
+    ) -> Result<()> {
         for l in self.linears_mut() {
             let name = l.name().to_string();
             let dense = l

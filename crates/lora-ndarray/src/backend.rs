@@ -45,12 +45,16 @@ fn map2(a: &NdTensor, b: &NdTensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Resul
     let (sa, sb) = (a.as_slice(), b.as_slice());
     let mut out = vec![0.0f32; sa.len()];
     if sa.len() < PAR_MIN_ELEMS {
-        out.iter_mut().zip(sa.iter().zip(sb)).for_each(|(o, (&x, &y))| *o = f(x, y));
+        out.iter_mut()
+            .zip(sa.iter().zip(sb))
+            .for_each(|(o, (&x, &y))| *o = f(x, y));
     } else {
         out.par_chunks_mut(PAR_CHUNK)
             .zip(sa.par_chunks(PAR_CHUNK).zip(sb.par_chunks(PAR_CHUNK)))
             .for_each(|(o, (x, y))| {
-                o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y))
+                o.iter_mut()
+                    .zip(x.iter().zip(y))
+                    .for_each(|(o, (&x, &y))| *o = f(x, y))
             });
     }
     NdTensor::from_vec(out, a.shape().dims())
@@ -246,7 +250,8 @@ impl Backend for NdArray {
         Ok(if s.len() < PAR_MIN_ELEMS {
             s.iter().all(|v| v.is_finite())
         } else {
-            s.par_chunks(PAR_CHUNK).all(|c| c.iter().all(|v| v.is_finite()))
+            s.par_chunks(PAR_CHUNK)
+                .all(|c| c.iter().all(|v| v.is_finite()))
         })
     }
 }

@@ -41,7 +41,9 @@ pub fn save_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tensors = Vec::new();
     for layer in model.linears() {
-        let Some(adapter) = layer.adapter() else { continue };
+        let Some(adapter) = layer.adapter() else {
+            continue;
+        };
         for (name, t) in adapter.tensors() {
             tensors.push((
                 format!("{KEY_PREFIX}{}.{name}.weight", layer.name()),
@@ -82,7 +84,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Resul
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let out = safetensors::serialize(views, Some(metadata)).map_err(|e| format_err(e.to_string()))?;
+    let out =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| format_err(e.to_string()))?;
     write_atomic(path, &out)?;
     Ok(())
 }
