@@ -1,1 +1,81 @@
-//! Shared helpers for the benchmarks.
+//! Shared pieces of the benchmarks: the workload shapes, inputs, and the machine's FMA peak.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lora::rng::{RngState, uniform};
+use lora::{Backend, NdArray, NdTensor};
+
+/// `(tokens, in, out, r)` of the LoRA linear workloads (issue 2; PyTorch+PEFT measures
+/// 1.11x to 1.55x LoRA-over-frozen at these shapes).
+pub const LORA_SHAPES: [(usize, usize, usize, usize); 3] = [
+    (512, 4096, 4096, 16),
+    (2048, 384, 384, 8),
+    (2048, 384, 1536, 8),
+];
+
+/// Uniform `[-1, 1)` tensor.
+pub fn rand(b: &NdArray, shape: &[usize], stream: u64) -> NdTensor {
+    let mut v = vec![0.0; shape.iter().product()];
+    uniform(RngState::new(42, stream), -1.0, 1.0, &mut v);
+    b.from_host(&v, shape).unwrap()
+}
+
+/// Measured f32 FMA peak of this machine in GFLOP/s: every hardware thread runs eight
+/// independent chains of 8-lane fused multiply-adds (enough to cover FMA latency on the
+/// two FMA ports of current x86 cores). `None` without AVX2+FMA.
+pub fn fma_peak_gflops() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return None;
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        const ITERS: u64 = 50_000_000;
+        let start = std::time::Instant::now();
+        let sink: f32 = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads)
+                .map(|_| s.spawn(|| fma_x86::run(ITERS)))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(sink);
+        // chains x lanes x 2 flops per FMA
+        Some(threads as f64 * ITERS as f64 * 8.0 * 8.0 * 2.0 / secs / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod fma_x86 {
+    use std::arch::x86_64::*;
+
+    /// Eight dependent-free FMA chains, `iters` rounds.
+    pub fn run(iters: u64) -> f32 {
+        // SAFETY: only called after `is_x86_feature_detected!` confirmed AVX2 and FMA.
+        unsafe { chains(iters) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn chains(iters: u64) -> f32 {
+        let a = _mm256_set1_ps(0.999_999);
+        let b = _mm256_set1_ps(1e-7);
+        let mut acc = [_mm256_set1_ps(1.0); 8];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut total = _mm256_setzero_ps();
+        for v in acc {
+            total = _mm256_add_ps(total, v);
+        }
+        let mut out = [0.0f32; 8];
+        // SAFETY: `out` holds exactly the 8 floats an unaligned 256-bit store writes.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
+        out.iter().sum()
+    }
+}

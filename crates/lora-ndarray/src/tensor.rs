@@ -1,15 +1,17 @@
 //! The ndarray tensor: an owned, contiguous, row-major f32 array.
 
 use lora_core::{Error, Result, Shape, Tensor};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArcArray, ArrayD, IxDyn};
 
 /// A dense f32 tensor in standard (row-major, contiguous) layout.
 ///
 /// The layout invariant lets GEMM and the elementwise kernels treat the data as a flat
-/// slice; every constructor establishes it.
+/// slice; every constructor establishes it. Storage is reference-counted like a PyTorch
+/// tensor: `clone` is O(1) (saving an activation for the backward copies nothing) and a
+/// write to shared storage copies it first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NdTensor {
-    array: ArrayD<f32>,
+    array: ArcArray<f32, IxDyn>,
     shape: Shape,
 }
 
@@ -22,7 +24,10 @@ impl NdTensor {
             array.as_standard_layout().into_owned()
         };
         let shape = Shape::new(array.shape());
-        NdTensor { array, shape }
+        NdTensor {
+            array: array.into_shared(),
+            shape,
+        }
     }
 
     /// From a flat row-major vector.
@@ -33,13 +38,13 @@ impl NdTensor {
             reason: e.to_string(),
         })?;
         Ok(NdTensor {
-            array,
+            array: array.into_shared(),
             shape: Shape::new(shape),
         })
     }
 
-    /// The underlying array.
-    pub fn array(&self) -> &ArrayD<f32> {
+    /// The underlying (shared) array.
+    pub fn array(&self) -> &ArcArray<f32, IxDyn> {
         &self.array
     }
 
@@ -49,7 +54,7 @@ impl NdTensor {
         self.array.as_slice().unwrap_or(&[])
     }
 
-    /// The elements as a flat mutable slice.
+    /// The elements as a flat mutable slice (copies the storage first if it is shared).
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
         self.array.as_slice_mut().unwrap_or(&mut [])
     }
