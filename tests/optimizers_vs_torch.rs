@@ -135,7 +135,7 @@ fn every_optimizer_follows_torch_for_six_steps() {
 #[test]
 fn optimizer_rejects_a_changed_parameter_list() {
     let b = backend();
-    let mut opt = Adam::<NdArray>::adam(1e-3).unwrap();
+    let mut opt = Adam::<NdArray>::plain(1e-3).unwrap();
     let mut p = b.zeros(&[2, 2]).unwrap();
     let g = b.zeros(&[2, 2]).unwrap();
     opt.step(

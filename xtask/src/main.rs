@@ -1,1 +1,83 @@
-fn main() {}
+//! `cargo xtask`: the one entry point for repository chores.
+//!
+//! * `cargo xtask test [--backend ndarray|tch|cuda|all]`: formatting, clippy, every test,
+//!   docs; prints per backend what ran and what was skipped and why.
+//! * `cargo xtask bench [--backend ...] [--quick]`: criterion benchmarks, then
+//!   `target/bench/report.json` and `docs/benchmarks.md`.
+//! * `cargo xtask fixtures`: (re)creates the Python venv and regenerates the reference
+//!   fixtures from PyTorch + PEFT.
+
+mod bench;
+mod chart;
+mod cmd;
+mod test;
+mod venv;
+
+use anyhow::{Result, bail};
+
+/// Backends the workspace knows, and whether this checkout can build them yet.
+pub const BACKENDS: [(&str, Option<&str>); 3] = [
+    ("ndarray", None),
+    (
+        "tch",
+        Some("the lora-tch crate does not exist yet (issue #5)"),
+    ),
+    (
+        "cuda",
+        Some("the lora-cuda crate does not exist yet (issue #6)"),
+    ),
+];
+
+/// The backends selected by `--backend`.
+pub fn select_backends(arg: Option<&str>) -> Result<Vec<&'static str>> {
+    match arg.unwrap_or("all") {
+        "all" => Ok(BACKENDS.iter().map(|(n, _)| *n).collect()),
+        one => match BACKENDS.iter().find(|(n, _)| *n == one) {
+            Some((n, _)) => Ok(vec![*n]),
+            None => bail!("unknown backend {one:?}; expected ndarray, tch, cuda or all"),
+        },
+    }
+}
+
+fn usage() -> &'static str {
+    "usage: cargo xtask <test|bench|fixtures> [--backend ndarray|tch|cuda|all] [--quick]"
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = run(&args);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let Some(task) = args.first() else {
+        bail!("{}", usage())
+    };
+    let mut backend = None;
+    let mut quick = false;
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--backend" => backend = it.next().map(String::as_str),
+            "--quick" => quick = true,
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{}", usage()),
+        }
+    }
+    let backends = select_backends(backend)?;
+    match task.as_str() {
+        "test" => test::run(&backends),
+        "bench" => bench::run(&backends, quick),
+        "fixtures" => venv::regenerate_fixtures(),
+        other => bail!("unknown task {other:?}\n{}", usage()),
+    }
+}

@@ -129,7 +129,7 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
 
     // 1. Pretrain the base model (every weight trains: this is the expensive way).
     let mut model = Mlp::new(b, &sizes, UnaryOp::Relu, args.seed)?;
-    let mut opt = Adam::<B>::adam(3e-3)?;
+    let mut opt = Adam::<B>::plain(3e-3)?;
     let bar = progress(args.pretrain_steps, "pretrain");
     let mut pre_loss = f64::NAN;
     for step in 0..args.pretrain_steps {

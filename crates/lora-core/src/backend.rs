@@ -104,6 +104,8 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
 
     /// Copies host data into a new device tensor. `data.len()` must equal the shape's
     /// element count.
+    // A backend method, not a constructor: the device (self) decides where data goes.
+    #[allow(clippy::wrong_self_convention)]
     fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
 
     /// Copies a tensor to the host, row-major.

@@ -50,10 +50,10 @@ impl<B: Backend> DenseLinear<B> {
             return Err(Error::shape("linear weight", "[out, in]", weight.shape()));
         }
         let out_f = weight.shape().dims()[0];
-        if let Some(b) = &bias {
-            if b.shape().dims() != [out_f] {
-                return Err(Error::shape("linear bias", format!("[{out_f}]"), b.shape()));
-            }
+        if let Some(b) = &bias
+            && b.shape().dims() != [out_f]
+        {
+            return Err(Error::shape("linear bias", format!("[{out_f}]"), b.shape()));
         }
         Ok(DenseLinear { weight, bias })
     }

@@ -7,6 +7,9 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops::LoraOps;
 
+/// `(dx, dW, db)` of a full fine-tuning backward.
+pub type FullGrads<T> = (T, T, Option<T>);
+
 /// A named frozen [`Linear`] plus, once injected, an [`Adapter`].
 ///
 /// The name is the module's dotted path (`encoder.layer.0.attention.self.query`); it is
@@ -150,11 +153,7 @@ impl<B: LoraOps> LoraLinear<B> {
 
     /// Full fine-tuning gradients of the base (`dW`, `db`) from the last training forward,
     /// for baselines and pretraining. Also returns `dx`.
-    pub fn backward_full(
-        &mut self,
-        backend: &B,
-        dy: &B::Tensor,
-    ) -> Result<(B::Tensor, B::Tensor, Option<B::Tensor>)> {
+    pub fn backward_full(&mut self, backend: &B, dy: &B::Tensor) -> Result<FullGrads<B::Tensor>> {
         let x = self.saved_x.clone().ok_or_else(|| {
             Error::state(
                 &self.name,

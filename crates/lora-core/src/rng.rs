@@ -106,7 +106,7 @@ impl RngState {
         let mut chunks = out.chunks_mut(4);
         // The offset is block aligned whenever it came from `advance`, but stay correct
         // for any offset by falling back to per-element lookups.
-        if index % 4 != 0 {
+        if !index.is_multiple_of(4) {
             for v in out.iter_mut() {
                 *v = word_to_unit_f32(word_at(self.seed, self.stream, index));
                 index += 1;

@@ -37,11 +37,10 @@ impl Shape {
     /// inputs, exactly like `torch.nn.Linear`.
     pub fn as_matrix(&self) -> (usize, usize) {
         let cols = self.last();
-        let rows = if cols == 0 {
-            self.0.iter().rev().skip(1).product()
-        } else {
-            self.numel() / cols
-        };
+        let rows = self
+            .numel()
+            .checked_div(cols)
+            .unwrap_or_else(|| self.0.iter().rev().skip(1).product());
         (rows, cols)
     }
 

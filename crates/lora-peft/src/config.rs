@@ -256,14 +256,14 @@ impl LoraConfig {
                 "training biases is not implemented yet; use \"none\"",
             );
         }
-        if let InitLoraWeights::Method(m) = &self.init_lora_weights {
-            if m != "gaussian" {
-                return unsupported(
-                    "init_lora_weights",
-                    m.clone(),
-                    "supported: true, false, \"gaussian\"",
-                );
-            }
+        if let InitLoraWeights::Method(m) = &self.init_lora_weights
+            && m != "gaussian"
+        {
+            return unsupported(
+                "init_lora_weights",
+                m.clone(),
+                "supported: true, false, \"gaussian\"",
+            );
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return unsupported(

@@ -75,10 +75,10 @@ pub fn inject_adapters<B: LoraOps, M: Model<B> + ?Sized>(
         if !matches(targets, &name, "target_modules")? {
             continue;
         }
-        if let Some(ex) = &config.exclude_modules {
-            if matches(ex, &name, "exclude_modules")? {
-                continue;
-            }
+        if let Some(ex) = &config.exclude_modules
+            && matches(ex, &name, "exclude_modules")?
+        {
+            continue;
         }
         layer.inject_lora(backend, &config.spec_for(&name, seed)?)?;
         injected.push(name);

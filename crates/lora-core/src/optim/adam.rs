@@ -27,7 +27,8 @@ impl<B: OptimOps> Adam<B> {
                 "each must be in [0, 1)",
             ));
         }
-        if !(hp.lr >= 0.0) || !(hp.eps >= 0.0) || !(hp.weight_decay >= 0.0) {
+        let bad = |v: f32| v.is_nan() || v < 0.0;
+        if bad(hp.lr) || bad(hp.eps) || bad(hp.weight_decay) {
             return Err(Error::config(
                 "Adam",
                 "lr/eps/weight_decay",
@@ -44,7 +45,7 @@ impl<B: OptimOps> Adam<B> {
     }
 
     /// PyTorch's `Adam(lr)` defaults: betas (0.9, 0.999), eps 1e-8, no decay.
-    pub fn adam(lr: f32) -> Result<Self> {
+    pub fn plain(lr: f32) -> Result<Self> {
         Self::new(AdamHyper {
             lr,
             beta1: 0.9,

@@ -24,7 +24,8 @@ impl<B: OptimOps> Sgd<B> {
                 "requires momentum > 0 and dampening = 0 (as torch.optim.SGD)",
             ));
         }
-        if !(hp.lr >= 0.0) || hp.momentum < 0.0 || hp.weight_decay < 0.0 {
+        let bad = |v: f32| v.is_nan() || v < 0.0;
+        if bad(hp.lr) || bad(hp.momentum) || bad(hp.weight_decay) {
             return Err(Error::config(
                 "SGD",
                 "lr/momentum/weight_decay",

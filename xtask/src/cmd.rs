@@ -1,0 +1,52 @@
+//! Running commands with readable failures.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root (the parent of `xtask/`).
+pub fn root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
+
+/// `cargo` as invoked by the user (respects `$CARGO`).
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command to completion, failing with its description.
+pub fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    println!("==> {what}");
+    let status = cmd.status().with_context(|| format!("starting: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a command, echoing its stdout, and returns the stdout lines.
+pub fn run_capture(what: &str, cmd: &mut Command) -> Result<Vec<String>> {
+    println!("==> {what}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting: {what}"))?;
+    let mut lines = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            lines.push(line);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(lines)
+}
