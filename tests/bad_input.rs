@@ -76,15 +76,31 @@ fn dropout_outside_zero_one_is_rejected() {
 fn nan_or_inf_input_is_rejected_with_the_layer_name() {
     let b = backend();
     let mut l = layer("mlp.fc1", 3, 2);
-    for bad in [f32::NAN, f32::INFINITY] {
-        let x = b.from_host(&[1.0, bad, 0.0, 1.0], &[2, 2]).unwrap();
-        let err = l.forward(&b, &x, Mode::Eval).unwrap_err();
-        assert!(matches!(err, Error::NonFinite { .. }));
-        assert!(
-            err.to_string().contains("mlp.fc1") && err.to_string().contains("input x"),
-            "{err}"
-        );
+    for with_adapter in [false, true] {
+        if with_adapter {
+            l.inject_lora(&b, &spec(1, 0.5)).unwrap();
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let x = b.from_host(&[1.0, bad, 0.0, 1.0], &[2, 2]).unwrap();
+            for mode in [Mode::Eval, Mode::Train] {
+                let err = l.forward(&b, &x, mode).unwrap_err();
+                assert!(matches!(err, Error::NonFinite { .. }));
+                let msg = err.to_string();
+                assert!(
+                    msg.contains("mlp.fc1") && msg.contains("input x") && msg.contains("[2, 2]"),
+                    "{msg}"
+                );
+            }
+        }
     }
+    // Finite input whose LoRA projection overflows is reported as such.
+    let big = b.from_host(&[f32::MAX, f32::MAX], &[1, 2]).unwrap();
+    l.adapter_mut()
+        .unwrap()
+        .set_tensor("lora_A", b.from_host(&[4.0, 4.0], &[1, 2]).unwrap())
+        .unwrap();
+    let msg = l.forward(&b, &big, Mode::Eval).unwrap_err().to_string();
+    assert!(msg.contains("overflow"), "{msg}");
     let pred = b.from_host(&[1.0], &[1, 1]).unwrap();
     let target = b.from_host(&[f32::NAN], &[1, 1]).unwrap();
     assert!(

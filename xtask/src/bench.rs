@@ -94,6 +94,16 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
         ),
         &mut cmd,
     )?;
+    // The PyTorch + PEFT baseline, minutes apart on the same machine.
+    let python = crate::venv::ensure_venv()?;
+    let _ = std::fs::remove_file(target.join("bench/pytorch.json"));
+    run_cmd(
+        "PyTorch + PEFT baseline (benches/python/peft_linear.py)",
+        std::process::Command::new(python)
+            .arg(root().join("benches/python/peft_linear.py"))
+            .arg(target.join("bench/pytorch.json"))
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+    )?;
     report(&target, quick)
 }
 
@@ -128,8 +138,8 @@ fn report(target: &Path, quick: bool) -> Result<()> {
                 );
             }
         }
-        if op == "paired_fwd_bwd" {
-            continue; // its ratio is attached to lora_fwd_bwd below
+        if group == "lora_linear" {
+            continue; // from paired.json below: the interleaved frozen/LoRA figures
         }
         let op_name = if group == "gemm" {
             "gemm".to_string()
@@ -144,21 +154,37 @@ fn report(target: &Path, quick: bool) -> Result<()> {
             extra,
         });
     }
-    // LoRA over frozen: the paired (interleaved) ratio for fwd+bwd, medians for fwd.
-    let medians: BTreeMap<(String, String), f64> = rows
-        .iter()
-        .map(|r| ((r.op.clone(), r.shape.clone()), r.median_s))
-        .collect();
-    for r in rows.iter_mut() {
-        let ratio = match r.op.as_str() {
-            "lora_fwd_bwd" => paired[&r.shape].as_f64(),
-            "lora_fwd" => medians
-                .get(&("frozen_fwd".into(), r.shape.clone()))
-                .map(|f| ((r.median_s / f) * 1e4).round() / 1e4),
-            _ => None,
-        };
-        if let Some(v) = ratio {
-            r.extra.insert("lora_over_base", json!(v));
+    // LoRA over frozen, interleaved, for us and for PyTorch + PEFT.
+    let torch = read_json(&target.join("bench/pytorch.json")).unwrap_or(json!({}));
+    for (backend, src) in [("ndarray", &paired), ("pytorch+peft", &torch)] {
+        let Some(obj) = src.as_object() else { continue };
+        for (key, v) in obj {
+            let Some((op, shape)) = key.split_once('/') else {
+                continue;
+            };
+            let (Some(ratio), Some(f), Some(l)) = (
+                v["ratio"].as_f64(),
+                v["frozen_s"].as_f64(),
+                v["lora_s"].as_f64(),
+            ) else {
+                continue;
+            };
+            let mut extra = BTreeMap::new();
+            extra.insert("lora_over_base", json!((ratio * 1e4).round() / 1e4));
+            if backend == "ndarray" {
+                if let Some(tl) = torch[key.as_str()]["lora_s"].as_f64() {
+                    extra.insert("vs_pytorch", json!(((l / tl) * 1e4).round() / 1e4));
+                }
+            }
+            for (kind, secs, extra) in [("frozen", f, BTreeMap::new()), ("lora", l, extra)] {
+                rows.push(Row {
+                    backend: backend.into(),
+                    op: format!("{kind}_{op}"),
+                    shape: shape.into(),
+                    median_s: secs,
+                    extra,
+                });
+            }
         }
     }
     rows.sort_by(|a, b| (&a.op, &a.shape, &a.backend).cmp(&(&b.op, &b.shape, &b.backend)));
@@ -195,16 +221,18 @@ fn report(target: &Path, quick: bool) -> Result<()> {
     Ok(())
 }
 
-fn rows_for_chart(rows: &[Row]) -> Vec<(String, f64)> {
-    rows.iter()
-        .filter(|r| r.op == "lora_fwd_bwd")
-        .filter_map(|r| {
-            r.extra
-                .get("lora_over_base")
-                .and_then(Value::as_f64)
-                .map(|v| (r.shape.clone(), v))
-        })
-        .collect()
+/// `(shape, [(backend, LoRA/frozen fwd+bwd)])` for the chart.
+fn rows_for_chart(rows: &[Row]) -> Vec<(String, Vec<(String, f64)>)> {
+    let mut by_shape: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.op == "lora_fwd_bwd") {
+        if let Some(v) = r.extra.get("lora_over_base").and_then(Value::as_f64) {
+            by_shape
+                .entry(r.shape.clone())
+                .or_default()
+                .push((r.backend.clone(), v));
+        }
+    }
+    by_shape.into_iter().collect()
 }
 
 /// FLOP floor of LoRA fwd+bwd over the frozen layer: six rank-r products of `2 n r d`
@@ -237,33 +265,65 @@ fn write_markdown(path: &PathBuf, rows: &[Row], peak: Option<f64>, quick: bool) 
         }
     ));
     md.push_str("- Allocator: mimalloc (as in the `lora` binary)\n\n");
-    md.push_str("![LoRA over frozen layer](benchmarks.png)\n\n");
+    md.push_str(
+        "![LoRA fwd+bwd over frozen fwd+bwd, ndarray and PyTorch+PEFT](benchmarks.png)\n\n",
+    );
 
-    md.push_str("## LoRA linear layer against the frozen layer (ndarray backend)\n\n");
-    md.push_str("`lora_over_base` for forward+backward is the median ratio of interleaved runs (frozen, then LoRA, in one timed loop), so machine drift cancels. Goal: 1.05x or less. The FLOP floor counts the six rank-r products LoRA adds (`1 + 6 r (in + out) / (4 in out)`).\n\n");
-    md.push_str("| op | tokens x in x out, rank | median | LoRA / frozen | FLOP floor | goal 1.05x |\n|---|---|---|---|---|---|\n");
-    for r in rows
+    md.push_str("## LoRA linear layer against the frozen layer\n\n");
+    md.push_str("Each ratio is the median over samples of interleaved runs (frozen layer, then LoRA layer, in one timed loop), so machine drift cancels; PyTorch + PEFT is measured the same way (`benches/python/peft_linear.py`) in the same `cargo xtask bench` run. `fwd_bwd` is training (forward, then backward with `dx`; LoRA adds `dA`, `dB`), `fwd` is inference. Goals: LoRA fwd+bwd at most 1.05x the frozen layer, and at most 0.9x PyTorch + PEFT's LoRA time. The FLOP floor counts the six rank-r products LoRA adds: `1 + 6 r (in + out) / (4 in out)`.\n\n");
+    md.push_str("| op | tokens x in x out, rank | backend | frozen | LoRA | LoRA / frozen | FLOP floor | vs PyTorch+PEFT | goals |\n|---|---|---|---|---|---|---|---|---|\n");
+    let frozen: BTreeMap<(String, String, String), f64> = rows
         .iter()
-        .filter(|r| r.op.starts_with("lora_") || r.op.starts_with("frozen_"))
-    {
+        .filter(|r| r.op.starts_with("frozen_"))
+        .map(|r| {
+            (
+                (
+                    r.backend.clone(),
+                    r.op.replacen("frozen_", "", 1),
+                    r.shape.clone(),
+                ),
+                r.median_s,
+            )
+        })
+        .collect();
+    for r in rows.iter().filter(|r| r.op.starts_with("lora_")) {
+        let op = r.op.replacen("lora_", "", 1);
         let ratio = r.extra.get("lora_over_base").and_then(Value::as_f64);
-        let floor = if r.op == "lora_fwd_bwd" {
+        let vs = r.extra.get("vs_pytorch").and_then(Value::as_f64);
+        let floor = if op == "fwd_bwd" {
             flop_floor(&r.shape)
         } else {
             None
         };
+        let mut goals = Vec::new();
+        if r.backend == "ndarray" && op == "fwd_bwd" {
+            if let Some(v) = ratio {
+                goals.push(if v <= 1.05 {
+                    "1.05x met".to_string()
+                } else {
+                    format!("1.05x missed by {:.1}%", (v / 1.05 - 1.0) * 100.0)
+                });
+            }
+            if let Some(v) = vs {
+                goals.push(if v <= 0.9 {
+                    "0.9x PyTorch met".to_string()
+                } else {
+                    format!("0.9x PyTorch missed by {:.1}%", (v / 0.9 - 1.0) * 100.0)
+                });
+            }
+        }
         md.push_str(&format!(
-            "| {} | {} | {:.3} ms | {} | {} | {} |\n",
-            r.op,
+            "| {op} | {} | {} | {} | {:.3} ms | {} | {} | {} | {} |\n",
             r.shape,
+            r.backend,
+            frozen
+                .get(&(r.backend.clone(), op.clone(), r.shape.clone()))
+                .map_or(String::new(), |f| format!("{:.3} ms", f * 1e3)),
             r.median_s * 1e3,
             ratio.map_or(String::new(), |v| format!("{v:.3}x")),
             floor.map_or(String::new(), |v| format!("{v:.3}x")),
-            match (r.op.as_str(), ratio) {
-                ("lora_fwd_bwd", Some(v)) if v <= 1.05 => "met".to_string(),
-                ("lora_fwd_bwd", Some(v)) => format!("missed by {:.1}%", (v / 1.05 - 1.0) * 100.0),
-                _ => String::new(),
-            }
+            vs.map_or(String::new(), |v| format!("{v:.3}x")),
+            goals.join("; "),
         ));
     }
     md.push_str("\n## Matrix multiplication\n\n");

@@ -247,6 +247,25 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
             None
         };
         let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), y)?;
+        // NaN or inf anywhere in a row of x makes that row of H = (x ⊙ M) Aᵀ non-finite
+        // (IEEE: NaN·0 = NaN, inf·0 = NaN), so checking the [n, r] H detects bad input at
+        // 1/(in/r) of the cost of scanning x; x itself is scanned only to word the error.
+        if !backend.all_finite(&h)? {
+            let input_bad = !backend.all_finite(x)?;
+            return Err(Error::NonFinite {
+                context: format!("{} forward", self.layer),
+                tensor: if input_bad {
+                    "input x".into()
+                } else {
+                    "LoRA projection x·lora_Aᵀ (overflow)".into()
+                },
+                shape: if input_bad {
+                    x.shape().clone()
+                } else {
+                    h.shape().clone()
+                },
+            });
+        }
         self.saved = match mode {
             Mode::Train => Some(Saved { h, mask }),
             Mode::Eval => None,

@@ -109,16 +109,19 @@ impl<B: LoraOps> LoraLinear<B> {
                 x.shape(),
             ));
         }
-        if !backend.all_finite(x)? {
-            return Err(Error::NonFinite {
-                context: format!("{} forward", self.name),
-                tensor: "input x".into(),
-                shape: x.shape().clone(),
-            });
-        }
         let mut y = self.base.forward(backend, x)?;
-        if let (Some(adapter), false) = (self.adapter.as_mut(), self.merged) {
-            adapter.forward(backend, x, &mut y, mode)?;
+        match (self.adapter.as_mut(), self.merged) {
+            // The adapter rejects non-finite input itself, more cheaply (see LoraAdapter).
+            (Some(adapter), false) => adapter.forward(backend, x, &mut y, mode)?,
+            _ => {
+                if !backend.all_finite(x)? {
+                    return Err(Error::NonFinite {
+                        context: format!("{} forward", self.name),
+                        tensor: "input x".into(),
+                        shape: x.shape().clone(),
+                    });
+                }
+            }
         }
         self.saved_x = match mode {
             Mode::Train => Some(x.clone()),

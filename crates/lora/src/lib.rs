@@ -53,3 +53,8 @@ pub fn compiled_backends() -> Vec<&'static str> {
     }
     v
 }
+
+// The README's Rust examples are compiled and run as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,92 @@
+"""PyTorch + PEFT baseline for benches/lora_linear.rs, same shapes, same method.
+
+For each (tokens, in, out, r): a frozen nn.Linear and the same layer wrapped by PEFT's
+LoRA (r, lora_alpha = 2r, dropout 0), timed *alternately* in one loop (frozen, then LoRA),
+forward+backward with the input requiring grad (so dx is computed, as in ours) and
+forward alone under no_grad. Writes {"<op>/<shape>": {"ratio", "frozen_s", "lora_s"}}
+(medians) to the path given as argv[1]. Threads: torch.set_num_threads(os.cpu_count()).
+
+Run by `cargo xtask bench` with the cached venv (torch 2.13.0 + peft).
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import peft
+import torch
+
+SHAPES = [(512, 4096, 4096, 16), (2048, 384, 384, 8), (2048, 384, 1536, 8)]
+
+
+class One(torch.nn.Module):
+    def __init__(self, inp, out):
+        super().__init__()
+        self.proj = torch.nn.Linear(inp, out)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def paired(frozen, lora, seconds):
+    for _ in range(2):
+        frozen()
+        lora()
+    ratios, fs, ls = [], [], []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(ratios) < 5:
+        t0 = time.perf_counter()
+        frozen()
+        t1 = time.perf_counter()
+        lora()
+        t2 = time.perf_counter()
+        fs.append(t1 - t0)
+        ls.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return {
+        "ratio": statistics.median(ratios),
+        "frozen_s": statistics.median(fs),
+        "lora_s": statistics.median(ls),
+    }
+
+
+def main():
+    out_path = sys.argv[1]
+    seconds = float(os.environ.get("LORA_BENCH_SECONDS", "5"))
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    results = {"torch": torch.__version__, "peft": peft.__version__, "threads": torch.get_num_threads()}
+    for t, inp, out, r in SHAPES:
+        shape = f"{t}x{inp}x{out}r{r}"
+        frozen = One(inp, out)
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        lora = peft.get_peft_model(
+            One(inp, out), peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"])
+        )
+        x = torch.randn(t, inp, requires_grad=True)
+        dy = torch.randn(t, out)
+
+        def fb(m):
+            def run():
+                x.grad = None
+                m(x).backward(dy)
+            return run
+
+        def fwd(m):
+            def run():
+                with torch.no_grad():
+                    m(x)
+            return run
+
+        results[f"fwd_bwd/{shape}"] = paired(fb(frozen), fb(lora), seconds)
+        results[f"fwd/{shape}"] = paired(fwd(frozen), fwd(lora), seconds)
+        print(shape, results[f"fwd_bwd/{shape}"], flush=True)
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
