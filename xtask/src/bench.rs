@@ -171,10 +171,10 @@ fn report(target: &Path, quick: bool) -> Result<()> {
             };
             let mut extra = BTreeMap::new();
             extra.insert("lora_over_base", json!((ratio * 1e4).round() / 1e4));
-            if backend == "ndarray" {
-                if let Some(tl) = torch[key.as_str()]["lora_s"].as_f64() {
-                    extra.insert("vs_pytorch", json!(((l / tl) * 1e4).round() / 1e4));
-                }
+            if backend == "ndarray"
+                && let Some(tl) = torch[key.as_str()]["lora_s"].as_f64()
+            {
+                extra.insert("vs_pytorch", json!(((l / tl) * 1e4).round() / 1e4));
             }
             for (kind, secs, extra) in [("frozen", f, BTreeMap::new()), ("lora", l, extra)] {
                 rows.push(Row {
