@@ -107,6 +107,11 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
     report(&target, quick)
 }
 
+/// Rebuilds the report and chart from the last run's files under `target/`.
+pub fn report_only(quick: bool) -> Result<()> {
+    report(&root().join("target"), quick)
+}
+
 fn report(target: &Path, quick: bool) -> Result<()> {
     let mut results = Vec::new();
     criterion_results(&target.join("criterion"), &mut results);

@@ -38,15 +38,18 @@ pub fn draw(path: &Path, groups: &[(String, Vec<(String, f64)>)]) -> Result<()> 
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..n, 0.0..top)?;
+        .build_cartesian_2d(-0.5..n - 0.5, 0.0..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(groups.len().max(1))
         .x_label_formatter(&|v| {
-            let i = v.floor() as usize;
-            if (v - (i as f64 + 0.5)).abs() < 0.01 {
-                groups.get(i).map(|(s, _)| s.clone()).unwrap_or_default()
+            let i = v.round();
+            if (v - i).abs() < 0.01 && i >= 0.0 {
+                groups
+                    .get(i as usize)
+                    .map(|(s, _)| s.clone())
+                    .unwrap_or_default()
             } else {
                 String::new()
             }
@@ -62,7 +65,7 @@ pub fn draw(path: &Path, groups: &[(String, Vec<(String, f64)>)]) -> Result<()> 
             .filter_map(|(i, (_, v))| {
                 v.iter()
                     .find(|(b, _)| b == backend)
-                    .map(|(_, r)| (i as f64 + 0.1 + bi as f64 * width, *r))
+                    .map(|(_, r)| (i as f64 - 0.4 + bi as f64 * width, *r))
             })
             .collect();
         chart

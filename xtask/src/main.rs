@@ -3,7 +3,8 @@
 //! * `cargo xtask test [--backend ndarray|tch|cuda|all]`: formatting, clippy, every test,
 //!   docs; prints per backend what ran and what was skipped and why.
 //! * `cargo xtask bench [--backend ...] [--quick]`: criterion benchmarks, then
-//!   `target/bench/report.json` and `docs/benchmarks.md`.
+//!   `target/bench/report.json` and `docs/benchmarks.md`; `--report-only` rebuilds the
+//!   report from the last run's measurements.
 //! * `cargo xtask fixtures`: (re)creates the Python venv and regenerates the reference
 //!   fixtures from PyTorch + PEFT.
 
@@ -40,7 +41,7 @@ pub fn select_backends(arg: Option<&str>) -> Result<Vec<&'static str>> {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <test|bench|fixtures> [--backend ndarray|tch|cuda|all] [--quick]"
+    "usage: cargo xtask <test|bench|fixtures> [--backend ndarray|tch|cuda|all] [--quick] [--report-only]"
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,11 +62,13 @@ fn run(args: &[String]) -> Result<()> {
     };
     let mut backend = None;
     let mut quick = false;
+    let mut report_only = false;
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--backend" => backend = it.next().map(String::as_str),
             "--quick" => quick = true,
+            "--report-only" => report_only = true,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -76,6 +79,7 @@ fn run(args: &[String]) -> Result<()> {
     let backends = select_backends(backend)?;
     match task.as_str() {
         "test" => test::run(&backends),
+        "bench" if report_only => bench::report_only(quick),
         "bench" => bench::run(&backends, quick),
         "fixtures" => venv::regenerate_fixtures(),
         other => bail!("unknown task {other:?}\n{}", usage()),
