@@ -178,4 +178,13 @@ fn merge_states_are_checked() {
             .contains("already merged")
     );
     assert!(l.inject_lora(&b, &spec(1, 0.0)).is_err());
+    let x = rand_tensor(&[2, 3], 4, 4);
+    l.forward(&b, &x, Mode::Train).unwrap();
+    let dy = rand_tensor(&[2, 3], 4, 5);
+    assert!(
+        l.backward(&b, &dy)
+            .unwrap_err()
+            .to_string()
+            .contains("unmerge first")
+    );
 }

@@ -133,6 +133,13 @@ impl<B: LoraOps> LoraLinear<B> {
     /// Backward from `dy`: computes the adapter's gradients and returns `dx` (base and
     /// adapter parts accumulated in one tensor).
     pub fn backward(&mut self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
+        if self.merged && self.adapter.is_some() {
+            // The adapter's contribution is inside W now and would get no gradient.
+            return Err(Error::state(
+                &self.name,
+                "cannot train while the adapter is merged; unmerge first",
+            ));
+        }
         let x = self.saved_x.take().ok_or_else(|| {
             Error::state(
                 &self.name,
