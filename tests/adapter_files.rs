@@ -9,21 +9,13 @@ use std::path::{Path, PathBuf};
 use lora::models::Mlp;
 use lora::peft::{self, LoraConfig, PeftError, TargetModules};
 use lora::{Backend, HostTensor, Mode, Model, NdArray, UnaryOp};
-use lora_tests::{assert_close, backend, host, rand_tensor, to64};
+use lora_tests::{assert_close, backend, host, json_f32, rand_tensor, to64};
 use serde_json::Value;
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(name)
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 /// The fixture's base MLP (3-8-8-2, ReLU) with PyTorch's weights.
@@ -44,7 +36,7 @@ fn io() -> Value {
 fn adapter_written_by_peft_gives_peft_outputs() {
     let b = backend();
     let io = io();
-    let x = b.from_host(&floats(&io["x"]), &[4, 3]).unwrap();
+    let x = b.from_host(&json_f32(&io["x"]), &[4, 3]).unwrap();
     let mut m = peft_base(&b);
     let cfg = peft::load_pretrained(&fixture_dir("peft_mlp"), &mut m, &b).unwrap();
     assert_eq!(cfg.r, 2);
@@ -56,7 +48,7 @@ fn adapter_written_by_peft_gives_peft_outputs() {
     assert_close(
         "PEFT unmerged output",
         &y,
-        &to64(&floats(&io["y"])),
+        &to64(&json_f32(&io["y"])),
         1e-5,
         1e-6,
     );
@@ -69,7 +61,7 @@ fn adapter_written_by_peft_gives_peft_outputs() {
     assert_close(
         "PEFT merge_and_unload output",
         &ym,
-        &to64(&floats(&io["y_merged"])),
+        &to64(&json_f32(&io["y_merged"])),
         1e-5,
         1e-6,
     );
@@ -79,7 +71,7 @@ fn adapter_written_by_peft_gives_peft_outputs() {
 fn float16_adapter_loads() {
     let b = backend();
     let io = io();
-    let x = b.from_host(&floats(&io["x"]), &[4, 3]).unwrap();
+    let x = b.from_host(&json_f32(&io["x"]), &[4, 3]).unwrap();
     let mut m = peft_base(&b);
     peft::load_pretrained(&fixture_dir("peft_mlp_f16"), &mut m, &b).unwrap();
     let y = host(&b, &m.forward(&b, &x, Mode::Eval).unwrap());
@@ -87,7 +79,7 @@ fn float16_adapter_loads() {
     assert_close(
         "f16 adapter output",
         &y,
-        &to64(&floats(&io["y"])),
+        &to64(&json_f32(&io["y"])),
         5e-3,
         5e-3,
     );
@@ -113,14 +105,14 @@ fn keys_with_the_default_adapter_name_load() {
         }
     });
     let io = io();
-    let x = b.from_host(&floats(&io["x"]), &[4, 3]).unwrap();
+    let x = b.from_host(&json_f32(&io["x"]), &[4, 3]).unwrap();
     let mut m = peft_base(&b);
     peft::load_pretrained(tmp.path(), &mut m, &b).unwrap();
     let y = host(&b, &m.forward(&b, &x, Mode::Eval).unwrap());
     assert_close(
         "output with .default keys",
         &y,
-        &to64(&floats(&io["y"])),
+        &to64(&json_f32(&io["y"])),
         1e-5,
         1e-6,
     );

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lora::{Adam, AdamHyper, Backend, NdArray, NdTensor, Optimizer, ParamGrad, Sgd, SgdHyper};
-use lora_tests::{assert_close, backend, host, to64};
+use lora_tests::{assert_close, backend, host, json_f32, to64};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -13,14 +13,6 @@ fn fixture() -> Value {
     ))
     .expect("fixtures/optimizers.json (run tests/fixtures/make_fixtures.py)");
     serde_json::from_str(&text).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn f(kw: &Value, key: &str, default: f32) -> f32 {
@@ -44,7 +36,7 @@ fn make_optimizer(class: &str, kw: &Value) -> Box<dyn Optimizer<NdArray>> {
         "Adam" | "AdamW" => {
             let betas = kw
                 .get("betas")
-                .map(floats)
+                .map(json_f32)
                 .unwrap_or_else(|| vec![0.9, 0.999]);
             Box::new(
                 Adam::new(AdamHyper {
@@ -92,7 +84,7 @@ fn every_optimizer_follows_torch_for_six_steps() {
             .unwrap()
             .iter()
             .zip(&shapes)
-            .map(|(p, s)| b.from_host(&floats(p), s).unwrap())
+            .map(|(p, s)| b.from_host(&json_f32(p), s).unwrap())
             .collect();
         for (step, (grads, want)) in fx["grads"]
             .as_array()
@@ -106,7 +98,7 @@ fn every_optimizer_follows_torch_for_six_steps() {
                 .unwrap()
                 .iter()
                 .zip(&shapes)
-                .map(|(g, s)| b.from_host(&floats(g), s).unwrap())
+                .map(|(g, s)| b.from_host(&json_f32(g), s).unwrap())
                 .collect();
             let mut pg: Vec<ParamGrad<'_, NdTensor>> = params
                 .iter_mut()
@@ -115,7 +107,7 @@ fn every_optimizer_follows_torch_for_six_steps() {
                 .collect();
             opt.step(&b, &mut pg).unwrap();
             for (i, (p, w)) in params.iter().zip(want.as_array().unwrap()).enumerate() {
-                let want: Vec<f64> = to64(&floats(w));
+                let want: Vec<f64> = to64(&json_f32(w));
                 assert_close(
                     &format!("{name} step {} param {i}", step + 1),
                     &host(&b, p),

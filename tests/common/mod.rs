@@ -149,3 +149,12 @@ impl HostLora {
         (dx, d_a, d_b)
     }
 }
+
+/// A JSON array of numbers as f32 (fixtures).
+pub fn json_f32(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
+}
