@@ -155,6 +155,14 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
     /// In place `a[i, :] += row` over the matrix view of `a`; `row` has `cols` elements.
     fn add_row_broadcast(&self, a: &mut Self::Tensor, row: &Self::Tensor) -> Result<()>;
 
+    /// Rows `rows` of the matrix view of `a`, as a `[rows.len(), cols]` tensor (mixed-adapter
+    /// batches gather the rows each adapter serves).
+    fn gather_rows(&self, a: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+
+    /// In place `dst[rows[i], :] += src[i, :]` over matrix views; `rows` must be distinct.
+    fn scatter_add_rows(&self, dst: &mut Self::Tensor, rows: &[usize], src: &Self::Tensor)
+    -> Result<()>;
+
     /// Sum over rows of the matrix view: `[rows, cols] -> [cols]` (e.g. a bias gradient).
     fn sum_rows(&self, a: &Self::Tensor) -> Result<Self::Tensor>;
 
@@ -230,6 +238,23 @@ pub fn check_host_len(data_len: usize, shape: &[usize]) -> Result<()> {
             format!("{} elements for the given data", data_len),
             &s,
         ));
+    }
+    Ok(())
+}
+
+/// Checks row indices against a matrix view with `nrows` rows; with `distinct`, also that
+/// no row repeats (a scatter-add target).
+pub fn check_rows(op: &str, nrows: usize, rows: &[usize], distinct: bool) -> Result<()> {
+    if let Some(&bad) = rows.iter().find(|&&r| r >= nrows) {
+        return Err(Error::state(op, format!("row index {bad} out of range for {nrows} rows")));
+    }
+    if distinct {
+        let mut seen = vec![false; nrows];
+        for &r in rows {
+            if std::mem::replace(&mut seen[r], true) {
+                return Err(Error::state(op, format!("row index {r} repeats")));
+            }
+        }
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use host_tensor::HostTensor;
 pub use linear::{DenseLinear, Linear};
-pub use lora_linear::{FullGrads, LoraLinear};
+pub use lora_linear::{DEFAULT_ADAPTER, FullGrads, LoraLinear, RowAdapter};
 pub use loss::mse_loss;
 pub use module::Model;
 pub use ops::{AdamHyper, LoraGrads, LoraOps, OptimOps, SgdHyper};

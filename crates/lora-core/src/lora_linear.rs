@@ -1,5 +1,5 @@
-//! A frozen linear layer with an optional LoRA adapter: the unit that models are made of
-//! and that adapters are injected into.
+//! A frozen linear layer with named LoRA adapters: the unit that models are made of and
+//! that adapters are injected into.
 
 use crate::adapter::{Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad};
 use crate::backend::{BinaryOp, Tensor};
@@ -10,16 +10,35 @@ use crate::ops::LoraOps;
 /// `(dx, dW, db)` of a full fine-tuning backward.
 pub type FullGrads<T> = (T, T, Option<T>);
 
-/// A named frozen [`Linear`] plus, once injected, an [`Adapter`].
+/// The adapter name PEFT uses when none is given.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// Which adapter serves one row of a mixed batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RowAdapter {
+    /// The base layer alone (PEFT's `"__base__"`).
+    Base,
+    /// The named adapter.
+    Named(String),
+}
+
+/// A named frozen [`Linear`] plus any number of named [`Adapter`]s.
 ///
 /// The name is the module's dotted path (`encoder.layer.0.attention.self.query`); it is
-/// what PEFT's `target_modules` rules match and what adapter files use as keys.
+/// what PEFT's `target_modules` rules match and what adapter files use as keys. As in
+/// PEFT, the outputs of all *active* adapters add up; adapters can be disabled (base
+/// only), deleted, merged into the base weight (most recent unmerged first) and used per
+/// row in a mixed batch.
 #[derive(Debug)]
 pub struct LoraLinear<B: LoraOps> {
     name: String,
     base: Box<dyn Linear<B>>,
-    adapter: Option<Box<dyn Adapter<B>>>,
-    merged: bool,
+    /// In insertion order.
+    adapters: Vec<(String, Box<dyn Adapter<B>>)>,
+    active: Vec<String>,
+    disabled: bool,
+    /// Merged adapters, in merge order.
+    merged: Vec<String>,
     saved_x: Option<B::Tensor>,
 }
 
@@ -29,8 +48,10 @@ impl<B: LoraOps> LoraLinear<B> {
         LoraLinear {
             name: name.into(),
             base,
-            adapter: None,
-            merged: false,
+            adapters: Vec::new(),
+            active: Vec::new(),
+            disabled: false,
+            merged: Vec::new(),
             saved_x: None,
         }
     }
@@ -50,27 +71,74 @@ impl<B: LoraOps> LoraLinear<B> {
         self.base.as_mut()
     }
 
-    /// The adapter, if one was injected.
+    /// The first active adapter (the only one in the common single-adapter case).
     pub fn adapter(&self) -> Option<&dyn Adapter<B>> {
-        self.adapter.as_deref()
+        let name = self.active.first()?;
+        self.adapter_named(name)
     }
 
-    /// The adapter, mutably.
+    /// The first active adapter, mutably.
     pub fn adapter_mut(&mut self) -> Option<&mut (dyn Adapter<B> + 'static)> {
-        self.adapter.as_deref_mut()
+        let name = self.active.first()?.clone();
+        self.adapter_named_mut(&name)
     }
 
-    /// Whether the adapter is currently merged into the base weight.
+    /// The adapter called `name`.
+    pub fn adapter_named(&self, name: &str) -> Option<&dyn Adapter<B>> {
+        self.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| a.as_ref())
+    }
+
+    /// The adapter called `name`, mutably.
+    pub fn adapter_named_mut(&mut self, name: &str) -> Option<&mut (dyn Adapter<B> + 'static)> {
+        self.adapters
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a.as_mut())
+    }
+
+    /// Names of all adapters, in insertion order.
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Names of the active adapters.
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    /// Whether any adapter is merged into the base weight.
     pub fn is_merged(&self) -> bool {
-        self.merged
+        !self.merged.is_empty()
     }
 
-    /// Creates and attaches a LoRA adapter per `spec`; replaces none: a layer that already
-    /// has one is an error.
-    pub fn inject_lora(&mut self, backend: &B, spec: &LoraSpec) -> Result<()> {
-        if self.adapter.is_some() {
-            return Err(Error::state(&self.name, "already has an adapter"));
+    /// Names of the merged adapters, in merge order.
+    pub fn merged_adapters(&self) -> &[String] {
+        &self.merged
+    }
+
+    /// Whether adapters are disabled (the base runs alone).
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    fn unmerged_required(&self, what: &str) -> Result<()> {
+        if self.is_merged() {
+            return Err(Error::state(
+                &self.name,
+                format!("cannot {what} while adapters are merged ({}); unmerge first", self.merged.join(", ")),
+            ));
         }
+        Ok(())
+    }
+
+    /// Creates a LoRA adapter per `spec` under the name `default`.
+    pub fn inject_lora(&mut self, backend: &B, spec: &LoraSpec) -> Result<()> {
+        self.add_lora(backend, DEFAULT_ADAPTER, spec)
+    }
+
+    /// Creates a LoRA adapter per `spec` under `adapter_name` (random streams are derived
+    /// from the layer name, so equal specs give equal adapters on every backend).
+    pub fn add_lora(&mut self, backend: &B, adapter_name: &str, spec: &LoraSpec) -> Result<()> {
         let adapter = LoraAdapter::new(
             backend,
             &self.name,
@@ -78,50 +146,103 @@ impl<B: LoraOps> LoraLinear<B> {
             self.base.out_features(),
             spec,
         )?;
-        self.adapter = Some(Box::new(adapter));
-        Ok(())
+        self.add_adapter(adapter_name, Box::new(adapter))
     }
 
-    /// Attaches any adapter.
-    pub fn set_adapter(&mut self, adapter: Box<dyn Adapter<B>>) -> Result<()> {
-        if self.merged {
-            return Err(Error::state(
-                &self.name,
-                "cannot replace an adapter while merged",
-            ));
+    /// Attaches an adapter under a new name. The first adapter becomes active; later ones
+    /// are inactive until [`LoraLinear::set_active_adapters`] (as PEFT's `add_adapter`).
+    pub fn add_adapter(&mut self, adapter_name: &str, adapter: Box<dyn Adapter<B>>) -> Result<()> {
+        if self.adapter_named(adapter_name).is_some() {
+            return Err(Error::state(&self.name, format!("already has an adapter named {adapter_name:?}")));
         }
-        self.adapter = Some(adapter);
+        self.unmerged_required("add an adapter")?;
+        self.adapters.push((adapter_name.to_string(), adapter));
+        if self.active.is_empty() {
+            self.active.push(adapter_name.to_string());
+        }
         Ok(())
     }
 
-    /// Forward: base output plus the adapter's term (unless merged). In training mode the
-    /// input is kept for the backward. Non-finite inputs are rejected with the layer's name.
-    pub fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<B::Tensor> {
+    /// Makes exactly these adapters active (their outputs add up). Names this layer does
+    /// not have are skipped, so one call can serve a model whose adapters target different
+    /// layers; the caller checks that each name exists somewhere.
+    pub fn set_active_adapters(&mut self, names: &[&str]) -> Result<()> {
+        self.unmerged_required("change the active adapters")?;
+        self.active = names
+            .iter()
+            .filter(|n| self.adapter_named(n).is_some())
+            .map(|n| n.to_string())
+            .collect();
+        Ok(())
+    }
+
+    /// Base only until [`LoraLinear::enable_adapters`] (PEFT's `disable_adapter()` context).
+    pub fn disable_adapters(&mut self) -> Result<()> {
+        self.unmerged_required("disable adapters")?;
+        self.disabled = true;
+        Ok(())
+    }
+
+    /// Undoes [`LoraLinear::disable_adapters`].
+    pub fn enable_adapters(&mut self) {
+        self.disabled = false;
+    }
+
+    /// Removes an adapter (it must not be merged). Returns it.
+    pub fn delete_adapter(&mut self, adapter_name: &str) -> Result<Box<dyn Adapter<B>>> {
+        if self.merged.iter().any(|m| m == adapter_name) {
+            return Err(Error::state(&self.name, format!("adapter {adapter_name:?} is merged; unmerge it first")));
+        }
+        let i = self
+            .adapters
+            .iter()
+            .position(|(n, _)| n == adapter_name)
+            .ok_or_else(|| Error::state(&self.name, format!("no adapter named {adapter_name:?}")))?;
+        self.active.retain(|a| a != adapter_name);
+        Ok(self.adapters.remove(i).1)
+    }
+
+    fn check_input(&self, x: &B::Tensor, what: &str) -> Result<()> {
         let in_f = self.base.in_features();
         if x.shape().rank() == 0 || x.shape().last() != in_f {
             return Err(Error::shape(
-                format!(
-                    "{} forward input x (layer [{}, {in_f}])",
-                    self.name,
-                    self.base.out_features()
-                ),
+                format!("{} {what} input x (layer [{}, {in_f}])", self.name, self.base.out_features()),
                 format!("[..., {in_f}]"),
                 x.shape(),
             ));
         }
+        Ok(())
+    }
+
+    fn non_finite_input(&self, x: &B::Tensor) -> Error {
+        Error::NonFinite {
+            context: format!("{} forward", self.name),
+            tensor: "input x".into(),
+            shape: x.shape().clone(),
+        }
+    }
+
+    /// Whether the forward runs adapters on top of the base.
+    fn adapters_run(&self) -> bool {
+        !self.disabled && !self.is_merged() && !self.active.is_empty()
+    }
+
+    /// Forward: base output plus every active adapter's term (unless merged or disabled).
+    /// In training mode the input is kept for the backward. Non-finite inputs are rejected
+    /// with the layer's name.
+    pub fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<B::Tensor> {
+        self.check_input(x, "forward")?;
         let mut y = self.base.forward(backend, x)?;
-        match (self.adapter.as_mut(), self.merged) {
-            // The adapter rejects non-finite input itself, more cheaply (see LoraAdapter).
-            (Some(adapter), false) => adapter.forward(backend, x, &mut y, mode)?,
-            _ => {
-                if !backend.all_finite(x)? {
-                    return Err(Error::NonFinite {
-                        context: format!("{} forward", self.name),
-                        tensor: "input x".into(),
-                        shape: x.shape().clone(),
-                    });
+        if self.adapters_run() {
+            // Active adapters reject non-finite input themselves, more cheaply (LoraAdapter).
+            let active = &self.active;
+            for (name, adapter) in self.adapters.iter_mut() {
+                if active.contains(name) {
+                    adapter.forward(backend, x, &mut y, mode)?;
                 }
             }
+        } else if !backend.all_finite(x)? {
+            return Err(self.non_finite_input(x));
         }
         self.saved_x = match mode {
             Mode::Train => Some(x.clone()),
@@ -130,21 +251,59 @@ impl<B: LoraOps> LoraLinear<B> {
         Ok(y)
     }
 
-    /// Backward from `dy`: computes the adapter's gradients and returns `dx` (base and
-    /// adapter parts accumulated in one tensor).
-    pub fn backward(&mut self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
-        if self.merged && self.adapter.is_some() {
-            // The adapter's contribution is inside W now and would get no gradient.
+    /// Inference over a mixed batch: row `i` of the matrix view of `x` goes through the base
+    /// plus `rows[i]`'s adapter (or the base alone), in one pass (PEFT's `adapter_names`).
+    /// Rejected while merged.
+    pub fn forward_mixed(&mut self, backend: &B, x: &B::Tensor, rows: &[RowAdapter]) -> Result<B::Tensor> {
+        self.check_input(x, "mixed-batch forward")?;
+        self.unmerged_required("run a mixed-adapter batch")?;
+        let n = x.shape().as_matrix().0;
+        if rows.len() != n {
             return Err(Error::state(
                 &self.name,
-                "cannot train while the adapter is merged; unmerge first",
+                format!("mixed batch names an adapter for {} rows, input has {n}", rows.len()),
             ));
         }
+        if !backend.all_finite(x)? {
+            return Err(self.non_finite_input(x));
+        }
+        for r in rows {
+            if let RowAdapter::Named(a) = r {
+                if self.adapter_named(a).is_none() {
+                    return Err(Error::state(&self.name, format!("mixed batch names unknown adapter {a:?}")));
+                }
+            }
+        }
+        let mut y = self.base.forward(backend, x)?;
+        let out_f = self.base.out_features();
+        for (name, adapter) in self.adapters.iter_mut() {
+            let idx: Vec<usize> = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| matches!(r, RowAdapter::Named(a) if a == name))
+                .map(|(i, _)| i)
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let xs = backend.gather_rows(x, &idx)?;
+            let mut ys = backend.zeros(&[idx.len(), out_f])?;
+            adapter.forward(backend, &xs, &mut ys, Mode::Eval)?;
+            backend.scatter_add_rows(&mut y, &idx, &ys)?;
+        }
+        self.saved_x = None;
+        Ok(y)
+    }
+
+    /// Backward from `dy`: computes the active adapters' gradients and returns `dx` (base
+    /// and adapter parts accumulated in one tensor).
+    pub fn backward(&mut self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
+        if self.is_merged() && !self.adapters.is_empty() {
+            // The adapters' contribution is inside W now and would get no gradient.
+            self.unmerged_required("train")?;
+        }
         let x = self.saved_x.take().ok_or_else(|| {
-            Error::state(
-                &self.name,
-                "backward called without a forward in training mode",
-            )
+            Error::state(&self.name, "backward called without a forward in training mode")
         })?;
         let expected = x.shape().with_last(self.base.out_features());
         if dy.shape() != &expected {
@@ -155,8 +314,13 @@ impl<B: LoraOps> LoraLinear<B> {
             ));
         }
         let mut dx = self.base.backward(backend, dy)?;
-        if let (Some(adapter), false) = (self.adapter.as_mut(), self.merged) {
-            adapter.backward(backend, &x, dy, &mut dx)?;
+        if self.adapters_run() {
+            let active = &self.active;
+            for (name, adapter) in self.adapters.iter_mut() {
+                if active.contains(name) {
+                    adapter.backward(backend, &x, dy, &mut dx)?;
+                }
+            }
         }
         Ok(dx)
     }
@@ -165,74 +329,106 @@ impl<B: LoraOps> LoraLinear<B> {
     /// for baselines and pretraining. Also returns `dx`.
     pub fn backward_full(&mut self, backend: &B, dy: &B::Tensor) -> Result<FullGrads<B::Tensor>> {
         let x = self.saved_x.clone().ok_or_else(|| {
-            Error::state(
-                &self.name,
-                "backward called without a forward in training mode",
-            )
+            Error::state(&self.name, "backward called without a forward in training mode")
         })?;
         let dx = self.backward(backend, dy)?;
         let dense = self.base.as_dense_mut().ok_or_else(|| {
-            Error::state(
-                &self.name,
-                "full fine-tuning needs a dense (unquantized) base",
-            )
+            Error::state(&self.name, "full fine-tuning needs a dense (unquantized) base")
         })?;
         let (d_w, d_b) = dense.param_grads(backend, &x, dy)?;
         Ok((dx, d_w, d_b))
     }
 
-    /// Adds the adapter's `delta_W` into the base weight. With `safe`, the merged weight is
-    /// computed on a copy first and the merge is refused, leaving the layer untouched, if
-    /// any value would be non-finite.
+    /// Merges the active adapters into the base weight (PEFT's `merge()`).
     pub fn merge(&mut self, backend: &B, safe: bool) -> Result<()> {
-        if self.merged {
-            return Err(Error::state(&self.name, "adapter is already merged"));
+        let names: Vec<String> = self.active.clone();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.merge_adapters(backend, &names, safe)
+    }
+
+    /// Adds the named adapters' `delta_W` into the base weight, in order. With `safe`, the
+    /// merged weight is computed on a copy first and the merge is refused, leaving the
+    /// layer untouched, if any value would be non-finite.
+    pub fn merge_adapters(&mut self, backend: &B, names: &[&str], safe: bool) -> Result<()> {
+        if names.is_empty() {
+            return Err(Error::state(&self.name, "no adapter to merge"));
         }
-        let adapter = self
-            .adapter
-            .as_ref()
-            .ok_or_else(|| Error::state(&self.name, "no adapter to merge"))?;
-        let delta = adapter.delta_weight(backend)?;
+        let mut deltas = Vec::with_capacity(names.len());
+        for &n in names {
+            if self.merged.iter().any(|m| m == n) {
+                return Err(Error::state(&self.name, format!("adapter {n:?} is already merged")));
+            }
+            let a = self
+                .adapter_named(n)
+                .ok_or_else(|| Error::state(&self.name, format!("no adapter named {n:?} to merge")))?;
+            deltas.push(a.delta_weight(backend)?);
+        }
         if safe {
-            let merged = backend.binary(BinaryOp::Add, &self.base.weight(backend)?, &delta)?;
-            if !backend.all_finite(&merged)? {
+            let mut w = self.base.weight(backend)?;
+            for d in &deltas {
+                w = backend.binary(BinaryOp::Add, &w, d)?;
+            }
+            if !backend.all_finite(&w)? {
                 return Err(Error::NonFinite {
                     context: format!("{} safe_merge (refused, weights unchanged)", self.name),
                     tensor: "merged weight".into(),
-                    shape: merged.shape().clone(),
+                    shape: w.shape().clone(),
                 });
             }
         }
-        self.base.add_to_weight(backend, &delta, 1.0)?;
-        self.merged = true;
+        for (d, n) in deltas.iter().zip(names) {
+            self.base.add_to_weight(backend, d, 1.0)?;
+            self.merged.push(n.to_string());
+        }
         Ok(())
     }
 
-    /// Subtracts the merged `delta_W` again.
+    /// Subtracts every merged adapter's `delta_W` again, most recent first.
     pub fn unmerge(&mut self, backend: &B) -> Result<()> {
-        if !self.merged {
+        if self.merged.is_empty() {
             return Err(Error::state(&self.name, "adapter is not merged"));
         }
-        let adapter = self
-            .adapter
-            .as_ref()
-            .ok_or_else(|| Error::state(&self.name, "no adapter to unmerge"))?;
-        let delta = adapter.delta_weight(backend)?;
-        self.base.add_to_weight(backend, &delta, -1.0)?;
-        self.merged = false;
+        while let Some(n) = self.merged.last().cloned() {
+            let a = self
+                .adapter_named(&n)
+                .ok_or_else(|| Error::state(&self.name, format!("merged adapter {n:?} is gone")))?;
+            let delta = a.delta_weight(backend)?;
+            self.base.add_to_weight(backend, &delta, -1.0)?;
+            self.merged.pop();
+        }
         Ok(())
     }
 
-    /// The adapter's parameters with their gradients (empty without adapter or backward).
-    pub fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, B::Tensor>> {
-        match self.adapter.as_mut() {
-            Some(a) => a.params_and_grads(),
-            None => Vec::new(),
+    /// Merges the active adapters and drops every adapter: the layer becomes a plain base
+    /// layer with the merged weight (PEFT's `merge_and_unload`).
+    pub fn merge_and_unload(&mut self, backend: &B, safe: bool) -> Result<()> {
+        if !self.adapters_run() && !self.is_merged() {
+            self.adapters.clear();
+            self.active.clear();
+            return Ok(());
         }
+        if !self.is_merged() {
+            self.merge(backend, safe)?;
+        }
+        self.adapters.clear();
+        self.active.clear();
+        self.merged.clear();
+        self.disabled = false;
+        Ok(())
     }
 
-    /// Trainable scalars (the adapter's).
+    /// The active adapters' parameters with their gradients (empty before a backward).
+    pub fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, B::Tensor>> {
+        let active = &self.active;
+        self.adapters
+            .iter_mut()
+            .filter(|(n, _)| active.contains(n))
+            .flat_map(|(_, a)| a.params_and_grads())
+            .collect()
+    }
+
+    /// Trainable scalars (all adapters').
     pub fn num_trainable(&self) -> usize {
-        self.adapter.as_ref().map_or(0, |a| a.num_parameters())
+        self.adapters.iter().map(|(_, a)| a.num_parameters()).sum()
     }
 }

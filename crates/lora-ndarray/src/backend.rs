@@ -1,6 +1,6 @@
 //! The `ndarray` backend: the reference every other backend is checked against.
 
-use lora_core::backend::{check_host_len, check_same_shape};
+use lora_core::backend::{check_host_len, check_rows, check_same_shape};
 use lora_core::{
     Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Shape, Tensor, Transpose, UnaryOp,
 };
@@ -205,6 +205,37 @@ impl Backend for NdArray {
         for chunk in a.as_mut_slice().chunks_exact_mut(cols) {
             for (v, b) in chunk.iter_mut().zip(r) {
                 *v += b;
+            }
+        }
+        Ok(())
+    }
+
+    fn gather_rows(&self, a: &NdTensor, rows: &[usize]) -> Result<NdTensor> {
+        let (n, cols) = a.shape().as_matrix();
+        check_rows("gather_rows", n, rows, false)?;
+        let src = a.as_slice();
+        let mut out = Vec::with_capacity(rows.len() * cols);
+        for &r in rows {
+            out.extend_from_slice(&src[r * cols..(r + 1) * cols]);
+        }
+        NdTensor::from_vec(out, &[rows.len(), cols])
+    }
+
+    fn scatter_add_rows(&self, dst: &mut NdTensor, rows: &[usize], src: &NdTensor) -> Result<()> {
+        let (n, cols) = dst.shape().as_matrix();
+        if src.shape().as_matrix() != (rows.len(), cols) {
+            return Err(Error::shape(
+                format!("scatter_add_rows into {}", dst.shape()),
+                format!("[{}, {cols}]", rows.len()),
+                src.shape(),
+            ));
+        }
+        check_rows("scatter_add_rows", n, rows, true)?;
+        let s = src.as_slice();
+        let d = dst.as_mut_slice();
+        for (i, &r) in rows.iter().enumerate() {
+            for (o, v) in d[r * cols..(r + 1) * cols].iter_mut().zip(&s[i * cols..(i + 1) * cols]) {
+                *o += v;
             }
         }
         Ok(())
