@@ -202,6 +202,44 @@ impl<B: LoraOps> LoraAdapter<B> {
         })
     }
 
+    /// An adapter from existing tensors `a: [r, in]`, `b: [out, r]` (combinations of other
+    /// adapters, whose rank may exceed `min(in, out)`, as PEFT allows for them).
+    pub fn from_tensors(
+        layer: &str,
+        a: B::Tensor,
+        b: B::Tensor,
+        scaling: f32,
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Self> {
+        let (ad, bd) = (a.shape().dims(), b.shape().dims());
+        if ad.len() != 2 || bd.len() != 2 || ad[0] != bd[1] || ad[0] == 0 {
+            return Err(Error::shape(
+                format!("LoRA on {layer}: lora_B for lora_A {}", a.shape()),
+                format!("[out, {}]", ad.first().copied().unwrap_or(0)),
+                b.shape(),
+            ));
+        }
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(Error::config(
+                format!("LoRA on {layer}"),
+                "lora_dropout",
+                dropout,
+                "must be in [0, 1)",
+            ));
+        }
+        Ok(LoraAdapter {
+            layer: layer.to_string(),
+            a,
+            b,
+            scaling,
+            dropout,
+            dropout_rng: RngState::new(seed, rng::stream_id(layer, "dropout")),
+            saved: None,
+            grads: None,
+        })
+    }
+
     /// Rank.
     pub fn rank(&self) -> usize {
         self.a.shape().dims()[0]

@@ -160,8 +160,12 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
     fn gather_rows(&self, a: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
 
     /// In place `dst[rows[i], :] += src[i, :]` over matrix views; `rows` must be distinct.
-    fn scatter_add_rows(&self, dst: &mut Self::Tensor, rows: &[usize], src: &Self::Tensor)
-    -> Result<()>;
+    fn scatter_add_rows(
+        &self,
+        dst: &mut Self::Tensor,
+        rows: &[usize],
+        src: &Self::Tensor,
+    ) -> Result<()>;
 
     /// Sum over rows of the matrix view: `[rows, cols] -> [cols]` (e.g. a bias gradient).
     fn sum_rows(&self, a: &Self::Tensor) -> Result<Self::Tensor>;
@@ -246,7 +250,10 @@ pub fn check_host_len(data_len: usize, shape: &[usize]) -> Result<()> {
 /// no row repeats (a scatter-add target).
 pub fn check_rows(op: &str, nrows: usize, rows: &[usize], distinct: bool) -> Result<()> {
     if let Some(&bad) = rows.iter().find(|&&r| r >= nrows) {
-        return Err(Error::state(op, format!("row index {bad} out of range for {nrows} rows")));
+        return Err(Error::state(
+            op,
+            format!("row index {bad} out of range for {nrows} rows"),
+        ));
     }
     if distinct {
         let mut seen = vec![false; nrows];

@@ -85,7 +85,10 @@ impl<B: LoraOps> LoraLinear<B> {
 
     /// The adapter called `name`.
     pub fn adapter_named(&self, name: &str) -> Option<&dyn Adapter<B>> {
-        self.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| a.as_ref())
+        self.adapters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a.as_ref())
     }
 
     /// The adapter called `name`, mutably.
@@ -125,7 +128,10 @@ impl<B: LoraOps> LoraLinear<B> {
         if self.is_merged() {
             return Err(Error::state(
                 &self.name,
-                format!("cannot {what} while adapters are merged ({}); unmerge first", self.merged.join(", ")),
+                format!(
+                    "cannot {what} while adapters are merged ({}); unmerge first",
+                    self.merged.join(", ")
+                ),
             ));
         }
         Ok(())
@@ -153,7 +159,10 @@ impl<B: LoraOps> LoraLinear<B> {
     /// are inactive until [`LoraLinear::set_active_adapters`] (as PEFT's `add_adapter`).
     pub fn add_adapter(&mut self, adapter_name: &str, adapter: Box<dyn Adapter<B>>) -> Result<()> {
         if self.adapter_named(adapter_name).is_some() {
-            return Err(Error::state(&self.name, format!("already has an adapter named {adapter_name:?}")));
+            return Err(Error::state(
+                &self.name,
+                format!("already has an adapter named {adapter_name:?}"),
+            ));
         }
         self.unmerged_required("add an adapter")?;
         self.adapters.push((adapter_name.to_string(), adapter));
@@ -191,13 +200,18 @@ impl<B: LoraOps> LoraLinear<B> {
     /// Removes an adapter (it must not be merged). Returns it.
     pub fn delete_adapter(&mut self, adapter_name: &str) -> Result<Box<dyn Adapter<B>>> {
         if self.merged.iter().any(|m| m == adapter_name) {
-            return Err(Error::state(&self.name, format!("adapter {adapter_name:?} is merged; unmerge it first")));
+            return Err(Error::state(
+                &self.name,
+                format!("adapter {adapter_name:?} is merged; unmerge it first"),
+            ));
         }
         let i = self
             .adapters
             .iter()
             .position(|(n, _)| n == adapter_name)
-            .ok_or_else(|| Error::state(&self.name, format!("no adapter named {adapter_name:?}")))?;
+            .ok_or_else(|| {
+                Error::state(&self.name, format!("no adapter named {adapter_name:?}"))
+            })?;
         self.active.retain(|a| a != adapter_name);
         Ok(self.adapters.remove(i).1)
     }
@@ -206,7 +220,11 @@ impl<B: LoraOps> LoraLinear<B> {
         let in_f = self.base.in_features();
         if x.shape().rank() == 0 || x.shape().last() != in_f {
             return Err(Error::shape(
-                format!("{} {what} input x (layer [{}, {in_f}])", self.name, self.base.out_features()),
+                format!(
+                    "{} {what} input x (layer [{}, {in_f}])",
+                    self.name,
+                    self.base.out_features()
+                ),
                 format!("[..., {in_f}]"),
                 x.shape(),
             ));
@@ -253,26 +271,28 @@ impl<B: LoraOps> LoraLinear<B> {
 
     /// Inference over a mixed batch: row `i` of the matrix view of `x` goes through the base
     /// plus `rows[i]`'s adapter (or the base alone), in one pass (PEFT's `adapter_names`).
-    /// Rejected while merged.
-    pub fn forward_mixed(&mut self, backend: &B, x: &B::Tensor, rows: &[RowAdapter]) -> Result<B::Tensor> {
+    /// A row naming an adapter this layer does not have gets the base here, as in PEFT (the
+    /// model checks that each name exists somewhere). Rejected while merged.
+    pub fn forward_mixed(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        rows: &[RowAdapter],
+    ) -> Result<B::Tensor> {
         self.check_input(x, "mixed-batch forward")?;
         self.unmerged_required("run a mixed-adapter batch")?;
         let n = x.shape().as_matrix().0;
         if rows.len() != n {
             return Err(Error::state(
                 &self.name,
-                format!("mixed batch names an adapter for {} rows, input has {n}", rows.len()),
+                format!(
+                    "mixed batch names an adapter for {} rows, input has {n}",
+                    rows.len()
+                ),
             ));
         }
         if !backend.all_finite(x)? {
             return Err(self.non_finite_input(x));
-        }
-        for r in rows {
-            if let RowAdapter::Named(a) = r {
-                if self.adapter_named(a).is_none() {
-                    return Err(Error::state(&self.name, format!("mixed batch names unknown adapter {a:?}")));
-                }
-            }
         }
         let mut y = self.base.forward(backend, x)?;
         let out_f = self.base.out_features();
@@ -303,7 +323,10 @@ impl<B: LoraOps> LoraLinear<B> {
             self.unmerged_required("train")?;
         }
         let x = self.saved_x.take().ok_or_else(|| {
-            Error::state(&self.name, "backward called without a forward in training mode")
+            Error::state(
+                &self.name,
+                "backward called without a forward in training mode",
+            )
         })?;
         let expected = x.shape().with_last(self.base.out_features());
         if dy.shape() != &expected {
@@ -329,11 +352,17 @@ impl<B: LoraOps> LoraLinear<B> {
     /// for baselines and pretraining. Also returns `dx`.
     pub fn backward_full(&mut self, backend: &B, dy: &B::Tensor) -> Result<FullGrads<B::Tensor>> {
         let x = self.saved_x.clone().ok_or_else(|| {
-            Error::state(&self.name, "backward called without a forward in training mode")
+            Error::state(
+                &self.name,
+                "backward called without a forward in training mode",
+            )
         })?;
         let dx = self.backward(backend, dy)?;
         let dense = self.base.as_dense_mut().ok_or_else(|| {
-            Error::state(&self.name, "full fine-tuning needs a dense (unquantized) base")
+            Error::state(
+                &self.name,
+                "full fine-tuning needs a dense (unquantized) base",
+            )
         })?;
         let (d_w, d_b) = dense.param_grads(backend, &x, dy)?;
         Ok((dx, d_w, d_b))
@@ -356,11 +385,14 @@ impl<B: LoraOps> LoraLinear<B> {
         let mut deltas = Vec::with_capacity(names.len());
         for &n in names {
             if self.merged.iter().any(|m| m == n) {
-                return Err(Error::state(&self.name, format!("adapter {n:?} is already merged")));
+                return Err(Error::state(
+                    &self.name,
+                    format!("adapter {n:?} is already merged"),
+                ));
             }
-            let a = self
-                .adapter_named(n)
-                .ok_or_else(|| Error::state(&self.name, format!("no adapter named {n:?} to merge")))?;
+            let a = self.adapter_named(n).ok_or_else(|| {
+                Error::state(&self.name, format!("no adapter named {n:?} to merge"))
+            })?;
             deltas.push(a.delta_weight(backend)?);
         }
         if safe {

@@ -7,7 +7,7 @@ use crate::backend::Backend;
 use crate::backend::Tensor;
 use crate::error::{Error, Result};
 use crate::host_tensor::HostTensor;
-use crate::lora_linear::LoraLinear;
+use crate::lora_linear::{LoraLinear, RowAdapter};
 use crate::ops::LoraOps;
 
 /// A model made of named [`LoraLinear`] layers (plus whatever else it needs between them).
@@ -20,6 +20,22 @@ pub trait Model<B: LoraOps> {
 
     /// Backward from the output gradient; leaves adapter gradients in the layers.
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> Result<()>;
+
+    /// Inference where row `i` of the batch uses adapter `rows[i]` (or the base alone) in
+    /// every layer. Models whose rows are not independent through the network (attention
+    /// mixes tokens of one sequence, so rows there are sequences) say how in their impl.
+    fn forward_mixed(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        rows: &[RowAdapter],
+    ) -> Result<B::Tensor> {
+        let _ = (backend, x, rows);
+        Err(Error::state(
+            "model",
+            "mixed-adapter batches are not implemented for this model",
+        ))
+    }
 
     /// Every linear layer, in a fixed order.
     fn linears(&self) -> Vec<&LoraLinear<B>>;

@@ -1,7 +1,9 @@
 //! A multi-layer perceptron with PyTorch `nn.Sequential` naming.
 
 use lora_core::rng::{self, RngState};
-use lora_core::{DenseLinear, Error, LoraLinear, LoraOps, Mode, Model, ParamGrad, Result, UnaryOp};
+use lora_core::{
+    DenseLinear, Error, LoraLinear, LoraOps, Mode, Model, ParamGrad, Result, RowAdapter, UnaryOp,
+};
 
 /// `Linear -> act -> Linear -> act -> ... -> Linear`, named like
 /// `nn.Sequential(Linear, ReLU, Linear, ...)` in PyTorch: the linear layers are
@@ -143,6 +145,26 @@ impl<B: LoraOps> Model<B> for Mlp<B> {
             } else {
                 h = pre;
             }
+        }
+        Ok(h)
+    }
+
+    fn forward_mixed(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        rows: &[RowAdapter],
+    ) -> Result<B::Tensor> {
+        self.saved_pre.clear();
+        let last = self.layers.len() - 1;
+        let mut h = x.clone();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let pre = layer.forward_mixed(backend, &h, rows)?;
+            h = if i < last {
+                backend.unary(self.activation, &pre)?
+            } else {
+                pre
+            };
         }
         Ok(h)
     }

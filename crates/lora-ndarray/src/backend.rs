@@ -234,7 +234,10 @@ impl Backend for NdArray {
         let s = src.as_slice();
         let d = dst.as_mut_slice();
         for (i, &r) in rows.iter().enumerate() {
-            for (o, v) in d[r * cols..(r + 1) * cols].iter_mut().zip(&s[i * cols..(i + 1) * cols]) {
+            for (o, v) in d[r * cols..(r + 1) * cols]
+                .iter_mut()
+                .zip(&s[i * cols..(i + 1) * cols])
+            {
                 *o += v;
             }
         }

@@ -9,12 +9,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use lora_core::fs::write_atomic;
-use lora_core::{HostTensor, LoraOps, Model};
+use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, Model};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
-use crate::targeting::inject_adapters;
+use crate::targeting::inject_adapter;
 
 /// The config file's name.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -38,10 +38,23 @@ pub fn save_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
     backend: &B,
     config: &LoraConfig,
 ) -> Result<()> {
+    save_adapter(dir, model, backend, config, DEFAULT_ADAPTER)
+}
+
+/// Writes the adapter named `adapter_name` of every layer into `dir` (the keys carry no
+/// adapter name, as PEFT saves them). [`crate::PeftModel::save_pretrained`] puts
+/// non-default adapters in `dir/<name>/`.
+pub fn save_adapter<B: LoraOps, M: Model<B> + ?Sized>(
+    dir: &Path,
+    model: &M,
+    backend: &B,
+    config: &LoraConfig,
+    adapter_name: &str,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tensors = Vec::new();
     for layer in model.linears() {
-        let Some(adapter) = layer.adapter() else {
+        let Some(adapter) = layer.adapter_named(adapter_name) else {
             continue;
         };
         for (name, t) in adapter.tensors() {
@@ -54,7 +67,7 @@ pub fn save_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
     if tensors.is_empty() {
         return Err(PeftError::Format {
             path: dir.display().to_string(),
-            reason: "the model has no adapters to save".into(),
+            reason: format!("the model has no adapter named {adapter_name:?} to save"),
         });
     }
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
@@ -136,40 +149,53 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     Ok(out)
 }
 
-/// `base_model.model.X.lora_A.default.weight` -> `X.lora_A`; `None` for keys that are not
-/// LoRA tensors of a module.
-fn normalise_key(key: &str) -> Option<(String, String)> {
+/// `base_model.model.X.lora_A.<adapter>.weight` -> `(X, lora_A)`, with or without the
+/// adapter name (`default` or `adapter_name`); `None` for keys that are not LoRA tensors.
+fn normalise_key(key: &str, adapter_name: &str) -> Option<(String, String)> {
     let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
     let rest = rest.strip_suffix(".weight").unwrap_or(rest);
-    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    let rest = rest
+        .strip_suffix(&format!(".{adapter_name}"))
+        .or_else(|| rest.strip_suffix(".default"))
+        .unwrap_or(rest);
     let (module, tensor) = rest.rsplit_once('.')?;
     matches!(tensor, "lora_A" | "lora_B").then(|| (module.to_string(), tensor.to_string()))
 }
 
-/// Loads a PEFT adapter directory into `model`: injects adapters per its
-/// `adapter_config.json`, then fills them from `adapter_model.safetensors`. Every adapter
-/// tensor must be present with the right shape, and every tensor in the file must belong
-/// to an adapted module; errors name the file, the key and the shapes.
+/// Loads a PEFT adapter directory into `model` as adapter `default`: injects adapters per
+/// its `adapter_config.json`, then fills them from `adapter_model.safetensors`. Every
+/// adapter tensor must be present with the right shape, and every tensor in the file must
+/// belong to an adapted module; errors name the file, the key and the shapes.
 pub fn load_pretrained<B: LoraOps, M: Model<B> + ?Sized>(
     dir: &Path,
     model: &mut M,
     backend: &B,
+) -> Result<LoraConfig> {
+    load_adapter(dir, model, backend, DEFAULT_ADAPTER)
+}
+
+/// [`load_pretrained`] under the adapter name `adapter_name`.
+pub fn load_adapter<B: LoraOps, M: Model<B> + ?Sized>(
+    dir: &Path,
+    model: &mut M,
+    backend: &B,
+    adapter_name: &str,
 ) -> Result<LoraConfig> {
     let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let file_tensors = read_safetensors(&weights_path)?;
     let mut by_module: BTreeMap<(String, String), (&str, &HostTensor)> = BTreeMap::new();
     for (key, t) in &file_tensors {
-        let norm = normalise_key(key).ok_or_else(|| PeftError::Format {
+        let norm = normalise_key(key, adapter_name).ok_or_else(|| PeftError::Format {
             path: weights_path.display().to_string(),
             reason: format!("tensor {key} is not a LoRA tensor (lora_A / lora_B) of a module"),
         })?;
         by_module.insert(norm, (key.as_str(), t));
     }
-    inject_adapters(model, backend, &config, 0)?;
+    inject_adapter(model, backend, &config, adapter_name, 0)?;
     for layer in model.linears_mut() {
         let name = layer.name().to_string();
-        let Some(adapter) = layer.adapter_mut() else {
+        let Some(adapter) = layer.adapter_named_mut(adapter_name) else {
             continue;
         };
         let wanted: Vec<&'static str> = adapter.tensors().iter().map(|(n, _)| *n).collect();

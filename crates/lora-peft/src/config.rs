@@ -272,13 +272,6 @@ impl LoraConfig {
                 "not implemented yet",
             );
         }
-        if self.layers_to_transform.is_some() {
-            return unsupported(
-                "layers_to_transform",
-                format!("{:?}", self.layers_to_transform),
-                "not implemented yet",
-            );
-        }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return unsupported(
                 "lora_dropout",

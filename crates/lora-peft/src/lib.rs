@@ -12,12 +12,14 @@
 mod adapter_file;
 mod config;
 mod error;
+mod peft_model;
 mod targeting;
 
 pub use adapter_file::{
-    CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, load_pretrained, read_safetensors, save_pretrained,
-    write_safetensors,
+    CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, load_adapter, load_pretrained, read_safetensors,
+    save_adapter, save_pretrained, write_safetensors,
 };
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
 pub use error::{PeftError, Result};
-pub use targeting::{inject_adapters, matches, pattern_value};
+pub use peft_model::{Combination, PeftModel};
+pub use targeting::{inject_adapter, inject_adapters, matches, pattern_value, selects};

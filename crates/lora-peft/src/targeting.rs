@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use lora_core::{LoraOps, Model};
+use lora_core::{DEFAULT_ADAPTER, LoraOps, Model};
 use regex::Regex;
 
-use crate::config::{LoraConfig, TargetModules};
+use crate::config::{IntOrList, LoraConfig, StrOrList, TargetModules};
 use crate::error::{PeftError, Result};
 
 fn compile(field: &'static str, pattern: &str, full: String) -> Result<Regex> {
@@ -52,12 +52,72 @@ fn rule_text(rule: &TargetModules) -> String {
     }
 }
 
-/// Injects a fresh LoRA adapter into every module the config selects and returns their
-/// names. No match at all is an error listing modules that exist, as in PEFT.
-pub fn inject_adapters<B: LoraOps, M: Model<B> + ?Sized>(
+/// The layer index in `name` as PEFT finds it for `layers_to_transform`: the number after
+/// the first `<pattern>.` (any segment when `layers_pattern` is empty) that is followed by
+/// another `.`.
+fn layer_index(name: &str, patterns: &[String]) -> Result<Option<usize>> {
+    let regexes: Vec<String> = if patterns.iter().all(String::is_empty) {
+        vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()]
+    } else {
+        patterns
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| format!(r"^(?:|.*?\.){p}\.(\d+)\."))
+            .collect()
+    };
+    for re in regexes {
+        let r = compile("layers_pattern", &re, re.clone())?;
+        if let Some(c) = r.captures(name) {
+            return Ok(c.get(1).and_then(|m| m.as_str().parse().ok()));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `config` selects the module `name`, exactly as PEFT's
+/// `check_target_module_exists`: `exclude_modules` first; then `target_modules`; and
+/// `layers_to_transform` only filters modules matched by a list entry's `.`-suffix.
+pub fn selects(config: &LoraConfig, name: &str) -> Result<bool> {
+    if let Some(ex) = &config.exclude_modules
+        && matches(ex, name, "exclude_modules")?
+    {
+        return Ok(false);
+    }
+    let Some(targets) = &config.target_modules else {
+        return Ok(false);
+    };
+    let keys = match targets {
+        TargetModules::Pattern(_) => return matches(targets, name, "target_modules"),
+        TargetModules::List(keys) => keys,
+    };
+    if keys.iter().any(|k| k == name) {
+        return Ok(true);
+    }
+    if !keys.iter().any(|k| name.ends_with(&format!(".{k}"))) {
+        return Ok(false);
+    }
+    let wanted: Vec<i64> = match &config.layers_to_transform {
+        None => return Ok(true),
+        Some(IntOrList::One(i)) => vec![*i],
+        Some(IntOrList::Many(v)) if v.is_empty() => return Ok(true),
+        Some(IntOrList::Many(v)) => v.clone(),
+    };
+    let patterns: Vec<String> = match &config.layers_pattern {
+        None => Vec::new(),
+        Some(StrOrList::One(p)) => vec![p.clone()],
+        Some(StrOrList::Many(v)) => v.clone(),
+    };
+    Ok(layer_index(name, &patterns)?.is_some_and(|i| wanted.contains(&(i as i64))))
+}
+
+/// Injects a fresh LoRA adapter named `adapter_name` into every module the config selects
+/// and returns their names. No match at all is an error listing modules that exist, as in
+/// PEFT.
+pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
     model: &mut M,
     backend: &B,
     config: &LoraConfig,
+    adapter_name: &str,
     seed: u64,
 ) -> Result<Vec<String>> {
     config.check_supported()?;
@@ -72,15 +132,10 @@ pub fn inject_adapters<B: LoraOps, M: Model<B> + ?Sized>(
     let mut injected = Vec::new();
     for layer in model.linears_mut() {
         let name = layer.name().to_string();
-        if !matches(targets, &name, "target_modules")? {
+        if !selects(config, &name)? {
             continue;
         }
-        if let Some(ex) = &config.exclude_modules
-            && matches(ex, &name, "exclude_modules")?
-        {
-            continue;
-        }
-        layer.inject_lora(backend, &config.spec_for(&name, seed)?)?;
+        layer.add_lora(backend, adapter_name, &config.spec_for(&name, seed)?)?;
         injected.push(name);
     }
     if injected.is_empty() {
@@ -91,12 +146,26 @@ pub fn inject_adapters<B: LoraOps, M: Model<B> + ?Sized>(
         } else {
             String::new()
         };
+        let mut targets = rule_text(targets);
+        if let Some(l) = &config.layers_to_transform {
+            targets.push_str(&format!(" with layers_to_transform {l:?}"));
+        }
         return Err(PeftError::NoTargetMatched {
-            targets: rule_text(targets),
+            targets,
             available: format!("{}{more}", shown.join(", ")),
         });
     }
     Ok(injected)
+}
+
+/// [`inject_adapter`] under PEFT's default adapter name.
+pub fn inject_adapters<B: LoraOps, M: Model<B> + ?Sized>(
+    model: &mut M,
+    backend: &B,
+    config: &LoraConfig,
+    seed: u64,
+) -> Result<Vec<String>> {
+    inject_adapter(model, backend, config, DEFAULT_ADAPTER, seed)
 }
 
 #[cfg(test)]
@@ -125,6 +194,41 @@ mod tests {
         assert!(!matches(&rule, "a.query.x", "t")?);
         let bad = TargetModules::Pattern("(".into());
         assert!(matches(&bad, "a", "target_modules").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn layers_to_transform_follows_peft() -> Result<()> {
+        let cfg = LoraConfig {
+            target_modules: Some(TargetModules::List(vec![
+                "query".into(),
+                "encoder.layer.1.attention.self.value".into(),
+            ])),
+            layers_to_transform: Some(IntOrList::Many(vec![1])),
+            ..LoraConfig::default()
+        };
+        assert!(selects(&cfg, "encoder.layer.1.attention.self.query")?);
+        assert!(!selects(&cfg, "encoder.layer.0.attention.self.query")?);
+        // An exact list entry is not filtered by layer (PEFT checks indices on suffix matches only).
+        assert!(selects(&cfg, "encoder.layer.1.attention.self.value")?);
+        let with_pattern = LoraConfig {
+            layers_pattern: Some(StrOrList::One("layer".into())),
+            layers_to_transform: Some(IntOrList::One(0)),
+            ..cfg.clone()
+        };
+        assert!(selects(
+            &with_pattern,
+            "encoder.layer.0.attention.self.query"
+        )?);
+        assert!(!selects(
+            &with_pattern,
+            "encoder.layer.1.attention.self.query"
+        )?);
+        let excluded = LoraConfig {
+            exclude_modules: Some(TargetModules::List(vec!["self.query".into()])),
+            ..cfg
+        };
+        assert!(!selects(&excluded, "encoder.layer.1.attention.self.query")?);
         Ok(())
     }
 
