@@ -2,6 +2,8 @@
 
 mod backend_choice;
 mod demo;
+mod inspect;
+mod merge;
 mod plots;
 mod report;
 
@@ -25,12 +27,18 @@ enum Command {
     /// Pretrain a small MLP on sin(x), freeze it, LoRA-fine-tune it on a shifted task, save
     /// a PEFT adapter and plots, then reload, merge and verify.
     Demo(demo::DemoArgs),
+    /// Fold a PEFT adapter into a plain Hugging Face checkpoint (streamed, atomic).
+    Merge(merge::MergeArgs),
+    /// Show an adapter directory's config and per-module ranks, scalings and sizes.
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::Merge(args) => merge::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,14 +3,15 @@
 //! Keys are `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `.lora_B.weight`
 //! (`[out, r]`); files written by PEFT may carry the adapter name
 //! (`.lora_A.default.weight`) and f16/bf16 tensors, and both load here.
-#![allow(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use lora_core::fs::write_atomic;
 use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, Model};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
+
+use crate::checkpoint::{MappedFile, decode_f32};
 
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
@@ -106,38 +107,17 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Resul
 /// Reads every tensor of a safetensors file (memory-mapped), converting f32, f16 and
 /// bf16 to f32.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    // SAFETY: the map is read-only and dropped before returning; as with every mmap-based
-    // loader (safetensors, PEFT), another process truncating the file meanwhile is
-    // undefined behaviour we accept for zero-copy reads.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-    let st = SafeTensors::deserialize(&mmap).map_err(|e| PeftError::Format {
-        path: path.display().to_string(),
-        reason: format!("not a valid safetensors file: {e}"),
-    })?;
+    let file = MappedFile::open(path)?;
+    let st = file.tensors()?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let raw = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(PeftError::Format {
-                    path: path.display().to_string(),
-                    reason: format!("tensor {name} has dtype {other:?}; expected F32, F16 or BF16"),
-                });
-            }
-        };
+        let data = decode_f32(view.dtype(), view.data()).ok_or_else(|| PeftError::Format {
+            path: path.display().to_string(),
+            reason: format!(
+                "tensor {name} has dtype {:?}; expected F32, F16 or BF16",
+                view.dtype()
+            ),
+        })?;
         out.insert(
             name,
             HostTensor {
@@ -147,6 +127,42 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         );
     }
     Ok(out)
+}
+
+/// Groups an adapter file's tensors by module: `module -> (lora_A, lora_B)`. Every key must
+/// be a LoRA tensor and every module must have both.
+pub fn lora_modules(
+    tensors: &BTreeMap<String, HostTensor>,
+    path: &Path,
+    adapter_name: &str,
+) -> Result<BTreeMap<String, (HostTensor, HostTensor)>> {
+    let mut parts: BTreeMap<String, (Option<HostTensor>, Option<HostTensor>)> = BTreeMap::new();
+    for (key, t) in tensors {
+        let (module, which) =
+            normalise_key(key, adapter_name).ok_or_else(|| PeftError::Format {
+                path: path.display().to_string(),
+                reason: format!("tensor {key} is not a LoRA tensor (lora_A / lora_B) of a module"),
+            })?;
+        let e = parts.entry(module).or_default();
+        if which == "lora_A" {
+            e.0 = Some(t.clone())
+        } else {
+            e.1 = Some(t.clone())
+        }
+    }
+    parts
+        .into_iter()
+        .map(|(m, (a, b))| match (a, b) {
+            (Some(a), Some(b)) => Ok((m, (a, b))),
+            (a, _) => Err(PeftError::Format {
+                path: path.display().to_string(),
+                reason: format!(
+                    "missing tensor {KEY_PREFIX}{m}.{}.weight",
+                    if a.is_none() { "lora_A" } else { "lora_B" }
+                ),
+            }),
+        })
+        .collect()
 }
 
 /// `base_model.model.X.lora_A.<adapter>.weight` -> `(X, lora_A)`, with or without the

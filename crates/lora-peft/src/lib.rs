@@ -10,16 +10,22 @@
 //!   (`adapter_model.safetensors` with `base_model.model.<path>.lora_A.weight` keys).
 
 mod adapter_file;
+mod checkpoint;
 mod config;
 mod error;
+mod merge_checkpoint;
 mod peft_model;
 mod targeting;
 
 pub use adapter_file::{
-    CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, load_adapter, load_pretrained, read_safetensors,
-    save_adapter, save_pretrained, write_safetensors,
+    CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, load_adapter, load_pretrained, lora_modules,
+    read_safetensors, save_adapter, save_pretrained, write_safetensors,
 };
+pub use checkpoint::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float};
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
 pub use error::{PeftError, Result};
+pub use merge_checkpoint::{MergeReport, OutDtype, adapter_dir_for, merge_checkpoint};
 pub use peft_model::{Combination, PeftModel};
+/// safetensors' dtype enum, for callers inspecting files.
+pub use safetensors::Dtype as SafetensorsDtype;
 pub use targeting::{inject_adapter, inject_adapters, matches, pattern_value, selects};

@@ -1,0 +1,110 @@
+//! `lora inspect`: what an adapter directory holds.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use lora::peft::{self, LoraConfig};
+use serde_json::json;
+
+use crate::report::thousands;
+
+/// Options of `lora inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// PEFT adapter directory.
+    pub adapter_dir: PathBuf,
+    /// Which adapter of the directory (non-default adapters live in `<dir>/<name>/`).
+    #[arg(long, default_value = "default")]
+    pub adapter_name: String,
+    /// Print JSON on stdout and nothing else.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `lora inspect`.
+pub fn run(args: &InspectArgs) -> Result<()> {
+    let dir = peft::adapter_dir_for(&args.adapter_dir, &args.adapter_name);
+    let config = LoraConfig::from_file(&dir.join(peft::CONFIG_FILE))?;
+    let weights = dir.join(peft::WEIGHTS_FILE);
+    let file = peft::MappedFile::open(&weights)?;
+    let st = file.tensors()?;
+    let dtypes: std::collections::BTreeMap<String, String> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, format!("{:?}", v.dtype())))
+        .collect();
+    let modules = peft::lora_modules(
+        &peft::read_safetensors(&weights)?,
+        &weights,
+        &args.adapter_name,
+    )
+    .with_context(|| format!("reading {}", weights.display()))?;
+    let mut rows = Vec::new();
+    let mut total = 0usize;
+    for (module, (a, b)) in &modules {
+        let spec = config.spec_for(module, 0)?;
+        let params = a.data.len() + b.data.len();
+        total += params;
+        let dtype = dtypes
+            .iter()
+            .find(|(k, _)| k.contains(&format!("{module}.lora_A")))
+            .map_or("?".to_string(), |(_, d)| d.clone());
+        rows.push(json!({
+            "module": module,
+            "r": a.shape[0],
+            "lora_alpha": spec.alpha,
+            "scaling": spec.scaling(),
+            "in_features": a.shape[1],
+            "out_features": b.shape[0],
+            "parameters": params,
+            "dtype": dtype,
+        }));
+    }
+    if args.json {
+        let out = json!({
+            "adapter_dir": dir.display().to_string(),
+            "config": serde_json::to_value(&config)?,
+            "modules": rows,
+            "total_parameters": total,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("adapter {} ({})", args.adapter_name, dir.display());
+    println!(
+        "  peft_type {}, r {}, lora_alpha {}, dropout {}, rsLoRA {}, init {:?}",
+        config.peft_type,
+        config.r,
+        config.lora_alpha,
+        config.lora_dropout,
+        config.use_rslora,
+        config.init_lora_weights
+    );
+    println!("  target_modules {:?}", config.target_modules);
+    if let Some(b) = &config.base_model_name_or_path {
+        println!("  base model {b}");
+    }
+    println!(
+        "  {} modules, {} trainable parameters",
+        modules.len(),
+        thousands(total)
+    );
+    println!(
+        "  {:<48} {:>4} {:>7} {:>8} {:>12} {:>10}  dtype",
+        "module", "r", "alpha", "scaling", "[out, in]", "params"
+    );
+    for r in &rows {
+        println!(
+            "  {:<48} {:>4} {:>7} {:>8.4} {:>12} {:>10}  {}",
+            r["module"].as_str().unwrap_or(""),
+            r["r"].to_string(),
+            r["lora_alpha"].to_string(),
+            r["scaling"].as_f64().unwrap_or(0.0),
+            format!("[{}, {}]", r["out_features"], r["in_features"]),
+            thousands(r["parameters"].as_u64().unwrap_or(0) as usize),
+            r["dtype"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}

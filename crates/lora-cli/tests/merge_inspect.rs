@@ -1,0 +1,336 @@
+//! `lora merge` and `lora inspect`, run as a user runs them, on the adapter written by
+//! real PEFT (`tests/fixtures/peft_mlp`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lora::models::Mlp;
+use lora::peft::{self, MappedFile};
+use lora::{Backend, HostTensor, Mode, Model, UnaryOp};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft_mlp")
+}
+
+fn lora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn io() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("io.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// The merged checkpoint, loaded into the MLP, must compute what PEFT's merge_and_unload did.
+fn assert_matches_peft_merge(merged: &Path, tol: f32) {
+    let b = lora::NdArray::new();
+    let mut m = Mlp::new(&b, &[3, 8, 8, 2], UnaryOp::Relu, 0).unwrap();
+    m.load_state_dict(&b, &peft::read_safetensors(merged).unwrap())
+        .unwrap();
+    let io = io();
+    let x = b.from_host(&floats(&io["x"]), &[4, 3]).unwrap();
+    let y = b.to_host(&m.forward(&b, &x, Mode::Eval).unwrap()).unwrap();
+    for (g, w) in y.iter().zip(floats(&io["y_merged"])) {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{g} vs PEFT {w}");
+    }
+}
+
+fn no_leftovers(dir: &Path) {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("tmp") && !n.starts_with("out")),
+        "left behind: {names:?}"
+    );
+}
+
+#[test]
+fn merge_matches_peft_and_copies_untouched_tensors_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged.safetensors");
+    let base = fixture().join("base_model.safetensors");
+    let run = lora(&[
+        "merge",
+        "--base",
+        s(&base),
+        "--adapter",
+        s(&fixture()),
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_matches_peft_merge(&out, 1e-5);
+
+    let (bf, of) = (
+        MappedFile::open(&base).unwrap(),
+        MappedFile::open(&out).unwrap(),
+    );
+    let (bt, ot) = (bf.tensors().unwrap(), of.tensors().unwrap());
+    let mut names: Vec<&str> = bt.names();
+    names.sort();
+    let mut onames: Vec<&str> = ot.names();
+    onames.sort();
+    assert_eq!(names, onames, "exactly the base's tensor names");
+    for n in names {
+        let (a, c) = (bt.tensor(n).unwrap(), ot.tensor(n).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (c.dtype(), c.shape()), "{n}");
+        let touched = n == "layers.2.weight" || n == "layers.4.weight";
+        assert_eq!(
+            a.data() == c.data(),
+            !touched,
+            "{n}: untouched tensors are byte-identical, merged ones differ"
+        );
+    }
+    assert_eq!(of.metadata().unwrap().unwrap()["format"], "pt");
+}
+
+#[test]
+fn merge_reads_sharded_checkpoints_and_converts_dtypes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = peft::read_safetensors(&fixture().join("base_model.safetensors")).unwrap();
+    let (first, second): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|(k, _)| k.starts_with("layers.0") || k.starts_with("layers.2"));
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let f1 = "model-00001-of-00002.safetensors";
+    let f2 = "model-00002-of-00002.safetensors";
+    peft::write_safetensors(&model.join(f1), &first).unwrap();
+    peft::write_safetensors(&model.join(f2), &second).unwrap();
+    let mut map = serde_json::Map::new();
+    for (k, _) in &first {
+        map.insert(k.clone(), f1.into());
+    }
+    for (k, _) in &second {
+        map.insert(k.clone(), f2.into());
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(
+        model.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let out = tmp.path().join("merged.safetensors");
+    let run = lora(&[
+        "merge",
+        "--base",
+        s(&model),
+        "--adapter",
+        s(&fixture()),
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_matches_peft_merge(&out, 1e-5);
+
+    let out16 = tmp.path().join("merged-bf16.safetensors");
+    let run = lora(&[
+        "merge",
+        "--base",
+        s(&model),
+        "--adapter",
+        s(&fixture()),
+        "--out",
+        s(&out16),
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let f = MappedFile::open(&out16).unwrap();
+    assert!(
+        f.tensors()
+            .unwrap()
+            .tensors()
+            .iter()
+            .all(|(_, v)| v.dtype() == safetensors_dtype_bf16())
+    );
+    assert_matches_peft_merge(&out16, 1e-2);
+}
+
+fn safetensors_dtype_bf16() -> lora::peft::SafetensorsDtype {
+    lora::peft::SafetensorsDtype::BF16
+}
+
+fn expect_failure(args: &[&str], out: &Path, needles: &[&str]) {
+    let run = lora(args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "expected failure for {args:?}");
+    for n in needles {
+        assert!(err.contains(n), "error should mention {n:?}: {err}");
+    }
+    assert!(!out.exists(), "no output file after a failed merge");
+    no_leftovers(out.parent().unwrap());
+}
+
+#[test]
+fn merge_errors_name_the_problem_and_leave_no_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = work.join("out.safetensors");
+    let base = fixture().join("base_model.safetensors");
+
+    // A module the base lacks: merge the adapter into a checkpoint without layers.4.
+    let mut sd = peft::read_safetensors(&base).unwrap();
+    sd.remove("layers.4.weight");
+    let small = tmp.path().join("small.safetensors");
+    peft::write_safetensors(&small, &sd.into_iter().collect::<Vec<_>>()).unwrap();
+    expect_failure(
+        &[
+            "merge",
+            "--base",
+            s(&small),
+            "--adapter",
+            s(&fixture()),
+            "--out",
+            s(&out),
+        ],
+        &out,
+        &["layers.4", "small.safetensors"],
+    );
+
+    // Shape mismatch between adapter and base.
+    let bad = tmp.path().join("bad_adapter");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(
+        fixture().join("adapter_config.json"),
+        bad.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut t = peft::read_safetensors(&fixture().join("adapter_model.safetensors")).unwrap();
+    t.insert(
+        "base_model.model.layers.2.lora_A.weight".into(),
+        HostTensor {
+            shape: vec![2, 5],
+            data: vec![0.0; 10],
+        },
+    );
+    peft::write_safetensors(
+        &bad.join("adapter_model.safetensors"),
+        &t.into_iter().collect::<Vec<_>>(),
+    )
+    .unwrap();
+    expect_failure(
+        &[
+            "merge",
+            "--base",
+            s(&base),
+            "--adapter",
+            s(&bad),
+            "--out",
+            s(&out),
+        ],
+        &out,
+        &["layers.2", "[2, 5]"],
+    );
+
+    // A truncated base.
+    let bytes = std::fs::read(&base).unwrap();
+    let cut = tmp.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 40]).unwrap();
+    expect_failure(
+        &[
+            "merge",
+            "--base",
+            s(&cut),
+            "--adapter",
+            s(&fixture()),
+            "--out",
+            s(&out),
+        ],
+        &out,
+        &["cut.safetensors"],
+    );
+
+    // A malformed adapter_config.json.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("adapter_config.json"), "{\"r\": 2,").unwrap();
+    std::fs::copy(
+        fixture().join("adapter_model.safetensors"),
+        broken.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    expect_failure(
+        &[
+            "merge",
+            "--base",
+            s(&base),
+            "--adapter",
+            s(&broken),
+            "--out",
+            s(&out),
+        ],
+        &out,
+        &["adapter_config.json"],
+    );
+
+    // An existing output is not clobbered by a failed merge.
+    std::fs::write(&out, b"keep me").unwrap();
+    let run = lora(&[
+        "merge",
+        "--base",
+        s(&cut),
+        "--adapter",
+        s(&fixture()),
+        "--out",
+        s(&out),
+    ]);
+    assert!(!run.status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+}
+
+#[test]
+fn inspect_reports_modules_ranks_and_scalings() {
+    let run = lora(&["inspect", s(&fixture()), "--json"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&run.stdout).expect("--json prints JSON only");
+    assert_eq!(v["total_parameters"], 2 * 8 + 8 * 2 + 2 * 8 + 2 * 2);
+    let mods = v["modules"].as_array().unwrap();
+    assert_eq!(mods.len(), 2);
+    assert_eq!(mods[0]["module"], "layers.2");
+    assert_eq!(mods[0]["scaling"], 3.0);
+    assert_eq!(mods[1]["out_features"], 2);
+    let text = lora(&["inspect", s(&fixture())]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("layers.4"));
+    let missing = lora(&["inspect", "/nonexistent/adapter"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/adapter"));
+}

@@ -1,0 +1,354 @@
+//! `lora merge`: fold a PEFT adapter into a plain Hugging Face checkpoint, streaming tensor
+//! by tensor so that peak memory is about the largest merged tensor, not the model.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use lora_core::fs::temp_path_for;
+use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, Transpose};
+use safetensors::{Dtype, View};
+
+use crate::adapter_file::{CONFIG_FILE, WEIGHTS_FILE, lora_modules, read_safetensors};
+use crate::checkpoint::{
+    Checkpoint, MappedFile, decode_f32, encode_f32, is_float, tensor_locations,
+};
+use crate::config::LoraConfig;
+use crate::error::{PeftError, Result};
+
+/// The dtype of the merged checkpoint's floating-point tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutDtype {
+    /// Each tensor keeps the base's dtype (untouched tensors are copied byte for byte).
+    Keep,
+    /// All f32/f16/bf16 tensors stored as f32.
+    F32,
+    /// ... as f16.
+    F16,
+    /// ... as bf16.
+    BF16,
+}
+
+impl OutDtype {
+    fn resolve(self, base: Dtype) -> Dtype {
+        match (self, is_float(base)) {
+            (_, false) | (OutDtype::Keep, true) => base,
+            (OutDtype::F32, true) => Dtype::F32,
+            (OutDtype::F16, true) => Dtype::F16,
+            (OutDtype::BF16, true) => Dtype::BF16,
+        }
+    }
+}
+
+/// What `lora merge` did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MergeReport {
+    /// Base tensors that received a LoRA delta.
+    pub merged: Vec<String>,
+    /// Tensors copied byte for byte.
+    pub copied: usize,
+    /// Tensors converted to another dtype without a delta.
+    pub converted: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Largest |ΔW| element added (a sanity figure for the user).
+    pub max_abs_delta: f32,
+}
+
+/// The adapter's LoRA factors for one module, on the host.
+struct Factors {
+    a: HostTensor,
+    b: HostTensor,
+    scaling: f32,
+}
+
+/// One output tensor; its bytes are produced only when the writer asks for them.
+struct OutTensor<'a, B: LoraOps> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    src_dtype: Dtype,
+    src: &'a [u8],
+    merge: Option<&'a Factors>,
+    transpose_delta: bool,
+    backend: &'a B,
+    state: &'a RefCell<WriteState<'a>>,
+    name: String,
+}
+
+struct WriteState<'a> {
+    error: Option<PeftError>,
+    done: u64,
+    total: u64,
+    max_abs_delta: f32,
+    progress: &'a dyn Fn(u64, u64),
+}
+
+impl<B: LoraOps> OutTensor<'_, B> {
+    /// `W + s·B·A` (transposed for `fan_in_fan_out`) in f32.
+    fn merged(&self, f: &Factors) -> lora_core::Result<Vec<f32>> {
+        let be = self.backend;
+        let (out_f, r) = (f.b.shape[0], f.b.shape[1]);
+        let in_f = f.a.shape[1];
+        let a = f.a.to_backend(be)?;
+        let b = f.b.to_backend(be)?;
+        let shape = if self.transpose_delta {
+            [in_f, out_f]
+        } else {
+            [out_f, in_f]
+        };
+        let mut delta = be.zeros(&shape)?;
+        if self.transpose_delta {
+            // (B A)^T = A^T B^T
+            be.gemm(
+                f.scaling,
+                &a,
+                Transpose::Yes,
+                &b,
+                Transpose::Yes,
+                0.0,
+                &mut delta,
+            )?;
+        } else {
+            be.gemm(
+                f.scaling,
+                &b,
+                Transpose::No,
+                &a,
+                Transpose::No,
+                0.0,
+                &mut delta,
+            )?;
+        }
+        let _ = r;
+        let delta = be.to_host(&delta)?;
+        let mut w = decode_f32(self.src_dtype, self.src).unwrap_or_default();
+        let mut max = 0.0f32;
+        for (w, d) in w.iter_mut().zip(&delta) {
+            *w += d;
+            max = max.max(d.abs());
+        }
+        let mut st = self.state.borrow_mut();
+        st.max_abs_delta = st.max_abs_delta.max(max);
+        Ok(w)
+    }
+}
+
+impl<B: LoraOps> View for &OutTensor<'_, B> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let bytes: Cow<'_, [u8]> = match self.merge {
+            None if self.dtype == self.src_dtype => Cow::Borrowed(self.src),
+            None => {
+                let v = decode_f32(self.src_dtype, self.src).unwrap_or_default();
+                Cow::Owned(encode_f32(self.dtype, &v).unwrap_or_default())
+            }
+            Some(f) => match self.merged(f) {
+                Ok(w) => Cow::Owned(encode_f32(self.dtype, &w).unwrap_or_default()),
+                Err(e) => {
+                    // The writer cannot fail from here: remember the error, write zeros of
+                    // the right length, and let the caller delete the file.
+                    let mut st = self.state.borrow_mut();
+                    st.error.get_or_insert(PeftError::Format {
+                        path: self.name.clone(),
+                        reason: format!("merging tensor {}: {e}", self.name),
+                    });
+                    Cow::Owned(vec![0u8; self.data_len()])
+                }
+            },
+        };
+        let mut st = self.state.borrow_mut();
+        st.done += 1;
+        (st.progress)(st.done, st.total);
+        bytes
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// The adapter directory for `adapter_name`: `dir` itself for `default` (or when `dir`
+/// holds the adapter directly), else `dir/<adapter_name>`.
+pub fn adapter_dir_for(dir: &Path, adapter_name: &str) -> PathBuf {
+    let sub = dir.join(adapter_name);
+    if adapter_name != DEFAULT_ADAPTER && sub.join(CONFIG_FILE).is_file() {
+        sub
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// Merges the adapter at `adapter_dir` (`adapter_name` selects a subfolder adapter) into
+/// the checkpoint at `base` and writes one safetensors file `out` with exactly the base's
+/// tensor names and shapes. Everything is validated before a byte is written; the output
+/// is written to a temporary file and renamed, so an error leaves no output behind.
+pub fn merge_checkpoint<B: LoraOps>(
+    backend: &B,
+    base: &Path,
+    adapter_dir: &Path,
+    adapter_name: &str,
+    out: &Path,
+    dtype: OutDtype,
+    progress: &dyn Fn(u64, u64),
+) -> Result<MergeReport> {
+    let dir = adapter_dir_for(adapter_dir, adapter_name);
+    let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+    config.check_supported()?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let modules = lora_modules(
+        &read_safetensors(&weights_path)?,
+        &weights_path,
+        adapter_name,
+    )?;
+
+    let ckpt = Checkpoint::open(base)?;
+    let files: Vec<MappedFile> = ckpt
+        .files
+        .iter()
+        .map(|p| MappedFile::open(p))
+        .collect::<Result<_>>()?;
+    let parsed: Vec<_> = files
+        .iter()
+        .map(MappedFile::tensors)
+        .collect::<Result<_>>()?;
+    let locations = tensor_locations(&files)?;
+
+    // Validate every adapter module against the base before writing anything.
+    let mut factors: BTreeMap<String, Factors> = BTreeMap::new();
+    for (module, (a, b)) in modules {
+        let key = format!("{module}.weight");
+        let &fi = locations.get(&key).ok_or_else(|| PeftError::Format {
+            path: base.display().to_string(),
+            reason: format!(
+                "the adapter targets module {module}, but the base has no tensor {key}"
+            ),
+        })?;
+        let view = parsed[fi].tensor(&key).map_err(|e| PeftError::Format {
+            path: files[fi].path.display().to_string(),
+            reason: format!("tensor {key}: {e}"),
+        })?;
+        let wshape = view.shape();
+        let bad = |reason: String| PeftError::Format {
+            path: weights_path.display().to_string(),
+            reason,
+        };
+        if !is_float(view.dtype()) {
+            return Err(bad(format!(
+                "base tensor {key} has dtype {:?}; only F32, F16 and BF16 weights can be merged",
+                view.dtype()
+            )));
+        }
+        let (out_f, in_f) = match (wshape, config.fan_in_fan_out) {
+            ([o, i], false) => (*o, *i),
+            ([i, o], true) => (*o, *i),
+            _ => {
+                return Err(bad(format!(
+                    "base tensor {key} has shape {wshape:?}; a linear weight is 2-D"
+                )));
+            }
+        };
+        if a.shape.len() != 2 || a.shape[1] != in_f || b.shape != [out_f, a.shape[0]] {
+            return Err(bad(format!(
+                "module {module}: lora_A {:?} and lora_B {:?} do not fit base {key} {wshape:?} (expected lora_A [r, {in_f}], lora_B [{out_f}, r])",
+                a.shape, b.shape
+            )));
+        }
+        let scaling = config.spec_for(&module, 0)?.scaling();
+        factors.insert(key, Factors { a, b, scaling });
+    }
+
+    let progress_state = RefCell::new(WriteState {
+        error: None,
+        done: 0,
+        total: locations.len() as u64,
+        max_abs_delta: 0.0,
+        progress,
+    });
+    let mut report = MergeReport::default();
+    let mut outs: Vec<(String, OutTensor<'_, B>)> = Vec::with_capacity(locations.len());
+    for (name, &fi) in &locations {
+        let view = parsed[fi].tensor(name).map_err(|e| PeftError::Format {
+            path: files[fi].path.display().to_string(),
+            reason: format!("tensor {name}: {e}"),
+        })?;
+        let merge = factors.get(name);
+        let out_dtype = dtype.resolve(view.dtype());
+        match (merge, out_dtype == view.dtype()) {
+            (Some(_), _) => report.merged.push(name.clone()),
+            (None, true) => report.copied += 1,
+            (None, false) => report.converted += 1,
+        }
+        let t = OutTensor {
+            dtype: out_dtype,
+            shape: view.shape().to_vec(),
+            src_dtype: view.dtype(),
+            src: view.data(),
+            merge,
+            transpose_delta: config.fan_in_fan_out,
+            backend,
+            state: &progress_state,
+            name: name.clone(),
+        };
+        report.bytes += t_len(&t) as u64;
+        outs.push((name.clone(), t));
+    }
+    let metadata: HashMap<String, String> = files[0]
+        .metadata()?
+        .unwrap_or_else(|| HashMap::from([("format".to_string(), "pt".to_string())]));
+
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| PeftError::Io {
+            path: parent.display().to_string(),
+            source: e,
+        })?;
+    }
+    let tmp = temp_path_for(out);
+    let written = safetensors::serialize_to_file(
+        outs.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+        &tmp,
+    );
+    let (error, max_abs_delta) = {
+        let mut st = progress_state.borrow_mut();
+        (st.error.take(), st.max_abs_delta)
+    };
+    let failure = match (written, error) {
+        (Err(e), _) => Some(PeftError::Format {
+            path: out.display().to_string(),
+            reason: format!("writing: {e}"),
+        }),
+        (Ok(()), Some(e)) => Some(e),
+        (Ok(()), None) => None,
+    };
+    if let Some(e) = failure {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The writer's temporary file is private (0600); give the result the usual mode.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+    }
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        PeftError::Io {
+            path: out.display().to_string(),
+            source: e,
+        }
+    })?;
+    report.max_abs_delta = max_abs_delta;
+    Ok(report)
+}
+
+fn t_len<B: LoraOps>(t: &OutTensor<'_, B>) -> usize {
+    View::data_len(&t)
+}
