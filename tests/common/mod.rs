@@ -158,3 +158,52 @@ pub fn json_f32(v: &serde_json::Value) -> Vec<f32> {
         .map(|x| x.as_f64().expect("a number") as f32)
         .collect()
 }
+
+/// The linear layers of a checkpoint as a [`lora::Model`] without a forward: enough to
+/// inject, load, merge and save adapters by module name (a BERT's `query`, `dense`, ...).
+#[derive(Debug)]
+pub struct LinearBank {
+    layers: Vec<lora::LoraLinear<NdArray>>,
+}
+
+impl LinearBank {
+    /// Every `<module>.weight` (2-D) with a `<module>.bias` in `tensors` becomes a layer
+    /// named `<module>` (embeddings have no bias and are left out).
+    pub fn from_state_dict(tensors: &std::collections::BTreeMap<String, lora::HostTensor>) -> Self {
+        let b = backend();
+        let mut layers = Vec::new();
+        for (k, w) in tensors {
+            let Some(module) = k.strip_suffix(".weight") else {
+                continue;
+            };
+            let Some(bias) = tensors.get(&format!("{module}.bias")) else {
+                continue;
+            };
+            if w.shape.len() != 2 {
+                continue;
+            }
+            let dense = lora::DenseLinear::new(
+                w.to_backend(&b).expect("weight"),
+                Some(bias.to_backend(&b).expect("bias")),
+            )
+            .expect("dense");
+            layers.push(lora::LoraLinear::new(module, Box::new(dense)));
+        }
+        LinearBank { layers }
+    }
+}
+
+impl lora::Model<NdArray> for LinearBank {
+    fn forward(&mut self, _: &NdArray, _: &NdTensor, _: lora::Mode) -> lora::Result<NdTensor> {
+        Err(lora::Error::state("LinearBank", "has no forward"))
+    }
+    fn backward(&mut self, _: &NdArray, _: &NdTensor) -> lora::Result<()> {
+        Err(lora::Error::state("LinearBank", "has no backward"))
+    }
+    fn linears(&self) -> Vec<&lora::LoraLinear<NdArray>> {
+        self.layers.iter().collect()
+    }
+    fn linears_mut(&mut self) -> Vec<&mut lora::LoraLinear<NdArray>> {
+        self.layers.iter_mut().collect()
+    }
+}

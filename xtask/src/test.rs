@@ -84,6 +84,27 @@ pub fn run(backends: &[&str]) -> Result<()> {
             c.passed, c.failed, c.ignored
         ));
     }
+    if backends.contains(&"ndarray") {
+        // The lora-rs -> PEFT direction: real PEFT loads what tests/peft_interop_export.rs
+        // wrote and must compute the same outputs and merged weights.
+        let python = crate::venv::ensure_venv()?;
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| crate::cmd::root().join("target"));
+        let lines = run_capture(
+            "PEFT loads adapters written by lora-rs (tests/fixtures/check_in_peft.py)",
+            std::process::Command::new(python)
+                .arg(crate::cmd::root().join("tests/fixtures/check_in_peft.py"))
+                .arg(target.join("tmp/peft-interop")),
+        )?;
+        let ok = lines.iter().filter(|l| l.starts_with("ok ")).count();
+        let bad = lines.iter().filter(|l| l.starts_with("FAIL")).count();
+        total.passed += ok;
+        total.failed += bad;
+        report.push(format!(
+            "peft interop     {ok} passed, {bad} failed (PyTorch + PEFT in the cached venv)"
+        ));
+    }
     run_cmd(
         "cargo doc (warnings are errors)",
         cargo()
