@@ -104,7 +104,113 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
             .arg(target.join("bench/pytorch.json"))
             .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
     )?;
+    merge_bench(&target, quick)?;
     report(&target, quick)
+}
+
+/// Wall time and peak RSS (bytes) of one process run, via GNU time when present.
+fn timed(cmd: &mut std::process::Command) -> Result<(f64, Option<u64>)> {
+    let gnu_time = Path::new("/usr/bin/time");
+    let rss_file = std::env::temp_dir().join(format!("lora-xtask-time-{}", std::process::id()));
+    let started = std::time::Instant::now();
+    let status = if gnu_time.exists() {
+        let mut wrapped = std::process::Command::new(gnu_time);
+        wrapped
+            .arg("-f")
+            .arg("%M")
+            .arg("-o")
+            .arg(&rss_file)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        wrapped
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?
+    } else {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?
+    };
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        status.success(),
+        "{:?} failed ({status})",
+        cmd.get_program()
+    );
+    let rss = std::fs::read_to_string(&rss_file)
+        .ok()
+        .and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024);
+    let _ = std::fs::remove_file(&rss_file);
+    Ok((secs, rss))
+}
+
+/// `lora merge` against PEFT's merge_and_unload + save_pretrained on the real
+/// all-MiniLM-L6-v2 checkpoint, end to end (process start to exit), alternating runs.
+fn merge_bench(target: &Path, quick: bool) -> Result<()> {
+    let model = crate::venv::fetch_minilm()?;
+    let python = crate::venv::ensure_venv()?;
+    let adapter = crate::venv::cache_dir().join("models/minilm-adapter-r16");
+    let script = root().join("benches/python/peft_merge.py");
+    if !adapter.join("adapter_model.safetensors").is_file() {
+        run_cmd(
+            "make a PEFT adapter for all-MiniLM-L6-v2 (r 16, query/key/value/dense)",
+            std::process::Command::new(&python)
+                .arg(&script)
+                .arg("make-adapter")
+                .arg(&model)
+                .arg(&adapter),
+        )?;
+    }
+    run_cmd(
+        "cargo build --release -p lora-cli",
+        cargo().args(["build", "--release", "-p", "lora-cli"]),
+    )?;
+    let lora = target.join("release/lora");
+    let work = target.join("bench/merge");
+    std::fs::create_dir_all(&work)?;
+    let runs = if quick { 3 } else { 5 };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    println!(
+        "==> merge benchmark: lora merge vs PEFT merge_and_unload + save_pretrained ({runs} runs each, alternating)"
+    );
+    for _ in 0..runs {
+        ours.push(timed(
+            std::process::Command::new(&lora)
+                .arg("merge")
+                .arg("--base")
+                .arg(&model)
+                .arg("--adapter")
+                .arg(&adapter)
+                .arg("--out")
+                .arg(work.join("lora-merged.safetensors")),
+        )?);
+        theirs.push(timed(
+            std::process::Command::new(&python)
+                .arg(&script)
+                .arg("merge")
+                .arg(&model)
+                .arg(&adapter)
+                .arg(work.join("peft-merged")),
+        )?);
+    }
+    let median = |v: &[(f64, Option<u64>)]| {
+        let mut t: Vec<f64> = v.iter().map(|x| x.0).collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    let peak = |v: &[(f64, Option<u64>)]| v.iter().filter_map(|x| x.1).max();
+    let out = json!({
+        "model": "all-MiniLM-L6-v2 (86.6 MiB f32), adapter r 16 on query/key/value/dense (36 modules)",
+        "lora": {"median_s": median(&ours), "peak_rss_bytes": peak(&ours)},
+        "pytorch+peft": {"median_s": median(&theirs), "peak_rss_bytes": peak(&theirs)},
+    });
+    std::fs::write(
+        target.join("bench/merge.json"),
+        serde_json::to_string_pretty(&out)? + "\n",
+    )?;
+    println!("{out}");
+    Ok(())
 }
 
 /// Rebuilds the report and chart from the last run's files under `target/`.
@@ -190,6 +296,30 @@ fn report(target: &Path, quick: bool) -> Result<()> {
                     extra,
                 });
             }
+        }
+    }
+    if let Some(m) = read_json(&target.join("bench/merge.json")) {
+        let theirs = m["pytorch+peft"]["median_s"].as_f64();
+        for (backend, key) in [("ndarray", "lora"), ("pytorch+peft", "pytorch+peft")] {
+            let Some(t) = m[key]["median_s"].as_f64() else {
+                continue;
+            };
+            let mut extra = BTreeMap::new();
+            if let Some(rss) = m[key]["peak_rss_bytes"].as_u64() {
+                extra.insert("peak_rss_bytes", json!(rss));
+            }
+            if backend == "ndarray"
+                && let Some(p) = theirs
+            {
+                extra.insert("vs_pytorch", json!(((t / p) * 1e4).round() / 1e4));
+            }
+            rows.push(Row {
+                backend: backend.into(),
+                op: "merge_checkpoint".into(),
+                shape: "all-MiniLM-L6-v2 r16".into(),
+                median_s: t,
+                extra,
+            });
         }
     }
     rows.sort_by(|a, b| (&a.op, &a.shape, &a.backend).cmp(&(&b.op, &b.shape, &b.backend)));
@@ -329,6 +459,31 @@ fn write_markdown(path: &PathBuf, rows: &[Row], peak: Option<f64>, quick: bool) 
             floor.map_or(String::new(), |v| format!("{v:.3}x")),
             vs.map_or(String::new(), |v| format!("{v:.3}x")),
             goals.join("; "),
+        ));
+    }
+    md.push_str("\n## Merging an adapter into a checkpoint\n\n");
+    md.push_str("`lora merge --base all-MiniLM-L6-v2 --adapter A --out F` against what a PEFT user runs (`BertModel.from_pretrained`, `PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`), each timed end to end as a process (imports included), runs alternating. Goal: 10x faster. Peak RSS includes the memory-mapped base file for `lora merge` (read-only page cache; the process's own allocations are about the largest merged tensor).\n\n");
+    md.push_str("| tool | wall time (median) | peak RSS | time vs PEFT |\n|---|---|---|---|\n");
+    for r in rows.iter().filter(|r| r.op == "merge_checkpoint") {
+        let vs = r.extra.get("vs_pytorch").and_then(Value::as_f64);
+        md.push_str(&format!(
+            "| {} | {:.3} s | {} | {} |\n",
+            if r.backend == "ndarray" {
+                "lora merge"
+            } else {
+                "PyTorch + PEFT"
+            },
+            r.median_s,
+            r.extra
+                .get("peak_rss_bytes")
+                .and_then(Value::as_u64)
+                .map_or("?".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0)),
+            vs.map_or(String::new(), |v| format!(
+                "{:.3}x ({:.0}x faster; goal 10x {})",
+                v,
+                1.0 / v,
+                if 1.0 / v >= 10.0 { "met" } else { "missed" }
+            )),
         ));
     }
     md.push_str("\n## Matrix multiplication\n\n");

