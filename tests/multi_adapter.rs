@@ -354,3 +354,44 @@ fn save_pretrained_puts_named_adapters_in_subfolders_and_reloads() {
         "a name is used once"
     );
 }
+
+/// A model whose last layer is its output head.
+#[derive(Debug)]
+struct WithHead(Mlp<NdArray>);
+
+impl Model<NdArray> for WithHead {
+    fn forward(&mut self, b: &NdArray, x: &NdTensor, mode: Mode) -> lora::Result<NdTensor> {
+        self.0.forward(b, x, mode)
+    }
+    fn backward(&mut self, b: &NdArray, dy: &NdTensor) -> lora::Result<()> {
+        self.0.backward(b, dy)
+    }
+    fn linears(&self) -> Vec<&lora::LoraLinear<NdArray>> {
+        self.0.linears()
+    }
+    fn linears_mut(&mut self) -> Vec<&mut lora::LoraLinear<NdArray>> {
+        self.0.linears_mut()
+    }
+    fn output_head(&self) -> Option<String> {
+        Some("layers.4".into())
+    }
+}
+
+#[test]
+fn all_linear_targets_every_linear_but_the_output_head() {
+    let b = backend();
+    let cfg = LoraConfig {
+        target_modules: Some(TargetModules::Pattern("all-linear".into())),
+        ..config(1, 1.0, &[])
+    };
+    let mut plain = Mlp::new(&b, &[3, 4, 4, 2], UnaryOp::Relu, 1).unwrap();
+    assert_eq!(
+        lora::peft::inject_adapters(&mut plain, &b, &cfg, 0).unwrap(),
+        ["layers.0", "layers.2", "layers.4"]
+    );
+    let mut headed = WithHead(Mlp::new(&b, &[3, 4, 4, 2], UnaryOp::Relu, 1).unwrap());
+    assert_eq!(
+        lora::peft::inject_adapters(&mut headed, &b, &cfg, 0).unwrap(),
+        ["layers.0", "layers.2"]
+    );
+}

@@ -43,6 +43,12 @@ pub trait Model<B: LoraOps> {
     /// Every linear layer, mutably, in the same order.
     fn linears_mut(&mut self) -> Vec<&mut LoraLinear<B>>;
 
+    /// The dotted name of the model's output head (e.g. `lm_head`), which PEFT's
+    /// `"all-linear"` leaves out. `None` when the model has none.
+    fn output_head(&self) -> Option<String> {
+        None
+    }
+
     /// Dotted names of all linear layers.
     fn linear_names(&self) -> Vec<String> {
         self.linears()

@@ -129,10 +129,15 @@ pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
             value: "null".into(),
             reason: "name the modules to adapt (a list, a regex, or \"all-linear\")".into(),
         })?;
+    // "all-linear" means every linear layer but the output head, as in PEFT.
+    let head = match targets {
+        TargetModules::Pattern(p) if p == "all-linear" => model.output_head(),
+        _ => None,
+    };
     let mut injected = Vec::new();
     for layer in model.linears_mut() {
         let name = layer.name().to_string();
-        if !selects(config, &name)? {
+        if !selects(config, &name)? || head.as_deref() == Some(name.as_str()) {
             continue;
         }
         layer.add_lora(backend, adapter_name, &config.spec_for(&name, seed)?)?;
