@@ -107,6 +107,11 @@ impl MappedFile {
             .map_err(|e| format_err(&self.path, format!("not a valid safetensors file: {e}")))
     }
 
+    /// The byte offset in the file of `slice`, a slice of this file's map (a tensor's data).
+    pub fn offset_of(&self, slice: &[u8]) -> u64 {
+        (slice.as_ptr() as usize).saturating_sub(self.mmap.as_ptr() as usize) as u64
+    }
+
     /// The `__metadata__` of the file.
     pub fn metadata(&self) -> Result<Option<std::collections::HashMap<String, String>>> {
         let (_, m) = SafeTensors::read_metadata(&self.mmap)

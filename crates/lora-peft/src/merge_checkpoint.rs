@@ -68,12 +68,42 @@ struct OutTensor<'a, B: LoraOps> {
     dtype: Dtype,
     shape: Vec<usize>,
     src_dtype: Dtype,
-    src: &'a [u8],
+    /// Where the base tensor's bytes are: read with `pread` when the writer asks, so the
+    /// process holds one tensor at a time (a memory map would keep every page it touched
+    /// resident).
+    src: Source<'a>,
     merge: Option<&'a Factors>,
     transpose_delta: bool,
     backend: &'a B,
     state: &'a RefCell<WriteState<'a>>,
     name: String,
+}
+
+/// A byte range of a file.
+struct Source<'a> {
+    file: &'a std::fs::File,
+    path: &'a Path,
+    offset: u64,
+    len: usize,
+}
+
+impl Source<'_> {
+    fn read(&self) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.len];
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            self.file.read_exact_at(&mut buf, self.offset)?;
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = self.file;
+            f.seek(SeekFrom::Start(self.offset))?;
+            f.read_exact(&mut buf)?;
+        }
+        Ok(buf)
+    }
 }
 
 struct WriteState<'a> {
@@ -86,7 +116,7 @@ struct WriteState<'a> {
 
 impl<B: LoraOps> OutTensor<'_, B> {
     /// `W + s·B·A` (transposed for `fan_in_fan_out`) in f32.
-    fn merged(&self, f: &Factors) -> lora_core::Result<Vec<f32>> {
+    fn merged(&self, f: &Factors, src: &[u8]) -> lora_core::Result<Vec<f32>> {
         let be = self.backend;
         let (out_f, r) = (f.b.shape[0], f.b.shape[1]);
         let in_f = f.a.shape[1];
@@ -122,7 +152,7 @@ impl<B: LoraOps> OutTensor<'_, B> {
         }
         let _ = r;
         let delta = be.to_host(&delta)?;
-        let mut w = decode_f32(self.src_dtype, self.src).unwrap_or_default();
+        let mut w = decode_f32(self.src_dtype, src).unwrap_or_default();
         let mut max = 0.0f32;
         for (w, d) in w.iter_mut().zip(&delta) {
             *w += d;
@@ -144,30 +174,35 @@ impl<B: LoraOps> View for &OutTensor<'_, B> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        let bytes: Cow<'_, [u8]> = match self.merge {
-            None if self.dtype == self.src_dtype => Cow::Borrowed(self.src),
-            None => {
-                let v = decode_f32(self.src_dtype, self.src).unwrap_or_default();
-                Cow::Owned(encode_f32(self.dtype, &v).unwrap_or_default())
-            }
-            Some(f) => match self.merged(f) {
-                Ok(w) => Cow::Owned(encode_f32(self.dtype, &w).unwrap_or_default()),
-                Err(e) => {
-                    // The writer cannot fail from here: remember the error, write zeros of
-                    // the right length, and let the caller delete the file.
-                    let mut st = self.state.borrow_mut();
-                    st.error.get_or_insert(PeftError::Format {
-                        path: self.name.clone(),
-                        reason: format!("merging tensor {}: {e}", self.name),
-                    });
-                    Cow::Owned(vec![0u8; self.data_len()])
+        let result: std::result::Result<Vec<u8>, String> = match self.src.read() {
+            Err(e) => Err(format!("reading {}: {e}", self.src.path.display())),
+            Ok(src) => match self.merge {
+                None if self.dtype == self.src_dtype => Ok(src),
+                None => {
+                    let v = decode_f32(self.src_dtype, &src).unwrap_or_default();
+                    Ok(encode_f32(self.dtype, &v).unwrap_or_default())
                 }
+                Some(f) => self
+                    .merged(f, &src)
+                    .map(|w| encode_f32(self.dtype, &w).unwrap_or_default())
+                    .map_err(|e| e.to_string()),
             },
         };
         let mut st = self.state.borrow_mut();
         st.done += 1;
         (st.progress)(st.done, st.total);
-        bytes
+        match result {
+            Ok(bytes) => Cow::Owned(bytes),
+            Err(reason) => {
+                // The writer cannot fail from here: remember the error, write zeros of the
+                // right length, and let the caller delete the file.
+                st.error.get_or_insert(PeftError::Format {
+                    path: self.name.clone(),
+                    reason: format!("tensor {}: {reason}", self.name),
+                });
+                Cow::Owned(vec![0u8; self.data_len()])
+            }
+        }
     }
 
     fn data_len(&self) -> usize {
@@ -220,6 +255,15 @@ pub fn merge_checkpoint<B: LoraOps>(
         .map(MappedFile::tensors)
         .collect::<Result<_>>()?;
     let locations = tensor_locations(&files)?;
+    let handles: Vec<std::fs::File> = files
+        .iter()
+        .map(|f| {
+            std::fs::File::open(&f.path).map_err(|e| PeftError::Io {
+                path: f.path.display().to_string(),
+                source: e,
+            })
+        })
+        .collect::<Result<_>>()?;
 
     // Validate every adapter module against the base before writing anything.
     let mut factors: BTreeMap<String, Factors> = BTreeMap::new();
@@ -290,7 +334,12 @@ pub fn merge_checkpoint<B: LoraOps>(
             dtype: out_dtype,
             shape: view.shape().to_vec(),
             src_dtype: view.dtype(),
-            src: view.data(),
+            src: Source {
+                file: &handles[fi],
+                path: &files[fi].path,
+                offset: files[fi].offset_of(view.data()),
+                len: view.data().len(),
+            },
             merge,
             transpose_delta: config.fan_in_fan_out,
             backend,
