@@ -84,10 +84,7 @@ impl<B: LoraOps> Mlp<B> {
         let last = self.layers.len() - 1;
         for i in (0..self.layers.len()).rev() {
             if i < last {
-                let pre = self.saved_pre.get(i).ok_or_else(|| {
-                    Error::state("Mlp", "backward called without a forward in training mode")
-                })?;
-                g = backend.unary_backward(self.activation, pre, &g)?;
+                g = self.activation_backward(backend, i, &g)?;
             }
             let (dx, d_w, d_b) = self.layers[i].backward_full(backend, &g)?;
             grads.push((d_w, d_b));
@@ -122,6 +119,14 @@ impl<B: LoraOps> Mlp<B> {
             }
         }
         Ok(out)
+    }
+
+    /// Backward through the activation after hidden layer `i`.
+    fn activation_backward(&self, backend: &B, i: usize, g: &B::Tensor) -> Result<B::Tensor> {
+        let pre = self.saved_pre.get(i).ok_or_else(|| {
+            Error::state("Mlp", "backward called without a forward in training mode")
+        })?;
+        backend.unary_backward(self.activation, pre, g)
     }
 
     /// The activation between layers.
@@ -174,10 +179,7 @@ impl<B: LoraOps> Model<B> for Mlp<B> {
         let mut g = dy.clone();
         for i in (0..self.layers.len()).rev() {
             if i < last {
-                let pre = self.saved_pre.get(i).ok_or_else(|| {
-                    Error::state("Mlp", "backward called without a forward in training mode")
-                })?;
-                g = backend.unary_backward(self.activation, pre, &g)?;
+                g = self.activation_backward(backend, i, &g)?;
             }
             g = self.layers[i].backward(backend, &g)?;
         }

@@ -73,6 +73,20 @@ fn update2(y: &mut NdTensor, x: &NdTensor, f: impl Fn(f32, f32) -> f32 + Sync) {
     }
 }
 
+/// Sum over `axis` of the `[rows, cols]` matrix view.
+fn sum_axis(a: &NdTensor, axis: usize) -> Result<NdTensor> {
+    let (rows, cols) = a.shape().as_matrix();
+    let m = a
+        .array()
+        .view()
+        .into_shape_with_order((rows, cols))
+        .map_err(|e| Error::Backend {
+            backend: "ndarray",
+            reason: e.to_string(),
+        })?;
+    Ok(NdTensor::from_array(m.sum_axis(Axis(axis)).into_dyn()))
+}
+
 /// No short-circuit inside a chunk, so the loop vectorizes.
 fn all_finite(s: &[f32]) -> bool {
     s.iter().fold(true, |ok, v| ok & v.is_finite())
@@ -245,29 +259,11 @@ impl Backend for NdArray {
     }
 
     fn sum_rows(&self, a: &NdTensor) -> Result<NdTensor> {
-        let (rows, cols) = a.shape().as_matrix();
-        let m = a
-            .array()
-            .view()
-            .into_shape_with_order((rows, cols))
-            .map_err(|e| Error::Backend {
-                backend: "ndarray",
-                reason: e.to_string(),
-            })?;
-        Ok(NdTensor::from_array(m.sum_axis(Axis(0)).into_dyn()))
+        sum_axis(a, 0)
     }
 
     fn sum_cols(&self, a: &NdTensor) -> Result<NdTensor> {
-        let (rows, cols) = a.shape().as_matrix();
-        let m = a
-            .array()
-            .view()
-            .into_shape_with_order((rows, cols))
-            .map_err(|e| Error::Backend {
-                backend: "ndarray",
-                reason: e.to_string(),
-            })?;
-        Ok(NdTensor::from_array(m.sum_axis(Axis(1)).into_dyn()))
+        sum_axis(a, 1)
     }
 
     fn sum_all(&self, a: &NdTensor) -> Result<f64> {
