@@ -212,6 +212,11 @@ backends! {
     ndarray_matches_the_f64_reference => lora::NdArray::new(),
 }
 
+#[cfg(feature = "tch")]
+backends! {
+    tch_matches_the_f64_reference => lora::Tch::cpu(),
+}
+
 proptest! {
     #[test]
     fn dropout_masks_are_a_pure_function_of_seed_stream_offset(seed in any::<u64>(), stream in any::<u64>(), block in 0u64..1_000_000, n in 1usize..300, p in 0.0f32..0.95) {

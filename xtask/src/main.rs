@@ -21,10 +21,7 @@ use anyhow::{Result, bail};
 /// Backends the workspace knows, and whether this checkout can build them yet.
 pub const BACKENDS: [(&str, Option<&str>); 3] = [
     ("ndarray", None),
-    (
-        "tch",
-        Some("the lora-tch crate does not exist yet (issue #5)"),
-    ),
+    ("tch", None),
     (
         "cuda",
         Some("the lora-cuda crate does not exist yet (issue #6)"),

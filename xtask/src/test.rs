@@ -2,6 +2,8 @@
 
 use anyhow::Result;
 
+use std::process::Command;
+
 use crate::cmd::{cargo, run as run_cmd, run_capture};
 
 /// Totals of `cargo test` result lines.
@@ -40,26 +42,57 @@ pub fn count(lines: &[String]) -> Counts {
     c
 }
 
-/// Runs fmt, clippy, the tests of every selected backend, and the docs.
+/// The `cargo` flags that select the workspace for the chosen backends: lora-tch (which
+/// needs libtorch) only when tch is chosen.
+fn workspace_flags(with_tch: bool) -> Vec<&'static str> {
+    if with_tch {
+        vec!["--workspace", "--features", "lora-tests/tch,lora-cli/tch"]
+    } else {
+        vec!["--workspace", "--exclude", "lora-tch"]
+    }
+}
+
+/// `cargo` with libtorch's environment when `with_tch`.
+fn cargo_for(with_tch: bool) -> Result<Command> {
+    let mut c = cargo();
+    if with_tch {
+        crate::venv::torch_env(&mut c)?;
+    }
+    Ok(c)
+}
+
+/// Runs fmt, clippy, the tests of every selected backend, the PEFT interop check, and the
+/// docs.
 pub fn run(backends: &[&str]) -> Result<()> {
     let ci = std::env::var_os("CI").is_some();
+    let with_tch = backends.contains(&"tch");
     run_cmd(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
+    let mut clippy = cargo_for(with_tch)?;
+    clippy.arg("clippy").args(workspace_flags(with_tch)).args([
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     run_cmd(
         "cargo clippy (all targets, warnings are errors)",
-        cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]),
+        &mut clippy,
     )?;
+
     let mut report = Vec::new();
     let mut total = Counts::default();
+    let mut add = |report: &mut Vec<String>, label: String, c: Counts| {
+        total.passed += c.passed;
+        total.failed += c.failed;
+        total.ignored += c.ignored;
+        report.push(format!(
+            "{label:<16} {} passed, {} failed, {} ignored",
+            c.passed, c.failed, c.ignored
+        ));
+    };
     for (name, missing) in crate::BACKENDS {
         if !backends.contains(&name) {
             continue;
@@ -68,21 +101,63 @@ pub fn run(backends: &[&str]) -> Result<()> {
             report.push(format!("backend {name:<8} skipped: {why}"));
             continue;
         }
-        // The ndarray backend is the workspace default: the whole workspace runs on it.
-        let lines = run_capture(
-            &format!("cargo test --workspace (backend {name})"),
-            cargo()
-                .args(["test", "--workspace", "--no-fail-fast"])
-                .env("LORA_TEST_BACKEND", name),
-        )?;
-        let c = count(&lines);
-        total.passed += c.passed;
-        total.failed += c.failed;
-        total.ignored += c.ignored;
-        report.push(format!(
-            "backend {name:<8} {} passed, {} failed, {} ignored",
-            c.passed, c.failed, c.ignored
-        ));
+        let lines = match name {
+            // The reference backend: the whole workspace runs on it.
+            "ndarray" => run_capture(
+                "cargo test (workspace, ndarray backend)",
+                cargo()
+                    .args(["test", "--no-fail-fast"])
+                    .args(workspace_flags(false)),
+            )?,
+            // libtorch: every primitive, the LoRA layer (properties), autograd as an oracle, a
+            // 20-step training run against ndarray, CUDA when libtorch sees a GPU.
+            "tch" => {
+                let mut c = cargo_for(true)?;
+                c.args([
+                    "test",
+                    "--no-fail-fast",
+                    "-p",
+                    "lora-tests",
+                    "--features",
+                    "tch",
+                ])
+                .args(["--test", "tch_backend", "--test", "properties"]);
+                let mut lines =
+                    run_capture("cargo test (tch backend: cross-backend suite)", &mut c)?;
+                let mut demo = cargo_for(true)?;
+                demo.args([
+                    "run",
+                    "--quiet",
+                    "-p",
+                    "lora-cli",
+                    "--features",
+                    "tch",
+                    "--",
+                    "demo",
+                    "--backend",
+                    "tch",
+                ])
+                .args([
+                    "--steps",
+                    "60",
+                    "--pretrain-steps",
+                    "300",
+                    "--hidden",
+                    "32",
+                    "--out",
+                ])
+                .arg(crate::cmd::root().join("target/tmp/demo-tch"));
+                run_cmd("lora demo --backend tch (shortened)", &mut demo)?;
+                lines.push("test result: ok. 1 passed; 0 failed; 0 ignored".into());
+                report.push(format!(
+                    "backend tch      CUDA: {}",
+                    crate::venv::torch_cuda_status()
+                ));
+                lines
+            }
+            _ => Vec::new(),
+        };
+        add(&mut report, format!("backend {name}"), count(&lines));
     }
     if backends.contains(&"ndarray") {
         // The lora-rs -> PEFT direction: real PEFT loads what tests/peft_interop_export.rs
@@ -93,24 +168,28 @@ pub fn run(backends: &[&str]) -> Result<()> {
             .unwrap_or_else(|| crate::cmd::root().join("target"));
         let lines = run_capture(
             "PEFT loads adapters written by lora-rs (tests/fixtures/check_in_peft.py)",
-            std::process::Command::new(python)
+            Command::new(python)
                 .arg(crate::cmd::root().join("tests/fixtures/check_in_peft.py"))
                 .arg(target.join("tmp/peft-interop")),
         )?;
         let ok = lines.iter().filter(|l| l.starts_with("ok ")).count();
         let bad = lines.iter().filter(|l| l.starts_with("FAIL")).count();
-        total.passed += ok;
-        total.failed += bad;
-        report.push(format!(
-            "peft interop     {ok} passed, {bad} failed (PyTorch + PEFT in the cached venv)"
-        ));
+        add(
+            &mut report,
+            "peft interop".into(),
+            Counts {
+                passed: ok,
+                failed: bad,
+                ignored: 0,
+            },
+        );
     }
-    run_cmd(
-        "cargo doc (warnings are errors)",
-        cargo()
-            .args(["doc", "--workspace", "--no-deps"])
-            .env("RUSTDOCFLAGS", "-D warnings"),
-    )?;
+    let mut doc = cargo_for(with_tch)?;
+    doc.arg("doc")
+        .args(workspace_flags(with_tch))
+        .arg("--no-deps")
+        .env("RUSTDOCFLAGS", "-D warnings");
+    run_cmd("cargo doc (warnings are errors)", &mut doc)?;
     println!("\n==> summary{}", if ci { " (CI)" } else { "" });
     for line in &report {
         println!("  {line}");
@@ -119,6 +198,9 @@ pub fn run(backends: &[&str]) -> Result<()> {
         "{} passed, {} failed, {} skipped",
         total.passed, total.failed, total.ignored
     );
+    if total.failed > 0 {
+        anyhow::bail!("{} tests failed", total.failed);
+    }
     Ok(())
 }
 

@@ -112,3 +112,61 @@ os.replace(tmp, out)
     )?;
     Ok(dir)
 }
+
+/// torch's `lib/` folder in the venv (libtorch for the tch backend).
+pub fn torch_lib_dir(python: &std::path::Path) -> Result<PathBuf> {
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
+        .output()
+        .context("asking the venv's torch for its lib folder")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "python could not import torch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Sets up `cmd` to build and run against libtorch: a user's own `LIBTORCH` if set, else
+/// the venv's PyTorch (`LIBTORCH_USE_PYTORCH=1` with that Python first on `PATH`), and the
+/// library folder on `LD_LIBRARY_PATH`.
+pub fn torch_env(cmd: &mut Command) -> Result<()> {
+    let lib = match std::env::var_os("LIBTORCH") {
+        Some(l) => PathBuf::from(l).join("lib"),
+        None => {
+            let python = ensure_venv()?;
+            let bin = python.parent().map(PathBuf::from).unwrap_or_default();
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut paths = vec![bin];
+            paths.extend(std::env::split_paths(&path));
+            cmd.env("PATH", std::env::join_paths(paths)?);
+            cmd.env("LIBTORCH_USE_PYTORCH", "1");
+            torch_lib_dir(&python)?
+        }
+    };
+    let ld = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+    let mut paths = vec![lib];
+    paths.extend(std::env::split_paths(&ld));
+    cmd.env("LD_LIBRARY_PATH", std::env::join_paths(paths)?);
+    Ok(())
+}
+
+/// Whether the venv's libtorch sees a GPU, in words.
+pub fn torch_cuda_status() -> String {
+    let Ok(python) = ensure_venv() else {
+        return "unknown (no venv)".into();
+    };
+    match Command::new(python)
+        .args(["-c", "import torch; print(torch.cuda.device_count())"])
+        .output()
+    {
+        Ok(o) if o.status.success() => match String::from_utf8_lossy(&o.stdout).trim() {
+            "0" => "libtorch sees no GPU: CUDA tests skipped (printed reason), CPU ran".into(),
+            n => format!("libtorch sees {n} GPU(s): CUDA tests ran"),
+        },
+        _ => "unknown (torch did not answer)".into(),
+    }
+}

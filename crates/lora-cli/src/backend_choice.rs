@@ -44,6 +44,12 @@ macro_rules! with_backend {
                 let $b = lora::NdArray::new();
                 $body
             }
+            #[cfg(feature = "tch")]
+            $crate::backend_choice::BackendKind::Tch => {
+                // The GPU when libtorch sees one, else the CPU.
+                let $b = lora::Tch::cuda(0).unwrap_or_else(|_| lora::Tch::cpu());
+                $body
+            }
             other => Err(other.not_compiled()),
         }
     }};

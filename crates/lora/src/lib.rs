@@ -5,7 +5,7 @@
 //! serve them.
 //!
 //! This facade re-exports the workspace's public API. Backends are cargo features:
-//! `ndarray` (default, pure Rust), `tch` and `cuda` (later). Code written against
+//! `ndarray` (default, pure Rust), `tch` (libtorch) and `cuda` (later). Code written against
 //! [`FullBackend`] runs on any of them.
 //!
 //! ```
@@ -30,6 +30,8 @@ pub use lora_peft as peft;
 
 #[cfg(feature = "ndarray")]
 pub use lora_ndarray::{NdArray, NdTensor};
+#[cfg(feature = "tch")]
+pub use lora_tch::{Tch, TchTensor};
 
 /// The names most programs need.
 pub mod prelude {

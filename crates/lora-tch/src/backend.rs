@@ -1,0 +1,343 @@
+//! The libtorch backend.
+//!
+//! libtorch's in-place ops (`f_add_`, `f_addmm_`, ...) return another handle to the tensor
+//! they modified; `let _ =` drops that handle.
+
+use lora_core::backend::{check_gemm, check_host_len, check_rows, check_same_shape};
+use lora_core::{
+    Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Shape, Tensor, Transpose, UnaryOp,
+};
+use tch::{Device, Kind};
+
+use crate::tensor::{TchTensor, tch_err};
+
+/// libtorch on one device (CPU, or `Device::Cuda(i)` when libtorch sees a GPU).
+#[derive(Clone, Copy, Debug)]
+pub struct Tch {
+    device: Device,
+}
+
+impl Tch {
+    /// The CPU.
+    pub fn cpu() -> Self {
+        Tch {
+            device: Device::Cpu,
+        }
+    }
+
+    /// GPU `index` if libtorch sees it, else an error saying so.
+    pub fn cuda(index: usize) -> Result<Self> {
+        if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
+            return Err(Error::Backend {
+                backend: "tch",
+                reason: format!(
+                    "CUDA device {index} not available to libtorch ({} devices)",
+                    tch::Cuda::device_count()
+                ),
+            });
+        }
+        Ok(Tch {
+            device: Device::Cuda(index),
+        })
+    }
+
+    /// The device.
+    pub fn tch_device(&self) -> Device {
+        self.device
+    }
+
+    fn wrap(&self, t: std::result::Result<tch::Tensor, tch::TchError>) -> Result<TchTensor> {
+        TchTensor::new(t.map_err(tch_err)?)
+    }
+
+    /// The `[rows, cols]` view of a tensor.
+    fn matrix(t: &TchTensor) -> Result<tch::Tensor> {
+        let (r, c) = t.shape().as_matrix();
+        t.inner().f_reshape([r as i64, c as i64]).map_err(tch_err)
+    }
+
+    fn shape_i64(shape: &[usize]) -> Vec<i64> {
+        shape.iter().map(|&d| d as i64).collect()
+    }
+}
+
+impl Backend for Tch {
+    type Tensor = TchTensor;
+
+    fn name(&self) -> &'static str {
+        "tch"
+    }
+
+    fn device(&self) -> String {
+        match self.device {
+            Device::Cpu => format!("libtorch cpu ({} threads)", tch::get_num_threads()),
+            Device::Cuda(i) => format!("libtorch cuda:{i}"),
+            other => format!("libtorch {other:?}"),
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        if let Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        Ok(())
+    }
+
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<TchTensor> {
+        check_host_len(data.len(), shape)?;
+        let t = tch::Tensor::f_from_slice(data)
+            .and_then(|t| t.f_reshape(Self::shape_i64(shape)))
+            .and_then(|t| t.f_to_device(self.device));
+        self.wrap(t)
+    }
+
+    fn to_host(&self, t: &TchTensor) -> Result<Vec<f32>> {
+        let flat = t
+            .inner()
+            .f_to_device(Device::Cpu)
+            .and_then(|t| t.f_reshape([-1]))
+            .map_err(tch_err)?;
+        Vec::<f32>::try_from(&flat).map_err(tch_err)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<TchTensor> {
+        self.wrap(tch::Tensor::f_zeros(
+            Self::shape_i64(shape),
+            (Kind::Float, self.device),
+        ))
+    }
+
+    fn reshape(&self, t: &TchTensor, shape: &[usize]) -> Result<TchTensor> {
+        if Shape::new(shape).numel() != t.numel() {
+            return Err(Error::shape(
+                format!("reshape to {}", Shape::new(shape)),
+                format!("{} elements", Shape::new(shape).numel()),
+                t.shape(),
+            ));
+        }
+        self.wrap(t.inner().f_reshape(Self::shape_i64(shape)))
+    }
+
+    fn gemm(
+        &self,
+        alpha: f32,
+        a: &TchTensor,
+        trans_a: Transpose,
+        b: &TchTensor,
+        trans_b: Transpose,
+        beta: f32,
+        c: &mut TchTensor,
+    ) -> Result<()> {
+        let (m, n, _) = check_gemm(a.shape(), trans_a, b.shape(), trans_b, c.shape())?;
+        let op = |t: &TchTensor, tr: Transpose| -> Result<tch::Tensor> {
+            let mtx = Self::matrix(t)?;
+            match tr {
+                Transpose::No => Ok(mtx),
+                Transpose::Yes => mtx.f_transpose(0, 1).map_err(tch_err),
+            }
+        };
+        let mut prod = op(a, trans_a)?.f_mm(&op(b, trans_b)?).map_err(tch_err)?;
+        if alpha != 1.0 {
+            prod = prod.f_mul_scalar(f64::from(alpha)).map_err(tch_err)?;
+        }
+        let dims = Self::shape_i64(c.shape().dims());
+        if beta == 0.0 {
+            *c = self.wrap(prod.f_reshape(dims))?;
+            return Ok(());
+        }
+        let out = c.make_mut()?;
+        let mut view = out.f_view([m as i64, n as i64]).map_err(tch_err)?;
+        if beta != 1.0 {
+            let _ = view.f_mul_scalar_(f64::from(beta)).map_err(tch_err)?;
+        }
+        let _ = view.f_add_(&prod).map_err(tch_err)?;
+        Ok(())
+    }
+
+    fn binary(&self, op: BinaryOp, a: &TchTensor, b: &TchTensor) -> Result<TchTensor> {
+        check_same_shape(&format!("{op:?}"), a.shape(), b.shape())?;
+        let (x, y) = (a.inner(), b.inner());
+        self.wrap(match op {
+            BinaryOp::Add => x.f_add(y),
+            BinaryOp::Sub => x.f_sub(y),
+            BinaryOp::Mul => x.f_mul(y),
+            BinaryOp::Div => x.f_div(y),
+        })
+    }
+
+    fn unary(&self, op: UnaryOp, a: &TchTensor) -> Result<TchTensor> {
+        let x = a.inner();
+        self.wrap(match op {
+            UnaryOp::Relu => x.f_relu(),
+            UnaryOp::Gelu => x.f_gelu("none"),
+            UnaryOp::Tanh => x.f_tanh(),
+            UnaryOp::Sqrt => x.f_sqrt(),
+            UnaryOp::Square => x.f_square(),
+        })
+    }
+
+    fn unary_backward(&self, op: UnaryOp, x: &TchTensor, dy: &TchTensor) -> Result<TchTensor> {
+        check_same_shape(&format!("{op:?} backward"), x.shape(), dy.shape())?;
+        let (x, g) = (x.inner(), dy.inner());
+        self.wrap(match op {
+            UnaryOp::Relu => x
+                .f_gt(0.0)
+                .and_then(|m| m.f_to_kind(Kind::Float))
+                .and_then(|m| g.f_mul(&m)),
+            // tch binds `self` to the input and the argument to the output gradient.
+            UnaryOp::Gelu => x.f_gelu_backward(g, "none"),
+            UnaryOp::Tanh => x
+                .f_tanh()
+                .and_then(|t| t.f_square())
+                .and_then(|t2| t2.f_mul_scalar(-1.0))
+                .and_then(|t| t.f_add_scalar(1.0))
+                .and_then(|d| g.f_mul(&d)),
+            UnaryOp::Sqrt | UnaryOp::Square => {
+                return Err(Error::Backend {
+                    backend: "tch",
+                    reason: format!("unary_backward is defined for activations only, not {op:?}"),
+                });
+            }
+        })
+    }
+
+    fn axpby(&self, alpha: f32, x: &TchTensor, beta: f32, y: &mut TchTensor) -> Result<()> {
+        check_same_shape("axpby", y.shape(), x.shape())?;
+        let ax = x.inner().f_mul_scalar(f64::from(alpha)).map_err(tch_err)?;
+        let yt = y.make_mut()?;
+        if beta != 1.0 {
+            let _ = yt.f_mul_scalar_(f64::from(beta)).map_err(tch_err)?;
+        }
+        let _ = yt.f_add_(&ax).map_err(tch_err)?;
+        Ok(())
+    }
+
+    fn affine(&self, a: &TchTensor, mul: f32, add: f32) -> Result<TchTensor> {
+        self.wrap(
+            a.inner()
+                .f_mul_scalar(f64::from(mul))
+                .and_then(|t| t.f_add_scalar(f64::from(add))),
+        )
+    }
+
+    fn add_row_broadcast(&self, a: &mut TchTensor, row: &TchTensor) -> Result<()> {
+        let cols = a.shape().as_matrix().1;
+        if row.numel() != cols {
+            return Err(Error::shape(
+                format!("add_row_broadcast onto {}", a.shape()),
+                format!("[{cols}]"),
+                row.shape(),
+            ));
+        }
+        let r = row.inner().f_reshape([cols as i64]).map_err(tch_err)?;
+        let _ = a.make_mut()?.f_add_(&r).map_err(tch_err)?;
+        Ok(())
+    }
+
+    fn gather_rows(&self, a: &TchTensor, rows: &[usize]) -> Result<TchTensor> {
+        let (n, _) = a.shape().as_matrix();
+        check_rows("gather_rows", n, rows, false)?;
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx = tch::Tensor::f_from_slice(&idx)
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(tch_err)?;
+        self.wrap(Self::matrix(a)?.f_index_select(0, &idx))
+    }
+
+    fn scatter_add_rows(&self, dst: &mut TchTensor, rows: &[usize], src: &TchTensor) -> Result<()> {
+        let (n, cols) = dst.shape().as_matrix();
+        if src.shape().as_matrix() != (rows.len(), cols) {
+            return Err(Error::shape(
+                format!("scatter_add_rows into {}", dst.shape()),
+                format!("[{}, {cols}]", rows.len()),
+                src.shape(),
+            ));
+        }
+        check_rows("scatter_add_rows", n, rows, true)?;
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx = tch::Tensor::f_from_slice(&idx)
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(tch_err)?;
+        let s = Self::matrix(src)?;
+        let mut view = dst
+            .make_mut()?
+            .f_view([n as i64, cols as i64])
+            .map_err(tch_err)?;
+        let _ = view.f_index_add_(0, &idx, &s).map_err(tch_err)?;
+        Ok(())
+    }
+
+    fn sum_rows(&self, a: &TchTensor) -> Result<TchTensor> {
+        self.wrap(Self::matrix(a)?.f_sum_dim_intlist([0i64].as_slice(), false, Kind::Float))
+    }
+
+    fn sum_cols(&self, a: &TchTensor) -> Result<TchTensor> {
+        self.wrap(Self::matrix(a)?.f_sum_dim_intlist([1i64].as_slice(), false, Kind::Float))
+    }
+
+    fn sum_all(&self, a: &TchTensor) -> Result<f64> {
+        a.inner()
+            .f_sum(Kind::Double)
+            .and_then(|s| s.f_double_value(&[]))
+            .map_err(tch_err)
+    }
+
+    fn max_abs(&self, a: &TchTensor) -> Result<f32> {
+        if a.numel() == 0 {
+            return Ok(0.0);
+        }
+        let v = a
+            .inner()
+            .f_abs()
+            .and_then(|t| t.f_max())
+            .and_then(|t| t.f_double_value(&[]))
+            .map_err(tch_err)?;
+        Ok(v as f32)
+    }
+
+    fn all_finite(&self, a: &TchTensor) -> Result<bool> {
+        let v = a
+            .inner()
+            .f_isfinite()
+            .and_then(|t| t.f_all())
+            .and_then(|t| t.f_int64_value(&[]))
+            .map_err(tch_err)?;
+        Ok(v != 0)
+    }
+}
+
+/// The LoRA epilogue uses libtorch's fused `addmm_` (`y += (s·H) Bᵀ` in one call); the rest
+/// is the reference default.
+impl LoraOps for Tch {
+    fn lora_forward(
+        &self,
+        x: &TchTensor,
+        a: &TchTensor,
+        b: &TchTensor,
+        scaling: f32,
+        mask: Option<&TchTensor>,
+        y: &mut TchTensor,
+    ) -> Result<TchTensor> {
+        let xm = Self::matrix(x)?;
+        let x_lora = match mask {
+            Some(m) => xm.f_mul(&Self::matrix(m)?).map_err(tch_err)?,
+            None => xm,
+        };
+        let h = x_lora
+            .f_mm(&a.inner().f_transpose(0, 1).map_err(tch_err)?)
+            .map_err(tch_err)?;
+        let hs = h.f_mul_scalar(f64::from(scaling)).map_err(tch_err)?;
+        let (rows, out_f) = y.shape().as_matrix();
+        let bt = b.inner().f_transpose(0, 1).map_err(tch_err)?;
+        let mut view = y
+            .make_mut()?
+            .f_view([rows as i64, out_f as i64])
+            .map_err(tch_err)?;
+        let _ = view.f_addmm_(&hs, &bt).map_err(tch_err)?;
+        TchTensor::new(h)
+    }
+}
+
+/// Optimizer steps: the reference defaults (torch's fused Adam would need its own state
+/// layout; the adapter tensors are small).
+impl OptimOps for Tch {}
