@@ -2,6 +2,8 @@
 //! references in f64, and closeness checks with readable failures.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cross_backend;
+
 use lora::rng::{self, RngState};
 use lora::{Backend, NdArray, NdTensor};
 

@@ -121,7 +121,14 @@ pub fn run(backends: &[&str]) -> Result<()> {
                     "--features",
                     "tch",
                 ])
-                .args(["--test", "tch_backend", "--test", "properties"]);
+                .args([
+                    "--test",
+                    "cross_backend",
+                    "--test",
+                    "tch_backend",
+                    "--test",
+                    "properties",
+                ]);
                 let mut lines =
                     run_capture("cargo test (tch backend: cross-backend suite)", &mut c)?;
                 let mut demo = cargo_for(true)?;

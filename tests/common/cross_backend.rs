@@ -1,0 +1,316 @@
+//! Checks written once, generic over the backend, that compare any backend with the
+//! ndarray reference. `tests/cross_backend.rs` lists the backends compiled in.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lora::models::Mlp;
+use lora::{
+    Adam, Backend, FullBackend, LoraInit, LoraSpec, Mode, Model, Optimizer, UnaryOp, mse_loss,
+};
+
+use crate::{assert_close, rand_vec, to64};
+
+/// 20 training steps (forward, backward, AdamW, dropout on) on both backends from the same
+/// seed: the shared generator makes the runs comparable step by step.
+pub fn train_twenty_steps<B: FullBackend>(b: &B) -> (Vec<f64>, Vec<f32>) {
+    let mut m = Mlp::new(b, &[4, 16, 16, 3], UnaryOp::Gelu, 5).expect("training step");
+    for l in m.linears_mut().into_iter().skip(1) {
+        l.inject_lora(
+            b,
+            &LoraSpec {
+                r: 2,
+                alpha: 8.0,
+                dropout: 0.1,
+                use_rslora: false,
+                init: LoraInit::KaimingUniform,
+                seed: 9,
+            },
+        )
+        .expect("training step");
+    }
+    let x = b
+        .from_host(&rand_vec(32 * 4, 6, 1), &[32, 4])
+        .expect("training step");
+    let y = b
+        .from_host(&rand_vec(32 * 3, 6, 2), &[32, 3])
+        .expect("training step");
+    let mut opt = Adam::<B>::adamw(1e-2).expect("training step");
+    let mut losses = Vec::new();
+    for _ in 0..20 {
+        let p = m.forward(b, &x, Mode::Train).expect("training step");
+        let (loss, dy) = mse_loss(b, &p, &y).expect("training step");
+        m.backward(b, &dy).expect("training step");
+        opt.step(b, &mut m.params_and_grads())
+            .expect("training step");
+        losses.push(loss);
+    }
+    let params: Vec<f32> = m
+        .linears()
+        .iter()
+        .filter_map(|l| l.adapter())
+        .flat_map(|a| {
+            a.tensors()
+                .into_iter()
+                .flat_map(|(_, t)| b.to_host(t).expect("training step"))
+        })
+        .collect();
+    (losses, params)
+}
+
+/// Every primitive of backend `t` on random inputs against the ndarray reference.
+pub fn check_every_primitive<B: FullBackend>(t: &B) {
+    use lora::{BinaryOp, Transpose};
+    let r = lora::NdArray::new();
+    let shape = [3usize, 5, 4];
+    let xa = rand_vec(60, 4, 1);
+    let xb: Vec<f32> = rand_vec(60, 4, 2).iter().map(|v| v + 1.5).collect();
+    let (ra, rb) = (
+        r.from_host(&xa, &shape).expect("primitive"),
+        r.from_host(&xb, &shape).expect("primitive"),
+    );
+    let (ta, tb) = (
+        t.from_host(&xa, &shape).expect("primitive"),
+        t.from_host(&xb, &shape).expect("primitive"),
+    );
+    let same = |what: &str, got: Vec<f32>, want: Vec<f32>| {
+        assert_close(what, &got, &to64(&want), 1e-5, 1e-6)
+    };
+    for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+        same(
+            &format!("{op:?}"),
+            t.to_host(&t.binary(op, &ta, &tb).expect("primitive"))
+                .expect("primitive"),
+            r.to_host(&r.binary(op, &ra, &rb).expect("primitive"))
+                .expect("primitive"),
+        );
+    }
+    for op in [UnaryOp::Relu, UnaryOp::Gelu, UnaryOp::Tanh, UnaryOp::Square] {
+        same(
+            &format!("{op:?}"),
+            t.to_host(&t.unary(op, &ta).expect("primitive"))
+                .expect("primitive"),
+            r.to_host(&r.unary(op, &ra).expect("primitive"))
+                .expect("primitive"),
+        );
+    }
+    same(
+        "Sqrt",
+        t.to_host(&t.unary(UnaryOp::Sqrt, &tb).expect("primitive"))
+            .expect("primitive"),
+        r.to_host(&r.unary(UnaryOp::Sqrt, &rb).expect("primitive"))
+            .expect("primitive"),
+    );
+    for op in [UnaryOp::Relu, UnaryOp::Gelu, UnaryOp::Tanh] {
+        same(
+            &format!("{op:?} backward"),
+            t.to_host(&t.unary_backward(op, &ta, &tb).expect("primitive"))
+                .expect("primitive"),
+            r.to_host(&r.unary_backward(op, &ra, &rb).expect("primitive"))
+                .expect("primitive"),
+        );
+    }
+    let (mut ry, mut ty) = (rb.clone(), tb.clone());
+    r.axpby(0.3, &ra, -1.7, &mut ry).expect("primitive");
+    t.axpby(0.3, &ta, -1.7, &mut ty).expect("primitive");
+    same(
+        "axpby",
+        t.to_host(&ty).expect("primitive"),
+        r.to_host(&ry).expect("primitive"),
+    );
+    same(
+        "axpby leaves the clone's source alone",
+        t.to_host(&tb).expect("primitive"),
+        xb.clone(),
+    );
+    same(
+        "affine",
+        t.to_host(&t.affine(&ta, 2.5, -1.0).expect("primitive"))
+            .expect("primitive"),
+        r.to_host(&r.affine(&ra, 2.5, -1.0).expect("primitive"))
+            .expect("primitive"),
+    );
+    let row = rand_vec(4, 4, 3);
+    let (mut rr, mut tr) = (ra.clone(), ta.clone());
+    r.add_row_broadcast(&mut rr, &r.from_host(&row, &[4]).expect("primitive"))
+        .expect("primitive");
+    t.add_row_broadcast(&mut tr, &t.from_host(&row, &[4]).expect("primitive"))
+        .expect("primitive");
+    same(
+        "add_row_broadcast",
+        t.to_host(&tr).expect("primitive"),
+        r.to_host(&rr).expect("primitive"),
+    );
+    same(
+        "sum_rows",
+        t.to_host(&t.sum_rows(&ta).expect("primitive"))
+            .expect("primitive"),
+        r.to_host(&r.sum_rows(&ra).expect("primitive"))
+            .expect("primitive"),
+    );
+    same(
+        "sum_cols",
+        t.to_host(&t.sum_cols(&ta).expect("primitive"))
+            .expect("primitive"),
+        r.to_host(&r.sum_cols(&ra).expect("primitive"))
+            .expect("primitive"),
+    );
+    assert!((t.sum_all(&ta).expect("primitive") - r.sum_all(&ra).expect("primitive")).abs() < 1e-5);
+    assert_eq!(
+        t.max_abs(&ta).expect("primitive"),
+        r.max_abs(&ra).expect("primitive")
+    );
+    assert!(t.all_finite(&ta).expect("primitive"));
+    assert!(
+        !t.all_finite(&t.from_host(&[1.0, f32::NAN], &[2]).expect("primitive"))
+            .expect("primitive")
+    );
+    let rows = [14usize, 0, 7];
+    same(
+        "gather_rows",
+        t.to_host(&t.gather_rows(&ta, &rows).expect("primitive"))
+            .expect("primitive"),
+        r.to_host(&r.gather_rows(&ra, &rows).expect("primitive"))
+            .expect("primitive"),
+    );
+    let src = rand_vec(12, 4, 4);
+    let (mut rs, mut ts) = (ra.clone(), ta.clone());
+    r.scatter_add_rows(
+        &mut rs,
+        &rows,
+        &r.from_host(&src, &[3, 4]).expect("primitive"),
+    )
+    .expect("primitive");
+    t.scatter_add_rows(
+        &mut ts,
+        &rows,
+        &t.from_host(&src, &[3, 4]).expect("primitive"),
+    )
+    .expect("primitive");
+    same(
+        "scatter_add_rows",
+        t.to_host(&ts).expect("primitive"),
+        r.to_host(&rs).expect("primitive"),
+    );
+    let st = lora::rng::RngState::new(1, 2);
+    assert_eq!(
+        t.to_host(&t.dropout_mask(&shape, 0.3, st).expect("primitive"))
+            .expect("primitive"),
+        r.to_host(&r.dropout_mask(&shape, 0.3, st).expect("primitive"))
+            .expect("primitive"),
+        "dropout masks are bit-identical"
+    );
+    for (tra, trb) in [
+        (Transpose::No, Transpose::No),
+        (Transpose::Yes, Transpose::No),
+        (Transpose::No, Transpose::Yes),
+        (Transpose::Yes, Transpose::Yes),
+    ] {
+        let a = rand_vec(20, 5, 1);
+        let bm = rand_vec(20, 5, 2);
+        let c0 = rand_vec(16, 5, 3);
+        let ash = if tra == Transpose::No { [4, 5] } else { [5, 4] };
+        let bsh = if trb == Transpose::No { [5, 4] } else { [4, 5] };
+        let mut rc = r.from_host(&c0, &[4, 4]).expect("primitive");
+        let mut tc = t.from_host(&c0, &[4, 4]).expect("primitive");
+        r.gemm(
+            0.7,
+            &r.from_host(&a, &ash).expect("primitive"),
+            tra,
+            &r.from_host(&bm, &bsh).expect("primitive"),
+            trb,
+            0.5,
+            &mut rc,
+        )
+        .expect("primitive");
+        t.gemm(
+            0.7,
+            &t.from_host(&a, &ash).expect("primitive"),
+            tra,
+            &t.from_host(&bm, &bsh).expect("primitive"),
+            trb,
+            0.5,
+            &mut tc,
+        )
+        .expect("primitive");
+        same(
+            &format!("gemm {tra:?} {trb:?}"),
+            t.to_host(&tc).expect("primitive"),
+            r.to_host(&rc).expect("primitive"),
+        );
+    }
+}
+
+/// The same optimizer for the reference and for the backend under test.
+type OptimizerPair<B> = (
+    &'static str,
+    Box<dyn Optimizer<lora::NdArray>>,
+    Box<dyn Optimizer<B>>,
+);
+
+/// SGD (momentum, dampening, Nesterov, decay), Adam (L2) and AdamW, five steps each on
+/// backend `t` and on the reference, from the same parameters and gradients.
+pub fn check_every_optimizer<B: FullBackend>(t: &B) {
+    use lora::{AdamHyper, ParamGrad, Sgd, SgdHyper};
+    let r = lora::NdArray::new();
+    let sgd = |momentum, nesterov| SgdHyper {
+        lr: 0.1,
+        momentum,
+        dampening: 0.0,
+        weight_decay: 0.01,
+        nesterov,
+    };
+    let adam = |decoupled| AdamHyper {
+        lr: 1e-2,
+        beta1: 0.8,
+        beta2: 0.99,
+        eps: 1e-6,
+        weight_decay: 0.1,
+        decoupled,
+    };
+    fn run<X: FullBackend>(b: &X, mut opt: Box<dyn Optimizer<X>>) -> Vec<f32> {
+        let mut p = b.from_host(&rand_vec(12, 8, 1), &[3, 4]).expect("param");
+        for step in 0..5 {
+            let g = b
+                .from_host(&rand_vec(12, 8, 10 + step), &[3, 4])
+                .expect("grad");
+            opt.step(
+                b,
+                &mut [ParamGrad {
+                    param: &mut p,
+                    grad: &g,
+                }],
+            )
+            .expect("step");
+        }
+        b.to_host(&p).expect("host")
+    }
+    let cases: Vec<OptimizerPair<B>> = vec![
+        (
+            "sgd",
+            Box::new(Sgd::new(sgd(0.0, false)).expect("sgd")),
+            Box::new(Sgd::new(sgd(0.0, false)).expect("sgd")),
+        ),
+        (
+            "sgd momentum",
+            Box::new(Sgd::new(sgd(0.9, false)).expect("sgd")),
+            Box::new(Sgd::new(sgd(0.9, false)).expect("sgd")),
+        ),
+        (
+            "sgd nesterov",
+            Box::new(Sgd::new(sgd(0.9, true)).expect("sgd")),
+            Box::new(Sgd::new(sgd(0.9, true)).expect("sgd")),
+        ),
+        (
+            "adam",
+            Box::new(Adam::new(adam(false)).expect("adam")),
+            Box::new(Adam::new(adam(false)).expect("adam")),
+        ),
+        (
+            "adamw",
+            Box::new(Adam::new(adam(true)).expect("adamw")),
+            Box::new(Adam::new(adam(true)).expect("adamw")),
+        ),
+    ];
+    for (name, ro, to) in cases {
+        assert_close(name, &run(t, to), &to64(&run(&r, ro)), 1e-4, 1e-5);
+    }
+}

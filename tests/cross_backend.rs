@@ -1,0 +1,44 @@
+//! Every backend compiled in against the ndarray reference: each primitive, every optimizer
+//! step, and a 20-step training run (forward, backward, AdamW, dropout on), f32 at rtol
+//! 1e-4 / atol 1e-5. A new backend joins with one line in `backends!`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[allow(unused_imports)]
+use lora_tests::cross_backend::{check_every_optimizer, check_every_primitive, train_twenty_steps};
+#[allow(unused_imports)]
+use lora_tests::{assert_close, to64};
+
+#[allow(unused_macros)]
+macro_rules! backends {
+    ($($name:ident => $make:expr),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[test]
+                fn every_primitive_equals_the_reference() {
+                    check_every_primitive(&$make);
+                }
+
+                #[test]
+                fn every_optimizer_step_equals_the_reference() {
+                    check_every_optimizer(&$make);
+                }
+
+                #[test]
+                fn twenty_step_training_run_equals_the_reference() {
+                    let (l_ref, p_ref) = train_twenty_steps(&lora::NdArray::new());
+                    let (l, p) = train_twenty_steps(&$make);
+                    assert!(l_ref[19] < l_ref[0], "training reduces the loss");
+                    assert_close("losses", &l.iter().map(|v| *v as f32).collect::<Vec<_>>(), &l_ref, 1e-4, 1e-5);
+                    assert_close("adapter parameters after 20 steps", &p, &to64(&p_ref), 1e-4, 1e-5);
+                }
+            }
+        )*
+    };
+}
+
+#[cfg(feature = "tch")]
+backends! {
+    tch => lora::Tch::cpu(),
+}
