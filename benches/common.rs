@@ -12,6 +12,13 @@ pub const LORA_SHAPES: [(usize, usize, usize, usize); 3] = [
     (2048, 384, 1536, 8),
 ];
 
+/// Uniform `[-1, 1)` host values from stream `stream`.
+pub fn rand_host(n: usize, stream: u64) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    uniform(RngState::new(42, stream), -1.0, 1.0, &mut v);
+    v
+}
+
 /// Uniform `[-1, 1)` tensor.
 pub fn rand(b: &NdArray, shape: &[usize], stream: u64) -> NdTensor {
     let mut v = vec![0.0; shape.iter().product()];

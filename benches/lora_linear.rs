@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lora::{DenseLinear, Linear, LoraLinear, LoraSpec, Mode, NdArray};
-use lora_benches::{LORA_SHAPES, rand};
+use lora::{DenseLinear, FullBackend, Linear, LoraLinear, LoraSpec, Mode, NdArray};
+use lora_benches::LORA_SHAPES;
 
 /// Per-sample `(frozen seconds, lora seconds)` of one paired benchmark.
 type Samples = RefCell<Vec<(f64, f64)>>;
@@ -32,7 +32,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// `{"<op>/<shape>": {"ratio": r, "frozen_s": f, "lora_s": l}}`, medians per iteration.
+/// `{"<backend>/<op>/<shape>": {"ratio": r, "frozen_s": f, "lora_s": l}}`, medians per
+/// iteration.
 fn write_paired(results: &BTreeMap<String, (f64, f64, f64)>) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).ok();
@@ -85,20 +86,27 @@ fn paired(
     }
 }
 
-fn bench(c: &mut Criterion) {
-    let b = NdArray::new();
-    let mut results = BTreeMap::new();
+/// One backend's LoRA-vs-frozen benchmarks at every shape.
+fn bench_backend<B: FullBackend>(
+    c: &mut Criterion,
+    b: &B,
+    results: &mut BTreeMap<String, (f64, f64, f64)>,
+) {
     let quick = std::env::var_os("LORA_BENCH_QUICK").is_some();
+    let name = b.name();
     for &(t, inp, out, r) in &LORA_SHAPES {
         let shape = format!("{t}x{inp}x{out}r{r}");
-        let x = rand(&b, &[t, inp], 1);
-        let dy = rand(&b, &[t, out], 2);
-        let dense =
-            DenseLinear::<NdArray>::new(rand(&b, &[out, inp], 3), Some(rand(&b, &[out], 4)))
-                .unwrap();
+        let host = lora_benches::rand_host;
+        let x = b.from_host(&host(t * inp, 1), &[t, inp]).unwrap();
+        let dy = b.from_host(&host(t * out, 2), &[t, out]).unwrap();
+        let dense = DenseLinear::<B>::new(
+            b.from_host(&host(out * inp, 3), &[out, inp]).unwrap(),
+            Some(b.from_host(&host(out, 4), &[out]).unwrap()),
+        )
+        .unwrap();
         let mut lora = LoraLinear::new("layer", Box::new(dense.clone()));
         lora.inject_lora(
-            &b,
+            b,
             &LoraSpec {
                 r,
                 alpha: 2.0 * r as f32,
@@ -109,7 +117,7 @@ fn bench(c: &mut Criterion) {
         let lora = RefCell::new(lora);
 
         let big = t * inp * out >= 1 << 30;
-        let mut g = c.benchmark_group("lora_linear");
+        let mut g = c.benchmark_group(format!("lora_linear_{name}"));
         g.sample_size(if big || quick { 10 } else { 30 });
         g.warm_up_time(Duration::from_millis(if quick { 300 } else { 1000 }));
         g.measurement_time(Duration::from_secs(if quick {
@@ -121,33 +129,48 @@ fn bench(c: &mut Criterion) {
         }));
         paired(
             &mut g,
-            format!("fwd_bwd/{shape}"),
-            &mut results,
+            format!("{name}/fwd_bwd/{shape}"),
+            results,
             || {
                 black_box((
-                    dense.forward(&b, &x).unwrap(),
-                    dense.backward(&b, &dy).unwrap(),
+                    dense.forward(b, &x).unwrap(),
+                    dense.backward(b, &dy).unwrap(),
                 ));
+                b.synchronize().unwrap();
             },
             || {
                 let mut l = lora.borrow_mut();
-                black_box(l.forward(&b, &x, Mode::Train).unwrap());
-                black_box(l.backward(&b, &dy).unwrap());
+                black_box(l.forward(b, &x, Mode::Train).unwrap());
+                black_box(l.backward(b, &dy).unwrap());
+                b.synchronize().unwrap();
             },
         );
         paired(
             &mut g,
-            format!("fwd/{shape}"),
-            &mut results,
+            format!("{name}/fwd/{shape}"),
+            results,
             || {
-                black_box(dense.forward(&b, &x).unwrap());
+                black_box(dense.forward(b, &x).unwrap());
+                b.synchronize().unwrap();
             },
             || {
-                black_box(lora.borrow_mut().forward(&b, &x, Mode::Eval).unwrap());
+                black_box(lora.borrow_mut().forward(b, &x, Mode::Eval).unwrap());
+                b.synchronize().unwrap();
             },
         );
         g.finish();
     }
+}
+
+fn bench(c: &mut Criterion) {
+    let mut results = BTreeMap::new();
+    bench_backend(c, &NdArray::new(), &mut results);
+    #[cfg(feature = "tch")]
+    bench_backend(
+        c,
+        &lora::Tch::cuda(0).unwrap_or_else(|_| lora::Tch::cpu()),
+        &mut results,
+    );
     write_paired(&results);
 }
 

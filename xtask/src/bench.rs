@@ -84,6 +84,10 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(target.join("criterion"));
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "lora-benches"]);
+    if backends.contains(&"tch") {
+        crate::venv::torch_env(&mut cmd)?;
+        cmd.args(["--features", "tch"]);
+    }
     if quick {
         cmd.env("LORA_BENCH_QUICK", "1");
     }
@@ -249,7 +253,7 @@ fn report(target: &Path, quick: bool) -> Result<()> {
                 );
             }
         }
-        if group == "lora_linear" {
+        if group.starts_with("lora_linear") {
             continue; // from paired.json below: the interleaved frozen/LoRA figures
         }
         let op_name = if group == "gemm" {
@@ -267,9 +271,23 @@ fn report(target: &Path, quick: bool) -> Result<()> {
     }
     // LoRA over frozen, interleaved, for us and for PyTorch + PEFT.
     let torch = read_json(&target.join("bench/pytorch.json")).unwrap_or(json!({}));
-    for (backend, src) in [("ndarray", &paired), ("pytorch+peft", &torch)] {
-        let Some(obj) = src.as_object() else { continue };
-        for (key, v) in obj {
+    // Ours: "<backend>/<op>/<shape>"; PyTorch's: "<op>/<shape>".
+    let ours = paired
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            let (backend, key) = k.split_once('/')?;
+            Some((backend.to_string(), key.to_string(), v))
+        });
+    let theirs = torch
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| ("pytorch+peft".to_string(), k.clone(), v));
+    for (backend, key, v) in ours.chain(theirs) {
+        let backend = backend.as_str();
+        {
             let Some((op, shape)) = key.split_once('/') else {
                 continue;
             };
@@ -282,7 +300,7 @@ fn report(target: &Path, quick: bool) -> Result<()> {
             };
             let mut extra = BTreeMap::new();
             extra.insert("lora_over_base", json!((ratio * 1e4).round() / 1e4));
-            if backend == "ndarray"
+            if backend != "pytorch+peft"
                 && let Some(tl) = torch[key.as_str()]["lora_s"].as_f64()
             {
                 extra.insert("vs_pytorch", json!(((l / tl) * 1e4).round() / 1e4));
@@ -431,7 +449,7 @@ fn write_markdown(path: &PathBuf, rows: &[Row], peak: Option<f64>, quick: bool) 
             None
         };
         let mut goals = Vec::new();
-        if r.backend == "ndarray" && op == "fwd_bwd" {
+        if r.backend != "pytorch+peft" && op == "fwd_bwd" {
             if let Some(v) = ratio {
                 goals.push(if v <= 1.05 {
                     "1.05x met".to_string()
