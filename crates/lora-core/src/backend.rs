@@ -265,3 +265,43 @@ pub fn check_rows(op: &str, nrows: usize, rows: &[usize], distinct: bool) -> Res
     }
     Ok(())
 }
+
+/// Checks the operands of [`Backend::scatter_add_rows`]; returns `(rows of dst, cols)`.
+pub fn check_scatter_add(dst: &Shape, rows: &[usize], src: &Shape) -> Result<(usize, usize)> {
+    let (n, cols) = dst.as_matrix();
+    if src.as_matrix() != (rows.len(), cols) {
+        return Err(Error::shape(
+            format!("scatter_add_rows into {dst}"),
+            format!("[{}, {cols}]", rows.len()),
+            src,
+        ));
+    }
+    check_rows("scatter_add_rows", n, rows, true)?;
+    Ok((n, cols))
+}
+
+/// Checks the operands of [`Backend::add_row_broadcast`]; returns the row length.
+pub fn check_row_broadcast(a: &Shape, row: &Shape) -> Result<usize> {
+    let cols = a.as_matrix().1;
+    if row.numel() != cols {
+        return Err(Error::shape(
+            format!("add_row_broadcast onto {a}"),
+            format!("[{cols}]"),
+            row,
+        ));
+    }
+    Ok(cols)
+}
+
+/// Checks that a tensor of shape `from` can be reshaped to `to`.
+pub fn check_reshape(from: &Shape, to: &[usize]) -> Result<()> {
+    let to = Shape::new(to);
+    if to.numel() != from.numel() {
+        return Err(Error::shape(
+            format!("reshape to {to}"),
+            format!("{} elements", to.numel()),
+            from,
+        ));
+    }
+    Ok(())
+}

@@ -1,9 +1,10 @@
 //! The `ndarray` backend: the reference every other backend is checked against.
 
-use lora_core::backend::{check_host_len, check_rows, check_same_shape};
-use lora_core::{
-    Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Shape, Tensor, Transpose, UnaryOp,
+use lora_core::backend::{
+    check_host_len, check_reshape, check_row_broadcast, check_rows, check_same_shape,
+    check_scatter_add,
 };
+use lora_core::{Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp};
 use ndarray::Axis;
 use rayon::prelude::*;
 
@@ -149,13 +150,7 @@ impl Backend for NdArray {
     }
 
     fn reshape(&self, t: &NdTensor, shape: &[usize]) -> Result<NdTensor> {
-        if Shape::new(shape).numel() != t.numel() {
-            return Err(Error::shape(
-                format!("reshape to {}", Shape::new(shape)),
-                format!("{} elements", Shape::new(shape).numel()),
-                t.shape(),
-            ));
-        }
+        check_reshape(t.shape(), shape)?;
         NdTensor::from_vec(t.as_slice().to_vec(), shape)
     }
 
@@ -204,14 +199,7 @@ impl Backend for NdArray {
     }
 
     fn add_row_broadcast(&self, a: &mut NdTensor, row: &NdTensor) -> Result<()> {
-        let cols = a.shape().as_matrix().1;
-        if row.numel() != cols {
-            return Err(Error::shape(
-                format!("add_row_broadcast onto {}", a.shape()),
-                format!("[{cols}]"),
-                row.shape(),
-            ));
-        }
+        let cols = check_row_broadcast(a.shape(), row.shape())?;
         if cols == 0 {
             return Ok(());
         }
@@ -236,15 +224,7 @@ impl Backend for NdArray {
     }
 
     fn scatter_add_rows(&self, dst: &mut NdTensor, rows: &[usize], src: &NdTensor) -> Result<()> {
-        let (n, cols) = dst.shape().as_matrix();
-        if src.shape().as_matrix() != (rows.len(), cols) {
-            return Err(Error::shape(
-                format!("scatter_add_rows into {}", dst.shape()),
-                format!("[{}, {cols}]", rows.len()),
-                src.shape(),
-            ));
-        }
-        check_rows("scatter_add_rows", n, rows, true)?;
+        let (_, cols) = check_scatter_add(dst.shape(), rows, src.shape())?;
         let s = src.as_slice();
         let d = dst.as_mut_slice();
         for (i, &r) in rows.iter().enumerate() {

@@ -3,10 +3,12 @@
 //! libtorch's in-place ops (`f_add_`, `f_addmm_`, ...) return another handle to the tensor
 //! they modified; `let _ =` drops that handle.
 
-use lora_core::backend::{check_gemm, check_host_len, check_rows, check_same_shape};
+use lora_core::backend::{
+    check_gemm, check_host_len, check_reshape, check_row_broadcast, check_rows, check_same_shape,
+    check_scatter_add,
+};
 use lora_core::{
-    Backend, BinaryOp, Error, LoraGrads, LoraOps, OptimOps, Result, Shape, Tensor, Transpose,
-    UnaryOp,
+    Backend, BinaryOp, Error, LoraGrads, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp,
 };
 use tch::{Device, Kind};
 
@@ -109,13 +111,7 @@ impl Backend for Tch {
     }
 
     fn reshape(&self, t: &TchTensor, shape: &[usize]) -> Result<TchTensor> {
-        if Shape::new(shape).numel() != t.numel() {
-            return Err(Error::shape(
-                format!("reshape to {}", Shape::new(shape)),
-                format!("{} elements", Shape::new(shape).numel()),
-                t.shape(),
-            ));
-        }
+        check_reshape(t.shape(), shape)?;
         self.wrap(t.inner().f_reshape(Self::shape_i64(shape)))
     }
 
@@ -222,14 +218,7 @@ impl Backend for Tch {
     }
 
     fn add_row_broadcast(&self, a: &mut TchTensor, row: &TchTensor) -> Result<()> {
-        let cols = a.shape().as_matrix().1;
-        if row.numel() != cols {
-            return Err(Error::shape(
-                format!("add_row_broadcast onto {}", a.shape()),
-                format!("[{cols}]"),
-                row.shape(),
-            ));
-        }
+        let cols = check_row_broadcast(a.shape(), row.shape())?;
         let r = row.inner().f_reshape([cols as i64]).map_err(tch_err)?;
         let _ = a.make_mut()?.f_add_(&r).map_err(tch_err)?;
         Ok(())
@@ -246,15 +235,7 @@ impl Backend for Tch {
     }
 
     fn scatter_add_rows(&self, dst: &mut TchTensor, rows: &[usize], src: &TchTensor) -> Result<()> {
-        let (n, cols) = dst.shape().as_matrix();
-        if src.shape().as_matrix() != (rows.len(), cols) {
-            return Err(Error::shape(
-                format!("scatter_add_rows into {}", dst.shape()),
-                format!("[{}, {cols}]", rows.len()),
-                src.shape(),
-            ));
-        }
-        check_rows("scatter_add_rows", n, rows, true)?;
+        let (n, cols) = check_scatter_add(dst.shape(), rows, src.shape())?;
         let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let idx = tch::Tensor::f_from_slice(&idx)
             .and_then(|t| t.f_to_device(self.device))
