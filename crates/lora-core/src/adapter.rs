@@ -264,16 +264,6 @@ impl<B: LoraOps> LoraAdapter<B> {
     pub fn grads(&self) -> Option<&LoraGrads<B::Tensor>> {
         self.grads.as_ref()
     }
-
-    /// The dropout stream's position (exposed so tests can replay a mask).
-    pub fn dropout_rng(&self) -> RngState {
-        self.dropout_rng
-    }
-
-    /// Rewinds or moves the dropout stream.
-    pub fn set_dropout_rng(&mut self, state: RngState) {
-        self.dropout_rng = state;
-    }
 }
 
 impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {

@@ -118,8 +118,7 @@ impl<B: LoraOps> OutTensor<'_, B> {
     /// `W + s·B·A` (transposed for `fan_in_fan_out`) in f32.
     fn merged(&self, f: &Factors, src: &[u8]) -> lora_core::Result<Vec<f32>> {
         let be = self.backend;
-        let (out_f, r) = (f.b.shape[0], f.b.shape[1]);
-        let in_f = f.a.shape[1];
+        let (out_f, in_f) = (f.b.shape[0], f.a.shape[1]);
         let a = f.a.to_backend(be)?;
         let b = f.b.to_backend(be)?;
         let shape = if self.transpose_delta {
@@ -150,7 +149,6 @@ impl<B: LoraOps> OutTensor<'_, B> {
                 &mut delta,
             )?;
         }
-        let _ = r;
         let delta = be.to_host(&delta)?;
         let mut w = decode_f32(self.src_dtype, src).unwrap_or_default();
         let mut max = 0.0f32;
@@ -346,7 +344,7 @@ pub fn merge_checkpoint<B: LoraOps>(
             state: &progress_state,
             name: name.clone(),
         };
-        report.bytes += t_len(&t) as u64;
+        report.bytes += View::data_len(&&t) as u64;
         outs.push((name.clone(), t));
     }
     let metadata: HashMap<String, String> = files[0]
@@ -396,8 +394,4 @@ pub fn merge_checkpoint<B: LoraOps>(
     })?;
     report.max_abs_delta = max_abs_delta;
     Ok(report)
-}
-
-fn t_len<B: LoraOps>(t: &OutTensor<'_, B>) -> usize {
-    View::data_len(&t)
 }
