@@ -434,12 +434,8 @@ impl<B: LoraOps> LoraLinear<B> {
     /// Merges the active adapters and drops every adapter: the layer becomes a plain base
     /// layer with the merged weight (PEFT's `merge_and_unload`).
     pub fn merge_and_unload(&mut self, backend: &B, safe: bool) -> Result<()> {
-        if !self.adapters_run() && !self.is_merged() {
-            self.adapters.clear();
-            self.active.clear();
-            return Ok(());
-        }
-        if !self.is_merged() {
+        // Disabled or without active adapters, nothing is merged: the base stays as it is.
+        if self.adapters_run() {
             self.merge(backend, safe)?;
         }
         self.adapters.clear();

@@ -59,6 +59,14 @@ impl Tch {
         t.inner().f_reshape([r as i64, c as i64]).map_err(tch_err)
     }
 
+    /// Row indices as an int64 tensor on this device.
+    fn row_index(&self, rows: &[usize]) -> Result<tch::Tensor> {
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        tch::Tensor::f_from_slice(&idx)
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(tch_err)
+    }
+
     fn shape_i64(shape: &[usize]) -> Vec<i64> {
         shape.iter().map(|&d| d as i64).collect()
     }
@@ -227,19 +235,13 @@ impl Backend for Tch {
     fn gather_rows(&self, a: &TchTensor, rows: &[usize]) -> Result<TchTensor> {
         let (n, _) = a.shape().as_matrix();
         check_rows("gather_rows", n, rows, false)?;
-        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let idx = tch::Tensor::f_from_slice(&idx)
-            .and_then(|t| t.f_to_device(self.device))
-            .map_err(tch_err)?;
+        let idx = self.row_index(rows)?;
         self.wrap(Self::matrix(a)?.f_index_select(0, &idx))
     }
 
     fn scatter_add_rows(&self, dst: &mut TchTensor, rows: &[usize], src: &TchTensor) -> Result<()> {
         let (n, cols) = check_scatter_add(dst.shape(), rows, src.shape())?;
-        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let idx = tch::Tensor::f_from_slice(&idx)
-            .and_then(|t| t.f_to_device(self.device))
-            .map_err(tch_err)?;
+        let idx = self.row_index(rows)?;
         let s = Self::matrix(src)?;
         let mut view = dst
             .make_mut()?
