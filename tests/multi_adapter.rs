@@ -320,7 +320,8 @@ fn merging_several_then_unmerging_restores_and_merge_and_unload_keeps_outputs() 
             1e-6,
         );
     }
-    let plain = pm.merge_and_unload(&b, true).unwrap();
+    let (plain, rounding) = pm.merge_and_unload(&b, true).unwrap();
+    assert_eq!(rounding, lora::WeightRounding::EXACT, "dense bases merge exactly");
     assert!(plain.linears().iter().all(|l| l.adapter_names().is_empty()));
     let mut plain = plain;
     assert_close(

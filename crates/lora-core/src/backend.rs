@@ -167,6 +167,13 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
         src: &Self::Tensor,
     ) -> Result<()>;
 
+    /// Columns `start..start + len` of the matrix view of `a`, as a `[rows, len]` tensor
+    /// (quantized layers work through the weight a block of output features at a time).
+    fn slice_cols(&self, a: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
+
+    /// In place `dst[:, start..start + cols(src)] = src` over matrix views.
+    fn assign_cols(&self, dst: &mut Self::Tensor, start: usize, src: &Self::Tensor) -> Result<()>;
+
     /// Sum over rows of the matrix view: `[rows, cols] -> [cols]` (e.g. a bias gradient).
     fn sum_rows(&self, a: &Self::Tensor) -> Result<Self::Tensor>;
 
@@ -190,6 +197,33 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
         crate::rng::dropout_mask(rng, p, &mut mask);
         self.from_host(&mask, shape)
     }
+}
+
+/// Checks a column range of [`Backend::slice_cols`] and returns the matrix view `(rows, cols)`.
+pub fn check_col_range(op: &str, a: &Shape, start: usize, len: usize) -> Result<(usize, usize)> {
+    let (rows, cols) = a.as_matrix();
+    if start.checked_add(len).is_none_or(|end| end > cols) {
+        return Err(Error::shape(
+            format!("{op} columns {start}..{}", start.saturating_add(len)),
+            format!("at least {} columns", start.saturating_add(len)),
+            a,
+        ));
+    }
+    Ok((rows, cols))
+}
+
+/// Checks the operands of [`Backend::assign_cols`] and returns `(rows, dst cols, src cols)`.
+pub fn check_assign_cols(dst: &Shape, start: usize, src: &Shape) -> Result<(usize, usize, usize)> {
+    let (rows, src_cols) = src.as_matrix();
+    let (dst_rows, dst_cols) = check_col_range("assign_cols", dst, start, src_cols)?;
+    if dst_rows != rows {
+        return Err(Error::shape(
+            "assign_cols source",
+            format!("[{dst_rows}, {src_cols}]"),
+            src,
+        ));
+    }
+    Ok((rows, dst_cols, src_cols))
 }
 
 /// Checks the operands of [`Backend::gemm`] and returns `(m, n, k)`: `op(a)` is `[m, k]`,

@@ -35,7 +35,7 @@ pub use backend::{Backend, BinaryOp, Tensor, Transpose, UnaryOp};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use host_tensor::HostTensor;
-pub use linear::{DenseLinear, Linear};
+pub use linear::{DenseLinear, Linear, WeightRounding};
 pub use lora_linear::{DEFAULT_ADAPTER, FullGrads, LoraLinear, RowAdapter};
 pub use loss::mse_loss;
 pub use module::Model;

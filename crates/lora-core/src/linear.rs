@@ -23,8 +23,15 @@ pub trait Linear<B: Backend>: Debug + Send + Sync {
     fn weight(&self, backend: &B) -> Result<B::Tensor>;
     /// The bias, `[out]`, if any.
     fn bias(&self) -> Option<&B::Tensor>;
-    /// In place `W += alpha * delta` (merge / unmerge).
-    fn add_to_weight(&mut self, backend: &B, delta: &B::Tensor, alpha: f32) -> Result<()>;
+    /// In place `W += alpha * delta` (merge / unmerge). A quantized layer re-quantizes the
+    /// sum and reports how far the stored result is from the exact f32 sum; a dense layer
+    /// reports [`WeightRounding::EXACT`].
+    fn add_to_weight(
+        &mut self,
+        backend: &B,
+        delta: &B::Tensor,
+        alpha: f32,
+    ) -> Result<WeightRounding>;
     /// Number of scalar parameters (weight and bias).
     fn num_parameters(&self) -> usize;
     /// Bytes of device memory the layer keeps resident.
@@ -33,6 +40,44 @@ pub trait Linear<B: Backend>: Debug + Send + Sync {
     /// baseline LoRA is compared with). Quantized layers return `None`.
     fn as_dense_mut(&mut self) -> Option<&mut DenseLinear<B>> {
         None
+    }
+}
+
+/// How far a weight update's stored result is from the exact f32 result: re-quantizing a
+/// merged weight rounds, and lora-rs reports it instead of hiding it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WeightRounding {
+    /// Largest `|stored - exact|` over the weight.
+    pub max_abs: f32,
+    /// `max_abs` relative to the largest `|exact|` value of the weight.
+    pub max_rel: f32,
+}
+
+impl WeightRounding {
+    /// No rounding beyond f32 arithmetic (dense weights).
+    pub const EXACT: WeightRounding = WeightRounding {
+        max_abs: 0.0,
+        max_rel: 0.0,
+    };
+
+    /// The element-wise larger of two reports (for a model: the worst layer).
+    pub fn max(self, other: WeightRounding) -> WeightRounding {
+        WeightRounding {
+            max_abs: self.max_abs.max(other.max_abs),
+            max_rel: self.max_rel.max(other.max_rel),
+        }
+    }
+
+    /// Compares a stored result with the exact one.
+    pub fn between(stored: &[f32], exact: &[f32]) -> WeightRounding {
+        let mut max_abs = 0.0f32;
+        let mut scale = 0.0f32;
+        for (s, e) in stored.iter().zip(exact) {
+            max_abs = max_abs.max((s - e).abs());
+            scale = scale.max(e.abs());
+        }
+        let max_rel = if scale > 0.0 { max_abs / scale } else { 0.0 };
+        WeightRounding { max_abs, max_rel }
     }
 }
 
@@ -156,9 +201,15 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
         self.bias.as_ref()
     }
 
-    fn add_to_weight(&mut self, backend: &B, delta: &B::Tensor, alpha: f32) -> Result<()> {
+    fn add_to_weight(
+        &mut self,
+        backend: &B,
+        delta: &B::Tensor,
+        alpha: f32,
+    ) -> Result<WeightRounding> {
         check_same_shape("add_to_weight", self.weight.shape(), delta.shape())?;
-        backend.axpby(alpha, delta, 1.0, &mut self.weight)
+        backend.axpby(alpha, delta, 1.0, &mut self.weight)?;
+        Ok(WeightRounding::EXACT)
     }
 
     fn num_parameters(&self) -> usize {

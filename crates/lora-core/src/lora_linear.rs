@@ -4,7 +4,7 @@
 use crate::adapter::{Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad};
 use crate::backend::{BinaryOp, Tensor};
 use crate::error::{Error, Result};
-use crate::linear::Linear;
+use crate::linear::{Linear, WeightRounding};
 use crate::ops::LoraOps;
 
 /// `(dx, dW, db)` of a full fine-tuning backward.
@@ -368,8 +368,9 @@ impl<B: LoraOps> LoraLinear<B> {
         Ok((dx, d_w, d_b))
     }
 
-    /// Merges the active adapters into the base weight (PEFT's `merge()`).
-    pub fn merge(&mut self, backend: &B, safe: bool) -> Result<()> {
+    /// Merges the active adapters into the base weight (PEFT's `merge()`). Returns how far
+    /// the stored weight is from the exact merge (non-zero only for quantized bases).
+    pub fn merge(&mut self, backend: &B, safe: bool) -> Result<WeightRounding> {
         let names: Vec<String> = self.active.clone();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         self.merge_adapters(backend, &names, safe)
@@ -378,7 +379,12 @@ impl<B: LoraOps> LoraLinear<B> {
     /// Adds the named adapters' `delta_W` into the base weight, in order. With `safe`, the
     /// merged weight is computed on a copy first and the merge is refused, leaving the
     /// layer untouched, if any value would be non-finite.
-    pub fn merge_adapters(&mut self, backend: &B, names: &[&str], safe: bool) -> Result<()> {
+    pub fn merge_adapters(
+        &mut self,
+        backend: &B,
+        names: &[&str],
+        safe: bool,
+    ) -> Result<WeightRounding> {
         if names.is_empty() {
             return Err(Error::state(&self.name, "no adapter to merge"));
         }
@@ -408,41 +414,45 @@ impl<B: LoraOps> LoraLinear<B> {
                 });
             }
         }
+        let mut rounding = WeightRounding::EXACT;
         for (d, n) in deltas.iter().zip(names) {
-            self.base.add_to_weight(backend, d, 1.0)?;
+            rounding = rounding.max(self.base.add_to_weight(backend, d, 1.0)?);
             self.merged.push(n.to_string());
         }
-        Ok(())
+        Ok(rounding)
     }
 
-    /// Subtracts every merged adapter's `delta_W` again, most recent first.
-    pub fn unmerge(&mut self, backend: &B) -> Result<()> {
+    /// Subtracts every merged adapter's `delta_W` again, most recent first. On a quantized
+    /// base this rounds a second time; the result says how much.
+    pub fn unmerge(&mut self, backend: &B) -> Result<WeightRounding> {
         if self.merged.is_empty() {
             return Err(Error::state(&self.name, "adapter is not merged"));
         }
+        let mut rounding = WeightRounding::EXACT;
         while let Some(n) = self.merged.last().cloned() {
             let a = self
                 .adapter_named(&n)
                 .ok_or_else(|| Error::state(&self.name, format!("merged adapter {n:?} is gone")))?;
             let delta = a.delta_weight(backend)?;
-            self.base.add_to_weight(backend, &delta, -1.0)?;
+            rounding = rounding.max(self.base.add_to_weight(backend, &delta, -1.0)?);
             self.merged.pop();
         }
-        Ok(())
+        Ok(rounding)
     }
 
     /// Merges the active adapters and drops every adapter: the layer becomes a plain base
     /// layer with the merged weight (PEFT's `merge_and_unload`).
-    pub fn merge_and_unload(&mut self, backend: &B, safe: bool) -> Result<()> {
+    pub fn merge_and_unload(&mut self, backend: &B, safe: bool) -> Result<WeightRounding> {
         // Disabled or without active adapters, nothing is merged: the base stays as it is.
+        let mut rounding = WeightRounding::EXACT;
         if self.adapters_run() {
-            self.merge(backend, safe)?;
+            rounding = self.merge(backend, safe)?;
         }
         self.adapters.clear();
         self.active.clear();
         self.merged.clear();
         self.disabled = false;
-        Ok(())
+        Ok(rounding)
     }
 
     /// The active adapters' parameters with their gradients (empty before a backward).

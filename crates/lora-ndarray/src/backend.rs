@@ -1,10 +1,11 @@
 //! The `ndarray` backend: the reference every other backend is checked against.
 
 use lora_core::backend::{
-    check_host_len, check_reshape, check_row_broadcast, check_rows, check_same_shape,
-    check_scatter_add,
+    check_assign_cols, check_col_range, check_host_len, check_reshape, check_row_broadcast,
+    check_rows, check_same_shape, check_scatter_add,
 };
 use lora_core::{Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp};
+use lora_quant::{QuantOps, QuantizedWeight, dequantize_rows_host};
 use ndarray::Axis;
 use rayon::prelude::*;
 
@@ -238,6 +239,27 @@ impl Backend for NdArray {
         Ok(())
     }
 
+    fn slice_cols(&self, a: &NdTensor, start: usize, len: usize) -> Result<NdTensor> {
+        let (rows, cols) = check_col_range("slice_cols", a.shape(), start, len)?;
+        let src = a.as_slice();
+        let mut out = Vec::with_capacity(rows * len);
+        for r in 0..rows {
+            out.extend_from_slice(&src[r * cols + start..r * cols + start + len]);
+        }
+        NdTensor::from_vec(out, &[rows, len])
+    }
+
+    fn assign_cols(&self, dst: &mut NdTensor, start: usize, src: &NdTensor) -> Result<()> {
+        let (rows, dst_cols, len) = check_assign_cols(dst.shape(), start, src.shape())?;
+        let s = src.as_slice();
+        let d = dst.as_mut_slice();
+        for r in 0..rows {
+            d[r * dst_cols + start..r * dst_cols + start + len]
+                .copy_from_slice(&s[r * len..(r + 1) * len]);
+        }
+        Ok(())
+    }
+
     fn sum_rows(&self, a: &NdTensor) -> Result<NdTensor> {
         sum_axis(a, 0)
     }
@@ -274,3 +296,12 @@ impl Backend for NdArray {
 /// reference semantics that fused kernels elsewhere are checked against.
 impl LoraOps for NdArray {}
 impl OptimOps for NdArray {}
+
+/// Dequantizes on the host like the default, but hands the buffer to the tensor without
+/// the upload copy (host memory is this backend's device memory).
+impl QuantOps for NdArray {
+    fn dequantize_rows(&self, weight: &QuantizedWeight, row0: usize, rows: usize) -> Result<NdTensor> {
+        let buf = dequantize_rows_host(weight, row0, rows)?;
+        NdTensor::from_vec(buf, &[rows, weight.dims().1])
+    }
+}

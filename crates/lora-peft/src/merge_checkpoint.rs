@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use lora_core::fs::temp_path_for;
-use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, Transpose};
+use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, Transpose, WeightRounding};
 use safetensors::{Dtype, View};
 
 use crate::adapter_file::{CONFIG_FILE, WEIGHTS_FILE, lora_modules, read_safetensors};
@@ -16,6 +16,7 @@ use crate::checkpoint::{
 };
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
+use crate::quantize_checkpoint::{is_quantized_checkpoint, merge_into_quantized};
 
 /// The dtype of the merged checkpoint's floating-point tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +55,9 @@ pub struct MergeReport {
     pub bytes: u64,
     /// Largest |ΔW| element added (a sanity figure for the user).
     pub max_abs_delta: f32,
+    /// For a quantized base: the worst module's rounding of the re-quantized result against
+    /// the exact f32 merge.
+    pub rounding: Option<WeightRounding>,
 }
 
 /// The adapter's LoRA factors for one module, on the host.
@@ -242,6 +246,10 @@ pub fn merge_checkpoint<B: LoraOps>(
         adapter_name,
     )?;
 
+    if is_quantized_checkpoint(base)? {
+        return merge_quantized(backend, base, &config, modules, adapter_name, out);
+    }
+
     let ckpt = Checkpoint::open(base)?;
     let files: Vec<MappedFile> = ckpt
         .files
@@ -394,4 +402,51 @@ pub fn merge_checkpoint<B: LoraOps>(
     })?;
     report.max_abs_delta = max_abs_delta;
     Ok(report)
+}
+
+/// `lora merge` into a bitsandbytes-quantized base: each targeted module is dequantized,
+/// merged in f32 and quantized again with its own settings; the report carries the
+/// rounding against the exact merge.
+fn merge_quantized<B: LoraOps>(
+    backend: &B,
+    base: &Path,
+    config: &LoraConfig,
+    modules: BTreeMap<String, (HostTensor, HostTensor)>,
+    adapter_name: &str,
+    out: &Path,
+) -> Result<MergeReport> {
+    if config.fan_in_fan_out {
+        return Err(PeftError::Unsupported {
+            field: "fan_in_fan_out",
+            value: "true".into(),
+            reason: "bitsandbytes-quantized layers are nn.Linear ([out, in]); Conv1D bases are not quantized".into(),
+        });
+    }
+    let mut deltas = BTreeMap::new();
+    let mut max_abs_delta = 0.0f32;
+    for (module, (a, b)) in modules {
+        if a.shape.len() != 2 || b.shape.len() != 2 || b.shape[1] != a.shape[0] {
+            return Err(PeftError::Format {
+                path: adapter_name.to_string(),
+                reason: format!("module {module}: lora_A {:?} and lora_B {:?} do not chain", a.shape, b.shape),
+            });
+        }
+        let scaling = config.spec_for(&module, 0)?.scaling();
+        let (out_f, in_f) = (b.shape[0], a.shape[1]);
+        let (ta, tb) = (a.to_backend(backend)?, b.to_backend(backend)?);
+        let mut delta = backend.zeros(&[out_f, in_f])?;
+        backend.gemm(scaling, &tb, Transpose::No, &ta, Transpose::No, 0.0, &mut delta)?;
+        let delta = backend.to_host(&delta)?;
+        max_abs_delta = delta.iter().fold(max_abs_delta, |m, d| m.max(d.abs()));
+        deltas.insert(module, ([out_f, in_f], delta));
+    }
+    let q = merge_into_quantized(base, &deltas, out)?;
+    Ok(MergeReport {
+        merged: q.merged.iter().map(|(m, _)| format!("{m}.weight")).collect(),
+        copied: q.copied,
+        converted: 0,
+        bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+        max_abs_delta,
+        rounding: Some(q.worst()),
+    })
 }

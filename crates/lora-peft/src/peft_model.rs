@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::path::Path;
 
-use lora_core::{DEFAULT_ADAPTER, LoraAdapter, LoraOps, Model, RowAdapter, Tensor};
+use lora_core::{
+    DEFAULT_ADAPTER, LoraAdapter, LoraOps, Model, RowAdapter, Tensor, WeightRounding,
+};
 
 use crate::adapter_file::{load_adapter, save_adapter};
 use crate::config::{LoraConfig, TargetModules};
@@ -327,32 +329,37 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
         Ok(())
     }
 
-    /// Merges the active adapters of every layer into its base weight.
-    pub fn merge(&mut self, backend: &B, safe: bool) -> Result<()> {
+    /// Merges the active adapters of every layer into its base weight. Returns the worst
+    /// layer's rounding against the exact merge (zero unless bases are quantized).
+    pub fn merge(&mut self, backend: &B, safe: bool) -> Result<WeightRounding> {
+        let mut rounding = WeightRounding::EXACT;
         for l in self.model.linears_mut() {
             if !l.active_adapters().is_empty() && !l.is_merged() {
-                l.merge(backend, safe)?;
+                rounding = rounding.max(l.merge(backend, safe)?);
             }
         }
-        Ok(())
+        Ok(rounding)
     }
 
-    /// Unmerges everything merged.
-    pub fn unmerge(&mut self, backend: &B) -> Result<()> {
+    /// Unmerges everything merged; returns the worst layer's rounding, as [`Self::merge`].
+    pub fn unmerge(&mut self, backend: &B) -> Result<WeightRounding> {
+        let mut rounding = WeightRounding::EXACT;
         for l in self.model.linears_mut() {
             if l.is_merged() {
-                l.unmerge(backend)?;
+                rounding = rounding.max(l.unmerge(backend)?);
             }
         }
-        Ok(())
+        Ok(rounding)
     }
 
-    /// Merges the active adapters and returns the plain model without adapters.
-    pub fn merge_and_unload(mut self, backend: &B, safe: bool) -> Result<M> {
+    /// Merges the active adapters and returns the plain model without adapters, with the
+    /// worst layer's rounding (as [`Self::merge`]).
+    pub fn merge_and_unload(mut self, backend: &B, safe: bool) -> Result<(M, WeightRounding)> {
+        let mut rounding = WeightRounding::EXACT;
         for l in self.model.linears_mut() {
-            l.merge_and_unload(backend, safe)?;
+            rounding = rounding.max(l.merge_and_unload(backend, safe)?);
         }
-        Ok(self.model)
+        Ok((self.model, rounding))
     }
 
     /// One inference pass where row `i` uses adapter `rows[i]` (or the base).

@@ -4,8 +4,8 @@
 //! they modified; `let _ =` drops that handle.
 
 use lora_core::backend::{
-    check_gemm, check_host_len, check_reshape, check_row_broadcast, check_rows, check_same_shape,
-    check_scatter_add,
+    check_assign_cols, check_col_range, check_gemm, check_host_len, check_reshape,
+    check_row_broadcast, check_rows, check_same_shape, check_scatter_add,
 };
 use lora_core::{
     Backend, BinaryOp, Error, LoraGrads, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp,
@@ -251,6 +251,29 @@ impl Backend for Tch {
         Ok(())
     }
 
+    fn slice_cols(&self, a: &TchTensor, start: usize, len: usize) -> Result<TchTensor> {
+        check_col_range("slice_cols", a.shape(), start, len)?;
+        let m = Self::matrix(a)?;
+        self.wrap(
+            m.f_narrow(1, start as i64, len as i64)
+                .and_then(|v| v.f_contiguous()),
+        )
+    }
+
+    fn assign_cols(&self, dst: &mut TchTensor, start: usize, src: &TchTensor) -> Result<()> {
+        let (rows, cols, len) = check_assign_cols(dst.shape(), start, src.shape())?;
+        let s = Self::matrix(src)?;
+        let view = dst
+            .make_mut()?
+            .f_view([rows as i64, cols as i64])
+            .map_err(tch_err)?;
+        let mut part = view
+            .f_narrow(1, start as i64, len as i64)
+            .map_err(tch_err)?;
+        part.f_copy_(&s).map_err(tch_err)?;
+        Ok(())
+    }
+
     fn sum_rows(&self, a: &TchTensor) -> Result<TchTensor> {
         self.wrap(Self::matrix(a)?.f_sum_dim_intlist([0i64].as_slice(), false, Kind::Float))
     }
@@ -395,3 +418,6 @@ impl Tch {
 /// Optimizer steps: the reference defaults (torch's fused Adam would need its own state
 /// layout; the adapter tensors are small).
 impl OptimOps for Tch {}
+
+/// The host default: libtorch has no kernel for bitsandbytes' packed 4-bit layout.
+impl lora_quant::QuantOps for Tch {}

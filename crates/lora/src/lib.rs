@@ -27,6 +27,7 @@
 pub use lora_core::*;
 pub use lora_models as models;
 pub use lora_peft as peft;
+pub use lora_quant as quant;
 
 #[cfg(feature = "ndarray")]
 pub use lora_ndarray::{NdArray, NdTensor};
@@ -39,6 +40,7 @@ pub mod prelude {
         Adam, Adapter, Backend, DenseLinear, FullBackend, Linear, LoraLinear, LoraOps, LoraSpec,
         Mode, Model, OptimOps, Optimizer, Sgd, Tensor,
     };
+    pub use lora_quant::{QuantBackend, QuantConfig, QuantFormat, QuantLinear, QuantOps};
 }
 
 /// Backend names compiled into this build, in the order the CLI lists them.

@@ -1,0 +1,443 @@
+//! `lora quantize` / `lora dequantize` / `lora merge` into a quantized base: whole
+//! checkpoints in transformers' bitsandbytes layout ([`crate::bnb_format`]).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use lora_core::WeightRounding;
+use lora_quant::QuantConfig;
+use safetensors::Dtype;
+
+use crate::bnb_format::{self, RawTensor, is_quant_aux, quantized_modules};
+use crate::checkpoint::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float};
+use crate::config::TargetModules;
+use crate::error::{PeftError, Result};
+use crate::targeting::matches;
+
+/// Module names never quantized by default (as transformers' `llm_int8_skip_modules`
+/// defaults): embeddings and output heads stay in full precision.
+const SKIP_BY_DEFAULT: [&str; 8] = [
+    "embed", "wte", "wpe", "lm_head", "classifier", "score", "decoder", "qa_outputs",
+];
+
+/// All tensors of a checkpoint (every shard), borrowed from their memory maps.
+pub struct LoadedCheckpoint {
+    files: Vec<MappedFile>,
+}
+
+impl std::fmt::Debug for LoadedCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedCheckpoint")
+            .field("files", &self.files.iter().map(|m| &m.path).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl LoadedCheckpoint {
+    /// Maps the checkpoint at `path` (a file, a model directory or a sharded index).
+    pub fn open(path: &Path) -> Result<Self> {
+        let ck = Checkpoint::open(path)?;
+        let files = ck.files.iter().map(|p| MappedFile::open(p)).collect::<Result<_>>()?;
+        Ok(LoadedCheckpoint { files })
+    }
+
+    /// Every tensor by name.
+    pub fn tensors(&self) -> Result<BTreeMap<String, RawTensor<'_>>> {
+        let mut out = BTreeMap::new();
+        for f in &self.files {
+            for (name, view) in f.tensors()?.tensors() {
+                let t = RawTensor {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    data: Cow::Borrowed(view.data()),
+                };
+                if out.insert(name.clone(), t).is_some() {
+                    return Err(PeftError::Format {
+                        path: f.path.display().to_string(),
+                        reason: format!("tensor {name} appears in two shards"),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first file (named in errors).
+    pub fn path(&self) -> String {
+        self.files
+            .first()
+            .map(|f| f.path.display().to_string())
+            .unwrap_or_default()
+    }
+
+    fn metadata(&self) -> Result<HashMap<String, String>> {
+        let mut m = match self.files.first() {
+            Some(f) => f.metadata()?.unwrap_or_default(),
+            None => HashMap::new(),
+        };
+        m.entry("format".into()).or_insert_with(|| "pt".into());
+        Ok(m)
+    }
+}
+
+/// Which 2-D `.weight` tensors `lora quantize` converts.
+#[derive(Clone, Debug, Default)]
+pub enum QuantTargets {
+    /// Every 2-D `.weight` except embeddings and output heads.
+    #[default]
+    AllLinear,
+    /// Modules matched by PEFT's `target_modules` rules (names or a regex).
+    Modules(TargetModules),
+}
+
+/// What a quantization pass did.
+#[derive(Clone, Debug, Default)]
+pub struct QuantizeReport {
+    /// Quantized modules.
+    pub quantized: Vec<String>,
+    /// Tensors copied unchanged.
+    pub copied: usize,
+    /// Values in the quantized weights.
+    pub quantized_values: usize,
+    /// Bytes those weights took before (as stored in the input).
+    pub bytes_before: usize,
+    /// Bytes they take quantized.
+    pub bytes_after: usize,
+}
+
+impl QuantizeReport {
+    /// Storage bits per quantized weight value.
+    pub fn bits_per_parameter(&self) -> f64 {
+        if self.quantized_values == 0 {
+            0.0
+        } else {
+            self.bytes_after as f64 * 8.0 / self.quantized_values as f64
+        }
+    }
+}
+
+fn bad(path: &str, reason: String) -> PeftError {
+    PeftError::Format {
+        path: path.to_string(),
+        reason,
+    }
+}
+
+fn decode(path: &str, name: &str, t: &RawTensor<'_>) -> Result<Vec<f32>> {
+    decode_f32(t.dtype, &t.data).ok_or_else(|| {
+        bad(path, format!("tensor {name} has dtype {:?}; expected F32, F16 or BF16", t.dtype))
+    })
+}
+
+/// Writes tensors to `out` atomically (temporary file, then rename).
+pub(crate) fn write_raw(
+    out: &Path,
+    tensors: &BTreeMap<String, RawTensor<'_>>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| PeftError::Io {
+            path: parent.display().to_string(),
+            source: e,
+        })?;
+    }
+    lora_core::fs::with_atomic_path(out, |tmp| {
+        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), tmp)
+    })?;
+    Ok(())
+}
+
+/// Quantizes the checkpoint at `input` into one safetensors file `out` in transformers'
+/// bitsandbytes layout; other tensors are copied. Nothing is written unless every
+/// selected tensor quantizes.
+pub fn quantize_checkpoint(
+    input: &Path,
+    out: &Path,
+    config: &QuantConfig,
+    targets: &QuantTargets,
+    progress: &dyn Fn(u64, u64),
+) -> Result<QuantizeReport> {
+    config.validate()?;
+    let ck = LoadedCheckpoint::open(input)?;
+    let path = ck.path();
+    let tensors = ck.tensors()?;
+    let already = quantized_modules(tensors.keys());
+    if !already.is_empty() {
+        return Err(bad(
+            &path,
+            format!(
+                "already quantized ({} modules, e.g. {}); dequantize it first",
+                already.len(),
+                already.keys().next().map(String::as_str).unwrap_or("")
+            ),
+        ));
+    }
+    let mut selected = Vec::new();
+    for (name, t) in &tensors {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let chosen = match targets {
+            QuantTargets::AllLinear => {
+                t.shape.len() == 2
+                    && is_float(t.dtype)
+                    && !SKIP_BY_DEFAULT.iter().any(|s| module.contains(s))
+            }
+            QuantTargets::Modules(rule) => {
+                let m = matches(rule, module, "target_modules")?;
+                if m && (t.shape.len() != 2 || !is_float(t.dtype)) {
+                    return Err(bad(
+                        &path,
+                        format!(
+                            "--target-modules selects {name}, a {:?} tensor of shape {:?}; only 2-D float linear weights can be quantized",
+                            t.dtype, t.shape
+                        ),
+                    ));
+                }
+                m
+            }
+        };
+        if chosen {
+            selected.push(module.to_string());
+        }
+    }
+    if selected.is_empty() {
+        return Err(bad(&path, "no 2-D linear .weight tensor selected for quantization".into()));
+    }
+
+    let mut report = QuantizeReport::default();
+    let mut outputs: BTreeMap<String, RawTensor<'_>> = BTreeMap::new();
+    let total = selected.len() as u64;
+    for (i, module) in selected.iter().enumerate() {
+        let name = format!("{module}.weight");
+        let t = &tensors[&name];
+        let values = decode(&path, &name, t)?;
+        let q = config
+            .quantize(&values, &t.shape)
+            .map_err(|e| bad(&path, format!("tensor {name}: {e}")))?;
+        report.quantized_values += values.len();
+        report.bytes_before += t.data.len();
+        report.bytes_after += q.storage_bytes();
+        outputs.extend(bnb_format::encode(module, &q));
+        report.quantized.push(module.clone());
+        progress(i as u64 + 1, total);
+    }
+    for (name, t) in &tensors {
+        if !outputs.contains_key(name) {
+            outputs.insert(name.clone(), t.clone());
+            report.copied += 1;
+        }
+    }
+    let mut metadata = ck.metadata()?;
+    metadata.insert("quantized_by".into(), "lora-rs".into());
+    write_raw(out, &outputs, metadata)?;
+    write_model_config(input, out, config)?;
+    Ok(report)
+}
+
+/// When quantizing a model directory into another directory as `model.safetensors`,
+/// writes its `config.json` with transformers' `quantization_config`, so that
+/// `from_pretrained` loads the result with bitsandbytes.
+fn write_model_config(input: &Path, out: &Path, config: &QuantConfig) -> Result<()> {
+    let src = input.join("config.json");
+    let Some(out_dir) = out.parent() else {
+        return Ok(());
+    };
+    let same_dir = std::fs::canonicalize(input).ok() == std::fs::canonicalize(out_dir).ok();
+    if !input.is_dir() || !src.is_file() || same_dir || out.file_name() != Some("model.safetensors".as_ref()) {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&src).map_err(|e| PeftError::Io {
+        path: src.display().to_string(),
+        source: e,
+    })?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad(&src.display().to_string(), format!("invalid JSON: {e}")))?;
+    let qc = match config.format.four_bit() {
+        Some(t) => serde_json::json!({
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": true,
+            "load_in_8bit": false,
+            "bnb_4bit_quant_type": t.as_str(),
+            "bnb_4bit_use_double_quant": config.double_quant,
+            "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8",
+        }),
+        None => serde_json::json!({
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": false,
+            "load_in_8bit": true,
+            "llm_int8_threshold": 6.0,
+        }),
+    };
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("quantization_config".into(), qc);
+    }
+    let json = serde_json::to_string_pretty(&v).unwrap_or_default();
+    lora_core::fs::write_atomic(&out_dir.join("config.json"), json.as_bytes())?;
+    Ok(())
+}
+
+/// Dequantizes every quantized module of `input` into plain `.weight` tensors (in the
+/// dtype the quant state records, f32 for int8) and drops the auxiliary tensors.
+pub fn dequantize_checkpoint(input: &Path, out: &Path) -> Result<QuantizeReport> {
+    let ck = LoadedCheckpoint::open(input)?;
+    let path = ck.path();
+    let tensors = ck.tensors()?;
+    let modules = quantized_modules(tensors.keys());
+    if modules.is_empty() {
+        return Err(bad(&path, "no quantized module (no quant_state or SCB tensor) to dequantize".into()));
+    }
+    let mut report = QuantizeReport::default();
+    let mut outputs: BTreeMap<String, RawTensor<'_>> = BTreeMap::new();
+    for module in modules.keys() {
+        let q = bnb_format::decode(module, &tensors, &path)?;
+        let (o, i) = q.dims();
+        let dtype = bnb_format::recorded_dtype(module, &tensors).unwrap_or(Dtype::F32);
+        let values = q.dequantize();
+        let data = encode_f32(dtype, &values).unwrap_or_default();
+        report.quantized_values += values.len();
+        report.bytes_before += q.storage_bytes();
+        report.bytes_after += data.len();
+        outputs.insert(
+            format!("{module}.weight"),
+            RawTensor {
+                dtype,
+                shape: vec![o, i],
+                data: Cow::Owned(data),
+            },
+        );
+        report.quantized.push(module.clone());
+    }
+    for (name, t) in &tensors {
+        if !outputs.contains_key(name) && !is_quant_aux(name, &modules) {
+            outputs.insert(name.clone(), t.clone());
+            report.copied += 1;
+        }
+    }
+    let mut metadata = ck.metadata()?;
+    metadata.remove("quantized_by");
+    write_raw(out, &outputs, metadata)?;
+    Ok(report)
+}
+
+/// Whether the checkpoint at `path` holds bitsandbytes-quantized modules.
+pub fn is_quantized_checkpoint(path: &Path) -> Result<bool> {
+    let ck = LoadedCheckpoint::open(path)?;
+    let names: Vec<String> = ck.tensors()?.into_keys().collect();
+    Ok(!quantized_modules(&names).is_empty())
+}
+
+/// A summary of a checkpoint's quantization for `lora inspect`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QuantSummary {
+    /// `(module, format, blocksize, double quant, bits per parameter)`.
+    pub modules: Vec<(String, String, usize, bool, f64)>,
+    /// Values in quantized weights.
+    pub values: usize,
+    /// Their storage bytes.
+    pub bytes: usize,
+}
+
+/// Reads every quantized module's layout (sizes checked) for `lora inspect`.
+pub fn quant_summary(path: &Path) -> Result<QuantSummary> {
+    let ck = LoadedCheckpoint::open(path)?;
+    let p = ck.path();
+    let tensors = ck.tensors()?;
+    let mut s = QuantSummary::default();
+    for module in quantized_modules(tensors.keys()).keys() {
+        let q = bnb_format::decode(module, &tensors, &p)?;
+        let c = q.config();
+        let (o, i) = q.dims();
+        s.values += o * i;
+        s.bytes += q.storage_bytes();
+        let bs = if c.format.four_bit().is_some() { c.blocksize } else { 0 };
+        s.modules.push((module.clone(), c.format.to_string(), bs, c.double_quant, q.bits_per_parameter()));
+    }
+    Ok(s)
+}
+
+/// The rounding of a merge into a quantized base, per module.
+#[derive(Clone, Debug, Default)]
+pub struct QuantMergeReport {
+    /// Modules that received a delta, with the rounding of each.
+    pub merged: Vec<(String, WeightRounding)>,
+    /// Tensors copied unchanged.
+    pub copied: usize,
+}
+
+impl QuantMergeReport {
+    /// The worst module's rounding.
+    pub fn worst(&self) -> WeightRounding {
+        self.merged
+            .iter()
+            .fold(WeightRounding::EXACT, |acc, (_, r)| acc.max(*r))
+    }
+}
+
+/// Merges per-module deltas (`module -> [out, in] f32`) into a quantized checkpoint:
+/// dequantize, add, quantize again with the module's own settings. Float `.weight`
+/// tensors of unquantized modules get the delta exactly.
+pub(crate) fn merge_into_quantized(
+    base: &Path,
+    deltas: &BTreeMap<String, ([usize; 2], Vec<f32>)>,
+    out: &Path,
+) -> Result<QuantMergeReport> {
+    let ck = LoadedCheckpoint::open(base)?;
+    let path = ck.path();
+    let tensors = ck.tensors()?;
+    let modules = quantized_modules(tensors.keys());
+    let mut report = QuantMergeReport::default();
+    let mut outputs: BTreeMap<String, RawTensor<'_>> = BTreeMap::new();
+    for (module, (shape, delta)) in deltas {
+        if modules.contains_key(module) {
+            let q = bnb_format::decode(module, &tensors, &path)?;
+            let (o, i) = q.dims();
+            if *shape != [o, i] {
+                return Err(bad(
+                    &path,
+                    format!("module {module}: the adapter's delta is {shape:?} but the quantized weight is [{o}, {i}]"),
+                ));
+            }
+            let mut exact = q.dequantize();
+            exact.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+            let merged = q.config().quantize(&exact, &[o, i])?;
+            let rounding = WeightRounding::between(&merged.dequantize(), &exact);
+            outputs.extend(bnb_format::encode(module, &merged));
+            report.merged.push((module.clone(), rounding));
+        } else {
+            let name = format!("{module}.weight");
+            let t = tensors.get(&name).ok_or_else(|| {
+                bad(&path, format!("the adapter targets module {module}, but the base has no tensor {name}"))
+            })?;
+            let mut w = decode(&path, &name, t)?;
+            if t.shape != shape {
+                return Err(bad(
+                    &path,
+                    format!("module {module}: the adapter's delta is {shape:?} but {name} is {:?}", t.shape),
+                ));
+            }
+            w.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+            let data = encode_f32(t.dtype, &w).unwrap_or_default();
+            outputs.insert(
+                name,
+                RawTensor {
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data: Cow::Owned(data),
+                },
+            );
+            report.merged.push((module.clone(), WeightRounding::EXACT));
+        }
+    }
+    for (name, t) in &tensors {
+        // A re-quantized module re-emits all of its tensors under the same names.
+        if !outputs.contains_key(name) {
+            outputs.insert(name.clone(), t.clone());
+            report.copied += 1;
+        }
+    }
+    write_raw(out, &outputs, ck.metadata()?)?;
+    Ok(report)
+}
