@@ -321,7 +321,11 @@ fn merging_several_then_unmerging_restores_and_merge_and_unload_keeps_outputs() 
         );
     }
     let (plain, rounding) = pm.merge_and_unload(&b, true).unwrap();
-    assert_eq!(rounding, lora::WeightRounding::EXACT, "dense bases merge exactly");
+    assert_eq!(
+        rounding,
+        lora::WeightRounding::EXACT,
+        "dense bases merge exactly"
+    );
     assert!(plain.linears().iter().all(|l| l.adapter_names().is_empty()));
     let mut plain = plain;
     assert_close(

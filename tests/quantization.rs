@@ -27,7 +27,8 @@ impl Fixture {
     fn load() -> Fixture {
         let dir = fixture_dir();
         let meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
         Fixture {
             ck: LoadedCheckpoint::open(&dir.join("cases.safetensors")).unwrap(),
             cases: meta["cases"].as_array().unwrap().clone(),
@@ -54,13 +55,24 @@ fn dynamic_map_is_bitsandbytes_map_bit_for_bit() {
     let theirs = f32s(&t["dynamic_map"]);
     let ours = dynamic_map();
     for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-        assert_eq!(a.to_bits(), b.to_bits(), "dynamic map entry {i}: {a} vs {b}");
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "dynamic map entry {i}: {a} vs {b}"
+        );
     }
 }
 
 /// Positions where our 4-bit code differs from bitsandbytes' must be ties: both codes
 /// equally near the input value (within f32 rounding of the scaling).
-fn check_ties(name: &str, input: &[f32], ours: &[f32], theirs: &[f32], scale: &[f32], bs: usize) -> usize {
+fn check_ties(
+    name: &str,
+    input: &[f32],
+    ours: &[f32],
+    theirs: &[f32],
+    scale: &[f32],
+    bs: usize,
+) -> usize {
     let mut differing = 0;
     for (i, ((x, a), b)) in input.iter().zip(ours).zip(theirs).enumerate() {
         if a.to_bits() != b.to_bits() {
@@ -98,19 +110,41 @@ fn four_bit_quantization_matches_bitsandbytes() {
             panic!("{name}: not 4-bit")
         };
         assert_eq!(ours.code, theirs.code, "{name}: quant_map");
-        assert_eq!(ours.packed.len(), theirs.packed.len(), "{name}: packed length");
+        assert_eq!(
+            ours.packed.len(),
+            theirs.packed.len(),
+            "{name}: packed length"
+        );
         match (&ours.absmax, &theirs.absmax) {
             (Absmax::F32(a), Absmax::F32(b)) => assert_eq!(a, b, "{name}: absmax"),
             (
-                Absmax::Double { scales: a, offset: oa },
-                Absmax::Double { scales: b, offset: ob },
+                Absmax::Double {
+                    scales: a,
+                    offset: oa,
+                },
+                Absmax::Double {
+                    scales: b,
+                    offset: ob,
+                },
             ) => {
                 // The offset is a mean: torch sums pairwise in f32, we in f64.
-                assert!((oa - ob).abs() <= 2.0 * f32::EPSILON * ob.abs(), "{name}: offset {oa} vs {ob}");
-                assert_close(&format!("{name}: nested_absmax"), &a.absmax, &to64(&b.absmax), 1e-6, 0.0);
+                assert!(
+                    (oa - ob).abs() <= 2.0 * f32::EPSILON * ob.abs(),
+                    "{name}: offset {oa} vs {ob}"
+                );
+                assert_close(
+                    &format!("{name}: nested_absmax"),
+                    &a.absmax,
+                    &to64(&b.absmax),
+                    1e-6,
+                    0.0,
+                );
                 assert_eq!(a.code, b.code, "{name}: nested_quant_map");
                 let diff = a.codes.iter().zip(&b.codes).filter(|(x, y)| x != y).count();
-                assert!(diff <= a.codes.len() / 100, "{name}: {diff} nested codes differ");
+                assert!(
+                    diff <= a.codes.len() / 100,
+                    "{name}: {diff} nested codes differ"
+                );
                 eprintln!("{name}: {diff} of {} absmax codes differ", a.codes.len());
             }
             _ => panic!("{name}: double quantization differs"),
@@ -128,8 +162,15 @@ fn four_bit_quantization_matches_bitsandbytes() {
             &scales,
             bs,
         );
-        assert!(n_diff * 1000 <= input.len(), "{name}: {n_diff} of {} codes differ", input.len());
-        eprintln!("{name}: {n_diff} of {} codes differ from bitsandbytes (ties)", input.len());
+        assert!(
+            n_diff * 1000 <= input.len(),
+            "{name}: {n_diff} of {} codes differ",
+            input.len()
+        );
+        eprintln!(
+            "{name}: {n_diff} of {} codes differ from bitsandbytes (ties)",
+            input.len()
+        );
 
         // Dequantizing bitsandbytes' own state gives bitsandbytes' values exactly.
         let want = f32s(&t[&format!("{name}.dequant")]);
@@ -156,7 +197,9 @@ fn bits_per_parameter_nf4_double_quant_is_qlora_figure() {
     .quantize(&w, &[4096, 256])
     .unwrap();
     assert!((plain.bits_per_parameter() - 4.5).abs() < 1e-9);
-    let int8 = QuantConfig::new(QuantFormat::Int8).quantize(&w, &[4096, 256]).unwrap();
+    let int8 = QuantConfig::new(QuantFormat::Int8)
+        .quantize(&w, &[4096, 256])
+        .unwrap();
     assert!((int8.bits_per_parameter() - (8.0 + 32.0 / 256.0)).abs() < 1e-9);
 }
 
@@ -166,13 +209,21 @@ fn int8_rowwise_matches_bitsandbytes() {
     let t = f.tensors();
     let input = f32s(&t["int8.input"]);
     let ours = Int8Weight::quantize(&input, &[40, 96]).unwrap();
-    let QuantizedWeight::Int8(theirs) = bnb_format::decode("int8", &t, "cases.safetensors").unwrap() else {
+    let QuantizedWeight::Int8(theirs) =
+        bnb_format::decode("int8", &t, "cases.safetensors").unwrap()
+    else {
         panic!("not int8")
     };
     assert_eq!(ours.scb, theirs.scb, "SCB");
     assert_eq!(ours.cb, theirs.cb, "CB");
     let want = f32s(&t["int8.dequant"]);
-    assert_close("int8 dequantized", &ours.dequantize(), &to64(&want), 1e-6, 0.0);
+    assert_close(
+        "int8 dequantized",
+        &ours.dequantize(),
+        &to64(&want),
+        1e-6,
+        0.0,
+    );
 }
 
 #[test]
@@ -185,14 +236,29 @@ fn linear4bit_forward_matches_bitsandbytes() {
     let layer = QuantLinear::new(q, Some(bias)).unwrap();
     let x = b.from_host(&f32s(&t["linear_nf4.x"]), &[6, 128]).unwrap();
     let y = layer.forward(&b, &x).unwrap();
-    assert_close("Linear4bit output", &host(&b, &y), &to64(&f32s(&t["linear_nf4.y"])), 1e-5, 1e-6);
+    assert_close(
+        "Linear4bit output",
+        &host(&b, &y),
+        &to64(&f32s(&t["linear_nf4.y"])),
+        1e-5,
+        1e-6,
+    );
     // The weight we quantize ourselves from the same f32 weight gives the same layer.
     let ours = QuantConfig::qlora()
         .quantize(&f32s(&t["linear_nf4.input"]), &[48, 128])
         .unwrap();
     let bias = b.from_host(&f32s(&t["linear_nf4.bias"]), &[48]).unwrap();
-    let y2 = QuantLinear::new(ours, Some(bias)).unwrap().forward(&b, &x).unwrap();
-    assert_close("Linear4bit output (our codes)", &host(&b, &y2), &to64(&f32s(&t["linear_nf4.y"])), 1e-5, 1e-6);
+    let y2 = QuantLinear::new(ours, Some(bias))
+        .unwrap()
+        .forward(&b, &x)
+        .unwrap();
+    assert_close(
+        "Linear4bit output (our codes)",
+        &host(&b, &y2),
+        &to64(&f32s(&t["linear_nf4.y"])),
+        1e-5,
+        1e-6,
+    );
     let _ = case(&f, "linear_nf4");
 }
 
@@ -212,7 +278,13 @@ fn llm_int8_forward_matches_bitsandbytes_with_and_without_outliers() {
             .unwrap();
         let x = b.from_host(&f32s(&t[&format!("{n}.x")]), &[7, 96]).unwrap();
         let y = layer.forward(&b, &x).unwrap();
-        assert_close(&n, &host(&b, &y), &to64(&f32s(&t[&format!("{n}.y")])), 1e-4, 1e-5);
+        assert_close(
+            &n,
+            &host(&b, &y),
+            &to64(&f32s(&t[&format!("{n}.y")])),
+            1e-4,
+            1e-5,
+        );
     }
 }
 
@@ -230,8 +302,15 @@ fn qlora_layer_equals_lora_on_the_dequantized_weight() {
     ] {
         let q = cfg.quantize(&w, &[o, i]).unwrap();
         let deq = b.from_host(&q.dequantize(), &[o, i]).unwrap();
-        let spec = LoraSpec { r: 4, alpha: 8.0, ..LoraSpec::default() };
-        let mut ql = LoraLinear::new("m", Box::new(QuantLinear::<lora::NdArray>::new(q, None).unwrap()));
+        let spec = LoraSpec {
+            r: 4,
+            alpha: 8.0,
+            ..LoraSpec::default()
+        };
+        let mut ql = LoraLinear::new(
+            "m",
+            Box::new(QuantLinear::<lora::NdArray>::new(q, None).unwrap()),
+        );
         let mut dl = LoraLinear::new("m", Box::new(lora::DenseLinear::new(deq, None).unwrap()));
         ql.inject_lora(&b, &spec).unwrap();
         dl.inject_lora(&b, &spec).unwrap();
@@ -244,18 +323,48 @@ fn qlora_layer_equals_lora_on_the_dequantized_weight() {
         let dy = b.from_host(&rand_vec(n * o, 6, 3), &[n, o]).unwrap();
         let yq = ql.forward(&b, &x, Mode::Train).unwrap();
         let yd = dl.forward(&b, &x, Mode::Train).unwrap();
-        assert_close(&format!("{} forward", cfg.format), &host(&b, &yq), &to64(&host(&b, &yd)), 1e-5, 1e-6);
+        assert_close(
+            &format!("{} forward", cfg.format),
+            &host(&b, &yq),
+            &to64(&host(&b, &yd)),
+            1e-5,
+            1e-6,
+        );
         let dxq = ql.backward(&b, &dy).unwrap();
         let dxd = dl.backward(&b, &dy).unwrap();
-        assert_close(&format!("{} dx", cfg.format), &host(&b, &dxq), &to64(&host(&b, &dxd)), 1e-5, 1e-6);
-        let gq: Vec<Vec<f32>> = ql.params_and_grads().iter().map(|p| host(&b, p.grad)).collect();
-        let gd: Vec<Vec<f32>> = dl.params_and_grads().iter().map(|p| host(&b, p.grad)).collect();
+        assert_close(
+            &format!("{} dx", cfg.format),
+            &host(&b, &dxq),
+            &to64(&host(&b, &dxd)),
+            1e-5,
+            1e-6,
+        );
+        let gq: Vec<Vec<f32>> = ql
+            .params_and_grads()
+            .iter()
+            .map(|p| host(&b, p.grad))
+            .collect();
+        let gd: Vec<Vec<f32>> = dl
+            .params_and_grads()
+            .iter()
+            .map(|p| host(&b, p.grad))
+            .collect();
         for (a, d) in gq.iter().zip(&gd) {
-            assert_close(&format!("{} adapter grads", cfg.format), a, &to64(d), 1e-5, 1e-6);
+            assert_close(
+                &format!("{} adapter grads", cfg.format),
+                a,
+                &to64(d),
+                1e-5,
+                1e-6,
+            );
         }
         // The resident base is the quantized data.
         let resident = ql.base().resident_bytes();
-        assert!(resident * 3 < o * i * 4, "{}: {resident} bytes resident", cfg.format);
+        assert!(
+            resident * 3 < o * i * 4,
+            "{}: {resident} bytes resident",
+            cfg.format
+        );
     }
 }
 
@@ -268,15 +377,29 @@ fn merge_into_quantized_base_reports_rounding() {
     let w = rand_vec(o * i, 4, 0);
     let q = QuantConfig::qlora().quantize(&w, &[o, i]).unwrap();
     let before = q.dequantize();
-    let mut l = LoraLinear::new("m", Box::new(QuantLinear::<lora::NdArray>::new(q, None).unwrap()));
-    l.inject_lora(&b, &LoraSpec { r: 2, alpha: 4.0, ..LoraSpec::default() }).unwrap();
+    let mut l = LoraLinear::new(
+        "m",
+        Box::new(QuantLinear::<lora::NdArray>::new(q, None).unwrap()),
+    );
+    l.inject_lora(
+        &b,
+        &LoraSpec {
+            r: 2,
+            alpha: 4.0,
+            ..LoraSpec::default()
+        },
+    )
+    .unwrap();
     let bt = b.from_host(&rand_vec(o * 2, 7, 1), &[o, 2]).unwrap();
     l.adapter_mut().unwrap().set_tensor("lora_B", bt).unwrap();
     let delta = host(&b, &l.adapter().unwrap().delta_weight(&b).unwrap());
     let r = l.merge(&b, true).unwrap();
     let exact: Vec<f32> = before.iter().zip(&delta).map(|(w, d)| w + d).collect();
     let merged = host(&b, &l.base().weight(&b).unwrap());
-    let max_abs = merged.iter().zip(&exact).fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
+    let max_abs = merged
+        .iter()
+        .zip(&exact)
+        .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
     assert!(r.max_abs > 0.0, "4-bit merging rounds");
     assert_eq!(r.max_abs, max_abs, "the report is the measured rounding");
     // NF4's largest gap is about 0.28 of a block's absmax: half of it bounds the rounding.

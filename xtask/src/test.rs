@@ -175,21 +175,20 @@ pub fn run(backends: &[&str]) -> Result<()> {
             .unwrap_or_else(|| crate::cmd::root().join("target"));
         let lines = run_capture(
             "PEFT loads adapters written by lora-rs (tests/fixtures/check_in_peft.py)",
-            Command::new(python)
+            Command::new(&python)
                 .arg(crate::cmd::root().join("tests/fixtures/check_in_peft.py"))
                 .arg(target.join("tmp/peft-interop")),
         )?;
-        let ok = lines.iter().filter(|l| l.starts_with("ok ")).count();
-        let bad = lines.iter().filter(|l| l.starts_with("FAIL")).count();
-        add(
-            &mut report,
-            "peft interop".into(),
-            Counts {
-                passed: ok,
-                failed: bad,
-                ignored: 0,
-            },
-        );
+        add(&mut report, "peft interop".into(), python_counts(&lines));
+        // The lora-rs -> bitsandbytes direction: transformers + bitsandbytes load what
+        // tests/quant_files.rs quantized and must dequantize it to our values.
+        let lines = run_capture(
+            "bitsandbytes loads checkpoints quantized by lora-rs (tests/fixtures/check_bnb_roundtrip.py)",
+            Command::new(&python)
+                .arg(crate::cmd::root().join("tests/fixtures/check_bnb_roundtrip.py"))
+                .arg(target.join("tmp/bnb-roundtrip")),
+        )?;
+        add(&mut report, "bnb round trip".into(), python_counts(&lines));
     }
     let mut doc = cargo_for(with_tch)?;
     doc.arg("doc")
@@ -209,6 +208,15 @@ pub fn run(backends: &[&str]) -> Result<()> {
         anyhow::bail!("{} tests failed", total.failed);
     }
     Ok(())
+}
+
+/// Counts the `ok ...` / `FAIL ...` lines of our Python checkers.
+fn python_counts(lines: &[String]) -> Counts {
+    Counts {
+        passed: lines.iter().filter(|l| l.starts_with("ok ")).count(),
+        failed: lines.iter().filter(|l| l.starts_with("FAIL")).count(),
+        ignored: 0,
+    }
 }
 
 #[cfg(test)]

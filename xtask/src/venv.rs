@@ -21,33 +21,43 @@ pub fn cache_dir() -> PathBuf {
     base.join("lora-rs")
 }
 
-/// The venv's python, creating the venv with the pinned packages when missing.
+/// What the venv holds: PyTorch pinned for tch 0.26, PEFT (with transformers) for LoRA
+/// semantics and files, bitsandbytes for the quantization formats.
+const PACKAGES: [&str; 5] = [
+    "torch==2.13.0",
+    "peft",
+    "safetensors",
+    "numpy",
+    "bitsandbytes==0.50.2",
+];
+
+/// The venv's python, creating the venv with the pinned packages when missing (or adding
+/// packages when the list grew since the venv was made).
 pub fn ensure_venv() -> Result<PathBuf> {
     let venv = cache_dir().join("venv");
     let python = venv.join("bin/python");
     let stamp = venv.join(".lora-rs-complete");
-    if stamp.exists() {
+    let wanted = format!("{}\n", PACKAGES.join(" "));
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
         return Ok(python);
     }
     std::fs::create_dir_all(cache_dir()).context("creating the cache directory")?;
+    if !python.exists() {
+        run(
+            &format!("python3 -m venv {}", venv.display()),
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        )?;
+    }
     run(
-        &format!("python3 -m venv {}", venv.display()),
-        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        &format!(
+            "pip install {} (about 5 GB the first time, cached for later runs)",
+            PACKAGES.join(" ")
+        ),
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(PACKAGES),
     )?;
-    run(
-        "pip install torch==2.13.0 peft safetensors (about 5 GB, cached for later runs)",
-        Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "torch==2.13.0",
-            "peft",
-            "safetensors",
-            "numpy",
-        ]),
-    )?;
-    std::fs::write(&stamp, "ok\n").context("marking the venv complete")?;
+    std::fs::write(&stamp, wanted).context("marking the venv complete")?;
     Ok(python)
 }
 
@@ -56,7 +66,11 @@ pub fn regenerate_fixtures() -> Result<()> {
     let python = ensure_venv()?;
     run(
         "tests/fixtures/make_fixtures.py",
-        Command::new(python).arg(root().join("tests/fixtures/make_fixtures.py")),
+        Command::new(&python).arg(root().join("tests/fixtures/make_fixtures.py")),
+    )?;
+    run(
+        "tests/fixtures/make_quant_fixtures.py (bitsandbytes)",
+        Command::new(&python).arg(root().join("tests/fixtures/make_quant_fixtures.py")),
     )
 }
 

@@ -8,6 +8,11 @@
 //! 5. Save the PEFT adapter directory and two PNG charts.
 //! 6. Reload base + adapter from disk, compare with the trained model, merge, and confirm
 //!    that the merged model computes what the unmerged one did.
+//!
+//! With `--quant nf4|fp4|int8` the frozen base is quantized after step 2 (`lora quantize`'s
+//! code path, into `base_model.<format>.safetensors` in bitsandbytes' layout) and the
+//! adapters train on the quantized layers: QLoRA. Merging then re-quantizes, and the
+//! summary reports the rounding.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,9 +21,10 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::models::Mlp;
+use lora::peft::QuantTargets;
 use lora::peft::{self, LoraConfig, TargetModules};
 use lora::prelude::*;
-use lora::{AdamHyper, UnaryOp, mse_loss};
+use lora::{AdamHyper, UnaryOp, WeightRounding, mse_loss};
 use plotters::style::RGBColor;
 
 use crate::backend_choice::BackendKind;
@@ -62,7 +68,35 @@ pub struct DemoArgs {
     /// Phase shift of the fine-tuning task `sin(x + shift)`.
     #[arg(long, default_value_t = 0.5)]
     pub shift: f32,
+    /// Quantize the frozen base (QLoRA): nf4 or fp4 (blocksize 64, double quantization)
+    /// or int8 (row-wise). The output layer stays f32, as transformers leaves the head.
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantArg>,
 }
+
+/// `--quant` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantArg {
+    /// 4-bit NormalFloat with double quantization (QLoRA).
+    Nf4,
+    /// 4-bit float with double quantization.
+    Fp4,
+    /// LLM.int8 row-wise 8-bit.
+    Int8,
+}
+
+impl QuantArg {
+    fn config(self) -> QuantConfig {
+        QuantConfig::new(match self {
+            QuantArg::Nf4 => QuantFormat::Nf4,
+            QuantArg::Fp4 => QuantFormat::Fp4,
+            QuantArg::Int8 => QuantFormat::Int8,
+        })
+    }
+}
+
+/// Layers whose weights `--quant` stores quantized: all but the output head.
+const QUANTIZED: [&str; 3] = ["layers.0", "layers.2", "layers.4"];
 
 /// Points on `[-π, π]`.
 const POINTS: usize = 256;
@@ -106,7 +140,50 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
+/// Quantizes the base checkpoint into `out` (bitsandbytes layout) and swaps the model's
+/// frozen layers for quantized ones read back from that file.
+fn quantize_base<B: QuantBackend>(
+    model: &mut Mlp<B>,
+    base_path: &Path,
+    quantized_path: &Path,
+    quant: QuantArg,
+) -> Result<()> {
+    if !quantized_path.exists() {
+        let targets = QuantTargets::Modules(TargetModules::List(
+            QUANTIZED.iter().map(|s| s.to_string()).collect(),
+        ));
+        peft::quantize_checkpoint(
+            base_path,
+            quantized_path,
+            &quant.config(),
+            &targets,
+            &|_, _| {},
+        )?;
+    }
+    let ck = peft::LoadedCheckpoint::open(quantized_path)?;
+    let tensors = ck.tensors()?;
+    let path = quantized_path.display().to_string();
+    for layer in model.linears_mut() {
+        if !QUANTIZED.contains(&layer.name()) {
+            continue;
+        }
+        let q = peft::bnb_format::decode(layer.name(), &tensors, &path)?;
+        let bias = layer.base().bias().cloned();
+        layer.replace_base(Box::new(QuantLinear::new(q, bias)?))?;
+    }
+    Ok(())
+}
+
+/// Bytes the frozen base layers keep resident.
+fn frozen_bytes<B: QuantBackend>(model: &Mlp<B>) -> usize {
+    model
+        .linears()
+        .iter()
+        .map(|l| l.base().resident_bytes())
+        .sum()
+}
+
+fn run_on<B: QuantBackend>(b: &B, args: &DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating output directory {}", args.out.display()))?;
     let sizes = [1, args.hidden, args.hidden, args.hidden, 1];
@@ -147,6 +224,17 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
     let full_params = model.num_parameters();
     let base_path = args.out.join("base_model.safetensors");
     peft::write_safetensors(&base_path, &model.state_dict(b)?)?;
+    let f32_frozen = frozen_bytes(&model);
+    let quantized_path = args.quant.map(|q| {
+        args.out
+            .join(format!("base_model.{}.safetensors", q.config().format))
+    });
+    if let (Some(q), Some(qp)) = (args.quant, &quantized_path) {
+        // A fresh file each run: the base was just retrained.
+        let _ = std::fs::remove_file(qp);
+        quantize_base(&mut model, &base_path, qp, q)?;
+    }
+    let frozen = frozen_bytes(&model);
 
     // 2-3. Freeze, inject adapters, check the no-op property.
     let base_pred = b.to_host(&model.forward(b, &x, Mode::Eval)?)?;
@@ -239,7 +327,15 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
     )?;
 
     // 6. Reload from disk, compare, merge, compare.
-    let (reload_diff, merge_diff) = reload_and_merge(b, &sizes, args, &base_path, &x, &lora_pred)?;
+    let (reload_diff, merge_diff, rounding) = reload_and_merge(
+        b,
+        &sizes,
+        args,
+        &base_path,
+        quantized_path.as_deref(),
+        &x,
+        &lora_pred,
+    )?;
 
     let trainable = model.num_trainable();
     let total = model.num_parameters();
@@ -252,6 +348,17 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
         "  pretrained on   y = sin(x), {} full-batch steps (Adam), final MSE {pre_loss:.2e}",
         args.pretrain_steps
     );
+    match args.quant {
+        Some(q) => println!(
+            "  frozen base     {} on {}: {} resident vs {} in f32 ({:.1}x smaller)",
+            q.config().format,
+            QUANTIZED.join(", "),
+            bytes(frozen as u64),
+            bytes(f32_frozen as u64),
+            f32_frozen as f64 / frozen.max(1) as f64
+        ),
+        None => println!("  frozen base     f32, {} resident", bytes(frozen as u64)),
+    }
     println!(
         "  LoRA            r={}, alpha={}, scaling={}, dropout={}, on {}",
         args.rank,
@@ -294,28 +401,42 @@ fn run_on<B: FullBackend>(b: &B, args: &DemoArgs) -> Result<()> {
     println!(
         "  reload check    adapter reloaded from disk: max |diff| {reload_diff:.1e} vs the trained model"
     );
-    println!("  merge check     merged vs unmerged: max |diff| {merge_diff:.1e}  (ok)");
+    match rounding {
+        Some(r) => println!(
+            "  merge check     merged into the quantized base: weight rounding max |err| {:.1e} (rel {:.1e}); output max |diff| {merge_diff:.1e}",
+            r.max_abs, r.max_rel
+        ),
+        None => println!("  merge check     merged vs unmerged: max |diff| {merge_diff:.1e}  (ok)"),
+    }
     println!(
-        "  wrote           {}: {}, {}, base_model.safetensors, loss.png, predictions.png",
+        "  wrote           {}: {}, {}, base_model.safetensors{}, loss.png, predictions.png",
         args.out.display(),
         peft::CONFIG_FILE,
-        peft::WEIGHTS_FILE
+        peft::WEIGHTS_FILE,
+        quantized_path
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map_or(String::new(), |n| format!(", {}", n.to_string_lossy()))
     );
     Ok(())
 }
 
 /// Builds a fresh model from the saved files, checks it reproduces the trained model,
 /// merges, and checks the merged model; returns both max differences.
-fn reload_and_merge<B: FullBackend>(
+fn reload_and_merge<B: QuantBackend>(
     b: &B,
     sizes: &[usize],
     args: &DemoArgs,
     base_path: &Path,
+    quantized_path: Option<&Path>,
     x: &B::Tensor,
     trained_pred: &[f32],
-) -> Result<(f32, f32)> {
+) -> Result<(f32, f32, Option<WeightRounding>)> {
     let mut reloaded = Mlp::new(b, sizes, UnaryOp::Relu, args.seed.wrapping_add(1))?;
     reloaded.load_state_dict(b, &peft::read_safetensors(base_path)?)?;
+    if let (Some(q), Some(qp)) = (args.quant, quantized_path) {
+        quantize_base(&mut reloaded, base_path, qp, q)?;
+    }
     peft::load_pretrained(&args.out, &mut reloaded, b)?;
     let unmerged = b.to_host(&reloaded.forward(b, x, Mode::Eval)?)?;
     let reload_diff = max_abs_diff(&unmerged, trained_pred);
@@ -324,18 +445,27 @@ fn reload_and_merge<B: FullBackend>(
         "the adapter reloaded from {} does not reproduce the trained model (max |diff| {reload_diff})",
         args.out.display()
     );
+    let mut rounding = WeightRounding::EXACT;
     for layer in reloaded.linears_mut() {
         if layer.adapter().is_some() {
-            layer.merge(b, true)?;
+            rounding = rounding.max(layer.merge(b, true)?);
         }
     }
     let merged = b.to_host(&reloaded.forward(b, x, Mode::Eval)?)?;
     let merge_diff = max_abs_diff(&merged, &unmerged);
     let scale = unmerged.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    if args.quant.is_none() {
+        ensure!(
+            merge_diff <= 1e-5 * scale,
+            "merged output differs from unmerged by {merge_diff} (tolerance {})",
+            1e-5 * scale
+        );
+        return Ok((reload_diff, merge_diff, None));
+    }
+    // Re-quantizing rounds: the check is that it stays within the format's resolution.
     ensure!(
-        merge_diff <= 1e-5 * scale,
-        "merged output differs from unmerged by {merge_diff} (tolerance {})",
-        1e-5 * scale
+        merge_diff.is_finite() && rounding.max_rel <= 0.2,
+        "merging into the quantized base rounded by {rounding:?}, output max |diff| {merge_diff}"
     );
-    Ok((reload_diff, merge_diff))
+    Ok((reload_diff, merge_diff, Some(rounding)))
 }

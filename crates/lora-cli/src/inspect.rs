@@ -12,7 +12,7 @@ use crate::report::thousands;
 /// Options of `lora inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// PEFT adapter directory.
+    /// PEFT adapter directory, or a checkpoint (`.safetensors` file or model directory).
     pub adapter_dir: PathBuf,
     /// Which adapter of the directory (non-default adapters live in `<dir>/<name>/`).
     #[arg(long, default_value = "default")]
@@ -25,6 +25,9 @@ pub struct InspectArgs {
 /// Runs `lora inspect`.
 pub fn run(args: &InspectArgs) -> Result<()> {
     let dir = peft::adapter_dir_for(&args.adapter_dir, &args.adapter_name);
+    if !dir.join(peft::CONFIG_FILE).is_file() {
+        return inspect_checkpoint(args);
+    }
     let config = LoraConfig::from_file(&dir.join(peft::CONFIG_FILE))?;
     let weights = dir.join(peft::WEIGHTS_FILE);
     let file = peft::MappedFile::open(&weights)?;
@@ -105,6 +108,85 @@ pub fn run(args: &InspectArgs) -> Result<()> {
             thousands(r["parameters"].as_u64().unwrap_or(0) as usize),
             r["dtype"].as_str().unwrap_or(""),
         );
+    }
+    Ok(())
+}
+
+/// `lora inspect` on a checkpoint: tensor counts and dtypes, and every quantized module's
+/// format, blocksize and bits per parameter.
+fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
+    let path = &args.adapter_dir;
+    let ck = peft::LoadedCheckpoint::open(path).with_context(|| {
+        format!(
+            "{} is neither an adapter directory nor a checkpoint",
+            path.display()
+        )
+    })?;
+    let tensors = ck.tensors()?;
+    let summary = peft::quant_summary(path)?;
+    let mut dtypes: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut stored_bytes = 0usize;
+    for t in tensors.values() {
+        *dtypes.entry(format!("{:?}", t.dtype)).or_default() += 1;
+        stored_bytes += t.data.len();
+    }
+    let modules: Vec<_> = summary
+        .modules
+        .iter()
+        .map(|(m, f, bs, dq, bits)| {
+            json!({"module": m, "format": f, "blocksize": bs, "double_quant": dq, "bits_per_parameter": bits})
+        })
+        .collect();
+    let bits = if summary.values > 0 {
+        summary.bytes as f64 * 8.0 / summary.values as f64
+    } else {
+        0.0
+    };
+    if args.json {
+        let out = json!({
+            "checkpoint": path.display().to_string(),
+            "tensors": tensors.len(),
+            "bytes": stored_bytes,
+            "dtypes": dtypes,
+            "quantized_modules": modules,
+            "quantized_values": summary.values,
+            "bits_per_quantized_parameter": bits,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("checkpoint {}", path.display());
+    println!(
+        "  {} tensors, {} bytes; dtypes {}",
+        tensors.len(),
+        thousands(stored_bytes),
+        dtypes
+            .iter()
+            .map(|(d, n)| format!("{d} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if summary.modules.is_empty() {
+        println!("  not quantized");
+        return Ok(());
+    }
+    println!(
+        "  {} quantized modules, {} values, {:.3} bits per parameter",
+        summary.modules.len(),
+        thousands(summary.values),
+        bits
+    );
+    println!(
+        "  {:<48} {:>6} {:>9} {:>7} {:>6}",
+        "module", "format", "blocksize", "dq", "bits"
+    );
+    for (m, f, bs, dq, b) in &summary.modules {
+        let bs = if *bs == 0 {
+            "-".to_string()
+        } else {
+            bs.to_string()
+        };
+        println!("  {m:<48} {f:>6} {bs:>9} {dq:>7} {b:>6.3}");
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod demo;
 mod inspect;
 mod merge;
 mod plots;
+mod quantize;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -29,8 +30,13 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Fold a PEFT adapter into a plain Hugging Face checkpoint (streamed, atomic).
     Merge(merge::MergeArgs),
-    /// Show an adapter directory's config and per-module ranks, scalings and sizes.
+    /// Show an adapter directory (config, per-module ranks, scalings, sizes) or a
+    /// checkpoint (tensors, quantized modules, bits per parameter).
     Inspect(inspect::InspectArgs),
+    /// Quantize a checkpoint's linear weights to NF4 / FP4 / int8 in bitsandbytes' layout.
+    Quantize(quantize::QuantizeArgs),
+    /// Turn a bitsandbytes-quantized checkpoint back into plain float weights.
+    Dequantize(quantize::DequantizeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +45,8 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Quantize(args) => quantize::run_quantize(&args),
+        Command::Dequantize(args) => quantize::run_dequantize(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

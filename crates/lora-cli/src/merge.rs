@@ -27,7 +27,8 @@ pub enum DtypeArg {
 #[derive(Debug, Args)]
 pub struct MergeArgs {
     /// Base checkpoint: a `.safetensors` file, or a model directory with `model.safetensors`
-    /// or sharded files plus `model.safetensors.index.json`.
+    /// or sharded files plus `model.safetensors.index.json`. A bitsandbytes-quantized base
+    /// gives a quantized result (with the rounding printed).
     #[arg(long)]
     pub base: PathBuf,
     /// PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
@@ -95,5 +96,11 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         report.max_abs_delta,
         peak_rss_bytes().map_or(String::new(), |r| format!("; peak RSS {}", bytes(r))),
     );
+    if let Some(r) = report.rounding {
+        eprintln!(
+            "the base is quantized: merged weights were re-quantized; rounding against the exact f32 merge: max |err| {:.3e} (relative to the largest weight {:.3e})",
+            r.max_abs, r.max_rel
+        );
+    }
     Ok(())
 }

@@ -71,6 +71,32 @@ impl<B: LoraOps> LoraLinear<B> {
         self.base.as_mut()
     }
 
+    /// Swaps the frozen base layer (e.g. for its quantized version) and returns the old
+    /// one. The new base must have the same shape, and no adapter may be merged into the
+    /// old one.
+    pub fn replace_base(&mut self, base: Box<dyn Linear<B>>) -> Result<Box<dyn Linear<B>>> {
+        if !self.merged.is_empty() {
+            return Err(Error::state(
+                &self.name,
+                "cannot replace the base layer while adapters are merged into it",
+            ));
+        }
+        let (old, new) = (
+            (self.base.out_features(), self.base.in_features()),
+            (base.out_features(), base.in_features()),
+        );
+        if old != new {
+            return Err(Error::state(
+                &self.name,
+                format!(
+                    "new base layer is [{}, {}], the layer is [{}, {}]",
+                    new.0, new.1, old.0, old.1
+                ),
+            ));
+        }
+        Ok(std::mem::replace(&mut self.base, base))
+    }
+
     /// The first active adapter (the only one in the common single-adapter case).
     pub fn adapter(&self) -> Option<&dyn Adapter<B>> {
         let name = self.active.first()?;

@@ -300,7 +300,12 @@ impl OptimOps for NdArray {}
 /// Dequantizes on the host like the default, but hands the buffer to the tensor without
 /// the upload copy (host memory is this backend's device memory).
 impl QuantOps for NdArray {
-    fn dequantize_rows(&self, weight: &QuantizedWeight, row0: usize, rows: usize) -> Result<NdTensor> {
+    fn dequantize_rows(
+        &self,
+        weight: &QuantizedWeight,
+        row0: usize,
+        rows: usize,
+    ) -> Result<NdTensor> {
         let buf = dequantize_rows_host(weight, row0, rows)?;
         NdTensor::from_vec(buf, &[rows, weight.dims().1])
     }

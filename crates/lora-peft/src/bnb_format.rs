@@ -18,8 +18,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use lora_quant::{
-    Absmax, BlockwiseU8, FourBitType, FourBitWeight, Int8Weight, NESTED_BLOCKSIZE,
-    QuantizedWeight,
+    Absmax, BlockwiseU8, FourBitType, FourBitWeight, Int8Weight, NESTED_BLOCKSIZE, QuantizedWeight,
 };
 use safetensors::{Dtype, View};
 use serde::{Deserialize, Serialize};
@@ -97,7 +96,9 @@ struct QuantStateJson {
 
 /// Which modules of a checkpoint are stored quantized, by module name (the key without
 /// `.weight`), with their format name.
-pub fn quantized_modules(names: impl IntoIterator<Item = impl AsRef<str>>) -> BTreeMap<String, String> {
+pub fn quantized_modules(
+    names: impl IntoIterator<Item = impl AsRef<str>>,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for name in names {
         let name = name.as_ref();
@@ -151,7 +152,9 @@ pub fn encode(module: &str, w: &QuantizedWeight) -> Vec<(String, RawTensor<'stat
                 nested_offset: None,
             };
             match &q.absmax {
-                Absmax::F32(a) => out.push((key("weight.absmax"), RawTensor::f32(vec![a.len()], a))),
+                Absmax::F32(a) => {
+                    out.push((key("weight.absmax"), RawTensor::f32(vec![a.len()], a)))
+                }
                 Absmax::Double { scales, offset } => {
                     out.push((
                         key("weight.absmax"),
@@ -195,7 +198,10 @@ pub fn encode(module: &str, w: &QuantizedWeight) -> Vec<(String, RawTensor<'stat
 
 fn f32s(path: &str, name: &str, t: &RawTensor<'_>) -> Result<Vec<f32>> {
     if t.dtype != Dtype::F32 {
-        return Err(bad(path, format!("tensor {name} has dtype {:?}; expected F32", t.dtype)));
+        return Err(bad(
+            path,
+            format!("tensor {name} has dtype {:?}; expected F32", t.dtype),
+        ));
     }
     Ok(t.data
         .chunks_exact(4)
@@ -222,7 +228,12 @@ pub fn decode(
         tensors
             .get(&name)
             .map(|t| (name.clone(), t))
-            .ok_or_else(|| bad(path, format!("quantized module {module}: tensor {name} is missing")))
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!("quantized module {module}: tensor {name} is missing"),
+                )
+            })
     };
     let (wname, weight) = get("weight")?;
     if tensors.contains_key(&format!("{module}.SCB")) {
@@ -244,7 +255,10 @@ pub fn decode(
         {
             return Err(bad(
                 path,
-                format!("int8 module {module}: weight_format {:?} is not row-wise (0)", fmt.data),
+                format!(
+                    "int8 module {module}: weight_format {:?} is not row-wise (0)",
+                    fmt.data
+                ),
             ));
         }
         return Ok(QuantizedWeight::Int8(Int8Weight {
@@ -260,9 +274,17 @@ pub fn decode(
             k.strip_prefix(module)
                 .is_some_and(|r| r.starts_with(&format!(".weight.{QUANT_STATE_PREFIX}")))
         })
-        .ok_or_else(|| bad(path, format!("module {module} has no quant_state or SCB tensor")))?;
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("module {module} has no quant_state or SCB tensor"),
+            )
+        })?;
     let json: QuantStateJson = serde_json::from_slice(&state.data).map_err(|e| {
-        bad(path, format!("tensor {state_name}: corrupt quant_state JSON: {e}"))
+        bad(
+            path,
+            format!("tensor {state_name}: corrupt quant_state JSON: {e}"),
+        )
     })?;
     let quant_type: FourBitType = json
         .quant_type
@@ -280,7 +302,10 @@ pub fn decode(
     if json.shape.len() != 2 || n == 0 {
         return Err(bad(
             path,
-            format!("tensor {state_name}: shape {:?} is not a 2-D linear weight", json.shape),
+            format!(
+                "tensor {state_name}: shape {:?} is not a 2-D linear weight",
+                json.shape
+            ),
         ));
     }
     let blocks = n.div_ceil(json.blocksize);
@@ -299,13 +324,21 @@ pub fn decode(
     let (qname, qmap) = get("weight.quant_map")?;
     let code: [f32; 16] = f32s(path, &qname, qmap)?
         .try_into()
-        .map_err(|v: Vec<f32>| bad(path, format!("tensor {qname}: {} values, expected 16", v.len())))?;
+        .map_err(|v: Vec<f32>| {
+            bad(
+                path,
+                format!("tensor {qname}: {} values, expected 16", v.len()),
+            )
+        })?;
     let (aname, absmax) = get("weight.absmax")?;
     let absmax = match json.nested_offset {
         None => {
             let a = f32s(path, &aname, absmax)?;
             if a.len() != blocks {
-                return Err(bad(path, format!("tensor {aname}: {} values, expected {blocks}", a.len())));
+                return Err(bad(
+                    path,
+                    format!("tensor {aname}: {} values, expected {blocks}", a.len()),
+                ));
             }
             Absmax::F32(a)
         }
@@ -325,13 +358,20 @@ pub fn decode(
             if nested.len() != blocks.div_ceil(nested_bs) {
                 return Err(bad(
                     path,
-                    format!("tensor {nname}: {} values, expected {}", nested.len(), blocks.div_ceil(nested_bs)),
+                    format!(
+                        "tensor {nname}: {} values, expected {}",
+                        nested.len(),
+                        blocks.div_ceil(nested_bs)
+                    ),
                 ));
             }
             let (mname, nmap) = get("weight.nested_quant_map")?;
             let nmap = f32s(path, &mname, nmap)?;
             if nmap.len() != 256 {
-                return Err(bad(path, format!("tensor {mname}: {} values, expected 256", nmap.len())));
+                return Err(bad(
+                    path,
+                    format!("tensor {mname}: {} values, expected 256", nmap.len()),
+                ));
             }
             Absmax::Double {
                 scales: BlockwiseU8 {

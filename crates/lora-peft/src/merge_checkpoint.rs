@@ -428,21 +428,36 @@ fn merge_quantized<B: LoraOps>(
         if a.shape.len() != 2 || b.shape.len() != 2 || b.shape[1] != a.shape[0] {
             return Err(PeftError::Format {
                 path: adapter_name.to_string(),
-                reason: format!("module {module}: lora_A {:?} and lora_B {:?} do not chain", a.shape, b.shape),
+                reason: format!(
+                    "module {module}: lora_A {:?} and lora_B {:?} do not chain",
+                    a.shape, b.shape
+                ),
             });
         }
         let scaling = config.spec_for(&module, 0)?.scaling();
         let (out_f, in_f) = (b.shape[0], a.shape[1]);
         let (ta, tb) = (a.to_backend(backend)?, b.to_backend(backend)?);
         let mut delta = backend.zeros(&[out_f, in_f])?;
-        backend.gemm(scaling, &tb, Transpose::No, &ta, Transpose::No, 0.0, &mut delta)?;
+        backend.gemm(
+            scaling,
+            &tb,
+            Transpose::No,
+            &ta,
+            Transpose::No,
+            0.0,
+            &mut delta,
+        )?;
         let delta = backend.to_host(&delta)?;
         max_abs_delta = delta.iter().fold(max_abs_delta, |m, d| m.max(d.abs()));
         deltas.insert(module, ([out_f, in_f], delta));
     }
     let q = merge_into_quantized(base, &deltas, out)?;
     Ok(MergeReport {
-        merged: q.merged.iter().map(|(m, _)| format!("{m}.weight")).collect(),
+        merged: q
+            .merged
+            .iter()
+            .map(|(m, _)| format!("{m}.weight"))
+            .collect(),
         copied: q.copied,
         converted: 0,
         bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::path::Path;
 
-use lora_core::{
-    DEFAULT_ADAPTER, LoraAdapter, LoraOps, Model, RowAdapter, Tensor, WeightRounding,
-};
+use lora_core::{DEFAULT_ADAPTER, LoraAdapter, LoraOps, Model, RowAdapter, Tensor, WeightRounding};
 
 use crate::adapter_file::{load_adapter, save_adapter};
 use crate::config::{LoraConfig, TargetModules};

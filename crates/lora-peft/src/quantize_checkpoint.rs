@@ -18,7 +18,14 @@ use crate::targeting::matches;
 /// Module names never quantized by default (as transformers' `llm_int8_skip_modules`
 /// defaults): embeddings and output heads stay in full precision.
 const SKIP_BY_DEFAULT: [&str; 8] = [
-    "embed", "wte", "wpe", "lm_head", "classifier", "score", "decoder", "qa_outputs",
+    "embed",
+    "wte",
+    "wpe",
+    "lm_head",
+    "classifier",
+    "score",
+    "decoder",
+    "qa_outputs",
 ];
 
 /// All tensors of a checkpoint (every shard), borrowed from their memory maps.
@@ -29,7 +36,10 @@ pub struct LoadedCheckpoint {
 impl std::fmt::Debug for LoadedCheckpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedCheckpoint")
-            .field("files", &self.files.iter().map(|m| &m.path).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|m| &m.path).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -38,7 +48,11 @@ impl LoadedCheckpoint {
     /// Maps the checkpoint at `path` (a file, a model directory or a sharded index).
     pub fn open(path: &Path) -> Result<Self> {
         let ck = Checkpoint::open(path)?;
-        let files = ck.files.iter().map(|p| MappedFile::open(p)).collect::<Result<_>>()?;
+        let files = ck
+            .files
+            .iter()
+            .map(|p| MappedFile::open(p))
+            .collect::<Result<_>>()?;
         Ok(LoadedCheckpoint { files })
     }
 
@@ -126,7 +140,13 @@ fn bad(path: &str, reason: String) -> PeftError {
 
 fn decode(path: &str, name: &str, t: &RawTensor<'_>) -> Result<Vec<f32>> {
     decode_f32(t.dtype, &t.data).ok_or_else(|| {
-        bad(path, format!("tensor {name} has dtype {:?}; expected F32, F16 or BF16", t.dtype))
+        bad(
+            path,
+            format!(
+                "tensor {name} has dtype {:?}; expected F32, F16 or BF16",
+                t.dtype
+            ),
+        )
     })
 }
 
@@ -143,7 +163,20 @@ pub(crate) fn write_raw(
         })?;
     }
     lora_core::fs::with_atomic_path(out, |tmp| {
-        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), tmp)
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            tmp,
+        )
+        .map_err(|e| e.to_string())?;
+        // The writer creates a private (0600) file; give the result the usual mode.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok::<(), String>(())
     })?;
     Ok(())
 }
@@ -203,7 +236,10 @@ pub fn quantize_checkpoint(
         }
     }
     if selected.is_empty() {
-        return Err(bad(&path, "no 2-D linear .weight tensor selected for quantization".into()));
+        return Err(bad(
+            &path,
+            "no 2-D linear .weight tensor selected for quantization".into(),
+        ));
     }
 
     let mut report = QuantizeReport::default();
@@ -245,7 +281,11 @@ fn write_model_config(input: &Path, out: &Path, config: &QuantConfig) -> Result<
         return Ok(());
     };
     let same_dir = std::fs::canonicalize(input).ok() == std::fs::canonicalize(out_dir).ok();
-    if !input.is_dir() || !src.is_file() || same_dir || out.file_name() != Some("model.safetensors".as_ref()) {
+    if !input.is_dir()
+        || !src.is_file()
+        || same_dir
+        || out.file_name() != Some("model.safetensors".as_ref())
+    {
         return Ok(());
     }
     let text = std::fs::read_to_string(&src).map_err(|e| PeftError::Io {
@@ -287,7 +327,10 @@ pub fn dequantize_checkpoint(input: &Path, out: &Path) -> Result<QuantizeReport>
     let tensors = ck.tensors()?;
     let modules = quantized_modules(tensors.keys());
     if modules.is_empty() {
-        return Err(bad(&path, "no quantized module (no quant_state or SCB tensor) to dequantize".into()));
+        return Err(bad(
+            &path,
+            "no quantized module (no quant_state or SCB tensor) to dequantize".into(),
+        ));
     }
     let mut report = QuantizeReport::default();
     let mut outputs: BTreeMap<String, RawTensor<'_>> = BTreeMap::new();
@@ -352,8 +395,18 @@ pub fn quant_summary(path: &Path) -> Result<QuantSummary> {
         let (o, i) = q.dims();
         s.values += o * i;
         s.bytes += q.storage_bytes();
-        let bs = if c.format.four_bit().is_some() { c.blocksize } else { 0 };
-        s.modules.push((module.clone(), c.format.to_string(), bs, c.double_quant, q.bits_per_parameter()));
+        let bs = if c.format.four_bit().is_some() {
+            c.blocksize
+        } else {
+            0
+        };
+        s.modules.push((
+            module.clone(),
+            c.format.to_string(),
+            bs,
+            c.double_quant,
+            q.bits_per_parameter(),
+        ));
     }
     Ok(s)
 }
@@ -397,7 +450,9 @@ pub(crate) fn merge_into_quantized(
             if *shape != [o, i] {
                 return Err(bad(
                     &path,
-                    format!("module {module}: the adapter's delta is {shape:?} but the quantized weight is [{o}, {i}]"),
+                    format!(
+                        "module {module}: the adapter's delta is {shape:?} but the quantized weight is [{o}, {i}]"
+                    ),
                 ));
             }
             let mut exact = q.dequantize();
@@ -409,13 +464,21 @@ pub(crate) fn merge_into_quantized(
         } else {
             let name = format!("{module}.weight");
             let t = tensors.get(&name).ok_or_else(|| {
-                bad(&path, format!("the adapter targets module {module}, but the base has no tensor {name}"))
+                bad(
+                    &path,
+                    format!(
+                        "the adapter targets module {module}, but the base has no tensor {name}"
+                    ),
+                )
             })?;
             let mut w = decode(&path, &name, t)?;
             if t.shape != shape {
                 return Err(bad(
                     &path,
-                    format!("module {module}: the adapter's delta is {shape:?} but {name} is {:?}", t.shape),
+                    format!(
+                        "module {module}: the adapter's delta is {shape:?} but {name} is {:?}",
+                        t.shape
+                    ),
                 ));
             }
             w.iter_mut().zip(delta).for_each(|(w, d)| *w += d);

@@ -55,7 +55,9 @@ impl FromStr for FourBitType {
         match s {
             "nf4" => Ok(FourBitType::Nf4),
             "fp4" => Ok(FourBitType::Fp4),
-            other => Err(format!("unknown 4-bit type {other:?} (expected nf4 or fp4)")),
+            other => Err(format!(
+                "unknown 4-bit type {other:?} (expected nf4 or fp4)"
+            )),
         }
     }
 }

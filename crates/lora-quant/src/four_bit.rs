@@ -74,7 +74,9 @@ pub(crate) fn scale_block(values: &[f32], full: bool, mut emit: impl FnMut(f32))
     let clamped = absmax.max(1e-38);
     if full {
         let inv = 1.0 / clamped;
-        values.iter().for_each(|&v| emit((v * inv).clamp(-1.0, 1.0)));
+        values
+            .iter()
+            .for_each(|&v| emit((v * inv).clamp(-1.0, 1.0)));
         absmax
     } else {
         values
@@ -130,7 +132,7 @@ impl FourBitWeight {
                     scales[b] = scale_block(block, block.len() == blocksize, |x| {
                         let q = quantizer.index(x);
                         let byte = &mut bytes[k / 2];
-                        if k % 2 == 0 {
+                        if k & 1 == 0 {
                             *byte = q << 4;
                         } else {
                             *byte |= q;
@@ -205,7 +207,7 @@ impl FourBitWeight {
                 for (i, o) in head.iter_mut().enumerate() {
                     let v = e + i;
                     let byte = self.packed[v / 2];
-                    let nib = if v % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                    let nib = if v & 1 == 0 { byte >> 4 } else { byte & 0x0f };
                     *o = self.code[nib as usize] * scale;
                 }
                 e += take;
@@ -244,7 +246,8 @@ impl Absmax {
     pub fn double(absmax: &[f32]) -> Absmax {
         // torch's f32 mean; summed in f64 here, which can differ from torch's pairwise f32
         // sum in the last bit (see docs/formats.md, "ties").
-        let offset = (absmax.iter().map(|&v| f64::from(v)).sum::<f64>() / absmax.len() as f64) as f32;
+        let offset =
+            (absmax.iter().map(|&v| f64::from(v)).sum::<f64>() / absmax.len() as f64) as f32;
         let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
         Absmax::Double {
             scales: quantize_blockwise_u8(&centred, dynamic_map(), NESTED_BLOCKSIZE),

@@ -4,6 +4,8 @@
 use lora_core::{Error, Result};
 
 /// `1 / 127` as bitsandbytes writes it in `int8_vectorwise_dequant`.
+// bitsandbytes' literal, kept digit for digit (it rounds to the f32 nearest 1/127).
+#[allow(clippy::excessive_precision)]
 const INV_127: f32 = 7.874_015_718_698_502e-3;
 
 /// `1 / 127²` as bitsandbytes writes it in `int8_mm_dequant`.

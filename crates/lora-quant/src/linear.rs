@@ -33,7 +33,11 @@ impl<B: QuantOps> QuantLinear<B> {
         if let Some(b) = &bias
             && b.shape().dims() != [out_f]
         {
-            return Err(Error::shape("quantized linear bias", format!("[{out_f}]"), b.shape()));
+            return Err(Error::shape(
+                "quantized linear bias",
+                format!("[{out_f}]"),
+                b.shape(),
+            ));
         }
         Ok(QuantLinear {
             weight,
@@ -112,7 +116,10 @@ impl<B: QuantOps> QuantLinear<B> {
     /// columns are added in f32 against the dequantized weight.
     fn forward_llm_int8(&self, backend: &B, x: &B::Tensor, threshold: f32) -> Result<B::Tensor> {
         let QuantizedWeight::Int8(w) = &self.weight else {
-            return Err(Error::state("quantized linear", "outlier path needs int8 weights"));
+            return Err(Error::state(
+                "quantized linear",
+                "outlier path needs int8 weights",
+            ));
         };
         let (out_f, in_f) = self.dims();
         let (n, _) = x.shape().as_matrix();
@@ -132,7 +139,13 @@ impl<B: QuantOps> QuantLinear<B> {
         // row scales, then the outlier columns' codes are zeroed.
         let inlier: Vec<f32> = x16
             .iter()
-            .map(|&v| if threshold > 0.0 && v.abs() >= threshold { 0.0 } else { v })
+            .map(|&v| {
+                if threshold > 0.0 && v.abs() >= threshold {
+                    0.0
+                } else {
+                    v
+                }
+            })
             .collect();
         let (mut ca, sca) = quantize_rows(&inlier, in_f);
         if n > 1 {
@@ -180,7 +193,10 @@ impl<B: QuantOps> QuantLinear<B> {
             for j in 0..out_f {
                 w.dequantize_rows(j, &mut deq);
                 for r in 0..n {
-                    let s: f32 = outlier_cols.iter().map(|&c| xh[r * in_f + c] * deq[c]).sum();
+                    let s: f32 = outlier_cols
+                        .iter()
+                        .map(|&c| xh[r * in_f + c] * deq[c])
+                        .sum();
                     y[r * out_f + j] += s;
                 }
             }
@@ -240,7 +256,15 @@ impl<B: QuantOps> Linear<B> for QuantLinear<B> {
                 let w = backend.dequantize_rows(&self.weight, row0, rows)?;
                 let dy_part = backend.slice_cols(dy, row0, rows)?;
                 let beta = if i == 0 { 0.0 } else { 1.0 };
-                backend.gemm(1.0, &dy_part, Transpose::No, &w, Transpose::No, beta, &mut dx)?;
+                backend.gemm(
+                    1.0,
+                    &dy_part,
+                    Transpose::No,
+                    &w,
+                    Transpose::No,
+                    beta,
+                    &mut dx,
+                )?;
             }
         }
         Ok(dx)
@@ -263,7 +287,11 @@ impl<B: QuantOps> Linear<B> for QuantLinear<B> {
         alpha: f32,
     ) -> Result<WeightRounding> {
         let (o, i) = self.dims();
-        check_same_shape("quantized add_to_weight", &[o, i].as_slice().into(), delta.shape())?;
+        check_same_shape(
+            "quantized add_to_weight",
+            &[o, i].as_slice().into(),
+            delta.shape(),
+        )?;
         let d = backend.to_host(delta)?;
         let mut exact = self.weight.dequantize();
         exact.iter_mut().zip(&d).for_each(|(w, d)| *w += alpha * d);

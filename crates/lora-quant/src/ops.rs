@@ -24,12 +24,19 @@ pub trait QuantOps: Backend {
 
 /// The host half of [`QuantOps::dequantize_rows`], with its range check; backends that
 /// keep tensors in host memory wrap the buffer without a copy.
-pub fn dequantize_rows_host(weight: &QuantizedWeight, row0: usize, rows: usize) -> Result<Vec<f32>> {
+pub fn dequantize_rows_host(
+    weight: &QuantizedWeight,
+    row0: usize,
+    rows: usize,
+) -> Result<Vec<f32>> {
     let (out_f, in_f) = weight.dims();
     if row0.checked_add(rows).is_none_or(|end| end > out_f) {
         return Err(Error::InvalidState {
             context: format!("dequantize_rows of a [{out_f}, {in_f}] weight"),
-            reason: format!("rows {row0}..{} are out of range", row0.saturating_add(rows)),
+            reason: format!(
+                "rows {row0}..{} are out of range",
+                row0.saturating_add(rows)
+            ),
         });
     }
     let mut buf = vec![0.0f32; rows * in_f];
