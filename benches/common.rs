@@ -1,8 +1,75 @@
 //! Shared pieces of the benchmarks: the workload shapes, inputs, and the machine's FMA peak.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
 use lora::rng::{RngState, uniform};
 use lora::{Backend, NdArray, NdTensor};
+
+/// Per-sample `(baseline seconds, measured seconds)` of one paired benchmark.
+type Samples = RefCell<Vec<(f64, f64)>>;
+
+/// The median (NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Writes `{"<backend>/<op>/<shape>": {"ratio": r, "frozen_s": f, "lora_s": l}}` (medians
+/// per iteration; "frozen" is the baseline, "lora" the measured side) to
+/// `target/bench/<file>`.
+pub fn write_paired(file: &str, results: &BTreeMap<String, (f64, f64, f64)>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).ok();
+    let body: Vec<String> = results
+        .iter()
+        .map(|(k, (r, f, l))| {
+            format!("  \"{k}\": {{\"ratio\": {r:.4}, \"frozen_s\": {f:.6e}, \"lora_s\": {l:.6e}}}")
+        })
+        .collect();
+    std::fs::write(dir.join(file), format!("{{\n{}\n}}\n", body.join(",\n"))).ok();
+}
+
+/// Times `baseline` and `measured` alternately inside one timed loop; criterion sees the
+/// measured time, `results[id]` gets `(median ratio, baseline, measured)`. On a shared
+/// VM the clock drifts by more than the effects we measure between two separately timed
+/// benchmarks, so only interleaved ratios are meaningful.
+pub fn paired(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: String,
+    results: &mut BTreeMap<String, (f64, f64, f64)>,
+    mut baseline: impl FnMut(),
+    mut measured: impl FnMut(),
+) {
+    let samples: Samples = RefCell::new(Vec::new());
+    g.bench_function(&id, |bch| {
+        bch.iter_custom(|iters| {
+            let (mut t_base, mut t_meas) = (Duration::ZERO, Duration::ZERO);
+            for _ in 0..iters {
+                let t0 = Instant::now();
+                baseline();
+                let t1 = Instant::now();
+                measured();
+                t_meas += t1.elapsed();
+                t_base += t1 - t0;
+            }
+            let n = iters.max(1) as f64;
+            samples
+                .borrow_mut()
+                .push((t_base.as_secs_f64() / n, t_meas.as_secs_f64() / n));
+            t_meas
+        })
+    });
+    let s = samples.into_inner();
+    if !s.is_empty() {
+        let ratio = median(s.iter().map(|(f, l)| l / f).collect());
+        let f = median(s.iter().map(|(f, _)| *f).collect());
+        let l = median(s.iter().map(|(_, l)| *l).collect());
+        results.insert(id, (ratio, f, l));
+    }
+}
 
 /// `(tokens, in, out, r)` of the LoRA linear workloads (issue 2; PyTorch+PEFT measures
 /// 1.11x to 1.55x LoRA-over-frozen at these shapes).

@@ -14,7 +14,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 // The same allocator as the `lora` binary, so the figures are what users of it get.
 #[global_allocator]
@@ -22,69 +22,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lora::{DenseLinear, FullBackend, Linear, LoraLinear, LoraSpec, Mode, NdArray};
-use lora_benches::LORA_SHAPES;
-
-/// Per-sample `(frozen seconds, lora seconds)` of one paired benchmark.
-type Samples = RefCell<Vec<(f64, f64)>>;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// `{"<backend>/<op>/<shape>": {"ratio": r, "frozen_s": f, "lora_s": l}}`, medians per
-/// iteration.
-fn write_paired(results: &BTreeMap<String, (f64, f64, f64)>) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir).ok();
-    let body: Vec<String> = results
-        .iter()
-        .map(|(k, (r, f, l))| {
-            format!("  \"{k}\": {{\"ratio\": {r:.4}, \"frozen_s\": {f:.6e}, \"lora_s\": {l:.6e}}}")
-        })
-        .collect();
-    std::fs::write(
-        dir.join("paired.json"),
-        format!("{{\n{}\n}}\n", body.join(",\n")),
-    )
-    .ok();
-}
-
-/// Times `frozen` and `lora` alternately; criterion sees the LoRA time.
-fn paired(
-    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    id: String,
-    results: &mut BTreeMap<String, (f64, f64, f64)>,
-    mut frozen: impl FnMut(),
-    mut lora: impl FnMut(),
-) {
-    let samples: Samples = RefCell::new(Vec::new());
-    g.bench_function(&id, |bch| {
-        bch.iter_custom(|iters| {
-            let (mut t_frozen, mut t_lora) = (Duration::ZERO, Duration::ZERO);
-            for _ in 0..iters {
-                let t0 = Instant::now();
-                frozen();
-                let t1 = Instant::now();
-                lora();
-                t_lora += t1.elapsed();
-                t_frozen += t1 - t0;
-            }
-            let n = iters.max(1) as f64;
-            samples
-                .borrow_mut()
-                .push((t_frozen.as_secs_f64() / n, t_lora.as_secs_f64() / n));
-            t_lora
-        })
-    });
-    let s = samples.into_inner();
-    if !s.is_empty() {
-        let ratio = median(s.iter().map(|(f, l)| l / f).collect());
-        let f = median(s.iter().map(|(f, _)| *f).collect());
-        let l = median(s.iter().map(|(_, l)| *l).collect());
-        results.insert(id, (ratio, f, l));
-    }
-}
+use lora_benches::{LORA_SHAPES, paired, write_paired};
 
 /// One backend's LoRA-vs-frozen benchmarks at every shape.
 fn bench_backend<B: FullBackend>(
@@ -171,7 +109,7 @@ fn bench(c: &mut Criterion) {
         &lora::Tch::cuda(0).unwrap_or_else(|_| lora::Tch::cpu()),
         &mut results,
     );
-    write_paired(&results);
+    write_paired("paired.json", &results);
 }
 
 criterion_group!(benches, bench);

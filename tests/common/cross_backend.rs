@@ -7,7 +7,7 @@ use lora::{
     Adam, Backend, FullBackend, LoraInit, LoraSpec, Mode, Model, Optimizer, UnaryOp, mse_loss,
 };
 
-use crate::{assert_close, rand_vec, to64};
+use crate::{assert_close, assert_close_scaled, rand_vec, to64};
 
 /// 20 training steps (forward, backward, AdamW, dropout on) on both backends from the same
 /// seed: the shared generator makes the runs comparable step by step.
@@ -313,4 +313,132 @@ pub fn check_every_optimizer<B: FullBackend>(t: &B) {
     for (name, ro, to) in cases {
         assert_close(name, &run(t, to), &to64(&run(&r, ro)), 1e-4, 1e-5);
     }
+}
+
+/// QLoRA on both backends: a LoRA layer over NF4, FP4 and int8 bases (several row blocks,
+/// so the blockwise dequantize-and-multiply path runs), forward, backward and adapter
+/// gradients against the ndarray reference; plus `slice_cols` / `assign_cols`.
+pub fn check_quantized_layers<B: lora::quant::QuantBackend>(t: &B) {
+    use lora::quant::{QuantConfig, QuantFormat, QuantLinear};
+    use lora::{Linear, LoraLinear};
+    let r = lora::NdArray::new();
+    // in = 2048 gives 512 rows per dequantized block: three blocks of output rows.
+    let (o, i, n) = (1100, 2048, 5);
+    let w = rand_vec(o * i, 11, 0);
+    let x = rand_vec(n * i, 12, 1);
+    let dy = rand_vec(n * o, 13, 2);
+    let b_factor = rand_vec(o * 4, 14, 3);
+    for cfg in [
+        QuantConfig::qlora(),
+        QuantConfig {
+            format: QuantFormat::Fp4,
+            blocksize: 128,
+            double_quant: false,
+        },
+        QuantConfig::new(QuantFormat::Int8),
+    ] {
+        let q = cfg.quantize(&w, &[o, i]).unwrap();
+        let spec = LoraSpec {
+            r: 4,
+            alpha: 8.0,
+            ..LoraSpec::default()
+        };
+        let mut lt = LoraLinear::new(
+            "m",
+            Box::new(QuantLinear::<B>::new(q.clone(), None).unwrap()),
+        );
+        let mut lr = LoraLinear::new(
+            "m",
+            Box::new(QuantLinear::<lora::NdArray>::new(q, None).unwrap()),
+        );
+        lt.inject_lora(t, &spec).unwrap();
+        lr.inject_lora(&r, &spec).unwrap();
+        lt.adapter_mut()
+            .unwrap()
+            .set_tensor("lora_B", t.from_host(&b_factor, &[o, 4]).unwrap())
+            .unwrap();
+        lr.adapter_mut()
+            .unwrap()
+            .set_tensor("lora_B", r.from_host(&b_factor, &[o, 4]).unwrap())
+            .unwrap();
+        let what = cfg.format.as_str();
+        let yt = lt
+            .forward(t, &t.from_host(&x, &[n, i]).unwrap(), Mode::Train)
+            .unwrap();
+        let yr = lr
+            .forward(&r, &r.from_host(&x, &[n, i]).unwrap(), Mode::Train)
+            .unwrap();
+        assert_close_scaled(
+            &format!("{what} QLoRA forward"),
+            &t.to_host(&yt).unwrap(),
+            &to64(&r.to_host(&yr).unwrap()),
+            1e-4,
+            1e-5,
+        );
+        let dxt = lt.backward(t, &t.from_host(&dy, &[n, o]).unwrap()).unwrap();
+        let dxr = lr
+            .backward(&r, &r.from_host(&dy, &[n, o]).unwrap())
+            .unwrap();
+        assert_close_scaled(
+            &format!("{what} QLoRA dx"),
+            &t.to_host(&dxt).unwrap(),
+            &to64(&r.to_host(&dxr).unwrap()),
+            1e-4,
+            1e-5,
+        );
+        let gt: Vec<Vec<f32>> = lt
+            .params_and_grads()
+            .iter()
+            .map(|p| t.to_host(p.grad).unwrap())
+            .collect();
+        let gr: Vec<Vec<f32>> = lr
+            .params_and_grads()
+            .iter()
+            .map(|p| r.to_host(p.grad).unwrap())
+            .collect();
+        for (a, b) in gt.iter().zip(&gr) {
+            assert_close_scaled(
+                &format!("{what} QLoRA adapter gradients"),
+                a,
+                &to64(b),
+                1e-4,
+                1e-5,
+            );
+        }
+        // The dequantized weight is the same on both backends, exactly.
+        assert_eq!(
+            t.to_host(&lt.base().weight(t).unwrap()).unwrap(),
+            r.to_host(&lr.base().weight(&r).unwrap()).unwrap(),
+            "{what} dequantized weight"
+        );
+    }
+    // The column primitives the quantized layer uses.
+    let a = rand_vec(6 * 10, 15, 4);
+    let (at, ar) = (
+        t.from_host(&a, &[6, 10]).unwrap(),
+        r.from_host(&a, &[6, 10]).unwrap(),
+    );
+    let st = t.slice_cols(&at, 3, 4).unwrap();
+    let sr = r.slice_cols(&ar, 3, 4).unwrap();
+    assert_eq!(
+        t.to_host(&st).unwrap(),
+        r.to_host(&sr).unwrap(),
+        "slice_cols"
+    );
+    let (mut dt, mut dr) = (t.zeros(&[6, 10]).unwrap(), r.zeros(&[6, 10]).unwrap());
+    t.assign_cols(&mut dt, 5, &st).unwrap();
+    r.assign_cols(&mut dr, 5, &sr).unwrap();
+    assert_eq!(
+        t.to_host(&dt).unwrap(),
+        r.to_host(&dr).unwrap(),
+        "assign_cols"
+    );
+    assert!(
+        t.slice_cols(&at, 8, 4).is_err(),
+        "slice_cols past the end is an error"
+    );
+    assert!(
+        t.assign_cols(&mut dt, 8, &st).is_err(),
+        "assign_cols past the end is an error"
+    );
 }

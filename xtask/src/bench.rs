@@ -108,8 +108,56 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
             .arg(target.join("bench/pytorch.json"))
             .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
     )?;
+    // bitsandbytes + PEFT for the quantized-base workloads.
+    let _ = std::fs::remove_file(target.join("bench/bnb.json"));
+    run_cmd(
+        "bitsandbytes + PEFT baseline (benches/python/bnb_quant.py)",
+        std::process::Command::new(crate::venv::ensure_venv()?)
+            .arg(root().join("benches/python/bnb_quant.py"))
+            .arg(target.join("bench/bnb.json"))
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+    )?;
     merge_bench(&target, quick)?;
+    demo_memory(&target)?;
     report(&target, quick)
+}
+
+/// Peak RSS of `lora demo` with an f32 base and with each quantized base (a wider MLP so
+/// that the weights matter), as `target/bench/demo_memory.json`.
+fn demo_memory(target: &Path) -> Result<()> {
+    let lora = target.join("release/lora");
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "lora-cli"]);
+    run_cmd("cargo build --release -p lora-cli", &mut build)?;
+    let mut out = serde_json::Map::new();
+    for quant in ["f32", "nf4", "int8"] {
+        let mut cmd = std::process::Command::new(&lora);
+        cmd.args([
+            "demo",
+            "--hidden",
+            "1024",
+            "--pretrain-steps",
+            "20",
+            "--steps",
+            "20",
+            "--out",
+        ])
+        .arg(target.join(format!("tmp/demo-memory-{quant}")));
+        if quant != "f32" {
+            cmd.args(["--quant", quant]);
+        }
+        let (secs, rss) = timed(&mut cmd)?;
+        println!("lora demo --hidden 1024 ({quant} base): {secs:.2} s, peak RSS {rss:?} bytes");
+        out.insert(
+            quant.into(),
+            json!({"seconds": secs, "peak_rss_bytes": rss}),
+        );
+    }
+    std::fs::write(
+        target.join("bench/demo_memory.json"),
+        serde_json::to_string_pretty(&Value::Object(out))? + "\n",
+    )?;
+    Ok(())
 }
 
 /// Wall time and peak RSS (bytes) of one process run, via GNU time when present.
@@ -340,6 +388,7 @@ fn report(target: &Path, quick: bool) -> Result<()> {
             });
         }
     }
+    quant_rows(target, &mut rows);
     rows.sort_by(|a, b| (&a.op, &a.shape, &a.backend).cmp(&(&b.op, &b.shape, &b.backend)));
 
     let json_rows: Vec<Value> = rows
@@ -372,6 +421,94 @@ fn report(target: &Path, quick: bool) -> Result<()> {
         .context("drawing docs/benchmarks.png")?;
     println!("wrote docs/benchmarks.md and docs/benchmarks.png");
     Ok(())
+}
+
+/// Rows of the quantized-base benchmarks (`quant.json`, `quant_bytes.json`, `bnb.json`,
+/// `demo_memory.json`).
+fn quant_rows(target: &Path, rows: &mut Vec<Row>) {
+    let round = |v: f64| (v * 1e4).round() / 1e4;
+    let quant = read_json(&target.join("bench/quant.json")).unwrap_or(json!({}));
+    let bytes = read_json(&target.join("bench/quant_bytes.json")).unwrap_or(json!({}));
+    let bnb = read_json(&target.join("bench/bnb.json")).unwrap_or(json!({}));
+    let ours = quant
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            let (backend, key) = k.split_once('/')?;
+            Some((backend.to_string(), key.to_string(), k.clone(), v.clone()))
+        });
+    let theirs = bnb
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.contains('/'))
+        .map(|(k, v)| {
+            (
+                "pytorch+peft+bnb".to_string(),
+                k.clone(),
+                String::new(),
+                v.clone(),
+            )
+        });
+    for (backend, key, full_key, v) in ours.chain(theirs) {
+        let Some((op, shape)) = key.split_once('/') else {
+            continue;
+        };
+        let (Some(ratio), Some(base), Some(t)) = (
+            v["ratio"].as_f64(),
+            v["frozen_s"].as_f64(),
+            v["lora_s"].as_f64(),
+        ) else {
+            continue;
+        };
+        let mut extra = BTreeMap::new();
+        if backend != "pytorch+peft+bnb"
+            && let Some(p) = bnb[key.as_str()]["lora_s"].as_f64()
+        {
+            extra.insert("vs_pytorch", json!(round(t / p)));
+        }
+        if op == "qlora_fwd_bwd" {
+            extra.insert("qlora_over_f32_lora", json!(round(ratio)));
+            extra.insert("f32_lora_s", json!(base));
+            let b = &bytes[full_key.as_str()];
+            if let (Some(f), Some(q)) = (b["f32_bytes"].as_u64(), b["quant_bytes"].as_u64()) {
+                extra.insert("f32_weight_bytes", json!(f));
+                extra.insert("quant_weight_bytes", json!(q));
+                extra.insert("weight_memory_ratio", json!(round(q as f64 / f as f64)));
+            }
+        } else {
+            let dims: Vec<f64> = shape.split('x').filter_map(|d| d.parse().ok()).collect();
+            let out_bytes = 4.0 * dims.iter().product::<f64>();
+            extra.insert("output_gb_per_s", json!(round(out_bytes / t / 1e9)));
+            extra.insert("copy_gb_per_s", json!(round(out_bytes / base / 1e9)));
+            extra.insert("fraction_of_copy_bandwidth", json!(round(base / t)));
+        }
+        rows.push(Row {
+            backend,
+            op: op.to_string(),
+            shape: shape.to_string(),
+            median_s: t,
+            extra,
+        });
+    }
+    if let Some(m) = read_json(&target.join("bench/demo_memory.json")) {
+        for (quant, v) in m.as_object().into_iter().flatten() {
+            let (Some(secs), Some(rss)) = (v["seconds"].as_f64(), v["peak_rss_bytes"].as_u64())
+            else {
+                continue;
+            };
+            let mut extra = BTreeMap::new();
+            extra.insert("peak_rss_bytes", json!(rss));
+            rows.push(Row {
+                backend: "ndarray".into(),
+                op: "demo_peak_rss".into(),
+                shape: format!("MLP 1-1024-1024-1024-1, {quant} base"),
+                median_s: secs,
+                extra,
+            });
+        }
+    }
 }
 
 /// `(shape, [(backend, LoRA/frozen fwd+bwd)])` for the chart.
@@ -503,6 +640,71 @@ fn write_markdown(path: &PathBuf, rows: &[Row], peak: Option<f64>, quick: bool) 
                 if 1.0 / v >= 10.0 { "met" } else { "missed" }
             )),
         ));
+    }
+    md.push_str("\n## Quantized bases (QLoRA)\n\n");
+    md.push_str("`qlora_fwd_bwd`: LoRA forward+backward on an NF4 base (blocksize 64, double quantization; dequantized a block of rows at a time next to the GEMM) against the same LoRA on the f32 base, interleaved in one timed loop. Goal: 1.25x or less at a quarter of the weight memory or less. bitsandbytes + PEFT (`benches/python/bnb_quant.py`: PEFT on `Linear4bit`, f32 compute, on this CPU) is measured the same way in the same run. `dequantize_nf4`: the whole 4096x4096 weight to f32, against copying the same f32 output (the copy bandwidth).\n\n");
+    md.push_str("| op | shape | backend | baseline | quantized | ratio | weight memory | vs bitsandbytes+PEFT | goal |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows
+        .iter()
+        .filter(|r| r.op == "qlora_fwd_bwd" || r.op == "dequantize_nf4")
+    {
+        let g = |k: &str| r.extra.get(k).and_then(Value::as_f64);
+        let (ratio, baseline, memory, goal) = if r.op == "qlora_fwd_bwd" {
+            let ratio = g("qlora_over_f32_lora");
+            let base = g("f32_lora_s").map(|s| format!("f32 LoRA {:.1} ms", s * 1e3));
+            let mem = g("weight_memory_ratio");
+            let goal = match (ratio, mem) {
+                (Some(v), Some(m)) => format!(
+                    "1.25x {} ({:.3}x); 1/4 memory {} ({:.3})",
+                    if v <= 1.25 { "met" } else { "missed" },
+                    v,
+                    if m <= 0.25 { "met" } else { "missed" },
+                    m
+                ),
+                _ => String::new(),
+            };
+            (
+                ratio.map(|v| format!("{v:.3}x")),
+                base,
+                mem.map(|m| format!("{:.1}% of f32", m * 100.0)),
+                goal,
+            )
+        } else {
+            let frac = g("fraction_of_copy_bandwidth");
+            let base = g("copy_gb_per_s").map(|v| format!("copy {v:.1} GB/s"));
+            let ratio = match (g("output_gb_per_s"), frac) {
+                (Some(gb), Some(f)) => Some(format!("{gb:.1} GB/s out, {:.0}% of copy", f * 100.0)),
+                _ => None,
+            };
+            (ratio, base, None, String::new())
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.2} ms | {} | {} | {} | {} |\n",
+            r.op,
+            r.shape,
+            r.backend,
+            baseline.unwrap_or_default(),
+            r.median_s * 1e3,
+            ratio.unwrap_or_default(),
+            memory.unwrap_or_default(),
+            g("vs_pytorch").map_or(String::new(), |v| format!("{v:.3}x")),
+            goal,
+        ));
+    }
+    let mem_rows: Vec<&Row> = rows.iter().filter(|r| r.op == "demo_peak_rss").collect();
+    if !mem_rows.is_empty() {
+        md.push_str("\nPeak RSS of the whole `lora demo --hidden 1024` process (it pretrains the f32 MLP first, with Adam state, so the f32 phase sets the peak; the frozen-base bytes the demo prints are the per-layer figure):\n\n| run | wall time | peak RSS |\n|---|---|---|\n");
+        for r in mem_rows {
+            md.push_str(&format!(
+                "| {} | {:.2} s | {} |\n",
+                r.shape,
+                r.median_s,
+                r.extra
+                    .get("peak_rss_bytes")
+                    .and_then(Value::as_u64)
+                    .map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+            ));
+        }
     }
     md.push_str("\n## Matrix multiplication\n\n");
     md.push_str("`ndarray` is our backend (the `gemm` crate, our panel threading for skinny shapes); `matrixmultiply` is ndarray's own `dot` with its threading feature, the alternative we measured against. Goal: 85% of the measured FMA peak on large shapes.\n\n");

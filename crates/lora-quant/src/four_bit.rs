@@ -195,31 +195,46 @@ impl FourBitWeight {
     /// Dequantizes values `start..start + out.len()` of the flattened weight into `out`
     /// (`code[index] * absmax[block]`, as bitsandbytes), in parallel for large ranges.
     pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
-        let work = |offset: usize, out: &mut [f32]| {
-            let bs = self.blocksize;
-            let mut e = start + offset;
-            let mut rest = out;
-            while !rest.is_empty() {
-                let block = e / bs;
-                let take = ((block + 1) * bs - e).min(rest.len());
-                let scale = self.block_scale(block);
-                let (head, tail) = rest.split_at_mut(take);
-                for (i, o) in head.iter_mut().enumerate() {
-                    let v = e + i;
-                    let byte = self.packed[v / 2];
-                    let nib = if v & 1 == 0 { byte >> 4 } else { byte & 0x0f };
-                    *o = self.code[nib as usize] * scale;
-                }
-                e += take;
-                rest = tail;
-            }
-        };
         if out.len() <= PAR_CHUNK {
-            work(0, out);
+            self.dequantize_serial(start, out);
         } else {
             out.par_chunks_mut(PAR_CHUNK)
                 .enumerate()
-                .for_each(|(c, chunk)| work(c * PAR_CHUNK, chunk));
+                .for_each(|(c, chunk)| self.dequantize_serial(start + c * PAR_CHUNK, chunk));
+        }
+    }
+
+    /// One thread's share of [`Self::dequantize_range`]: block by block, with the block's
+    /// 16 scaled code values looked up a byte (two values) at a time.
+    fn dequantize_serial(&self, start: usize, out: &mut [f32]) {
+        let bs = self.blocksize;
+        let mut e = start;
+        let mut rest = out;
+        while !rest.is_empty() {
+            let block = e / bs;
+            let take = ((block + 1) * bs - e).min(rest.len());
+            let scale = self.block_scale(block);
+            let table: [f32; 16] = self.code.map(|c| c * scale);
+            let (mut seg, tail) = rest.split_at_mut(take);
+            let mut v = e;
+            if v & 1 == 1 {
+                // An odd start: the low nibble of the byte the previous value used.
+                seg[0] = table[(self.packed[v / 2] & 0x0f) as usize];
+                seg = &mut seg[1..];
+                v += 1;
+            }
+            let pairs = seg.len() / 2;
+            let bytes = &self.packed[v / 2..v / 2 + pairs];
+            let (even, last) = seg.split_at_mut(pairs * 2);
+            for (o, &byte) in even.chunks_exact_mut(2).zip(bytes) {
+                o[0] = table[(byte >> 4) as usize];
+                o[1] = table[(byte & 0x0f) as usize];
+            }
+            if let Some(o) = last.first_mut() {
+                *o = table[(self.packed[(v + pairs * 2) / 2] >> 4) as usize];
+            }
+            e += take;
+            rest = tail;
         }
     }
 
@@ -253,5 +268,42 @@ impl Absmax {
             scales: quantize_blockwise_u8(&centred, dynamic_map(), NESTED_BLOCKSIZE),
             offset,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every sub-range (odd and even starts, block-straddling, partial last block)
+    /// dequantizes to the same values as the whole weight.
+    #[test]
+    fn any_range_equals_the_slice_of_the_whole() {
+        let data: Vec<f32> = (0..357)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        for (t, dq) in [(FourBitType::Nf4, true), (FourBitType::Fp4, false)] {
+            let w = FourBitWeight::quantize(&data, &[7, 51], t, 32, dq)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let full = w.dequantize();
+            for start in [0, 1, 2, 31, 32, 33, 50, 51, 101] {
+                for len in [1, 2, 3, 31, 64, 357 - start] {
+                    if start + len > 357 {
+                        continue;
+                    }
+                    let mut out = vec![0.0; len];
+                    w.dequantize_range(start, &mut out);
+                    assert_eq!(out, full[start..start + len], "{t} start {start} len {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_blocksize_and_non_finite_values_are_errors() {
+        let e = FourBitWeight::quantize(&[1.0; 64], &[1, 64], FourBitType::Nf4, 48, false);
+        assert!(e.is_err_and(|e| e.to_string().contains("blocksize")));
+        let e = FourBitWeight::quantize(&[f32::NAN; 64], &[1, 64], FourBitType::Nf4, 64, false);
+        assert!(e.is_err_and(|e| e.to_string().contains("non-finite")));
     }
 }
