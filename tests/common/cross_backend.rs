@@ -319,8 +319,8 @@ pub fn check_every_optimizer<B: FullBackend>(t: &B) {
 /// so the blockwise dequantize-and-multiply path runs), forward, backward and adapter
 /// gradients against the ndarray reference; plus `slice_cols` / `assign_cols`.
 pub fn check_quantized_layers<B: lora::quant::QuantBackend>(t: &B) {
+    use lora::LoraLinear;
     use lora::quant::{QuantConfig, QuantFormat, QuantLinear};
-    use lora::{Linear, LoraLinear};
     let r = lora::NdArray::new();
     // in = 2048 gives 512 rows per dequantized block: three blocks of output rows.
     let (o, i, n) = (1100, 2048, 5);
