@@ -7,7 +7,9 @@ use clap::Args;
 use lora::peft::{self, LoraConfig};
 use serde_json::json;
 
-use crate::report::thousands;
+use std::fmt::Write as _;
+
+use crate::report::{print_stdout, thousands};
 
 /// Options of `lora inspect`.
 #[derive(Debug, Args)]
@@ -24,9 +26,16 @@ pub struct InspectArgs {
 
 /// Runs `lora inspect`.
 pub fn run(args: &InspectArgs) -> Result<()> {
+    let mut out = String::new();
+    let result = inspect_adapter(args, &mut out);
+    print_stdout(&out);
+    result
+}
+
+fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
     let dir = peft::adapter_dir_for(&args.adapter_dir, &args.adapter_name);
     if !dir.join(peft::CONFIG_FILE).is_file() {
-        return inspect_checkpoint(args);
+        return inspect_checkpoint(args, out);
     }
     let config = LoraConfig::from_file(&dir.join(peft::CONFIG_FILE))?;
     let weights = dir.join(peft::WEIGHTS_FILE);
@@ -65,17 +74,18 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         }));
     }
     if args.json {
-        let out = json!({
+        let doc = json!({
             "adapter_dir": dir.display().to_string(),
             "config": serde_json::to_value(&config)?,
             "modules": rows,
             "total_parameters": total,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out.push_str(&(serde_json::to_string_pretty(&doc)? + "\n"));
         return Ok(());
     }
-    println!("adapter {} ({})", args.adapter_name, dir.display());
-    println!(
+    writeln!(out, "adapter {} ({})", args.adapter_name, dir.display())?;
+    writeln!(
+        out,
         "  peft_type {}, r {}, lora_alpha {}, dropout {}, rsLoRA {}, init {:?}",
         config.peft_type,
         config.r,
@@ -83,22 +93,25 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         config.lora_dropout,
         config.use_rslora,
         config.init_lora_weights
-    );
-    println!("  target_modules {:?}", config.target_modules);
+    )?;
+    writeln!(out, "  target_modules {:?}", config.target_modules)?;
     if let Some(b) = &config.base_model_name_or_path {
-        println!("  base model {b}");
+        writeln!(out, "  base model {b}")?;
     }
-    println!(
+    writeln!(
+        out,
         "  {} modules, {} trainable parameters",
         modules.len(),
         thousands(total)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  {:<48} {:>4} {:>7} {:>8} {:>12} {:>10}  dtype",
         "module", "r", "alpha", "scaling", "[out, in]", "params"
-    );
+    )?;
     for r in &rows {
-        println!(
+        writeln!(
+            out,
             "  {:<48} {:>4} {:>7} {:>8.4} {:>12} {:>10}  {}",
             r["module"].as_str().unwrap_or(""),
             r["r"].to_string(),
@@ -107,14 +120,14 @@ pub fn run(args: &InspectArgs) -> Result<()> {
             format!("[{}, {}]", r["out_features"], r["in_features"]),
             thousands(r["parameters"].as_u64().unwrap_or(0) as usize),
             r["dtype"].as_str().unwrap_or(""),
-        );
+        )?;
     }
     Ok(())
 }
 
 /// `lora inspect` on a checkpoint: tensor counts and dtypes, and every quantized module's
 /// format, blocksize and bits per parameter.
-fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
+fn inspect_checkpoint(args: &InspectArgs, out: &mut String) -> Result<()> {
     let path = &args.adapter_dir;
     let ck = peft::LoadedCheckpoint::open(path).with_context(|| {
         format!(
@@ -143,7 +156,7 @@ fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
         0.0
     };
     if args.json {
-        let out = json!({
+        let doc = json!({
             "checkpoint": path.display().to_string(),
             "tensors": tensors.len(),
             "bytes": stored_bytes,
@@ -152,11 +165,12 @@ fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
             "quantized_values": summary.values,
             "bits_per_quantized_parameter": bits,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out.push_str(&(serde_json::to_string_pretty(&doc)? + "\n"));
         return Ok(());
     }
-    println!("checkpoint {}", path.display());
-    println!(
+    writeln!(out, "checkpoint {}", path.display())?;
+    writeln!(
+        out,
         "  {} tensors, {} bytes; dtypes {}",
         tensors.len(),
         thousands(stored_bytes),
@@ -165,28 +179,30 @@ fn inspect_checkpoint(args: &InspectArgs) -> Result<()> {
             .map(|(d, n)| format!("{d} x{n}"))
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    )?;
     if summary.modules.is_empty() {
-        println!("  not quantized");
+        writeln!(out, "  not quantized")?;
         return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "  {} quantized modules, {} values, {:.3} bits per parameter",
         summary.modules.len(),
         thousands(summary.values),
         bits
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  {:<48} {:>6} {:>9} {:>7} {:>6}",
         "module", "format", "blocksize", "dq", "bits"
-    );
+    )?;
     for (m, f, bs, dq, b) in &summary.modules {
         let bs = if *bs == 0 {
             "-".to_string()
         } else {
             bs.to_string()
         };
-        println!("  {m:<48} {f:>6} {bs:>9} {dq:>7} {b:>6.3}");
+        writeln!(out, "  {m:<48} {f:>6} {bs:>9} {dq:>7} {b:>6.3}")?;
     }
     Ok(())
 }
