@@ -217,3 +217,31 @@ impl lora::Model<NdArray> for LinearBank {
         self.layers.iter_mut().collect()
     }
 }
+
+/// The all-MiniLM-L6-v2 directory (`LORA_RS_MINILM`, else the cache that
+/// `cargo xtask fetch-model minilm` fills). `None` with a printed reason when it is absent
+/// and the run does not require it; `cargo xtask test` fetches it and sets
+/// `LORA_RS_REQUIRE_MODELS`, so there a missing model fails the test.
+pub fn minilm_dir() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("LORA_RS_MINILM")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let cache = std::env::var_os("LORA_RS_CACHE")
+                .map(std::path::PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lora-rs")))?;
+            Some(cache.join("models/all-MiniLM-L6-v2"))
+        })?;
+    if dir.join("model.safetensors").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("LORA_RS_REQUIRE_MODELS").is_none(),
+        "all-MiniLM-L6-v2 is missing at {}: run `cargo xtask fetch-model minilm`",
+        dir.display()
+    );
+    eprintln!(
+        "skipped: all-MiniLM-L6-v2 not found at {} (run `cargo xtask fetch-model minilm`)",
+        dir.display()
+    );
+    None
+}

@@ -131,6 +131,52 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
         c: &mut Self::Tensor,
     ) -> Result<()>;
 
+    /// Batched GEMM over the leading axis of 3-D tensors: for every `i`,
+    /// `c[i] = alpha * op_a(a[i]) op_b(b[i]) + beta * c[i]` (attention's `Q Kᵀ` and `P V`).
+    #[allow(clippy::too_many_arguments)]
+    fn bmm(
+        &self,
+        alpha: f32,
+        a: &Self::Tensor,
+        trans_a: Transpose,
+        b: &Self::Tensor,
+        trans_b: Transpose,
+        beta: f32,
+        c: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// A copy of `a` with its axes permuted: axis `i` of the result is axis `perm[i]` of
+    /// `a` (splitting and merging attention heads).
+    fn permute(&self, a: &Self::Tensor, perm: &[usize]) -> Result<Self::Tensor>;
+
+    /// Softmax over the last axis. `mask_bias`, `[batch, n]` for `x` of shape
+    /// `[batch, ..., n]`, is added first, broadcast over the middle axes (an attention
+    /// mask: 0 to keep, a large negative number to drop).
+    fn softmax(&self, x: &Self::Tensor, mask_bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+
+    /// Backward of [`Backend::softmax`] from its output `y`: `y * (dy - Σ dy·y)` per row.
+    fn softmax_backward(&self, y: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// LayerNorm over the last axis: `(x - mean) / sqrt(var + eps) * gamma + beta` with the
+    /// biased variance (as `torch.nn.LayerNorm`). Returns the output and a `[rows, 2]`
+    /// tensor of per-row `(mean, 1/sqrt(var + eps))` for the backward.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+
+    /// `dx` of [`Backend::layer_norm`] (gamma and beta are frozen: no gradient for them).
+    fn layer_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        stats: &Self::Tensor,
+        gamma: &Self::Tensor,
+        dy: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+
     /// Elementwise `a op b`; shapes must be equal.
     fn binary(&self, op: BinaryOp, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 
@@ -224,6 +270,74 @@ pub fn check_assign_cols(dst: &Shape, start: usize, src: &Shape) -> Result<(usiz
         ));
     }
     Ok((rows, dst_cols, src_cols))
+}
+
+/// Checks the operands of [`Backend::bmm`] and returns `(batch, m, n, k)`.
+pub fn check_bmm(
+    a: &Shape,
+    trans_a: Transpose,
+    b: &Shape,
+    trans_b: Transpose,
+    c: &Shape,
+) -> Result<(usize, usize, usize, usize)> {
+    let three = |what: &str, s: &Shape| -> Result<(usize, Shape)> {
+        match s.dims() {
+            [n, r, c] => Ok((*n, Shape::new(&[*r, *c]))),
+            _ => Err(Error::shape(format!("bmm operand {what}"), "[batch, rows, cols]", s)),
+        }
+    };
+    let ((na, ma), (nb, mb), (nc, mc)) = (three("a", a)?, three("b", b)?, three("c", c)?);
+    if na != nb || na != nc {
+        return Err(Error::shape(
+            format!("bmm batch (a has {na})"),
+            format!("[{na}, ..] for b and c"),
+            if na != nb { b } else { c },
+        ));
+    }
+    let (m, n, k) = check_gemm(&ma, trans_a, &mb, trans_b, &mc)?;
+    Ok((na, m, n, k))
+}
+
+/// Checks a permutation of [`Backend::permute`] and returns the permuted dims.
+pub fn check_permute(a: &Shape, perm: &[usize]) -> Result<Vec<usize>> {
+    let mut seen = vec![false; perm.len()];
+    let valid = perm.len() == a.rank()
+        && perm.iter().all(|&p| p < perm.len() && !std::mem::replace(&mut seen[p], true));
+    if !valid {
+        return Err(Error::shape(
+            format!("permute {perm:?}"),
+            format!("a permutation of 0..{}", a.rank()),
+            a,
+        ));
+    }
+    Ok(perm.iter().map(|&p| a.dims()[p]).collect())
+}
+
+/// Checks the mask of [`Backend::softmax`] and returns `(batch, rows per batch, n)`.
+pub fn check_softmax_mask(x: &Shape, mask: Option<&Shape>) -> Result<(usize, usize, usize)> {
+    let n = x.last();
+    if x.rank() == 0 || n == 0 {
+        return Err(Error::shape("softmax input", "[..., n] with n > 0", x));
+    }
+    let batch = if x.rank() >= 2 { x.dims()[0] } else { 1 };
+    let rows = x.numel() / n;
+    if let Some(m) = mask
+        && (m.dims() != [batch, n] || x.rank() < 2)
+    {
+        return Err(Error::shape("softmax mask_bias", format!("[{batch}, {n}]"), m));
+    }
+    Ok((batch, rows / batch.max(1), n))
+}
+
+/// Checks the operands of [`Backend::layer_norm`] and returns `(rows, n)`.
+pub fn check_layer_norm(x: &Shape, gamma: &Shape, beta: &Shape) -> Result<(usize, usize)> {
+    let (rows, n) = x.as_matrix();
+    for (what, p) in [("gamma", gamma), ("beta", beta)] {
+        if p.dims() != [n] {
+            return Err(Error::shape(format!("layer_norm {what}"), format!("[{n}]"), p));
+        }
+    }
+    Ok((rows, n))
 }
 
 /// Checks the operands of [`Backend::gemm`] and returns `(m, n, k)`: `op(a)` is `[m, k]`,

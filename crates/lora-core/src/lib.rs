@@ -37,7 +37,7 @@ pub use error::{Error, Result};
 pub use host_tensor::HostTensor;
 pub use linear::{DenseLinear, Linear, WeightRounding};
 pub use lora_linear::{DEFAULT_ADAPTER, FullGrads, LoraLinear, RowAdapter};
-pub use loss::mse_loss;
+pub use loss::{cross_entropy_loss, mse_loss};
 pub use module::Model;
 pub use ops::{AdamHyper, LoraGrads, LoraOps, OptimOps, SgdHyper};
 pub use optim::{Adam, Optimizer, Sgd};

@@ -5,7 +5,14 @@
 //! `target_modules` and adapter keys carry over unchanged.
 //!
 //! * [`Mlp`]: `nn.Sequential` of linear layers and activations (the seeds' sine-wave model).
+//! * [`bert::BertModel`]: transformers' `BertModel` (embeddings, self-attention, GELU
+//!   feed-forward, pooler) loaded from a Hugging Face checkpoint, with forward and backward,
+//!   plus [`bert::BertTokenizer`] (`tokenizer.json` through the `tokenizers` crate) and
+//!   sentence-transformers' mean pooling.
 
+pub mod bert;
+mod error;
 mod mlp;
 
+pub use error::{ModelError, Result};
 pub use mlp::{DenseGrads, Mlp};

@@ -1,15 +1,16 @@
 //! The `ndarray` backend: the reference every other backend is checked against.
 
 use lora_core::backend::{
-    check_assign_cols, check_col_range, check_host_len, check_reshape, check_row_broadcast,
-    check_rows, check_same_shape, check_scatter_add,
+    check_assign_cols, check_col_range, check_host_len, check_layer_norm, check_permute,
+    check_reshape, check_row_broadcast, check_rows, check_same_shape, check_scatter_add,
+    check_softmax_mask,
 };
 use lora_core::{Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp};
 use lora_quant::{QuantOps, QuantizedWeight, dequantize_rows_host};
 use ndarray::Axis;
 use rayon::prelude::*;
 
-use crate::gemm::gemm_into;
+use crate::gemm::{bmm_into, gemm_into};
 use crate::tensor::NdTensor;
 
 /// The pure-Rust CPU backend. Cheap to clone; GEMMs use rayon's global pool.
@@ -166,6 +167,145 @@ impl Backend for NdArray {
         c: &mut NdTensor,
     ) -> Result<()> {
         gemm_into(alpha, a, trans_a, b, trans_b, beta, c)
+    }
+
+    fn bmm(
+        &self,
+        alpha: f32,
+        a: &NdTensor,
+        trans_a: Transpose,
+        b: &NdTensor,
+        trans_b: Transpose,
+        beta: f32,
+        c: &mut NdTensor,
+    ) -> Result<()> {
+        bmm_into(alpha, a, trans_a, b, trans_b, beta, c)
+    }
+
+    fn permute(&self, a: &NdTensor, perm: &[usize]) -> Result<NdTensor> {
+        check_permute(a.shape(), perm)?;
+        let view = a.array().view().permuted_axes(perm.to_vec());
+        Ok(NdTensor::from_array(view.as_standard_layout().into_owned()))
+    }
+
+    fn softmax(&self, x: &NdTensor, mask_bias: Option<&NdTensor>) -> Result<NdTensor> {
+        let (_, rows_per_batch, n) = check_softmax_mask(x.shape(), mask_bias.map(|m| m.shape()))?;
+        let mask = mask_bias.map(NdTensor::as_slice);
+        let src = x.as_slice();
+        let mut out = vec![0.0f32; src.len()];
+        let work = |(r, o): (usize, &mut [f32])| {
+            let row = &src[r * n..(r + 1) * n];
+            let bias = mask.map(|m| &m[(r / rows_per_batch) * n..(r / rows_per_batch + 1) * n]);
+            match bias {
+                Some(bias) => o.iter_mut().zip(row.iter().zip(bias)).for_each(|(o, (x, b))| *o = x + b),
+                None => o.copy_from_slice(row),
+            }
+            let max = o.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0f32;
+            o.iter_mut().for_each(|v| {
+                *v = (*v - max).exp();
+                sum += *v;
+            });
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        };
+        if src.len() < PAR_MIN_ELEMS {
+            out.chunks_mut(n).enumerate().for_each(work);
+        } else {
+            out.par_chunks_mut(n).enumerate().for_each(work);
+        }
+        NdTensor::from_vec(out, x.shape().dims())
+    }
+
+    fn softmax_backward(&self, y: &NdTensor, dy: &NdTensor) -> Result<NdTensor> {
+        check_same_shape("softmax backward", y.shape(), dy.shape())?;
+        let n = y.shape().last().max(1);
+        let (ys, gs) = (y.as_slice(), dy.as_slice());
+        let mut out = vec![0.0f32; ys.len()];
+        let work = |(r, o): (usize, &mut [f32])| {
+            let (yr, gr) = (&ys[r * n..(r + 1) * n], &gs[r * n..(r + 1) * n]);
+            let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+            o.iter_mut().zip(yr.iter().zip(gr)).for_each(|(o, (y, g))| *o = y * (g - dot));
+        };
+        if ys.len() < PAR_MIN_ELEMS {
+            out.chunks_mut(n).enumerate().for_each(work);
+        } else {
+            out.par_chunks_mut(n).enumerate().for_each(work);
+        }
+        NdTensor::from_vec(out, y.shape().dims())
+    }
+
+    fn layer_norm(
+        &self,
+        x: &NdTensor,
+        gamma: &NdTensor,
+        beta: &NdTensor,
+        eps: f32,
+    ) -> Result<(NdTensor, NdTensor)> {
+        let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), beta.shape())?;
+        let (src, g, b) = (x.as_slice(), gamma.as_slice(), beta.as_slice());
+        let mut out = vec![0.0f32; src.len()];
+        let mut stats = vec![0.0f32; rows * 2];
+        let work = |(r, (o, st)): (usize, (&mut [f32], &mut [f32]))| {
+            let row = &src[r * n..(r + 1) * n];
+            // Two passes in f64: no cancellation in the variance.
+            let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+            let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n as f64;
+            let rstd = 1.0 / (var + f64::from(eps)).sqrt();
+            let (mean, rstd) = (mean as f32, rstd as f32);
+            for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(g).zip(b) {
+                *o = (v - mean) * rstd * g + b;
+            }
+            st[0] = mean;
+            st[1] = rstd;
+        };
+        if src.len() < PAR_MIN_ELEMS {
+            out.chunks_mut(n).zip(stats.chunks_mut(2)).enumerate().for_each(work);
+        } else {
+            out.par_chunks_mut(n).zip(stats.par_chunks_mut(2)).enumerate().for_each(work);
+        }
+        Ok((
+            NdTensor::from_vec(out, x.shape().dims())?,
+            NdTensor::from_vec(stats, &[rows, 2])?,
+        ))
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &NdTensor,
+        stats: &NdTensor,
+        gamma: &NdTensor,
+        dy: &NdTensor,
+    ) -> Result<NdTensor> {
+        let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), gamma.shape())?;
+        check_same_shape("layer_norm backward dy", x.shape(), dy.shape())?;
+        if stats.shape().dims() != [rows, 2] {
+            return Err(Error::shape("layer_norm backward stats", format!("[{rows}, 2]"), stats.shape()));
+        }
+        let (src, st, g, gy) = (x.as_slice(), stats.as_slice(), gamma.as_slice(), dy.as_slice());
+        let mut out = vec![0.0f32; src.len()];
+        // dx = rstd * (g*dy - mean(g*dy) - xhat * mean(g*dy*xhat))
+        let work = |(r, o): (usize, &mut [f32])| {
+            let (mean, rstd) = (st[2 * r], st[2 * r + 1]);
+            let (row, gr) = (&src[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n]);
+            let (mut s1, mut s2) = (0.0f32, 0.0f32);
+            for ((&v, &d), &gm) in row.iter().zip(gr).zip(g) {
+                let gd = gm * d;
+                s1 += gd;
+                s2 += gd * (v - mean) * rstd;
+            }
+            let (m1, m2) = (s1 / n as f32, s2 / n as f32);
+            for (((o, &v), &d), &gm) in o.iter_mut().zip(row).zip(gr).zip(g) {
+                let xhat = (v - mean) * rstd;
+                *o = rstd * (gm * d - m1 - xhat * m2);
+            }
+        };
+        if src.len() < PAR_MIN_ELEMS {
+            out.chunks_mut(n).enumerate().for_each(work);
+        } else {
+            out.par_chunks_mut(n).enumerate().for_each(work);
+        }
+        NdTensor::from_vec(out, x.shape().dims())
     }
 
     fn binary(&self, op: BinaryOp, a: &NdTensor, b: &NdTensor) -> Result<NdTensor> {

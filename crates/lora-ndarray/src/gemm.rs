@@ -142,6 +142,72 @@ pub(crate) fn gemm_into(
     Ok(())
 }
 
+/// Batched `c[i] = alpha * op(a[i]) op(b[i]) + beta * c[i]`: the batch items run in
+/// parallel, each on one thread (attention's products are small).
+pub(crate) fn bmm_into(
+    alpha: f32,
+    a: &NdTensor,
+    trans_a: Transpose,
+    b: &NdTensor,
+    trans_b: Transpose,
+    beta: f32,
+    c: &mut NdTensor,
+) -> Result<()> {
+    let (batch, m, n, k) =
+        lora_core::backend::check_bmm(a.shape(), trans_a, b.shape(), trans_b, c.shape())?;
+    if batch == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (a_dims, b_dims) = (a.shape().dims(), b.shape().dims());
+    let (a_step, b_step, c_step) = (a_dims[1] * a_dims[2], b_dims[1] * b_dims[2], m * n);
+    if k == 0 {
+        let out = c.as_mut_slice();
+        out.iter_mut().for_each(|v| *v *= beta);
+        if beta == 0.0 {
+            out.fill(0.0);
+        }
+        return Ok(());
+    }
+    let (a_cs, a_rs) = strides(a_dims[2], trans_a);
+    let (b_cs, b_rs) = strides(b_dims[2], trans_b);
+    let lhs = ConstPtr(a.as_slice().as_ptr());
+    let rhs = ConstPtr(b.as_slice().as_ptr());
+    let dst = SendPtr(c.as_mut_slice().as_mut_ptr());
+    let run = |i: usize| {
+        // SAFETY: `check_bmm` matched every operand to (batch, m, n, k); item `i` reads
+        // and writes only its own `[rows, cols]` slab, and slabs are disjoint.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.get().add(i * c_step),
+                1,
+                n as isize,
+                beta != 0.0,
+                lhs.get().add(i * a_step),
+                a_cs,
+                a_rs,
+                rhs.get().add(i * b_step),
+                b_cs,
+                b_rs,
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    };
+    if batch * m * n * k < PARALLEL_MIN_WORK {
+        (0..batch).for_each(run);
+    } else {
+        (0..batch).into_par_iter().for_each(run);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,9 @@ pub use adapter_file::{
     CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, load_adapter, load_pretrained, lora_modules,
     read_safetensors, save_adapter, save_pretrained, write_safetensors,
 };
-pub use checkpoint::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float};
+pub use checkpoint::{
+    Checkpoint, MappedFile, decode_f32, encode_f32, is_float, read_checkpoint_f32,
+};
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
 pub use error::{PeftError, Result};
 pub use merge_checkpoint::{MergeReport, OutDtype, adapter_dir_for, merge_checkpoint};

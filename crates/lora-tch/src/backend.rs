@@ -4,8 +4,9 @@
 //! they modified; `let _ =` drops that handle.
 
 use lora_core::backend::{
-    check_assign_cols, check_col_range, check_gemm, check_host_len, check_reshape,
-    check_row_broadcast, check_rows, check_same_shape, check_scatter_add,
+    check_assign_cols, check_bmm, check_col_range, check_gemm, check_host_len,
+    check_layer_norm, check_permute, check_reshape, check_row_broadcast, check_rows,
+    check_same_shape, check_scatter_add, check_softmax_mask,
 };
 use lora_core::{
     Backend, BinaryOp, Error, LoraGrads, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp,
@@ -157,6 +158,131 @@ impl Backend for Tch {
         }
         let _ = view.f_add_(&prod).map_err(tch_err)?;
         Ok(())
+    }
+
+    fn bmm(
+        &self,
+        alpha: f32,
+        a: &TchTensor,
+        trans_a: Transpose,
+        b: &TchTensor,
+        trans_b: Transpose,
+        beta: f32,
+        c: &mut TchTensor,
+    ) -> Result<()> {
+        check_bmm(a.shape(), trans_a, b.shape(), trans_b, c.shape())?;
+        let op = |t: &TchTensor, tr: Transpose| -> Result<tch::Tensor> {
+            match tr {
+                Transpose::No => Ok(t.inner().shallow_clone()),
+                Transpose::Yes => t.inner().f_transpose(1, 2).map_err(tch_err),
+            }
+        };
+        let (x, y) = (op(a, trans_a)?, op(b, trans_b)?);
+        if beta == 0.0 {
+            let mut prod = x.f_bmm(&y).map_err(tch_err)?;
+            if alpha != 1.0 {
+                prod = prod.f_mul_scalar(f64::from(alpha)).map_err(tch_err)?;
+            }
+            *c = self.wrap(Ok(prod))?;
+            return Ok(());
+        }
+        let mut prod = x.f_bmm(&y).map_err(tch_err)?;
+        if alpha != 1.0 {
+            prod = prod.f_mul_scalar(f64::from(alpha)).map_err(tch_err)?;
+        }
+        let out = c.make_mut()?;
+        if beta != 1.0 {
+            let _ = out.f_mul_scalar_(f64::from(beta)).map_err(tch_err)?;
+        }
+        let _ = out.f_add_(&prod).map_err(tch_err)?;
+        Ok(())
+    }
+
+    fn permute(&self, a: &TchTensor, perm: &[usize]) -> Result<TchTensor> {
+        check_permute(a.shape(), perm)?;
+        let p: Vec<i64> = perm.iter().map(|&v| v as i64).collect();
+        self.wrap(a.inner().f_permute(p.as_slice()).and_then(|t| t.f_contiguous()))
+    }
+
+    fn softmax(&self, x: &TchTensor, mask_bias: Option<&TchTensor>) -> Result<TchTensor> {
+        let (batch, _, n) = check_softmax_mask(x.shape(), mask_bias.map(|m| m.shape()))?;
+        let input = match mask_bias {
+            None => x.inner().shallow_clone(),
+            Some(m) => {
+                // [batch, 1, ..., 1, n] broadcasts over the middle axes.
+                let mut dims = vec![batch as i64];
+                dims.extend(std::iter::repeat_n(1i64, x.shape().rank() - 2));
+                dims.push(n as i64);
+                let m = m.inner().f_reshape(dims.as_slice()).map_err(tch_err)?;
+                x.inner().f_add(&m).map_err(tch_err)?
+            }
+        };
+        self.wrap(input.f_softmax(-1, Kind::Float))
+    }
+
+    fn softmax_backward(&self, y: &TchTensor, dy: &TchTensor) -> Result<TchTensor> {
+        check_same_shape("softmax backward", y.shape(), dy.shape())?;
+        let (y, g) = (y.inner(), dy.inner());
+        let dot = g
+            .f_mul(y)
+            .and_then(|p| p.f_sum_dim_intlist([-1i64].as_slice(), true, Kind::Float))
+            .map_err(tch_err)?;
+        self.wrap(g.f_sub(&dot).and_then(|d| d.f_mul(y)))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &TchTensor,
+        gamma: &TchTensor,
+        beta: &TchTensor,
+        eps: f32,
+    ) -> Result<(TchTensor, TchTensor)> {
+        let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), beta.shape())?;
+        let m = Self::matrix(x)?;
+        let (y, mean, rstd) = m
+            .f_native_layer_norm([n as i64].as_slice(), Some(gamma.inner()), Some(beta.inner()), f64::from(eps))
+            .map_err(tch_err)?;
+        let stats = tch::Tensor::f_cat(&[mean.f_reshape([rows as i64, 1]).map_err(tch_err)?, rstd.f_reshape([rows as i64, 1]).map_err(tch_err)?], 1)
+            .map_err(tch_err)?;
+        Ok((
+            self.wrap(y.f_reshape(Self::shape_i64(x.shape().dims())))?,
+            self.wrap(Ok(stats))?,
+        ))
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &TchTensor,
+        stats: &TchTensor,
+        gamma: &TchTensor,
+        dy: &TchTensor,
+    ) -> Result<TchTensor> {
+        let (rows, _) = check_layer_norm(x.shape(), gamma.shape(), gamma.shape())?;
+        check_same_shape("layer_norm backward dy", x.shape(), dy.shape())?;
+        if stats.shape().dims() != [rows, 2] {
+            return Err(lora_core::Error::shape(
+                "layer_norm backward stats",
+                format!("[{rows}, 2]"),
+                stats.shape(),
+            ));
+        }
+        let st = stats.inner();
+        let mean = st.f_narrow(1, 0, 1).map_err(tch_err)?;
+        let rstd = st.f_narrow(1, 1, 1).map_err(tch_err)?;
+        let (m, g) = (Self::matrix(x)?, Self::matrix(dy)?);
+        let gd = g.f_mul(gamma.inner()).map_err(tch_err)?;
+        let xhat = m.f_sub(&mean).and_then(|d| d.f_mul(&rstd)).map_err(tch_err)?;
+        let m1 = gd.f_mean_dim([1i64].as_slice(), true, Kind::Float).map_err(tch_err)?;
+        let m2 = gd
+            .f_mul(&xhat)
+            .and_then(|p| p.f_mean_dim([1i64].as_slice(), true, Kind::Float))
+            .map_err(tch_err)?;
+        let dx = gd
+            .f_sub(&m1)
+            .and_then(|d| d.f_sub(&xhat.f_mul(&m2)?))
+            .and_then(|d| d.f_mul(&rstd))
+            .map_err(tch_err)?;
+        self.wrap(dx.f_reshape(Self::shape_i64(x.shape().dims())))
     }
 
     fn binary(&self, op: BinaryOp, a: &TchTensor, b: &TchTensor) -> Result<TchTensor> {

@@ -1,0 +1,477 @@
+//! The BERT encoder (transformers' `BertModel`), generic over the backend: embeddings,
+//! self-attention with the padding mask, GELU feed-forward, post-LayerNorm residuals and
+//! the pooler. Every linear layer is a [`LoraLinear`] named as in PyTorch
+//! (`encoder.layer.0.attention.self.query`), so PEFT's targeting and adapter files apply
+//! unchanged. The backward runs through the whole encoder (attention, softmax, LayerNorm,
+//! GELU) and leaves gradients in the adapters; the pretrained weights stay frozen.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use lora_core::{
+    Backend, DenseLinear, Error, HostTensor, LoraLinear, LoraOps, Mode, Model, Tensor,
+    Transpose, UnaryOp,
+};
+
+use super::config::BertConfig;
+use super::tokenizer::TokenBatch;
+use crate::error::{ModelError, Result};
+
+/// What one encoder layer keeps from its training forward for the backward.
+#[derive(Debug)]
+struct LayerCache<T> {
+    q: T,
+    k: T,
+    v: T,
+    probs: T,
+    h1_pre: T,
+    st1: T,
+    inter: T,
+    h2_pre: T,
+    st2: T,
+}
+
+/// A LayerNorm's frozen parameters.
+#[derive(Debug)]
+struct Norm<T> {
+    gamma: T,
+    beta: T,
+}
+
+/// One encoder layer.
+#[derive(Debug)]
+struct BertLayer<B: LoraOps> {
+    query: LoraLinear<B>,
+    key: LoraLinear<B>,
+    value: LoraLinear<B>,
+    attn_out: LoraLinear<B>,
+    attn_norm: Norm<B::Tensor>,
+    intermediate: LoraLinear<B>,
+    output: LoraLinear<B>,
+    out_norm: Norm<B::Tensor>,
+    cache: Option<LayerCache<B::Tensor>>,
+}
+
+/// The embedding tables (frozen).
+#[derive(Debug)]
+struct Embeddings<T> {
+    word: T,
+    position: T,
+    token_type: T,
+    norm: Norm<T>,
+}
+
+/// Sizes of the batch a forward ran on.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    seq: usize,
+}
+
+/// A BERT encoder with LoRA-capable linear layers.
+#[derive(Debug)]
+pub struct BertModel<B: LoraOps> {
+    config: BertConfig,
+    embeddings: Embeddings<B::Tensor>,
+    layers: Vec<BertLayer<B>>,
+    pooler: Option<LoraLinear<B>>,
+    act: UnaryOp,
+    /// The additive attention mask `[batch, seq]` of the last forward.
+    mask_bias: Option<B::Tensor>,
+    dims: Option<Dims>,
+}
+
+/// Looks up a checkpoint tensor under an optional `bert.` prefix, checking its shape.
+struct Weights<'a> {
+    tensors: &'a BTreeMap<String, HostTensor>,
+    prefix: &'static str,
+    path: &'a str,
+}
+
+impl Weights<'_> {
+    fn get<B: Backend>(&self, b: &B, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        let key = format!("{}{name}", self.prefix);
+        let t = self.tensors.get(&key).ok_or_else(|| ModelError::Weights {
+            path: self.path.to_string(),
+            tensor: key.clone(),
+            reason: "missing from the checkpoint".into(),
+        })?;
+        if t.shape != shape {
+            return Err(ModelError::Weights {
+                path: self.path.to_string(),
+                tensor: key,
+                reason: format!(
+                    "shape {:?} disagrees with config.json (expected {shape:?})",
+                    t.shape
+                ),
+            });
+        }
+        Ok(t.to_backend(b)?)
+    }
+
+    fn linear<B: LoraOps>(&self, b: &B, name: &str, out: usize, inp: usize) -> Result<LoraLinear<B>> {
+        let w = self.get(b, &format!("{name}.weight"), &[out, inp])?;
+        let bias = self.get(b, &format!("{name}.bias"), &[out])?;
+        Ok(LoraLinear::new(name, Box::new(DenseLinear::new(w, Some(bias))?)))
+    }
+
+    fn norm<B: Backend>(&self, b: &B, name: &str, n: usize) -> Result<Norm<B::Tensor>> {
+        Ok(Norm {
+            gamma: self.get(b, &format!("{name}.weight"), &[n])?,
+            beta: self.get(b, &format!("{name}.bias"), &[n])?,
+        })
+    }
+}
+
+impl<B: LoraOps> BertModel<B> {
+    /// Loads `config.json` and the safetensors weights (`model.safetensors` or shards)
+    /// from a Hugging Face model directory. Names may carry a `bert.` prefix
+    /// (`BertFor*` checkpoints); heads other than the pooler are ignored.
+    pub fn from_pretrained(backend: &B, dir: &Path) -> Result<Self> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let tensors = lora_peft::read_checkpoint_f32(dir)?;
+        Self::from_state_dict(backend, config, &tensors, &dir.display().to_string())
+    }
+
+    /// Builds the model from a config and a state dict (`path` names the source in errors).
+    pub fn from_state_dict(
+        backend: &B,
+        config: BertConfig,
+        tensors: &BTreeMap<String, HostTensor>,
+        path: &str,
+    ) -> Result<Self> {
+        config.validate(path)?;
+        let prefix = if tensors.contains_key("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
+        let w = Weights {
+            tensors,
+            prefix,
+            path,
+        };
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let embeddings = Embeddings {
+            word: w.get(backend, "embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position: w.get(
+                backend,
+                "embeddings.position_embeddings.weight",
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type: w.get(
+                backend,
+                "embeddings.token_type_embeddings.weight",
+                &[config.type_vocab_size, h],
+            )?,
+            norm: w.norm(backend, "embeddings.LayerNorm", h)?,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            layers.push(BertLayer {
+                query: w.linear(backend, &format!("{p}.attention.self.query"), h, h)?,
+                key: w.linear(backend, &format!("{p}.attention.self.key"), h, h)?,
+                value: w.linear(backend, &format!("{p}.attention.self.value"), h, h)?,
+                attn_out: w.linear(backend, &format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: w.norm(backend, &format!("{p}.attention.output.LayerNorm"), h)?,
+                intermediate: w.linear(backend, &format!("{p}.intermediate.dense"), i, h)?,
+                output: w.linear(backend, &format!("{p}.output.dense"), h, i)?,
+                out_norm: w.norm(backend, &format!("{p}.output.LayerNorm"), h)?,
+                cache: None,
+            });
+        }
+        let pooler = if tensors.contains_key(&format!("{prefix}pooler.dense.weight")) {
+            Some(w.linear(backend, "pooler.dense", h, h)?)
+        } else {
+            None
+        };
+        let act = if config.hidden_act == "relu" {
+            UnaryOp::Relu
+        } else {
+            UnaryOp::Gelu
+        };
+        Ok(BertModel {
+            config,
+            embeddings,
+            layers,
+            pooler,
+            act,
+            mask_bias: None,
+            dims: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Whether the checkpoint had a pooler.
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    /// The embedding sum (word + position + token type) and its LayerNorm: `[B*T, H]`.
+    fn embed(&self, b: &B, batch: &TokenBatch) -> Result<B::Tensor> {
+        let c = &self.config;
+        if batch.seq_len > c.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "sequences of {} tokens exceed max_position_embeddings {}",
+                batch.seq_len, c.max_position_embeddings
+            )));
+        }
+        let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
+        if let Some(bad) = ids.iter().find(|&&i| i >= c.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                c.vocab_size
+            )));
+        }
+        let types: Vec<usize> = batch.token_type_ids.iter().map(|&i| i as usize).collect();
+        if let Some(bad) = types.iter().find(|&&i| i >= c.type_vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token type {bad} is outside type_vocab_size {}",
+                c.type_vocab_size
+            )));
+        }
+        let positions: Vec<usize> = (0..batch.batch).flat_map(|_| 0..batch.seq_len).collect();
+        let e = &self.embeddings;
+        let sum = b.binary(
+            lora_core::BinaryOp::Add,
+            &b.gather_rows(&e.word, &ids)?,
+            &b.gather_rows(&e.position, &positions)?,
+        )?;
+        let sum = b.binary(lora_core::BinaryOp::Add, &sum, &b.gather_rows(&e.token_type, &types)?)?;
+        let (y, _) = b.layer_norm(&sum, &e.norm.gamma, &e.norm.beta, self.config.layer_norm_eps as f32)?;
+        Ok(y)
+    }
+
+    /// The encoder's last hidden state `[batch, seq, hidden]` for a token batch. In
+    /// [`Mode::Train`] every layer keeps what its backward needs.
+    pub fn forward_batch(&mut self, b: &B, batch: &TokenBatch, mode: Mode) -> Result<B::Tensor> {
+        let x = self.embed(b, batch)?;
+        // transformers: (1 - mask) * finfo(float32).min, added to the scores.
+        let bias: Vec<f32> = batch
+            .attention_mask
+            .iter()
+            .map(|&m| if m == 0 { f32::MIN } else { 0.0 })
+            .collect();
+        let mask_bias = b.from_host(&bias, &[batch.batch, batch.seq_len])?;
+        let dims = Dims {
+            batch: batch.batch,
+            seq: batch.seq_len,
+        };
+        let mut h = x;
+        for l in 0..self.layers.len() {
+            h = self.layer_forward(b, l, &h, &mask_bias, dims, mode)?;
+        }
+        self.mask_bias = Some(mask_bias);
+        self.dims = Some(dims);
+        Ok(b.reshape(&h, &[dims.batch, dims.seq, self.config.hidden_size])?)
+    }
+
+    /// `[B*T, H]` -> `[B*heads, T, d]`.
+    fn split_heads(&self, b: &B, t: &B::Tensor, d: Dims) -> Result<B::Tensor> {
+        let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
+        let t = b.reshape(t, &[d.batch, d.seq, nh, hd])?;
+        let t = b.permute(&t, &[0, 2, 1, 3])?;
+        Ok(b.reshape(&t, &[d.batch * nh, d.seq, hd])?)
+    }
+
+    /// `[B*heads, T, d]` -> `[B*T, H]`.
+    fn merge_heads(&self, b: &B, t: &B::Tensor, d: Dims) -> Result<B::Tensor> {
+        let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
+        let t = b.reshape(t, &[d.batch, nh, d.seq, hd])?;
+        let t = b.permute(&t, &[0, 2, 1, 3])?;
+        Ok(b.reshape(&t, &[d.batch * d.seq, nh * hd])?)
+    }
+
+    fn layer_forward(
+        &mut self,
+        b: &B,
+        l: usize,
+        x: &B::Tensor,
+        mask_bias: &B::Tensor,
+        d: Dims,
+        mode: Mode,
+    ) -> Result<B::Tensor> {
+        let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
+        let eps = self.config.layer_norm_eps as f32;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let act = self.act;
+        let (q, k, v) = {
+            let layer = &mut self.layers[l];
+            (
+                layer.query.forward(b, x, mode)?,
+                layer.key.forward(b, x, mode)?,
+                layer.value.forward(b, x, mode)?,
+            )
+        };
+        let (q, k, v) = (self.split_heads(b, &q, d)?, self.split_heads(b, &k, d)?, self.split_heads(b, &v, d)?);
+        let mut scores = b.zeros(&[d.batch * nh, d.seq, d.seq])?;
+        b.bmm(scale, &q, Transpose::No, &k, Transpose::Yes, 0.0, &mut scores)?;
+        let scores = b.reshape(&scores, &[d.batch, nh, d.seq, d.seq])?;
+        let probs = b.softmax(&scores, Some(mask_bias))?;
+        let probs = b.reshape(&probs, &[d.batch * nh, d.seq, d.seq])?;
+        let mut ctx = b.zeros(&[d.batch * nh, d.seq, hd])?;
+        b.bmm(1.0, &probs, Transpose::No, &v, Transpose::No, 0.0, &mut ctx)?;
+        let ctx = self.merge_heads(b, &ctx, d)?;
+        let layer = &mut self.layers[l];
+        let attn = layer.attn_out.forward(b, &ctx, mode)?;
+        let h1_pre = b.binary(lora_core::BinaryOp::Add, &attn, x)?;
+        let (h1, st1) = b.layer_norm(&h1_pre, &layer.attn_norm.gamma, &layer.attn_norm.beta, eps)?;
+        let inter = layer.intermediate.forward(b, &h1, mode)?;
+        let hidden = b.unary(act, &inter)?;
+        let out = layer.output.forward(b, &hidden, mode)?;
+        let h2_pre = b.binary(lora_core::BinaryOp::Add, &out, &h1)?;
+        let (h2, st2) = b.layer_norm(&h2_pre, &layer.out_norm.gamma, &layer.out_norm.beta, eps)?;
+        layer.cache = match mode {
+            Mode::Train => Some(LayerCache {
+                q,
+                k,
+                v,
+                probs,
+                h1_pre,
+                st1,
+                inter,
+                h2_pre,
+                st2,
+            }),
+            Mode::Eval => None,
+        };
+        Ok(h2)
+    }
+
+    /// Backward from `d_hidden` (`[batch, seq, hidden]`, the gradient of the last hidden
+    /// state): leaves gradients in every active adapter. The embeddings are frozen, so the
+    /// gradient stops at the first layer's input.
+    pub fn backward_batch(&mut self, b: &B, d_hidden: &B::Tensor) -> Result<()> {
+        let d = self.dims.ok_or_else(|| {
+            Error::state("BertModel", "backward called without a forward in training mode")
+        })?;
+        let h = self.config.hidden_size;
+        if d_hidden.shape().dims() != [d.batch, d.seq, h] {
+            return Err(Error::shape(
+                "BertModel backward d_hidden",
+                format!("[{}, {}, {h}]", d.batch, d.seq),
+                d_hidden.shape(),
+            )
+            .into());
+        }
+        let mut g = b.reshape(d_hidden, &[d.batch * d.seq, h])?;
+        for l in (0..self.layers.len()).rev() {
+            g = self.layer_backward(b, l, &g, d)?;
+        }
+        Ok(())
+    }
+
+    fn layer_backward(&mut self, b: &B, l: usize, d_out: &B::Tensor, d: Dims) -> Result<B::Tensor> {
+        use lora_core::BinaryOp::Add;
+        let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
+        let scale = 1.0 / (hd as f32).sqrt();
+        let act = self.act;
+        let c = self.layers[l].cache.take().ok_or_else(|| {
+            Error::state(
+                format!("encoder.layer.{l}"),
+                "backward called without a forward in training mode",
+            )
+        })?;
+        let layer = &mut self.layers[l];
+        let d_h2_pre = b.layer_norm_backward(&c.h2_pre, &c.st2, &layer.out_norm.gamma, d_out)?;
+        let d_hidden = layer.output.backward(b, &d_h2_pre)?;
+        let d_inter = b.unary_backward(act, &c.inter, &d_hidden)?;
+        let d_h1 = b.binary(Add, &layer.intermediate.backward(b, &d_inter)?, &d_h2_pre)?;
+        let d_h1_pre = b.layer_norm_backward(&c.h1_pre, &c.st1, &layer.attn_norm.gamma, &d_h1)?;
+        let d_ctx = layer.attn_out.backward(b, &d_h1_pre)?;
+        let d_ctx = self.split_heads(b, &d_ctx, d)?;
+        let mut d_probs = b.zeros(&[d.batch * nh, d.seq, d.seq])?;
+        b.bmm(1.0, &d_ctx, Transpose::No, &c.v, Transpose::Yes, 0.0, &mut d_probs)?;
+        let mut d_v = b.zeros(&[d.batch * nh, d.seq, hd])?;
+        b.bmm(1.0, &c.probs, Transpose::Yes, &d_ctx, Transpose::No, 0.0, &mut d_v)?;
+        let d_scores = b.softmax_backward(&c.probs, &d_probs)?;
+        let mut d_q = b.zeros(&[d.batch * nh, d.seq, hd])?;
+        b.bmm(scale, &d_scores, Transpose::No, &c.k, Transpose::No, 0.0, &mut d_q)?;
+        let mut d_k = b.zeros(&[d.batch * nh, d.seq, hd])?;
+        b.bmm(scale, &d_scores, Transpose::Yes, &c.q, Transpose::No, 0.0, &mut d_k)?;
+        let (d_q, d_k, d_v) = (self.merge_heads(b, &d_q, d)?, self.merge_heads(b, &d_k, d)?, self.merge_heads(b, &d_v, d)?);
+        let layer = &mut self.layers[l];
+        let mut dx = layer.query.backward(b, &d_q)?;
+        dx = b.binary(Add, &dx, &layer.key.backward(b, &d_k)?)?;
+        dx = b.binary(Add, &dx, &layer.value.backward(b, &d_v)?)?;
+        Ok(b.binary(Add, &dx, &d_h1_pre)?)
+    }
+
+    /// The pooler output `tanh(W h[:, 0] + b)` (`[batch, hidden]`) from a last hidden
+    /// state, as `BertModel`'s `pooler_output`.
+    pub fn pool(&mut self, b: &B, last_hidden: &B::Tensor) -> Result<B::Tensor> {
+        let d = self.dims.ok_or_else(|| Error::state("BertModel", "pool called before a forward"))?;
+        let pooler = self
+            .pooler
+            .as_mut()
+            .ok_or_else(|| Error::state("BertModel", "the checkpoint has no pooler.dense weights"))?;
+        let cls: Vec<usize> = (0..d.batch).map(|i| i * d.seq).collect();
+        let h = b.reshape(last_hidden, &[d.batch * d.seq, self.config.hidden_size])?;
+        let first = b.gather_rows(&h, &cls)?;
+        let y = pooler.forward(b, &first, Mode::Eval)?;
+        Ok(b.unary(UnaryOp::Tanh, &y)?)
+    }
+}
+
+impl<B: LoraOps> Model<B> for BertModel<B> {
+    /// `x` holds token ids as numbers, `[batch, seq]`, every token attended (no padding).
+    /// Batches with padding go through [`BertModel::forward_batch`].
+    fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> lora_core::Result<B::Tensor> {
+        let dims = x.shape().dims().to_vec();
+        let [batch, seq] = dims[..] else {
+            return Err(Error::shape("BertModel forward token ids", "[batch, seq]", x.shape()));
+        };
+        let ids: Vec<u32> = backend.to_host(x)?.iter().map(|&v| v as u32).collect();
+        let tb = TokenBatch::new(ids, vec![1; batch * seq], batch)
+            .map_err(|e| Error::state("BertModel forward", e.to_string()))?;
+        self.forward_batch(backend, &tb, mode)
+            .map_err(|e| Error::state("BertModel forward", e.to_string()))
+    }
+
+    fn backward(&mut self, backend: &B, dy: &B::Tensor) -> lora_core::Result<()> {
+        self.backward_batch(backend, dy)
+            .map_err(|e| Error::state("BertModel backward", e.to_string()))
+    }
+
+    fn linears(&self) -> Vec<&LoraLinear<B>> {
+        let mut v: Vec<&LoraLinear<B>> = Vec::new();
+        for l in &self.layers {
+            v.extend([&l.query, &l.key, &l.value, &l.attn_out, &l.intermediate, &l.output]);
+        }
+        v.extend(self.pooler.as_ref());
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut LoraLinear<B>> {
+        let mut v: Vec<&mut LoraLinear<B>> = Vec::new();
+        for l in &mut self.layers {
+            v.push(&mut l.query);
+            v.push(&mut l.key);
+            v.push(&mut l.value);
+            v.push(&mut l.attn_out);
+            v.push(&mut l.intermediate);
+            v.push(&mut l.output);
+        }
+        v.extend(self.pooler.as_mut());
+        v
+    }
+
+    fn num_parameters(&self) -> usize {
+        let e = &self.embeddings;
+        let norms = 2 * self.config.hidden_size * (1 + 2 * self.layers.len());
+        e.word.numel()
+            + e.position.numel()
+            + e.token_type.numel()
+            + norms
+            + self
+                .linears()
+                .iter()
+                .map(|l| l.base().num_parameters() + l.num_trainable())
+                .sum::<usize>()
+    }
+}
