@@ -72,7 +72,11 @@ fn tokenizer_matches_transformers() {
     let b = t.encode_batch(&[long.as_str(), "short"]).unwrap();
     assert_eq!(b.seq_len, 512);
     assert_eq!(b.ids[511], 102, "[SEP] ends a truncated sequence");
-    assert_eq!(&b.attention_mask[512..512 + 4], &[1, 1, 1, 0], "the short text is padded");
+    assert_eq!(
+        &b.attention_mask[512..512 + 4],
+        &[1, 1, 1, 0],
+        "the short text is padded"
+    );
 }
 
 #[test]
@@ -83,12 +87,30 @@ fn forward_matches_transformers_bert_model() {
     let mut model = BertModel::from_pretrained(&b, &dir).unwrap();
     let batch = fixture_batch(&io);
     let hidden = model.forward_batch(&b, &batch, Mode::Eval).unwrap();
-    assert_close("last_hidden_state", &host(&b, &hidden), &io["last_hidden_state"].1, 1e-4, 1e-4);
+    assert_close(
+        "last_hidden_state",
+        &host(&b, &hidden),
+        &io["last_hidden_state"].1,
+        1e-4,
+        1e-4,
+    );
     let pooled = model.pool(&b, &hidden).unwrap();
-    assert_close("pooler_output", &host(&b, &pooled), &io["pooler_output"].1, 1e-4, 1e-4);
+    assert_close(
+        "pooler_output",
+        &host(&b, &pooled),
+        &io["pooler_output"].1,
+        1e-4,
+        1e-4,
+    );
     let mut emb = host(&b, &mean_pool(&b, &hidden, &batch).unwrap());
     l2_normalize(&mut emb, 384);
-    assert_close("sentence embedding", &emb, &io["sentence_embedding"].1, 1e-4, 1e-5);
+    assert_close(
+        "sentence embedding",
+        &emb,
+        &io["sentence_embedding"].1,
+        1e-4,
+        1e-5,
+    );
 }
 
 /// The PEFT adapter written by PEFT loads here and gives PEFT's outputs; the gradients of
@@ -108,10 +130,20 @@ fn peft_adapter_outputs_and_gradients_match_pytorch() {
         .filter(|l| l.adapter().is_some())
         .map(|l| l.name())
         .collect::<Vec<_>>();
-    assert_eq!(with_adapter.len(), 3 * 5, "query, value, attention.output.dense, intermediate.dense, output.dense in 3 layers: {with_adapter:?}");
+    assert_eq!(
+        with_adapter.len(),
+        3 * 5,
+        "query, value, attention.output.dense, intermediate.dense, output.dense in 3 layers: {with_adapter:?}"
+    );
     let batch = fixture_batch(&io);
     let hidden = model.forward_batch(&b, &batch, Mode::Train).unwrap();
-    assert_close("last_hidden_state with the PEFT adapter", &host(&b, &hidden), &io["lora_last_hidden_state"].1, 1e-4, 1e-4);
+    assert_close(
+        "last_hidden_state with the PEFT adapter",
+        &host(&b, &hidden),
+        &io["lora_last_hidden_state"].1,
+        1e-4,
+        1e-4,
+    );
 
     let f32v = |k: &str| io[k].1.iter().map(|&v| v as f32).collect::<Vec<f32>>();
     let head = DenseLinear::<NdArray>::new(
@@ -123,10 +155,26 @@ fn peft_adapter_outputs_and_gradients_match_pytorch() {
     let logits = head.forward(&b, &pooled).unwrap();
     let labels: Vec<usize> = io["labels"].1.iter().map(|&v| v as usize).collect();
     let (loss, d_logits) = cross_entropy_loss(&b, &logits, &labels).unwrap();
-    assert!((loss - io["loss"].1[0]).abs() < 1e-5, "loss {loss} vs {}", io["loss"].1[0]);
+    assert!(
+        (loss - io["loss"].1[0]).abs() < 1e-5,
+        "loss {loss} vs {}",
+        io["loss"].1[0]
+    );
     let (d_w, d_b) = head.param_grads(&b, &pooled, &d_logits).unwrap();
-    assert_close_scaled("head weight gradient", &host(&b, &d_w), &io["grad.head.weight"].1, 1e-4, 1e-5);
-    assert_close_scaled("head bias gradient", &host(&b, &d_b.unwrap()), &io["grad.head.bias"].1, 1e-4, 1e-5);
+    assert_close_scaled(
+        "head weight gradient",
+        &host(&b, &d_w),
+        &io["grad.head.weight"].1,
+        1e-4,
+        1e-5,
+    );
+    assert_close_scaled(
+        "head bias gradient",
+        &host(&b, &d_b.unwrap()),
+        &io["grad.head.bias"].1,
+        1e-4,
+        1e-5,
+    );
     let d_pooled = head.backward(&b, &d_logits).unwrap();
     let d_hidden = mean_pool_backward(&b, &d_pooled, &batch).unwrap();
     model.backward_batch(&b, &d_hidden).unwrap();
@@ -134,11 +182,20 @@ fn peft_adapter_outputs_and_gradients_match_pytorch() {
     let mut checked = 0;
     for layer in model.linears_mut() {
         let name = layer.name().to_string();
-        let Some(adapter) = layer.adapter_mut() else { continue };
-        let grads: Vec<Vec<f32>> = adapter.params_and_grads().iter().map(|p| host(&b, p.grad)).collect();
+        let Some(adapter) = layer.adapter_mut() else {
+            continue;
+        };
+        let grads: Vec<Vec<f32>> = adapter
+            .params_and_grads()
+            .iter()
+            .map(|p| host(&b, p.grad))
+            .collect();
         for (tensor, g) in ["lora_A", "lora_B"].iter().zip(&grads) {
             let key = format!("grad.base_model.model.{name}.{tensor}.weight");
-            let want = &io.get(&key).unwrap_or_else(|| panic!("fixture has no {key}")).1;
+            let want = &io
+                .get(&key)
+                .unwrap_or_else(|| panic!("fixture has no {key}"))
+                .1;
             // 1e-4 relative, plus 1e-5 of the tensor's largest gradient for elements
             // near zero (f32 rounding through six layers of attention).
             assert_close_scaled(&format!("{name} {tensor} gradient"), g, want, 1e-4, 1e-5);
@@ -151,18 +208,43 @@ fn peft_adapter_outputs_and_gradients_match_pytorch() {
 #[test]
 fn tiny_bert_with_two_peft_adapters_matches_peft() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft_bert");
-    let io: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
+    let io: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
     let b = backend();
     let flat = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32)).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+            })
+            .collect()
     };
     let batch = TokenBatch::new(flat(&io["input_ids"]), flat(&io["attention_mask"]), 2).unwrap();
-    for (name, key) in [("default", "last_hidden_state_default"), ("second", "last_hidden_state_second")] {
+    for (name, key) in [
+        ("default", "last_hidden_state_default"),
+        ("second", "last_hidden_state_second"),
+    ] {
         let mut model = BertModel::from_pretrained(&b, &dir.join("base")).unwrap();
-        peft::load_adapter(&peft::adapter_dir_for(&dir.join("adapters"), name), &mut model, &b, name).unwrap();
+        peft::load_adapter(
+            &peft::adapter_dir_for(&dir.join("adapters"), name),
+            &mut model,
+            &b,
+            name,
+        )
+        .unwrap();
         let hidden = model.forward_batch(&b, &batch, Mode::Eval).unwrap();
         let want = lora_tests::json_f32(&io[key]);
-        assert_close(&format!("tiny BERT + PEFT adapter {name}"), &host(&b, &hidden), &to64(&want), 1e-4, 1e-5);
+        assert_close(
+            &format!("tiny BERT + PEFT adapter {name}"),
+            &host(&b, &hidden),
+            &to64(&want),
+            1e-4,
+            1e-5,
+        );
     }
 }
 
@@ -173,13 +255,21 @@ fn bad_model_input_is_a_clear_error() {
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft_bert/base");
     // A missing directory / file.
     let e = BertModel::<NdArray>::from_pretrained(&b, &tmp.path().join("nope")).unwrap_err();
-    assert!(matches!(e, ModelError::Io { .. }) && e.to_string().contains("config.json"), "{e}");
+    assert!(
+        matches!(e, ModelError::Io { .. }) && e.to_string().contains("config.json"),
+        "{e}"
+    );
     // Unsupported architecture and activation.
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
     for (field, value, expect) in [
         ("model_type", "gpt2", "model_type"),
         ("hidden_act", "gelu_new", "hidden_act"),
-        ("position_embedding_type", "relative_key", "position_embedding_type"),
+        (
+            "position_embedding_type",
+            "relative_key",
+            "position_embedding_type",
+        ),
     ] {
         let mut c = config.clone();
         c[field] = serde_json::json!(value);
@@ -188,7 +278,10 @@ fn bad_model_input_is_a_clear_error() {
         std::fs::write(d.join("config.json"), c.to_string()).unwrap();
         std::fs::copy(tiny.join("model.safetensors"), d.join("model.safetensors")).unwrap();
         let e = BertModel::<NdArray>::from_pretrained(&b, &d).unwrap_err();
-        assert!(e.to_string().contains(expect) && e.to_string().contains(value), "{e}");
+        assert!(
+            e.to_string().contains(expect) && e.to_string().contains(value),
+            "{e}"
+        );
     }
     // Tensor shapes that disagree with the config.
     let mut c = config.clone();
@@ -198,16 +291,31 @@ fn bad_model_input_is_a_clear_error() {
     std::fs::write(d.join("config.json"), c.to_string()).unwrap();
     std::fs::copy(tiny.join("model.safetensors"), d.join("model.safetensors")).unwrap();
     let e = BertModel::<NdArray>::from_pretrained(&b, &d).unwrap_err();
-    assert!(e.to_string().contains("intermediate.dense.weight") && e.to_string().contains("[48, 16]"), "{e}");
+    assert!(
+        e.to_string().contains("intermediate.dense.weight") && e.to_string().contains("[48, 16]"),
+        "{e}"
+    );
     // A config that is not JSON.
     std::fs::write(d.join("config.json"), "{ not json").unwrap();
     let e = BertModel::<NdArray>::from_pretrained(&b, &d).unwrap_err();
     assert!(e.to_string().contains("config.json"), "{e}");
     // Token ids outside the vocabulary and sequences longer than the position table.
     let mut model = BertModel::<NdArray>::from_pretrained(&b, &tiny).unwrap();
-    let e = model.forward_batch(&b, &TokenBatch::new(vec![1, 64], vec![1, 1], 1).unwrap(), Mode::Eval).unwrap_err();
+    let e = model
+        .forward_batch(
+            &b,
+            &TokenBatch::new(vec![1, 64], vec![1, 1], 1).unwrap(),
+            Mode::Eval,
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("token id 64"), "{e}");
-    let e = model.forward_batch(&b, &TokenBatch::new(vec![1; 40], vec![1; 40], 1).unwrap(), Mode::Eval).unwrap_err();
+    let e = model
+        .forward_batch(
+            &b,
+            &TokenBatch::new(vec![1; 40], vec![1; 40], 1).unwrap(),
+            Mode::Eval,
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("max_position_embeddings"), "{e}");
     // Backward before a training forward.
     let g = b.zeros(&[1, 2, 16]).unwrap();

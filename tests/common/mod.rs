@@ -228,7 +228,10 @@ pub fn minilm_dir() -> Option<std::path::PathBuf> {
         .or_else(|| {
             let cache = std::env::var_os("LORA_RS_CACHE")
                 .map(std::path::PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lora-rs")))?;
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .map(|h| std::path::PathBuf::from(h).join(".cache/lora-rs"))
+                })?;
             Some(cache.join("models/all-MiniLM-L6-v2"))
         })?;
     if dir.join("model.safetensors").is_file() {

@@ -2,11 +2,14 @@
 
 mod backend_choice;
 mod demo;
+mod embed;
 mod inspect;
 mod merge;
 mod plots;
 mod quantize;
 mod report;
+mod sentiment_data;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +31,12 @@ enum Command {
     /// Pretrain a small MLP on sin(x), freeze it, LoRA-fine-tune it on a shifted task, save
     /// a PEFT adapter and plots, then reload, merge and verify.
     Demo(demo::DemoArgs),
+    /// Sentence embeddings from a BERT-family model (mean pooling, L2-normalized), with an
+    /// optional PEFT adapter.
+    Embed(embed::EmbedArgs),
+    /// LoRA-fine-tune all-MiniLM-L6-v2 on the VADER sentiment lexicon (positive vs
+    /// negative words), with a progress bar, charts and before/after accuracy.
+    Train(train::TrainArgs),
     /// Fold a PEFT adapter into a plain Hugging Face checkpoint (streamed, atomic).
     Merge(merge::MergeArgs),
     /// Show an adapter directory (config, per-module ranks, scalings, sizes) or a
@@ -44,6 +53,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::Embed(args) => embed::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Quantize(args) => quantize::run_quantize(&args),
         Command::Dequantize(args) => quantize::run_dequantize(&args),

@@ -283,7 +283,11 @@ pub fn check_bmm(
     let three = |what: &str, s: &Shape| -> Result<(usize, Shape)> {
         match s.dims() {
             [n, r, c] => Ok((*n, Shape::new(&[*r, *c]))),
-            _ => Err(Error::shape(format!("bmm operand {what}"), "[batch, rows, cols]", s)),
+            _ => Err(Error::shape(
+                format!("bmm operand {what}"),
+                "[batch, rows, cols]",
+                s,
+            )),
         }
     };
     let ((na, ma), (nb, mb), (nc, mc)) = (three("a", a)?, three("b", b)?, three("c", c)?);
@@ -302,7 +306,9 @@ pub fn check_bmm(
 pub fn check_permute(a: &Shape, perm: &[usize]) -> Result<Vec<usize>> {
     let mut seen = vec![false; perm.len()];
     let valid = perm.len() == a.rank()
-        && perm.iter().all(|&p| p < perm.len() && !std::mem::replace(&mut seen[p], true));
+        && perm
+            .iter()
+            .all(|&p| p < perm.len() && !std::mem::replace(&mut seen[p], true));
     if !valid {
         return Err(Error::shape(
             format!("permute {perm:?}"),
@@ -324,7 +330,11 @@ pub fn check_softmax_mask(x: &Shape, mask: Option<&Shape>) -> Result<(usize, usi
     if let Some(m) = mask
         && (m.dims() != [batch, n] || x.rank() < 2)
     {
-        return Err(Error::shape("softmax mask_bias", format!("[{batch}, {n}]"), m));
+        return Err(Error::shape(
+            "softmax mask_bias",
+            format!("[{batch}, {n}]"),
+            m,
+        ));
     }
     Ok((batch, rows / batch.max(1), n))
 }
@@ -334,7 +344,11 @@ pub fn check_layer_norm(x: &Shape, gamma: &Shape, beta: &Shape) -> Result<(usize
     let (rows, n) = x.as_matrix();
     for (what, p) in [("gamma", gamma), ("beta", beta)] {
         if p.dims() != [n] {
-            return Err(Error::shape(format!("layer_norm {what}"), format!("[{n}]"), p));
+            return Err(Error::shape(
+                format!("layer_norm {what}"),
+                format!("[{n}]"),
+                p,
+            ));
         }
     }
     Ok((rows, n))

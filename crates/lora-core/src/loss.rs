@@ -67,7 +67,9 @@ pub fn cross_entropy_loss<B: Backend>(
     let mut loss = 0.0f64;
     for (i, &label) in labels.iter().enumerate() {
         let row = &z[i * c..(i + 1) * c];
-        let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+        let max = row
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
         let sum: f64 = row.iter().map(|&v| (f64::from(v) - max).exp()).sum();
         let log_z = max + sum.ln();
         loss += log_z - f64::from(row[label]);

@@ -197,7 +197,10 @@ impl Backend for NdArray {
             let row = &src[r * n..(r + 1) * n];
             let bias = mask.map(|m| &m[(r / rows_per_batch) * n..(r / rows_per_batch + 1) * n]);
             match bias {
-                Some(bias) => o.iter_mut().zip(row.iter().zip(bias)).for_each(|(o, (x, b))| *o = x + b),
+                Some(bias) => o
+                    .iter_mut()
+                    .zip(row.iter().zip(bias))
+                    .for_each(|(o, (x, b))| *o = x + b),
                 None => o.copy_from_slice(row),
             }
             let max = o.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -225,7 +228,9 @@ impl Backend for NdArray {
         let work = |(r, o): (usize, &mut [f32])| {
             let (yr, gr) = (&ys[r * n..(r + 1) * n], &gs[r * n..(r + 1) * n]);
             let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
-            o.iter_mut().zip(yr.iter().zip(gr)).for_each(|(o, (y, g))| *o = y * (g - dot));
+            o.iter_mut()
+                .zip(yr.iter().zip(gr))
+                .for_each(|(o, (y, g))| *o = y * (g - dot));
         };
         if ys.len() < PAR_MIN_ELEMS {
             out.chunks_mut(n).enumerate().for_each(work);
@@ -250,7 +255,11 @@ impl Backend for NdArray {
             let row = &src[r * n..(r + 1) * n];
             // Two passes in f64: no cancellation in the variance.
             let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-            let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n as f64;
+            let var = row
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / n as f64;
             let rstd = 1.0 / (var + f64::from(eps)).sqrt();
             let (mean, rstd) = (mean as f32, rstd as f32);
             for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(g).zip(b) {
@@ -260,9 +269,15 @@ impl Backend for NdArray {
             st[1] = rstd;
         };
         if src.len() < PAR_MIN_ELEMS {
-            out.chunks_mut(n).zip(stats.chunks_mut(2)).enumerate().for_each(work);
+            out.chunks_mut(n)
+                .zip(stats.chunks_mut(2))
+                .enumerate()
+                .for_each(work);
         } else {
-            out.par_chunks_mut(n).zip(stats.par_chunks_mut(2)).enumerate().for_each(work);
+            out.par_chunks_mut(n)
+                .zip(stats.par_chunks_mut(2))
+                .enumerate()
+                .for_each(work);
         }
         Ok((
             NdTensor::from_vec(out, x.shape().dims())?,
@@ -280,9 +295,18 @@ impl Backend for NdArray {
         let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), gamma.shape())?;
         check_same_shape("layer_norm backward dy", x.shape(), dy.shape())?;
         if stats.shape().dims() != [rows, 2] {
-            return Err(Error::shape("layer_norm backward stats", format!("[{rows}, 2]"), stats.shape()));
+            return Err(Error::shape(
+                "layer_norm backward stats",
+                format!("[{rows}, 2]"),
+                stats.shape(),
+            ));
         }
-        let (src, st, g, gy) = (x.as_slice(), stats.as_slice(), gamma.as_slice(), dy.as_slice());
+        let (src, st, g, gy) = (
+            x.as_slice(),
+            stats.as_slice(),
+            gamma.as_slice(),
+            dy.as_slice(),
+        );
         let mut out = vec![0.0f32; src.len()];
         // dx = rstd * (g*dy - mean(g*dy) - xhat * mean(g*dy*xhat))
         let work = |(r, o): (usize, &mut [f32])| {

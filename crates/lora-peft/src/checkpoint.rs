@@ -183,9 +183,7 @@ pub fn tensor_locations(files: &[MappedFile]) -> Result<BTreeMap<String, usize>>
 /// Reads every floating-point tensor of a checkpoint (a file, a model directory or shards)
 /// as f32, for loading a model. Integer buffers such as BERT's `position_ids` are
 /// skipped; a bitsandbytes-quantized checkpoint is an error (dequantize it first).
-pub fn read_checkpoint_f32(
-    path: &Path,
-) -> Result<BTreeMap<String, lora_core::HostTensor>> {
+pub fn read_checkpoint_f32(path: &Path) -> Result<BTreeMap<String, lora_core::HostTensor>> {
     let ck = Checkpoint::open(path)?;
     let mut out = BTreeMap::new();
     for p in &ck.files {
@@ -195,7 +193,9 @@ pub fn read_checkpoint_f32(
             if name.contains(".weight.quant_state.") || name.ends_with(".SCB") {
                 return Err(format_err(
                     p,
-                    format!("tensor {name}: the checkpoint is bitsandbytes-quantized; run `lora dequantize` first"),
+                    format!(
+                        "tensor {name}: the checkpoint is bitsandbytes-quantized; run `lora dequantize` first"
+                    ),
                 ));
             }
             if let Some(data) = decode_f32(view.dtype(), view.data()) {

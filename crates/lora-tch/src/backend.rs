@@ -4,9 +4,9 @@
 //! they modified; `let _ =` drops that handle.
 
 use lora_core::backend::{
-    check_assign_cols, check_bmm, check_col_range, check_gemm, check_host_len,
-    check_layer_norm, check_permute, check_reshape, check_row_broadcast, check_rows,
-    check_same_shape, check_scatter_add, check_softmax_mask,
+    check_assign_cols, check_bmm, check_col_range, check_gemm, check_host_len, check_layer_norm,
+    check_permute, check_reshape, check_row_broadcast, check_rows, check_same_shape,
+    check_scatter_add, check_softmax_mask,
 };
 use lora_core::{
     Backend, BinaryOp, Error, LoraGrads, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp,
@@ -201,7 +201,11 @@ impl Backend for Tch {
     fn permute(&self, a: &TchTensor, perm: &[usize]) -> Result<TchTensor> {
         check_permute(a.shape(), perm)?;
         let p: Vec<i64> = perm.iter().map(|&v| v as i64).collect();
-        self.wrap(a.inner().f_permute(p.as_slice()).and_then(|t| t.f_contiguous()))
+        self.wrap(
+            a.inner()
+                .f_permute(p.as_slice())
+                .and_then(|t| t.f_contiguous()),
+        )
     }
 
     fn softmax(&self, x: &TchTensor, mask_bias: Option<&TchTensor>) -> Result<TchTensor> {
@@ -240,10 +244,21 @@ impl Backend for Tch {
         let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), beta.shape())?;
         let m = Self::matrix(x)?;
         let (y, mean, rstd) = m
-            .f_native_layer_norm([n as i64].as_slice(), Some(gamma.inner()), Some(beta.inner()), f64::from(eps))
+            .f_native_layer_norm(
+                [n as i64].as_slice(),
+                Some(gamma.inner()),
+                Some(beta.inner()),
+                f64::from(eps),
+            )
             .map_err(tch_err)?;
-        let stats = tch::Tensor::f_cat(&[mean.f_reshape([rows as i64, 1]).map_err(tch_err)?, rstd.f_reshape([rows as i64, 1]).map_err(tch_err)?], 1)
-            .map_err(tch_err)?;
+        let stats = tch::Tensor::f_cat(
+            &[
+                mean.f_reshape([rows as i64, 1]).map_err(tch_err)?,
+                rstd.f_reshape([rows as i64, 1]).map_err(tch_err)?,
+            ],
+            1,
+        )
+        .map_err(tch_err)?;
         Ok((
             self.wrap(y.f_reshape(Self::shape_i64(x.shape().dims())))?,
             self.wrap(Ok(stats))?,
@@ -271,8 +286,13 @@ impl Backend for Tch {
         let rstd = st.f_narrow(1, 1, 1).map_err(tch_err)?;
         let (m, g) = (Self::matrix(x)?, Self::matrix(dy)?);
         let gd = g.f_mul(gamma.inner()).map_err(tch_err)?;
-        let xhat = m.f_sub(&mean).and_then(|d| d.f_mul(&rstd)).map_err(tch_err)?;
-        let m1 = gd.f_mean_dim([1i64].as_slice(), true, Kind::Float).map_err(tch_err)?;
+        let xhat = m
+            .f_sub(&mean)
+            .and_then(|d| d.f_mul(&rstd))
+            .map_err(tch_err)?;
+        let m1 = gd
+            .f_mean_dim([1i64].as_slice(), true, Kind::Float)
+            .map_err(tch_err)?;
         let m2 = gd
             .f_mul(&xhat)
             .and_then(|p| p.f_mean_dim([1i64].as_slice(), true, Kind::Float))

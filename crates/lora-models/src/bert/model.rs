@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use lora_core::{
-    Backend, DenseLinear, Error, HostTensor, LoraLinear, LoraOps, Mode, Model, Tensor,
-    Transpose, UnaryOp,
+    Backend, DenseLinear, Error, HostTensor, LoraLinear, LoraOps, Mode, Model, Tensor, Transpose,
+    UnaryOp,
 };
 
 use super::config::BertConfig;
@@ -109,10 +109,19 @@ impl Weights<'_> {
         Ok(t.to_backend(b)?)
     }
 
-    fn linear<B: LoraOps>(&self, b: &B, name: &str, out: usize, inp: usize) -> Result<LoraLinear<B>> {
+    fn linear<B: LoraOps>(
+        &self,
+        b: &B,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<LoraLinear<B>> {
         let w = self.get(b, &format!("{name}.weight"), &[out, inp])?;
         let bias = self.get(b, &format!("{name}.bias"), &[out])?;
-        Ok(LoraLinear::new(name, Box::new(DenseLinear::new(w, Some(bias))?)))
+        Ok(LoraLinear::new(
+            name,
+            Box::new(DenseLinear::new(w, Some(bias))?),
+        ))
     }
 
     fn norm<B: Backend>(&self, b: &B, name: &str, n: usize) -> Result<Norm<B::Tensor>> {
@@ -153,7 +162,11 @@ impl<B: LoraOps> BertModel<B> {
         };
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let embeddings = Embeddings {
-            word: w.get(backend, "embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            word: w.get(
+                backend,
+                "embeddings.word_embeddings.weight",
+                &[config.vocab_size, h],
+            )?,
             position: w.get(
                 backend,
                 "embeddings.position_embeddings.weight",
@@ -242,8 +255,17 @@ impl<B: LoraOps> BertModel<B> {
             &b.gather_rows(&e.word, &ids)?,
             &b.gather_rows(&e.position, &positions)?,
         )?;
-        let sum = b.binary(lora_core::BinaryOp::Add, &sum, &b.gather_rows(&e.token_type, &types)?)?;
-        let (y, _) = b.layer_norm(&sum, &e.norm.gamma, &e.norm.beta, self.config.layer_norm_eps as f32)?;
+        let sum = b.binary(
+            lora_core::BinaryOp::Add,
+            &sum,
+            &b.gather_rows(&e.token_type, &types)?,
+        )?;
+        let (y, _) = b.layer_norm(
+            &sum,
+            &e.norm.gamma,
+            &e.norm.beta,
+            self.config.layer_norm_eps as f32,
+        )?;
         Ok(y)
     }
 
@@ -308,9 +330,21 @@ impl<B: LoraOps> BertModel<B> {
                 layer.value.forward(b, x, mode)?,
             )
         };
-        let (q, k, v) = (self.split_heads(b, &q, d)?, self.split_heads(b, &k, d)?, self.split_heads(b, &v, d)?);
+        let (q, k, v) = (
+            self.split_heads(b, &q, d)?,
+            self.split_heads(b, &k, d)?,
+            self.split_heads(b, &v, d)?,
+        );
         let mut scores = b.zeros(&[d.batch * nh, d.seq, d.seq])?;
-        b.bmm(scale, &q, Transpose::No, &k, Transpose::Yes, 0.0, &mut scores)?;
+        b.bmm(
+            scale,
+            &q,
+            Transpose::No,
+            &k,
+            Transpose::Yes,
+            0.0,
+            &mut scores,
+        )?;
         let scores = b.reshape(&scores, &[d.batch, nh, d.seq, d.seq])?;
         let probs = b.softmax(&scores, Some(mask_bias))?;
         let probs = b.reshape(&probs, &[d.batch * nh, d.seq, d.seq])?;
@@ -320,7 +354,8 @@ impl<B: LoraOps> BertModel<B> {
         let layer = &mut self.layers[l];
         let attn = layer.attn_out.forward(b, &ctx, mode)?;
         let h1_pre = b.binary(lora_core::BinaryOp::Add, &attn, x)?;
-        let (h1, st1) = b.layer_norm(&h1_pre, &layer.attn_norm.gamma, &layer.attn_norm.beta, eps)?;
+        let (h1, st1) =
+            b.layer_norm(&h1_pre, &layer.attn_norm.gamma, &layer.attn_norm.beta, eps)?;
         let inter = layer.intermediate.forward(b, &h1, mode)?;
         let hidden = b.unary(act, &inter)?;
         let out = layer.output.forward(b, &hidden, mode)?;
@@ -348,7 +383,10 @@ impl<B: LoraOps> BertModel<B> {
     /// gradient stops at the first layer's input.
     pub fn backward_batch(&mut self, b: &B, d_hidden: &B::Tensor) -> Result<()> {
         let d = self.dims.ok_or_else(|| {
-            Error::state("BertModel", "backward called without a forward in training mode")
+            Error::state(
+                "BertModel",
+                "backward called without a forward in training mode",
+            )
         })?;
         let h = self.config.hidden_size;
         if d_hidden.shape().dims() != [d.batch, d.seq, h] {
@@ -386,15 +424,51 @@ impl<B: LoraOps> BertModel<B> {
         let d_ctx = layer.attn_out.backward(b, &d_h1_pre)?;
         let d_ctx = self.split_heads(b, &d_ctx, d)?;
         let mut d_probs = b.zeros(&[d.batch * nh, d.seq, d.seq])?;
-        b.bmm(1.0, &d_ctx, Transpose::No, &c.v, Transpose::Yes, 0.0, &mut d_probs)?;
+        b.bmm(
+            1.0,
+            &d_ctx,
+            Transpose::No,
+            &c.v,
+            Transpose::Yes,
+            0.0,
+            &mut d_probs,
+        )?;
         let mut d_v = b.zeros(&[d.batch * nh, d.seq, hd])?;
-        b.bmm(1.0, &c.probs, Transpose::Yes, &d_ctx, Transpose::No, 0.0, &mut d_v)?;
+        b.bmm(
+            1.0,
+            &c.probs,
+            Transpose::Yes,
+            &d_ctx,
+            Transpose::No,
+            0.0,
+            &mut d_v,
+        )?;
         let d_scores = b.softmax_backward(&c.probs, &d_probs)?;
         let mut d_q = b.zeros(&[d.batch * nh, d.seq, hd])?;
-        b.bmm(scale, &d_scores, Transpose::No, &c.k, Transpose::No, 0.0, &mut d_q)?;
+        b.bmm(
+            scale,
+            &d_scores,
+            Transpose::No,
+            &c.k,
+            Transpose::No,
+            0.0,
+            &mut d_q,
+        )?;
         let mut d_k = b.zeros(&[d.batch * nh, d.seq, hd])?;
-        b.bmm(scale, &d_scores, Transpose::Yes, &c.q, Transpose::No, 0.0, &mut d_k)?;
-        let (d_q, d_k, d_v) = (self.merge_heads(b, &d_q, d)?, self.merge_heads(b, &d_k, d)?, self.merge_heads(b, &d_v, d)?);
+        b.bmm(
+            scale,
+            &d_scores,
+            Transpose::Yes,
+            &c.q,
+            Transpose::No,
+            0.0,
+            &mut d_k,
+        )?;
+        let (d_q, d_k, d_v) = (
+            self.merge_heads(b, &d_q, d)?,
+            self.merge_heads(b, &d_k, d)?,
+            self.merge_heads(b, &d_v, d)?,
+        );
         let layer = &mut self.layers[l];
         let mut dx = layer.query.backward(b, &d_q)?;
         dx = b.binary(Add, &dx, &layer.key.backward(b, &d_k)?)?;
@@ -405,11 +479,12 @@ impl<B: LoraOps> BertModel<B> {
     /// The pooler output `tanh(W h[:, 0] + b)` (`[batch, hidden]`) from a last hidden
     /// state, as `BertModel`'s `pooler_output`.
     pub fn pool(&mut self, b: &B, last_hidden: &B::Tensor) -> Result<B::Tensor> {
-        let d = self.dims.ok_or_else(|| Error::state("BertModel", "pool called before a forward"))?;
-        let pooler = self
-            .pooler
-            .as_mut()
-            .ok_or_else(|| Error::state("BertModel", "the checkpoint has no pooler.dense weights"))?;
+        let d = self
+            .dims
+            .ok_or_else(|| Error::state("BertModel", "pool called before a forward"))?;
+        let pooler = self.pooler.as_mut().ok_or_else(|| {
+            Error::state("BertModel", "the checkpoint has no pooler.dense weights")
+        })?;
         let cls: Vec<usize> = (0..d.batch).map(|i| i * d.seq).collect();
         let h = b.reshape(last_hidden, &[d.batch * d.seq, self.config.hidden_size])?;
         let first = b.gather_rows(&h, &cls)?;
@@ -424,7 +499,11 @@ impl<B: LoraOps> Model<B> for BertModel<B> {
     fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> lora_core::Result<B::Tensor> {
         let dims = x.shape().dims().to_vec();
         let [batch, seq] = dims[..] else {
-            return Err(Error::shape("BertModel forward token ids", "[batch, seq]", x.shape()));
+            return Err(Error::shape(
+                "BertModel forward token ids",
+                "[batch, seq]",
+                x.shape(),
+            ));
         };
         let ids: Vec<u32> = backend.to_host(x)?.iter().map(|&v| v as u32).collect();
         let tb = TokenBatch::new(ids, vec![1; batch * seq], batch)
@@ -441,7 +520,14 @@ impl<B: LoraOps> Model<B> for BertModel<B> {
     fn linears(&self) -> Vec<&LoraLinear<B>> {
         let mut v: Vec<&LoraLinear<B>> = Vec::new();
         for l in &self.layers {
-            v.extend([&l.query, &l.key, &l.value, &l.attn_out, &l.intermediate, &l.output]);
+            v.extend([
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ]);
         }
         v.extend(self.pooler.as_ref());
         v

@@ -36,12 +36,24 @@ pub fn mean_pool<B: Backend>(b: &B, hidden: &B::Tensor, batch: &TokenBatch) -> R
 }
 
 /// Backward of [`mean_pool`]: `d_hidden` (`[batch, seq, h]`) from `d_pooled` (`[batch, h]`).
-pub fn mean_pool_backward<B: Backend>(b: &B, d_pooled: &B::Tensor, batch: &TokenBatch) -> Result<B::Tensor> {
+pub fn mean_pool_backward<B: Backend>(
+    b: &B,
+    d_pooled: &B::Tensor,
+    batch: &TokenBatch,
+) -> Result<B::Tensor> {
     let (n, t) = (batch.batch, batch.seq_len);
     let h = d_pooled.shape().last();
     let m = b.from_host(&pooling_matrix(batch), &[n, n * t])?;
     let mut out = b.zeros(&[n * t, h])?;
-    b.gemm(1.0, &m, Transpose::Yes, d_pooled, Transpose::No, 0.0, &mut out)?;
+    b.gemm(
+        1.0,
+        &m,
+        Transpose::Yes,
+        d_pooled,
+        Transpose::No,
+        0.0,
+        &mut out,
+    )?;
     b.reshape(&out, &[n, t, h])
 }
 

@@ -76,15 +76,14 @@ impl BertTokenizer {
             return Err(err("no such file".into()));
         }
         if max_length < 2 {
-            return Err(err(format!("max_length {max_length} leaves no room for [CLS] and [SEP]")));
+            return Err(err(format!(
+                "max_length {max_length} leaves no room for [CLS] and [SEP]"
+            )));
         }
         let mut inner = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
         let (pad_id, pad_token) = match inner.get_padding() {
             Some(p) => (p.pad_id, p.pad_token.clone()),
-            None => (
-                inner.token_to_id("[PAD]").unwrap_or(0),
-                "[PAD]".to_string(),
-            ),
+            None => (inner.token_to_id("[PAD]").unwrap_or(0), "[PAD]".to_string()),
         };
         inner.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
@@ -121,13 +120,13 @@ impl BertTokenizer {
                 "text {i} is empty: every input needs at least one token"
             )));
         }
-        let enc = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            })?;
+        let enc =
+            self.inner
+                .encode_batch(texts.to_vec(), true)
+                .map_err(|e| ModelError::Tokenizer {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                })?;
         let seq_len = enc.first().map_or(0, |e| e.get_ids().len());
         let mut batch = TokenBatch {
             ids: Vec::with_capacity(texts.len() * seq_len),
@@ -138,7 +137,9 @@ impl BertTokenizer {
         };
         for e in &enc {
             batch.ids.extend_from_slice(e.get_ids());
-            batch.attention_mask.extend_from_slice(e.get_attention_mask());
+            batch
+                .attention_mask
+                .extend_from_slice(e.get_attention_mask());
             batch.token_type_ids.extend_from_slice(e.get_type_ids());
         }
         Ok(batch)

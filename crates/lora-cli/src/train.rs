@@ -1,0 +1,309 @@
+//! `lora train`: LoRA fine-tuning of a real pretrained encoder (all-MiniLM-L6-v2) on a
+//! real task: telling positive from negative words of the VADER sentiment lexicon, from
+//! the mean-pooled sentence embedding through a linear head. Only the adapters and the
+//! head train; the encoder is frozen.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lora::models::bert::{BertModel, BertTokenizer, TokenBatch, mean_pool, mean_pool_backward};
+use lora::peft::{self, LoraConfig, TargetModules};
+use lora::prelude::*;
+use lora::rng::{RngState, uniform};
+use lora::{AdamHyper, HostTensor, ParamGrad, cross_entropy_loss};
+use plotters::style::RGBColor;
+
+use crate::backend_choice::BackendKind;
+use crate::plots::{self, Curve};
+use crate::report::{bytes, duration, peak_rss_bytes, thousands};
+use crate::sentiment_data::{Example, read_vader, split};
+
+/// Options of `lora train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json); default: the
+    /// cache that `cargo xtask fetch-model minilm` fills.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// `vader_lexicon.txt`; default: the cache that `cargo xtask fetch-data vader` fills.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output directory: PEFT adapter, head weights, charts.
+    #[arg(long, default_value = "lora-train-out")]
+    pub out: PathBuf,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "ndarray")]
+    pub backend: BackendKind,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Words per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// lora_alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Modules that get adapters (PEFT target_modules names).
+    #[arg(long, default_value = "query,value")]
+    pub target_modules: String,
+    /// AdamW learning rate (adapters and head).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Keep words whose mean valence is at least this far from neutral (scale -4..4).
+    #[arg(long, default_value_t = 1.0)]
+    pub min_valence: f64,
+    /// Evaluate on the held-out words every this many steps.
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+    /// Seed (split, adapter init, head init).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("LORA_RS_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lora-rs")))
+        .unwrap_or_else(|| PathBuf::from(".cache/lora-rs"))
+}
+
+/// Runs `lora train`.
+pub fn run(args: &TrainArgs) -> Result<()> {
+    if args.steps == 0 || args.batch_size == 0 || args.eval_every == 0 {
+        bail!("--steps, --batch-size and --eval-every must be at least 1");
+    }
+    crate::with_backend!(args.backend, |b| run_on(&b, args))
+}
+
+/// Accuracy of the model + head on `data`.
+fn accuracy<B: FullBackend>(
+    b: &B,
+    model: &mut BertModel<B>,
+    head: &DenseLinear<B>,
+    tok: &BertTokenizer,
+    data: &[Example],
+) -> Result<f64> {
+    let mut correct = 0usize;
+    for chunk in data.chunks(128) {
+        let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
+        let batch = tok.encode_batch(&texts)?;
+        let hidden = model.forward_batch(b, &batch, Mode::Eval)?;
+        let logits = b.to_host(&head.forward(b, &mean_pool(b, &hidden, &batch)?)?)?;
+        for (e, l) in chunk.iter().zip(logits.chunks(2)) {
+            correct += usize::from(usize::from(l[1] > l[0]) == e.label);
+        }
+    }
+    Ok(correct as f64 / data.len().max(1) as f64)
+}
+
+fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
+    let model_dir = args
+        .model
+        .clone()
+        .unwrap_or_else(|| cache().join("models/all-MiniLM-L6-v2"));
+    let data_path = args
+        .data
+        .clone()
+        .unwrap_or_else(|| cache().join("data/vader_lexicon.txt"));
+    let (train, test) = split(read_vader(&data_path, args.min_valence)?, 0.2, args.seed);
+    let tok = BertTokenizer::from_file(&model_dir.join("tokenizer.json"), 32)?;
+    let mut model = BertModel::from_pretrained(b, &model_dir).with_context(|| {
+        format!(
+            "loading {} (run `cargo xtask fetch-model minilm` to fetch all-MiniLM-L6-v2)",
+            model_dir.display()
+        )
+    })?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating output directory {}", args.out.display()))?;
+    println!(
+        "lora train: LoRA fine-tuning of {} on {} ({})",
+        model_dir
+            .file_name()
+            .map_or("the model".into(), |n| n.to_string_lossy()),
+        b.name(),
+        b.device()
+    );
+
+    let config = LoraConfig {
+        r: args.rank,
+        lora_alpha: args.alpha,
+        target_modules: Some(TargetModules::List(
+            args.target_modules
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        )),
+        base_model_name_or_path: Some("sentence-transformers/all-MiniLM-L6-v2".into()),
+        inference_mode: true,
+        ..LoraConfig::default()
+    };
+    let injected = peft::inject_adapters(&mut model, b, &config, args.seed)?;
+    let h = model.config().hidden_size;
+    // nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)).
+    let mut w = vec![0.0f32; 2 * h];
+    let bound = 1.0 / (h as f32).sqrt();
+    uniform(RngState::new(args.seed, 0x4ead), -bound, bound, &mut w);
+    let mut head = DenseLinear::new(b.from_host(&w, &[2, h])?, Some(b.zeros(&[2])?))?;
+
+    let acc_before = accuracy(b, &mut model, &head, &tok, &test)?;
+    let mut opt = Adam::<B>::new(AdamHyper {
+        lr: args.lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        decoupled: true,
+    })?;
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>9} [{bar:32.cyan/blue}] {pos:>4}/{len} loss {msg} ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("train");
+    let mut losses = Vec::with_capacity(args.steps);
+    let mut evals: Vec<(f32, f32)> = vec![(0.0, acc_before as f32)];
+    let mut train_s = 0.0f64;
+    for step in 0..args.steps {
+        let start = (step * args.batch_size) % train.len();
+        let rows: Vec<&Example> = (0..args.batch_size)
+            .map(|i| &train[(start + i) % train.len()])
+            .collect();
+        let texts: Vec<&str> = rows.iter().map(|e| e.text.as_str()).collect();
+        let labels: Vec<usize> = rows.iter().map(|e| e.label).collect();
+        let batch: TokenBatch = tok.encode_batch(&texts)?;
+        let t0 = Instant::now();
+        let hidden = model.forward_batch(b, &batch, Mode::Train)?;
+        let pooled = mean_pool(b, &hidden, &batch)?;
+        let logits = head.forward(b, &pooled)?;
+        let (loss, d_logits) = cross_entropy_loss(b, &logits, &labels)?;
+        let (d_w, d_b) = head.param_grads(b, &pooled, &d_logits)?;
+        let d_pooled = head.backward(b, &d_logits)?;
+        model.backward_batch(b, &mean_pool_backward(b, &d_pooled, &batch)?)?;
+        {
+            let mut params = model.params_and_grads();
+            let (hw, hb) = head.params_mut();
+            params.push(ParamGrad {
+                param: hw,
+                grad: &d_w,
+            });
+            if let (Some(hb), Some(d_b)) = (hb, d_b.as_ref()) {
+                params.push(ParamGrad {
+                    param: hb,
+                    grad: d_b,
+                });
+            }
+            opt.step(b, &mut params)?;
+        }
+        b.synchronize()?;
+        train_s += t0.elapsed().as_secs_f64();
+        losses.push(loss);
+        bar.set_position(step as u64 + 1);
+        bar.set_message(format!("{loss:.3}"));
+        if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {
+            let acc = accuracy(b, &mut model, &head, &tok, &test)?;
+            evals.push(((step + 1) as f32, acc as f32));
+        }
+    }
+    bar.finish_and_clear();
+    let acc_after = evals.last().map_or(acc_before, |e| f64::from(e.1));
+
+    peft::save_pretrained(&args.out, &model, b, &config)?;
+    let head_path = args.out.join("head.safetensors");
+    peft::write_safetensors(
+        &head_path,
+        &[
+            (
+                "weight".to_string(),
+                HostTensor::from_backend(b, head.weight_tensor())?,
+            ),
+            (
+                "bias".to_string(),
+                HostTensor::from_backend(
+                    b,
+                    head.bias()
+                        .ok_or_else(|| anyhow::anyhow!("head has no bias"))?,
+                )?,
+            ),
+        ],
+    )?;
+    plots::loss_curve(
+        &args.out.join("loss.png"),
+        "LoRA fine-tuning loss (cross-entropy, per step)",
+        &losses,
+    )?;
+    let xs: Vec<f32> = evals.iter().map(|e| e.0).collect();
+    let ys: Vec<f32> = evals.iter().map(|e| e.1).collect();
+    plots::predictions(
+        &args.out.join("accuracy.png"),
+        "held-out accuracy: positive vs negative VADER words",
+        &xs,
+        &[Curve {
+            label: "test accuracy",
+            ys: &ys,
+            color: RGBColor(30, 90, 220),
+        }],
+    )?;
+
+    let trainable = model.num_trainable() + head.num_parameters();
+    let total = model.num_parameters() + head.num_parameters();
+    println!(
+        "  task            VADER lexicon (vaderSentiment 3.3.2 wheel, MIT): positive vs negative words, |valence| >= {}",
+        args.min_valence
+    );
+    println!(
+        "  data            {} training words, {} held out (seed {})",
+        thousands(train.len()),
+        thousands(test.len()),
+        args.seed
+    );
+    println!(
+        "  LoRA            r={}, alpha={}, on {} modules ({}), plus a linear head on the mean-pooled embedding",
+        args.rank,
+        args.alpha,
+        injected.len(),
+        args.target_modules
+    );
+    println!(
+        "  trainable       {} of {} parameters ({:.2}%)",
+        thousands(trainable),
+        thousands(total),
+        100.0 * trainable as f64 / total as f64
+    );
+    println!(
+        "  accuracy        {:.1}% before -> {:.1}% after {} steps (held-out words)",
+        100.0 * acc_before,
+        100.0 * acc_after,
+        args.steps
+    );
+    println!(
+        "  loss            {:.3} first step -> {:.3} last step",
+        losses.first().copied().unwrap_or(f64::NAN),
+        losses.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "  time per step   {} (batch {}, forward + backward + AdamW; tokenization excluded)",
+        duration(train_s / args.steps as f64),
+        args.batch_size
+    );
+    println!("  optimizer state {}", bytes(opt.state_bytes() as u64));
+    if let Some(rss) = peak_rss_bytes() {
+        println!("  peak memory     {} RSS", bytes(rss));
+    }
+    println!(
+        "  wrote           {}: {}, {}, head.safetensors, loss.png, accuracy.png",
+        args.out.display(),
+        peft::CONFIG_FILE,
+        peft::WEIGHTS_FILE
+    );
+    Ok(())
+}
