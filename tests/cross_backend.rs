@@ -1,11 +1,13 @@
 //! Every backend compiled in against the ndarray reference: each primitive, every optimizer
-//! step, QLoRA layers over NF4/FP4/int8 bases, and a 20-step training run (forward, backward, AdamW, dropout on), f32 at rtol
+//! step, QLoRA layers over NF4/FP4/int8 bases, the transformer primitives and a tiny BERT
+//! with a PEFT adapter (forward and adapter gradients), and a 20-step training run (forward, backward, AdamW, dropout on), f32 at rtol
 //! 1e-4 / atol 1e-5. A new backend joins with one line in `backends!`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[allow(unused_imports)]
 use lora_tests::cross_backend::{
-    check_every_optimizer, check_every_primitive, check_quantized_layers, train_twenty_steps,
+    check_every_optimizer, check_every_primitive, check_quantized_layers, check_transformer_ops,
+    train_twenty_steps,
 };
 #[allow(unused_imports)]
 use lora_tests::{assert_close, to64};
@@ -25,6 +27,11 @@ macro_rules! backends {
                 #[test]
                 fn every_optimizer_step_equals_the_reference() {
                     check_every_optimizer(&$make);
+                }
+
+                #[test]
+                fn transformer_ops_and_bert_equal_the_reference() {
+                    check_transformer_ops(&$make);
                 }
 
                 #[test]

@@ -442,3 +442,111 @@ pub fn check_quantized_layers<B: lora::quant::QuantBackend>(t: &B) {
         "assign_cols past the end is an error"
     );
 }
+
+/// Batched GEMM, permute, masked softmax and LayerNorm (with backwards) against the
+/// reference, then the tiny BERT of `fixtures/peft_bert` with a PEFT adapter: forward,
+/// and the adapter gradients of a full backward.
+pub fn check_transformer_ops<B: FullBackend>(t: &B) {
+    use lora::Transpose;
+    use lora::models::bert::{BertModel, TokenBatch};
+    let r = lora::NdArray::new();
+    let both = |v: &[f32], s: &[usize]| (t.from_host(v, s).unwrap(), r.from_host(v, s).unwrap());
+    let cmp = |what: &str, a: &B::Tensor, b: &lora::NdTensor| {
+        assert_close(
+            what,
+            &t.to_host(a).unwrap(),
+            &to64(&r.to_host(b).unwrap()),
+            1e-4,
+            1e-5,
+        );
+    };
+    let (x_t, x_r) = both(&rand_vec(2 * 3 * 4 * 5, 20, 0), &[2, 3, 4, 5]);
+    cmp(
+        "permute",
+        &t.permute(&x_t, &[0, 2, 1, 3]).unwrap(),
+        &r.permute(&x_r, &[0, 2, 1, 3]).unwrap(),
+    );
+    let (a_t, a_r) = both(&rand_vec(6 * 4 * 5, 21, 0), &[6, 4, 5]);
+    let (b_t, b_r) = both(&rand_vec(6 * 3 * 5, 22, 0), &[6, 3, 5]);
+    let (mut c_t, mut c_r) = both(&rand_vec(6 * 4 * 3, 23, 0), &[6, 4, 3]);
+    t.bmm(
+        0.7,
+        &a_t,
+        Transpose::No,
+        &b_t,
+        Transpose::Yes,
+        0.5,
+        &mut c_t,
+    )
+    .unwrap();
+    r.bmm(
+        0.7,
+        &a_r,
+        Transpose::No,
+        &b_r,
+        Transpose::Yes,
+        0.5,
+        &mut c_r,
+    )
+    .unwrap();
+    cmp("bmm", &c_t, &c_r);
+    let mask: Vec<f32> = (0..10)
+        .map(|i| if i % 5 == 4 { f32::MIN } else { 0.0 })
+        .collect();
+    let (m_t, m_r) = both(&mask, &[2, 5]);
+    let (y_t, y_r) = (
+        t.softmax(&x_t, Some(&m_t)).unwrap(),
+        r.softmax(&x_r, Some(&m_r)).unwrap(),
+    );
+    cmp("masked softmax", &y_t, &y_r);
+    let (g_t, g_r) = both(&rand_vec(120, 24, 0), &[2, 3, 4, 5]);
+    cmp(
+        "softmax backward",
+        &t.softmax_backward(&y_t, &g_t).unwrap(),
+        &r.softmax_backward(&y_r, &g_r).unwrap(),
+    );
+    let (gm_t, gm_r) = both(&rand_vec(5, 25, 0), &[5]);
+    let (bt_t, bt_r) = both(&rand_vec(5, 26, 0), &[5]);
+    let (ln_t, st_t) = t.layer_norm(&x_t, &gm_t, &bt_t, 1e-12).unwrap();
+    let (ln_r, st_r) = r.layer_norm(&x_r, &gm_r, &bt_r, 1e-12).unwrap();
+    cmp("layer_norm", &ln_t, &ln_r);
+    cmp(
+        "layer_norm backward",
+        &t.layer_norm_backward(&x_t, &st_t, &gm_t, &g_t).unwrap(),
+        &r.layer_norm_backward(&x_r, &st_r, &gm_r, &g_r).unwrap(),
+    );
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft_bert");
+    let batch = TokenBatch::new(
+        vec![2, 7, 9, 3, 0, 5, 11, 13, 17, 19],
+        vec![1, 1, 1, 1, 0, 1, 1, 1, 1, 1],
+        2,
+    )
+    .unwrap();
+    let mut mt = BertModel::from_pretrained(t, &dir.join("base")).unwrap();
+    let mut mr = BertModel::from_pretrained(&r, &dir.join("base")).unwrap();
+    lora::peft::load_pretrained(&dir.join("adapters"), &mut mt, t).unwrap();
+    lora::peft::load_pretrained(&dir.join("adapters"), &mut mr, &r).unwrap();
+    let ht = mt.forward_batch(t, &batch, Mode::Train).unwrap();
+    let hr = mr.forward_batch(&r, &batch, Mode::Train).unwrap();
+    cmp("tiny BERT forward", &ht, &hr);
+    let dh = rand_vec(2 * 5 * 16, 27, 0);
+    mt.backward_batch(t, &t.from_host(&dh, &[2, 5, 16]).unwrap())
+        .unwrap();
+    mr.backward_batch(&r, &r.from_host(&dh, &[2, 5, 16]).unwrap())
+        .unwrap();
+    let gt: Vec<Vec<f32>> = mt
+        .params_and_grads()
+        .iter()
+        .map(|p| t.to_host(p.grad).unwrap())
+        .collect();
+    let gr: Vec<Vec<f32>> = mr
+        .params_and_grads()
+        .iter()
+        .map(|p| r.to_host(p.grad).unwrap())
+        .collect();
+    assert!(!gr.is_empty());
+    for (a, b) in gt.iter().zip(&gr) {
+        assert_close_scaled("tiny BERT adapter gradients", a, &to64(b), 1e-4, 1e-5);
+    }
+}

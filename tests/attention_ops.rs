@@ -1,0 +1,237 @@
+//! The primitives transformer encoders need (batched GEMM, permute, masked softmax,
+//! LayerNorm) on the reference backend, against f64 host references and central finite
+//! differences for the backwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lora::{Backend, Tensor, Transpose};
+use lora_tests::{assert_close, backend, host, matmul64, rand_vec, to64};
+
+#[test]
+fn bmm_equals_per_batch_matmul_for_every_transpose() {
+    let b = backend();
+    let (n, m, k, p) = (5, 7, 9, 4);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let ash = if ta { [n, k, m] } else { [n, m, k] };
+        let bsh = if tb { [n, p, k] } else { [n, k, p] };
+        let (av, bv, cv) = (
+            rand_vec(n * m * k, 1, 0),
+            rand_vec(n * k * p, 2, 0),
+            rand_vec(n * m * p, 3, 0),
+        );
+        let (a, bb) = (
+            b.from_host(&av, &ash).unwrap(),
+            b.from_host(&bv, &bsh).unwrap(),
+        );
+        let mut c = b.from_host(&cv, &[n, m, p]).unwrap();
+        let t = |f: bool| if f { Transpose::Yes } else { Transpose::No };
+        b.bmm(0.5, &a, t(ta), &bb, t(tb), 2.0, &mut c).unwrap();
+        let mut want = Vec::new();
+        for i in 0..n {
+            let prod = matmul64(
+                &to64(&av[i * m * k..(i + 1) * m * k]),
+                &to64(&bv[i * k * p..(i + 1) * k * p]),
+                m,
+                k,
+                p,
+                ta,
+                tb,
+            );
+            want.extend(
+                prod.iter()
+                    .zip(&cv[i * m * p..(i + 1) * m * p])
+                    .map(|(x, c)| 0.5 * x + 2.0 * f64::from(*c)),
+            );
+        }
+        assert_close(
+            &format!("bmm ta={ta} tb={tb}"),
+            &host(&b, &c),
+            &want,
+            1e-5,
+            1e-6,
+        );
+    }
+    // Mismatched batches are an error, not a panic.
+    let a = b.zeros(&[2, 3, 4]).unwrap();
+    let bb = b.zeros(&[3, 4, 5]).unwrap();
+    let mut c = b.zeros(&[2, 3, 5]).unwrap();
+    assert!(
+        b.bmm(1.0, &a, Transpose::No, &bb, Transpose::No, 0.0, &mut c)
+            .is_err()
+    );
+}
+
+#[test]
+fn permute_moves_every_element() {
+    let b = backend();
+    let dims = [2, 3, 4, 5];
+    let v = rand_vec(120, 4, 0);
+    let t = b.from_host(&v, &dims).unwrap();
+    let p = b.permute(&t, &[0, 2, 1, 3]).unwrap();
+    assert_eq!(p.shape().dims(), &[2, 4, 3, 5]);
+    let got = host(&b, &p);
+    for i in 0..2 {
+        for j in 0..3 {
+            for k in 0..4 {
+                for l in 0..5 {
+                    assert_eq!(
+                        got[((i * 4 + k) * 3 + j) * 5 + l],
+                        v[((i * 3 + j) * 4 + k) * 5 + l]
+                    );
+                }
+            }
+        }
+    }
+    assert!(b.permute(&t, &[0, 1, 1, 3]).is_err());
+    assert!(b.permute(&t, &[0, 1, 2]).is_err());
+}
+
+fn softmax64(x: &[f64]) -> Vec<f64> {
+    let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = x.iter().map(|v| (v - max).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
+#[test]
+fn masked_softmax_and_its_backward() {
+    let b = backend();
+    let (batch, heads, q, n) = (2, 3, 4, 6);
+    let xv = rand_vec(batch * heads * q * n, 5, 0)
+        .iter()
+        .map(|v| v * 3.0)
+        .collect::<Vec<f32>>();
+    let mask: Vec<f32> = (0..batch * n)
+        .map(|i| {
+            if i % n >= n - 1 - i / n {
+                f32::MIN
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let x = b.from_host(&xv, &[batch, heads, q, n]).unwrap();
+    let m = b.from_host(&mask, &[batch, n]).unwrap();
+    let y = b.softmax(&x, Some(&m)).unwrap();
+    let mut want = Vec::new();
+    for r in 0..batch * heads * q {
+        let bi = r / (heads * q);
+        let row: Vec<f64> = (0..n)
+            .map(|j| f64::from(xv[r * n + j]) + f64::from(mask[bi * n + j]))
+            .collect();
+        want.extend(softmax64(&row));
+    }
+    assert_close("masked softmax", &host(&b, &y), &want, 1e-5, 1e-7);
+    // Masked positions get exactly zero probability.
+    let yv = host(&b, &y);
+    assert_eq!(yv[n - 1], 0.0);
+
+    // Backward: d/dx of sum(w * softmax(x)) by central differences (no mask).
+    let (rows, n) = (3, 5);
+    let xv = rand_vec(rows * n, 6, 0);
+    let w = rand_vec(rows * n, 7, 0);
+    let x = b.from_host(&xv, &[rows, n]).unwrap();
+    let y = b.softmax(&x, None).unwrap();
+    let dx = host(
+        &b,
+        &b.softmax_backward(&y, &b.from_host(&w, &[rows, n]).unwrap())
+            .unwrap(),
+    );
+    let f = |xs: &[f64]| -> f64 {
+        (0..rows)
+            .map(|r| {
+                softmax64(&xs[r * n..(r + 1) * n])
+                    .iter()
+                    .zip(&w[r * n..(r + 1) * n])
+                    .map(|(p, w)| p * f64::from(*w))
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let x64 = to64(&xv);
+    let fd: Vec<f64> = (0..rows * n)
+        .map(|i| {
+            let (mut p, mut m) = (x64.clone(), x64.clone());
+            p[i] += 1e-5;
+            m[i] -= 1e-5;
+            (f(&p) - f(&m)) / 2e-5
+        })
+        .collect();
+    assert_close(
+        "softmax backward vs finite differences",
+        &dx,
+        &fd,
+        1e-3,
+        1e-5,
+    );
+}
+
+fn layer_norm64(x: &[f64], g: &[f64], bta: &[f64], eps: f64) -> Vec<f64> {
+    let n = g.len();
+    x.chunks(n)
+        .flat_map(|r| {
+            let mean = r.iter().sum::<f64>() / n as f64;
+            let var = r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+            r.iter()
+                .zip(g)
+                .zip(bta)
+                .map(move |((v, g), b)| (v - mean) / (var + eps).sqrt() * g + b)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn layer_norm_and_its_backward() {
+    let b = backend();
+    let (rows, n, eps) = (4, 8, 1e-5f32);
+    let xv = rand_vec(rows * n, 8, 0)
+        .iter()
+        .map(|v| v * 2.0 + 0.5)
+        .collect::<Vec<f32>>();
+    let (gv, bv, wv) = (
+        rand_vec(n, 9, 0),
+        rand_vec(n, 10, 0),
+        rand_vec(rows * n, 11, 0),
+    );
+    let x = b.from_host(&xv, &[2, 2, n]).unwrap();
+    let (g, bt) = (
+        b.from_host(&gv, &[n]).unwrap(),
+        b.from_host(&bv, &[n]).unwrap(),
+    );
+    let (y, stats) = b.layer_norm(&x, &g, &bt, eps).unwrap();
+    let want = layer_norm64(&to64(&xv), &to64(&gv), &to64(&bv), f64::from(eps));
+    assert_close("layer_norm", &host(&b, &y), &want, 1e-5, 1e-6);
+    let dx = host(
+        &b,
+        &b.layer_norm_backward(&x, &stats, &g, &b.from_host(&wv, &[2, 2, n]).unwrap())
+            .unwrap(),
+    );
+    let f = |xs: &[f64]| -> f64 {
+        layer_norm64(xs, &to64(&gv), &to64(&bv), f64::from(eps))
+            .iter()
+            .zip(&wv)
+            .map(|(y, w)| y * f64::from(*w))
+            .sum()
+    };
+    let x64 = to64(&xv);
+    let fd: Vec<f64> = (0..rows * n)
+        .map(|i| {
+            let (mut p, mut m) = (x64.clone(), x64.clone());
+            p[i] += 1e-5;
+            m[i] -= 1e-5;
+            (f(&p) - f(&m)) / 2e-5
+        })
+        .collect();
+    assert_close(
+        "layer_norm backward vs finite differences",
+        &dx,
+        &fd,
+        1e-3,
+        1e-4,
+    );
+    // gamma of the wrong size is an error naming it.
+    let e = b
+        .layer_norm(&x, &b.zeros(&[n + 1]).unwrap(), &bt, eps)
+        .unwrap_err();
+    assert!(e.to_string().contains("gamma"), "{e}");
+}
