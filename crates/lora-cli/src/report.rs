@@ -48,6 +48,16 @@ pub fn duration(s: f64) -> String {
     }
 }
 
+/// Writes `text` to stdout; a closed pipe (`lora inspect ... | head`) ends the output
+/// quietly instead of panicking as `println!` does.
+pub fn print_stdout(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,14 +69,4 @@ mod tests {
         assert_eq!(bytes(2048), "2.0 KiB");
         assert_eq!(duration(0.0025), "2.50 ms");
     }
-}
-
-/// Writes `text` to stdout; a closed pipe (`lora inspect ... | head`) ends the output
-/// quietly instead of panicking as `println!` does.
-pub fn print_stdout(text: &str) {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush());
 }

@@ -97,7 +97,9 @@ impl BertConfig {
                 format!("{p:?} is not supported (absolute)"),
             ));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(bad(
                 "num_attention_heads",
                 format!(

@@ -24,7 +24,7 @@ pub struct TokenBatch {
 impl TokenBatch {
     /// A batch from explicit ids and mask (token types 0), e.g. from a fixture.
     pub fn new(ids: Vec<u32>, attention_mask: Vec<u32>, batch: usize) -> Result<Self> {
-        if batch == 0 || ids.len() % batch != 0 || ids.len() != attention_mask.len() {
+        if batch == 0 || !ids.len().is_multiple_of(batch) || ids.len() != attention_mask.len() {
             return Err(ModelError::Input(format!(
                 "token batch: {} ids and {} mask values do not form {batch} sequences",
                 ids.len(),
