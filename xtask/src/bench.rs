@@ -108,6 +108,16 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
             .arg(target.join("bench/pytorch.json"))
             .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
     )?;
+    // PyTorch + PEFT on all-MiniLM-L6-v2 (encoder forward, LoRA training step).
+    let _ = std::fs::remove_file(target.join("bench/bert_pytorch.json"));
+    run_cmd(
+        "PyTorch + PEFT on all-MiniLM-L6-v2 (benches/python/bert_minilm.py)",
+        std::process::Command::new(crate::venv::ensure_venv()?)
+            .arg(root().join("benches/python/bert_minilm.py"))
+            .arg(crate::venv::fetch_minilm()?)
+            .arg(target.join("bench/bert_pytorch.json"))
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+    )?;
     // bitsandbytes + PEFT for the quantized-base workloads.
     let _ = std::fs::remove_file(target.join("bench/bnb.json"));
     run_cmd(
@@ -276,8 +286,24 @@ fn report(target: &Path, quick: bool) -> Result<()> {
     let peak =
         read_json(&target.join("bench/fma_peak.json")).and_then(|v| v["fma_peak_gflops"].as_f64());
     let paired = read_json(&target.join("bench/paired.json")).unwrap_or(json!({}));
+    let mut rows_torch_bert: Vec<Row> = Vec::new();
 
-    let mut rows: Vec<Row> = Vec::new();
+    let bert_torch = read_json(&target.join("bench/bert_pytorch.json")).unwrap_or(json!({}));
+    for (op, v) in bert_torch.as_object().into_iter().flatten() {
+        let Some((op, shape)) = op.split_once('/') else {
+            continue;
+        };
+        if let Some(t) = v["median_s"].as_f64() {
+            rows_torch_bert.push(Row {
+                backend: "pytorch+peft".into(),
+                op: format!("minilm_{op}"),
+                shape: shape.into(),
+                median_s: t,
+                extra: BTreeMap::new(),
+            });
+        }
+    }
+    let mut rows: Vec<Row> = std::mem::take(&mut rows_torch_bert);
     for (b, est) in &results {
         let group = b["group_id"].as_str().unwrap_or_default();
         let function = b["function_id"].as_str().unwrap_or_default();
@@ -301,8 +327,31 @@ fn report(target: &Path, quick: bool) -> Result<()> {
                 );
             }
         }
-        if group.starts_with("lora_linear") {
-            continue; // from paired.json below: the interleaved frozen/LoRA figures
+        if group.starts_with("lora_linear") || group.starts_with("quant_") {
+            continue; // from paired.json / quant.json: the interleaved figures
+        }
+        if group.starts_with("bert_") {
+            // "<backend>/<op>/<shape>", against PyTorch + PEFT's time for the same op.
+            let mut parts = function.splitn(3, '/');
+            let (Some(be), Some(op), Some(shape)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let mut extra = BTreeMap::new();
+            if let Some(t) = bert_torch[format!("{op}/{shape}").as_str()]["median_s"].as_f64() {
+                extra.insert(
+                    "vs_pytorch",
+                    json!((median_ns * 1e-9 / t * 1e4).round() / 1e4),
+                );
+            }
+            rows.push(Row {
+                backend: be.into(),
+                op: format!("minilm_{op}"),
+                shape: shape.into(),
+                median_s: median_ns * 1e-9,
+                extra,
+            });
+            continue;
         }
         let op_name = if group == "gemm" {
             "gemm".to_string()
@@ -639,6 +688,23 @@ fn write_markdown(path: &PathBuf, rows: &[Row], peak: Option<f64>, quick: bool) 
                 1.0 / v,
                 if 1.0 / v >= 10.0 { "met" } else { "missed" }
             )),
+        ));
+    }
+    md.push_str("\n## all-MiniLM-L6-v2 (BERT encoder)\n\n");
+    md.push_str("Batch 32 x 128 tokens, every token attended. `encoder_fwd`: inference forward (last hidden state). `lora_train_step`: LoRA r=8 on query and value, mean pooling, a linear head, cross-entropy, backward through the whole encoder, AdamW. PyTorch + PEFT (`benches/python/bert_minilm.py`) runs the same workloads on the same CPU in the same `cargo xtask bench` run. Goal: faster than PyTorch on CPU.\n\n| op | backend | median | vs PyTorch+PEFT | goal |\n|---|---|---|---|---|\n");
+    for r in rows.iter().filter(|r| r.op.starts_with("minilm_")) {
+        let vs = r.extra.get("vs_pytorch").and_then(Value::as_f64);
+        md.push_str(&format!(
+            "| {} | {} | {:.3} s | {} | {} |\n",
+            r.op.trim_start_matches("minilm_"),
+            r.backend,
+            r.median_s,
+            vs.map_or(String::new(), |v| format!("{v:.3}x")),
+            vs.map_or(String::new(), |v| if v < 1.0 {
+                "met".to_string()
+            } else {
+                format!("missed: {:.0}% slower", (v - 1.0) * 100.0)
+            }),
         ));
     }
     md.push_str("\n## Quantized bases (QLoRA)\n\n");

@@ -1,0 +1,126 @@
+//! all-MiniLM-L6-v2 at batch 32 x 128 tokens (issue 7): the encoder forward (inference)
+//! and one LoRA training step (r=8 on query and value, mean pooling, a linear head,
+//! cross-entropy, full backward, AdamW). PyTorch + PEFT runs the same workloads in
+//! `benches/python/bert_minilm.py`. Skips with a printed reason when the model is not in
+//! the cache (`cargo xtask fetch-model minilm`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use lora::models::bert::{BertModel, TokenBatch, mean_pool, mean_pool_backward};
+use lora::peft::{self, LoraConfig, TargetModules};
+use lora::{
+    Adam, DenseLinear, FullBackend, Linear, Mode, Model, NdArray, Optimizer, ParamGrad,
+    cross_entropy_loss,
+};
+use lora_benches::rand_host;
+
+const BATCH: usize = 32;
+const SEQ: usize = 128;
+
+fn minilm() -> Option<PathBuf> {
+    let dir = std::env::var_os("LORA_RS_MINILM")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/lora-rs/models/all-MiniLM-L6-v2"))
+        })?;
+    dir.join("model.safetensors").is_file().then_some(dir)
+}
+
+fn bench_backend<B: FullBackend>(c: &mut Criterion, b: &B, dir: &std::path::Path) {
+    let name = b.name();
+    // Random ids in the ordinary vocabulary range, [CLS] first, every token attended.
+    let ids: Vec<u32> = rand_host(BATCH * SEQ, 7)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if i % SEQ == 0 {
+                101
+            } else {
+                2000 + ((v + 1.0) * 10_000.0) as u32
+            }
+        })
+        .collect();
+    let batch = TokenBatch::new(ids, vec![1; BATCH * SEQ], BATCH).unwrap();
+    let mut model = BertModel::from_pretrained(b, dir).unwrap();
+    let mut g = c.benchmark_group(format!("bert_{name}"));
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_millis(500));
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function(format!("{name}/encoder_fwd/{BATCH}x{SEQ}"), |bch| {
+        bch.iter(|| {
+            black_box(model.forward_batch(b, &batch, Mode::Eval).unwrap());
+            b.synchronize().unwrap();
+        })
+    });
+    let cfg = LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
+        ..LoraConfig::default()
+    };
+    peft::inject_adapters(&mut model, b, &cfg, 0).unwrap();
+    let h = model.config().hidden_size;
+    let mut head = DenseLinear::new(
+        b.from_host(&rand_host(2 * h, 8), &[2, h]).unwrap(),
+        Some(b.zeros(&[2]).unwrap()),
+    )
+    .unwrap();
+    let labels: Vec<usize> = (0..BATCH).map(|i| i % 2).collect();
+    let mut opt = Adam::<B>::adamw(1e-4).unwrap();
+    g.measurement_time(Duration::from_secs(12));
+    g.bench_function(format!("{name}/lora_train_step/{BATCH}x{SEQ}"), |bch| {
+        bch.iter(|| {
+            let hidden = model.forward_batch(b, &batch, Mode::Train).unwrap();
+            let pooled = mean_pool(b, &hidden, &batch).unwrap();
+            let logits = head.forward(b, &pooled).unwrap();
+            let (_, d_logits) = cross_entropy_loss(b, &logits, &labels).unwrap();
+            let (d_w, d_b) = head.param_grads(b, &pooled, &d_logits).unwrap();
+            let d_pooled = head.backward(b, &d_logits).unwrap();
+            model
+                .backward_batch(b, &mean_pool_backward(b, &d_pooled, &batch).unwrap())
+                .unwrap();
+            let mut params = model.params_and_grads();
+            let (hw, hb) = head.params_mut();
+            params.push(ParamGrad {
+                param: hw,
+                grad: &d_w,
+            });
+            if let (Some(hb), Some(d_b)) = (hb, d_b.as_ref()) {
+                params.push(ParamGrad {
+                    param: hb,
+                    grad: d_b,
+                });
+            }
+            opt.step(b, &mut params).unwrap();
+            b.synchronize().unwrap();
+        })
+    });
+    g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    let Some(dir) = minilm() else {
+        eprintln!(
+            "bert benchmarks skipped: all-MiniLM-L6-v2 not in the cache (cargo xtask fetch-model minilm)"
+        );
+        return;
+    };
+    bench_backend(c, &NdArray::new(), &dir);
+    #[cfg(feature = "tch")]
+    bench_backend(
+        c,
+        &lora::Tch::cuda(0).unwrap_or_else(|_| lora::Tch::cpu()),
+        &dir,
+    );
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
