@@ -79,6 +79,18 @@ pub const LORA_SHAPES: [(usize, usize, usize, usize); 3] = [
     (2048, 384, 1536, 8),
 ];
 
+/// Only without `--quick`: 4096 tokens through a 4096 -> 11008 projection (7B-class MLP).
+pub const LARGE_SHAPE: (usize, usize, usize, usize) = (4096, 4096, 11008, 16);
+
+/// The shapes of this run.
+pub fn lora_shapes() -> Vec<(usize, usize, usize, usize)> {
+    let mut v = LORA_SHAPES.to_vec();
+    if std::env::var_os("LORA_BENCH_QUICK").is_none() {
+        v.push(LARGE_SHAPE);
+    }
+    v
+}
+
 /// Uniform `[-1, 1)` host values from stream `stream`.
 pub fn rand_host(n: usize, stream: u64) -> Vec<f32> {
     let mut v = vec![0.0; n];

@@ -8,7 +8,10 @@
 //!
 //! * `fwd_bwd`: frozen `y = x Wᵀ + b`, `dx = dy W` against the same plus the LoRA forward,
 //!   `dA`, `dB` and the LoRA part of `dx` (training).
+//! * `fwd_bwd_step`: the same, the LoRA side also taking its AdamW step.
 //! * `fwd`: inference forward of both.
+//!
+//! Without `--quick`, (4096, 4096, 11008, 16) joins the shapes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::cell::RefCell;
@@ -21,8 +24,10 @@ use std::time::Duration;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lora::{DenseLinear, FullBackend, Linear, LoraLinear, LoraSpec, Mode, NdArray};
-use lora_benches::{LORA_SHAPES, paired, write_paired};
+use lora::{
+    Adam, DenseLinear, FullBackend, Linear, LoraLinear, LoraSpec, Mode, NdArray, Optimizer,
+};
+use lora_benches::{lora_shapes, paired, write_paired};
 
 /// One backend's LoRA-vs-frozen benchmarks at every shape.
 fn bench_backend<B: FullBackend>(
@@ -32,7 +37,7 @@ fn bench_backend<B: FullBackend>(
 ) {
     let quick = std::env::var_os("LORA_BENCH_QUICK").is_some();
     let name = b.name();
-    for &(t, inp, out, r) in &LORA_SHAPES {
+    for (t, inp, out, r) in lora_shapes() {
         let shape = format!("{t}x{inp}x{out}r{r}");
         let host = lora_benches::rand_host;
         let x = b.from_host(&host(t * inp, 1), &[t, inp]).unwrap();
@@ -80,6 +85,27 @@ fn bench_backend<B: FullBackend>(
                 let mut l = lora.borrow_mut();
                 black_box(l.forward(b, &x, Mode::Train).unwrap());
                 black_box(l.backward(b, &dy).unwrap());
+                b.synchronize().unwrap();
+            },
+        );
+        // Training as users run it: the LoRA step includes AdamW on the adapters.
+        let opt = RefCell::new(Adam::<B>::adamw(1e-4).unwrap());
+        paired(
+            &mut g,
+            format!("{name}/fwd_bwd_step/{shape}"),
+            results,
+            || {
+                black_box((
+                    dense.forward(b, &x).unwrap(),
+                    dense.backward(b, &dy).unwrap(),
+                ));
+                b.synchronize().unwrap();
+            },
+            || {
+                let mut l = lora.borrow_mut();
+                black_box(l.forward(b, &x, Mode::Train).unwrap());
+                black_box(l.backward(b, &dy).unwrap());
+                opt.borrow_mut().step(b, &mut l.params_and_grads()).unwrap();
                 b.synchronize().unwrap();
             },
         );

@@ -19,6 +19,9 @@ import peft
 import torch
 
 SHAPES = [(512, 4096, 4096, 16), (2048, 384, 384, 8), (2048, 384, 1536, 8)]
+# Only without --quick (LORA_BENCH_QUICK unset): 4096 tokens through a 4096 -> 11008 MLP
+# projection, as in 7B-class models.
+LARGE = (4096, 4096, 11008, 16)
 
 
 class One(torch.nn.Module):
@@ -58,7 +61,8 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     results = {"torch": torch.__version__, "peft": peft.__version__, "threads": torch.get_num_threads()}
-    for t, inp, out, r in SHAPES:
+    shapes = SHAPES + ([] if os.environ.get("LORA_BENCH_QUICK") else [LARGE])
+    for t, inp, out, r in shapes:
         shape = f"{t}x{inp}x{out}r{r}"
         frozen = One(inp, out)
         for p in frozen.parameters():
@@ -82,6 +86,15 @@ def main():
             return run
 
         results[f"fwd_bwd/{shape}"] = paired(fb(frozen), fb(lora), seconds)
+        opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+
+        def fb_step():
+            opt.zero_grad()
+            x.grad = None
+            lora(x).backward(dy)
+            opt.step()
+
+        results[f"fwd_bwd_step/{shape}"] = paired(fb(frozen), fb_step, seconds)
         results[f"fwd/{shape}"] = paired(fwd(frozen), fwd(lora), seconds)
         print(shape, results[f"fwd_bwd/{shape}"], flush=True)
     with open(out_path, "w") as f:

@@ -129,7 +129,52 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
     )?;
     merge_bench(&target, quick)?;
     demo_memory(&target)?;
+    train_memory(&target)?;
     report(&target, quick)
+}
+
+/// Trainable parameters, optimizer state and peak RSS of full fine-tuning, LoRA and QLoRA
+/// of one (512, 4096, 4096) layer, each in its own process (`benches/bin/memory.rs`), as
+/// `target/bench/memory.json`.
+fn train_memory(target: &Path) -> Result<()> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "lora-benches",
+        "--bin",
+        "lora-memory",
+    ]);
+    run_cmd("cargo build --release --bin lora-memory", &mut build)?;
+    let exe = target.join("release/lora-memory");
+    let mut out = Vec::new();
+    for mode in ["full", "lora", "qlora"] {
+        let rss_file =
+            std::env::temp_dir().join(format!("lora-memory-{}-{mode}", std::process::id()));
+        let o = std::process::Command::new("/usr/bin/time")
+            .args(["-f", "%M", "-o"])
+            .arg(&rss_file)
+            .arg(&exe)
+            .arg(mode)
+            .output()
+            .context("running lora-memory under /usr/bin/time")?;
+        anyhow::ensure!(o.status.success(), "lora-memory {mode} failed");
+        let mut v: Value = serde_json::from_slice(&o.stdout).context("lora-memory output")?;
+        let rss = std::fs::read_to_string(&rss_file)
+            .ok()
+            .and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024);
+        let _ = std::fs::remove_file(&rss_file);
+        v["peak_rss_bytes"] = json!(rss);
+        println!("lora-memory {mode}: {v}");
+        out.push(v);
+    }
+    std::fs::write(
+        target.join("bench/memory.json"),
+        serde_json::to_string_pretty(&Value::Array(out))? + "\n",
+    )?;
+    Ok(())
 }
 
 /// Peak RSS of `lora demo` with an f32 base and with each quantized base (a wider MLP so
@@ -541,6 +586,28 @@ fn quant_rows(target: &Path, rows: &mut Vec<Row>) {
             extra,
         });
     }
+    if let Some(m) = read_json(&target.join("bench/memory.json")) {
+        for v in m.as_array().into_iter().flatten() {
+            let mut extra = BTreeMap::new();
+            for k in [
+                "trainable_parameters",
+                "optimizer_state_bytes",
+                "frozen_weight_bytes",
+                "peak_rss_bytes",
+            ] {
+                if let Some(x) = v[k].as_u64() {
+                    extra.insert(k, json!(x));
+                }
+            }
+            rows.push(Row {
+                backend: "ndarray".into(),
+                op: format!("train_memory_{}", v["mode"].as_str().unwrap_or("?")),
+                shape: v["shape"].as_str().unwrap_or("").into(),
+                median_s: 0.0,
+                extra,
+            });
+        }
+    }
     if let Some(m) = read_json(&target.join("bench/demo_memory.json")) {
         for (quant, v) in m.as_object().into_iter().flatten() {
             let (Some(secs), Some(rss)) = (v["seconds"].as_f64(), v["peak_rss_bytes"].as_u64())
@@ -756,6 +823,38 @@ fn write_markdown(path: &PathBuf, rows: &[Row], peak: Option<f64>, quick: bool) 
             g("vs_pytorch").map_or(String::new(), |v| format!("{v:.3}x")),
             goal,
         ));
+    }
+    let train_rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.op.starts_with("train_memory_"))
+        .collect();
+    if !train_rows.is_empty() {
+        md.push_str("\n## Memory: full fine-tuning, LoRA and QLoRA of one layer\n\nOne (512, 4096, 4096) linear layer, three AdamW training steps, each configuration in its own process (`benches/bin/memory.rs`), peak RSS from GNU time. LoRA is r=16.\n\n| training | trainable parameters | optimizer state | frozen weight resident | peak RSS |\n|---|---|---|---|---|\n");
+        let mib = |b: Option<u64>| {
+            b.map_or("?".to_string(), |b| {
+                format!("{:.1} MiB", b as f64 / 1048576.0)
+            })
+        };
+        for r in train_rows {
+            let g = |k: &str| r.extra.get(k).and_then(Value::as_u64);
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                match r.op.trim_start_matches("train_memory_") {
+                    "full" => "full fine-tuning (f32)",
+                    "lora" => "LoRA on the f32 layer",
+                    "qlora" => "QLoRA (NF4 base, double quantization)",
+                    other => other,
+                },
+                g("trainable_parameters").map_or("?".into(), |v| v.to_string()),
+                mib(g("optimizer_state_bytes")),
+                if r.op.ends_with("full") {
+                    "(trains)".to_string()
+                } else {
+                    mib(g("frozen_weight_bytes"))
+                },
+                mib(g("peak_rss_bytes")),
+            ));
+        }
     }
     let mem_rows: Vec<&Row> = rows.iter().filter(|r| r.op == "demo_peak_rss").collect();
     if !mem_rows.is_empty() {
