@@ -21,7 +21,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// per iteration; "frozen" is the baseline, "lora" the measured side) to
 /// `target/bench/<file>`.
 pub fn write_paired(file: &str, results: &BTreeMap<String, (f64, f64, f64)>) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let dir = bench_out_dir();
     std::fs::create_dir_all(&dir).ok();
     let body: Vec<String> = results
         .iter()
@@ -81,6 +81,17 @@ pub const LORA_SHAPES: [(usize, usize, usize, usize); 3] = [
 
 /// Only without `--quick`: 4096 tokens through a 4096 -> 11008 projection (7B-class MLP).
 pub const LARGE_SHAPE: (usize, usize, usize, usize) = (4096, 4096, 11008, 16);
+
+/// The CUDA backend's shapes (the GPU workloads).
+pub const GPU_SHAPES: [(usize, usize, usize, usize); 2] =
+    [(4096, 4096, 4096, 16), (4096, 4096, 11008, 16)];
+
+/// Where benchmark results go: `LORA_BENCH_OUT`, else `target/bench` of this checkout.
+pub fn bench_out_dir() -> std::path::PathBuf {
+    std::env::var_os("LORA_BENCH_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"))
+}
 
 /// The shapes of this run.
 pub fn lora_shapes() -> Vec<(usize, usize, usize, usize)> {

@@ -27,7 +27,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use lora::{
     Adam, DenseLinear, FullBackend, Linear, LoraLinear, LoraSpec, Mode, NdArray, Optimizer,
 };
-use lora_benches::{lora_shapes, paired, write_paired};
+use lora_benches::{GPU_SHAPES, lora_shapes, paired, write_paired};
 
 /// One backend's LoRA-vs-frozen benchmarks at every shape.
 fn bench_backend<B: FullBackend>(
@@ -37,7 +37,12 @@ fn bench_backend<B: FullBackend>(
 ) {
     let quick = std::env::var_os("LORA_BENCH_QUICK").is_some();
     let name = b.name();
-    for (t, inp, out, r) in lora_shapes() {
+    let shapes = if name == "cuda" {
+        GPU_SHAPES.to_vec()
+    } else {
+        lora_shapes()
+    };
+    for (t, inp, out, r) in shapes {
         let shape = format!("{t}x{inp}x{out}r{r}");
         let host = lora_benches::rand_host;
         let x = b.from_host(&host(t * inp, 1), &[t, inp]).unwrap();
@@ -135,6 +140,11 @@ fn bench(c: &mut Criterion) {
         &lora::Tch::cuda(0).unwrap_or_else(|_| lora::Tch::cpu()),
         &mut results,
     );
+    #[cfg(feature = "cuda")]
+    match lora::Cuda::new(0) {
+        Ok(b) => bench_backend(c, &b, &mut results),
+        Err(e) => eprintln!("cuda benchmarks skipped: {e}"),
+    }
     write_paired("paired.json", &results);
 }
 

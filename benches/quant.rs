@@ -116,8 +116,13 @@ fn bench(c: &mut Criterion) {
         &mut results,
         &mut bytes,
     );
+    #[cfg(feature = "cuda")]
+    match lora::Cuda::new(0) {
+        Ok(b) => bench_backend(c, &b, &mut results, &mut bytes),
+        Err(e) => eprintln!("cuda benchmarks skipped: {e}"),
+    }
     write_paired("quant.json", &results);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let dir = lora_benches::bench_out_dir();
     let body: Vec<String> = bytes
         .iter()
         .map(|(k, (f, q))| format!("  \"{k}\": {{\"f32_bytes\": {f}, \"quant_bytes\": {q}}}"))

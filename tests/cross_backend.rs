@@ -56,3 +56,89 @@ macro_rules! backends {
 backends! {
     tch => lora::Tch::cpu(),
 }
+
+/// CUDA joins when the crate is built with `--features cuda`; without a driver or a
+/// device every test prints why and returns.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+
+    fn backend() -> Option<lora::Cuda> {
+        match lora::Cuda::new(0) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("skipped: CUDA backend unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn every_primitive_equals_the_reference() {
+        let Some(b) = backend() else { return };
+        check_every_primitive(&b);
+    }
+
+    #[test]
+    fn every_optimizer_step_equals_the_reference() {
+        let Some(b) = backend() else { return };
+        check_every_optimizer(&b);
+    }
+
+    #[test]
+    fn transformer_ops_and_bert_equal_the_reference() {
+        let Some(b) = backend() else { return };
+        check_transformer_ops(&b);
+    }
+
+    #[test]
+    fn quantized_layers_equal_the_reference() {
+        let Some(b) = backend() else { return };
+        check_quantized_layers(&b);
+    }
+
+    #[test]
+    fn twenty_step_training_run_equals_the_reference() {
+        let Some(b) = backend() else { return };
+        let (l_ref, p_ref) = train_twenty_steps(&lora::NdArray::new());
+        let (l, p) = train_twenty_steps(&b);
+        assert_close(
+            "losses",
+            &l.iter().map(|v| *v as f32).collect::<Vec<_>>(),
+            &l_ref,
+            1e-4,
+            1e-5,
+        );
+        assert_close(
+            "adapter parameters after 20 steps",
+            &p,
+            &to64(&p_ref),
+            1e-4,
+            1e-5,
+        );
+    }
+
+    /// The dropout mask is generated on the device from the same Philox stream: bit for
+    /// bit the host's.
+    #[test]
+    fn dropout_mask_is_bit_identical_to_the_host() {
+        let Some(b) = backend() else { return };
+        use lora::Backend;
+        let rng = lora::rng::RngState {
+            seed: 42,
+            stream: 7,
+            offset: 12,
+        };
+        let dev = b
+            .to_host(&b.dropout_mask(&[37, 19], 0.3, rng).unwrap())
+            .unwrap();
+        let host = lora::NdArray::new()
+            .to_host(
+                &lora::NdArray::new()
+                    .dropout_mask(&[37, 19], 0.3, rng)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(dev, host);
+    }
+}

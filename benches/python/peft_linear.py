@@ -5,6 +5,8 @@ LoRA (r, lora_alpha = 2r, dropout 0), timed *alternately* in one loop (frozen, t
 forward+backward with the input requiring grad (so dx is computed, as in ours) and
 forward alone under no_grad. Writes {"<op>/<shape>": {"ratio", "frozen_s", "lora_s"}}
 (medians) to the path given as argv[1]. Threads: torch.set_num_threads(os.cpu_count()).
+With LORA_BENCH_DEVICE=cuda (the GPU bundle's run.sh) it runs the GPU shapes on the GPU,
+synchronizing before each clock read.
 
 Run by `cargo xtask bench` with the cached venv (torch 2.13.0 + peft).
 """
@@ -33,6 +35,15 @@ class One(torch.nn.Module):
         return self.proj(x)
 
 
+DEVICE = os.environ.get("LORA_BENCH_DEVICE", "cpu")
+GPU_SHAPES = [(4096, 4096, 4096, 16), (4096, 4096, 11008, 16)]
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def paired(frozen, lora, seconds):
     for _ in range(2):
         frozen()
@@ -40,10 +51,13 @@ def paired(frozen, lora, seconds):
     ratios, fs, ls = [], [], []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(ratios) < 5:
+        sync()
         t0 = time.perf_counter()
         frozen()
+        sync()
         t1 = time.perf_counter()
         lora()
+        sync()
         t2 = time.perf_counter()
         fs.append(t1 - t0)
         ls.append(t2 - t1)
@@ -62,16 +76,18 @@ def main():
     torch.manual_seed(0)
     results = {"torch": torch.__version__, "peft": peft.__version__, "threads": torch.get_num_threads()}
     shapes = SHAPES + ([] if os.environ.get("LORA_BENCH_QUICK") else [LARGE])
+    if DEVICE == "cuda":
+        shapes = GPU_SHAPES
     for t, inp, out, r in shapes:
         shape = f"{t}x{inp}x{out}r{r}"
-        frozen = One(inp, out)
+        frozen = One(inp, out).to(DEVICE)
         for p in frozen.parameters():
             p.requires_grad_(False)
         lora = peft.get_peft_model(
             One(inp, out), peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"])
-        )
-        x = torch.randn(t, inp, requires_grad=True)
-        dy = torch.randn(t, out)
+        ).to(DEVICE)
+        x = torch.randn(t, inp, device=DEVICE, requires_grad=True)
+        dy = torch.randn(t, out, device=DEVICE)
 
         def fb(m):
             def run():

@@ -516,7 +516,7 @@ pub fn check_transformer_ops<B: FullBackend>(t: &B) {
         &r.layer_norm_backward(&x_r, &st_r, &gm_r, &g_r).unwrap(),
     );
 
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft_bert");
+    let dir = crate::fixtures_dir().join("peft_bert");
     let batch = TokenBatch::new(
         vec![2, 7, 9, 3, 0, 5, 11, 13, 17, 19],
         vec![1, 1, 1, 1, 0, 1, 1, 1, 1, 1],

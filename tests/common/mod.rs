@@ -248,3 +248,11 @@ pub fn minilm_dir() -> Option<std::path::PathBuf> {
     );
     None
 }
+
+/// `tests/fixtures`, or `LORA_RS_FIXTURES` when set (a GPU bundle runs the test binaries
+/// away from the source tree).
+pub fn fixtures_dir() -> std::path::PathBuf {
+    std::env::var_os("LORA_RS_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
+}

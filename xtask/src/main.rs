@@ -13,20 +13,14 @@
 mod bench;
 mod chart;
 mod cmd;
+mod gpu_bundle;
 mod test;
 mod venv;
 
 use anyhow::{Result, bail};
 
 /// Backends the workspace knows, and whether this checkout can build them yet.
-pub const BACKENDS: [(&str, Option<&str>); 3] = [
-    ("ndarray", None),
-    ("tch", None),
-    (
-        "cuda",
-        Some("the lora-cuda crate does not exist yet (issue #6)"),
-    ),
-];
+pub const BACKENDS: [(&str, Option<&str>); 3] = [("ndarray", None), ("tch", None), ("cuda", None)];
 
 /// The backends selected by `--backend`.
 pub fn select_backends(arg: Option<&str>) -> Result<Vec<&'static str>> {
@@ -40,7 +34,7 @@ pub fn select_backends(arg: Option<&str>) -> Result<Vec<&'static str>> {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <test|bench|fixtures|fetch-model minilm|fetch-data vader> [--backend ndarray|tch|cuda|all] [--quick] [--report-only]"
+    "usage: cargo xtask <test|bench|fixtures|fetch-model minilm|fetch-data vader|gpu-bundle DIR> [--backend ndarray|tch|cuda|all] [--quick] [--report-only]"
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,7 +56,7 @@ fn run(args: &[String]) -> Result<()> {
     let mut backend = None;
     let mut quick = false;
     let mut report_only = false;
-    let skip = if task == "fetch-model" || task == "fetch-data" {
+    let skip = if matches!(task.as_str(), "fetch-model" | "fetch-data" | "gpu-bundle") {
         2
     } else {
         1
@@ -89,6 +83,12 @@ fn run(args: &[String]) -> Result<()> {
         "fetch-model" => match args.get(1).map(String::as_str) {
             Some("minilm") => venv::fetch_minilm().map(|d| println!("{}", d.display())),
             other => bail!("fetch-model: unknown model {other:?}; available: minilm"),
+        },
+        "gpu-bundle" => match args.get(1) {
+            Some(dir) => gpu_bundle::run(std::path::Path::new(dir)),
+            None => bail!(
+                "gpu-bundle: give the output directory, e.g. `cargo xtask gpu-bundle gpu-bundle`"
+            ),
         },
         "fetch-data" => match args.get(1).map(String::as_str) {
             Some("vader") => venv::fetch_vader().map(|d| println!("{}", d.display())),

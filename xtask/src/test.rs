@@ -71,12 +71,15 @@ pub fn run(backends: &[&str]) -> Result<()> {
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
     let mut clippy = cargo_for(with_tch)?;
-    clippy.arg("clippy").args(workspace_flags(with_tch)).args([
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    clippy
+        .arg("clippy")
+        .args(workspace_flags(with_tch))
+        // The CUDA backend builds without CUDA: lint its code paths everywhere.
+        .args([
+            "--features",
+            "lora-tests/cuda,lora-cli/cuda,lora-benches/cuda",
+        ])
+        .args(["--all-targets", "--", "-D", "warnings"]);
     run_cmd(
         "cargo clippy (all targets, warnings are errors)",
         &mut clippy,
@@ -116,6 +119,47 @@ pub fn run(backends: &[&str]) -> Result<()> {
                     .env("LORA_RS_REQUIRE_MODELS", "1")
                     .env("LORA_RS_MINILM", &minilm),
             )?,
+            // CUDA: the cross-backend suite against ndarray; without a driver or a GPU every
+            // test prints why it skipped, and the summary says so.
+            "cuda" => {
+                let lines = run_capture(
+                    "cargo test (cuda backend: cross-backend suite)",
+                    cargo()
+                        .args([
+                            "test",
+                            "--no-fail-fast",
+                            "-p",
+                            "lora-tests",
+                            "--features",
+                            "cuda",
+                        ])
+                        .args(["--test", "cross_backend", "cuda::", "--", "--nocapture"])
+                        .env("LORA_RS_REQUIRE_MODELS", "1")
+                        .env("LORA_RS_MINILM", &minilm),
+                )?;
+                let skipped: Vec<&String> = lines
+                    .iter()
+                    .filter(|l| l.contains("skipped: CUDA backend unavailable"))
+                    .collect();
+                if let Some(first) = skipped.first() {
+                    let c = count(&lines);
+                    let reason = first
+                        .split("unavailable: ")
+                        .nth(1)
+                        .unwrap_or(first.as_str());
+                    add(
+                        &mut report,
+                        format!("backend cuda (skipped: {reason})"),
+                        Counts {
+                            passed: 0,
+                            failed: c.failed,
+                            ignored: c.passed + c.ignored,
+                        },
+                    );
+                    continue;
+                }
+                lines
+            }
             // libtorch: every primitive, the LoRA layer (properties), autograd as an oracle, a
             // 20-step training run against ndarray, CUDA when libtorch sees a GPU.
             "tch" => {

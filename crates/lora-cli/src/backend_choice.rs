@@ -50,6 +50,12 @@ macro_rules! with_backend {
                 let $b = lora::Tch::cuda(0).unwrap_or_else(|_| lora::Tch::cpu());
                 $body
             }
+            #[cfg(feature = "cuda")]
+            $crate::backend_choice::BackendKind::Cuda => match lora::Cuda::new(0) {
+                Ok($b) => $body,
+                Err(e) => Err(anyhow::anyhow!("{e}")),
+            },
+            #[allow(unreachable_patterns)]
             other => Err(other.not_compiled()),
         }
     }};

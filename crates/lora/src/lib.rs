@@ -5,7 +5,7 @@
 //! serve them.
 //!
 //! This facade re-exports the workspace's public API. Backends are cargo features:
-//! `ndarray` (default, pure Rust), `tch` (libtorch) and `cuda` (later). Code written against
+//! `ndarray` (default, pure Rust), `tch` (libtorch) and `cuda` (cudarc + our kernels). Code written against
 //! [`FullBackend`] runs on any of them.
 //!
 //! ```
@@ -29,6 +29,8 @@ pub use lora_models as models;
 pub use lora_peft as peft;
 pub use lora_quant as quant;
 
+#[cfg(feature = "cuda")]
+pub use lora_cuda::{Cuda, CudaTensor, cuda_unavailable_reason};
 #[cfg(feature = "ndarray")]
 pub use lora_ndarray::{NdArray, NdTensor};
 #[cfg(feature = "tch")]

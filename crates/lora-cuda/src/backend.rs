@@ -1,0 +1,800 @@
+//! `Backend`, `LoraOps`, `OptimOps` and `QuantOps` for [`Cuda`]: cuBLAS for products, our
+//! kernels (`kernels/lora_rs.cu`) for the rest. Every method checks shapes with the shared
+//! `lora_core::backend::check_*` helpers first, so bad input gets the same message as on
+//! the CPU backends and never reaches a kernel.
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use lora_core::backend::{
+    check_assign_cols, check_bmm, check_col_range, check_gemm, check_host_len, check_layer_norm,
+    check_permute, check_reshape, check_row_broadcast, check_rows, check_same_shape,
+    check_scatter_add, check_softmax_mask,
+};
+use lora_core::ops::AdamHyper;
+use lora_core::{Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp};
+use lora_quant::{Absmax, QuantOps, QuantizedWeight};
+
+use crate::device::{Cuda, backend_err};
+use crate::tensor::CudaTensor;
+
+const THREADS: u32 = 256;
+
+/// Elementwise launches: grid-stride loops, at most 65,535 blocks.
+fn elems(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Row launches: one block of 256 threads per row (the kernels' shared arrays are 256).
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn op(t: Transpose) -> cublasOperation_t {
+    match t {
+        Transpose::No => cublasOperation_t::CUBLAS_OP_N,
+        Transpose::Yes => cublasOperation_t::CUBLAS_OP_T,
+    }
+}
+
+macro_rules! launch {
+    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let f = $self.kernel($name)?;
+        let mut b = $self.inner.stream.launch_builder(f);
+        $( b.arg($arg); )+
+        // SAFETY: every argument matches the kernel's signature in lora_rs.cu (pointer
+        // operands are device buffers whose lengths the caller checked against the sizes
+        // passed alongside), and kernels only touch indices below those sizes.
+        unsafe { b.launch($cfg) }.map_err(|e| backend_err(format!("kernel {}: {e}", $name)))?;
+    }};
+}
+
+impl Cuda {
+    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.inner
+            .stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(|e| backend_err(format!("allocating {n} floats: {e}")))
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.inner
+            .stream
+            .clone_htod(data)
+            .map_err(|e| backend_err(format!("host to device copy: {e}")))
+    }
+
+    fn indices(&self, rows: &[usize]) -> Result<CudaSlice<u64>> {
+        let v: Vec<u64> = rows.iter().map(|&r| r as u64).collect();
+        self.upload(if v.is_empty() { &[0u64][..] } else { &v })
+    }
+
+    /// Per-block partials of a reduction (`mode`: 0 sum, 1 max |x|, 2 non-finite count).
+    fn reduce(&self, a: &CudaTensor, mode: i32) -> Result<Vec<f64>> {
+        let n = a.numel();
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 1024) as u32, 1, 1),
+            ..elems(n)
+        };
+        let mut partial = self
+            .inner
+            .stream
+            .alloc_zeros::<f64>(cfg.grid_dim.0 as usize)
+            .map_err(|e| backend_err(e.to_string()))?;
+        let n64 = n as u64;
+        launch!(
+            self,
+            "reduce_partial",
+            cfg,
+            &mode,
+            &*a.data,
+            &mut partial,
+            &n64
+        );
+        self.inner
+            .stream
+            .clone_dtoh(&partial)
+            .map_err(|e| backend_err(format!("device to host copy: {e}")))
+    }
+}
+
+impl Backend for Cuda {
+    type Tensor = CudaTensor;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn device(&self) -> String {
+        format!(
+            "{} (CUDA device {})",
+            self.inner.device_name,
+            self.inner.ctx.ordinal()
+        )
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(|e| backend_err(e.to_string()))
+    }
+
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
+        check_host_len(data.len(), shape)?;
+        let slice = if data.is_empty() {
+            self.alloc(0)?
+        } else {
+            self.upload(data)?
+        };
+        Ok(CudaTensor::new(slice, shape))
+    }
+
+    fn to_host(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let mut v = self
+            .inner
+            .stream
+            .clone_dtoh(&*t.data)
+            .map_err(|e| backend_err(format!("device to host copy: {e}")))?;
+        v.truncate(t.numel());
+        Ok(v)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
+        Ok(CudaTensor::new(self.alloc(shape.iter().product())?, shape))
+    }
+
+    fn reshape(&self, t: &CudaTensor, shape: &[usize]) -> Result<CudaTensor> {
+        check_reshape(t.shape(), shape)?;
+        Ok(CudaTensor {
+            data: t.data.clone(),
+            shape: lora_core::Shape::new(shape),
+        })
+    }
+
+    fn gemm(
+        &self,
+        alpha: f32,
+        a: &CudaTensor,
+        trans_a: Transpose,
+        b: &CudaTensor,
+        trans_b: Transpose,
+        beta: f32,
+        c: &mut CudaTensor,
+    ) -> Result<()> {
+        let (m, n, k) = check_gemm(a.shape(), trans_a, b.shape(), trans_b, c.shape())?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap the operands.
+        let cfg = GemmConfig {
+            transa: op(trans_b),
+            transb: op(trans_a),
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha,
+            lda: b.shape().as_matrix().1 as i32,
+            ldb: a.shape().as_matrix().1 as i32,
+            beta,
+            ldc: n as i32,
+        };
+        let (a_data, b_data) = (a.data.clone(), b.data.clone());
+        // SAFETY: check_gemm matched m, n, k to the buffers; leading dimensions are the
+        // stored row lengths; c is exclusively borrowed (copied first if shared).
+        unsafe { self.inner.blas.gemm(cfg, &*b_data, &*a_data, c.make_mut()) }
+            .map_err(|e| backend_err(format!("cuBLAS sgemm: {e}")))
+    }
+
+    fn bmm(
+        &self,
+        alpha: f32,
+        a: &CudaTensor,
+        trans_a: Transpose,
+        b: &CudaTensor,
+        trans_b: Transpose,
+        beta: f32,
+        c: &mut CudaTensor,
+    ) -> Result<()> {
+        let (batch, m, n, k) = check_bmm(a.shape(), trans_a, b.shape(), trans_b, c.shape())?;
+        if batch == 0 || m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (ad, bd) = (a.shape().dims(), b.shape().dims());
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: op(trans_b),
+                transb: op(trans_a),
+                m: n as i32,
+                n: m as i32,
+                k: k as i32,
+                alpha,
+                lda: bd[2] as i32,
+                ldb: ad[2] as i32,
+                beta,
+                ldc: n as i32,
+            },
+            batch_size: batch as i32,
+            stride_a: (bd[1] * bd[2]) as i64,
+            stride_b: (ad[1] * ad[2]) as i64,
+            stride_c: (m * n) as i64,
+        };
+        let (a_data, b_data) = (a.data.clone(), b.data.clone());
+        // SAFETY: as in gemm, per batch item, with strides equal to the stored slab sizes.
+        unsafe {
+            self.inner
+                .blas
+                .gemm_strided_batched(cfg, &*b_data, &*a_data, c.make_mut())
+        }
+        .map_err(|e| backend_err(format!("cuBLAS sgemm strided batched: {e}")))
+    }
+
+    fn permute(&self, a: &CudaTensor, perm: &[usize]) -> Result<CudaTensor> {
+        let out_dims = check_permute(a.shape(), perm)?;
+        let rank = perm.len();
+        if rank > 6 {
+            return Err(backend_err(format!(
+                "permute supports rank <= 6, got {rank}"
+            )));
+        }
+        let dims = a.shape().dims();
+        let mut strides = vec![1u64; rank];
+        for i in (0..rank.saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * dims[i + 1] as u64;
+        }
+        let mut meta = vec![0u64; 13];
+        meta[0] = rank as u64;
+        for ax in 0..rank {
+            meta[1 + ax] = out_dims[ax] as u64;
+            meta[7 + ax] = strides[perm[ax]];
+        }
+        let meta = self.upload(&meta)?;
+        let n = a.numel();
+        let mut out = self.alloc(n)?;
+        let n64 = n as u64;
+        launch!(self, "permute", elems(n), &*a.data, &mut out, &meta, &n64);
+        Ok(CudaTensor::new(out, &out_dims))
+    }
+
+    fn softmax(&self, x: &CudaTensor, mask_bias: Option<&CudaTensor>) -> Result<CudaTensor> {
+        let (_, rows_per_batch, n) = check_softmax_mask(x.shape(), mask_bias.map(|m| m.shape()))?;
+        let rows = x.numel() / n;
+        let mut out = self.alloc(x.numel())?;
+        let (rows64, n64, rpb) = (rows as u64, n as u64, rows_per_batch.max(1) as u64);
+        match mask_bias {
+            Some(m) => launch!(
+                self,
+                "softmax_rows",
+                rows_cfg(rows),
+                &*x.data,
+                &*m.data,
+                &mut out,
+                &rows64,
+                &n64,
+                &rpb
+            ),
+            None => {
+                let null = 0u64;
+                launch!(
+                    self,
+                    "softmax_rows",
+                    rows_cfg(rows),
+                    &*x.data,
+                    &null,
+                    &mut out,
+                    &rows64,
+                    &n64,
+                    &rpb
+                )
+            }
+        }
+        Ok(CudaTensor::new(out, x.shape().dims()))
+    }
+
+    fn softmax_backward(&self, y: &CudaTensor, dy: &CudaTensor) -> Result<CudaTensor> {
+        check_same_shape("softmax backward", y.shape(), dy.shape())?;
+        let n = y.shape().last().max(1);
+        let rows = y.numel() / n;
+        let mut out = self.alloc(y.numel())?;
+        let (rows64, n64) = (rows as u64, n as u64);
+        launch!(
+            self,
+            "softmax_backward",
+            rows_cfg(rows),
+            &*y.data,
+            &*dy.data,
+            &mut out,
+            &rows64,
+            &n64
+        );
+        Ok(CudaTensor::new(out, y.shape().dims()))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), beta.shape())?;
+        let mut out = self.alloc(x.numel())?;
+        let mut stats = self.alloc(rows * 2)?;
+        let (rows64, n64) = (rows as u64, n as u64);
+        launch!(
+            self,
+            "layer_norm",
+            rows_cfg(rows),
+            &*x.data,
+            &*gamma.data,
+            &*beta.data,
+            &mut out,
+            &mut stats,
+            &rows64,
+            &n64,
+            &eps
+        );
+        Ok((
+            CudaTensor::new(out, x.shape().dims()),
+            CudaTensor::new(stats, &[rows, 2]),
+        ))
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &CudaTensor,
+        stats: &CudaTensor,
+        gamma: &CudaTensor,
+        dy: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), gamma.shape())?;
+        check_same_shape("layer_norm backward dy", x.shape(), dy.shape())?;
+        if stats.shape().dims() != [rows, 2] {
+            return Err(Error::shape(
+                "layer_norm backward stats",
+                format!("[{rows}, 2]"),
+                stats.shape(),
+            ));
+        }
+        let mut out = self.alloc(x.numel())?;
+        let (rows64, n64) = (rows as u64, n as u64);
+        launch!(
+            self,
+            "layer_norm_backward",
+            rows_cfg(rows),
+            &*x.data,
+            &*stats.data,
+            &*gamma.data,
+            &*dy.data,
+            &mut out,
+            &rows64,
+            &n64
+        );
+        Ok(CudaTensor::new(out, x.shape().dims()))
+    }
+
+    fn binary(&self, op: BinaryOp, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        check_same_shape(&format!("{op:?}"), a.shape(), b.shape())?;
+        let code: i32 = match op {
+            BinaryOp::Add => 0,
+            BinaryOp::Sub => 1,
+            BinaryOp::Mul => 2,
+            BinaryOp::Div => 3,
+        };
+        let n = a.numel();
+        let mut out = self.alloc(n)?;
+        let n64 = n as u64;
+        launch!(
+            self,
+            "binary_op",
+            elems(n),
+            &code,
+            &*a.data,
+            &*b.data,
+            &mut out,
+            &n64
+        );
+        Ok(CudaTensor::new(out, a.shape().dims()))
+    }
+
+    fn unary(&self, op: UnaryOp, a: &CudaTensor) -> Result<CudaTensor> {
+        let code: i32 = match op {
+            UnaryOp::Relu => 0,
+            UnaryOp::Gelu => 1,
+            UnaryOp::Tanh => 2,
+            UnaryOp::Sqrt => 3,
+            UnaryOp::Square => 4,
+        };
+        let n = a.numel();
+        let mut out = self.alloc(n)?;
+        let n64 = n as u64;
+        launch!(self, "unary_op", elems(n), &code, &*a.data, &mut out, &n64);
+        Ok(CudaTensor::new(out, a.shape().dims()))
+    }
+
+    fn unary_backward(&self, op: UnaryOp, x: &CudaTensor, dy: &CudaTensor) -> Result<CudaTensor> {
+        check_same_shape(&format!("{op:?} backward"), x.shape(), dy.shape())?;
+        let code: i32 = match op {
+            UnaryOp::Relu => 0,
+            UnaryOp::Gelu => 1,
+            UnaryOp::Tanh => 2,
+            UnaryOp::Sqrt | UnaryOp::Square => {
+                return Err(backend_err(format!(
+                    "unary_backward is defined for activations only, not {op:?}"
+                )));
+            }
+        };
+        let n = x.numel();
+        let mut out = self.alloc(n)?;
+        let n64 = n as u64;
+        launch!(
+            self,
+            "unary_backward",
+            elems(n),
+            &code,
+            &*x.data,
+            &*dy.data,
+            &mut out,
+            &n64
+        );
+        Ok(CudaTensor::new(out, x.shape().dims()))
+    }
+
+    fn axpby(&self, alpha: f32, x: &CudaTensor, beta: f32, y: &mut CudaTensor) -> Result<()> {
+        check_same_shape("axpby", x.shape(), y.shape())?;
+        let n64 = x.numel() as u64;
+        let xd = x.data.clone();
+        launch!(
+            self,
+            "axpby",
+            elems(x.numel()),
+            &alpha,
+            &*xd,
+            &beta,
+            y.make_mut(),
+            &n64
+        );
+        Ok(())
+    }
+
+    fn affine(&self, a: &CudaTensor, mul: f32, add: f32) -> Result<CudaTensor> {
+        let n = a.numel();
+        let mut out = self.alloc(n)?;
+        let n64 = n as u64;
+        launch!(
+            self,
+            "affine",
+            elems(n),
+            &*a.data,
+            &mul,
+            &add,
+            &mut out,
+            &n64
+        );
+        Ok(CudaTensor::new(out, a.shape().dims()))
+    }
+
+    fn add_row_broadcast(&self, a: &mut CudaTensor, row: &CudaTensor) -> Result<()> {
+        let cols = check_row_broadcast(a.shape(), row.shape())?;
+        let rows = a.numel() / cols.max(1);
+        let (r64, c64) = (rows as u64, cols as u64);
+        let rd = row.data.clone();
+        let cfg = elems(a.numel());
+        launch!(
+            self,
+            "add_row_broadcast",
+            cfg,
+            a.make_mut(),
+            &*rd,
+            &r64,
+            &c64
+        );
+        Ok(())
+    }
+
+    fn gather_rows(&self, a: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        let (n, cols) = a.shape().as_matrix();
+        check_rows("gather_rows", n, rows, false)?;
+        let idx = self.indices(rows)?;
+        let mut out = self.alloc(rows.len() * cols)?;
+        let (n64, c64) = (rows.len() as u64, cols as u64);
+        launch!(
+            self,
+            "gather_rows",
+            elems(rows.len() * cols),
+            &*a.data,
+            &idx,
+            &mut out,
+            &n64,
+            &c64
+        );
+        Ok(CudaTensor::new(out, &[rows.len(), cols]))
+    }
+
+    fn scatter_add_rows(
+        &self,
+        dst: &mut CudaTensor,
+        rows: &[usize],
+        src: &CudaTensor,
+    ) -> Result<()> {
+        let (_, cols) = check_scatter_add(dst.shape(), rows, src.shape())?;
+        let idx = self.indices(rows)?;
+        let (n64, c64) = (rows.len() as u64, cols as u64);
+        let sd = src.data.clone();
+        launch!(
+            self,
+            "scatter_add_rows",
+            elems(rows.len() * cols),
+            dst.make_mut(),
+            &idx,
+            &*sd,
+            &n64,
+            &c64
+        );
+        Ok(())
+    }
+
+    fn slice_cols(&self, a: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
+        let (rows, cols) = check_col_range("slice_cols", a.shape(), start, len)?;
+        let mut out = self.alloc(rows * len)?;
+        let (r, c, s, l) = (rows as u64, cols as u64, start as u64, len as u64);
+        launch!(
+            self,
+            "slice_cols",
+            elems(rows * len),
+            &*a.data,
+            &mut out,
+            &r,
+            &c,
+            &s,
+            &l
+        );
+        Ok(CudaTensor::new(out, &[rows, len]))
+    }
+
+    fn assign_cols(&self, dst: &mut CudaTensor, start: usize, src: &CudaTensor) -> Result<()> {
+        let (rows, cols, len) = check_assign_cols(dst.shape(), start, src.shape())?;
+        let (r, c, s, l) = (rows as u64, cols as u64, start as u64, len as u64);
+        let sd = src.data.clone();
+        launch!(
+            self,
+            "assign_cols",
+            elems(rows * len),
+            dst.make_mut(),
+            &*sd,
+            &r,
+            &c,
+            &s,
+            &l
+        );
+        Ok(())
+    }
+
+    fn sum_rows(&self, a: &CudaTensor) -> Result<CudaTensor> {
+        let (rows, cols) = a.shape().as_matrix();
+        let mut out = self.alloc(cols)?;
+        let (r, c) = (rows as u64, cols as u64);
+        launch!(self, "sum_rows", elems(cols), &*a.data, &mut out, &r, &c);
+        Ok(CudaTensor::new(out, &[cols]))
+    }
+
+    fn sum_cols(&self, a: &CudaTensor) -> Result<CudaTensor> {
+        let (rows, cols) = a.shape().as_matrix();
+        let mut out = self.alloc(rows)?;
+        let (r, c) = (rows as u64, cols as u64);
+        launch!(self, "sum_cols", rows_cfg(rows), &*a.data, &mut out, &r, &c);
+        Ok(CudaTensor::new(out, &[rows]))
+    }
+
+    fn sum_all(&self, a: &CudaTensor) -> Result<f64> {
+        Ok(self.reduce(a, 0)?.iter().sum())
+    }
+
+    fn max_abs(&self, a: &CudaTensor) -> Result<f32> {
+        let p = self.reduce(a, 1)?;
+        Ok(if p.iter().any(|v| v.is_nan()) {
+            f32::NAN
+        } else {
+            p.iter().fold(0.0f64, |m, &v| m.max(v)) as f32
+        })
+    }
+
+    fn all_finite(&self, a: &CudaTensor) -> Result<bool> {
+        Ok(self.reduce(a, 2)?.iter().sum::<f64>() == 0.0)
+    }
+
+    fn dropout_mask(
+        &self,
+        shape: &[usize],
+        p: f32,
+        rng: lora_core::rng::RngState,
+    ) -> Result<CudaTensor> {
+        let n = shape.iter().product::<usize>();
+        let mut out = self.alloc(n)?;
+        let n64 = n as u64;
+        launch!(
+            self,
+            "dropout_mask",
+            elems(n),
+            &mut out,
+            &n64,
+            &rng.seed,
+            &rng.stream,
+            &rng.offset,
+            &p
+        );
+        Ok(CudaTensor::new(out, shape))
+    }
+}
+
+/// LoRA forward and backward run the lora-core defaults over cuBLAS and our kernels.
+impl LoraOps for Cuda {}
+
+/// Adam/AdamW as one kernel per tensor (the update of `p`, `m`, `v` fused); SGD uses the
+/// default.
+impl OptimOps for Cuda {
+    fn adam_step(
+        &self,
+        params: &mut [&mut CudaTensor],
+        grads: &[&CudaTensor],
+        m: &mut [CudaTensor],
+        v: &mut [CudaTensor],
+        hp: &AdamHyper,
+        step: u64,
+    ) -> Result<()> {
+        if params.len() != grads.len() || params.len() != m.len() || params.len() != v.len() {
+            return Err(Error::state(
+                "adam step",
+                "parameter, gradient and state lists differ in length",
+            ));
+        }
+        if step == 0 {
+            return Err(Error::state("adam step", "step counts from 1"));
+        }
+        let t = step as i32;
+        let bc1 = 1.0 - hp.beta1.powi(t);
+        let inv_bc2 = 1.0 / (1.0 - hp.beta2.powi(t)).sqrt();
+        let decoupled = i32::from(hp.decoupled);
+        for (((p, g), m), v) in params
+            .iter_mut()
+            .zip(grads)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+        {
+            check_same_shape("adam step gradient", p.shape(), g.shape())?;
+            let n64 = p.numel() as u64;
+            let gd = g.data.clone();
+            let (md, vd) = (m.make_mut(), v.make_mut());
+            let cfg = elems(p.numel());
+            launch!(
+                self,
+                "adam_step",
+                cfg,
+                p.make_mut(),
+                &*gd,
+                md,
+                vd,
+                &n64,
+                &hp.lr,
+                &hp.beta1,
+                &hp.beta2,
+                &hp.eps,
+                &hp.weight_decay,
+                &decoupled,
+                &bc1,
+                &inv_bc2
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Dequantization on the device. The packed rows (and the scales) are uploaded for each
+/// call: the quantized weight itself lives on the host today (see docs/cuda.md).
+impl QuantOps for Cuda {
+    fn dequantize_rows(
+        &self,
+        weight: &QuantizedWeight,
+        row0: usize,
+        rows: usize,
+    ) -> Result<CudaTensor> {
+        let (out_f, in_f) = weight.dims();
+        if row0.checked_add(rows).is_none_or(|end| end > out_f) {
+            return Err(Error::state(
+                format!("dequantize_rows of a [{out_f}, {in_f}] weight"),
+                format!(
+                    "rows {row0}..{} are out of range",
+                    row0.saturating_add(rows)
+                ),
+            ));
+        }
+        let n = rows * in_f;
+        let mut out = self.alloc(n)?;
+        let n64 = n as u64;
+        match weight {
+            QuantizedWeight::FourBit(w) => {
+                let start = row0 * in_f;
+                let byte0 = start / 2;
+                let byte1 = (start + n).div_ceil(2);
+                let packed = self.upload(&w.packed[byte0..byte1])?;
+                let code = self.upload(&w.code)?;
+                let (start64, base64, bs64) = (start as u64, byte0 as u64, w.blocksize as u64);
+                match &w.absmax {
+                    Absmax::F32(a) => {
+                        let a = self.upload(a)?;
+                        let (null, zero, one) = (0u64, 0.0f32, 1u64);
+                        launch!(
+                            self,
+                            "dequantize_4bit",
+                            elems(n),
+                            &packed,
+                            &code,
+                            &a,
+                            &null,
+                            &null,
+                            &null,
+                            &zero,
+                            &one,
+                            &bs64,
+                            &start64,
+                            &base64,
+                            &mut out,
+                            &n64
+                        );
+                    }
+                    Absmax::Double { scales, offset } => {
+                        let q = self.upload(&scales.codes)?;
+                        let ncode = self.upload(&scales.code)?;
+                        let nabs = self.upload(&scales.absmax)?;
+                        let (null, nbs) = (0u64, scales.blocksize as u64);
+                        launch!(
+                            self,
+                            "dequantize_4bit",
+                            elems(n),
+                            &packed,
+                            &code,
+                            &null,
+                            &q,
+                            &ncode,
+                            &nabs,
+                            offset,
+                            &nbs,
+                            &bs64,
+                            &start64,
+                            &base64,
+                            &mut out,
+                            &n64
+                        );
+                    }
+                }
+            }
+            QuantizedWeight::Int8(w) => {
+                let cb: Vec<i8> = w.cb[row0 * in_f..(row0 + rows) * in_f].to_vec();
+                let cb = self.upload(&cb)?;
+                let scb = self.upload(&w.scb)?;
+                let (r64, c64) = (row0 as u64, in_f as u64);
+                launch!(
+                    self,
+                    "dequantize_int8",
+                    elems(n),
+                    &cb,
+                    &scb,
+                    &r64,
+                    &c64,
+                    &mut out,
+                    &n64
+                );
+            }
+        }
+        Ok(CudaTensor::new(out, &[rows, in_f]))
+    }
+}

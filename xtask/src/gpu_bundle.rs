@@ -1,0 +1,163 @@
+//! `cargo xtask gpu-bundle <DIR>`: the CUDA test and benchmark binaries (release), the
+//! `lora` binary built with `--features cuda`, the fixtures they read, the PyTorch + PEFT
+//! GPU baseline script and a `run.sh`, so that a GPU machine without a Rust toolchain can
+//! run them (they load libcuda, cuBLAS and NVRTC at run time).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd::{cargo, root, run as run_cmd};
+
+/// The executables a `cargo ... --message-format=json` build produced, by target name.
+fn executables(cmd: &mut Command, what: &str) -> Result<Vec<(String, PathBuf)>> {
+    println!("==> {what}");
+    let out = cmd
+        .arg("--message-format=json")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(exe), Some(name)) = (v["executable"].as_str(), v["target"]["name"].as_str()) {
+            found.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    Ok(found)
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let to = dst.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to)?;
+        } else {
+            std::fs::copy(e.path(), &to)?;
+        }
+    }
+    Ok(())
+}
+
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Runs the lora-rs CUDA suite on a GPU machine (no Rust toolchain needed).
+#   ./run.sh test       the cross-backend suite: CUDA against the CPU reference
+#   ./run.sh sanitize   the same under compute-sanitizer (memcheck)
+#   ./run.sh bench      LoRA linear and QLoRA benchmarks, then PyTorch + PEFT on the GPU
+#   ./run.sh demo       lora demo --backend cuda
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+export LORA_RS_FIXTURES="$here/fixtures"
+export LORA_BENCH_OUT="${LORA_BENCH_OUT:-$here/results}"
+mkdir -p "$LORA_BENCH_OUT"
+case "${1:-test}" in
+  test) "$here/bin/cross_backend" cuda:: --test-threads=1 --nocapture ;;
+  sanitize) compute-sanitizer --tool memcheck --error-exitcode 1 "$here/bin/cross_backend" cuda:: --test-threads=1 ;;
+  bench)
+    "$here/bin/lora_linear" --bench
+    "$here/bin/quant" --bench
+    LORA_BENCH_DEVICE=cuda python3 "$here/python/peft_linear.py" "$LORA_BENCH_OUT/pytorch_gpu.json"
+    ;;
+  demo) "$here/bin/lora" demo --backend cuda --out "$LORA_BENCH_OUT/demo" ;;
+  *) echo "usage: run.sh test|sanitize|bench|demo" >&2; exit 2 ;;
+esac
+"#;
+
+/// Builds and fills the bundle directory.
+pub fn run(dir: &Path) -> Result<()> {
+    let mut tests = cargo();
+    tests.args([
+        "test",
+        "--release",
+        "--no-run",
+        "-p",
+        "lora-tests",
+        "--features",
+        "cuda",
+        "--test",
+        "cross_backend",
+    ]);
+    let tests = executables(
+        &mut tests,
+        "cargo test --release --no-run (cuda cross-backend suite)",
+    )?;
+    let mut benches = cargo();
+    benches.args([
+        "bench",
+        "--no-run",
+        "-p",
+        "lora-benches",
+        "--features",
+        "cuda",
+        "--bench",
+        "lora_linear",
+        "--bench",
+        "quant",
+    ]);
+    let benches = executables(&mut benches, "cargo bench --no-run (cuda benches)")?;
+    let mut cli = cargo();
+    cli.args(["build", "--release", "-p", "lora-cli", "--features", "cuda"]);
+    run_cmd(
+        "cargo build --release -p lora-cli --features cuda",
+        &mut cli,
+    )?;
+
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    for (name, exe) in tests.iter().chain(&benches) {
+        std::fs::copy(exe, bin.join(name)).with_context(|| format!("copying {}", exe.display()))?;
+    }
+    std::fs::copy(root().join("target/release/lora"), bin.join("lora"))?;
+    // Only the fixtures the cross-backend suite reads.
+    copy_dir(
+        &root().join("tests/fixtures/peft_bert"),
+        &dir.join("fixtures/peft_bert"),
+    )?;
+    std::fs::create_dir_all(dir.join("python"))?;
+    std::fs::copy(
+        root().join("benches/python/peft_linear.py"),
+        dir.join("python/peft_linear.py"),
+    )?;
+    let run_sh = dir.join("run.sh");
+    std::fs::write(&run_sh, RUN_SH)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run_sh, std::fs::Permissions::from_mode(0o755))?;
+    }
+    // Strip debug info to keep the bundle small (the tool may be missing: then keep it).
+    for e in std::fs::read_dir(&bin)? {
+        let _ = Command::new("strip").arg(e?.path()).status();
+    }
+    let mut total = 0u64;
+    for e in walk(dir)? {
+        total += std::fs::metadata(&e)?.len();
+    }
+    println!(
+        "wrote {} ({:.1} MiB): bin/{{cross_backend, lora_linear, quant, lora}}, fixtures/, python/, run.sh",
+        dir.display(),
+        total as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            out.extend(walk(&e.path())?);
+        } else {
+            out.push(e.path());
+        }
+    }
+    Ok(out)
+}
