@@ -5,6 +5,12 @@
 typedef unsigned long long u64;
 typedef unsigned int u32;
 
+// NVRTC compiles without the host headers: no INFINITY / NAN macros, so spell them out.
+#define NEG_INF_F __int_as_float(0xff800000)
+#define NAN_D __longlong_as_double(0x7ff8000000000000LL)
+__device__ __forceinline__ bool is_nan_d(double x) { return x != x; }
+__device__ __forceinline__ bool is_finite_f(float v) { return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u; }
+
 #define GRID_STRIDE(i, n) for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < (n); i += (u64)blockDim.x * gridDim.x)
 
 // ---------------------------------------------------------------- Philox4x32-10
@@ -158,8 +164,8 @@ extern "C" __global__ void reduce_partial(int mode, const float* a, double* part
     GRID_STRIDE(i, n) {
         float v = a[i];
         if (mode == 0) acc += v;
-        else if (mode == 1) acc = (isnan(v) || isnan(acc)) ? nan("") : fmax(acc, (double)fabsf(v));
-        else acc += isfinite(v) ? 0.0 : 1.0;
+        else if (mode == 1) acc = (v != v || is_nan_d(acc)) ? NAN_D : fmax(acc, (double)fabsf(v));
+        else acc += is_finite_f(v) ? 0.0 : 1.0;
     }
     if (mode == 1) {
         shared[threadIdx.x] = acc;
@@ -167,7 +173,7 @@ extern "C" __global__ void reduce_partial(int mode, const float* a, double* part
         for (u32 s = blockDim.x / 2; s > 0; s >>= 1) {
             if (threadIdx.x < s) {
                 double x = shared[threadIdx.x], y = shared[threadIdx.x + s];
-                shared[threadIdx.x] = (isnan(x) || isnan(y)) ? nan("") : fmax(x, y);
+                shared[threadIdx.x] = (is_nan_d(x) || is_nan_d(y)) ? NAN_D : fmax(x, y);
             }
             __syncthreads();
         }
@@ -186,7 +192,7 @@ extern "C" __global__ void softmax_rows(const float* x, const float* mask, float
     for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* row = x + r * n;
         const float* m = mask ? mask + (r / rows_per_batch) * n : 0;
-        float mx = -INFINITY;
+        float mx = NEG_INF_F;
         for (u64 j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, row[j] + (m ? m[j] : 0.0f));
         mx = block_max(mx, fshared);
         double s = 0.0;
