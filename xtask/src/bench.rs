@@ -88,6 +88,10 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
         crate::venv::torch_env(&mut cmd)?;
         cmd.args(["--features", "tch"]);
     }
+    if backends.contains(&"cuda") {
+        // Runs the CUDA benches when a GPU is present; prints why not otherwise.
+        cmd.args(["--features", "cuda"]);
+    }
     if quick {
         cmd.env("LORA_BENCH_QUICK", "1");
     }
