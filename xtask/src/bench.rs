@@ -110,7 +110,8 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
         std::process::Command::new(python)
             .arg(root().join("benches/python/peft_linear.py"))
             .arg(target.join("bench/pytorch.json"))
-            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
+            .envs(quick.then_some(("LORA_BENCH_QUICK", "1"))),
     )?;
     // PyTorch + PEFT on all-MiniLM-L6-v2 (encoder forward, LoRA training step).
     let _ = std::fs::remove_file(target.join("bench/bert_pytorch.json"));
