@@ -49,7 +49,8 @@ pub struct TrainArgs {
     /// lora_alpha.
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f64,
-    /// Modules that get adapters (PEFT target_modules names).
+    /// Modules that get adapters (PEFT target_modules names); `none` trains the head alone
+    /// (a linear probe on the frozen encoder, the baseline LoRA should beat).
     #[arg(long, default_value = "query,value")]
     pub target_modules: String,
     /// AdamW learning rate (adapters and head).
@@ -144,7 +145,12 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         inference_mode: true,
         ..LoraConfig::default()
     };
-    let injected = peft::inject_adapters(&mut model, b, &config, args.seed)?;
+    let head_only = args.target_modules.trim() == "none";
+    let injected = if head_only {
+        Vec::new()
+    } else {
+        peft::inject_adapters(&mut model, b, &config, args.seed)?
+    };
     let h = model.config().hidden_size;
     // nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)).
     let mut w = vec![0.0f32; 2 * h];
@@ -217,7 +223,9 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     bar.finish_and_clear();
     let acc_after = evals.last().map_or(acc_before, |e| f64::from(e.1));
 
-    peft::save_pretrained(&args.out, &model, b, &config)?;
+    if !head_only {
+        peft::save_pretrained(&args.out, &model, b, &config)?;
+    }
     let head_path = args.out.join("head.safetensors");
     peft::write_safetensors(
         &head_path,
@@ -299,11 +307,14 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     if let Some(rss) = peak_rss_bytes() {
         println!("  peak memory     {} RSS", bytes(rss));
     }
+    let adapter_files = if head_only {
+        String::new()
+    } else {
+        format!("{}, {}, ", peft::CONFIG_FILE, peft::WEIGHTS_FILE)
+    };
     println!(
-        "  wrote           {}: {}, {}, head.safetensors, loss.png, accuracy.png",
-        args.out.display(),
-        peft::CONFIG_FILE,
-        peft::WEIGHTS_FILE
+        "  wrote           {}: {adapter_files}head.safetensors, loss.png, accuracy.png",
+        args.out.display()
     );
     Ok(())
 }
