@@ -13,12 +13,9 @@ use std::time::Duration;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lora::models::bert::{BertModel, TokenBatch, mean_pool, mean_pool_backward};
+use lora::models::bert::{BertModel, TokenBatch, classification_step};
 use lora::peft::{self, LoraConfig, TargetModules};
-use lora::{
-    Adam, DenseLinear, FullBackend, Linear, Mode, Model, NdArray, Optimizer, ParamGrad,
-    cross_entropy_loss,
-};
+use lora::{Adam, DenseLinear, FullBackend, Mode, NdArray};
 use lora_benches::rand_host;
 
 const BATCH: usize = 32;
@@ -78,28 +75,9 @@ fn bench_backend<B: FullBackend>(c: &mut Criterion, b: &B, dir: &std::path::Path
     g.measurement_time(Duration::from_secs(12));
     g.bench_function(format!("{name}/lora_train_step/{BATCH}x{SEQ}"), |bch| {
         bch.iter(|| {
-            let hidden = model.forward_batch(b, &batch, Mode::Train).unwrap();
-            let pooled = mean_pool(b, &hidden, &batch).unwrap();
-            let logits = head.forward(b, &pooled).unwrap();
-            let (_, d_logits) = cross_entropy_loss(b, &logits, &labels).unwrap();
-            let (d_w, d_b) = head.param_grads(b, &pooled, &d_logits).unwrap();
-            let d_pooled = head.backward(b, &d_logits).unwrap();
-            model
-                .backward_batch(b, &mean_pool_backward(b, &d_pooled, &batch).unwrap())
-                .unwrap();
-            let mut params = model.params_and_grads();
-            let (hw, hb) = head.params_mut();
-            params.push(ParamGrad {
-                param: hw,
-                grad: &d_w,
-            });
-            if let (Some(hb), Some(d_b)) = (hb, d_b.as_ref()) {
-                params.push(ParamGrad {
-                    param: hb,
-                    grad: d_b,
-                });
-            }
-            opt.step(b, &mut params).unwrap();
+            black_box(
+                classification_step(b, &mut model, &mut head, &mut opt, &batch, &labels).unwrap(),
+            );
             b.synchronize().unwrap();
         })
     });

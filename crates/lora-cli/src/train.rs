@@ -9,11 +9,11 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lora::models::bert::{BertModel, BertTokenizer, TokenBatch, mean_pool, mean_pool_backward};
+use lora::models::bert::{BertModel, BertTokenizer, TokenBatch, classification_step, classify};
 use lora::peft::{self, LoraConfig, TargetModules};
 use lora::prelude::*;
 use lora::rng::{RngState, uniform};
-use lora::{AdamHyper, HostTensor, ParamGrad, cross_entropy_loss};
+use lora::{AdamHyper, HostTensor};
 use plotters::style::RGBColor;
 
 use crate::backend_choice::BackendKind;
@@ -93,12 +93,12 @@ fn accuracy<B: FullBackend>(
     let mut correct = 0usize;
     for chunk in data.chunks(128) {
         let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
-        let batch = tok.encode_batch(&texts)?;
-        let hidden = model.forward_batch(b, &batch, Mode::Eval)?;
-        let logits = b.to_host(&head.forward(b, &mean_pool(b, &hidden, &batch)?)?)?;
-        for (e, l) in chunk.iter().zip(logits.chunks(2)) {
-            correct += usize::from(usize::from(l[1] > l[0]) == e.label);
-        }
+        let predicted = classify(b, model, head, &tok.encode_batch(&texts)?)?;
+        correct += chunk
+            .iter()
+            .zip(predicted)
+            .filter(|(e, p)| e.label == *p)
+            .count();
     }
     Ok(correct as f64 / data.len().max(1) as f64)
 }
@@ -188,28 +188,7 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         let labels: Vec<usize> = rows.iter().map(|e| e.label).collect();
         let batch: TokenBatch = tok.encode_batch(&texts)?;
         let t0 = Instant::now();
-        let hidden = model.forward_batch(b, &batch, Mode::Train)?;
-        let pooled = mean_pool(b, &hidden, &batch)?;
-        let logits = head.forward(b, &pooled)?;
-        let (loss, d_logits) = cross_entropy_loss(b, &logits, &labels)?;
-        let (d_w, d_b) = head.param_grads(b, &pooled, &d_logits)?;
-        let d_pooled = head.backward(b, &d_logits)?;
-        model.backward_batch(b, &mean_pool_backward(b, &d_pooled, &batch)?)?;
-        {
-            let mut params = model.params_and_grads();
-            let (hw, hb) = head.params_mut();
-            params.push(ParamGrad {
-                param: hw,
-                grad: &d_w,
-            });
-            if let (Some(hb), Some(d_b)) = (hb, d_b.as_ref()) {
-                params.push(ParamGrad {
-                    param: hb,
-                    grad: d_b,
-                });
-            }
-            opt.step(b, &mut params)?;
-        }
+        let loss = classification_step(b, &mut model, &mut head, &mut opt, &batch, &labels)?;
         b.synchronize()?;
         train_s += t0.elapsed().as_secs_f64();
         losses.push(loss);
