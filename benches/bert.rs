@@ -22,12 +22,7 @@ const BATCH: usize = 32;
 const SEQ: usize = 128;
 
 fn minilm() -> Option<PathBuf> {
-    let dir = std::env::var_os("LORA_RS_MINILM")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/lora-rs/models/all-MiniLM-L6-v2"))
-        })?;
+    let dir = lora::models::cache::minilm_dir();
     dir.join("model.safetensors").is_file().then_some(dir)
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lora::quant::{QuantBackend, QuantConfig, QuantLinear, dequantize_rows_host};
+use lora::quant::{QuantBackend, QuantConfig, QuantLinear};
 use lora::{DenseLinear, Linear, LoraLinear, LoraSpec, Mode, NdArray};
 use lora_benches::{paired, rand_host, write_paired};
 
@@ -101,8 +101,6 @@ fn bench_backend<B: QuantBackend>(
         },
     );
     g.finish();
-    // The host half alone (what a CPU backend pays), for reference.
-    let _ = dequantize_rows_host(&q, 0, 1).unwrap();
 }
 
 fn bench(c: &mut Criterion) {

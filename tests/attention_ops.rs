@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lora::{Backend, Tensor, Transpose};
-use lora_tests::{assert_close, backend, host, matmul64, rand_vec, to64};
+use lora_tests::{assert_close, backend, central_differences, host, matmul64, rand_vec, to64};
 
 #[test]
 fn bmm_equals_per_batch_matmul_for_every_transpose() {
@@ -147,15 +147,7 @@ fn masked_softmax_and_its_backward() {
             })
             .sum()
     };
-    let x64 = to64(&xv);
-    let fd: Vec<f64> = (0..rows * n)
-        .map(|i| {
-            let (mut p, mut m) = (x64.clone(), x64.clone());
-            p[i] += 1e-5;
-            m[i] -= 1e-5;
-            (f(&p) - f(&m)) / 2e-5
-        })
-        .collect();
+    let fd = central_differences(&to64(&xv), f);
     assert_close(
         "softmax backward vs finite differences",
         &dx,
@@ -213,15 +205,7 @@ fn layer_norm_and_its_backward() {
             .map(|(y, w)| y * f64::from(*w))
             .sum()
     };
-    let x64 = to64(&xv);
-    let fd: Vec<f64> = (0..rows * n)
-        .map(|i| {
-            let (mut p, mut m) = (x64.clone(), x64.clone());
-            p[i] += 1e-5;
-            m[i] -= 1e-5;
-            (f(&p) - f(&m)) / 2e-5
-        })
-        .collect();
+    let fd = central_differences(&to64(&xv), f);
     assert_close(
         "layer_norm backward vs finite differences",
         &dx,

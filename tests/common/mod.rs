@@ -223,17 +223,7 @@ impl lora::Model<NdArray> for LinearBank {
 /// and the run does not require it; `cargo xtask test` fetches it and sets
 /// `LORA_RS_REQUIRE_MODELS`, so there a missing model fails the test.
 pub fn minilm_dir() -> Option<std::path::PathBuf> {
-    let dir = std::env::var_os("LORA_RS_MINILM")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            let cache = std::env::var_os("LORA_RS_CACHE")
-                .map(std::path::PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME")
-                        .map(|h| std::path::PathBuf::from(h).join(".cache/lora-rs"))
-                })?;
-            Some(cache.join("models/all-MiniLM-L6-v2"))
-        })?;
+    let dir = lora::models::cache::minilm_dir();
     if dir.join("model.safetensors").is_file() {
         return Some(dir);
     }
@@ -255,4 +245,16 @@ pub fn fixtures_dir() -> std::path::PathBuf {
     std::env::var_os("LORA_RS_FIXTURES")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
+}
+
+/// Central finite differences of `f` at `x` (step 1e-5, f64), one entry per coordinate.
+pub fn central_differences(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    (0..x.len())
+        .map(|i| {
+            let (mut p, mut m) = (x.to_vec(), x.to_vec());
+            p[i] += 1e-5;
+            m[i] -= 1e-5;
+            (f(&p) - f(&m)) / 2e-5
+        })
+        .collect()
 }

@@ -67,13 +67,6 @@ pub struct TrainArgs {
     pub seed: u64,
 }
 
-fn cache() -> PathBuf {
-    std::env::var_os("LORA_RS_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lora-rs")))
-        .unwrap_or_else(|| PathBuf::from(".cache/lora-rs"))
-}
-
 /// Runs `lora train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.eval_every == 0 {
@@ -107,11 +100,11 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     let model_dir = args
         .model
         .clone()
-        .unwrap_or_else(|| cache().join("models/all-MiniLM-L6-v2"));
+        .unwrap_or_else(lora::models::cache::minilm_dir);
     let data_path = args
         .data
         .clone()
-        .unwrap_or_else(|| cache().join("data/vader_lexicon.txt"));
+        .unwrap_or_else(lora::models::cache::vader_lexicon_path);
     let (train, test) = split(read_vader(&data_path, args.min_valence)?, 0.2, args.seed);
     let tok = BertTokenizer::from_file(&model_dir.join("tokenizer.json"), 32)?;
     let mut model = BertModel::from_pretrained(b, &model_dir).with_context(|| {

@@ -6,12 +6,7 @@ use std::process::{Command, Output};
 
 /// all-MiniLM-L6-v2 (see `tests/common/mod.rs::minilm_dir` for the rules).
 fn minilm() -> Option<PathBuf> {
-    let dir = std::env::var_os("LORA_RS_MINILM")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/lora-rs/models/all-MiniLM-L6-v2"))
-        })?;
+    let dir = lora::models::cache::minilm_dir();
     if dir.join("model.safetensors").is_file() {
         return Some(dir);
     }
@@ -100,16 +95,15 @@ fn embed_prints_sentence_transformers_embeddings_as_json() {
 #[test]
 fn train_fine_tunes_minilm_and_saves_a_peft_adapter() {
     let Some(model) = minilm() else { return };
-    let data = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/lora-rs/data/vader_lexicon.txt"));
-    let Some(data) = data.filter(|d| d.is_file()) else {
+    let data = lora::models::cache::vader_lexicon_path();
+    if !data.is_file() {
         assert!(
             std::env::var_os("LORA_RS_REQUIRE_MODELS").is_none(),
             "vader_lexicon.txt missing: run `cargo xtask fetch-data vader`"
         );
         eprintln!("skipped: vader_lexicon.txt not found (run `cargo xtask fetch-data vader`)");
         return;
-    };
+    }
     let out = tempfile::tempdir().unwrap();
     let o = lora(&[
         "train",

@@ -354,6 +354,25 @@ pub fn check_layer_norm(x: &Shape, gamma: &Shape, beta: &Shape) -> Result<(usize
     Ok((rows, n))
 }
 
+/// Checks the operands of [`Backend::layer_norm_backward`] and returns `(rows, n)`.
+pub fn check_layer_norm_backward(
+    x: &Shape,
+    stats: &Shape,
+    gamma: &Shape,
+    dy: &Shape,
+) -> Result<(usize, usize)> {
+    let (rows, n) = check_layer_norm(x, gamma, gamma)?;
+    check_same_shape("layer_norm backward dy", x, dy)?;
+    if stats.dims() != [rows, 2] {
+        return Err(Error::shape(
+            "layer_norm backward stats",
+            format!("[{rows}, 2]"),
+            stats,
+        ));
+    }
+    Ok((rows, n))
+}
+
 /// Checks the operands of [`Backend::gemm`] and returns `(m, n, k)`: `op(a)` is `[m, k]`,
 /// `op(b)` is `[k, n]`, `c` is `[m, n]`. Backends call this so that every backend rejects
 /// the same inputs with the same message.

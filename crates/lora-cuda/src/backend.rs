@@ -8,8 +8,8 @@ use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use lora_core::backend::{
     check_assign_cols, check_bmm, check_col_range, check_gemm, check_host_len, check_layer_norm,
-    check_permute, check_reshape, check_row_broadcast, check_rows, check_same_shape,
-    check_scatter_add, check_softmax_mask,
+    check_layer_norm_backward, check_permute, check_reshape, check_row_broadcast, check_rows,
+    check_same_shape, check_scatter_add, check_softmax_mask,
 };
 use lora_core::ops::AdamHyper;
 use lora_core::{Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp};
@@ -356,15 +356,8 @@ impl Backend for Cuda {
         gamma: &CudaTensor,
         dy: &CudaTensor,
     ) -> Result<CudaTensor> {
-        let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), gamma.shape())?;
-        check_same_shape("layer_norm backward dy", x.shape(), dy.shape())?;
-        if stats.shape().dims() != [rows, 2] {
-            return Err(Error::shape(
-                "layer_norm backward stats",
-                format!("[{rows}, 2]"),
-                stats.shape(),
-            ));
-        }
+        let (rows, n) =
+            check_layer_norm_backward(x.shape(), stats.shape(), gamma.shape(), dy.shape())?;
         let mut out = self.alloc(x.numel())?;
         let (rows64, n64) = (rows as u64, n as u64);
         launch!(

@@ -11,6 +11,7 @@
 //!   sentence-transformers' mean pooling.
 
 pub mod bert;
+pub mod cache;
 mod error;
 mod mlp;
 

@@ -1,9 +1,9 @@
 //! The `ndarray` backend: the reference every other backend is checked against.
 
 use lora_core::backend::{
-    check_assign_cols, check_col_range, check_host_len, check_layer_norm, check_permute,
-    check_reshape, check_row_broadcast, check_rows, check_same_shape, check_scatter_add,
-    check_softmax_mask,
+    check_assign_cols, check_col_range, check_host_len, check_layer_norm,
+    check_layer_norm_backward, check_permute, check_reshape, check_row_broadcast, check_rows,
+    check_same_shape, check_scatter_add, check_softmax_mask,
 };
 use lora_core::{Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp};
 use lora_quant::{QuantOps, QuantizedWeight, dequantize_rows_host};
@@ -353,15 +353,8 @@ impl Backend for NdArray {
         gamma: &NdTensor,
         dy: &NdTensor,
     ) -> Result<NdTensor> {
-        let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), gamma.shape())?;
-        check_same_shape("layer_norm backward dy", x.shape(), dy.shape())?;
-        if stats.shape().dims() != [rows, 2] {
-            return Err(Error::shape(
-                "layer_norm backward stats",
-                format!("[{rows}, 2]"),
-                stats.shape(),
-            ));
-        }
+        let (_, n) =
+            check_layer_norm_backward(x.shape(), stats.shape(), gamma.shape(), dy.shape())?;
         let (src, st, g, gy) = (
             x.as_slice(),
             stats.as_slice(),

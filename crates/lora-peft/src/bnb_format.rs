@@ -268,18 +268,12 @@ pub fn decode(
         }));
     }
 
-    let (state_name, state) = tensors
-        .iter()
-        .find(|(k, _)| {
-            k.strip_prefix(module)
-                .is_some_and(|r| r.starts_with(&format!(".weight.{QUANT_STATE_PREFIX}")))
-        })
-        .ok_or_else(|| {
-            bad(
-                path,
-                format!("module {module} has no quant_state or SCB tensor"),
-            )
-        })?;
+    let (state_name, state) = quant_state(module, tensors).ok_or_else(|| {
+        bad(
+            path,
+            format!("module {module} has no quant_state or SCB tensor"),
+        )
+    })?;
     let json: QuantStateJson = serde_json::from_slice(&state.data).map_err(|e| {
         bad(
             path,
@@ -394,13 +388,22 @@ pub fn decode(
     }))
 }
 
+/// Module `module`'s quant-state tensor (`<m>.weight.quant_state.bitsandbytes__nf4` or
+/// `__fp4`) with its name: a direct lookup, not a scan of the file's tensors.
+fn quant_state<'t, 'a>(
+    module: &str,
+    tensors: &'t BTreeMap<String, RawTensor<'a>>,
+) -> Option<(String, &'t RawTensor<'a>)> {
+    ["nf4", "fp4"].iter().find_map(|t| {
+        let name = format!("{module}.weight.{QUANT_STATE_PREFIX}{t}");
+        tensors.get(&name).map(|v| (name, v))
+    })
+}
+
 /// The compute dtype a 4-bit module's quant state records (`float32`, `float16`,
 /// `bfloat16`), used when dequantizing to a file.
 pub fn recorded_dtype(module: &str, tensors: &BTreeMap<String, RawTensor<'_>>) -> Option<Dtype> {
-    let (_, state) = tensors.iter().find(|(k, _)| {
-        k.strip_prefix(module)
-            .is_some_and(|r| r.starts_with(&format!(".weight.{QUANT_STATE_PREFIX}")))
-    })?;
+    let (_, state) = quant_state(module, tensors)?;
     let json: QuantStateJson = serde_json::from_slice(&state.data).ok()?;
     match json.dtype.as_str() {
         "float16" => Some(Dtype::F16),

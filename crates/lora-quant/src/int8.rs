@@ -91,6 +91,14 @@ impl Int8Weight {
         }
     }
 
+    /// Dequantizes columns `cols` of row `row` into `out` (LLM.int8's outlier columns).
+    pub fn dequantize_cols(&self, row: usize, cols: &[usize], out: &mut [f32]) {
+        let (width, s) = (self.shape[1], self.scb[row]);
+        for (o, &c) in out.iter_mut().zip(cols) {
+            *o = f32::from(self.cb[row * width + c]) * s * INV_127;
+        }
+    }
+
     /// The whole weight in f32.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.cb.len()];

@@ -188,14 +188,15 @@ impl<B: QuantOps> QuantLinear<B> {
         }
         if !outlier_cols.is_empty() {
             // The outlier columns in the input's own precision against the dequantized
-            // weight columns.
-            let mut deq = vec![0.0f32; in_f];
+            // weight columns (only those columns are dequantized).
+            let mut deq = vec![0.0f32; outlier_cols.len()];
             for j in 0..out_f {
-                w.dequantize_rows(j, &mut deq);
+                w.dequantize_cols(j, &outlier_cols, &mut deq);
                 for r in 0..n {
                     let s: f32 = outlier_cols
                         .iter()
-                        .map(|&c| xh[r * in_f + c] * deq[c])
+                        .zip(&deq)
+                        .map(|(&c, d)| xh[r * in_f + c] * d)
                         .sum();
                     y[r * out_f + j] += s;
                 }

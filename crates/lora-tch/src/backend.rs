@@ -5,8 +5,8 @@
 
 use lora_core::backend::{
     check_assign_cols, check_bmm, check_col_range, check_gemm, check_host_len, check_layer_norm,
-    check_permute, check_reshape, check_row_broadcast, check_rows, check_same_shape,
-    check_scatter_add, check_softmax_mask,
+    check_layer_norm_backward, check_permute, check_reshape, check_row_broadcast, check_rows,
+    check_same_shape, check_scatter_add, check_softmax_mask,
 };
 use lora_core::{
     Backend, BinaryOp, Error, LoraGrads, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp,
@@ -272,15 +272,7 @@ impl Backend for Tch {
         gamma: &TchTensor,
         dy: &TchTensor,
     ) -> Result<TchTensor> {
-        let (rows, _) = check_layer_norm(x.shape(), gamma.shape(), gamma.shape())?;
-        check_same_shape("layer_norm backward dy", x.shape(), dy.shape())?;
-        if stats.shape().dims() != [rows, 2] {
-            return Err(lora_core::Error::shape(
-                "layer_norm backward stats",
-                format!("[{rows}, 2]"),
-                stats.shape(),
-            ));
-        }
+        check_layer_norm_backward(x.shape(), stats.shape(), gamma.shape(), dy.shape())?;
         let st = stats.inner();
         let mean = st.f_narrow(1, 0, 1).map_err(tch_err)?;
         let rstd = st.f_narrow(1, 1, 1).map_err(tch_err)?;
