@@ -116,28 +116,57 @@ pub fn rand(b: &NdArray, shape: &[usize], stream: u64) -> NdTensor {
     b.from_host(&v, shape).unwrap()
 }
 
+/// The widest f32 FMA this CPU runs: 16 lanes with AVX-512F, 8 with AVX2+FMA.
+#[cfg(target_arch = "x86_64")]
+fn fma_lanes() -> Option<usize> {
+    if std::is_x86_feature_detected!("avx512f") {
+        Some(16)
+    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        Some(8)
+    } else {
+        None
+    }
+}
+
+/// The vector ISA the FMA peak (and the `gemm` crate's kernels, which pick the same way at
+/// run time) use on this CPU: `"avx512f"`, `"avx2+fma"` or `None`.
+pub fn fma_isa() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        fma_lanes().map(|l| if l == 16 { "avx512f" } else { "avx2+fma" })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
 /// Measured f32 FMA peak of this machine in GFLOP/s: every hardware thread runs eight
-/// independent chains of 8-lane fused multiply-adds (enough to cover FMA latency on the
-/// two FMA ports of current x86 cores). `None` without AVX2+FMA.
+/// independent chains of fused multiply-adds at the widest width the CPU has (16-lane
+/// AVX-512 where present, so that a GEMM running AVX-512 kernels is measured against the
+/// right ceiling; else 8-lane AVX2). Eight chains cover FMA latency on two FMA ports.
+/// `None` without AVX2+FMA.
 pub fn fma_peak_gflops() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
-            return None;
-        }
+        let lanes = fma_lanes()?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         const ITERS: u64 = 50_000_000;
         let start = std::time::Instant::now();
         let sink: f32 = std::thread::scope(|s| {
             let hs: Vec<_> = (0..threads)
-                .map(|_| s.spawn(|| fma_x86::run(ITERS)))
+                .map(|_| s.spawn(move || fma_x86::run(lanes, ITERS)))
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
         });
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(sink);
         // chains x lanes x 2 flops per FMA
-        Some(threads as f64 * ITERS as f64 * 8.0 * 8.0 * 2.0 / secs / 1e9)
+        Some(
+            threads as f64 * ITERS as f64 * fma_x86::CHAINS as f64 * lanes as f64 * 2.0
+                / secs
+                / 1e9,
+        )
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -150,17 +179,25 @@ pub fn fma_peak_gflops() -> Option<f64> {
 mod fma_x86 {
     use std::arch::x86_64::*;
 
-    /// Eight dependent-free FMA chains, `iters` rounds.
-    pub fn run(iters: u64) -> f32 {
-        // SAFETY: only called after `is_x86_feature_detected!` confirmed AVX2 and FMA.
-        unsafe { chains(iters) }
+    /// Independent FMA chains per thread.
+    pub const CHAINS: usize = 8;
+
+    /// `CHAINS` dependency-free FMA chains of `lanes` floats, `iters` rounds.
+    pub fn run(lanes: usize, iters: u64) -> f32 {
+        if lanes == 16 {
+            // SAFETY: `fma_lanes` returns 16 only after detecting AVX-512F.
+            unsafe { chains_avx512(iters) }
+        } else {
+            // SAFETY: `fma_lanes` returns 8 only after detecting AVX2 and FMA.
+            unsafe { chains_avx2(iters) }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn chains(iters: u64) -> f32 {
+    unsafe fn chains_avx2(iters: u64) -> f32 {
         let a = _mm256_set1_ps(0.999_999);
         let b = _mm256_set1_ps(1e-7);
-        let mut acc = [_mm256_set1_ps(1.0); 8];
+        let mut acc = [_mm256_set1_ps(1.0); CHAINS];
         for _ in 0..iters {
             for v in acc.iter_mut() {
                 *v = _mm256_fmadd_ps(*v, a, b);
@@ -174,5 +211,22 @@ mod fma_x86 {
         // SAFETY: `out` holds exactly the 8 floats an unaligned 256-bit store writes.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
         out.iter().sum()
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn chains_avx512(iters: u64) -> f32 {
+        let a = _mm512_set1_ps(0.999_999);
+        let b = _mm512_set1_ps(1e-7);
+        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut total = _mm512_setzero_ps();
+        for v in acc {
+            total = _mm512_add_ps(total, v);
+        }
+        _mm512_reduce_add_ps(total)
     }
 }

@@ -12,7 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lora::{Backend, NdArray, Transpose};
-use lora_benches::{fma_peak_gflops, rand};
+use lora_benches::{fma_isa, fma_peak_gflops, rand};
 use ndarray::Array2;
 
 /// `(m, n, k)`: two large products and the skinny ones a rank-8/16 LoRA runs.
@@ -31,10 +31,16 @@ fn bench(c: &mut Criterion) {
         std::fs::create_dir_all(&dir).ok();
         std::fs::write(
             dir.join("fma_peak.json"),
-            format!("{{\"fma_peak_gflops\": {peak:.1}}}\n"),
+            format!(
+                "{{\"fma_peak_gflops\": {peak:.1}, \"isa\": \"{}\"}}\n",
+                fma_isa().unwrap_or("none")
+            ),
         )
         .ok();
-        println!("measured f32 FMA peak: {peak:.1} GFLOP/s");
+        println!(
+            "measured f32 FMA peak: {peak:.1} GFLOP/s ({})",
+            fma_isa().unwrap_or("none")
+        );
     }
     let quick = std::env::var_os("LORA_BENCH_QUICK").is_some();
     let b = NdArray::new();
