@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use lora::models::Mlp;
-use lora::peft::{self, LoraConfig, PeftError, TargetModules};
+use lora::peft::{self, LoraConfig, TargetModules};
 use lora::{Backend, HostTensor, Mode, Model, NdArray, UnaryOp};
 use lora_tests::{assert_close, backend, host, json_f32, rand_tensor, to64};
 use serde_json::Value;
@@ -21,8 +21,8 @@ fn fixture_dir(name: &str) -> PathBuf {
 /// The fixture's base MLP (3-8-8-2, ReLU) with PyTorch's weights.
 fn peft_base(b: &NdArray) -> Mlp<NdArray> {
     let mut m = Mlp::new(b, &[3, 8, 8, 2], UnaryOp::Relu, 0).unwrap();
-    let sd =
-        peft::read_safetensors(&fixture_dir("peft_mlp").join("base_model.safetensors")).unwrap();
+    let sd = lora::io::read_safetensors(&fixture_dir("peft_mlp").join("base_model.safetensors"))
+        .unwrap();
     m.load_state_dict(b, &sd).unwrap();
     m
 }
@@ -88,10 +88,10 @@ fn float16_adapter_loads() {
 fn copy_dir_with(src: &Path, dst: &Path, edit: impl Fn(&mut BTreeMap<String, HostTensor>)) {
     std::fs::create_dir_all(dst).unwrap();
     std::fs::copy(src.join(peft::CONFIG_FILE), dst.join(peft::CONFIG_FILE)).unwrap();
-    let mut t = peft::read_safetensors(&src.join(peft::WEIGHTS_FILE)).unwrap();
+    let mut t = lora::io::read_safetensors(&src.join(peft::WEIGHTS_FILE)).unwrap();
     edit(&mut t);
     let list: Vec<(String, HostTensor)> = t.into_iter().collect();
-    peft::write_safetensors(&dst.join(peft::WEIGHTS_FILE), &list).unwrap();
+    lora::io::write_safetensors(&dst.join(peft::WEIGHTS_FILE), &list).unwrap();
 }
 
 #[test]
@@ -136,7 +136,7 @@ fn save_then_load_is_lossless_and_writes_peft_layout() {
     let tmp = tempfile::tempdir().unwrap();
     peft::save_pretrained(tmp.path(), &m, &b, &cfg).unwrap();
 
-    let tensors = peft::read_safetensors(&tmp.path().join(peft::WEIGHTS_FILE)).unwrap();
+    let tensors = lora::io::read_safetensors(&tmp.path().join(peft::WEIGHTS_FILE)).unwrap();
     let keys: Vec<&String> = tensors.keys().collect();
     assert_eq!(
         keys,
@@ -267,7 +267,7 @@ fn a_truncated_weights_file_is_a_format_error() {
     let bytes = std::fs::read(&src).unwrap();
     let dst = tmp.path().join("cut.safetensors");
     std::fs::write(&dst, &bytes[..bytes.len() / 2]).unwrap();
-    let err = peft::read_safetensors(&dst).unwrap_err();
-    assert!(matches!(err, PeftError::Format { .. }));
+    let err = lora::io::read_safetensors(&dst).unwrap_err();
+    assert!(matches!(err, lora::io::Error::Format { .. }));
     assert!(err.to_string().contains("cut.safetensors"), "{err}");
 }

@@ -7,11 +7,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use lora::io::Checkpoint;
 use lora::models::ModelError;
 use lora::models::bert::{
     BertModel, BertTokenizer, TokenBatch, l2_normalize, mean_pool, mean_pool_backward,
 };
-use lora::peft::{self, LoadedCheckpoint};
+use lora::peft;
 use lora::{Backend, DenseLinear, Linear, Mode, Model, NdArray, Tensor, cross_entropy_loss};
 use lora_tests::{assert_close, assert_close_scaled, backend, host, minilm_dir, to64};
 
@@ -20,18 +21,18 @@ fn fixture() -> PathBuf {
 }
 
 fn io() -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
-    let ck = LoadedCheckpoint::open(&fixture().join("io.safetensors")).unwrap();
+    let ck = Checkpoint::open(&fixture().join("io.safetensors")).unwrap();
     ck.tensors()
         .unwrap()
         .into_iter()
         .map(|(k, t)| {
             let v: Vec<f64> = match t.dtype {
-                lora::peft::SafetensorsDtype::I64 => t
+                lora::io::SafetensorsDtype::I64 => t
                     .data
                     .chunks_exact(8)
                     .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
                     .collect(),
-                _ => to64(&lora::peft::decode_f32(t.dtype, &t.data).unwrap()),
+                _ => to64(&lora::io::decode_f32(t.dtype, &t.data).unwrap()),
             };
             (k, (t.shape.clone(), v))
         })
@@ -50,7 +51,7 @@ fn fixture_batch(io: &BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> TokenBatch {
 }
 
 fn sentences() -> Vec<String> {
-    let ck = peft::MappedFile::open(&fixture().join("io.safetensors")).unwrap();
+    let ck = lora::io::MappedFile::open(&fixture().join("io.safetensors")).unwrap();
     let meta = ck.metadata().unwrap().unwrap();
     serde_json::from_str(&meta["sentences"]).unwrap()
 }
@@ -383,7 +384,7 @@ fn export_minilm_adapter_for_peft() {
         shape: vec![batch.batch, batch.seq_len],
         data: v.iter().map(|&x| x as f32).collect(),
     };
-    peft::write_safetensors(
+    lora::io::write_safetensors(
         &out.join("ours.safetensors"),
         &[
             ("input_ids".into(), f(&batch.ids)),

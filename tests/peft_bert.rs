@@ -17,7 +17,7 @@ fn dir() -> PathBuf {
 
 fn bank() -> LinearBank {
     LinearBank::from_state_dict(
-        &peft::read_safetensors(&dir().join("base/model.safetensors")).unwrap(),
+        &lora::io::read_safetensors(&dir().join("base/model.safetensors")).unwrap(),
     )
 }
 
@@ -73,7 +73,7 @@ fn compare_weights(
     got: &std::collections::BTreeMap<String, lora::HostTensor>,
     want_file: &Path,
 ) {
-    let want = peft::read_safetensors(want_file).unwrap();
+    let want = lora::io::read_safetensors(want_file).unwrap();
     for (k, w) in &want {
         let Some(g) = got.get(k) else { continue };
         assert_eq!(g.shape, w.shape, "{what} {k}");
@@ -98,7 +98,7 @@ fn in_memory_merge_gives_peft_merged_weights_for_each_adapter() {
             &dir().join(format!("merged_{name}.safetensors")),
         );
         // And the weights differ from the base where the adapter acts.
-        let base = peft::read_safetensors(&dir().join("base/model.safetensors")).unwrap();
+        let base = lora::io::read_safetensors(&dir().join("base/model.safetensors")).unwrap();
         let changed = sd
             .iter()
             .filter(|(k, v)| base.get(*k).is_some_and(|bv| bv.data != v.data))
@@ -126,7 +126,7 @@ fn checkpoint_merge_gives_peft_merged_weights() {
         assert_eq!(report.merged.len(), if name == "default" { 5 } else { 4 });
         compare_weights(
             &format!("lora merge {name}"),
-            &peft::read_safetensors(&out).unwrap(),
+            &lora::io::read_safetensors(&out).unwrap(),
             &dir().join(format!("merged_{name}.safetensors")),
         );
     }
@@ -141,9 +141,10 @@ fn saving_reproduces_peft_files() {
     let tmp = tempfile::tempdir().unwrap();
     pm.save_pretrained(tmp.path(), &b).unwrap();
     for sub in ["", "second"] {
-        let ours = peft::read_safetensors(&tmp.path().join(sub).join(peft::WEIGHTS_FILE)).unwrap();
+        let ours =
+            lora::io::read_safetensors(&tmp.path().join(sub).join(peft::WEIGHTS_FILE)).unwrap();
         let theirs =
-            peft::read_safetensors(&dir().join("adapters").join(sub).join(peft::WEIGHTS_FILE))
+            lora::io::read_safetensors(&dir().join("adapters").join(sub).join(peft::WEIGHTS_FILE))
                 .unwrap();
         assert_eq!(ours, theirs, "same keys, shapes and values ({sub:?})");
         let a: serde_json::Value = serde_json::from_str(

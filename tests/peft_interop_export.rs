@@ -45,7 +45,7 @@ fn export_adapters_outputs_and_merges_for_peft() {
     let mut m = Mlp::new(&b, &[3, 8, 8, 2], UnaryOp::Relu, 0).unwrap();
     m.load_state_dict(
         &b,
-        &peft::read_safetensors(&fixtures().join("peft_mlp/base_model.safetensors")).unwrap(),
+        &lora::io::read_safetensors(&fixtures().join("peft_mlp/base_model.safetensors")).unwrap(),
     )
     .unwrap();
     let mut pm =
@@ -77,7 +77,7 @@ fn export_adapters_outputs_and_merges_for_peft() {
     // Tiny BERT: adapters with patterns made here, merged here with `merge_checkpoint`.
     let bert = fixtures().join("peft_bert");
     let bank = LinearBank::from_state_dict(
-        &peft::read_safetensors(&bert.join("base/model.safetensors")).unwrap(),
+        &lora::io::read_safetensors(&bert.join("base/model.safetensors")).unwrap(),
     );
     let first = LoraConfig {
         rank_pattern: [("output.dense".to_string(), 3usize)].into_iter().collect(),

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lora::peft::{self, LoadedCheckpoint, PeftError, QuantTargets, TargetModules, bnb_format};
+use lora::io::{self, Checkpoint, QuantTargets};
+use lora::peft::{self, TargetModules};
 use lora::quant::{QuantConfig, QuantFormat};
 
 fn tiny_bert() -> PathBuf {
@@ -21,7 +22,7 @@ fn roundtrip_dir() -> PathBuf {
 fn none(_: u64, _: u64) {}
 
 fn f32_tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    peft::read_safetensors(path)
+    lora::io::read_safetensors(path)
         .unwrap()
         .into_iter()
         .map(|(k, v)| (k, v.data))
@@ -51,7 +52,7 @@ fn quantize_tiny_bert_for_transformers_and_round_trip() {
         let dir = out.join(name);
         let q = dir.join("model.safetensors");
         let report =
-            peft::quantize_checkpoint(&tiny_bert(), &q, &cfg, &QuantTargets::AllLinear, &none)
+            lora::io::quantize_checkpoint(&tiny_bert(), &q, &cfg, &QuantTargets::AllLinear, &none)
                 .unwrap();
         // Every encoder linear (and the pooler) is quantized; embeddings are not.
         assert!(
@@ -76,7 +77,7 @@ fn quantize_tiny_bert_for_transformers_and_round_trip() {
         // dequantize -> every weight within the format's rounding of the original; other
         // tensors byte-identical.
         let deq = dir.join("dequantized.safetensors");
-        peft::dequantize_checkpoint(&q, &deq).unwrap();
+        lora::io::dequantize_checkpoint(&q, &deq).unwrap();
         let back = f32_tensors(&deq);
         assert_eq!(
             back.keys().collect::<Vec<_>>(),
@@ -105,7 +106,7 @@ fn quantize_tiny_bert_for_transformers_and_round_trip() {
             }
         }
         // Our reader reads back exactly what we wrote, and inspect sees the format.
-        let summary = peft::quant_summary(&q).unwrap();
+        let summary = lora::io::quant_summary(&q).unwrap();
         assert_eq!(summary.modules.len(), report.quantized.len());
         assert!(summary.modules.iter().all(|m| m.1 == cfg.format.as_str()));
     }
@@ -117,7 +118,7 @@ fn quantize_tiny_bert_for_transformers_and_round_trip() {
 fn merge_into_quantized_checkpoint_reports_rounding() {
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q.safetensors");
-    peft::quantize_checkpoint(
+    lora::io::quantize_checkpoint(
         &tiny_bert(),
         &q,
         &QuantConfig::qlora(),
@@ -144,12 +145,12 @@ fn merge_into_quantized_checkpoint_reports_rounding() {
     assert!(r.max_abs > 0.0 && r.max_rel < 0.2, "{r:?}");
     assert!(!report.merged.is_empty());
     // The merged file is still quantized, with the same modules.
-    let before = peft::quant_summary(&q).unwrap();
-    let after = peft::quant_summary(&merged).unwrap();
+    let before = lora::io::quant_summary(&q).unwrap();
+    let after = lora::io::quant_summary(&merged).unwrap();
     assert_eq!(before.modules.len(), after.modules.len());
     // A merged module differs from the base, an untouched one is byte-identical.
-    let ck_b = LoadedCheckpoint::open(&q).unwrap();
-    let ck_m = LoadedCheckpoint::open(&merged).unwrap();
+    let ck_b = Checkpoint::open(&q).unwrap();
+    let ck_m = Checkpoint::open(&merged).unwrap();
     let (tb, tm) = (ck_b.tensors().unwrap(), ck_m.tensors().unwrap());
     let touched = report.merged[0].trim_end_matches(".weight").to_string();
     assert_ne!(
@@ -188,8 +189,9 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
         blocksize: 48,
         ..QuantConfig::qlora()
     };
-    let e = peft::quantize_checkpoint(&tiny_bert(), &out, &cfg, &QuantTargets::AllLinear, &none)
-        .unwrap_err();
+    let e =
+        lora::io::quantize_checkpoint(&tiny_bert(), &out, &cfg, &QuantTargets::AllLinear, &none)
+            .unwrap_err();
     assert!(
         e.to_string().contains("blocksize") && e.to_string().contains("48"),
         "{e}"
@@ -204,8 +206,8 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
     );
 
     // A selected tensor that is not 2-D (a LayerNorm weight).
-    let rule = QuantTargets::Modules(TargetModules::List(vec!["LayerNorm".into()]));
-    let e = peft::quantize_checkpoint(&tiny_bert(), &out, &QuantConfig::qlora(), &rule, &none)
+    let rule = peft::quant_targets(TargetModules::List(vec!["LayerNorm".into()]));
+    let e = lora::io::quantize_checkpoint(&tiny_bert(), &out, &QuantConfig::qlora(), &rule, &none)
         .unwrap_err();
     assert!(
         e.to_string().contains("LayerNorm.weight") && e.to_string().contains("2-D"),
@@ -214,7 +216,7 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
     assert_no_file(&out);
 
     // A missing input.
-    let e = peft::quantize_checkpoint(
+    let e = lora::io::quantize_checkpoint(
         &tmp.path().join("nope"),
         &out,
         &QuantConfig::qlora(),
@@ -226,7 +228,7 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
 
     // A corrupt quant_state JSON in an otherwise valid quantized file.
     let q = tmp.path().join("q.safetensors");
-    peft::quantize_checkpoint(
+    lora::io::quantize_checkpoint(
         &tiny_bert(),
         &q,
         &QuantConfig::qlora(),
@@ -234,15 +236,15 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
         &none,
     )
     .unwrap();
-    let ck = LoadedCheckpoint::open(&q).unwrap();
-    let mut tensors: BTreeMap<String, bnb_format::RawTensor<'static>> = ck
+    let ck = Checkpoint::open(&q).unwrap();
+    let mut tensors: BTreeMap<String, io::RawTensor<'static>> = ck
         .tensors()
         .unwrap()
         .into_iter()
         .map(|(k, t)| {
             (
                 k,
-                bnb_format::RawTensor {
+                io::RawTensor {
                     dtype: t.dtype,
                     shape: t.shape,
                     data: t.data.into_owned().into(),
@@ -257,18 +259,18 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
         .clone();
     tensors.insert(
         key.clone(),
-        bnb_format::RawTensor::u8(
+        io::RawTensor::u8(
             vec![9],
             b"{\"quant_".to_vec().into_iter().chain([b'x']).collect(),
         ),
     );
     let corrupt = tmp.path().join("corrupt.safetensors");
-    let views: Vec<(String, &bnb_format::RawTensor<'_>)> =
+    let views: Vec<(String, &io::RawTensor<'_>)> =
         tensors.iter().map(|(k, v)| (k.clone(), v)).collect();
     safetensors::serialize_to_file(views, None, &corrupt).unwrap();
     let deq = tmp.path().join("deq.safetensors");
-    let e = peft::dequantize_checkpoint(&corrupt, &deq).unwrap_err();
-    assert!(matches!(e, PeftError::Format { .. }));
+    let e = lora::io::dequantize_checkpoint(&corrupt, &deq).unwrap_err();
+    assert!(matches!(e, io::Error::Format { .. }));
     assert!(
         e.to_string().contains(&key) && e.to_string().contains("quant_state JSON"),
         "{e}"
@@ -281,20 +283,17 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
     let good = ck.tensors().unwrap();
     tensors.insert(
         key.clone(),
-        bnb_format::RawTensor {
+        io::RawTensor {
             dtype: good[&key].dtype,
             shape: good[&key].shape.clone(),
             data: good[&key].data.to_vec().into(),
         },
     );
-    tensors.insert(
-        wkey.clone(),
-        bnb_format::RawTensor::u8(vec![10, 1], vec![0; 10]),
-    );
-    let views: Vec<(String, &bnb_format::RawTensor<'_>)> =
+    tensors.insert(wkey.clone(), io::RawTensor::u8(vec![10, 1], vec![0; 10]));
+    let views: Vec<(String, &io::RawTensor<'_>)> =
         tensors.iter().map(|(k, v)| (k.clone(), v)).collect();
     safetensors::serialize_to_file(views, None, &corrupt).unwrap();
-    let e = peft::dequantize_checkpoint(&corrupt, &deq).unwrap_err();
+    let e = lora::io::dequantize_checkpoint(&corrupt, &deq).unwrap_err();
     assert!(
         e.to_string().contains(&wkey) && e.to_string().contains("bytes"),
         "{e}"
@@ -302,7 +301,7 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
     assert_no_file(&deq);
 
     // Quantizing an already quantized file.
-    let e = peft::quantize_checkpoint(
+    let e = lora::io::quantize_checkpoint(
         &q,
         &out,
         &QuantConfig::qlora(),
@@ -314,6 +313,6 @@ fn bad_quantization_input_is_a_clear_error_and_leaves_no_file() {
     assert_no_file(&out);
 
     // Dequantizing a plain checkpoint.
-    let e = peft::dequantize_checkpoint(&tiny_bert(), &deq).unwrap_err();
+    let e = lora::io::dequantize_checkpoint(&tiny_bert(), &deq).unwrap_err();
     assert!(e.to_string().contains("no quantized module"), "{e}");
 }

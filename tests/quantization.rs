@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use lora::peft::LoadedCheckpoint;
-use lora::peft::bnb_format::{self, RawTensor};
+use lora::io::Checkpoint;
+use lora::io::{RawTensor, bnb_format};
 use lora::quant::{
     Absmax, FourBitType, FourBitWeight, Int8Weight, QuantConfig, QuantFormat, QuantLinear,
     QuantizedWeight, dynamic_map,
@@ -19,7 +19,7 @@ fn fixture_dir() -> PathBuf {
 }
 
 struct Fixture {
-    ck: LoadedCheckpoint,
+    ck: Checkpoint,
     cases: Vec<serde_json::Value>,
 }
 
@@ -30,7 +30,7 @@ impl Fixture {
             serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
                 .unwrap();
         Fixture {
-            ck: LoadedCheckpoint::open(&dir.join("cases.safetensors")).unwrap(),
+            ck: Checkpoint::open(&dir.join("cases.safetensors")).unwrap(),
             cases: meta["cases"].as_array().unwrap().clone(),
         }
     }
@@ -41,7 +41,7 @@ impl Fixture {
 }
 
 fn f32s(t: &RawTensor<'_>) -> Vec<f32> {
-    lora::peft::decode_f32(t.dtype, &t.data).unwrap()
+    lora::io::decode_f32(t.dtype, &t.data).unwrap()
 }
 
 #[test]

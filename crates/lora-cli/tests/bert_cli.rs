@@ -41,7 +41,7 @@ fn text(o: &Output) -> String {
 #[test]
 fn embed_prints_sentence_transformers_embeddings_as_json() {
     let Some(model) = minilm() else { return };
-    let meta = lora::peft::MappedFile::open(&fixture().join("io.safetensors"))
+    let meta = lora::io::MappedFile::open(&fixture().join("io.safetensors"))
         .unwrap()
         .metadata()
         .unwrap()
@@ -61,10 +61,10 @@ fn embed_prints_sentence_transformers_embeddings_as_json() {
     // stdout is the JSON and nothing else.
     let got: Vec<Vec<f32>> = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(got.len(), 3);
-    let ck = lora::peft::LoadedCheckpoint::open(&fixture().join("io.safetensors")).unwrap();
+    let ck = lora::io::Checkpoint::open(&fixture().join("io.safetensors")).unwrap();
     let t = ck.tensors().unwrap();
     let e = &t["sentence_embedding"];
-    let want = lora::peft::decode_f32(e.dtype, &e.data).unwrap();
+    let want = lora::io::decode_f32(e.dtype, &e.data).unwrap();
     for (i, (g, w)) in got.iter().flatten().zip(&want).enumerate() {
         assert!((g - w).abs() < 1e-4, "value {i}: {g} vs {w}");
     }

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use lora::io::MappedFile;
 use lora::models::Mlp;
-use lora::peft::{self, MappedFile};
 use lora::{Backend, HostTensor, Mode, Model, UnaryOp};
 
 fn fixture() -> PathBuf {
@@ -40,7 +40,7 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 fn assert_matches_peft_merge(merged: &Path, tol: f32) {
     let b = lora::NdArray::new();
     let mut m = Mlp::new(&b, &[3, 8, 8, 2], UnaryOp::Relu, 0).unwrap();
-    m.load_state_dict(&b, &peft::read_safetensors(merged).unwrap())
+    m.load_state_dict(&b, &lora::io::read_safetensors(merged).unwrap())
         .unwrap();
     let io = io();
     let x = b.from_host(&floats(&io["x"]), &[4, 3]).unwrap();
@@ -110,7 +110,7 @@ fn merge_matches_peft_and_copies_untouched_tensors_byte_for_byte() {
 #[test]
 fn merge_reads_sharded_checkpoints_and_converts_dtypes() {
     let tmp = tempfile::tempdir().unwrap();
-    let all = peft::read_safetensors(&fixture().join("base_model.safetensors")).unwrap();
+    let all = lora::io::read_safetensors(&fixture().join("base_model.safetensors")).unwrap();
     let (first, second): (Vec<_>, Vec<_>) = all
         .into_iter()
         .partition(|(k, _)| k.starts_with("layers.0") || k.starts_with("layers.2"));
@@ -118,8 +118,8 @@ fn merge_reads_sharded_checkpoints_and_converts_dtypes() {
     std::fs::create_dir_all(&model).unwrap();
     let f1 = "model-00001-of-00002.safetensors";
     let f2 = "model-00002-of-00002.safetensors";
-    peft::write_safetensors(&model.join(f1), &first).unwrap();
-    peft::write_safetensors(&model.join(f2), &second).unwrap();
+    lora::io::write_safetensors(&model.join(f1), &first).unwrap();
+    lora::io::write_safetensors(&model.join(f2), &second).unwrap();
     let mut map = serde_json::Map::new();
     for (k, _) in &first {
         map.insert(k.clone(), f1.into());
@@ -179,8 +179,8 @@ fn merge_reads_sharded_checkpoints_and_converts_dtypes() {
     assert_matches_peft_merge(&out16, 1e-2);
 }
 
-fn safetensors_dtype_bf16() -> lora::peft::SafetensorsDtype {
-    lora::peft::SafetensorsDtype::BF16
+fn safetensors_dtype_bf16() -> lora::io::SafetensorsDtype {
+    lora::io::SafetensorsDtype::BF16
 }
 
 fn expect_failure(args: &[&str], out: &Path, needles: &[&str]) {
@@ -203,10 +203,10 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
     let base = fixture().join("base_model.safetensors");
 
     // A module the base lacks: merge the adapter into a checkpoint without layers.4.
-    let mut sd = peft::read_safetensors(&base).unwrap();
+    let mut sd = lora::io::read_safetensors(&base).unwrap();
     sd.remove("layers.4.weight");
     let small = tmp.path().join("small.safetensors");
-    peft::write_safetensors(&small, &sd.into_iter().collect::<Vec<_>>()).unwrap();
+    lora::io::write_safetensors(&small, &sd.into_iter().collect::<Vec<_>>()).unwrap();
     expect_failure(
         &[
             "merge",
@@ -229,7 +229,7 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
         bad.join("adapter_config.json"),
     )
     .unwrap();
-    let mut t = peft::read_safetensors(&fixture().join("adapter_model.safetensors")).unwrap();
+    let mut t = lora::io::read_safetensors(&fixture().join("adapter_model.safetensors")).unwrap();
     t.insert(
         "base_model.model.layers.2.lora_A.weight".into(),
         HostTensor {
@@ -237,7 +237,7 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
             data: vec![0.0; 10],
         },
     );
-    peft::write_safetensors(
+    lora::io::write_safetensors(
         &bad.join("adapter_model.safetensors"),
         &t.into_iter().collect::<Vec<_>>(),
     )

@@ -329,7 +329,7 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
     }
 
     fn delta_weight(&self, backend: &B) -> Result<B::Tensor> {
-        backend.lora_delta_weight(&self.a, &self.b, self.scaling)
+        backend.lora_delta_weight(&self.a, &self.b, self.scaling, false)
     }
 
     fn tensors(&self) -> Vec<(&'static str, &B::Tensor)> {

@@ -19,7 +19,6 @@ pub mod adapter;
 pub mod backend;
 pub mod dtype;
 pub mod error;
-pub mod fs;
 pub mod host_tensor;
 pub mod linear;
 pub mod lora_linear;
@@ -39,7 +38,7 @@ pub use linear::{DenseLinear, Linear, WeightRounding};
 pub use lora_linear::{DEFAULT_ADAPTER, FullGrads, LoraLinear, RowAdapter};
 pub use loss::{cross_entropy_loss, mse_loss};
 pub use module::Model;
-pub use ops::{AdamHyper, LoraGrads, LoraOps, OptimOps, SgdHyper};
+pub use ops::{AdamHyper, LoraGrads, LoraOps, OptimOps, SgdHyper, WeightedFactors};
 pub use optim::{Adam, Optimizer, Sgd};
 pub use shape::Shape;
 

@@ -8,7 +8,7 @@ pub enum ModelError {
     Core(#[from] lora_core::Error),
     /// From reading a checkpoint.
     #[error(transparent)]
-    Peft(#[from] lora_peft::PeftError),
+    Checkpoint(#[from] lora_io::Error),
     /// A file could not be read.
     #[error("{path}: {source}")]
     Io {

@@ -4,14 +4,12 @@
 //! (`[out, r]`); files written by PEFT may carry the adapter name
 //! (`.lora_A.default.weight`) and f16/bf16 tensors, and both load here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use lora_core::fs::write_atomic;
 use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, Model};
-use safetensors::Dtype;
-
-use crate::checkpoint::{MappedFile, decode_f32};
+use lora_io::fs::write_atomic;
+use lora_io::{read_safetensors, write_safetensors};
 
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
@@ -75,58 +73,6 @@ pub fn save_adapter<B: LoraOps, M: Model<B> + ?Sized>(
     let json = config.to_json_string()?;
     write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
     Ok(())
-}
-
-/// Writes f32 tensors to a safetensors file with PyTorch's `{"format": "pt"}` metadata,
-/// atomically (temporary file, then rename).
-pub fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
-    let format_err = |reason: String| PeftError::Format {
-        path: path.display().to_string(),
-        reason,
-    };
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, t)| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, t), b)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, t.shape.clone(), b)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| format_err(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let out =
-        safetensors::serialize(views, Some(metadata)).map_err(|e| format_err(e.to_string()))?;
-    write_atomic(path, &out)?;
-    Ok(())
-}
-
-/// Reads every tensor of a safetensors file (memory-mapped), converting f32, f16 and
-/// bf16 to f32.
-pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
-    let file = MappedFile::open(path)?;
-    let st = file.tensors()?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let data = decode_f32(view.dtype(), view.data()).ok_or_else(|| PeftError::Format {
-            path: path.display().to_string(),
-            reason: format!(
-                "tensor {name} has dtype {:?}; expected F32, F16 or BF16",
-                view.dtype()
-            ),
-        })?;
-        out.insert(
-            name,
-            HostTensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
-    }
-    Ok(out)
 }
 
 /// Groups an adapter file's tensors by module: `module -> (lora_A, lora_B)`. Every key must

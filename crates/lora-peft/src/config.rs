@@ -7,6 +7,7 @@ use lora_core::{LoraInit, LoraSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PeftError, Result};
+use crate::name_patterns::pattern_value;
 
 /// `target_modules` / `exclude_modules`: a list of names, or one regular expression
 /// (`"all-linear"` is a special string).
@@ -284,15 +285,14 @@ impl LoraConfig {
 
     /// The adapter spec for one module, after `rank_pattern` / `alpha_pattern`.
     pub fn spec_for(&self, module: &str, seed: u64) -> Result<LoraSpec> {
-        let r = match crate::targeting::pattern_value(&self.rank_pattern, module, "rank_pattern")? {
+        let r = match pattern_value(&self.rank_pattern, module, "rank_pattern")? {
             Some(r) => *r,
             None => self.r,
         };
-        let alpha =
-            match crate::targeting::pattern_value(&self.alpha_pattern, module, "alpha_pattern")? {
-                Some(a) => *a,
-                None => self.lora_alpha,
-            };
+        let alpha = match pattern_value(&self.alpha_pattern, module, "alpha_pattern")? {
+            Some(a) => *a,
+            None => self.lora_alpha,
+        };
         let init = match &self.init_lora_weights {
             InitLoraWeights::Bool(true) => LoraInit::KaimingUniform,
             InitLoraWeights::Bool(false) => LoraInit::Random,

@@ -64,5 +64,16 @@ pub enum PeftError {
     },
 }
 
+impl From<lora_io::Error> for PeftError {
+    /// Checkpoint and file errors keep their kind (and message) under lora-peft's enum.
+    fn from(e: lora_io::Error) -> Self {
+        match e {
+            lora_io::Error::Core(e) => PeftError::Core(e),
+            lora_io::Error::Io { path, source } => PeftError::Io { path, source },
+            lora_io::Error::Format { path, reason } => PeftError::Format { path, reason },
+        }
+    }
+}
+
 /// `Result` with [`PeftError`].
 pub type Result<T, E = PeftError> = std::result::Result<T, E>;

@@ -6,17 +6,14 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use lora_core::fs::temp_path_for;
-use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, Transpose, WeightRounding};
+use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, WeightRounding};
+use lora_io::fs::temp_path_for;
+use lora_io::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float, merge_into_quantized};
 use safetensors::{Dtype, View};
 
-use crate::adapter_file::{CONFIG_FILE, WEIGHTS_FILE, lora_modules, read_safetensors};
-use crate::checkpoint::{
-    Checkpoint, MappedFile, decode_f32, encode_f32, is_float, tensor_locations,
-};
+use crate::adapter_file::{CONFIG_FILE, WEIGHTS_FILE, lora_modules};
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
-use crate::quantize_checkpoint::{is_quantized_checkpoint, merge_into_quantized};
 
 /// The dtype of the merged checkpoint's floating-point tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,30 +80,16 @@ struct OutTensor<'a, B: LoraOps> {
     name: String,
 }
 
-/// A byte range of a file.
+/// A byte range of a mapped file, read with `pread` when the writer asks for it.
 struct Source<'a> {
-    file: &'a std::fs::File,
-    path: &'a Path,
+    file: &'a MappedFile,
     offset: u64,
     len: usize,
 }
 
 impl Source<'_> {
     fn read(&self) -> std::io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; self.len];
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileExt;
-            self.file.read_exact_at(&mut buf, self.offset)?;
-        }
-        #[cfg(not(unix))]
-        {
-            use std::io::{Read, Seek, SeekFrom};
-            let mut f = self.file;
-            f.seek(SeekFrom::Start(self.offset))?;
-            f.read_exact(&mut buf)?;
-        }
-        Ok(buf)
+        self.file.read_at(self.offset, self.len)
     }
 }
 
@@ -122,37 +105,9 @@ impl<B: LoraOps> OutTensor<'_, B> {
     /// `W + s·B·A` (transposed for `fan_in_fan_out`) in f32.
     fn merged(&self, f: &Factors, src: &[u8]) -> lora_core::Result<Vec<f32>> {
         let be = self.backend;
-        let (out_f, in_f) = (f.b.shape[0], f.a.shape[1]);
         let a = f.a.to_backend(be)?;
         let b = f.b.to_backend(be)?;
-        let shape = if self.transpose_delta {
-            [in_f, out_f]
-        } else {
-            [out_f, in_f]
-        };
-        let mut delta = be.zeros(&shape)?;
-        if self.transpose_delta {
-            // (B A)^T = A^T B^T
-            be.gemm(
-                f.scaling,
-                &a,
-                Transpose::Yes,
-                &b,
-                Transpose::Yes,
-                0.0,
-                &mut delta,
-            )?;
-        } else {
-            be.gemm(
-                f.scaling,
-                &b,
-                Transpose::No,
-                &a,
-                Transpose::No,
-                0.0,
-                &mut delta,
-            )?;
-        }
+        let delta = be.lora_delta_weight(&a, &b, f.scaling, self.transpose_delta)?;
         let delta = be.to_host(&delta)?;
         let mut w = decode_f32(self.src_dtype, src).unwrap_or_default();
         let mut max = 0.0f32;
@@ -177,7 +132,7 @@ impl<B: LoraOps> View for &OutTensor<'_, B> {
 
     fn data(&self) -> Cow<'_, [u8]> {
         let result: std::result::Result<Vec<u8>, String> = match self.src.read() {
-            Err(e) => Err(format!("reading {}: {e}", self.src.path.display())),
+            Err(e) => Err(format!("reading {}: {e}", self.src.file.path.display())),
             Ok(src) => match self.merge {
                 None if self.dtype == self.src_dtype => Ok(src),
                 None => {
@@ -226,7 +181,8 @@ pub fn adapter_dir_for(dir: &Path, adapter_name: &str) -> PathBuf {
 /// Merges the adapter at `adapter_dir` (`adapter_name` selects a subfolder adapter) into
 /// the checkpoint at `base` and writes one safetensors file `out` with exactly the base's
 /// tensor names and shapes. Everything is validated before a byte is written; the output
-/// is written to a temporary file and renamed, so an error leaves no output behind.
+/// is written to a temporary file and renamed, so an error leaves no output behind. The
+/// base is opened (mapped) once.
 pub fn merge_checkpoint<B: LoraOps>(
     backend: &B,
     base: &Path,
@@ -241,59 +197,97 @@ pub fn merge_checkpoint<B: LoraOps>(
     config.check_supported()?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let modules = lora_modules(
-        &read_safetensors(&weights_path)?,
+        &lora_io::read_safetensors(&weights_path)?,
         &weights_path,
         adapter_name,
     )?;
-
-    if is_quantized_checkpoint(base)? {
-        return merge_quantized(backend, base, &config, modules, adapter_name, out);
-    }
-
     let ckpt = Checkpoint::open(base)?;
-    let files: Vec<MappedFile> = ckpt
-        .files
-        .iter()
-        .map(|p| MappedFile::open(p))
-        .collect::<Result<_>>()?;
-    let parsed: Vec<_> = files
+    if ckpt.is_quantized()? {
+        return merge_quantized(backend, &ckpt, &config, modules, adapter_name, out);
+    }
+    let factors = checked_factors(&ckpt, base, &weights_path, &config, modules)?;
+    let locations = ckpt.locations()?;
+    let parsed: Vec<_> = ckpt
+        .files()
         .iter()
         .map(MappedFile::tensors)
-        .collect::<Result<_>>()?;
-    let locations = tensor_locations(&files)?;
-    let handles: Vec<std::fs::File> = files
-        .iter()
-        .map(|f| {
-            std::fs::File::open(&f.path).map_err(|e| PeftError::Io {
-                path: f.path.display().to_string(),
-                source: e,
-            })
-        })
-        .collect::<Result<_>>()?;
+        .collect::<std::result::Result<_, _>>()?;
+    let progress_state = RefCell::new(WriteState {
+        error: None,
+        done: 0,
+        total: locations.len() as u64,
+        max_abs_delta: 0.0,
+        progress,
+    });
+    let mut report = MergeReport::default();
+    let mut outs: Vec<(String, OutTensor<'_, B>)> = Vec::with_capacity(locations.len());
+    for (name, &fi) in &locations {
+        let file = &ckpt.files()[fi];
+        let view = parsed[fi].tensor(name).map_err(|e| PeftError::Format {
+            path: file.path.display().to_string(),
+            reason: format!("tensor {name}: {e}"),
+        })?;
+        let merge = factors.get(name);
+        let out_dtype = dtype.resolve(view.dtype());
+        match (merge, out_dtype == view.dtype()) {
+            (Some(_), _) => report.merged.push(name.clone()),
+            (None, true) => report.copied += 1,
+            (None, false) => report.converted += 1,
+        }
+        let t = OutTensor {
+            dtype: out_dtype,
+            shape: view.shape().to_vec(),
+            src_dtype: view.dtype(),
+            src: Source {
+                file,
+                offset: file.offset_of(view.data()),
+                len: view.data().len(),
+            },
+            merge,
+            transpose_delta: config.fan_in_fan_out,
+            backend,
+            state: &progress_state,
+            name: name.clone(),
+        };
+        report.bytes += View::data_len(&&t) as u64;
+        outs.push((name.clone(), t));
+    }
+    let metadata: HashMap<String, String> = ckpt.files()[0]
+        .metadata()?
+        .unwrap_or_else(|| HashMap::from([("format".to_string(), "pt".to_string())]));
+    write_streamed(out, &outs, metadata, &progress_state)?;
+    report.max_abs_delta = progress_state.borrow().max_abs_delta;
+    Ok(report)
+}
 
-    // Validate every adapter module against the base before writing anything.
+/// Checks every adapter module against the base (tensor present, float, 2-D, factor
+/// shapes) before anything is written, and returns the factors by base tensor name.
+fn checked_factors(
+    ckpt: &Checkpoint,
+    base: &Path,
+    weights_path: &Path,
+    config: &LoraConfig,
+    modules: BTreeMap<String, (HostTensor, HostTensor)>,
+) -> Result<BTreeMap<String, Factors>> {
+    let tensors = ckpt.tensors()?;
     let mut factors: BTreeMap<String, Factors> = BTreeMap::new();
     for (module, (a, b)) in modules {
         let key = format!("{module}.weight");
-        let &fi = locations.get(&key).ok_or_else(|| PeftError::Format {
+        let view = tensors.get(&key).ok_or_else(|| PeftError::Format {
             path: base.display().to_string(),
             reason: format!(
                 "the adapter targets module {module}, but the base has no tensor {key}"
             ),
         })?;
-        let view = parsed[fi].tensor(&key).map_err(|e| PeftError::Format {
-            path: files[fi].path.display().to_string(),
-            reason: format!("tensor {key}: {e}"),
-        })?;
-        let wshape = view.shape();
+        let wshape = view.shape.as_slice();
         let bad = |reason: String| PeftError::Format {
             path: weights_path.display().to_string(),
             reason,
         };
-        if !is_float(view.dtype()) {
+        if !is_float(view.dtype) {
             return Err(bad(format!(
                 "base tensor {key} has dtype {:?}; only F32, F16 and BF16 weights can be merged",
-                view.dtype()
+                view.dtype
             )));
         }
         let (out_f, in_f) = match (wshape, config.fan_in_fan_out) {
@@ -314,51 +308,18 @@ pub fn merge_checkpoint<B: LoraOps>(
         let scaling = config.spec_for(&module, 0)?.scaling();
         factors.insert(key, Factors { a, b, scaling });
     }
+    Ok(factors)
+}
 
-    let progress_state = RefCell::new(WriteState {
-        error: None,
-        done: 0,
-        total: locations.len() as u64,
-        max_abs_delta: 0.0,
-        progress,
-    });
-    let mut report = MergeReport::default();
-    let mut outs: Vec<(String, OutTensor<'_, B>)> = Vec::with_capacity(locations.len());
-    for (name, &fi) in &locations {
-        let view = parsed[fi].tensor(name).map_err(|e| PeftError::Format {
-            path: files[fi].path.display().to_string(),
-            reason: format!("tensor {name}: {e}"),
-        })?;
-        let merge = factors.get(name);
-        let out_dtype = dtype.resolve(view.dtype());
-        match (merge, out_dtype == view.dtype()) {
-            (Some(_), _) => report.merged.push(name.clone()),
-            (None, true) => report.copied += 1,
-            (None, false) => report.converted += 1,
-        }
-        let t = OutTensor {
-            dtype: out_dtype,
-            shape: view.shape().to_vec(),
-            src_dtype: view.dtype(),
-            src: Source {
-                file: &handles[fi],
-                path: &files[fi].path,
-                offset: files[fi].offset_of(view.data()),
-                len: view.data().len(),
-            },
-            merge,
-            transpose_delta: config.fan_in_fan_out,
-            backend,
-            state: &progress_state,
-            name: name.clone(),
-        };
-        report.bytes += View::data_len(&&t) as u64;
-        outs.push((name.clone(), t));
-    }
-    let metadata: HashMap<String, String> = files[0]
-        .metadata()?
-        .unwrap_or_else(|| HashMap::from([("format".to_string(), "pt".to_string())]));
-
+/// Serializes the planned tensors into a temporary file beside `out` (each tensor's bytes
+/// produced when the writer reaches it), then renames it over `out`; on any error the
+/// temporary file is removed.
+fn write_streamed<B: LoraOps>(
+    out: &Path,
+    outs: &[(String, OutTensor<'_, B>)],
+    metadata: HashMap<String, String>,
+    state: &RefCell<WriteState<'_>>,
+) -> Result<()> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| PeftError::Io {
             path: parent.display().to_string(),
@@ -371,10 +332,7 @@ pub fn merge_checkpoint<B: LoraOps>(
         Some(metadata),
         &tmp,
     );
-    let (error, max_abs_delta) = {
-        let mut st = progress_state.borrow_mut();
-        (st.error.take(), st.max_abs_delta)
-    };
+    let error = state.borrow_mut().error.take();
     let failure = match (written, error) {
         (Err(e), _) => Some(PeftError::Format {
             path: out.display().to_string(),
@@ -399,9 +357,7 @@ pub fn merge_checkpoint<B: LoraOps>(
             path: out.display().to_string(),
             source: e,
         }
-    })?;
-    report.max_abs_delta = max_abs_delta;
-    Ok(report)
+    })
 }
 
 /// `lora merge` into a bitsandbytes-quantized base: each targeted module is dequantized,
@@ -409,7 +365,7 @@ pub fn merge_checkpoint<B: LoraOps>(
 /// rounding against the exact merge.
 fn merge_quantized<B: LoraOps>(
     backend: &B,
-    base: &Path,
+    base: &Checkpoint,
     config: &LoraConfig,
     modules: BTreeMap<String, (HostTensor, HostTensor)>,
     adapter_name: &str,
@@ -437,17 +393,7 @@ fn merge_quantized<B: LoraOps>(
         let scaling = config.spec_for(&module, 0)?.scaling();
         let (out_f, in_f) = (b.shape[0], a.shape[1]);
         let (ta, tb) = (a.to_backend(backend)?, b.to_backend(backend)?);
-        let mut delta = backend.zeros(&[out_f, in_f])?;
-        backend.gemm(
-            scaling,
-            &tb,
-            Transpose::No,
-            &ta,
-            Transpose::No,
-            0.0,
-            &mut delta,
-        )?;
-        let delta = backend.to_host(&delta)?;
+        let delta = backend.to_host(&backend.lora_delta_weight(&ta, &tb, scaling, false)?)?;
         max_abs_delta = delta.iter().fold(max_abs_delta, |m, d| m.max(d.abs()));
         deltas.insert(module, ([out_f, in_f], delta));
     }

@@ -1,20 +1,10 @@
 //! PEFT's rules for which modules get adapters, and with which rank and alpha.
 
-use std::collections::BTreeMap;
-
 use lora_core::{DEFAULT_ADAPTER, LoraOps, Model};
-use regex::Regex;
 
 use crate::config::{IntOrList, LoraConfig, StrOrList, TargetModules};
 use crate::error::{PeftError, Result};
-
-fn compile(field: &'static str, pattern: &str, full: String) -> Result<Regex> {
-    Regex::new(&full).map_err(|e| PeftError::Pattern {
-        field,
-        pattern: pattern.to_string(),
-        reason: e.to_string(),
-    })
-}
+use crate::name_patterns::compile;
 
 /// Whether `name` is selected by a `target_modules`-style rule:
 /// a list entry matches the whole name or a `.`-separated suffix of it; a string is a
@@ -30,19 +20,12 @@ pub fn matches(rule: &TargetModules, name: &str, field: &'static str) -> Result<
     })
 }
 
-/// The value of the first `rank_pattern`/`alpha_pattern` key that matches `name` as PEFT
-/// does (`(.*\.)?key$` anchored at the start), if any.
-pub fn pattern_value<'a, V>(
-    patterns: &'a BTreeMap<String, V>,
-    name: &str,
-    field: &'static str,
-) -> Result<Option<&'a V>> {
-    for (key, value) in patterns {
-        if compile(field, key, format!(r"^(?:.*\.)?(?:{key})$"))?.is_match(name) {
-            return Ok(Some(value));
-        }
-    }
-    Ok(None)
+/// PEFT's `target_modules` rule (names or a regex) as the module selection of
+/// `lora quantize` ([`lora_io::quantize_checkpoint`]).
+pub fn quant_targets(rule: TargetModules) -> lora_io::QuantTargets {
+    lora_io::QuantTargets::Matching(Box::new(move |module| {
+        matches(&rule, module, "target_modules").map_err(|e| e.to_string())
+    }))
 }
 
 fn rule_text(rule: &TargetModules) -> String {
@@ -234,19 +217,6 @@ mod tests {
             ..cfg
         };
         assert!(!selects(&excluded, "encoder.layer.1.attention.self.query")?);
-        Ok(())
-    }
-
-    #[test]
-    fn rank_pattern_uses_suffix_anchoring() -> Result<()> {
-        let mut p = BTreeMap::new();
-        p.insert("layers.2".to_string(), 4usize);
-        assert_eq!(pattern_value(&p, "layers.2", "rank_pattern")?, Some(&4));
-        assert_eq!(
-            pattern_value(&p, "model.layers.2", "rank_pattern")?,
-            Some(&4)
-        );
-        assert_eq!(pattern_value(&p, "layers.20", "rank_pattern")?, None);
         Ok(())
     }
 }

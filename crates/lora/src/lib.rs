@@ -25,6 +25,7 @@
 //! ```
 
 pub use lora_core::*;
+pub use lora_io as io;
 pub use lora_models as models;
 pub use lora_peft as peft;
 pub use lora_quant as quant;

@@ -11,7 +11,7 @@
 //! dimension, which is what keeps LoRA's overhead over the frozen layer at a few percent.
 
 use crate::backend::{Backend, BinaryOp, Transpose};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Gradients of one adapter's parameters.
 #[derive(Debug, Clone)]
@@ -119,19 +119,115 @@ pub trait LoraOps: Backend {
         Ok(LoraGrads { d_a, d_b })
     }
 
-    /// `delta_W = s · B A`, `[out, in]`: only for merging and inspection, never in training.
+    /// `delta_W = s · B A`, `[out, in]` (or its transpose `s · Aᵀ Bᵀ`, `[in, out]`, for
+    /// `fan_in_fan_out` bases such as GPT-2's `Conv1D`, which store `[in, out]`): only for
+    /// merging and inspection, never in training.
     fn lora_delta_weight(
         &self,
         a: &Self::Tensor,
         b: &Self::Tensor,
         scaling: f32,
+        fan_in_fan_out: bool,
     ) -> Result<Self::Tensor> {
         let in_f = a.shape_matrix().1;
         let out_f = b.shape_matrix().0;
-        let mut delta = self.zeros(&[out_f, in_f])?;
-        self.gemm(scaling, b, Transpose::No, a, Transpose::No, 0.0, &mut delta)?;
-        Ok(delta)
+        if fan_in_fan_out {
+            let mut delta = self.zeros(&[in_f, out_f])?;
+            self.gemm(
+                scaling,
+                a,
+                Transpose::Yes,
+                b,
+                Transpose::Yes,
+                0.0,
+                &mut delta,
+            )?;
+            Ok(delta)
+        } else {
+            let mut delta = self.zeros(&[out_f, in_f])?;
+            self.gemm(scaling, b, Transpose::No, a, Transpose::No, 0.0, &mut delta)?;
+            Ok(delta)
+        }
     }
+
+    /// PEFT's `linear` combination (`add_weighted_adapter`): with `w` each source's weight
+    /// times its scaling, `A = Σ sign(w)·√|w|·A_i` and `B = Σ √|w|·B_i`, so that
+    /// `B A = Σ w·B_i A_i` when the sources share their `A` (and approximately otherwise,
+    /// exactly as PEFT computes it). All sources have the same rank.
+    fn lora_combine_linear(
+        &self,
+        parts: &[WeightedFactors<'_, Self::Tensor>],
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (mut a_new, mut b_new) = combined_zeros(self, parts, |r, _| r)?;
+        for p in parts {
+            let root = p.weight.abs().sqrt();
+            let sign = if p.weight >= 0.0 { 1.0 } else { -1.0 };
+            check_same_dims(p.a, &a_new, "lora_combine_linear: lora_A")?;
+            check_same_dims(p.b, &b_new, "lora_combine_linear: lora_B")?;
+            self.axpby(sign * root, p.a, 1.0, &mut a_new)?;
+            self.axpby(root, p.b, 1.0, &mut b_new)?;
+        }
+        Ok((a_new, b_new))
+    }
+
+    /// PEFT's `cat` combination: the sources' ranks concatenated, `A = [w_1·A_1; w_2·A_2; ..]`
+    /// and `B = [B_1, B_2, ..]`, so that `B A = Σ w_i·B_i A_i` exactly.
+    fn lora_combine_cat(
+        &self,
+        parts: &[WeightedFactors<'_, Self::Tensor>],
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (mut a_new, mut b_new) = combined_zeros(self, parts, |_, total| total)?;
+        let mut row = 0;
+        for p in parts {
+            let r = p.a.shape_matrix().0;
+            let rows: Vec<usize> = (row..row + r).collect();
+            self.scatter_add_rows(&mut a_new, &rows, &self.affine(p.a, p.weight, 0.0)?)?;
+            self.assign_cols(&mut b_new, row, p.b)?;
+            row += r;
+        }
+        Ok((a_new, b_new))
+    }
+}
+
+/// One source adapter of a weighted combination: its factors (`A` `[r, in]`, `B`
+/// `[out, r]`) and `weight × scaling`.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightedFactors<'a, T> {
+    /// `lora_A`, `[r, in]`.
+    pub a: &'a T,
+    /// `lora_B`, `[out, r]`.
+    pub b: &'a T,
+    /// The user's weight for this adapter times the adapter's own scaling.
+    pub weight: f32,
+}
+
+/// Zero `[rank, in]` and `[out, rank]` tensors for a combination, where `rank` is chosen
+/// from the first source's rank and the sum of all ranks.
+fn combined_zeros<B: Backend + ?Sized>(
+    backend: &B,
+    parts: &[WeightedFactors<'_, B::Tensor>],
+    rank: impl Fn(usize, usize) -> usize,
+) -> Result<(B::Tensor, B::Tensor)> {
+    let first = parts.first().ok_or_else(|| Error::InvalidState {
+        context: "lora_combine".into(),
+        reason: "no adapter to combine".into(),
+    })?;
+    let (r0, in_f) = first.a.shape_matrix();
+    let out_f = first.b.shape_matrix().0;
+    let total = parts.iter().map(|p| p.a.shape_matrix().0).sum();
+    let r = rank(r0, total);
+    Ok((backend.zeros(&[r, in_f])?, backend.zeros(&[out_f, r])?))
+}
+
+fn check_same_dims<T: crate::backend::Tensor>(x: &T, like: &T, what: &'static str) -> Result<()> {
+    if x.shape_dims() != like.shape_dims() {
+        return Err(Error::ShapeMismatch {
+            context: format!("{what} (a linear combination needs equal ranks; use cat)"),
+            expected: format!("{:?}", like.shape_dims()),
+            got: x.shape().clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Small conveniences on tensors used by the default implementations.

@@ -6,5 +6,5 @@
 mod lora;
 mod optim;
 
-pub use lora::{LoraGrads, LoraOps};
+pub use lora::{LoraGrads, LoraOps, WeightedFactors};
 pub use optim::{AdamHyper, OptimOps, SgdHyper};

@@ -138,7 +138,7 @@ impl<B: LoraOps> BertModel<B> {
     /// (`BertFor*` checkpoints); heads other than the pooler are ignored.
     pub fn from_pretrained(backend: &B, dir: &Path) -> Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let tensors = lora_peft::read_checkpoint_f32(dir)?;
+        let tensors = lora_io::read_checkpoint_f32(dir)?;
         Self::from_state_dict(backend, config, &tensors, &dir.display().to_string())
     }
 

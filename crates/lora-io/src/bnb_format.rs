@@ -20,64 +20,14 @@ use std::collections::BTreeMap;
 use lora_quant::{
     Absmax, BlockwiseU8, FourBitType, FourBitWeight, Int8Weight, NESTED_BLOCKSIZE, QuantizedWeight,
 };
-use safetensors::{Dtype, View};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{PeftError, Result};
+use crate::error::{Error, Result};
+use crate::safetensors_file::RawTensor;
 
 /// The suffix of the JSON quant-state tensor, before `nf4` / `fp4`.
 pub const QUANT_STATE_PREFIX: &str = "quant_state.bitsandbytes__";
-
-/// A tensor as stored: dtype, shape and little-endian bytes (borrowed from a memory map
-/// where possible).
-#[derive(Clone, Debug)]
-pub struct RawTensor<'a> {
-    /// Storage type.
-    pub dtype: Dtype,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Bytes.
-    pub data: Cow<'a, [u8]>,
-}
-
-impl RawTensor<'_> {
-    /// An owned f32 tensor.
-    pub fn f32(shape: Vec<usize>, values: &[f32]) -> RawTensor<'static> {
-        RawTensor {
-            dtype: Dtype::F32,
-            shape,
-            data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        }
-    }
-
-    /// An owned uint8 tensor.
-    pub fn u8(shape: Vec<usize>, bytes: Vec<u8>) -> RawTensor<'static> {
-        RawTensor {
-            dtype: Dtype::U8,
-            shape,
-            data: Cow::Owned(bytes),
-        }
-    }
-
-    fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-impl View for &RawTensor<'_> {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
 
 /// The JSON in `<m>.weight.quant_state.bitsandbytes__<type>`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -209,8 +159,8 @@ fn f32s(path: &str, name: &str, t: &RawTensor<'_>) -> Result<Vec<f32>> {
         .collect())
 }
 
-fn bad(path: &str, reason: String) -> PeftError {
-    PeftError::Format {
+fn bad(path: &str, reason: String) -> Error {
+    Error::Format {
         path: path.to_string(),
         reason,
     }

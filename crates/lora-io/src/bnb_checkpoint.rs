@@ -2,18 +2,19 @@
 //! checkpoints in transformers' bitsandbytes layout ([`crate::bnb_format`]).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use lora_core::WeightRounding;
 use lora_quant::QuantConfig;
 use safetensors::Dtype;
 
-use crate::bnb_format::{self, RawTensor, is_quant_aux, quantized_modules};
-use crate::checkpoint::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float};
-use crate::config::TargetModules;
-use crate::error::{PeftError, Result};
-use crate::targeting::matches;
+use crate::bnb_format::{self, is_quant_aux, quantized_modules};
+use crate::checkpoint::Checkpoint;
+use crate::dtype::{decode_f32, encode_f32, is_float};
+use crate::error::{Error, Result};
+use crate::fs::write_atomic;
+use crate::safetensors_file::{RawTensor, write_raw};
 
 /// Module names never quantized by default (as transformers' `llm_int8_skip_modules`
 /// defaults): embeddings and output heads stay in full precision.
@@ -28,81 +29,28 @@ const SKIP_BY_DEFAULT: [&str; 8] = [
     "qa_outputs",
 ];
 
-/// All tensors of a checkpoint (every shard), borrowed from their memory maps.
-pub struct LoadedCheckpoint {
-    files: Vec<MappedFile>,
-}
-
-impl std::fmt::Debug for LoadedCheckpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedCheckpoint")
-            .field(
-                "files",
-                &self.files.iter().map(|m| &m.path).collect::<Vec<_>>(),
-            )
-            .finish()
-    }
-}
-
-impl LoadedCheckpoint {
-    /// Maps the checkpoint at `path` (a file, a model directory or a sharded index).
-    pub fn open(path: &Path) -> Result<Self> {
-        let ck = Checkpoint::open(path)?;
-        let files = ck
-            .files
-            .iter()
-            .map(|p| MappedFile::open(p))
-            .collect::<Result<_>>()?;
-        Ok(LoadedCheckpoint { files })
-    }
-
-    /// Every tensor by name.
-    pub fn tensors(&self) -> Result<BTreeMap<String, RawTensor<'_>>> {
-        let mut out = BTreeMap::new();
-        for f in &self.files {
-            for (name, view) in f.tensors()?.tensors() {
-                let t = RawTensor {
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    data: Cow::Borrowed(view.data()),
-                };
-                if out.insert(name.clone(), t).is_some() {
-                    return Err(PeftError::Format {
-                        path: f.path.display().to_string(),
-                        reason: format!("tensor {name} appears in two shards"),
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The first file (named in errors).
-    pub fn path(&self) -> String {
-        self.files
-            .first()
-            .map(|f| f.path.display().to_string())
-            .unwrap_or_default()
-    }
-
-    fn metadata(&self) -> Result<HashMap<String, String>> {
-        let mut m = match self.files.first() {
-            Some(f) => f.metadata()?.unwrap_or_default(),
-            None => HashMap::new(),
-        };
-        m.entry("format".into()).or_insert_with(|| "pt".into());
-        Ok(m)
-    }
-}
+/// Decides whether a module (the `.weight` name without the suffix) is selected; an
+/// error message names what is wrong with the rule.
+pub type ModuleSelector = Box<dyn Fn(&str) -> std::result::Result<bool, String> + Send + Sync>;
 
 /// Which 2-D `.weight` tensors `lora quantize` converts.
-#[derive(Clone, Debug, Default)]
+#[derive(Default)]
 pub enum QuantTargets {
     /// Every 2-D `.weight` except embeddings and output heads.
     #[default]
     AllLinear,
-    /// Modules matched by PEFT's `target_modules` rules (names or a regex).
-    Modules(TargetModules),
+    /// The modules a rule selects (for PEFT's `target_modules` rules, see
+    /// `lora_peft::quant_targets`); each selected tensor must be a 2-D float weight.
+    Matching(ModuleSelector),
+}
+
+impl std::fmt::Debug for QuantTargets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuantTargets::AllLinear => f.write_str("AllLinear"),
+            QuantTargets::Matching(_) => f.write_str("Matching(..)"),
+        }
+    }
 }
 
 /// What a quantization pass did.
@@ -131,8 +79,8 @@ impl QuantizeReport {
     }
 }
 
-fn bad(path: &str, reason: String) -> PeftError {
-    PeftError::Format {
+fn bad(path: &str, reason: String) -> Error {
+    Error::Format {
         path: path.to_string(),
         reason,
     }
@@ -150,37 +98,6 @@ fn decode(path: &str, name: &str, t: &RawTensor<'_>) -> Result<Vec<f32>> {
     })
 }
 
-/// Writes tensors to `out` atomically (temporary file, then rename).
-pub(crate) fn write_raw(
-    out: &Path,
-    tensors: &BTreeMap<String, RawTensor<'_>>,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| PeftError::Io {
-            path: parent.display().to_string(),
-            source: e,
-        })?;
-    }
-    lora_core::fs::with_atomic_path(out, |tmp| {
-        safetensors::serialize_to_file(
-            tensors.iter().map(|(n, t)| (n.as_str(), t)),
-            Some(metadata),
-            tmp,
-        )
-        .map_err(|e| e.to_string())?;
-        // The writer creates a private (0600) file; give the result the usual mode.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| e.to_string())?;
-        }
-        Ok::<(), String>(())
-    })?;
-    Ok(())
-}
-
 /// Quantizes the checkpoint at `input` into one safetensors file `out` in transformers'
 /// bitsandbytes layout; other tensors are copied. Nothing is written unless every
 /// selected tensor quantizes.
@@ -192,7 +109,7 @@ pub fn quantize_checkpoint(
     progress: &dyn Fn(u64, u64),
 ) -> Result<QuantizeReport> {
     config.validate()?;
-    let ck = LoadedCheckpoint::open(input)?;
+    let ck = Checkpoint::open(input)?;
     let path = ck.path();
     let tensors = ck.tensors()?;
     let already = quantized_modules(tensors.keys());
@@ -217,8 +134,8 @@ pub fn quantize_checkpoint(
                     && is_float(t.dtype)
                     && !SKIP_BY_DEFAULT.iter().any(|s| module.contains(s))
             }
-            QuantTargets::Modules(rule) => {
-                let m = matches(rule, module, "target_modules")?;
+            QuantTargets::Matching(select) => {
+                let m = select(module).map_err(|reason| bad(&path, reason))?;
                 if m && (t.shape.len() != 2 || !is_float(t.dtype)) {
                     return Err(bad(
                         &path,
@@ -288,7 +205,7 @@ fn write_model_config(input: &Path, out: &Path, config: &QuantConfig) -> Result<
     {
         return Ok(());
     }
-    let text = std::fs::read_to_string(&src).map_err(|e| PeftError::Io {
+    let text = std::fs::read_to_string(&src).map_err(|e| Error::Io {
         path: src.display().to_string(),
         source: e,
     })?;
@@ -315,14 +232,14 @@ fn write_model_config(input: &Path, out: &Path, config: &QuantConfig) -> Result<
         obj.insert("quantization_config".into(), qc);
     }
     let json = serde_json::to_string_pretty(&v).unwrap_or_default();
-    lora_core::fs::write_atomic(&out_dir.join("config.json"), json.as_bytes())?;
+    write_atomic(&out_dir.join("config.json"), json.as_bytes())?;
     Ok(())
 }
 
 /// Dequantizes every quantized module of `input` into plain `.weight` tensors (in the
 /// dtype the quant state records, f32 for int8) and drops the auxiliary tensors.
 pub fn dequantize_checkpoint(input: &Path, out: &Path) -> Result<QuantizeReport> {
-    let ck = LoadedCheckpoint::open(input)?;
+    let ck = Checkpoint::open(input)?;
     let path = ck.path();
     let tensors = ck.tensors()?;
     let modules = quantized_modules(tensors.keys());
@@ -367,9 +284,7 @@ pub fn dequantize_checkpoint(input: &Path, out: &Path) -> Result<QuantizeReport>
 
 /// Whether the checkpoint at `path` holds bitsandbytes-quantized modules.
 pub fn is_quantized_checkpoint(path: &Path) -> Result<bool> {
-    let ck = LoadedCheckpoint::open(path)?;
-    let names: Vec<String> = ck.tensors()?.into_keys().collect();
-    Ok(!quantized_modules(&names).is_empty())
+    Checkpoint::open(path)?.is_quantized()
 }
 
 /// A summary of a checkpoint's quantization for `lora inspect`.
@@ -385,7 +300,7 @@ pub struct QuantSummary {
 
 /// Reads every quantized module's layout (sizes checked) for `lora inspect`.
 pub fn quant_summary(path: &Path) -> Result<QuantSummary> {
-    let ck = LoadedCheckpoint::open(path)?;
+    let ck = Checkpoint::open(path)?;
     let p = ck.path();
     let tensors = ck.tensors()?;
     let mut s = QuantSummary::default();
@@ -432,12 +347,11 @@ impl QuantMergeReport {
 /// Merges per-module deltas (`module -> [out, in] f32`) into a quantized checkpoint:
 /// dequantize, add, quantize again with the module's own settings. Float `.weight`
 /// tensors of unquantized modules get the delta exactly.
-pub(crate) fn merge_into_quantized(
-    base: &Path,
+pub fn merge_into_quantized(
+    ck: &Checkpoint,
     deltas: &BTreeMap<String, ([usize; 2], Vec<f32>)>,
     out: &Path,
 ) -> Result<QuantMergeReport> {
-    let ck = LoadedCheckpoint::open(base)?;
     let path = ck.path();
     let tensors = ck.tensors()?;
     let modules = quantized_modules(tensors.keys());

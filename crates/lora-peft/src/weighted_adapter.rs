@@ -1,0 +1,167 @@
+//! `PeftModel::add_weighted_adapter`: PEFT's combination of several adapters into a new
+//! one. The arithmetic is `LoraOps::lora_combine_*` (lora-core), so a backend's fused
+//! override reaches it; this file holds PEFT's rules: the new rank, the new config and
+//! which layers take part.
+
+use std::collections::BTreeMap;
+
+use lora_core::{LoraAdapter, LoraOps, Model, WeightedFactors};
+
+use crate::config::{LoraConfig, TargetModules};
+use crate::error::Result;
+use crate::peft_model::{PeftModel, state};
+
+/// How [`PeftModel::add_weighted_adapter`] combines adapters (PEFT's `combination_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combination {
+    /// Same ranks; `A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ`, `B = Σ √|wᵢsᵢ|·Bᵢ` (not exact for the
+    /// weighted sum of deltas: cross terms remain, as in PEFT).
+    Linear,
+    /// Ranks add up; `A = [w₁s₁A₁; w₂s₂A₂; ...]`, `B = [B₁ B₂ ...]`: exactly `Σ wᵢ sᵢ Bᵢ Aᵢ`.
+    Cat,
+}
+
+/// The largest rank a config gives any module.
+fn max_rank(c: &LoraConfig) -> usize {
+    c.rank_pattern
+        .values()
+        .copied()
+        .chain([c.r])
+        .max()
+        .unwrap_or(c.r)
+}
+
+/// The combined adapter's rank, as PEFT chooses it.
+fn combined_rank(configs: &[LoraConfig], combination: Combination) -> Result<usize> {
+    match combination {
+        Combination::Linear => {
+            let r = max_rank(&configs[0]);
+            if configs.iter().any(|c| max_rank(c) != r) {
+                return Err(state(
+                    "linear combination needs adapters of the same rank (use cat)",
+                ));
+            }
+            Ok(r)
+        }
+        Combination::Cat => Ok(configs.iter().map(max_rank).sum()),
+    }
+}
+
+/// The union of the sources' `target_modules`: a sorted list when all are lists, an
+/// alternation of the regexes when all are regexes.
+fn combined_targets(configs: &[LoraConfig]) -> Result<TargetModules> {
+    let all: Option<Vec<&TargetModules>> =
+        configs.iter().map(|c| c.target_modules.as_ref()).collect();
+    let Some(all) = all else {
+        return Err(state(
+            "all adapters' target_modules must be lists, or all regex strings",
+        ));
+    };
+    let lists: Option<Vec<&Vec<String>>> = all
+        .iter()
+        .map(|t| match t {
+            TargetModules::List(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    if let Some(lists) = lists {
+        let mut names: Vec<String> = lists.into_iter().flatten().cloned().collect();
+        names.sort();
+        names.dedup();
+        return Ok(TargetModules::List(names));
+    }
+    let patterns: Option<Vec<String>> = all
+        .iter()
+        .map(|t| match t {
+            TargetModules::Pattern(p) => Some(format!("({p})")),
+            _ => None,
+        })
+        .collect();
+    match patterns {
+        Some(p) => Ok(TargetModules::Pattern(p.join("|"))),
+        None => Err(state(
+            "all adapters' target_modules must be lists, or all regex strings",
+        )),
+    }
+}
+
+impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
+    /// Combines existing adapters into a new one, `new_name` (PEFT's
+    /// `add_weighted_adapter`): its config is the first adapter's with `r` the new rank,
+    /// `lora_alpha = r` (the weights and scalings are folded into A and B), and the union of
+    /// the targets. Like PEFT, an rsLoRA source config is kept, so the new adapter's scaling
+    /// is then `√r`, not 1.
+    pub fn add_weighted_adapter(
+        &mut self,
+        backend: &B,
+        adapters: &[(&str, f32)],
+        new_name: &str,
+        combination: Combination,
+    ) -> Result<()> {
+        if adapters.is_empty() {
+            return Err(state("add_weighted_adapter needs at least one adapter"));
+        }
+        if self.configs.contains_key(new_name) {
+            return Err(state(format!("adapter {new_name:?} already exists")));
+        }
+        let mut configs = Vec::new();
+        for (n, _) in adapters {
+            self.known(n)?;
+            configs.push(self.configs[*n].clone());
+        }
+        let combination = if adapters.len() == 1 {
+            Combination::Linear
+        } else {
+            combination
+        };
+        let new_rank = combined_rank(&configs, combination)?;
+        let new_config = LoraConfig {
+            r: new_rank,
+            lora_alpha: new_rank as f64,
+            target_modules: Some(combined_targets(&configs)?),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            ..configs[0].clone()
+        };
+        // PEFT keeps use_rslora from the first config: then the scaling is sqrt(r), not 1.
+        let scaling = if new_config.use_rslora {
+            (new_rank as f32).sqrt()
+        } else {
+            1.0
+        };
+        for layer in self.model.linears_mut() {
+            let module = layer.name().to_string();
+            // (A, B, weight x scaling) of every source adapter this layer has.
+            let mut parts = Vec::new();
+            for ((n, w), cfg) in adapters.iter().zip(&configs) {
+                if let Some(a) = layer.adapter_named(n) {
+                    let ts = a.tensors();
+                    let s = cfg.spec_for(&module, 0)?.scaling();
+                    parts.push(WeightedFactors {
+                        a: ts[0].1,
+                        b: ts[1].1,
+                        weight: *w * s,
+                    });
+                }
+            }
+            if parts.is_empty() {
+                continue;
+            }
+            let (a_new, b_new) = match combination {
+                Combination::Linear => backend.lora_combine_linear(&parts)?,
+                Combination::Cat => backend.lora_combine_cat(&parts)?,
+            };
+            let adapter = LoraAdapter::<B>::from_tensors(
+                &module,
+                a_new,
+                b_new,
+                scaling,
+                new_config.lora_dropout as f32,
+                0,
+            )?;
+            layer.add_adapter(new_name, Box::new(adapter))?;
+        }
+        self.configs.insert(new_name.to_string(), new_config);
+        Ok(())
+    }
+}

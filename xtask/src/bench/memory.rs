@@ -1,0 +1,128 @@
+//! Per-process memory probes: peak RSS (via GNU time) of the training-memory binary and
+//! of `lora demo`, and the wall time and peak RSS of one process run.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::cmd::{cargo, run as run_cmd};
+
+/// Trainable parameters, optimizer state and peak RSS of full fine-tuning, LoRA and QLoRA
+/// of one (512, 4096, 4096) layer, each in its own process (`benches/bin/memory.rs`), as
+/// `target/bench/memory.json`.
+pub(super) fn train_memory(target: &Path) -> Result<()> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "lora-benches",
+        "--bin",
+        "lora-memory",
+    ]);
+    run_cmd("cargo build --release --bin lora-memory", &mut build)?;
+    let exe = target.join("release/lora-memory");
+    let mut out = Vec::new();
+    for mode in ["full", "lora", "qlora"] {
+        let rss_file =
+            std::env::temp_dir().join(format!("lora-memory-{}-{mode}", std::process::id()));
+        let o = std::process::Command::new("/usr/bin/time")
+            .args(["-f", "%M", "-o"])
+            .arg(&rss_file)
+            .arg(&exe)
+            .arg(mode)
+            .output()
+            .context("running lora-memory under /usr/bin/time")?;
+        anyhow::ensure!(o.status.success(), "lora-memory {mode} failed");
+        let mut v: Value = serde_json::from_slice(&o.stdout).context("lora-memory output")?;
+        let rss = std::fs::read_to_string(&rss_file)
+            .ok()
+            .and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024);
+        let _ = std::fs::remove_file(&rss_file);
+        v["peak_rss_bytes"] = json!(rss);
+        println!("lora-memory {mode}: {v}");
+        out.push(v);
+    }
+    std::fs::write(
+        target.join("bench/memory.json"),
+        serde_json::to_string_pretty(&Value::Array(out))? + "\n",
+    )?;
+    Ok(())
+}
+
+/// Peak RSS of `lora demo` with an f32 base and with each quantized base (a wider MLP so
+/// that the weights matter), as `target/bench/demo_memory.json`.
+pub(super) fn demo_memory(target: &Path) -> Result<()> {
+    let lora = target.join("release/lora");
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "lora-cli"]);
+    run_cmd("cargo build --release -p lora-cli", &mut build)?;
+    let mut out = serde_json::Map::new();
+    for quant in ["f32", "nf4", "int8"] {
+        let mut cmd = std::process::Command::new(&lora);
+        cmd.args([
+            "demo",
+            "--hidden",
+            "1024",
+            "--pretrain-steps",
+            "20",
+            "--steps",
+            "20",
+            "--out",
+        ])
+        .arg(target.join(format!("tmp/demo-memory-{quant}")));
+        if quant != "f32" {
+            cmd.args(["--quant", quant]);
+        }
+        let (secs, rss) = timed(&mut cmd)?;
+        println!("lora demo --hidden 1024 ({quant} base): {secs:.2} s, peak RSS {rss:?} bytes");
+        out.insert(
+            quant.into(),
+            json!({"seconds": secs, "peak_rss_bytes": rss}),
+        );
+    }
+    std::fs::write(
+        target.join("bench/demo_memory.json"),
+        serde_json::to_string_pretty(&Value::Object(out))? + "\n",
+    )?;
+    Ok(())
+}
+
+/// Wall time and peak RSS (bytes) of one process run, via GNU time when present.
+pub(super) fn timed(cmd: &mut std::process::Command) -> Result<(f64, Option<u64>)> {
+    let gnu_time = Path::new("/usr/bin/time");
+    let rss_file = std::env::temp_dir().join(format!("lora-xtask-time-{}", std::process::id()));
+    let started = std::time::Instant::now();
+    let status = if gnu_time.exists() {
+        let mut wrapped = std::process::Command::new(gnu_time);
+        wrapped
+            .arg("-f")
+            .arg("%M")
+            .arg("-o")
+            .arg(&rss_file)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        wrapped
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?
+    } else {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?
+    };
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        status.success(),
+        "{:?} failed ({status})",
+        cmd.get_program()
+    );
+    let rss = std::fs::read_to_string(&rss_file)
+        .ok()
+        .and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024);
+    let _ = std::fs::remove_file(&rss_file);
+    Ok((secs, rss))
+}

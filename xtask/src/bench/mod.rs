@@ -1,0 +1,166 @@
+//! `cargo xtask bench`: runs the criterion benches and turns their medians into
+//! `target/bench/report.json`, `docs/benchmarks.md` and `docs/benchmarks.png`.
+//!
+//! This file holds the entry points and the runs of the criterion benches and the Python
+//! baselines; `memory` measures peak RSS per process, `report` turns the measurements into
+//! rows and `markdown` writes them up.
+
+mod markdown;
+mod memory;
+mod report;
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::cmd::{cargo, root, run as run_cmd};
+
+/// Runs the benches and writes the report.
+pub fn run(backends: &[&str], quick: bool) -> Result<()> {
+    for (name, missing) in crate::BACKENDS {
+        if let (true, Some(why)) = (backends.contains(&name), missing) {
+            println!("backend {name}: skipped ({why})");
+        }
+    }
+    if !backends.contains(&"ndarray") {
+        println!("nothing to run");
+        return Ok(());
+    }
+    let target = root().join("target");
+    let _ = std::fs::remove_dir_all(target.join("criterion"));
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "lora-benches"]);
+    if backends.contains(&"tch") {
+        crate::venv::torch_env(&mut cmd)?;
+        cmd.args(["--features", "tch"]);
+    }
+    if backends.contains(&"cuda") {
+        // Runs the CUDA benches when a GPU is present; prints why not otherwise.
+        cmd.args(["--features", "cuda"]);
+    }
+    if quick {
+        cmd.env("LORA_BENCH_QUICK", "1");
+    }
+    run_cmd(
+        &format!(
+            "cargo bench -p lora-benches{}",
+            if quick { " (quick)" } else { "" }
+        ),
+        &mut cmd,
+    )?;
+    python_baselines(&target, quick)?;
+    merge_bench(&target, quick)?;
+    memory::demo_memory(&target)?;
+    memory::train_memory(&target)?;
+    report::report(&target, quick)
+}
+
+/// The Python baselines, minutes apart from our benches on the same machine:
+/// `target/bench/pytorch.json`, `bert_pytorch.json` and `bnb.json`.
+fn python_baselines(target: &Path, quick: bool) -> Result<()> {
+    // The PyTorch + PEFT baseline, minutes apart on the same machine.
+    let python = crate::venv::ensure_venv()?;
+    let _ = std::fs::remove_file(target.join("bench/pytorch.json"));
+    run_cmd(
+        "PyTorch + PEFT baseline (benches/python/peft_linear.py)",
+        std::process::Command::new(python)
+            .arg(root().join("benches/python/peft_linear.py"))
+            .arg(target.join("bench/pytorch.json"))
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
+            .envs(quick.then_some(("LORA_BENCH_QUICK", "1"))),
+    )?;
+    // PyTorch + PEFT on all-MiniLM-L6-v2 (encoder forward, LoRA training step).
+    let _ = std::fs::remove_file(target.join("bench/bert_pytorch.json"));
+    run_cmd(
+        "PyTorch + PEFT on all-MiniLM-L6-v2 (benches/python/bert_minilm.py)",
+        std::process::Command::new(crate::venv::ensure_venv()?)
+            .arg(root().join("benches/python/bert_minilm.py"))
+            .arg(crate::venv::fetch_minilm()?)
+            .arg(target.join("bench/bert_pytorch.json"))
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+    )?;
+    // bitsandbytes + PEFT for the quantized-base workloads.
+    let _ = std::fs::remove_file(target.join("bench/bnb.json"));
+    run_cmd(
+        "bitsandbytes + PEFT baseline (benches/python/bnb_quant.py)",
+        std::process::Command::new(crate::venv::ensure_venv()?)
+            .arg(root().join("benches/python/bnb_quant.py"))
+            .arg(target.join("bench/bnb.json"))
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+    )?;
+    Ok(())
+}
+
+/// `lora merge` against PEFT's merge_and_unload + save_pretrained on the real
+/// all-MiniLM-L6-v2 checkpoint, end to end (process start to exit), alternating runs.
+fn merge_bench(target: &Path, quick: bool) -> Result<()> {
+    let model = crate::venv::fetch_minilm()?;
+    let python = crate::venv::ensure_venv()?;
+    let adapter = crate::venv::cache_dir().join("models/minilm-adapter-r16");
+    let script = root().join("benches/python/peft_merge.py");
+    if !adapter.join("adapter_model.safetensors").is_file() {
+        run_cmd(
+            "make a PEFT adapter for all-MiniLM-L6-v2 (r 16, query/key/value/dense)",
+            std::process::Command::new(&python)
+                .arg(&script)
+                .arg("make-adapter")
+                .arg(&model)
+                .arg(&adapter),
+        )?;
+    }
+    run_cmd(
+        "cargo build --release -p lora-cli",
+        cargo().args(["build", "--release", "-p", "lora-cli"]),
+    )?;
+    let lora = target.join("release/lora");
+    let work = target.join("bench/merge");
+    std::fs::create_dir_all(&work)?;
+    let runs = if quick { 3 } else { 5 };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    println!(
+        "==> merge benchmark: lora merge vs PEFT merge_and_unload + save_pretrained ({runs} runs each, alternating)"
+    );
+    for _ in 0..runs {
+        ours.push(memory::timed(
+            std::process::Command::new(&lora)
+                .arg("merge")
+                .arg("--base")
+                .arg(&model)
+                .arg("--adapter")
+                .arg(&adapter)
+                .arg("--out")
+                .arg(work.join("lora-merged.safetensors")),
+        )?);
+        theirs.push(memory::timed(
+            std::process::Command::new(&python)
+                .arg(&script)
+                .arg("merge")
+                .arg(&model)
+                .arg(&adapter)
+                .arg(work.join("peft-merged")),
+        )?);
+    }
+    let median = |v: &[(f64, Option<u64>)]| {
+        let mut t: Vec<f64> = v.iter().map(|x| x.0).collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    let peak = |v: &[(f64, Option<u64>)]| v.iter().filter_map(|x| x.1).max();
+    let out = json!({
+        "model": "all-MiniLM-L6-v2 (86.6 MiB f32), adapter r 16 on query/key/value/dense (36 modules)",
+        "lora": {"median_s": median(&ours), "peak_rss_bytes": peak(&ours)},
+        "pytorch+peft": {"median_s": median(&theirs), "peak_rss_bytes": peak(&theirs)},
+    });
+    std::fs::write(
+        target.join("bench/merge.json"),
+        serde_json::to_string_pretty(&out)? + "\n",
+    )?;
+    println!("{out}");
+    Ok(())
+}
+
+/// Rebuilds the report and chart from the last run's files under `target/`.
+pub fn report_only(quick: bool) -> Result<()> {
+    report::report(&root().join("target"), quick)
+}

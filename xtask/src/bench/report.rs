@@ -1,0 +1,435 @@
+//! Building the rows of `target/bench/report.json` from the measurement files under
+//! `target/` (criterion's estimates and the JSON the benches and baselines wrote).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::cmd::root;
+
+/// One measured figure.
+#[derive(Debug, Clone)]
+pub(super) struct Row {
+    pub(super) backend: String,
+    pub(super) op: String,
+    pub(super) shape: String,
+    pub(super) median_s: f64,
+    pub(super) extra: BTreeMap<&'static str, Value>,
+}
+
+/// The measured f32 FMA peak (`target/bench/fma_peak.json`) and the vector ISA it ran on.
+#[derive(Debug, Clone, Default)]
+pub(super) struct FmaPeak {
+    /// GFLOP/s over all threads.
+    pub(super) gflops: Option<f64>,
+    /// `"avx512f"`, `"avx2+fma"` or `"none"`; absent in files from before it was recorded.
+    pub(super) isa: Option<String>,
+}
+
+fn read_json(p: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+/// Every `<dir>/new/benchmark.json` under `target/criterion`.
+fn criterion_results(dir: &Path, out: &mut Vec<(Value, Value)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n == "new") {
+                if let (Some(b), Some(est)) = (
+                    read_json(&p.join("benchmark.json")),
+                    read_json(&p.join("estimates.json")),
+                ) {
+                    out.push((b, est));
+                }
+            } else {
+                criterion_results(&p, out);
+            }
+        }
+    }
+}
+
+/// The machine in one line: CPU model, hardware threads, RAM.
+pub(super) fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map_or("?".into(), |kib| {
+            format!("{:.0} GiB", kib / 1024.0 / 1024.0)
+        });
+    format!("{cpu}, {threads} hardware threads, {mem} RAM")
+}
+
+/// Reads every measurement under `target/`, writes `target/bench/report.json`, then
+/// `docs/benchmarks.md` and `docs/benchmarks.png`.
+pub(super) fn report(target: &Path, quick: bool) -> Result<()> {
+    let fma = read_json(&target.join("bench/fma_peak.json"))
+        .map(|v| FmaPeak {
+            gflops: v["fma_peak_gflops"].as_f64(),
+            isa: v["isa"].as_str().map(String::from),
+        })
+        .unwrap_or_default();
+    let bert_torch = read_json(&target.join("bench/bert_pytorch.json")).unwrap_or(json!({}));
+    let mut rows = bert_pytorch_rows(&bert_torch);
+    criterion_rows(target, fma.gflops, &bert_torch, &mut rows);
+    paired_rows(target, &mut rows);
+    merge_rows(target, &mut rows);
+    quant_rows(target, &mut rows);
+    memory_rows(target, &mut rows);
+    rows.sort_by(|a, b| (&a.op, &a.shape, &a.backend).cmp(&(&b.op, &b.shape, &b.backend)));
+    write_report(target, &rows, &fma, quick)
+}
+
+/// `target/bench/report.json`, `docs/benchmarks.md` and `docs/benchmarks.png` from the rows.
+fn write_report(target: &Path, rows: &[Row], fma: &FmaPeak, quick: bool) -> Result<()> {
+    let json_rows: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let mut o =
+                json!({"backend": r.backend, "op": r.op, "shape": r.shape, "median_s": r.median_s});
+            for (k, v) in &r.extra {
+                o[*k] = v.clone();
+            }
+            o
+        })
+        .collect();
+    let report = json!({
+        "machine": machine(),
+        "quick": quick,
+        "fma_peak_gflops": fma.gflops,
+        "fma_isa": fma.isa,
+        "rows": json_rows,
+    });
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    println!("wrote {}", dir.join("report.json").display());
+    let docs = root().join("docs");
+    super::markdown::write_markdown(&docs.join("benchmarks.md"), rows, fma, quick)?;
+    crate::chart::draw(&docs.join("benchmarks.png"), &rows_for_chart(rows))
+        .context("drawing docs/benchmarks.png")?;
+    println!("wrote docs/benchmarks.md and docs/benchmarks.png");
+    Ok(())
+}
+
+/// PyTorch + PEFT on all-MiniLM-L6-v2 (`bert_pytorch.json`, keys `"<op>/<shape>"`).
+fn bert_pytorch_rows(bert_torch: &Value) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (op, v) in bert_torch.as_object().into_iter().flatten() {
+        let Some((op, shape)) = op.split_once('/') else {
+            continue;
+        };
+        if let Some(t) = v["median_s"].as_f64() {
+            rows.push(Row {
+                backend: "pytorch+peft".into(),
+                op: format!("minilm_{op}"),
+                shape: shape.into(),
+                median_s: t,
+                extra: BTreeMap::new(),
+            });
+        }
+    }
+    rows
+}
+
+/// Rows from criterion's medians: GEMM (GFLOP/s, fraction of the FMA peak), the BERT
+/// encoder (against PyTorch + PEFT) and the rest as measured. The LoRA-linear and
+/// quantized groups come from `paired.json` / `quant.json` instead.
+fn criterion_rows(target: &Path, peak: Option<f64>, bert_torch: &Value, rows: &mut Vec<Row>) {
+    let mut results = Vec::new();
+    criterion_results(&target.join("criterion"), &mut results);
+    for (b, est) in &results {
+        let group = b["group_id"].as_str().unwrap_or_default();
+        let function = b["function_id"].as_str().unwrap_or_default();
+        let Some(median_ns) = est["median"]["point_estimate"].as_f64() else {
+            continue;
+        };
+        let (op, shape) = function.split_once('/').unwrap_or((function, ""));
+        let mut extra = BTreeMap::new();
+        let backend = match (group, op) {
+            ("gemm", "matrixmultiply") => "ndarray (matrixmultiply)",
+            _ => "ndarray",
+        };
+        if group == "gemm" {
+            let dims: Vec<f64> = shape.split('x').filter_map(|d| d.parse().ok()).collect();
+            let gflops = 2.0 * dims.iter().product::<f64>() / median_ns;
+            extra.insert("gflops", json!((gflops * 10.0).round() / 10.0));
+            if let Some(p) = peak {
+                extra.insert(
+                    "fraction_of_fma_peak",
+                    json!((gflops / p * 1000.0).round() / 1000.0),
+                );
+            }
+        }
+        if group.starts_with("lora_linear") || group.starts_with("quant_") {
+            continue; // from paired.json / quant.json: the interleaved figures
+        }
+        if group.starts_with("bert_") {
+            rows.extend(bert_row(function, median_ns, bert_torch));
+            continue;
+        }
+        let op_name = if group == "gemm" {
+            "gemm".to_string()
+        } else {
+            op.to_string()
+        };
+        rows.push(Row {
+            backend: backend.into(),
+            op: op_name,
+            shape: shape.into(),
+            median_s: median_ns * 1e-9,
+            extra,
+        });
+    }
+}
+
+/// One BERT bench: "<backend>/<op>/<shape>", against PyTorch + PEFT's time for the same op.
+fn bert_row(function: &str, median_ns: f64, bert_torch: &Value) -> Option<Row> {
+    let mut parts = function.splitn(3, '/');
+    let (Some(be), Some(op), Some(shape)) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    let mut extra = BTreeMap::new();
+    if let Some(t) = bert_torch[format!("{op}/{shape}").as_str()]["median_s"].as_f64() {
+        extra.insert(
+            "vs_pytorch",
+            json!((median_ns * 1e-9 / t * 1e4).round() / 1e4),
+        );
+    }
+    Some(Row {
+        backend: be.into(),
+        op: format!("minilm_{op}"),
+        shape: shape.into(),
+        median_s: median_ns * 1e-9,
+        extra,
+    })
+}
+
+/// LoRA over frozen, interleaved, for us (`paired.json`) and for PyTorch + PEFT
+/// (`pytorch.json`).
+fn paired_rows(target: &Path, rows: &mut Vec<Row>) {
+    let paired = read_json(&target.join("bench/paired.json")).unwrap_or(json!({}));
+    let torch = read_json(&target.join("bench/pytorch.json")).unwrap_or(json!({}));
+    // Ours: "<backend>/<op>/<shape>"; PyTorch's: "<op>/<shape>".
+    let ours = paired
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            let (backend, key) = k.split_once('/')?;
+            Some((backend.to_string(), key.to_string(), v))
+        });
+    let theirs = torch
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| ("pytorch+peft".to_string(), k.clone(), v));
+    for (backend, key, v) in ours.chain(theirs) {
+        let backend = backend.as_str();
+        let Some((op, shape)) = key.split_once('/') else {
+            continue;
+        };
+        let (Some(ratio), Some(f), Some(l)) = (
+            v["ratio"].as_f64(),
+            v["frozen_s"].as_f64(),
+            v["lora_s"].as_f64(),
+        ) else {
+            continue;
+        };
+        let mut extra = BTreeMap::new();
+        extra.insert("lora_over_base", json!((ratio * 1e4).round() / 1e4));
+        if backend != "pytorch+peft"
+            && let Some(tl) = torch[key.as_str()]["lora_s"].as_f64()
+        {
+            extra.insert("vs_pytorch", json!(((l / tl) * 1e4).round() / 1e4));
+        }
+        for (kind, secs, extra) in [("frozen", f, BTreeMap::new()), ("lora", l, extra)] {
+            rows.push(Row {
+                backend: backend.into(),
+                op: format!("{kind}_{op}"),
+                shape: shape.into(),
+                median_s: secs,
+                extra,
+            });
+        }
+    }
+}
+
+/// `lora merge` against PyTorch + PEFT on all-MiniLM-L6-v2 (`merge.json`).
+fn merge_rows(target: &Path, rows: &mut Vec<Row>) {
+    let Some(m) = read_json(&target.join("bench/merge.json")) else {
+        return;
+    };
+    let theirs = m["pytorch+peft"]["median_s"].as_f64();
+    for (backend, key) in [("ndarray", "lora"), ("pytorch+peft", "pytorch+peft")] {
+        let Some(t) = m[key]["median_s"].as_f64() else {
+            continue;
+        };
+        let mut extra = BTreeMap::new();
+        if let Some(rss) = m[key]["peak_rss_bytes"].as_u64() {
+            extra.insert("peak_rss_bytes", json!(rss));
+        }
+        if backend == "ndarray"
+            && let Some(p) = theirs
+        {
+            extra.insert("vs_pytorch", json!(((t / p) * 1e4).round() / 1e4));
+        }
+        rows.push(Row {
+            backend: backend.into(),
+            op: "merge_checkpoint".into(),
+            shape: "all-MiniLM-L6-v2 r16".into(),
+            median_s: t,
+            extra,
+        });
+    }
+}
+
+/// Rows of the quantized-base benchmarks (`quant.json`, `quant_bytes.json`, `bnb.json`).
+fn quant_rows(target: &Path, rows: &mut Vec<Row>) {
+    let round = |v: f64| (v * 1e4).round() / 1e4;
+    let quant = read_json(&target.join("bench/quant.json")).unwrap_or(json!({}));
+    let bytes = read_json(&target.join("bench/quant_bytes.json")).unwrap_or(json!({}));
+    let bnb = read_json(&target.join("bench/bnb.json")).unwrap_or(json!({}));
+    let ours = quant
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            let (backend, key) = k.split_once('/')?;
+            Some((backend.to_string(), key.to_string(), k.clone(), v.clone()))
+        });
+    let theirs = bnb
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.contains('/'))
+        .map(|(k, v)| {
+            (
+                "pytorch+peft+bnb".to_string(),
+                k.clone(),
+                String::new(),
+                v.clone(),
+            )
+        });
+    for (backend, key, full_key, v) in ours.chain(theirs) {
+        let Some((op, shape)) = key.split_once('/') else {
+            continue;
+        };
+        let (Some(ratio), Some(base), Some(t)) = (
+            v["ratio"].as_f64(),
+            v["frozen_s"].as_f64(),
+            v["lora_s"].as_f64(),
+        ) else {
+            continue;
+        };
+        let mut extra = BTreeMap::new();
+        if backend != "pytorch+peft+bnb"
+            && let Some(p) = bnb[key.as_str()]["lora_s"].as_f64()
+        {
+            extra.insert("vs_pytorch", json!(round(t / p)));
+        }
+        if op == "qlora_fwd_bwd" {
+            extra.insert("qlora_over_f32_lora", json!(round(ratio)));
+            extra.insert("f32_lora_s", json!(base));
+            let b = &bytes[full_key.as_str()];
+            if let (Some(f), Some(q)) = (b["f32_bytes"].as_u64(), b["quant_bytes"].as_u64()) {
+                extra.insert("f32_weight_bytes", json!(f));
+                extra.insert("quant_weight_bytes", json!(q));
+                extra.insert("weight_memory_ratio", json!(round(q as f64 / f as f64)));
+            }
+        } else {
+            let dims: Vec<f64> = shape.split('x').filter_map(|d| d.parse().ok()).collect();
+            let out_bytes = 4.0 * dims.iter().product::<f64>();
+            extra.insert("output_gb_per_s", json!(round(out_bytes / t / 1e9)));
+            extra.insert("copy_gb_per_s", json!(round(out_bytes / base / 1e9)));
+            extra.insert("fraction_of_copy_bandwidth", json!(round(base / t)));
+        }
+        rows.push(Row {
+            backend,
+            op: op.to_string(),
+            shape: shape.to_string(),
+            median_s: t,
+            extra,
+        });
+    }
+}
+
+/// Rows of the memory measurements: training memory of one layer (`memory.json`) and the
+/// peak RSS of `lora demo` (`demo_memory.json`).
+fn memory_rows(target: &Path, rows: &mut Vec<Row>) {
+    if let Some(m) = read_json(&target.join("bench/memory.json")) {
+        for v in m.as_array().into_iter().flatten() {
+            let mut extra = BTreeMap::new();
+            for k in [
+                "trainable_parameters",
+                "optimizer_state_bytes",
+                "frozen_weight_bytes",
+                "peak_rss_bytes",
+            ] {
+                if let Some(x) = v[k].as_u64() {
+                    extra.insert(k, json!(x));
+                }
+            }
+            rows.push(Row {
+                backend: "ndarray".into(),
+                op: format!("train_memory_{}", v["mode"].as_str().unwrap_or("?")),
+                shape: v["shape"].as_str().unwrap_or("").into(),
+                median_s: 0.0,
+                extra,
+            });
+        }
+    }
+    if let Some(m) = read_json(&target.join("bench/demo_memory.json")) {
+        for (quant, v) in m.as_object().into_iter().flatten() {
+            let (Some(secs), Some(rss)) = (v["seconds"].as_f64(), v["peak_rss_bytes"].as_u64())
+            else {
+                continue;
+            };
+            let mut extra = BTreeMap::new();
+            extra.insert("peak_rss_bytes", json!(rss));
+            rows.push(Row {
+                backend: "ndarray".into(),
+                op: "demo_peak_rss".into(),
+                shape: format!("MLP 1-1024-1024-1024-1, {quant} base"),
+                median_s: secs,
+                extra,
+            });
+        }
+    }
+}
+
+/// `(shape, [(backend, LoRA/frozen fwd+bwd)])` for the chart.
+fn rows_for_chart(rows: &[Row]) -> Vec<(String, Vec<(String, f64)>)> {
+    let mut by_shape: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.op == "lora_fwd_bwd") {
+        if let Some(v) = r.extra.get("lora_over_base").and_then(Value::as_f64) {
+            by_shape
+                .entry(r.shape.clone())
+                .or_default()
+                .push((r.backend.clone(), v));
+        }
+    }
+    by_shape.into_iter().collect()
+}
