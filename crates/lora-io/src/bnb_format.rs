@@ -166,16 +166,19 @@ fn bad(path: &str, reason: String) -> Error {
     }
 }
 
-/// Reads module `module`'s quantized weight from `tensors` (a file's tensors by name);
-/// `path` names the file in errors. Every size is checked against the quant state.
-pub fn decode(
-    module: &str,
-    tensors: &BTreeMap<String, RawTensor<'_>>,
-    path: &str,
-) -> Result<QuantizedWeight> {
-    let get = |suffix: &str| {
+/// The tensors of one module, with the file named in errors.
+struct ModuleTensors<'t, 'a> {
+    module: &'t str,
+    tensors: &'t BTreeMap<String, RawTensor<'a>>,
+    path: &'t str,
+}
+
+impl<'t, 'a> ModuleTensors<'t, 'a> {
+    /// `<module>.<suffix>`, or an error naming it.
+    fn get(&self, suffix: &str) -> Result<(String, &'t RawTensor<'a>)> {
+        let (module, path) = (self.module, self.path);
         let name = format!("{module}.{suffix}");
-        tensors
+        self.tensors
             .get(&name)
             .map(|t| (name.clone(), t))
             .ok_or_else(|| {
@@ -184,41 +187,75 @@ pub fn decode(
                     format!("quantized module {module}: tensor {name} is missing"),
                 )
             })
-    };
-    let (wname, weight) = get("weight")?;
-    if tensors.contains_key(&format!("{module}.SCB")) {
-        let (sname, scb) = get("SCB")?;
-        let scb = f32s(path, &sname, scb)?;
-        if weight.dtype != Dtype::I8 || weight.shape.len() != 2 || weight.shape[0] != scb.len() {
-            return Err(bad(
-                path,
-                format!(
-                    "int8 module {module}: {wname} must be I8 [out, in] with out = len(SCB) = {}, got {:?} {:?}",
-                    scb.len(),
-                    weight.dtype,
-                    weight.shape
-                ),
-            ));
-        }
-        if let Some(fmt) = tensors.get(&format!("{module}.weight_format"))
-            && fmt.data.first().copied().unwrap_or(0) != 0
-        {
-            return Err(bad(
-                path,
-                format!(
-                    "int8 module {module}: weight_format {:?} is not row-wise (0)",
-                    fmt.data
-                ),
-            ));
-        }
-        return Ok(QuantizedWeight::Int8(Int8Weight {
-            shape: [weight.shape[0], weight.shape[1]],
-            cb: weight.data.iter().map(|&b| b as i8).collect(),
-            scb,
-        }));
     }
+}
 
-    let (state_name, state) = quant_state(module, tensors).ok_or_else(|| {
+/// Reads the quantized weight of `module` back from its tensors, checking every size
+/// against the shape its state records (errors name the tensor).
+pub fn decode(
+    module: &str,
+    tensors: &BTreeMap<String, RawTensor<'_>>,
+    path: &str,
+) -> Result<QuantizedWeight> {
+    let m = ModuleTensors {
+        module,
+        tensors,
+        path,
+    };
+    let (wname, weight) = m.get("weight")?;
+    if tensors.contains_key(&format!("{module}.SCB")) {
+        decode_int8(&m, &wname, weight)
+    } else {
+        decode_four_bit(&m, &wname, weight)
+    }
+}
+
+/// LLM.int8: `<m>.weight` int8 `[out, in]` with `<m>.SCB` row scales.
+fn decode_int8(
+    m: &ModuleTensors<'_, '_>,
+    wname: &str,
+    weight: &RawTensor<'_>,
+) -> Result<QuantizedWeight> {
+    let (module, path) = (m.module, m.path);
+    let (sname, scb) = m.get("SCB")?;
+    let scb = f32s(path, &sname, scb)?;
+    if weight.dtype != Dtype::I8 || weight.shape.len() != 2 || weight.shape[0] != scb.len() {
+        return Err(bad(
+            path,
+            format!(
+                "int8 module {module}: {wname} must be I8 [out, in] with out = len(SCB) = {}, got {:?} {:?}",
+                scb.len(),
+                weight.dtype,
+                weight.shape
+            ),
+        ));
+    }
+    if let Some(fmt) = m.tensors.get(&format!("{module}.weight_format"))
+        && fmt.data.first().copied().unwrap_or(0) != 0
+    {
+        return Err(bad(
+            path,
+            format!(
+                "int8 module {module}: weight_format {:?} is not row-wise (0)",
+                fmt.data
+            ),
+        ));
+    }
+    Ok(QuantizedWeight::Int8(Int8Weight {
+        shape: [weight.shape[0], weight.shape[1]],
+        cb: weight.data.iter().map(|&b| b as i8).collect(),
+        scb,
+    }))
+}
+
+/// NF4/FP4: packed codes, the JSON quant state, the code table and the block scales.
+fn decode_four_bit(
+    m: &ModuleTensors<'_, '_>,
+    wname: &str,
+    weight: &RawTensor<'_>,
+) -> Result<QuantizedWeight> {
+    let (module, path) = (m.module, m.path);
+    let (state_name, state) = quant_state(module, m.tensors).ok_or_else(|| {
         bad(
             path,
             format!("module {module} has no quant_state or SCB tensor"),
@@ -265,7 +302,7 @@ pub fn decode(
             ),
         ));
     }
-    let (qname, qmap) = get("weight.quant_map")?;
+    let (qname, qmap) = m.get("weight.quant_map")?;
     let code: [f32; 16] = f32s(path, &qname, qmap)?
         .try_into()
         .map_err(|v: Vec<f32>| {
@@ -274,8 +311,27 @@ pub fn decode(
                 format!("tensor {qname}: {} values, expected 16", v.len()),
             )
         })?;
-    let (aname, absmax) = get("weight.absmax")?;
-    let absmax = match json.nested_offset {
+    let absmax = decode_absmax(m, &json, blocks)?;
+    Ok(QuantizedWeight::FourBit(FourBitWeight {
+        quant_type,
+        blocksize: json.blocksize,
+        shape: json.shape,
+        packed: weight.data.to_vec(),
+        code,
+        absmax,
+    }))
+}
+
+/// The block scales: f32, or with double quantization 8-bit codes with their nested
+/// scales, code table and offset.
+fn decode_absmax(
+    m: &ModuleTensors<'_, '_>,
+    json: &QuantStateJson,
+    blocks: usize,
+) -> Result<Absmax> {
+    let path = m.path;
+    let (aname, absmax) = m.get("weight.absmax")?;
+    match json.nested_offset {
         None => {
             let a = f32s(path, &aname, absmax)?;
             if a.len() != blocks {
@@ -284,7 +340,7 @@ pub fn decode(
                     format!("tensor {aname}: {} values, expected {blocks}", a.len()),
                 ));
             }
-            Absmax::F32(a)
+            Ok(Absmax::F32(a))
         }
         Some(offset) => {
             let nested_bs = json.nested_blocksize.unwrap_or(NESTED_BLOCKSIZE);
@@ -297,7 +353,7 @@ pub fn decode(
                     ),
                 ));
             }
-            let (nname, nested) = get("weight.nested_absmax")?;
+            let (nname, nested) = m.get("weight.nested_absmax")?;
             let nested = f32s(path, &nname, nested)?;
             if nested.len() != blocks.div_ceil(nested_bs) {
                 return Err(bad(
@@ -309,7 +365,7 @@ pub fn decode(
                     ),
                 ));
             }
-            let (mname, nmap) = get("weight.nested_quant_map")?;
+            let (mname, nmap) = m.get("weight.nested_quant_map")?;
             let nmap = f32s(path, &mname, nmap)?;
             if nmap.len() != 256 {
                 return Err(bad(
@@ -317,7 +373,7 @@ pub fn decode(
                     format!("tensor {mname}: {} values, expected 256", nmap.len()),
                 ));
             }
-            Absmax::Double {
+            Ok(Absmax::Double {
                 scales: BlockwiseU8 {
                     codes: absmax.data.to_vec(),
                     absmax: nested,
@@ -325,17 +381,9 @@ pub fn decode(
                     blocksize: nested_bs,
                 },
                 offset,
-            }
+            })
         }
-    };
-    Ok(QuantizedWeight::FourBit(FourBitWeight {
-        quant_type,
-        blocksize: json.blocksize,
-        shape: json.shape,
-        packed: weight.data.to_vec(),
-        code,
-        absmax,
-    }))
+    }
 }
 
 /// Module `module`'s quant-state tensor (`<m>.weight.quant_state.bitsandbytes__nf4` or

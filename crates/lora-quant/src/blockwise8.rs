@@ -2,7 +2,7 @@
 //! which double quantization uses for the 4-bit scales.
 
 use crate::codes::Quantizer;
-use crate::four_bit::scale_block;
+use crate::absmax::scale_block;
 
 /// Values quantized blockwise to 8-bit indices into a 256-entry code.
 #[derive(Clone, Debug, PartialEq)]

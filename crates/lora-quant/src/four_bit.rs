@@ -4,6 +4,7 @@
 use lora_core::{Error, Result};
 use rayon::prelude::*;
 
+use crate::absmax::scale_block;
 use crate::blockwise8::{BlockwiseU8, quantize_blockwise_u8};
 use crate::codes::{FourBitType, dynamic_map};
 
@@ -60,29 +61,6 @@ pub fn check_blocksize(blocksize: usize) -> Result<()> {
             value: blocksize.to_string(),
             reason: format!("bitsandbytes accepts {FOUR_BIT_BLOCKSIZES:?}"),
         })
-    }
-}
-
-/// Scales the block `values` into [-1, 1] the way bitsandbytes does and hands each scaled
-/// value to `emit`. Returns the block's absmax as stored.
-///
-/// bitsandbytes multiplies full blocks by `1 / max(absmax, 1e-38)` but divides the last,
-/// partial block by its clamped absmax; the two differ in the last bit, so both are kept.
-#[inline]
-pub(crate) fn scale_block(values: &[f32], full: bool, mut emit: impl FnMut(f32)) -> f32 {
-    let absmax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let clamped = absmax.max(1e-38);
-    if full {
-        let inv = 1.0 / clamped;
-        values
-            .iter()
-            .for_each(|&v| emit((v * inv).clamp(-1.0, 1.0)));
-        absmax
-    } else {
-        values
-            .iter()
-            .for_each(|&v| emit((v / clamped).clamp(-1.0, 1.0)));
-        clamped
     }
 }
 

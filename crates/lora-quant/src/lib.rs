@@ -13,6 +13,7 @@
 //!
 //! The file layout (transformers' serialization of bitsandbytes layers) is in `lora-peft`.
 
+mod absmax;
 pub mod blockwise8;
 pub mod codes;
 pub mod four_bit;
