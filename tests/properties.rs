@@ -1,12 +1,12 @@
 //! Property tests: over random shapes (one row, odd sizes, r = 1 and r = min(in, out)),
 //! alphas, rsLoRA, dropout probabilities and seeds, every backend's LoRA forward, backward
-//! and merge equal the f64 host reference. Written once, generic over the backend: a new
-//! backend joins by adding one line to `backends!` below.
+//! and merge equal the f64 host reference. Written once, generic over the backend, and run
+//! on every backend by `backend_suite!` (tests/common/backend_suite.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lora::rng::{self, RngState};
 use lora::{Adapter, Backend, DenseLinear, FullBackend, LoraInit, LoraLinear, LoraSpec, Mode};
-use lora_tests::{HostLora, assert_close, rand_vec, to64};
+use lora_tests::{HostLora, assert_close, backend_suite, rand_vec, to64};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -198,27 +198,27 @@ fn check_case<B: FullBackend>(b: &B, c: &Case) {
     }
 }
 
-macro_rules! backends {
-    ($($name:ident => $make:expr),* $(,)?) => {
-        $(
-            proptest! {
-                #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
-                #[test]
-                fn $name(c in cases()) {
-                    check_case(&$make, &c);
-                }
-            }
-        )*
+/// 96 random cases per backend; failures shrink and their seeds persist in
+/// `proptest-regressions/properties.txt` as with `proptest!`.
+fn check_random_cases<B: FullBackend>(b: &B) {
+    let config = ProptestConfig {
+        cases: 96,
+        source_file: Some(file!()),
+        ..ProptestConfig::default()
     };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    if let Err(e) = runner.run(&cases(), |c| {
+        check_case(b, &c);
+        Ok(())
+    }) {
+        panic!("{e}");
+    }
 }
 
-backends! {
-    ndarray_matches_the_f64_reference => lora::NdArray::new(),
-}
-
-#[cfg(feature = "tch")]
-backends! {
-    tch_matches_the_f64_reference => lora::Tch::cpu(),
+backend_suite! { all:
+    fn lora_layer_matches_the_f64_reference(b) {
+        check_random_cases(b);
+    }
 }
 
 proptest! {

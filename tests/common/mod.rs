@@ -2,6 +2,7 @@
 //! references in f64, and closeness checks with readable failures.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod backend_suite;
 pub mod cross_backend;
 
 use lora::rng::{self, RngState};
@@ -31,7 +32,6 @@ pub fn host<B: Backend>(b: &B, t: &B::Tensor) -> Vec<f32> {
     b.to_host(t).expect("to_host")
 }
 
-/// Asserts `|got - want| <= atol + rtol * |want|` elementwise, reporting the worst element.
 /// [`assert_close`] with the absolute tolerance relative to the largest `|want|`: for long
 /// f32 dot products (k in the thousands) whose blocking differs between the two sides,
 /// the rounding scales with the magnitudes summed, not with each (cancelling) result.
@@ -40,6 +40,7 @@ pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], rtol: f64, ato
     assert_close(what, got, want, rtol, atol_rel * scale);
 }
 
+/// Asserts `|got - want| <= atol + rtol * |want|` elementwise, reporting the worst element.
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) {
     assert_eq!(
         got.len(),

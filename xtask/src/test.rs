@@ -139,6 +139,7 @@ pub fn run(backends: &[&str]) -> Result<()> {
     }
     if backends.contains(&"ndarray") {
         python_interop(&mut summary)?;
+        example(&mut summary)?;
     }
     docs(with_tch)?;
     summary.finish(ci)
@@ -311,6 +312,32 @@ fn python_interop(summary: &mut Summary) -> Result<()> {
 }
 
 /// `cargo doc` with warnings as errors.
+/// Runs the facade's first example (`cargo test` has built all of them) and checks that
+/// it wrote a PEFT adapter directory.
+fn example(summary: &mut Summary) -> Result<()> {
+    let out = crate::cmd::root().join("target/tmp/example-adapter");
+    let _ = std::fs::remove_dir_all(&out);
+    run_cmd(
+        "cargo run --example train_mlp_adapter (crates/lora/examples)",
+        cargo()
+            .args(["run", "--quiet", "-p", "lora", "--example", "train_mlp_adapter", "--"])
+            .arg(&out),
+    )?;
+    let written = ["adapter_config.json", "adapter_model.safetensors"]
+        .iter()
+        .all(|f| out.join(f).is_file());
+    anyhow::ensure!(written, "the example wrote no adapter to {}", out.display());
+    summary.add(
+        "examples".into(),
+        Counts {
+            passed: 1,
+            failed: 0,
+            ignored: 0,
+        },
+    );
+    Ok(())
+}
+
 fn docs(with_tch: bool) -> Result<()> {
     let mut doc = cargo_for(with_tch)?;
     doc.arg("doc")

@@ -8,34 +8,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use lora_core::{Error, Result};
 
-/// The kernels' CUDA C source, compiled with NVRTC at context creation.
-const KERNEL_SOURCE: &str = include_str!("kernels/lora_rs.cu");
-
-/// Every kernel of [`KERNEL_SOURCE`], loaded once.
-const KERNEL_NAMES: [&str; 22] = [
-    "dropout_mask",
-    "binary_op",
-    "unary_op",
-    "unary_backward",
-    "axpby",
-    "affine",
-    "add_row_broadcast",
-    "gather_rows",
-    "scatter_add_rows",
-    "slice_cols",
-    "assign_cols",
-    "permute",
-    "sum_rows",
-    "sum_cols",
-    "reduce_partial",
-    "softmax_rows",
-    "softmax_backward",
-    "layer_norm",
-    "layer_norm_backward",
-    "adam_step",
-    "dequantize_4bit",
-    "dequantize_int8",
-];
+use crate::launch::load_kernels;
 
 pub(crate) fn backend_err(reason: impl std::fmt::Display) -> Error {
     Error::Backend {
@@ -97,18 +70,7 @@ impl Cuda {
         let stream = ctx.default_stream();
         let blas =
             CudaBlas::new(stream.clone()).map_err(|e| backend_err(format!("cuBLAS: {e}")))?;
-        let ptx = cudarc::nvrtc::compile_ptx(KERNEL_SOURCE)
-            .map_err(|e| backend_err(format!("NVRTC compiling src/kernels/lora_rs.cu: {e}")))?;
-        let module = ctx
-            .load_module(ptx)
-            .map_err(|e| backend_err(format!("loading kernels: {e}")))?;
-        let mut kernels = HashMap::new();
-        for name in KERNEL_NAMES {
-            let f = module
-                .load_function(name)
-                .map_err(|e| backend_err(format!("kernel {name}: {e}")))?;
-            kernels.insert(name, f);
-        }
+        let (module, kernels) = load_kernels(&ctx)?;
         let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         Ok(Cuda {
             inner: Arc::new(Inner {
@@ -120,12 +82,5 @@ impl Cuda {
                 device_name,
             }),
         })
-    }
-
-    pub(crate) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
-        self.inner
-            .kernels
-            .get(name)
-            .ok_or_else(|| backend_err(format!("kernel {name} is not loaded")))
     }
 }

@@ -13,8 +13,9 @@
 //! See `docs/cuda.md` for what has and has not been run on a GPU.
 #![allow(unsafe_code)]
 
-mod backend;
 mod device;
+mod launch;
+mod ops;
 mod tensor;
 
 pub use device::{Cuda, cuda_unavailable_reason};

@@ -203,7 +203,7 @@ pub struct WeightedFactors<'a, T> {
 
 /// Zero `[rank, in]` and `[out, rank]` tensors for a combination, where `rank` is chosen
 /// from the first source's rank and the sum of all ranks.
-fn combined_zeros<B: Backend + ?Sized>(
+fn combined_zeros<B: Backend>(
     backend: &B,
     parts: &[WeightedFactors<'_, B::Tensor>],
     rank: impl Fn(usize, usize) -> usize,

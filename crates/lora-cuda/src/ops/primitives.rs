@@ -1,43 +1,19 @@
-//! `Backend`, `LoraOps`, `OptimOps` and `QuantOps` for [`Cuda`]: cuBLAS for products, our
-//! kernels (`kernels/lora_rs.cu`) for the rest. Every method checks shapes with the shared
-//! `lora_core::backend::check_*` helpers first, so bad input gets the same message as on
-//! the CPU backends and never reaches a kernel.
+//! The core `Backend` primitives for [`Cuda`]: host transfers, cuBLAS products, elementwise
+//! ops, row and column moves, reductions, softmax, LayerNorm and the dropout mask.
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use lora_core::backend::{
     check_assign_cols, check_bmm, check_col_range, check_gemm, check_host_len, check_layer_norm,
     check_layer_norm_backward, check_permute, check_reshape, check_row_broadcast, check_rows,
     check_same_shape, check_scatter_add, check_softmax_mask,
 };
-use lora_core::ops::AdamHyper;
-use lora_core::{Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp};
-use lora_quant::{Absmax, QuantOps, QuantizedWeight};
+use lora_core::{Backend, BinaryOp, Result, Tensor, Transpose, UnaryOp};
 
 use crate::device::{Cuda, backend_err};
+use crate::launch::{THREADS, elems, launch, rows_cfg};
 use crate::tensor::CudaTensor;
-
-const THREADS: u32 = 256;
-
-/// Elementwise launches: grid-stride loops, at most 65,535 blocks.
-fn elems(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// Row launches: one block of 256 threads per row (the kernels' shared arrays are 256).
-fn rows_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.clamp(1, 65_535) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 fn op(t: Transpose) -> cublasOperation_t {
     match t {
@@ -46,38 +22,7 @@ fn op(t: Transpose) -> cublasOperation_t {
     }
 }
 
-macro_rules! launch {
-    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let f = $self.kernel($name)?;
-        let mut b = $self.inner.stream.launch_builder(f);
-        $( b.arg($arg); )+
-        // SAFETY: every argument matches the kernel's signature in lora_rs.cu (pointer
-        // operands are device buffers whose lengths the caller checked against the sizes
-        // passed alongside), and kernels only touch indices below those sizes.
-        unsafe { b.launch($cfg) }.map_err(|e| backend_err(format!("kernel {}: {e}", $name)))?;
-    }};
-}
-
 impl Cuda {
-    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.inner
-            .stream
-            .alloc_zeros::<f32>(n.max(1))
-            .map_err(|e| backend_err(format!("allocating {n} floats: {e}")))
-    }
-
-    fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
-        self.inner
-            .stream
-            .clone_htod(data)
-            .map_err(|e| backend_err(format!("host to device copy: {e}")))
-    }
-
-    fn indices(&self, rows: &[usize]) -> Result<CudaSlice<u64>> {
-        let v: Vec<u64> = rows.iter().map(|&r| r as u64).collect();
-        self.upload(if v.is_empty() { &[0u64][..] } else { &v })
-    }
-
     /// Per-block partials of a reduction (`mode`: 0 sum, 1 max |x|, 2 non-finite count).
     fn reduce(&self, a: &CudaTensor, mode: i32) -> Result<Vec<f64>> {
         let n = a.numel();
@@ -626,168 +571,5 @@ impl Backend for Cuda {
             &p
         );
         Ok(CudaTensor::new(out, shape))
-    }
-}
-
-/// LoRA forward and backward run the lora-core defaults over cuBLAS and our kernels.
-impl LoraOps for Cuda {}
-
-/// Adam/AdamW as one kernel per tensor (the update of `p`, `m`, `v` fused); SGD uses the
-/// default.
-impl OptimOps for Cuda {
-    fn adam_step(
-        &self,
-        params: &mut [&mut CudaTensor],
-        grads: &[&CudaTensor],
-        m: &mut [CudaTensor],
-        v: &mut [CudaTensor],
-        hp: &AdamHyper,
-        step: u64,
-    ) -> Result<()> {
-        if params.len() != grads.len() || params.len() != m.len() || params.len() != v.len() {
-            return Err(Error::state(
-                "adam step",
-                "parameter, gradient and state lists differ in length",
-            ));
-        }
-        if step == 0 {
-            return Err(Error::state("adam step", "step counts from 1"));
-        }
-        let t = step as i32;
-        let bc1 = 1.0 - hp.beta1.powi(t);
-        let inv_bc2 = 1.0 / (1.0 - hp.beta2.powi(t)).sqrt();
-        let decoupled = i32::from(hp.decoupled);
-        for (((p, g), m), v) in params
-            .iter_mut()
-            .zip(grads)
-            .zip(m.iter_mut())
-            .zip(v.iter_mut())
-        {
-            check_same_shape("adam step gradient", p.shape(), g.shape())?;
-            let n64 = p.numel() as u64;
-            let gd = g.data.clone();
-            let (md, vd) = (m.make_mut(), v.make_mut());
-            let cfg = elems(p.numel());
-            launch!(
-                self,
-                "adam_step",
-                cfg,
-                p.make_mut(),
-                &*gd,
-                md,
-                vd,
-                &n64,
-                &hp.lr,
-                &hp.beta1,
-                &hp.beta2,
-                &hp.eps,
-                &hp.weight_decay,
-                &decoupled,
-                &bc1,
-                &inv_bc2
-            );
-        }
-        Ok(())
-    }
-}
-
-/// Dequantization on the device. The packed rows (and the scales) are uploaded for each
-/// call: the quantized weight itself lives on the host today (see docs/cuda.md).
-impl QuantOps for Cuda {
-    fn dequantize_rows(
-        &self,
-        weight: &QuantizedWeight,
-        row0: usize,
-        rows: usize,
-    ) -> Result<CudaTensor> {
-        let (out_f, in_f) = weight.dims();
-        if row0.checked_add(rows).is_none_or(|end| end > out_f) {
-            return Err(Error::state(
-                format!("dequantize_rows of a [{out_f}, {in_f}] weight"),
-                format!(
-                    "rows {row0}..{} are out of range",
-                    row0.saturating_add(rows)
-                ),
-            ));
-        }
-        let n = rows * in_f;
-        let mut out = self.alloc(n)?;
-        let n64 = n as u64;
-        match weight {
-            QuantizedWeight::FourBit(w) => {
-                let start = row0 * in_f;
-                let byte0 = start / 2;
-                let byte1 = (start + n).div_ceil(2);
-                let packed = self.upload(&w.packed[byte0..byte1])?;
-                let code = self.upload(&w.code)?;
-                let (start64, base64, bs64) = (start as u64, byte0 as u64, w.blocksize as u64);
-                match &w.absmax {
-                    Absmax::F32(a) => {
-                        let a = self.upload(a)?;
-                        let (null, zero, one) = (0u64, 0.0f32, 1u64);
-                        launch!(
-                            self,
-                            "dequantize_4bit",
-                            elems(n),
-                            &packed,
-                            &code,
-                            &a,
-                            &null,
-                            &null,
-                            &null,
-                            &zero,
-                            &one,
-                            &bs64,
-                            &start64,
-                            &base64,
-                            &mut out,
-                            &n64
-                        );
-                    }
-                    Absmax::Double { scales, offset } => {
-                        let q = self.upload(&scales.codes)?;
-                        let ncode = self.upload(&scales.code)?;
-                        let nabs = self.upload(&scales.absmax)?;
-                        let (null, nbs) = (0u64, scales.blocksize as u64);
-                        launch!(
-                            self,
-                            "dequantize_4bit",
-                            elems(n),
-                            &packed,
-                            &code,
-                            &null,
-                            &q,
-                            &ncode,
-                            &nabs,
-                            offset,
-                            &nbs,
-                            &bs64,
-                            &start64,
-                            &base64,
-                            &mut out,
-                            &n64
-                        );
-                    }
-                }
-            }
-            QuantizedWeight::Int8(w) => {
-                let cb: Vec<i8> = w.cb[row0 * in_f..(row0 + rows) * in_f].to_vec();
-                let cb = self.upload(&cb)?;
-                let scb = self.upload(&w.scb)?;
-                let (r64, c64) = (row0 as u64, in_f as u64);
-                launch!(
-                    self,
-                    "dequantize_int8",
-                    elems(n),
-                    &cb,
-                    &scb,
-                    &r64,
-                    &c64,
-                    &mut out,
-                    &n64
-                );
-            }
-        }
-        Ok(CudaTensor::new(out, &[rows, in_f]))
     }
 }
