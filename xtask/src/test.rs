@@ -320,7 +320,15 @@ fn example(summary: &mut Summary) -> Result<()> {
     run_cmd(
         "cargo run --example train_mlp_adapter (crates/lora/examples)",
         cargo()
-            .args(["run", "--quiet", "-p", "lora", "--example", "train_mlp_adapter", "--"])
+            .args([
+                "run",
+                "--quiet",
+                "-p",
+                "lora",
+                "--example",
+                "train_mlp_adapter",
+                "--",
+            ])
             .arg(&out),
     )?;
     let written = ["adapter_config.json", "adapter_model.safetensors"]

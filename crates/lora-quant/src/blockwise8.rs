@@ -1,8 +1,8 @@
 //! bitsandbytes' blockwise 8-bit quantization with a 256-entry code (its `quantize_blockwise`),
 //! which double quantization uses for the 4-bit scales.
 
-use crate::codes::Quantizer;
 use crate::absmax::scale_block;
+use crate::codes::Quantizer;
 
 /// Values quantized blockwise to 8-bit indices into a 256-entry code.
 #[derive(Clone, Debug, PartialEq)]

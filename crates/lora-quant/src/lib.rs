@@ -11,7 +11,7 @@
 //!   adapters train on top of it as on a dense layer (QLoRA). Merging into it re-quantizes
 //!   and reports the rounding.
 //!
-//! The file layout (transformers' serialization of bitsandbytes layers) is in `lora-peft`.
+//! The file layout (transformers' serialization of bitsandbytes layers) is in `lora-io`.
 
 mod absmax;
 pub mod blockwise8;

@@ -22,9 +22,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut model = BertModel::from_pretrained(&b, &model_dir)?;
     if let Some(adapter) = args.next() {
         let config = peft::load_pretrained(std::path::Path::new(&adapter), &mut model, &b)?;
-        println!("loaded adapter {adapter} (r = {}, alpha = {})", config.r, config.lora_alpha);
+        println!(
+            "loaded adapter {adapter} (r = {}, alpha = {})",
+            config.r, config.lora_alpha
+        );
     }
-    let texts = ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock prices fell."];
+    let texts = [
+        "A cat sits on the mat.",
+        "A kitten rests on a rug.",
+        "Stock prices fell.",
+    ];
     let batch = tokenizer.encode_batch(&texts)?;
     let hidden = model.forward_batch(&b, &batch, Mode::Eval)?;
     let dim = model.config().hidden_size;
