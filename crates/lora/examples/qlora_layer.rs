@@ -6,7 +6,7 @@
 //! ```
 
 use lora::prelude::*;
-use lora::{AdamHyper, mse_loss};
+use lora::mse_loss;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let b = lora::NdArray::new();
@@ -42,14 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let target: Vec<f32> = base_y.iter().map(|v| v + 0.1).collect();
     let y = b.from_host(&target, &[n, out])?;
 
-    let mut opt = Adam::<lora::NdArray>::new(AdamHyper {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        decoupled: true,
-    })?;
+    let mut opt = Adam::<lora::NdArray>::adamw(1e-2)?;
     let mut losses = Vec::new();
     for _ in 0..200 {
         let pred = layer.forward(&b, &x, Mode::Train)?;

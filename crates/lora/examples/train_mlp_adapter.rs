@@ -12,7 +12,7 @@
 use lora::models::Mlp;
 use lora::peft::{self, LoraConfig, TargetModules};
 use lora::prelude::*;
-use lora::{AdamHyper, UnaryOp, mse_loss};
+use lora::{UnaryOp, mse_loss};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::env::args()
@@ -42,14 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let injected = peft::inject_adapters(&mut model, &b, &config, 7)?;
     println!("adapters on {injected:?}");
 
-    let mut opt = Adam::<lora::NdArray>::new(AdamHyper {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        decoupled: true,
-    })?;
+    let mut opt = Adam::<lora::NdArray>::adamw(1e-2)?;
     let mut first = None;
     let mut last = 0.0;
     for _ in 0..300 {
