@@ -3,7 +3,7 @@
 //! the mean-pooled sentence embedding through a linear head. Only the adapters and the
 //! head train; the encoder is frozen.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -96,23 +96,55 @@ fn accuracy<B: FullBackend>(
     Ok(correct as f64 / data.len().max(1) as f64)
 }
 
+/// The word lists and the tokenizer that encodes them.
+struct Task {
+    tok: BertTokenizer,
+    train: Vec<Example>,
+    test: Vec<Example>,
+}
+
+/// The encoder (with its adapters) and the linear head on its mean-pooled output.
+struct Classifier<B: FullBackend> {
+    model: BertModel<B>,
+    head: DenseLinear<B>,
+}
+
+/// The adapters `--target-modules` asked for.
+struct Adapters {
+    /// The PEFT configuration, as saved with the adapter.
+    config: LoraConfig,
+    /// `--target-modules none`: no adapters, the head trains alone.
+    head_only: bool,
+    /// Names of the modules that got an adapter.
+    injected: Vec<String>,
+}
+
+/// The training run.
+struct Training {
+    /// Cross-entropy of every step.
+    losses: Vec<f64>,
+    /// `(step, held-out accuracy)`, starting with step 0.
+    evals: Vec<(f32, f32)>,
+    /// Seconds spent in the training steps (tokenization excluded).
+    seconds: f64,
+    /// Bytes of AdamW state.
+    optimizer_bytes: usize,
+}
+
+/// Held-out accuracy before and after training.
+struct Accuracy {
+    before: f64,
+    after: f64,
+}
+
+/// The steps of `lora train`, in order.
 fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     let model_dir = args
         .model
         .clone()
         .unwrap_or_else(lora::models::cache::minilm_dir);
-    let data_path = args
-        .data
-        .clone()
-        .unwrap_or_else(lora::models::cache::vader_lexicon_path);
-    let (train, test) = split(read_vader(&data_path, args.min_valence)?, 0.2, args.seed);
-    let tok = BertTokenizer::from_file(&model_dir.join("tokenizer.json"), 32)?;
-    let mut model = BertModel::from_pretrained(b, &model_dir).with_context(|| {
-        format!(
-            "loading {} (run `cargo xtask fetch-model minilm` to fetch all-MiniLM-L6-v2)",
-            model_dir.display()
-        )
-    })?;
+    let task = load_task(args, &model_dir)?;
+    let model = load_model(b, &model_dir)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating output directory {}", args.out.display()))?;
     println!(
@@ -123,7 +155,49 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         b.name(),
         b.device()
     );
+    let (mut clf, adapters) = attach_adapters_and_head(b, args, model)?;
+    let before = accuracy(b, &mut clf.model, &clf.head, &task.tok, &task.test)?;
+    let training = train_loop(b, args, &mut clf, &task, before)?;
+    let after = training.evals.last().map_or(before, |e| f64::from(e.1));
+    save_outputs(b, args, &clf, &adapters, &training)?;
+    print_summary(
+        args,
+        &task,
+        &clf,
+        &adapters,
+        &training,
+        &Accuracy { before, after },
+    );
+    Ok(())
+}
 
+/// Reads the VADER words, splits them, and loads the model's tokenizer.
+fn load_task(args: &TrainArgs, model_dir: &Path) -> Result<Task> {
+    let data_path = args
+        .data
+        .clone()
+        .unwrap_or_else(lora::models::cache::vader_lexicon_path);
+    let (train, test) = split(read_vader(&data_path, args.min_valence)?, 0.2, args.seed);
+    let tok = BertTokenizer::from_file(&model_dir.join("tokenizer.json"), 32)?;
+    Ok(Task { tok, train, test })
+}
+
+/// Loads the pretrained encoder.
+fn load_model<B: FullBackend>(b: &B, model_dir: &Path) -> Result<BertModel<B>> {
+    BertModel::from_pretrained(b, model_dir).with_context(|| {
+        format!(
+            "loading {} (run `cargo xtask fetch-model minilm` to fetch all-MiniLM-L6-v2)",
+            model_dir.display()
+        )
+    })
+}
+
+/// Injects the adapters (unless `--target-modules none`) and builds a fresh 2-class head.
+fn attach_adapters_and_head<B: FullBackend>(
+    b: &B,
+    args: &TrainArgs,
+    mut model: BertModel<B>,
+) -> Result<(Classifier<B>, Adapters)> {
     let config = LoraConfig {
         r: args.rank,
         lora_alpha: args.alpha,
@@ -149,18 +223,20 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     let mut w = vec![0.0f32; 2 * h];
     let bound = 1.0 / (h as f32).sqrt();
     uniform(RngState::new(args.seed, 0x4ead), -bound, bound, &mut w);
-    let mut head = DenseLinear::new(b.from_host(&w, &[2, h])?, Some(b.zeros(&[2])?))?;
+    let head = DenseLinear::new(b.from_host(&w, &[2, h])?, Some(b.zeros(&[2])?))?;
+    Ok((
+        Classifier { model, head },
+        Adapters {
+            config,
+            head_only,
+            injected,
+        },
+    ))
+}
 
-    let acc_before = accuracy(b, &mut model, &head, &tok, &test)?;
-    let mut opt = Adam::<B>::new(AdamHyper {
-        lr: args.lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        decoupled: true,
-    })?;
-    let bar = ProgressBar::new(args.steps as u64);
+/// The progress bar of the training loop.
+fn progress(steps: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{prefix:>9} [{bar:32.cyan/blue}] {pos:>4}/{len} loss {msg} ({per_sec}, eta {eta})",
@@ -169,6 +245,28 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     bar.set_prefix("train");
+    bar
+}
+
+/// Trains adapters and head with AdamW on cycling batches of training words, evaluating
+/// on the held-out words every `--eval-every` steps.
+fn train_loop<B: FullBackend>(
+    b: &B,
+    args: &TrainArgs,
+    clf: &mut Classifier<B>,
+    task: &Task,
+    acc_before: f64,
+) -> Result<Training> {
+    let Task { tok, train, test } = task;
+    let mut opt = Adam::<B>::new(AdamHyper {
+        lr: args.lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        decoupled: true,
+    })?;
+    let bar = progress(args.steps);
     let mut losses = Vec::with_capacity(args.steps);
     let mut evals: Vec<(f32, f32)> = vec![(0.0, acc_before as f32)];
     let mut train_s = 0.0f64;
@@ -181,22 +279,39 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         let labels: Vec<usize> = rows.iter().map(|e| e.label).collect();
         let batch: TokenBatch = tok.encode_batch(&texts)?;
         let t0 = Instant::now();
-        let loss = classification_step(b, &mut model, &mut head, &mut opt, &batch, &labels)?;
+        let loss =
+            classification_step(b, &mut clf.model, &mut clf.head, &mut opt, &batch, &labels)?;
         b.synchronize()?;
         train_s += t0.elapsed().as_secs_f64();
         losses.push(loss);
         bar.set_position(step as u64 + 1);
         bar.set_message(format!("{loss:.3}"));
         if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {
-            let acc = accuracy(b, &mut model, &head, &tok, &test)?;
+            let acc = accuracy(b, &mut clf.model, &clf.head, tok, test)?;
             evals.push(((step + 1) as f32, acc as f32));
         }
     }
     bar.finish_and_clear();
-    let acc_after = evals.last().map_or(acc_before, |e| f64::from(e.1));
+    Ok(Training {
+        losses,
+        evals,
+        seconds: train_s,
+        optimizer_bytes: opt.state_bytes(),
+    })
+}
 
-    if !head_only {
-        peft::save_pretrained(&args.out, &model, b, &config)?;
+/// Writes the adapter (unless head-only), `head.safetensors`, `loss.png` and
+/// `accuracy.png` into `--out`.
+fn save_outputs<B: FullBackend>(
+    b: &B,
+    args: &TrainArgs,
+    clf: &Classifier<B>,
+    adapters: &Adapters,
+    training: &Training,
+) -> Result<()> {
+    let Classifier { model, head } = clf;
+    if !adapters.head_only {
+        peft::save_pretrained(&args.out, model, b, &adapters.config)?;
     }
     let head_path = args.out.join("head.safetensors");
     lora::io::write_safetensors(
@@ -219,10 +334,10 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     plots::loss_curve(
         &args.out.join("loss.png"),
         "LoRA fine-tuning loss (cross-entropy, per step)",
-        &losses,
+        &training.losses,
     )?;
-    let xs: Vec<f32> = evals.iter().map(|e| e.0).collect();
-    let ys: Vec<f32> = evals.iter().map(|e| e.1).collect();
+    let xs: Vec<f32> = training.evals.iter().map(|e| e.0).collect();
+    let ys: Vec<f32> = training.evals.iter().map(|e| e.1).collect();
     plots::predictions(
         &args.out.join("accuracy.png"),
         "held-out accuracy: positive vs negative VADER words",
@@ -232,8 +347,20 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
             ys: &ys,
             color: RGBColor(30, 90, 220),
         }],
-    )?;
+    )
+}
 
+/// Prints the summary of a finished run.
+fn print_summary<B: FullBackend>(
+    args: &TrainArgs,
+    task: &Task,
+    clf: &Classifier<B>,
+    adapters: &Adapters,
+    training: &Training,
+    acc: &Accuracy,
+) {
+    let Classifier { model, head } = clf;
+    let losses = &training.losses;
     let trainable = model.num_trainable() + head.num_parameters();
     let total = model.num_parameters() + head.num_parameters();
     println!(
@@ -242,15 +369,15 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     );
     println!(
         "  data            {} training words, {} held out (seed {})",
-        thousands(train.len()),
-        thousands(test.len()),
+        thousands(task.train.len()),
+        thousands(task.test.len()),
         args.seed
     );
     println!(
         "  LoRA            r={}, alpha={}, on {} modules ({}), plus a linear head on the mean-pooled embedding",
         args.rank,
         args.alpha,
-        injected.len(),
+        adapters.injected.len(),
         args.target_modules
     );
     println!(
@@ -261,8 +388,8 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     );
     println!(
         "  accuracy        {:.1}% before -> {:.1}% after {} steps (held-out words)",
-        100.0 * acc_before,
-        100.0 * acc_after,
+        100.0 * acc.before,
+        100.0 * acc.after,
         args.steps
     );
     println!(
@@ -272,14 +399,17 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     );
     println!(
         "  time per step   {} (batch {}, forward + backward + AdamW; tokenization excluded)",
-        duration(train_s / args.steps as f64),
+        duration(training.seconds / args.steps as f64),
         args.batch_size
     );
-    println!("  optimizer state {}", bytes(opt.state_bytes() as u64));
+    println!(
+        "  optimizer state {}",
+        bytes(training.optimizer_bytes as u64)
+    );
     if let Some(rss) = peak_rss_bytes() {
         println!("  peak memory     {} RSS", bytes(rss));
     }
-    let adapter_files = if head_only {
+    let adapter_files = if adapters.head_only {
         String::new()
     } else {
         format!("{}, {}, ", peft::CONFIG_FILE, peft::WEIGHTS_FILE)
@@ -288,5 +418,4 @@ fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         "  wrote           {}: {adapter_files}head.safetensors, loss.png, accuracy.png",
         args.out.display()
     );
-    Ok(())
 }
