@@ -128,3 +128,48 @@ impl BertConfig {
         self.hidden_size / self.num_attention_heads
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> BertConfig {
+        match serde_json::from_str(json) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}: {json}"),
+        }
+    }
+
+    const MINI: &str = r#"{"model_type": "bert", "vocab_size": 64, "hidden_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+        "max_position_embeddings": 32, "type_vocab_size": 2, "hidden_act": "gelu"}"#;
+
+    #[test]
+    fn a_bert_config_parses_with_transformers_defaults() {
+        let c = parse(MINI);
+        assert!(c.validate("config.json").is_ok());
+        assert_eq!(c.head_dim(), 8);
+        assert_eq!(c.layer_norm_eps, 1e-12);
+    }
+
+    #[test]
+    fn unsupported_architectures_name_the_field() {
+        for (field, json) in [
+            ("model_type", MINI.replace("\"bert\"", "\"llama\"")),
+            ("hidden_act", MINI.replace("\"gelu\"", "\"swish\"")),
+            (
+                "num_attention_heads",
+                MINI.replace("\"num_attention_heads\": 2", "\"num_attention_heads\": 3"),
+            ),
+            ("vocab_size", MINI.replace("\"vocab_size\": 64", "\"vocab_size\": 0")),
+        ] {
+            match parse(&json).validate("m/config.json") {
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(field) && msg.contains("m/config.json"), "{msg}");
+                }
+                Ok(()) => panic!("{field}: accepted {json}"),
+            }
+        }
+    }
+}
