@@ -5,8 +5,8 @@
 //! cargo run --release -p lora --example qlora_layer
 //! ```
 
-use lora::prelude::*;
 use lora::mse_loss;
+use lora::prelude::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let b = lora::NdArray::new();

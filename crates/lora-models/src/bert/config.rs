@@ -161,12 +161,18 @@ mod tests {
                 "num_attention_heads",
                 MINI.replace("\"num_attention_heads\": 2", "\"num_attention_heads\": 3"),
             ),
-            ("vocab_size", MINI.replace("\"vocab_size\": 64", "\"vocab_size\": 0")),
+            (
+                "vocab_size",
+                MINI.replace("\"vocab_size\": 64", "\"vocab_size\": 0"),
+            ),
         ] {
             match parse(&json).validate("m/config.json") {
                 Err(e) => {
                     let msg = e.to_string();
-                    assert!(msg.contains(field) && msg.contains("m/config.json"), "{msg}");
+                    assert!(
+                        msg.contains(field) && msg.contains("m/config.json"),
+                        "{msg}"
+                    );
                 }
                 Ok(()) => panic!("{field}: accepted {json}"),
             }
