@@ -1,47 +1,14 @@
 //! `lora embed` and `lora train` on the real all-MiniLM-L6-v2, run as a user runs them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-/// all-MiniLM-L6-v2 (see `tests/common/mod.rs::minilm_dir` for the rules).
-fn minilm() -> Option<PathBuf> {
-    let dir = lora::models::cache::minilm_dir();
-    if dir.join("model.safetensors").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("LORA_RS_REQUIRE_MODELS").is_none(),
-        "all-MiniLM-L6-v2 missing at {}: run `cargo xtask fetch-model minilm`",
-        dir.display()
-    );
-    eprintln!("skipped: all-MiniLM-L6-v2 not found (run `cargo xtask fetch-model minilm`)");
-    None
-}
-
-fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bert_minilm")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{fixture, lora, minilm, tempdir, text, vader_lexicon};
 
 #[test]
 fn embed_prints_sentence_transformers_embeddings_as_json() {
     let Some(model) = minilm() else { return };
-    let meta = lora::io::MappedFile::open(&fixture().join("io.safetensors"))
+    let meta = lora::io::MappedFile::open(&fixture("bert_minilm").join("io.safetensors"))
         .unwrap()
         .metadata()
         .unwrap()
@@ -61,7 +28,7 @@ fn embed_prints_sentence_transformers_embeddings_as_json() {
     // stdout is the JSON and nothing else.
     let got: Vec<Vec<f32>> = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(got.len(), 3);
-    let ck = lora::io::Checkpoint::open(&fixture().join("io.safetensors")).unwrap();
+    let ck = lora::io::Checkpoint::open(&fixture("bert_minilm").join("io.safetensors")).unwrap();
     let t = ck.tensors().unwrap();
     let e = &t["sentence_embedding"];
     let want = lora::io::decode_f32(e.dtype, &e.data).unwrap();
@@ -74,7 +41,7 @@ fn embed_prints_sentence_transformers_embeddings_as_json() {
     }
     // With the PEFT adapter the embeddings change.
     let mut args2 = args.clone();
-    let adapter = fixture().join("adapter");
+    let adapter = fixture("bert_minilm").join("adapter");
     args2.extend(["--adapter", adapter.to_str().unwrap()]);
     let o2 = lora(&args2);
     assert!(o2.status.success(), "{}", text(&o2));
@@ -95,16 +62,8 @@ fn embed_prints_sentence_transformers_embeddings_as_json() {
 #[test]
 fn train_fine_tunes_minilm_and_saves_a_peft_adapter() {
     let Some(model) = minilm() else { return };
-    let data = lora::models::cache::vader_lexicon_path();
-    if !data.is_file() {
-        assert!(
-            std::env::var_os("LORA_RS_REQUIRE_MODELS").is_none(),
-            "vader_lexicon.txt missing: run `cargo xtask fetch-data vader`"
-        );
-        eprintln!("skipped: vader_lexicon.txt not found (run `cargo xtask fetch-data vader`)");
-        return;
-    }
-    let out = tempfile::tempdir().unwrap();
+    let Some(data) = vader_lexicon() else { return };
+    let out = tempdir();
     let o = lora(&[
         "train",
         "--model",

@@ -2,39 +2,15 @@
 //! real PEFT (`tests/fixtures/peft_mlp`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use lora::io::MappedFile;
 use lora::models::Mlp;
 use lora::{Backend, HostTensor, Mode, Model, UnaryOp};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft_mlp")
-}
+mod common;
 
-fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn io() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture().join("io.json")).unwrap()).unwrap()
-}
-
-fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
+use common::{file_names, fixture, floats, lora, read_json, s, tempdir};
 
 /// The merged checkpoint, loaded into the MLP, must compute what PEFT's merge_and_unload did.
 fn assert_matches_peft_merge(merged: &Path, tol: f32) {
@@ -42,7 +18,7 @@ fn assert_matches_peft_merge(merged: &Path, tol: f32) {
     let mut m = Mlp::new(&b, &[3, 8, 8, 2], UnaryOp::Relu, 0).unwrap();
     m.load_state_dict(&b, &lora::io::read_safetensors(merged).unwrap())
         .unwrap();
-    let io = io();
+    let io = read_json(&fixture("peft_mlp").join("io.json"));
     let x = b.from_host(&floats(&io["x"]), &[4, 3]).unwrap();
     let y = b.to_host(&m.forward(&b, &x, Mode::Eval).unwrap()).unwrap();
     for (g, w) in y.iter().zip(floats(&io["y_merged"])) {
@@ -51,10 +27,7 @@ fn assert_matches_peft_merge(merged: &Path, tol: f32) {
 }
 
 fn no_leftovers(dir: &Path) {
-    let names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names: Vec<String> = file_names(dir);
     assert!(
         names
             .iter()
@@ -65,15 +38,15 @@ fn no_leftovers(dir: &Path) {
 
 #[test]
 fn merge_matches_peft_and_copies_untouched_tensors_byte_for_byte() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempdir();
     let out = tmp.path().join("merged.safetensors");
-    let base = fixture().join("base_model.safetensors");
+    let base = fixture("peft_mlp").join("base_model.safetensors");
     let run = lora(&[
         "merge",
         "--base",
         s(&base),
         "--adapter",
-        s(&fixture()),
+        s(&fixture("peft_mlp")),
         "--out",
         s(&out),
     ]);
@@ -109,8 +82,9 @@ fn merge_matches_peft_and_copies_untouched_tensors_byte_for_byte() {
 
 #[test]
 fn merge_reads_sharded_checkpoints_and_converts_dtypes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let all = lora::io::read_safetensors(&fixture().join("base_model.safetensors")).unwrap();
+    let tmp = tempdir();
+    let all =
+        lora::io::read_safetensors(&fixture("peft_mlp").join("base_model.safetensors")).unwrap();
     let (first, second): (Vec<_>, Vec<_>) = all
         .into_iter()
         .partition(|(k, _)| k.starts_with("layers.0") || k.starts_with("layers.2"));
@@ -140,7 +114,7 @@ fn merge_reads_sharded_checkpoints_and_converts_dtypes() {
         "--base",
         s(&model),
         "--adapter",
-        s(&fixture()),
+        s(&fixture("peft_mlp")),
         "--out",
         s(&out),
     ]);
@@ -157,7 +131,7 @@ fn merge_reads_sharded_checkpoints_and_converts_dtypes() {
         "--base",
         s(&model),
         "--adapter",
-        s(&fixture()),
+        s(&fixture("peft_mlp")),
         "--out",
         s(&out16),
         "--dtype",
@@ -196,11 +170,11 @@ fn expect_failure(args: &[&str], out: &Path, needles: &[&str]) {
 
 #[test]
 fn merge_errors_name_the_problem_and_leave_no_file() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempdir();
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let out = work.join("out.safetensors");
-    let base = fixture().join("base_model.safetensors");
+    let base = fixture("peft_mlp").join("base_model.safetensors");
 
     // A module the base lacks: merge the adapter into a checkpoint without layers.4.
     let mut sd = lora::io::read_safetensors(&base).unwrap();
@@ -213,7 +187,7 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
             "--base",
             s(&small),
             "--adapter",
-            s(&fixture()),
+            s(&fixture("peft_mlp")),
             "--out",
             s(&out),
         ],
@@ -225,11 +199,12 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
     let bad = tmp.path().join("bad_adapter");
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::copy(
-        fixture().join("adapter_config.json"),
+        fixture("peft_mlp").join("adapter_config.json"),
         bad.join("adapter_config.json"),
     )
     .unwrap();
-    let mut t = lora::io::read_safetensors(&fixture().join("adapter_model.safetensors")).unwrap();
+    let mut t =
+        lora::io::read_safetensors(&fixture("peft_mlp").join("adapter_model.safetensors")).unwrap();
     t.insert(
         "base_model.model.layers.2.lora_A.weight".into(),
         HostTensor {
@@ -266,7 +241,7 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
             "--base",
             s(&cut),
             "--adapter",
-            s(&fixture()),
+            s(&fixture("peft_mlp")),
             "--out",
             s(&out),
         ],
@@ -279,7 +254,7 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
     std::fs::create_dir_all(&broken).unwrap();
     std::fs::write(broken.join("adapter_config.json"), "{\"r\": 2,").unwrap();
     std::fs::copy(
-        fixture().join("adapter_model.safetensors"),
+        fixture("peft_mlp").join("adapter_model.safetensors"),
         broken.join("adapter_model.safetensors"),
     )
     .unwrap();
@@ -304,7 +279,7 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
         "--base",
         s(&cut),
         "--adapter",
-        s(&fixture()),
+        s(&fixture("peft_mlp")),
         "--out",
         s(&out),
     ]);
@@ -314,7 +289,7 @@ fn merge_errors_name_the_problem_and_leave_no_file() {
 
 #[test]
 fn inspect_reports_modules_ranks_and_scalings() {
-    let run = lora(&["inspect", s(&fixture()), "--json"]);
+    let run = lora(&["inspect", s(&fixture("peft_mlp")), "--json"]);
     assert!(
         run.status.success(),
         "{}",
@@ -328,7 +303,7 @@ fn inspect_reports_modules_ranks_and_scalings() {
     assert_eq!(mods[0]["module"], "layers.2");
     assert_eq!(mods[0]["scaling"], 3.0);
     assert_eq!(mods[1]["out_features"], 2);
-    let text = lora(&["inspect", s(&fixture())]);
+    let text = lora(&["inspect", s(&fixture("peft_mlp"))]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("layers.4"));
     let missing = lora(&["inspect", "/nonexistent/adapter"]);
     assert!(!missing.status.success());

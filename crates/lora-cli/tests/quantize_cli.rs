@@ -2,37 +2,15 @@
 //! quantized base and `lora demo --quant`, run as a user runs them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn tiny_bert() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft_bert")
-}
-
-fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{fixture, lora, number_after, read_json, s, tempdir, text};
 
 #[test]
 fn quantize_inspect_merge_dequantize() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempdir();
     let q = tmp.path().join("model").join("model.safetensors");
-    let base = tiny_bert().join("base");
+    let base = fixture("peft_bert").join("base");
     let o = lora(&[
         "quantize",
         "--in",
@@ -50,9 +28,7 @@ fn quantize_inspect_merge_dequantize() {
         "{t}"
     );
     // A model directory in, model.safetensors out: config.json with quantization_config.
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tmp.path().join("model/config.json")).unwrap())
-            .unwrap();
+    let cfg = read_json(&tmp.path().join("model/config.json"));
     assert_eq!(cfg["quantization_config"]["bnb_4bit_quant_type"], "nf4");
 
     let o = lora(&["inspect", s(&q), "--json"]);
@@ -74,7 +50,7 @@ fn quantize_inspect_merge_dequantize() {
         "--base",
         s(&q),
         "--adapter",
-        s(&tiny_bert().join("adapters")),
+        s(&fixture("peft_bert").join("adapters")),
         "--out",
         s(&merged),
     ]);
@@ -94,9 +70,9 @@ fn quantize_inspect_merge_dequantize() {
 
 #[test]
 fn bad_quantize_arguments_fail_cleanly() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempdir();
     let out = tmp.path().join("out.safetensors");
-    let base = tiny_bert().join("base");
+    let base = fixture("peft_bert").join("base");
     for (args, expect) in [
         (vec!["--format", "nf5"], "nf5"),
         (vec!["--format", "nf4", "--blocksize", "100"], "blocksize"),
@@ -122,37 +98,27 @@ fn bad_quantize_arguments_fail_cleanly() {
 
 #[test]
 fn qlora_demo_trains_on_a_4bit_base() {
-    let out = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args([
-            "demo",
-            "--steps",
-            "150",
-            "--pretrain-steps",
-            "300",
-            "--hidden",
-            "64",
-            "--quant",
-            "nf4",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let out = tempdir();
+    let o = lora(&[
+        "demo",
+        "--steps",
+        "150",
+        "--pretrain-steps",
+        "300",
+        "--hidden",
+        "64",
+        "--quant",
+        "nf4",
+        "--out",
+        s(out.path()),
+    ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("frozen base     nf4"), "{t}");
     assert!(t.contains("merged into the quantized base"), "{t}");
     assert!(out.path().join("base_model.nf4.safetensors").is_file());
-    let number_after = |label: &str| -> f64 {
-        let line = t
-            .lines()
-            .find(|l| l.trim_start().starts_with(label))
-            .unwrap();
-        line.split_whitespace().nth(2).unwrap().parse().unwrap()
-    };
     assert!(
-        number_after("loss after") < number_after("loss before") / 20.0,
+        number_after(&t, "loss after") < number_after(&t, "loss before") / 20.0,
         "{t}"
     );
 }
