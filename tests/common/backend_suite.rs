@@ -1,4 +1,4 @@
-//! One test, every backend: [`backend_suite!`](crate::backend_suite) (in the spirit of
+//! One test, every backend: [`backend_suite!`](macro@crate::backend_suite) (in the spirit of
 //! candle's `test_device!`) expands each test body once per backend, so a backend joins
 //! every suite that uses it with one line here.
 //!

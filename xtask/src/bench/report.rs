@@ -205,7 +205,7 @@ fn criterion_rows(target: &Path, peak: Option<f64>, bert_torch: &Value, rows: &m
     }
 }
 
-/// One BERT bench: "<backend>/<op>/<shape>", against PyTorch + PEFT's time for the same op.
+/// One BERT bench: `"<backend>/<op>/<shape>"`, against PyTorch + PEFT's time for the same op.
 fn bert_row(function: &str, median_ns: f64, bert_torch: &Value) -> Option<Row> {
     let mut parts = function.splitn(3, '/');
     let (Some(be), Some(op), Some(shape)) = (parts.next(), parts.next(), parts.next()) else {
