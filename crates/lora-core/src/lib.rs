@@ -1,6 +1,6 @@
 //! # lora-core
 //!
-//! Backend-agnostic building blocks of lora-rs:
+//! The backend contract and the LoRA math of lora-rs, independent of any backend:
 //!
 //! * [`Backend`] and [`Tensor`]: device tensors and op-level primitives (GEMM,
 //!   elementwise, reductions, activations, dropout masks) that every backend supplies.
