@@ -49,7 +49,7 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs the lora-rs CUDA suite on a GPU machine (no Rust toolchain needed).
-#   ./run.sh test       the cross-backend suite: CUDA against the CPU reference
+#   ./run.sh test       the cross-backend, property and decoder suites on CUDA
 #   ./run.sh sanitize   the same under compute-sanitizer (memcheck)
 #   ./run.sh bench      LoRA linear and QLoRA benchmarks, then PyTorch + PEFT on the GPU
 #   ./run.sh demo       lora demo --backend cuda
@@ -59,8 +59,8 @@ export LORA_RS_FIXTURES="$here/fixtures"
 export LORA_BENCH_OUT="${LORA_BENCH_OUT:-$here/results}"
 mkdir -p "$LORA_BENCH_OUT"
 case "${1:-test}" in
-  test) "$here/bin/cross_backend" cuda:: --test-threads=1 --nocapture ;;
-  sanitize) compute-sanitizer --tool memcheck --error-exitcode 1 "$here/bin/cross_backend" cuda:: --test-threads=1 ;;
+  test) for t in cross_backend properties decoder; do "$here/bin/$t" cuda:: --test-threads=1 --nocapture; done ;;
+  sanitize) for t in cross_backend decoder; do compute-sanitizer --tool memcheck --error-exitcode 1 "$here/bin/$t" cuda:: --test-threads=1; done ;;
   bench)
     "$here/bin/lora_linear" --bench
     "$here/bin/quant" --bench
@@ -84,6 +84,10 @@ pub fn run(dir: &Path) -> Result<()> {
         "cuda",
         "--test",
         "cross_backend",
+        "--test",
+        "properties",
+        "--test",
+        "decoder",
     ]);
     let tests = executables(
         &mut tests,
@@ -116,11 +120,13 @@ pub fn run(dir: &Path) -> Result<()> {
         std::fs::copy(exe, bin.join(name)).with_context(|| format!("copying {}", exe.display()))?;
     }
     std::fs::copy(root().join("target/release/lora"), bin.join("lora"))?;
-    // Only the fixtures the cross-backend suite reads.
-    copy_dir(
-        &root().join("tests/fixtures/peft_bert"),
-        &dir.join("fixtures/peft_bert"),
-    )?;
+    // Only the fixtures the bundled suites read.
+    for sub in ["peft_bert", "decoder"] {
+        copy_dir(
+            &root().join("tests/fixtures").join(sub),
+            &dir.join("fixtures").join(sub),
+        )?;
+    }
     std::fs::create_dir_all(dir.join("python"))?;
     std::fs::copy(
         root().join("benches/python/peft_linear.py"),

@@ -193,7 +193,15 @@ fn cuda_tests(minilm: &Path, summary: &mut Summary) -> Result<Option<Vec<String>
                 "--features",
                 "cuda",
             ])
-            .args(["--test", "cross_backend", "cuda::", "--", "--nocapture"])
+            .args([
+                "--test",
+                "cross_backend",
+                "--test",
+                "properties",
+                "--test",
+                "decoder",
+            ])
+            .args(["cuda::", "--", "--nocapture"])
             .env("LORA_RS_REQUIRE_MODELS", "1")
             .env("LORA_RS_MINILM", minilm),
     )?;
@@ -239,6 +247,8 @@ fn tch_tests(minilm: &Path, summary: &mut Summary) -> Result<Vec<String>> {
         "tch_backend",
         "--test",
         "properties",
+        "--test",
+        "decoder",
     ]);
     c.env("LORA_RS_REQUIRE_MODELS", "1")
         .env("LORA_RS_MINILM", minilm);

@@ -38,12 +38,14 @@ pub use linear::{DenseLinear, Linear, WeightRounding};
 pub use lora_linear::{DEFAULT_ADAPTER, FullGrads, LoraLinear, RowAdapter};
 pub use loss::{cross_entropy_loss, mse_loss};
 pub use module::Model;
-pub use ops::{AdamHyper, LoraGrads, LoraOps, OptimOps, SgdHyper, WeightedFactors};
+pub use ops::{
+    AdamHyper, DecoderOps, LoraGrads, LoraOps, OptimOps, RowOrCol, SgdHyper, WeightedFactors,
+};
 pub use optim::{Adam, Optimizer, Sgd};
 pub use shape::Shape;
 
 /// Everything a backend implements: the primitives plus the layer-level operations.
 /// Blanket-implemented; use it as the bound for code generic over backends.
-pub trait FullBackend: Backend + LoraOps + OptimOps {}
+pub trait FullBackend: Backend + LoraOps + OptimOps + DecoderOps {}
 
-impl<B: Backend + LoraOps + OptimOps> FullBackend for B {}
+impl<B: Backend + LoraOps + OptimOps + DecoderOps> FullBackend for B {}

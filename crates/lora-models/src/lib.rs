@@ -12,8 +12,11 @@
 
 pub mod bert;
 pub mod cache;
+pub mod decoder;
 mod error;
 mod mlp;
+mod token_batch;
 
 pub use error::{ModelError, Result};
 pub use mlp::{DenseGrads, Mlp};
+pub use token_batch::TokenBatch;

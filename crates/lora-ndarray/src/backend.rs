@@ -513,6 +513,8 @@ impl Backend for NdArray {
 /// The reference backend uses the default layer-level operations: they *are* the
 /// reference semantics that fused kernels elsewhere are checked against.
 impl LoraOps for NdArray {}
+
+impl lora_core::DecoderOps for NdArray {}
 impl OptimOps for NdArray {}
 
 /// Dequantizes on the host like the default, but hands the buffer to the tensor without

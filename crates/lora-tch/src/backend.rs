@@ -559,3 +559,6 @@ impl OptimOps for Tch {}
 
 /// The host default: libtorch has no kernel for bitsandbytes' packed 4-bit layout.
 impl lora_quant::QuantOps for Tch {}
+
+/// Decoder-LLM operations: lora-core's defaults over the libtorch primitives.
+impl lora_core::DecoderOps for Tch {}

@@ -3,8 +3,10 @@
 //! a fused kernel; results must match the defaults within the tolerances of the
 //! cross-backend test suite.
 
+mod decoder;
 mod lora;
 mod optim;
 
+pub use decoder::{DecoderOps, RowOrCol};
 pub use lora::{LoraGrads, LoraOps, WeightedFactors};
 pub use optim::{AdamHyper, OptimOps, SgdHyper};

@@ -6,6 +6,7 @@
 //! One file per trait: `primitives` (the core `Backend` methods), `optim` (`OptimOps`),
 //! `quant` (`QuantOps`) and `lora` (`LoraOps`).
 
+mod decoder;
 mod lora;
 mod optim;
 mod primitives;

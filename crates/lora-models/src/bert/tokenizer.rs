@@ -5,54 +5,7 @@ use std::path::Path;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::error::{ModelError, Result};
-
-/// A batch of token sequences, padded to the longest (row-major `[batch, seq_len]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenBatch {
-    /// Token ids.
-    pub ids: Vec<u32>,
-    /// 1 for real tokens, 0 for padding.
-    pub attention_mask: Vec<u32>,
-    /// Segment ids (0 for single sentences).
-    pub token_type_ids: Vec<u32>,
-    /// Sequences.
-    pub batch: usize,
-    /// Tokens per sequence after padding.
-    pub seq_len: usize,
-}
-
-impl TokenBatch {
-    /// A batch from explicit ids and mask (token types 0), e.g. from a fixture.
-    pub fn new(ids: Vec<u32>, attention_mask: Vec<u32>, batch: usize) -> Result<Self> {
-        if batch == 0 || !ids.len().is_multiple_of(batch) || ids.len() != attention_mask.len() {
-            return Err(ModelError::Input(format!(
-                "token batch: {} ids and {} mask values do not form {batch} sequences",
-                ids.len(),
-                attention_mask.len()
-            )));
-        }
-        let seq_len = ids.len() / batch;
-        Ok(TokenBatch {
-            token_type_ids: vec![0; ids.len()],
-            ids,
-            attention_mask,
-            batch,
-            seq_len,
-        })
-    }
-
-    /// Rows `range` of the batch.
-    pub fn rows(&self, range: std::ops::Range<usize>) -> TokenBatch {
-        let (a, b) = (range.start * self.seq_len, range.end * self.seq_len);
-        TokenBatch {
-            ids: self.ids[a..b].to_vec(),
-            attention_mask: self.attention_mask[a..b].to_vec(),
-            token_type_ids: self.token_type_ids[a..b].to_vec(),
-            batch: range.len(),
-            seq_len: self.seq_len,
-        }
-    }
-}
+pub use crate::token_batch::TokenBatch;
 
 /// A BERT WordPiece tokenizer: `tokenizer.json` with padding to the longest sequence of
 /// each batch and truncation at `max_length` tokens (special tokens included).

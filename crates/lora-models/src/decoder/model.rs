@@ -1,0 +1,372 @@
+//! A decoder LLM of the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`) as
+//! transformers computes it, generic over the backend. Linear layers are [`LoraLinear`]s
+//! named as in PyTorch (`model.layers.0.self_attn.q_proj`), so PEFT's targeting and
+//! adapter files apply unchanged; `lm_head` is the output head that `all-linear` leaves
+//! out.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use lora_core::{
+    DecoderOps, DenseLinear, Error, HostTensor, LoraLinear, LoraOps, Mode, Model, Tensor, Transpose,
+};
+
+use super::config::DecoderConfig;
+use super::layer::{AttentionInputs, DecoderLayer};
+use super::rope;
+use crate::error::{ModelError, Result};
+use crate::token_batch::TokenBatch;
+
+/// Added to the attention scores of positions a query must not see. Finite, so that a
+/// fully masked row (a left-padding query) gives a uniform distribution, not NaN.
+const MASKED: f32 = -1e30;
+
+/// A decoder LLM with LoRA-capable linear layers.
+#[derive(Debug)]
+pub struct DecoderModel<B: LoraOps> {
+    config: DecoderConfig,
+    embed_tokens: B::Tensor,
+    layers: Vec<DecoderLayer<B>>,
+    norm: B::Tensor,
+    /// `None` when `tie_word_embeddings`: the logits then use `embed_tokens`.
+    lm_head: Option<LoraLinear<B>>,
+}
+
+/// Checkpoint tensors by name, checked against the shapes the config implies.
+struct Weights<'a> {
+    tensors: &'a BTreeMap<String, HostTensor>,
+    path: &'a str,
+}
+
+impl Weights<'_> {
+    fn get<B: LoraOps>(&self, b: &B, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| ModelError::Weights {
+            path: self.path.to_string(),
+            tensor: name.to_string(),
+            reason: "missing from the checkpoint".into(),
+        })?;
+        if t.shape != shape {
+            return Err(ModelError::Weights {
+                path: self.path.to_string(),
+                tensor: name.to_string(),
+                reason: format!(
+                    "shape {:?} disagrees with config.json (expected {shape:?})",
+                    t.shape
+                ),
+            });
+        }
+        Ok(t.to_backend(b)?)
+    }
+
+    fn linear<B: LoraOps>(
+        &self,
+        b: &B,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<LoraLinear<B>> {
+        let w = self.get(b, &format!("{name}.weight"), &[out, inp])?;
+        let bias = match bias {
+            true => Some(self.get(b, &format!("{name}.bias"), &[out])?),
+            false => None,
+        };
+        Ok(LoraLinear::new(name, Box::new(DenseLinear::new(w, bias)?)))
+    }
+
+    fn layer<B: LoraOps>(&self, b: &B, c: &DecoderConfig, l: usize) -> Result<DecoderLayer<B>> {
+        let p = format!("model.layers.{l}");
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let attn = |n: &str, out: usize, inp: usize, bias: bool| {
+            self.linear(b, &format!("{p}.self_attn.{n}"), out, inp, bias)
+        };
+        let mlp = |n: &str, out: usize, inp: usize| {
+            self.linear(b, &format!("{p}.mlp.{n}"), out, inp, c.mlp_bias)
+        };
+        let qk_norm = match c.qk_norm {
+            true => Some((
+                self.get(b, &format!("{p}.self_attn.q_norm.weight"), &[hd])?,
+                self.get(b, &format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+            )),
+            false => None,
+        };
+        Ok(DecoderLayer {
+            q_proj: attn("q_proj", q_out, h, c.qkv_bias)?,
+            k_proj: attn("k_proj", kv_out, h, c.qkv_bias)?,
+            v_proj: attn("v_proj", kv_out, h, c.qkv_bias)?,
+            o_proj: attn("o_proj", h, q_out, c.o_bias)?,
+            gate_proj: mlp("gate_proj", i, h)?,
+            up_proj: mlp("up_proj", i, h)?,
+            down_proj: mlp("down_proj", h, i)?,
+            input_norm: self.get(b, &format!("{p}.input_layernorm.weight"), &[h])?,
+            post_norm: self.get(b, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            qk_norm,
+        })
+    }
+}
+
+impl<B: LoraOps + DecoderOps> DecoderModel<B> {
+    /// Loads `config.json` and the safetensors weights (`model.safetensors` or shards with
+    /// an index; f32, f16 or bf16, converted to f32) from a Hugging Face model directory.
+    pub fn from_pretrained(backend: &B, dir: &Path) -> Result<Self> {
+        let config = DecoderConfig::from_file(&dir.join("config.json"))?;
+        let tensors = lora_io::read_checkpoint_f32(dir)?;
+        Self::from_state_dict(backend, config, &tensors, &dir.display().to_string())
+    }
+
+    /// Builds the model from a checked config and a state dict (`path` names the source).
+    pub fn from_state_dict(
+        backend: &B,
+        config: DecoderConfig,
+        tensors: &BTreeMap<String, HostTensor>,
+        path: &str,
+    ) -> Result<Self> {
+        let w = Weights { tensors, path };
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = w.get(backend, "model.embed_tokens.weight", &[v, h])?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| w.layer(backend, &config, l))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.get(backend, "model.norm.weight", &[h])?;
+        let lm_head = match config.tie_word_embeddings {
+            true => None,
+            false => Some(w.linear(backend, "lm_head", v, h, false)?),
+        };
+        Ok(DecoderModel {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    /// Logits `[batch, seq, vocab]` for a padded batch with positions `0..seq` on every
+    /// row, padding included: what transformers' forward computes when given no
+    /// `position_ids`, and so what its `labels` loss is taken over.
+    pub fn logits(&mut self, b: &B, batch: &TokenBatch, mode: Mode) -> Result<B::Tensor> {
+        let positions: Vec<usize> = (0..batch.ids.len())
+            .map(|i| i % batch.seq_len.max(1))
+            .collect();
+        self.logits_at(b, batch, &positions, mode)
+    }
+
+    /// Logits for explicit per-token positions (e.g. [`positions`], which count only the
+    /// real tokens of each row, as transformers' `generate` does with left padding).
+    pub fn logits_at(
+        &mut self,
+        b: &B,
+        batch: &TokenBatch,
+        positions: &[usize],
+        mode: Mode,
+    ) -> Result<B::Tensor> {
+        let c = &self.config;
+        let (bs, t) = (batch.batch, batch.seq_len);
+        if positions.len() != batch.ids.len() {
+            return Err(ModelError::Input(format!(
+                "{} positions for {} tokens",
+                positions.len(),
+                batch.ids.len()
+            )));
+        }
+        if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary (vocab_size {})",
+                c.vocab_size
+            )));
+        }
+        let max_pos = positions.iter().copied().max().unwrap_or(0);
+        if max_pos >= c.max_position_embeddings
+            && !matches!(c.rope_scaling, super::RopeScaling::Dynamic { .. })
+        {
+            return Err(ModelError::Input(format!(
+                "a sequence of {} tokens exceeds max_position_embeddings {}",
+                max_pos + 1,
+                c.max_position_embeddings
+            )));
+        }
+        if let Some(w) = c.sliding_window.filter(|w| t > *w) {
+            return Err(ModelError::Input(format!(
+                "a sequence of {t} tokens is longer than sliding_window {w}; sliding-window attention is not implemented"
+            )));
+        }
+        let att = self.attention_inputs(b, batch, positions)?;
+        let rows: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
+        let mut h = b.gather_rows(&self.embed_tokens, &rows)?;
+        let config = self.config.clone();
+        for layer in &mut self.layers {
+            h = layer.forward(b, &config, &h, &att, mode)?;
+        }
+        let (h, _) = b.rms_norm(&h, &self.norm, config.rms_norm_eps as f32)?;
+        let logits = match &mut self.lm_head {
+            Some(head) => head.forward(b, &h, mode)?,
+            None => {
+                let mut out = b.zeros(&[bs * t, config.vocab_size])?;
+                b.gemm(
+                    1.0,
+                    &h,
+                    Transpose::No,
+                    &self.embed_tokens,
+                    Transpose::Yes,
+                    0.0,
+                    &mut out,
+                )?;
+                out
+            }
+        };
+        Ok(b.reshape(&logits, &[bs, t, config.vocab_size])?)
+    }
+
+    /// Rotary tables and the causal + padding mask for one batch.
+    fn attention_inputs(
+        &self,
+        b: &B,
+        batch: &TokenBatch,
+        positions: &[usize],
+    ) -> Result<AttentionInputs<B::Tensor>> {
+        let c = &self.config;
+        let (bs, t, nh, nkv, hd) = (
+            batch.batch,
+            batch.seq_len,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let inv_freq = rope::inv_freq(c, positions.iter().copied().max().unwrap_or(0));
+        let (qc, qs) = rope::tables(&inv_freq, positions, nh);
+        let (kc, ks) = rope::tables(&inv_freq, positions, nkv);
+        let (mask, keep_rows) = attention_mask(batch, nh, c.sliding_window);
+        let any_empty = keep_rows.contains(&0.0);
+        Ok(AttentionInputs {
+            batch: bs,
+            seq: t,
+            q_cos: b.from_host(&qc, &[bs * t * nh, hd])?,
+            q_sin: b.from_host(&qs, &[bs * t * nh, hd])?,
+            k_cos: b.from_host(&kc, &[bs * t * nkv, hd])?,
+            k_sin: b.from_host(&ks, &[bs * t * nkv, hd])?,
+            mask_bias: b.from_host(&mask, &[bs * nh * t, t])?,
+            nonempty_rows: match any_empty {
+                true => Some(b.from_host(&keep_rows, &[bs * nh * t])?),
+                false => None,
+            },
+        })
+    }
+}
+
+/// The additive mask `[batch * heads * seq, seq]` (causal, padding, sliding window) and,
+/// per row, 1 where the query sees some key and 0 where it sees none.
+fn attention_mask(batch: &TokenBatch, heads: usize, window: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+    let t = batch.seq_len;
+    let mut mask = Vec::with_capacity(batch.batch * heads * t * t);
+    let mut keep_rows = Vec::with_capacity(batch.batch * heads * t);
+    let mut block = vec![MASKED; t * t];
+    let mut block_keep = vec![1.0f32; t];
+    for bi in 0..batch.batch {
+        let keep = &batch.attention_mask[bi * t..(bi + 1) * t];
+        for q in 0..t {
+            let row = &mut block[q * t..(q + 1) * t];
+            for (k, slot) in row.iter_mut().enumerate() {
+                let visible = k <= q && keep[k] != 0 && window.is_none_or(|w| q - k < w);
+                *slot = if visible { 0.0 } else { MASKED };
+            }
+            // A query that may see nothing (left padding) gets an attention output of
+            // zero, as PyTorch's SDPA gives for a fully masked row: it reaches no real
+            // token, but it enters the loss where the label after it is a real token.
+            block_keep[q] = if row.iter().all(|&m| m == MASKED) {
+                0.0
+            } else {
+                1.0
+            };
+        }
+        for _ in 0..heads {
+            mask.extend_from_slice(&block);
+            keep_rows.extend_from_slice(&block_keep);
+        }
+    }
+    (mask, keep_rows)
+}
+
+/// Each token's position: the number of real tokens before it in its row (so a
+/// left-padded row starts at 0 at its first real token); padding gets 0.
+pub fn positions(batch: &TokenBatch) -> Vec<usize> {
+    let mut out = Vec::with_capacity(batch.ids.len());
+    for row in batch.attention_mask.chunks(batch.seq_len.max(1)) {
+        let mut seen = 0usize;
+        for &m in row {
+            out.push(if m != 0 { seen } else { 0 });
+            seen += usize::from(m != 0);
+        }
+    }
+    out
+}
+
+impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
+    /// `x` holds token ids as numbers, `[batch, seq]`, every token attended; returns the
+    /// logits. Padded batches go through [`DecoderModel::logits`].
+    fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> lora_core::Result<B::Tensor> {
+        let dims = x.shape().dims().to_vec();
+        let [batch, seq] = dims[..] else {
+            return Err(Error::shape(
+                "DecoderModel forward token ids",
+                "[batch, seq]",
+                x.shape(),
+            ));
+        };
+        let ids: Vec<u32> = backend.to_host(x)?.iter().map(|&v| v as u32).collect();
+        let tb = TokenBatch::new(ids, vec![1; batch * seq], batch)
+            .map_err(|e| Error::state("DecoderModel forward", e.to_string()))?;
+        self.logits(backend, &tb, mode)
+            .map_err(|e| Error::state("DecoderModel forward", e.to_string()))
+    }
+
+    fn backward(&mut self, _backend: &B, _dy: &B::Tensor) -> lora_core::Result<()> {
+        Err(Error::state(
+            "DecoderModel",
+            "the decoder's backward is not implemented yet (forward and loss only)",
+        ))
+    }
+
+    fn linears(&self) -> Vec<&LoraLinear<B>> {
+        let mut v: Vec<&LoraLinear<B>> = Vec::new();
+        for l in &self.layers {
+            v.extend([
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]);
+        }
+        v.extend(self.lm_head.as_ref());
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut LoraLinear<B>> {
+        let mut v: Vec<&mut LoraLinear<B>> = Vec::new();
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ]);
+        }
+        v.extend(self.lm_head.as_mut());
+        v
+    }
+
+    fn output_head(&self) -> Option<String> {
+        Some("lm_head".into())
+    }
+}

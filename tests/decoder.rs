@@ -1,0 +1,222 @@
+//! Decoder LLMs against transformers + PEFT on tiny random checkpoints that transformers
+//! itself built (`fixtures/make_decoder_fixtures.py`): Llama (GQA, llama3 rope), Mistral,
+//! Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norm, explicit head_dim) and Llamas
+//! with `linear` and `dynamic` rope scaling; logits of a left-padded batch and of a single
+//! sequence, the causal-LM loss, and the same with a PEFT adapter on every projection.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use lora::io::{Checkpoint, SafetensorsDtype};
+use lora::models::TokenBatch;
+use lora::models::decoder::{DecoderConfig, DecoderModel, RopeScaling, causal_lm_loss};
+use lora::Mode;
+use lora_tests::{backend_suite, fixtures_dir};
+
+fn dir(name: &str) -> PathBuf {
+    fixtures_dir().join("decoder").join(name)
+}
+
+/// The fixture tensors of one model: int64 ids/labels/masks and f32 outputs.
+struct Io {
+    ints: BTreeMap<String, (Vec<usize>, Vec<i64>)>,
+    floats: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+fn io(model: &str) -> Io {
+    let ck = Checkpoint::open(&dir(model).join("io.safetensors")).unwrap();
+    let mut out = Io {
+        ints: BTreeMap::new(),
+        floats: BTreeMap::new(),
+    };
+    for (name, t) in ck.tensors().unwrap() {
+        match t.dtype {
+            SafetensorsDtype::I64 => {
+                let v = t
+                    .data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                out.ints.insert(name, (t.shape.clone(), v));
+            }
+            _ => {
+                let v = lora::io::decode_f32(t.dtype, &t.data).unwrap();
+                out.floats.insert(name, (t.shape.clone(), v));
+            }
+        }
+    }
+    out
+}
+
+fn batch(io: &Io, ids: &str, mask: Option<&str>) -> TokenBatch {
+    let (shape, ids) = &io.ints[ids];
+    let mask = match mask {
+        Some(m) => io.ints[m].1.iter().map(|&v| v as u32).collect(),
+        None => vec![1; ids.len()],
+    };
+    TokenBatch::new(ids.iter().map(|&v| v as u32).collect(), mask, shape[0]).unwrap()
+}
+
+/// Logits at the positions the mask keeps, within `tol` of the largest |logit|.
+fn assert_logits_close(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    mask: &[u32],
+    vocab: usize,
+    tol: f32,
+) {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut worst = 0.0f32;
+    for (p, &m) in mask.iter().enumerate() {
+        if m == 0 {
+            continue;
+        }
+        for j in p * vocab..(p + 1) * vocab {
+            worst = worst.max((got[j] - want[j]).abs());
+        }
+    }
+    assert!(
+        worst <= tol * scale,
+        "{what}: max |diff| {worst:e} over {:e} allowed",
+        tol * scale
+    );
+}
+
+/// The model's logits and loss on the fixture batch and single sequence; `prefix` is ""
+/// for the base model and "lora_" with the PEFT adapter.
+fn check_model<B: lora::FullBackend>(b: &B, name: &str, with_adapter: bool) {
+    let mut model = DecoderModel::from_pretrained(b, &dir(name)).unwrap();
+    let prefix = if with_adapter {
+        lora::peft::load_pretrained(&dir(name).join("adapter"), &mut model, b).unwrap();
+        "lora_"
+    } else {
+        ""
+    };
+    let io = io(name);
+    let vocab = model.config().vocab_size;
+    let tb = batch(&io, "input_ids", Some("attention_mask"));
+    let logits = b
+        .to_host(&model.logits(b, &tb, Mode::Eval).unwrap())
+        .unwrap();
+    let want = &io.floats[&format!("{prefix}logits")].1;
+    assert_logits_close(
+        &format!("{name} {prefix}logits"),
+        &logits,
+        want,
+        &tb.attention_mask,
+        vocab,
+        1e-4,
+    );
+
+    let labels = &io.ints["labels"].1;
+    let (loss, counted) = causal_lm_loss(&logits, labels, tb.batch, tb.seq_len, vocab).unwrap();
+    let want_loss = io.floats[&format!("{prefix}loss")].1[0] as f64;
+    assert!(counted > 0);
+    assert!(
+        (loss - want_loss).abs() <= 1e-4 * want_loss.abs(),
+        "{name} {prefix}loss {loss} vs {want_loss}"
+    );
+
+    if !with_adapter {
+        let single = batch(&io, "single_input_ids", None);
+        let got = b
+            .to_host(&model.logits(b, &single, Mode::Eval).unwrap())
+            .unwrap();
+        let want = &io.floats["single_logits"].1;
+        assert_logits_close(
+            &format!("{name} single"),
+            &got,
+            want,
+            &single.attention_mask,
+            vocab,
+            1e-4,
+        );
+    }
+}
+
+backend_suite! { all:
+    fn llama_gqa_llama3_rope_equals_transformers(b) {
+        check_model(b, "llama", false);
+    }
+
+    fn mistral_equals_transformers(b) {
+        check_model(b, "mistral", false);
+    }
+
+    fn qwen2_biases_and_tied_embeddings_equal_transformers(b) {
+        check_model(b, "qwen2", false);
+    }
+
+    fn qwen3_qk_norm_equals_transformers(b) {
+        check_model(b, "qwen3", false);
+    }
+
+    fn linear_and_dynamic_rope_scaling_equal_transformers(b) {
+        check_model(b, "llama_linear", false);
+        check_model(b, "llama_dynamic", false);
+    }
+
+    fn peft_adapters_on_every_projection_give_peft_logits(b) {
+        check_model(b, "llama", true);
+        check_model(b, "qwen2", true);
+    }
+}
+
+#[test]
+fn both_config_styles_give_the_same_settings() {
+    let new = DecoderConfig::from_file(&dir("llama").join("config.json")).unwrap();
+    let legacy = DecoderConfig::from_file(&dir("llama").join("config_legacy_style.json")).unwrap();
+    assert_eq!(new, legacy);
+    assert!(matches!(new.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    assert_eq!(
+        (
+            new.num_attention_heads,
+            new.num_key_value_heads,
+            new.head_dim
+        ),
+        (4, 2, 16)
+    );
+}
+
+#[test]
+fn unsupported_configs_name_the_field() {
+    let text = std::fs::read_to_string(dir("llama").join("config.json")).unwrap();
+    for (field, edited) in [
+        ("model_type", text.replace("\"llama\"", "\"gpt2\"")),
+        ("hidden_act", text.replace("\"silu\"", "\"gelu\"")),
+        (
+            "rope_parameters.rope_type",
+            text.replace("\"llama3\"", "\"yarn\""),
+        ),
+        (
+            "num_key_value_heads",
+            text.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
+        ),
+    ] {
+        let e = DecoderConfig::from_json(&edited, "x/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(field) && e.contains("x/config.json"),
+            "{field}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_weight_of_the_wrong_shape_names_the_tensor_and_both_shapes() {
+    let b = lora::NdArray::new();
+    let config = DecoderConfig::from_file(&dir("qwen3").join("config.json")).unwrap();
+    let mut tensors = lora::io::read_checkpoint_f32(&dir("qwen3")).unwrap();
+    let key = "model.layers.1.self_attn.k_norm.weight";
+    tensors.get_mut(key).unwrap().shape = vec![8, 2];
+    let e = DecoderModel::from_state_dict(&b, config, &tensors, "qwen3")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(key) && e.contains("[8, 2]") && e.contains("[16]"),
+        "{e}"
+    );
+}
