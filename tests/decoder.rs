@@ -8,11 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use lora::Mode;
 use lora::io::{Checkpoint, SafetensorsDtype};
 use lora::models::TokenBatch;
-use lora::models::decoder::{DecoderConfig, DecoderModel, RopeScaling, causal_lm_loss};
-use lora::Mode;
-use lora_tests::{backend_suite, fixtures_dir};
+use lora::models::decoder::{
+    DecoderConfig, DecoderModel, RopeScaling, causal_lm_loss, causal_lm_loss_grad,
+};
+use lora_tests::{assert_close_scaled, backend_suite, fixtures_dir, to64};
 
 fn dir(name: &str) -> PathBuf {
     fixtures_dir().join("decoder").join(name)
@@ -136,7 +138,56 @@ fn check_model<B: lora::FullBackend>(b: &B, name: &str, with_adapter: bool) {
     }
 }
 
+/// The gradients of the causal-LM loss with respect to every adapter tensor equal
+/// PyTorch autograd's through the whole model (PEFT adapter on every projection).
+fn check_adapter_gradients<B: lora::FullBackend>(b: &B, name: &str) {
+    let mut model = DecoderModel::from_pretrained(b, &dir(name)).unwrap();
+    lora::peft::load_pretrained(&dir(name).join("adapter"), &mut model, b).unwrap();
+    let io = io(name);
+    let tb = batch(&io, "input_ids", Some("attention_mask"));
+    let vocab = model.config().vocab_size;
+    let logits = b
+        .to_host(&model.logits(b, &tb, Mode::Train).unwrap())
+        .unwrap();
+    let (loss, _, grad) =
+        causal_lm_loss_grad(&logits, &io.ints["labels"].1, tb.batch, tb.seq_len, vocab).unwrap();
+    let want_loss = io.floats["lora_loss"].1[0] as f64;
+    assert!(
+        (loss - want_loss).abs() <= 1e-4 * want_loss,
+        "{name} loss {loss} vs {want_loss}"
+    );
+    let d_logits = b.from_host(&grad, &[tb.batch, tb.seq_len, vocab]).unwrap();
+    model.backward_logits(b, &d_logits).unwrap();
+    let want = lora::io::read_safetensors(&dir(name).join("adapter_grads.safetensors")).unwrap();
+    let mut checked = 0;
+    for layer in lora::Model::linears_mut(&mut model) {
+        let module = layer.name().to_string();
+        let Some(adapter) = layer.adapter_mut() else {
+            continue;
+        };
+        let grads: Vec<Vec<f32>> = adapter
+            .params_and_grads()
+            .iter()
+            .map(|p| b.to_host(p.grad).unwrap())
+            .collect();
+        for (tensor, g) in ["lora_A", "lora_B"].iter().zip(&grads) {
+            let key = format!("base_model.model.{module}.{tensor}.weight");
+            let w = want
+                .get(&key)
+                .unwrap_or_else(|| panic!("fixture has no {key}"));
+            assert_close_scaled(&format!("{name} {key}"), g, &to64(&w.data), 1e-4, 1e-5);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, want.len(), "{name}: every adapter tensor checked");
+}
+
 backend_suite! { all:
+    fn adapter_gradients_equal_pytorch_autograd(b) {
+        check_adapter_gradients(b, "llama");
+        check_adapter_gradients(b, "qwen2");
+    }
+
     fn llama_gqa_llama3_rope_equals_transformers(b) {
         check_model(b, "llama", false);
     }

@@ -47,11 +47,98 @@ pub trait DecoderOps: Backend {
         Ok((self.reshape(&y, x.shape_dims())?, inv_rms))
     }
 
+    /// Backward of [`DecoderOps::rms_norm`] with respect to `x` (the weight is frozen):
+    /// with `g = dy·weight` and `r` the saved per-row `1/rms`,
+    /// `dx = r·g - x·r³·mean(g·x)`.
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        inv_rms: &Self::Tensor,
+        dy: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let (rows, n) = x.shape_matrix();
+        if dy.shape_dims() != x.shape_dims() || inv_rms.shape().numel() != rows {
+            return Err(Error::shape(
+                "rms_norm_backward dy / saved 1/rms",
+                format!("{:?} and [{rows}]", x.shape_dims()),
+                dy.shape(),
+            ));
+        }
+        let x2 = self.reshape(x, &[rows, n])?;
+        let g = self.binary(
+            BinaryOp::Mul,
+            &self.reshape(dy, &[rows, n])?,
+            &self.outer(weight, rows, n, RowOrCol::PerCol)?,
+        )?;
+        let gx = self.sum_cols(&self.binary(BinaryOp::Mul, &g, &x2)?)?;
+        let r2 = self.binary(BinaryOp::Mul, inv_rms, inv_rms)?;
+        let r3 = self.binary(BinaryOp::Mul, &r2, inv_rms)?;
+        let coef = self.affine(&self.binary(BinaryOp::Mul, &gx, &r3)?, 1.0 / n as f32, 0.0)?;
+        let mut dx = self.binary(
+            BinaryOp::Mul,
+            &g,
+            &self.outer(inv_rms, rows, n, RowOrCol::PerRow)?,
+        )?;
+        let corr = self.binary(
+            BinaryOp::Mul,
+            &x2,
+            &self.outer(&coef, rows, n, RowOrCol::PerRow)?,
+        )?;
+        self.axpby(-1.0, &corr, 1.0, &mut dx)?;
+        self.reshape(&dx, x.shape_dims())
+    }
+
     /// SiLU, `x · sigmoid(x)` (with `sigmoid(x) = (1 + tanh(x / 2)) / 2`).
     fn silu(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
         let half = self.affine(x, 0.5, 0.0)?;
         let sig = self.affine(&self.unary(UnaryOp::Tanh, &half)?, 0.5, 0.5)?;
         self.binary(BinaryOp::Mul, x, &sig)
+    }
+
+    /// Backward of [`DecoderOps::silu`]: `dy · s·(1 + x·(1 - s))` with `s = sigmoid(x)`.
+    fn silu_backward(&self, x: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor> {
+        let half = self.affine(x, 0.5, 0.0)?;
+        let sig = self.affine(&self.unary(UnaryOp::Tanh, &half)?, 0.5, 0.5)?;
+        let one_minus = self.affine(&sig, -1.0, 1.0)?;
+        let inner = self.affine(&self.binary(BinaryOp::Mul, x, &one_minus)?, 1.0, 1.0)?;
+        let d = self.binary(BinaryOp::Mul, &sig, &inner)?;
+        self.binary(BinaryOp::Mul, dy, &d)
+    }
+
+    /// Backward of [`DecoderOps::rotary`]: the rotation is orthogonal per pair, so
+    /// `dx = dy·cos + rotate_half_transposed(dy·sin)` with
+    /// `rotate_half_transposed([a1, a2]) = [a2, -a1]`.
+    fn rotary_backward(
+        &self,
+        dy: &Self::Tensor,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let (rows, d) = dy.shape_matrix();
+        if !d.is_multiple_of(2)
+            || cos.shape().dims() != [rows, d]
+            || sin.shape().dims() != [rows, d]
+        {
+            return Err(Error::shape(
+                "rotary_backward cos/sin",
+                format!("[{rows}, {d}] each, with an even head size"),
+                cos.shape(),
+            ));
+        }
+        let dy2 = self.reshape(dy, &[rows, d])?;
+        let half = d / 2;
+        let ds = self.binary(BinaryOp::Mul, &dy2, sin)?;
+        let mut back = self.zeros(&[rows, d])?;
+        self.assign_cols(&mut back, 0, &self.slice_cols(&ds, half, half)?)?;
+        self.assign_cols(
+            &mut back,
+            half,
+            &self.affine(&self.slice_cols(&ds, 0, half)?, -1.0, 0.0)?,
+        )?;
+        let mut dx = self.binary(BinaryOp::Mul, &dy2, cos)?;
+        self.axpby(1.0, &back, 1.0, &mut dx)?;
+        self.reshape(&dx, dy.shape_dims())
     }
 
     /// Rotary position embedding in transformers' `rotate_half` layout on `x` (`[rows, d]`
@@ -65,7 +152,10 @@ pub trait DecoderOps: Backend {
         sin: &Self::Tensor,
     ) -> Result<Self::Tensor> {
         let (rows, d) = x.shape_matrix();
-        if d % 2 != 0 || cos.shape().dims() != [rows, d] || sin.shape().dims() != [rows, d] {
+        if !d.is_multiple_of(2)
+            || cos.shape().dims() != [rows, d]
+            || sin.shape().dims() != [rows, d]
+        {
             return Err(Error::shape(
                 "rotary cos/sin",
                 format!("[{rows}, {d}] each, with an even head size"),

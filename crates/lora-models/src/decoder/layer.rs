@@ -2,7 +2,7 @@
 //! with rotary embedding (Qwen3: RMSNorm per head on queries and keys first), causal and
 //! padding mask, then pre-RMSNorm and the SwiGLU MLP, each with its residual.
 
-use lora_core::{BinaryOp, DecoderOps, LoraLinear, LoraOps, Mode, RowOrCol, Tensor, Transpose};
+use lora_core::{BinaryOp, DecoderOps, LoraLinear, LoraOps, Mode, RowOrCol, Transpose};
 
 use super::config::DecoderConfig;
 use crate::error::Result;
@@ -21,6 +21,40 @@ pub(crate) struct DecoderLayer<B: LoraOps> {
     pub post_norm: B::Tensor,
     /// Qwen3's `q_norm` / `k_norm` (`[head_dim]` each).
     pub qk_norm: Option<(B::Tensor, B::Tensor)>,
+    /// What the last training forward kept for the backward.
+    pub cache: Option<LayerCache<B::Tensor>>,
+}
+
+/// Activations one training forward keeps for the backward.
+#[derive(Debug)]
+pub(crate) struct LayerCache<T> {
+    /// The layer input and its input-RMSNorm's `1/rms`.
+    pub h: T,
+    pub inv_rms1: T,
+    /// Qwen3: queries and keys before their per-head RMSNorm, with its `1/rms`.
+    pub qk_pre_norm: Option<(T, T, T, T)>,
+    /// Rotated queries, and keys and values repeated per query head, `[B*heads, T, hd]`.
+    pub q: T,
+    pub k: T,
+    pub v: T,
+    /// Softmax output `[B*heads*T, T]` (before zeroing rows that see no key).
+    pub probs: T,
+    /// The attention residual and its post-attention RMSNorm's `1/rms`.
+    pub h1: T,
+    pub inv_rms2: T,
+    /// `gate_proj` output (before SiLU), its SiLU, and `up_proj` output.
+    pub gate: T,
+    pub gate_act: T,
+    pub up: T,
+}
+
+/// What the attention forward hands to the cache.
+struct AttentionSaved<T> {
+    qk_pre_norm: Option<(T, T, T, T)>,
+    q: T,
+    k: T,
+    v: T,
+    probs: T,
 }
 
 /// What the attention of one forward needs besides the layer: the batch shape, the
@@ -54,16 +88,35 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         mode: Mode,
     ) -> Result<B::Tensor> {
         let eps = c.rms_norm_eps as f32;
-        let (x, _) = b.rms_norm(h, &self.input_norm, eps)?;
-        let attn = self.attention(b, c, &x, att, mode)?;
+        let (x, inv_rms1) = b.rms_norm(h, &self.input_norm, eps)?;
+        let (attn, saved) = self.attention(b, c, &x, att, mode)?;
         let h1 = b.binary(BinaryOp::Add, h, &attn)?;
-        let (x, _) = b.rms_norm(&h1, &self.post_norm, eps)?;
-        let gate = b.silu(&self.gate_proj.forward(b, &x, mode)?)?;
+        let (x, inv_rms2) = b.rms_norm(&h1, &self.post_norm, eps)?;
+        let gate = self.gate_proj.forward(b, &x, mode)?;
+        let gate_act = b.silu(&gate)?;
         let up = self.up_proj.forward(b, &x, mode)?;
         let mlp = self
             .down_proj
-            .forward(b, &b.binary(BinaryOp::Mul, &gate, &up)?, mode)?;
-        Ok(b.binary(BinaryOp::Add, &h1, &mlp)?)
+            .forward(b, &b.binary(BinaryOp::Mul, &gate_act, &up)?, mode)?;
+        let out = b.binary(BinaryOp::Add, &h1, &mlp)?;
+        self.cache = match saved {
+            Some(saved) => Some(LayerCache {
+                h: h.clone(),
+                inv_rms1,
+                qk_pre_norm: saved.qk_pre_norm,
+                q: saved.q,
+                k: saved.k,
+                v: saved.v,
+                probs: saved.probs,
+                h1,
+                inv_rms2,
+                gate,
+                gate_act,
+                up,
+            }),
+            None => None,
+        };
+        Ok(out)
     }
 
     /// Grouped-query self-attention of `x` (`[batch * seq, hidden]`), through `o_proj`.
@@ -74,7 +127,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         x: &B::Tensor,
         att: &AttentionInputs<B::Tensor>,
         mode: Mode,
-    ) -> Result<B::Tensor> {
+    ) -> Result<(B::Tensor, Option<AttentionSaved<B::Tensor>>)> {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (bs, t) = (att.batch, att.seq);
         let q = self.q_proj.forward(b, x, mode)?;
@@ -83,16 +136,20 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         // One row per (token, head).
         let mut q = b.reshape(&q, &[bs * t * nh, hd])?;
         let mut k = b.reshape(&k, &[bs * t * nkv, hd])?;
+        let mut qk_pre_norm = None;
         if let Some((qn, kn)) = &self.qk_norm {
-            q = b.rms_norm(&q, qn, c.rms_norm_eps as f32)?.0;
-            k = b.rms_norm(&k, kn, c.rms_norm_eps as f32)?.0;
+            let eps = c.rms_norm_eps as f32;
+            let (qq, rq) = b.rms_norm(&q, qn, eps)?;
+            let (kk, rk) = b.rms_norm(&k, kn, eps)?;
+            qk_pre_norm = Some((q, rq, k, rk));
+            (q, k) = (qq, kk);
         }
         let q = b.rotary(&q, &att.q_cos, &att.q_sin)?;
         let k = b.rotary(&k, &att.k_cos, &att.k_sin)?;
         let q = heads_first(b, &q, bs, t, nh, hd)?;
-        let k = repeat_kv(b, &heads_first(b, &k, bs, t, nkv, hd)?, bs, nh, nkv, t * hd)?;
+        let k = repeat_kv(b, &heads_first(b, &k, bs, t, nkv, hd)?, bs, nh, nkv)?;
         let v = b.reshape(&v, &[bs * t * nkv, hd])?;
-        let v = repeat_kv(b, &heads_first(b, &v, bs, t, nkv, hd)?, bs, nh, nkv, t * hd)?;
+        let v = repeat_kv(b, &heads_first(b, &v, bs, t, nkv, hd)?, bs, nh, nkv)?;
         let (q, k, v) = (
             b.reshape(&q, &[bs * nh, t, hd])?,
             b.reshape(&k, &[bs * nh, t, hd])?,
@@ -110,23 +167,48 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
             &mut scores,
         )?;
         let scores = b.reshape(&scores, &[bs * nh * t, t])?;
-        let mut probs = b.softmax(&scores, Some(&att.mask_bias))?;
-        if let Some(keep) = &att.nonempty_rows {
-            let keep = b.outer(keep, bs * nh * t, t, RowOrCol::PerRow)?;
-            probs = b.binary(BinaryOp::Mul, &probs, &keep)?;
-        }
-        let probs = b.reshape(&probs, &[bs * nh, t, t])?;
+        let probs = b.softmax(&scores, Some(&att.mask_bias))?;
+        let used = match &att.nonempty_rows {
+            Some(keep) => {
+                let keep = b.outer(keep, bs * nh * t, t, RowOrCol::PerRow)?;
+                b.binary(BinaryOp::Mul, &probs, &keep)?
+            }
+            None => probs.clone(),
+        };
+        let used = b.reshape(&used, &[bs * nh, t, t])?;
         let mut ctx = b.zeros(&[bs * nh, t, hd])?;
-        b.bmm(1.0, &probs, Transpose::No, &v, Transpose::No, 0.0, &mut ctx)?;
-        // [batch, heads, seq, hd] -> [batch * seq, heads * hd]
-        let ctx = b.permute(&b.reshape(&ctx, &[bs, nh, t, hd])?, &[0, 2, 1, 3])?;
-        let ctx = b.reshape(&ctx, &[bs * t, nh * hd])?;
-        Ok(self.o_proj.forward(b, &ctx, mode)?)
+        b.bmm(1.0, &used, Transpose::No, &v, Transpose::No, 0.0, &mut ctx)?;
+        let ctx = heads_last(b, &ctx, bs, t, nh, hd)?;
+        let out = self.o_proj.forward(b, &ctx, mode)?;
+        let saved = match mode {
+            Mode::Train => Some(AttentionSaved {
+                qk_pre_norm,
+                q,
+                k,
+                v,
+                probs,
+            }),
+            Mode::Eval => None,
+        };
+        Ok((out, saved))
     }
 }
 
+/// `[batch * heads, seq, hd]` -> `[batch * seq, heads * hd]` (token-major again).
+pub(crate) fn heads_last<B: LoraOps>(
+    b: &B,
+    x: &B::Tensor,
+    bs: usize,
+    t: usize,
+    heads: usize,
+    hd: usize,
+) -> Result<B::Tensor> {
+    let x = b.permute(&b.reshape(x, &[bs, heads, t, hd])?, &[0, 2, 1, 3])?;
+    Ok(b.reshape(&x, &[bs * t, heads * hd])?)
+}
+
 /// `[batch * seq * heads, hd]` (token-major) -> `[batch * heads, seq * hd]`.
-fn heads_first<B: LoraOps>(
+pub(crate) fn heads_first<B: LoraOps>(
     b: &B,
     x: &B::Tensor,
     bs: usize,
@@ -139,23 +221,25 @@ fn heads_first<B: LoraOps>(
 }
 
 /// Grouped-query attention: each of the `kv` key/value heads of a sequence serves
-/// `heads / kv` consecutive query heads (transformers' `repeat_kv`).
-fn repeat_kv<B: LoraOps>(
+/// `heads / kv` consecutive query heads (transformers' `repeat_kv`). `x` is
+/// `[batch * kv, ...]` as a matrix view.
+pub(crate) fn repeat_kv<B: LoraOps>(
     b: &B,
     x: &B::Tensor,
     bs: usize,
     heads: usize,
     kv: usize,
-    width: usize,
 ) -> Result<B::Tensor> {
     if heads == kv {
         return Ok(x.clone());
     }
+    Ok(b.gather_rows(x, &kv_rows(bs, heads, kv))?)
+}
+
+/// For each of the `batch * heads` query-head rows, the key/value row it reads.
+pub(crate) fn kv_rows(bs: usize, heads: usize, kv: usize) -> Vec<usize> {
     let group = heads / kv;
-    let rows: Vec<usize> = (0..bs * heads)
+    (0..bs * heads)
         .map(|r| (r / heads) * kv + (r % heads) / group)
-        .collect();
-    let out = b.gather_rows(x, &rows)?;
-    debug_assert_eq!(out.shape().dims(), [bs * heads, width]);
-    Ok(out)
+        .collect()
 }

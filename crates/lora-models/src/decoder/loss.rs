@@ -55,3 +55,37 @@ pub fn causal_lm_loss(
     };
     Ok((mean, count))
 }
+
+/// [`causal_lm_loss`] and its gradient with respect to the logits (same layout):
+/// `(softmax(row) - onehot(label)) / counted` at every counted position, zero elsewhere.
+pub fn causal_lm_loss_grad(
+    logits: &[f32],
+    labels: &[i64],
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+) -> Result<(f64, usize, Vec<f32>)> {
+    let (loss, count) = causal_lm_loss(logits, labels, batch, seq, vocab)?;
+    let mut grad = vec![0.0f32; logits.len()];
+    if count == 0 {
+        return Ok((loss, count, grad));
+    }
+    for b in 0..batch {
+        for t in 0..seq.saturating_sub(1) {
+            let label = labels[b * seq + t + 1];
+            if label == IGNORE_INDEX {
+                continue;
+            }
+            let at = (b * seq + t) * vocab;
+            let row = &logits[at..at + vocab];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            for (j, g) in grad[at..at + vocab].iter_mut().enumerate() {
+                let p = (row[j] as f64 - max).exp() / sum;
+                let onehot = if j as i64 == label { 1.0 } else { 0.0 };
+                *g = ((p - onehot) / count as f64) as f32;
+            }
+        }
+    }
+    Ok((loss, count, grad))
+}

@@ -4,15 +4,17 @@
 //! grouped-query attention with causal and padding masks, Qwen2's q/k/v biases, Qwen3's
 //! q/k norm, SwiGLU, tied embeddings, and the causal-LM loss.
 //!
-//! Status: forward and loss, checked against transformers on tiny random checkpoints
-//! (`tests/decoder.rs`). The backward, KV cache, sampling and the CLI are still to come.
+//! Status: forward, loss and the backward into the adapters, checked against
+//! transformers and PyTorch autograd on tiny random checkpoints (`tests/decoder.rs`).
+//! The KV cache, sampling, tokenizer glue and the CLI are still to come.
 
 mod config;
 mod layer;
+mod layer_backward;
 mod loss;
 mod model;
 mod rope;
 
 pub use config::{DecoderConfig, RopeScaling, SUPPORTED_MODEL_TYPES};
-pub use loss::{IGNORE_INDEX, causal_lm_loss};
+pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_grad};
 pub use model::{DecoderModel, positions};

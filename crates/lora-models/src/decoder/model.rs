@@ -30,6 +30,17 @@ pub struct DecoderModel<B: LoraOps> {
     norm: B::Tensor,
     /// `None` when `tie_word_embeddings`: the logits then use `embed_tokens`.
     lm_head: Option<LoraLinear<B>>,
+    /// What the last training forward kept for the backward outside the layers.
+    train_state: Option<TrainState<B::Tensor>>,
+}
+
+/// The batch-level state of a training forward.
+#[derive(Debug)]
+struct TrainState<T> {
+    att: AttentionInputs<T>,
+    /// The last layer's output (the final norm's input) and the norm's `1/rms`.
+    h_last: T,
+    inv_rms: T,
 }
 
 /// Checkpoint tensors by name, checked against the shapes the config implies.
@@ -102,6 +113,7 @@ impl Weights<'_> {
             input_norm: self.get(b, &format!("{p}.input_layernorm.weight"), &[h])?,
             post_norm: self.get(b, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
             qk_norm,
+            cache: None,
         })
     }
 }
@@ -139,6 +151,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             layers,
             norm,
             lm_head,
+            train_state: None,
         })
     }
 
@@ -203,7 +216,16 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         for layer in &mut self.layers {
             h = layer.forward(b, &config, &h, &att, mode)?;
         }
-        let (h, _) = b.rms_norm(&h, &self.norm, config.rms_norm_eps as f32)?;
+        let (h_norm, inv_rms) = b.rms_norm(&h, &self.norm, config.rms_norm_eps as f32)?;
+        self.train_state = match mode {
+            Mode::Train => Some(TrainState {
+                att,
+                h_last: h,
+                inv_rms,
+            }),
+            Mode::Eval => None,
+        };
+        let h = h_norm;
         let logits = match &mut self.lm_head {
             Some(head) => head.forward(b, &h, mode)?,
             None => {
@@ -221,6 +243,52 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             }
         };
         Ok(b.reshape(&logits, &[bs, t, config.vocab_size])?)
+    }
+
+    /// Backward from `d_logits` (`[batch, seq, vocab]`, e.g. from
+    /// [`causal_lm_loss_grad`](super::causal_lm_loss_grad)) of the last training forward:
+    /// leaves gradients in every active adapter; the pretrained weights, norms and
+    /// embeddings stay frozen.
+    pub fn backward_logits(&mut self, b: &B, d_logits: &B::Tensor) -> Result<()> {
+        let st = self.train_state.take().ok_or_else(|| {
+            Error::state(
+                "DecoderModel",
+                "backward called without a forward in training mode",
+            )
+        })?;
+        let (bs, t) = (st.att.batch, st.att.seq);
+        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+        if d_logits.shape().dims() != [bs, t, v] {
+            return Err(Error::shape(
+                "DecoderModel backward d_logits",
+                format!("[{bs}, {t}, {v}]"),
+                d_logits.shape(),
+            )
+            .into());
+        }
+        let d_logits = b.reshape(d_logits, &[bs * t, v])?;
+        let d_norm = match &mut self.lm_head {
+            Some(head) => head.backward(b, &d_logits)?,
+            None => {
+                let mut out = b.zeros(&[bs * t, h])?;
+                b.gemm(
+                    1.0,
+                    &d_logits,
+                    Transpose::No,
+                    &self.embed_tokens,
+                    Transpose::No,
+                    0.0,
+                    &mut out,
+                )?;
+                out
+            }
+        };
+        let mut g = b.rms_norm_backward(&st.h_last, &self.norm, &st.inv_rms, &d_norm)?;
+        let config = self.config.clone();
+        for (l, layer) in self.layers.iter_mut().enumerate().rev() {
+            g = layer.backward(b, &config, &format!("model.layers.{l}"), &st.att, &g)?;
+        }
+        Ok(())
     }
 
     /// Rotary tables and the causal + padding mask for one batch.
@@ -325,11 +393,10 @@ impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
             .map_err(|e| Error::state("DecoderModel forward", e.to_string()))
     }
 
-    fn backward(&mut self, _backend: &B, _dy: &B::Tensor) -> lora_core::Result<()> {
-        Err(Error::state(
-            "DecoderModel",
-            "the decoder's backward is not implemented yet (forward and loss only)",
-        ))
+    /// `dy` is the gradient of the logits, `[batch, seq, vocab]`.
+    fn backward(&mut self, backend: &B, dy: &B::Tensor) -> lora_core::Result<()> {
+        self.backward_logits(backend, dy)
+            .map_err(|e| Error::state("DecoderModel backward", e.to_string()))
     }
 
     fn linears(&self) -> Vec<&LoraLinear<B>> {

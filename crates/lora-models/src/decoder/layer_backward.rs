@@ -1,0 +1,172 @@
+//! Backward of one decoder layer, from the gradient of its output to the gradient of its
+//! input, leaving gradients in every active adapter of its seven projections. The
+//! pretrained weights and norms are frozen.
+
+use lora_core::{BinaryOp, DecoderOps, Error, LoraOps, RowOrCol, Transpose};
+
+use super::config::DecoderConfig;
+use super::layer::{AttentionInputs, DecoderLayer, LayerCache, heads_last, kv_rows};
+use crate::error::Result;
+
+impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
+    /// `d_out` is `[batch * seq, hidden]`; returns the gradient of the layer input.
+    pub fn backward(
+        &mut self,
+        b: &B,
+        c: &DecoderConfig,
+        name: &str,
+        att: &AttentionInputs<B::Tensor>,
+        d_out: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let cache = self.cache.take().ok_or_else(|| {
+            Error::state(name, "backward called without a forward in training mode")
+        })?;
+        // MLP: out = h1 + down(silu(gate) * up).
+        let d_act = self.down_proj.backward(b, d_out)?;
+        let d_gate_act = b.binary(BinaryOp::Mul, &d_act, &cache.up)?;
+        let d_up = b.binary(BinaryOp::Mul, &d_act, &cache.gate_act)?;
+        let d_gate = b.silu_backward(&cache.gate, &d_gate_act)?;
+        let mut dx2 = self.up_proj.backward(b, &d_up)?;
+        b.axpby(1.0, &self.gate_proj.backward(b, &d_gate)?, 1.0, &mut dx2)?;
+        let mut d_h1 = d_out.clone();
+        let d_norm2 = b.rms_norm_backward(&cache.h1, &self.post_norm, &cache.inv_rms2, &dx2)?;
+        b.axpby(1.0, &d_norm2, 1.0, &mut d_h1)?;
+        // Attention: h1 = h + o_proj(attn(norm(h))).
+        let dx1 = self.attention_backward(b, c, att, &cache, &d_h1)?;
+        let mut d_h = d_h1;
+        let d_norm1 = b.rms_norm_backward(&cache.h, &self.input_norm, &cache.inv_rms1, &dx1)?;
+        b.axpby(1.0, &d_norm1, 1.0, &mut d_h)?;
+        Ok(d_h)
+    }
+
+    /// From the gradient of `o_proj`'s output to the gradient of the normed input `x`.
+    fn attention_backward(
+        &mut self,
+        b: &B,
+        c: &DecoderConfig,
+        att: &AttentionInputs<B::Tensor>,
+        cache: &LayerCache<B::Tensor>,
+        d_attn: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (bs, t) = (att.batch, att.seq);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let d_ctx = self.o_proj.backward(b, d_attn)?;
+        let d_ctx = heads_first_3d(b, &d_ctx, bs, t, nh, hd)?;
+        // ctx = used · v, used = probs (rows that see nothing zeroed).
+        let used = match &att.nonempty_rows {
+            Some(keep) => {
+                let keep = b.outer(keep, bs * nh * t, t, RowOrCol::PerRow)?;
+                b.binary(BinaryOp::Mul, &cache.probs, &keep)?
+            }
+            None => cache.probs.clone(),
+        };
+        let used = b.reshape(&used, &[bs * nh, t, t])?;
+        let mut d_used = b.zeros(&[bs * nh, t, t])?;
+        b.bmm(
+            1.0,
+            &d_ctx,
+            Transpose::No,
+            &cache.v,
+            Transpose::Yes,
+            0.0,
+            &mut d_used,
+        )?;
+        let mut d_v = b.zeros(&[bs * nh, t, hd])?;
+        b.bmm(
+            1.0,
+            &used,
+            Transpose::Yes,
+            &d_ctx,
+            Transpose::No,
+            0.0,
+            &mut d_v,
+        )?;
+        let mut d_probs = b.reshape(&d_used, &[bs * nh * t, t])?;
+        if let Some(keep) = &att.nonempty_rows {
+            let keep = b.outer(keep, bs * nh * t, t, RowOrCol::PerRow)?;
+            d_probs = b.binary(BinaryOp::Mul, &d_probs, &keep)?;
+        }
+        let d_scores = b.softmax_backward(&cache.probs, &d_probs)?;
+        let d_scores = b.reshape(&d_scores, &[bs * nh, t, t])?;
+        let mut d_q = b.zeros(&[bs * nh, t, hd])?;
+        b.bmm(
+            scale,
+            &d_scores,
+            Transpose::No,
+            &cache.k,
+            Transpose::No,
+            0.0,
+            &mut d_q,
+        )?;
+        let mut d_k = b.zeros(&[bs * nh, t, hd])?;
+        b.bmm(
+            scale,
+            &d_scores,
+            Transpose::Yes,
+            &cache.q,
+            Transpose::No,
+            0.0,
+            &mut d_k,
+        )?;
+        // Back to one row per (token, head), undoing repeat_kv and the rotation.
+        let d_q = b.reshape(&heads_last(b, &d_q, bs, t, nh, hd)?, &[bs * t * nh, hd])?;
+        let d_k = sum_kv_groups(b, &d_k, bs, nh, nkv, t * hd)?;
+        let d_k = b.reshape(&heads_last(b, &d_k, bs, t, nkv, hd)?, &[bs * t * nkv, hd])?;
+        let d_v = sum_kv_groups(b, &d_v, bs, nh, nkv, t * hd)?;
+        let d_v = heads_last(b, &d_v, bs, t, nkv, hd)?;
+        let mut d_q = b.rotary_backward(&d_q, &att.q_cos, &att.q_sin)?;
+        let mut d_k = b.rotary_backward(&d_k, &att.k_cos, &att.k_sin)?;
+        if let (Some((qn, kn)), Some((q, rq, k, rk))) = (&self.qk_norm, &cache.qk_pre_norm) {
+            d_q = b.rms_norm_backward(q, qn, rq, &d_q)?;
+            d_k = b.rms_norm_backward(k, kn, rk, &d_k)?;
+        }
+        let d_q = b.reshape(&d_q, &[bs * t, nh * hd])?;
+        let d_k = b.reshape(&d_k, &[bs * t, nkv * hd])?;
+        let mut dx = self.q_proj.backward(b, &d_q)?;
+        b.axpby(1.0, &self.k_proj.backward(b, &d_k)?, 1.0, &mut dx)?;
+        b.axpby(1.0, &self.v_proj.backward(b, &d_v)?, 1.0, &mut dx)?;
+        Ok(dx)
+    }
+}
+
+/// `[batch * seq, heads * hd]` -> `[batch * heads, seq, hd]`.
+fn heads_first_3d<B: LoraOps>(
+    b: &B,
+    x: &B::Tensor,
+    bs: usize,
+    t: usize,
+    heads: usize,
+    hd: usize,
+) -> Result<B::Tensor> {
+    let x = b.permute(&b.reshape(x, &[bs, t, heads, hd])?, &[0, 2, 1, 3])?;
+    Ok(b.reshape(&x, &[bs * heads, t, hd])?)
+}
+
+/// Backward of `repeat_kv`: the gradients of the query heads sharing a key/value head
+/// summed into it. `x` is `[batch * heads, width]` as a matrix view.
+fn sum_kv_groups<B: LoraOps>(
+    b: &B,
+    x: &B::Tensor,
+    bs: usize,
+    heads: usize,
+    kv: usize,
+    width: usize,
+) -> Result<B::Tensor> {
+    let x = b.reshape(x, &[bs * heads, width])?;
+    if heads == kv {
+        return Ok(x);
+    }
+    let group = heads / kv;
+    let targets = kv_rows(bs, heads, kv);
+    let mut out = b.zeros(&[bs * kv, width])?;
+    // One pass per member of a group, so each pass scatters into distinct rows.
+    for g in 0..group {
+        let src: Vec<usize> = (0..bs * heads)
+            .filter(|r| (r % heads) % group == g)
+            .collect();
+        let dst: Vec<usize> = src.iter().map(|&r| targets[r]).collect();
+        b.scatter_add_rows(&mut out, &dst, &b.gather_rows(&x, &src)?)?;
+    }
+    Ok(out)
+}
