@@ -12,7 +12,8 @@ use lora::Mode;
 use lora::io::{Checkpoint, SafetensorsDtype};
 use lora::models::TokenBatch;
 use lora::models::decoder::{
-    DecoderConfig, DecoderModel, RopeScaling, causal_lm_loss, causal_lm_loss_grad,
+    DecoderConfig, DecoderModel, DecoderTokenizer, GenerationConfig, RopeScaling, causal_lm_loss,
+    causal_lm_loss_grad, generate,
 };
 use lora_tests::{assert_close_scaled, backend_suite, fixtures_dir, to64};
 
@@ -182,7 +183,80 @@ fn check_adapter_gradients<B: lora::FullBackend>(b: &B, name: &str) {
     assert_eq!(checked, want.len(), "{name}: every adapter tensor checked");
 }
 
+/// The case record of `name` in cases.json.
+fn case(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures_dir().join("decoder/cases.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Greedy generation with the KV cache gives transformers' `generate(do_sample=False)`
+/// token for token, and the cached logits equal a full forward over the same tokens.
+fn check_greedy_generation<B: lora::FullBackend>(b: &B, name: &str) {
+    let mut model = DecoderModel::from_pretrained(b, &dir(name)).unwrap();
+    let g = &case(name)["generation"];
+    let prompt = ids(&g["prompt_ids"]);
+    let want: Vec<u32> = ids(&g["generated_ids"])[prompt.len()..].to_vec();
+    let cfg = GenerationConfig {
+        max_new_tokens: want.len(),
+        ..GenerationConfig::default()
+    };
+    let mut streamed = Vec::new();
+    let got = generate(&mut model, b, &prompt, &cfg, |id| {
+        streamed.push(id);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, want, "{name}: greedy generation");
+    assert_eq!(streamed, want, "{name}: streamed tokens");
+
+    // Incremental logits for the last token equal the full forward's.
+    let all: Vec<u32> = prompt.iter().chain(&got).copied().collect();
+    let vocab = model.config().vocab_size;
+    let full = TokenBatch::new(all.clone(), vec![1; all.len()], 1).unwrap();
+    let full = b
+        .to_host(&model.logits(b, &full, Mode::Eval).unwrap())
+        .unwrap();
+    let mut cache = model.new_cache(1, all.len());
+    let n = all.len() - 1;
+    let positions: Vec<usize> = (0..n).collect();
+    model
+        .forward_cached(b, &all[..n], &vec![1; n], &positions, &mut cache)
+        .unwrap();
+    let last = model
+        .forward_cached(b, &all[n..], &vec![1; n + 1], &[n], &mut cache)
+        .unwrap();
+    let last = b.to_host(&last).unwrap();
+    assert_logits_close(
+        &format!("{name} cached step"),
+        &last,
+        &full[n * vocab..],
+        &[1],
+        vocab,
+        1e-5,
+    );
+}
+
 backend_suite! { all:
+    fn greedy_generation_with_the_kv_cache_equals_transformers(b) {
+        check_greedy_generation(b, "llama");
+        check_greedy_generation(b, "qwen3");
+    }
+
     fn adapter_gradients_equal_pytorch_autograd(b) {
         check_adapter_gradients(b, "llama");
         check_adapter_gradients(b, "qwen2");
@@ -270,4 +344,19 @@ fn a_weight_of_the_wrong_shape_names_the_tensor_and_both_shapes() {
         e.contains(key) && e.contains("[8, 2]") && e.contains("[16]"),
         "{e}"
     );
+}
+
+#[test]
+fn tokenizer_ids_equal_the_python_tokenizers_library() {
+    let tok = DecoderTokenizer::from_file(&fixtures_dir().join("decoder/tokenizer/tokenizer.json"))
+        .unwrap();
+    let text = std::fs::read_to_string(fixtures_dir().join("decoder/tokenizer_ids.json")).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for c in cases.as_array().unwrap() {
+        let t = c["text"].as_str().unwrap();
+        let got = tok.encode(t).unwrap();
+        assert_eq!(got, ids(&c["ids"]), "{t:?}");
+        assert_eq!(tok.decode(&got).unwrap(), t, "decode({t:?})");
+    }
+    assert!(tok.encode("").is_err());
 }

@@ -1,13 +1,16 @@
 //! `lora`: the lora-rs command line.
 
 mod backend_choice;
+mod decoder_load;
 mod demo;
 mod embed;
+mod generate;
 mod inspect;
 mod merge;
 mod plots;
 mod quantize;
 mod report;
+mod score;
 mod sentiment_data;
 mod train;
 
@@ -46,6 +49,11 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Turn a bitsandbytes-quantized checkpoint back into plain float weights.
     Dequantize(quantize::DequantizeArgs),
+    /// Mean next-token NLL and perplexity of texts under a decoder LLM (Llama, Mistral,
+    /// Qwen2, Qwen3), with an optional PEFT adapter.
+    Score(score::ScoreArgs),
+    /// Continue a prompt with a decoder LLM, streaming tokens (greedy or sampled).
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +66,8 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Quantize(args) => quantize::run_quantize(&args),
         Command::Dequantize(args) => quantize::run_dequantize(&args),
+        Command::Score(args) => score::run(&args),
+        Command::Generate(args) => generate::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -48,6 +48,9 @@ pub(crate) struct LayerCache<T> {
     pub up: T,
 }
 
+/// The attention output, and what a training forward keeps.
+type AttentionOut<T> = (T, Option<AttentionSaved<T>>);
+
 /// What the attention forward hands to the cache.
 struct AttentionSaved<T> {
     qk_pre_norm: Option<(T, T, T, T)>,
@@ -62,14 +65,19 @@ struct AttentionSaved<T> {
 #[derive(Debug)]
 pub(crate) struct AttentionInputs<T> {
     pub batch: usize,
+    /// New (query) tokens per row.
     pub seq: usize,
+    /// Tokens per row already in the KV cache (0 without one).
+    pub past: usize,
+    /// Keys per row: `past + seq`.
+    pub kv_len: usize,
     /// `[batch * seq * heads, head_dim]` for queries.
     pub q_cos: T,
     pub q_sin: T,
     /// `[batch * seq * kv_heads, head_dim]` for keys.
     pub k_cos: T,
     pub k_sin: T,
-    /// `[batch * heads * seq, seq]`: 0 where a query may attend a key, a large negative
+    /// `[batch * heads * seq, kv_len]`: 0 where a query may attend a key, a large negative
     /// number elsewhere (future positions, padding, outside the sliding window).
     pub mask_bias: T,
     /// `[batch * heads * seq]`: 0 for query rows that may see no key (left padding),
@@ -85,11 +93,12 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         c: &DecoderConfig,
         h: &B::Tensor,
         att: &AttentionInputs<B::Tensor>,
+        cache: Option<&mut (B::Tensor, B::Tensor)>,
         mode: Mode,
     ) -> Result<B::Tensor> {
         let eps = c.rms_norm_eps as f32;
         let (x, inv_rms1) = b.rms_norm(h, &self.input_norm, eps)?;
-        let (attn, saved) = self.attention(b, c, &x, att, mode)?;
+        let (attn, saved) = self.attention(b, c, &x, att, cache, mode)?;
         let h1 = b.binary(BinaryOp::Add, h, &attn)?;
         let (x, inv_rms2) = b.rms_norm(&h1, &self.post_norm, eps)?;
         let gate = self.gate_proj.forward(b, &x, mode)?;
@@ -126,8 +135,9 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         c: &DecoderConfig,
         x: &B::Tensor,
         att: &AttentionInputs<B::Tensor>,
+        cache: Option<&mut (B::Tensor, B::Tensor)>,
         mode: Mode,
-    ) -> Result<(B::Tensor, Option<AttentionSaved<B::Tensor>>)> {
+    ) -> Result<AttentionOut<B::Tensor>> {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (bs, t) = (att.batch, att.seq);
         let q = self.q_proj.forward(b, x, mode)?;
@@ -147,15 +157,29 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let q = b.rotary(&q, &att.q_cos, &att.q_sin)?;
         let k = b.rotary(&k, &att.k_cos, &att.k_sin)?;
         let q = heads_first(b, &q, bs, t, nh, hd)?;
-        let k = repeat_kv(b, &heads_first(b, &k, bs, t, nkv, hd)?, bs, nh, nkv)?;
-        let v = b.reshape(&v, &[bs * t * nkv, hd])?;
-        let v = repeat_kv(b, &heads_first(b, &v, bs, t, nkv, hd)?, bs, nh, nkv)?;
+        let k = heads_first(b, &k, bs, t, nkv, hd)?;
+        let v = heads_first(b, &b.reshape(&v, &[bs * t * nkv, hd])?, bs, t, nkv, hd)?;
+        // With a KV cache, the new keys and values join the cached ones.
+        let (k, v) = match cache {
+            Some((kc, vc)) => {
+                b.assign_cols(kc, att.past * hd, &k)?;
+                b.assign_cols(vc, att.past * hd, &v)?;
+                (
+                    b.slice_cols(kc, 0, att.kv_len * hd)?,
+                    b.slice_cols(vc, 0, att.kv_len * hd)?,
+                )
+            }
+            None => (k, v),
+        };
+        let kv = att.kv_len;
+        let k = repeat_kv(b, &k, bs, nh, nkv)?;
+        let v = repeat_kv(b, &v, bs, nh, nkv)?;
         let (q, k, v) = (
             b.reshape(&q, &[bs * nh, t, hd])?,
-            b.reshape(&k, &[bs * nh, t, hd])?,
-            b.reshape(&v, &[bs * nh, t, hd])?,
+            b.reshape(&k, &[bs * nh, kv, hd])?,
+            b.reshape(&v, &[bs * nh, kv, hd])?,
         );
-        let mut scores = b.zeros(&[bs * nh, t, t])?;
+        let mut scores = b.zeros(&[bs * nh, t, kv])?;
         let scale = 1.0 / (hd as f32).sqrt();
         b.bmm(
             scale,
@@ -166,16 +190,16 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
             0.0,
             &mut scores,
         )?;
-        let scores = b.reshape(&scores, &[bs * nh * t, t])?;
+        let scores = b.reshape(&scores, &[bs * nh * t, kv])?;
         let probs = b.softmax(&scores, Some(&att.mask_bias))?;
         let used = match &att.nonempty_rows {
             Some(keep) => {
-                let keep = b.outer(keep, bs * nh * t, t, RowOrCol::PerRow)?;
+                let keep = b.outer(keep, bs * nh * t, kv, RowOrCol::PerRow)?;
                 b.binary(BinaryOp::Mul, &probs, &keep)?
             }
             None => probs.clone(),
         };
-        let used = b.reshape(&used, &[bs * nh, t, t])?;
+        let used = b.reshape(&used, &[bs * nh, t, kv])?;
         let mut ctx = b.zeros(&[bs * nh, t, hd])?;
         b.bmm(1.0, &used, Transpose::No, &v, Transpose::No, 0.0, &mut ctx)?;
         let ctx = heads_last(b, &ctx, bs, t, nh, hd)?;

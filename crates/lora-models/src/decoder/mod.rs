@@ -9,12 +9,18 @@
 //! The KV cache, sampling, tokenizer glue and the CLI are still to come.
 
 mod config;
+mod generate;
+mod kv_cache;
 mod layer;
 mod layer_backward;
 mod loss;
 mod model;
 mod rope;
+mod tokenizer;
 
 pub use config::{DecoderConfig, RopeScaling, SUPPORTED_MODEL_TYPES};
+pub use generate::{GenerationConfig, generate};
+pub use kv_cache::KvCache;
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_grad};
 pub use model::{DecoderModel, positions};
+pub use tokenizer::DecoderTokenizer;

@@ -11,7 +11,8 @@ use lora_core::{
     DecoderOps, DenseLinear, Error, HostTensor, LoraLinear, LoraOps, Mode, Model, Tensor, Transpose,
 };
 
-use super::config::DecoderConfig;
+use super::config::{DecoderConfig, RopeScaling};
+use super::kv_cache::KvCache;
 use super::layer::{AttentionInputs, DecoderLayer};
 use super::rope;
 use crate::error::{ModelError, Result};
@@ -179,42 +180,82 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         positions: &[usize],
         mode: Mode,
     ) -> Result<B::Tensor> {
+        let step = Step {
+            batch: batch.batch,
+            seq: batch.seq_len,
+            ids: &batch.ids,
+            keep: &batch.attention_mask,
+            positions,
+            past: 0,
+        };
+        self.run(b, &step, None, mode)
+    }
+
+    /// A KV cache for `batch` sequences of up to `capacity` tokens in all.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B::Tensor> {
+        KvCache::new(self.config.num_hidden_layers, batch, capacity)
+    }
+
+    /// Incremental decoding: logits `[batch, new, vocab]` for `ids` (`batch * new` tokens
+    /// that follow the `cache.len()` tokens already in `cache`), at `positions`; `keep`
+    /// is the attention mask of all `cache.len() + new` tokens of each row. The new keys
+    /// and values are appended to the cache.
+    pub fn forward_cached(
+        &mut self,
+        b: &B,
+        ids: &[u32],
+        keep: &[u32],
+        positions: &[usize],
+        cache: &mut KvCache<B::Tensor>,
+    ) -> Result<B::Tensor> {
+        let bs = cache.batch;
+        let step = Step {
+            batch: bs,
+            seq: ids.len() / bs.max(1),
+            ids,
+            keep,
+            positions,
+            past: cache.len,
+        };
+        if step.past + step.seq > cache.capacity || keep.len() != bs * (step.past + step.seq) {
+            return Err(ModelError::Input(format!(
+                "KV cache: {} cached + {} new tokens per row (mask of {} values) exceed its capacity {} or disagree with the mask",
+                step.past,
+                step.seq,
+                keep.len(),
+                cache.capacity
+            )));
+        }
+        let logits = self.run(b, &step, Some(cache), Mode::Eval)?;
+        cache.len += step.seq;
+        Ok(logits)
+    }
+
+    /// The forward shared by full and incremental passes.
+    fn run(
+        &mut self,
+        b: &B,
+        step: &Step<'_>,
+        mut cache: Option<&mut KvCache<B::Tensor>>,
+        mode: Mode,
+    ) -> Result<B::Tensor> {
         let c = &self.config;
-        let (bs, t) = (batch.batch, batch.seq_len);
-        if positions.len() != batch.ids.len() {
-            return Err(ModelError::Input(format!(
-                "{} positions for {} tokens",
-                positions.len(),
-                batch.ids.len()
-            )));
-        }
-        if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary (vocab_size {})",
-                c.vocab_size
-            )));
-        }
-        let max_pos = positions.iter().copied().max().unwrap_or(0);
-        if max_pos >= c.max_position_embeddings
-            && !matches!(c.rope_scaling, super::RopeScaling::Dynamic { .. })
-        {
-            return Err(ModelError::Input(format!(
-                "a sequence of {} tokens exceeds max_position_embeddings {}",
-                max_pos + 1,
-                c.max_position_embeddings
-            )));
-        }
-        if let Some(w) = c.sliding_window.filter(|w| t > *w) {
-            return Err(ModelError::Input(format!(
-                "a sequence of {t} tokens is longer than sliding_window {w}; sliding-window attention is not implemented"
-            )));
-        }
-        let att = self.attention_inputs(b, batch, positions)?;
-        let rows: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
+        let (bs, t) = (step.batch, step.seq);
+        check_step(c, step)?;
+        let att = self.attention_inputs(b, step)?;
+        let rows: Vec<usize> = step.ids.iter().map(|&i| i as usize).collect();
         let mut h = b.gather_rows(&self.embed_tokens, &rows)?;
         let config = self.config.clone();
-        for layer in &mut self.layers {
-            h = layer.forward(b, &config, &h, &att, mode)?;
+        if let Some(cache) = cache.as_deref_mut() {
+            let width = cache.capacity * config.head_dim;
+            for slot in cache.layers.iter_mut().filter(|s| s.is_none()) {
+                let rows = bs * config.num_key_value_heads;
+                *slot = Some((b.zeros(&[rows, width])?, b.zeros(&[rows, width])?));
+            }
+        }
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let slot = cache.as_deref_mut().and_then(|c| c.layers[l].as_mut());
+            h = layer.forward(b, &config, &h, &att, slot, mode)?;
         }
         let (h_norm, inv_rms) = b.rms_norm(&h, &self.norm, config.rms_norm_eps as f32)?;
         self.train_state = match mode {
@@ -291,34 +332,32 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         Ok(())
     }
 
-    /// Rotary tables and the causal + padding mask for one batch.
-    fn attention_inputs(
-        &self,
-        b: &B,
-        batch: &TokenBatch,
-        positions: &[usize],
-    ) -> Result<AttentionInputs<B::Tensor>> {
+    /// Rotary tables and the causal + padding mask for one step.
+    fn attention_inputs(&self, b: &B, step: &Step<'_>) -> Result<AttentionInputs<B::Tensor>> {
         let c = &self.config;
         let (bs, t, nh, nkv, hd) = (
-            batch.batch,
-            batch.seq_len,
+            step.batch,
+            step.seq,
             c.num_attention_heads,
             c.num_key_value_heads,
             c.head_dim,
         );
-        let inv_freq = rope::inv_freq(c, positions.iter().copied().max().unwrap_or(0));
-        let (qc, qs) = rope::tables(&inv_freq, positions, nh);
-        let (kc, ks) = rope::tables(&inv_freq, positions, nkv);
-        let (mask, keep_rows) = attention_mask(batch, nh, c.sliding_window);
+        let kv_len = step.past + t;
+        let inv_freq = rope::inv_freq(c, step.positions.iter().copied().max().unwrap_or(0));
+        let (qc, qs) = rope::tables(&inv_freq, step.positions, nh);
+        let (kc, ks) = rope::tables(&inv_freq, step.positions, nkv);
+        let (mask, keep_rows) = attention_mask(step, nh, c.sliding_window);
         let any_empty = keep_rows.contains(&0.0);
         Ok(AttentionInputs {
             batch: bs,
             seq: t,
+            past: step.past,
+            kv_len,
             q_cos: b.from_host(&qc, &[bs * t * nh, hd])?,
             q_sin: b.from_host(&qs, &[bs * t * nh, hd])?,
             k_cos: b.from_host(&kc, &[bs * t * nkv, hd])?,
             k_sin: b.from_host(&ks, &[bs * t * nkv, hd])?,
-            mask_bias: b.from_host(&mask, &[bs * nh * t, t])?,
+            mask_bias: b.from_host(&mask, &[bs * nh * t, kv_len])?,
             nonempty_rows: match any_empty {
                 true => Some(b.from_host(&keep_rows, &[bs * nh * t])?),
                 false => None,
@@ -327,20 +366,71 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
     }
 }
 
-/// The additive mask `[batch * heads * seq, seq]` (causal, padding, sliding window) and,
-/// per row, 1 where the query sees some key and 0 where it sees none.
-fn attention_mask(batch: &TokenBatch, heads: usize, window: Option<usize>) -> (Vec<f32>, Vec<f32>) {
-    let t = batch.seq_len;
-    let mut mask = Vec::with_capacity(batch.batch * heads * t * t);
-    let mut keep_rows = Vec::with_capacity(batch.batch * heads * t);
-    let mut block = vec![MASKED; t * t];
+/// The tokens one forward computes: `batch` rows of `seq` new tokens after `past` cached
+/// ones; `keep` is the attention mask of all `past + seq` tokens of each row.
+#[derive(Debug)]
+struct Step<'a> {
+    batch: usize,
+    seq: usize,
+    ids: &'a [u32],
+    keep: &'a [u32],
+    positions: &'a [usize],
+    past: usize,
+}
+
+/// Ids in the vocabulary, positions within the model's range, the window respected.
+fn check_step(c: &DecoderConfig, step: &Step<'_>) -> Result<()> {
+    let n = step.batch * step.seq;
+    if step.ids.len() != n || step.positions.len() != n {
+        return Err(ModelError::Input(format!(
+            "{} ids and {} positions for {} rows of {} tokens",
+            step.ids.len(),
+            step.positions.len(),
+            step.batch,
+            step.seq
+        )));
+    }
+    if let Some(&bad) = step.ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+        return Err(ModelError::Input(format!(
+            "token id {bad} is outside the vocabulary (vocab_size {})",
+            c.vocab_size
+        )));
+    }
+    let max_pos = step.positions.iter().copied().max().unwrap_or(0);
+    if max_pos >= c.max_position_embeddings
+        && !matches!(c.rope_scaling, RopeScaling::Dynamic { .. })
+    {
+        return Err(ModelError::Input(format!(
+            "a sequence of {} tokens exceeds max_position_embeddings {}",
+            max_pos + 1,
+            c.max_position_embeddings
+        )));
+    }
+    let kv_len = step.past + step.seq;
+    if let Some(w) = c.sliding_window.filter(|w| kv_len > *w) {
+        return Err(ModelError::Input(format!(
+            "a sequence of {kv_len} tokens is longer than sliding_window {w}; sliding-window attention is not implemented"
+        )));
+    }
+    Ok(())
+}
+
+/// The additive mask `[batch * heads * seq, past + seq]` (causal, padding, sliding
+/// window) and, per query row, 1 where it sees some key and 0 where it sees none.
+fn attention_mask(step: &Step<'_>, heads: usize, window: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+    let (t, past) = (step.seq, step.past);
+    let kv = past + t;
+    let mut mask = Vec::with_capacity(step.batch * heads * t * kv);
+    let mut keep_rows = Vec::with_capacity(step.batch * heads * t);
+    let mut block = vec![MASKED; t * kv];
     let mut block_keep = vec![1.0f32; t];
-    for bi in 0..batch.batch {
-        let keep = &batch.attention_mask[bi * t..(bi + 1) * t];
+    for bi in 0..step.batch {
+        let keep = &step.keep[bi * kv..(bi + 1) * kv];
         for q in 0..t {
-            let row = &mut block[q * t..(q + 1) * t];
+            let qa = past + q;
+            let row = &mut block[q * kv..(q + 1) * kv];
             for (k, slot) in row.iter_mut().enumerate() {
-                let visible = k <= q && keep[k] != 0 && window.is_none_or(|w| q - k < w);
+                let visible = k <= qa && keep[k] != 0 && window.is_none_or(|w| qa - k < w);
                 *slot = if visible { 0.0 } else { MASKED };
             }
             // A query that may see nothing (left padding) gets an attention output of

@@ -1,0 +1,84 @@
+//! `lora score`: the mean next-token negative log-likelihood and perplexity of each text
+//! under a decoder LLM (optionally with a PEFT adapter), exactly as transformers computes
+//! `model(ids, labels=ids).loss`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use lora::models::TokenBatch;
+use lora::models::decoder::causal_lm_loss;
+use lora::prelude::*;
+
+use crate::backend_choice::BackendKind;
+use crate::report::print_stdout;
+
+/// Arguments of `lora score`.
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "ndarray")]
+    pub backend: BackendKind,
+    /// Print only JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Texts to score.
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+}
+
+/// Runs `lora score`.
+pub fn run(args: &ScoreArgs) -> Result<()> {
+    crate::with_backend!(args.backend, |b| run_on(&b, args))
+}
+
+fn run_on<B: FullBackend>(b: &B, args: &ScoreArgs) -> Result<()> {
+    let mut loaded = crate::decoder_load::load(b, &args.model, args.adapter.as_deref())?;
+    let vocab = loaded.model.config().vocab_size;
+    let mut results = Vec::new();
+    for (i, text) in args.texts.iter().enumerate() {
+        let ids = loaded.tokenizer.encode(text)?;
+        if ids.len() < 2 {
+            bail!(
+                "text {i} ({text:?}) has {} token(s); scoring needs at least 2",
+                ids.len()
+            );
+        }
+        let n = ids.len();
+        let batch = TokenBatch::new(ids.clone(), vec![1; n], 1)?;
+        let logits = b.to_host(&loaded.model.logits(b, &batch, Mode::Eval)?)?;
+        let labels: Vec<i64> = ids.iter().map(|&v| v as i64).collect();
+        let (nll, _) = causal_lm_loss(&logits, &labels, 1, n, vocab)?;
+        results.push(serde_json::json!({
+            "text": text,
+            "tokens": n,
+            "mean_nll": nll,
+            "perplexity": nll.exp(),
+        }));
+    }
+    let mut out = String::new();
+    if args.json {
+        out.push_str(&serde_json::to_string(
+            &serde_json::json!({ "results": results }),
+        )?);
+        out.push('\n');
+    } else {
+        for r in &results {
+            out.push_str(&format!(
+                "{}  tokens {}  mean NLL {:.4}  perplexity {:.3}\n",
+                r["text"],
+                r["tokens"],
+                r["mean_nll"].as_f64().unwrap_or(f64::NAN),
+                r["perplexity"].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
+    }
+    print_stdout(&out);
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! `lora score` and `lora generate` on a tiny random Llama built by transformers
+//! (tests/fixtures/decoder): JSON shapes, greedy generation equal to transformers'
+//! `generate`, the adapter changing the score, and errors for bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fixture, lora, s, tempdir, text};
+
+fn decoder_fixture(name: &str) -> PathBuf {
+    fixture("decoder").join(name)
+}
+
+/// The fixture model with its tokenizer beside it, as a Hugging Face model directory.
+fn model_dir(tmp: &Path, name: &str) -> PathBuf {
+    let dir = tmp.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(decoder_fixture(name).join(f), dir.join(f)).unwrap();
+    }
+    std::fs::copy(
+        decoder_fixture("tokenizer/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    dir
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", text(o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
+}
+
+#[test]
+fn greedy_generate_equals_transformers_and_streams() {
+    let tmp = tempdir();
+    let model = model_dir(tmp.path(), "llama");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(decoder_fixture("cases.json")).unwrap())
+            .unwrap();
+    let llama = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "llama")
+        .unwrap();
+    let g = &llama["generation"];
+    let prompt = g["prompt"].as_str().unwrap();
+    let n_new = g["new_ids"].as_array().map_or(8, Vec::len);
+    let out = json(&lora(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--max-new-tokens",
+        &n_new.to_string(),
+        "--json",
+        prompt,
+    ]));
+    assert_eq!(out["prompt_ids"], g["prompt_ids"]);
+    let all: Vec<serde_json::Value> = g["generated_ids"].as_array().unwrap().clone();
+    let want = &all[all.len() - n_new..];
+    assert_eq!(out["generated_ids"].as_array().unwrap().as_slice(), want);
+    // Streaming prints the prompt and then the continuation.
+    let streamed = lora(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--max-new-tokens",
+        "4",
+        prompt,
+    ]);
+    assert!(streamed.status.success(), "{}", text(&streamed));
+    assert!(String::from_utf8_lossy(&streamed.stdout).starts_with(prompt));
+    // Sampling is seeded: the same seed, the same text.
+    let sample = |seed: &str| {
+        json(&lora(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "20",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "6",
+            "--json",
+            prompt,
+        ]))["generated_ids"]
+            .clone()
+    };
+    assert_eq!(sample("3"), sample("3"));
+}
+
+#[test]
+fn score_reports_nll_and_perplexity_and_the_adapter_changes_them() {
+    let tmp = tempdir();
+    let model = model_dir(tmp.path(), "llama");
+    let base = json(&lora(&[
+        "score",
+        "--model",
+        s(&model),
+        "--json",
+        "Hello world",
+        "The cat sat.",
+    ]));
+    let results = base["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for r in results {
+        let nll = r["mean_nll"].as_f64().unwrap();
+        assert!(nll.is_finite() && nll > 0.0);
+        assert!((r["perplexity"].as_f64().unwrap() - nll.exp()).abs() < 1e-9 * nll.exp());
+    }
+    assert_eq!(results[0]["tokens"], 9, "Hello world is 9 tokens with <s>");
+    let adapter = decoder_fixture("llama/adapter");
+    let adapted = json(&lora(&[
+        "score",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--json",
+        "Hello world",
+    ]));
+    let (a, b) = (
+        adapted["results"][0]["mean_nll"].as_f64().unwrap(),
+        results[0]["mean_nll"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() > 1e-3,
+        "the adapter changes the score: {a} vs {b}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tmp = tempdir();
+    let model = model_dir(tmp.path(), "llama");
+    let no_tok = tmp.path().join("no-tokenizer");
+    std::fs::create_dir_all(&no_tok).unwrap();
+    std::fs::copy(model.join("config.json"), no_tok.join("config.json")).unwrap();
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec!["score", "--model", s(&no_tok), "x y"],
+            "tokenizer.json",
+        ),
+        (vec!["score", "--model", s(&model), ""], "empty"),
+        (
+            vec!["generate", "--model", s(&model), "--top-p", "0", "Hi"],
+            "top_p",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                s(&model),
+                "--adapter",
+                s(tmp.path()),
+                "Hi",
+            ],
+            "adapter",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = lora(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(text(&o).contains(needle), "{args:?}: {}", text(&o));
+    }
+    // A prompt longer than max_position_embeddings (128).
+    let long = "word ".repeat(200);
+    let o = lora(&["generate", "--model", s(&model), &long]);
+    assert!(
+        !o.status.success() && text(&o).contains("max_position_embeddings"),
+        "{}",
+        text(&o)
+    );
+}
