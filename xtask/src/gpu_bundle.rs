@@ -59,7 +59,7 @@ export LORA_RS_FIXTURES="$here/fixtures"
 export LORA_BENCH_OUT="${LORA_BENCH_OUT:-$here/results}"
 mkdir -p "$LORA_BENCH_OUT"
 case "${1:-test}" in
-  test) for t in cross_backend properties decoder; do "$here/bin/$t" cuda:: --test-threads=1 --nocapture; done ;;
+  test) for t in cross_backend properties decoder decoder_ops; do "$here/bin/$t" cuda:: --test-threads=1 --nocapture; done ;;
   sanitize) for t in cross_backend decoder; do compute-sanitizer --tool memcheck --error-exitcode 1 "$here/bin/$t" cuda:: --test-threads=1; done ;;
   bench)
     "$here/bin/lora_linear" --bench
@@ -88,6 +88,8 @@ pub fn run(dir: &Path) -> Result<()> {
         "properties",
         "--test",
         "decoder",
+        "--test",
+        "decoder_ops",
     ]);
     let tests = executables(
         &mut tests,

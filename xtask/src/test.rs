@@ -200,6 +200,8 @@ fn cuda_tests(minilm: &Path, summary: &mut Summary) -> Result<Option<Vec<String>
                 "properties",
                 "--test",
                 "decoder",
+                "--test",
+                "decoder_ops",
             ])
             .args(["cuda::", "--", "--nocapture"])
             .env("LORA_RS_REQUIRE_MODELS", "1")
@@ -249,6 +251,8 @@ fn tch_tests(minilm: &Path, summary: &mut Summary) -> Result<Vec<String>> {
         "properties",
         "--test",
         "decoder",
+        "--test",
+        "decoder_ops",
     ]);
     c.env("LORA_RS_REQUIRE_MODELS", "1")
         .env("LORA_RS_MINILM", minilm);
