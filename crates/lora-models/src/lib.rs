@@ -9,6 +9,10 @@
 //!   feed-forward, pooler) loaded from a Hugging Face checkpoint, with forward and backward,
 //!   plus [`bert::BertTokenizer`] (`tokenizer.json` through the `tokenizers` crate) and
 //!   sentence-transformers' mean pooling.
+//! * [`decoder::DecoderModel`]: decoder LLMs of the Llama family (`llama`, `mistral`,
+//!   `qwen2`, `qwen3`) as transformers computes them, with the causal-LM loss, the
+//!   backward into LoRA adapters, a KV cache and sampling
+//!   ([`decoder::generate`]), plus [`decoder::DecoderTokenizer`].
 
 pub mod bert;
 pub mod cache;
