@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use lora::Mode;
+use lora::{Backend, Mode};
 use lora::io::{Checkpoint, SafetensorsDtype};
 use lora::models::TokenBatch;
 use lora::models::decoder::{
@@ -359,4 +359,65 @@ fn tokenizer_ids_equal_the_python_tokenizers_library() {
         assert_eq!(tok.decode(&got).unwrap(), t, "decode({t:?})");
     }
     assert!(tok.encode("").is_err());
+}
+
+/// Trains a fresh adapter on every projection for a few AdamW steps (the causal-LM loss on
+/// the fixture batch), saves it, and writes our logits with it to
+/// `<target>/tmp/decoder-interop/<model>/`, where `cargo xtask test` hands it to
+/// `fixtures/check_decoder_in_peft.py`: PEFT must load it and compute the same logits.
+/// Also checks that training lowered the loss.
+#[test]
+fn export_trained_decoder_adapters_for_peft() {
+    use lora::peft::{LoraConfig, TargetModules};
+    use lora::{Adam, Optimizer};
+    let b = lora::NdArray::new();
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("decoder-interop");
+    let _ = std::fs::remove_dir_all(&root);
+    for name in ["llama", "qwen2", "qwen3"] {
+        let mut model = DecoderModel::from_pretrained(&b, &dir(name)).unwrap();
+        let config = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: Some(TargetModules::List(
+                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            )),
+            task_type: Some("CAUSAL_LM".into()),
+            ..LoraConfig::default()
+        };
+        lora::peft::inject_adapters(&mut model, &b, &config, 5).unwrap();
+        let io = io(name);
+        let tb = batch(&io, "input_ids", Some("attention_mask"));
+        let vocab = model.config().vocab_size;
+        let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..5 {
+            let logits = b.to_host(&model.logits(&b, &tb, Mode::Train).unwrap()).unwrap();
+            let (loss, _, grad) =
+                causal_lm_loss_grad(&logits, &io.ints["labels"].1, tb.batch, tb.seq_len, vocab)
+                    .unwrap();
+            losses.push(loss);
+            let d = b.from_host(&grad, &[tb.batch, tb.seq_len, vocab]).unwrap();
+            model.backward_logits(&b, &d).unwrap();
+            opt.step(&b, &mut lora::Model::params_and_grads(&mut model)).unwrap();
+        }
+        assert!(losses[4] < losses[0], "{name}: training lowers the loss: {losses:?}");
+        let out = root.join(name);
+        lora::peft::save_pretrained(&out.join("adapter"), &model, &b, &config).unwrap();
+        let logits = b.to_host(&model.logits(&b, &tb, Mode::Eval).unwrap()).unwrap();
+        lora::io::write_safetensors(
+            &out.join("ours.safetensors"),
+            &[(
+                "logits".to_string(),
+                lora::HostTensor {
+                    shape: vec![tb.batch, tb.seq_len, vocab],
+                    data: logits,
+                },
+            )],
+        )
+        .unwrap();
+        std::fs::write(out.join("model_dir.txt"), dir(name).display().to_string()).unwrap();
+    }
 }

@@ -322,6 +322,14 @@ fn python_interop(summary: &mut Summary) -> Result<()> {
             .arg(target.join("tmp/bert-interop")),
     )?;
     summary.add("bert interop".into(), python_counts(&lines));
+    // PEFT loads the decoder adapters tests/decoder.rs trained and must compute our logits.
+    let lines = run_capture(
+        "PEFT loads lora-rs adapters on Llama/Qwen2/Qwen3 (tests/fixtures/check_decoder_in_peft.py)",
+        Command::new(&python)
+            .arg(crate::cmd::root().join("tests/fixtures/check_decoder_in_peft.py"))
+            .arg(target.join("tmp/decoder-interop")),
+    )?;
+    summary.add("decoder interop".into(), python_counts(&lines));
     Ok(())
 }
 
