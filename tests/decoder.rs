@@ -8,13 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use lora::{Backend, Mode};
 use lora::io::{Checkpoint, SafetensorsDtype};
 use lora::models::TokenBatch;
 use lora::models::decoder::{
     DecoderConfig, DecoderModel, DecoderTokenizer, GenerationConfig, RopeScaling, causal_lm_loss,
     causal_lm_loss_grad, generate,
 };
+use lora::{Backend, Mode};
 use lora_tests::{assert_close_scaled, backend_suite, fixtures_dir, to64};
 
 fn dir(name: &str) -> PathBuf {
@@ -379,10 +379,18 @@ fn export_trained_decoder_adapters_for_peft() {
             r: 4,
             lora_alpha: 8.0,
             target_modules: Some(TargetModules::List(
-                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
+                [
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             )),
             task_type: Some("CAUSAL_LM".into()),
             ..LoraConfig::default()
@@ -394,19 +402,27 @@ fn export_trained_decoder_adapters_for_peft() {
         let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
         let mut losses = Vec::new();
         for _ in 0..5 {
-            let logits = b.to_host(&model.logits(&b, &tb, Mode::Train).unwrap()).unwrap();
+            let logits = b
+                .to_host(&model.logits(&b, &tb, Mode::Train).unwrap())
+                .unwrap();
             let (loss, _, grad) =
                 causal_lm_loss_grad(&logits, &io.ints["labels"].1, tb.batch, tb.seq_len, vocab)
                     .unwrap();
             losses.push(loss);
             let d = b.from_host(&grad, &[tb.batch, tb.seq_len, vocab]).unwrap();
             model.backward_logits(&b, &d).unwrap();
-            opt.step(&b, &mut lora::Model::params_and_grads(&mut model)).unwrap();
+            opt.step(&b, &mut lora::Model::params_and_grads(&mut model))
+                .unwrap();
         }
-        assert!(losses[4] < losses[0], "{name}: training lowers the loss: {losses:?}");
+        assert!(
+            losses[4] < losses[0],
+            "{name}: training lowers the loss: {losses:?}"
+        );
         let out = root.join(name);
         lora::peft::save_pretrained(&out.join("adapter"), &model, &b, &config).unwrap();
-        let logits = b.to_host(&model.logits(&b, &tb, Mode::Eval).unwrap()).unwrap();
+        let logits = b
+            .to_host(&model.logits(&b, &tb, Mode::Eval).unwrap())
+            .unwrap();
         lora::io::write_safetensors(
             &out.join("ours.safetensors"),
             &[(
@@ -420,4 +436,74 @@ fn export_trained_decoder_adapters_for_peft() {
         .unwrap();
         std::fs::write(out.join("model_dir.txt"), dir(name).display().to_string()).unwrap();
     }
+}
+
+/// QLoRA on a decoder: with NF4 (double quantization) bases, the model computes what the
+/// same model with the dequantized weights computes, and adapters train on it.
+#[test]
+fn qlora_decoder_equals_its_dequantized_model_and_trains() {
+    use lora::quant::QuantConfig;
+    let b = lora::NdArray::new();
+    let mut q = DecoderModel::from_pretrained(&b, &dir("llama")).unwrap();
+    let (bytes, dense) = q.quantize_base(&b, &QuantConfig::qlora()).unwrap();
+    assert!(
+        bytes * 7 < dense,
+        "NF4 + double quant: {bytes} bytes vs {dense} in f32"
+    );
+    // The reference: plain dense layers holding the dequantized values.
+    let mut reference = DecoderModel::from_pretrained(&b, &dir("llama")).unwrap();
+    let deq: Vec<_> = lora::Model::linears(&q)
+        .iter()
+        .map(|l| (l.name().to_string(), l.base().weight(&b).unwrap()))
+        .collect();
+    for layer in lora::Model::linears_mut(&mut reference) {
+        if let Some((_, w)) = deq.iter().find(|(n, _)| n == layer.name()) {
+            if layer.name() != "lm_head" {
+                let bias = layer.base().bias().cloned();
+                layer
+                    .replace_base(Box::new(lora::DenseLinear::new(w.clone(), bias).unwrap()))
+                    .unwrap();
+            }
+        }
+    }
+    let io = io("llama");
+    let tb = batch(&io, "input_ids", Some("attention_mask"));
+    let vocab = q.config().vocab_size;
+    let got = b.to_host(&q.logits(&b, &tb, Mode::Eval).unwrap()).unwrap();
+    let want = b
+        .to_host(&reference.logits(&b, &tb, Mode::Eval).unwrap())
+        .unwrap();
+    assert_logits_close("NF4 llama", &got, &want, &tb.attention_mask, vocab, 1e-5);
+    // LoRA on the 4-bit base: five AdamW steps lower the loss.
+    let config = lora::peft::LoraConfig {
+        target_modules: Some(lora::peft::TargetModules::Pattern("all-linear".into())),
+        ..lora::peft::LoraConfig::default()
+    };
+    lora::peft::inject_adapters(&mut q, &b, &config, 1).unwrap();
+    let mut opt = lora::Adam::<lora::NdArray>::adamw(1e-2).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..5 {
+        let logits = b.to_host(&q.logits(&b, &tb, Mode::Train).unwrap()).unwrap();
+        let (loss, _, grad) =
+            causal_lm_loss_grad(&logits, &io.ints["labels"].1, tb.batch, tb.seq_len, vocab)
+                .unwrap();
+        losses.push(loss);
+        q.backward_logits(
+            &b,
+            &b.from_host(&grad, &[tb.batch, tb.seq_len, vocab]).unwrap(),
+        )
+        .unwrap();
+        lora::Optimizer::step(&mut opt, &b, &mut lora::Model::params_and_grads(&mut q)).unwrap();
+    }
+    assert!(
+        losses[4] < losses[0],
+        "QLoRA training lowers the loss: {losses:?}"
+    );
+    assert!(
+        lora::Model::linear_names(&q).iter().all(|n| n != "lm_head")
+            || lora::Model::linears(&q)
+                .iter()
+                .any(|l| l.name() == "lm_head" && l.adapter().is_none()),
+        "all-linear leaves lm_head out"
+    );
 }

@@ -15,6 +15,7 @@ mod layer;
 mod layer_backward;
 mod loss;
 mod model;
+mod quantize;
 mod rope;
 mod tokenizer;
 
