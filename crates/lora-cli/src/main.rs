@@ -8,11 +8,13 @@ mod generate;
 mod inspect;
 mod merge;
 mod plots;
+mod quant_arg;
 mod quantize;
 mod report;
 mod score;
 mod sentiment_data;
 mod train;
+mod train_lm;
 
 use clap::{Parser, Subcommand};
 

@@ -1,7 +1,8 @@
-//! `lora train`: LoRA fine-tuning of a real pretrained encoder (all-MiniLM-L6-v2) on a
-//! real task: telling positive from negative words of the VADER sentiment lexicon, from
-//! the mean-pooled sentence embedding through a linear head. Only the adapters and the
-//! head train; the encoder is frozen.
+//! `lora train`: LoRA fine-tuning. `--task classify` (the default): a real pretrained
+//! encoder (all-MiniLM-L6-v2) on a real task, telling positive from negative words of the
+//! VADER sentiment lexicon, from the mean-pooled sentence embedding through a linear head;
+//! only the adapters and the head train. `--task causal-lm`: a decoder LLM on text
+//! (`crate::train_lm`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -21,9 +22,21 @@ use crate::plots::{self, Curve};
 use crate::report::{bytes, duration, peak_rss_bytes, thousands};
 use crate::sentiment_data::{Example, read_vader, split};
 
+/// What `lora train` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainTask {
+    /// Sentence classification with a BERT encoder + linear head (the VADER example).
+    Classify,
+    /// Next-token prediction with a decoder LLM (Llama, Mistral, Qwen2, Qwen3).
+    CausalLm,
+}
+
 /// Options of `lora train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
+    /// The task.
+    #[arg(long, value_enum, default_value = "classify")]
+    pub task: TrainTask,
     /// Model directory (config.json, model.safetensors, tokenizer.json); default: the
     /// cache that `cargo xtask fetch-model minilm` fills.
     #[arg(long)]
@@ -65,12 +78,33 @@ pub struct TrainArgs {
     /// Seed (split, adapter init, head init).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// causal-lm: tokens per sequence at most (`.txt` data is packed into such blocks).
+    #[arg(long, default_value_t = 256)]
+    pub max_length: usize,
+    /// causal-lm: micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// causal-lm: linear warm-up steps before the cosine decay.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// causal-lm: clip gradients to this global L2 norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// causal-lm: quantize the frozen base (QLoRA).
+    #[arg(long, value_enum)]
+    pub quant: Option<crate::quant_arg::QuantArg>,
 }
 
 /// Runs `lora train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.eval_every == 0 {
         bail!("--steps, --batch-size and --eval-every must be at least 1");
+    }
+    if args.task == TrainTask::CausalLm {
+        if args.grad_accum == 0 || args.max_length < 2 {
+            bail!("--grad-accum must be at least 1 and --max-length at least 2");
+        }
+        return crate::with_backend!(args.backend, |b| crate::train_lm::run(&b, args));
     }
     crate::with_backend!(args.backend, |b| run_on(&b, args))
 }

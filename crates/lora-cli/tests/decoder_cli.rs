@@ -180,3 +180,143 @@ fn bad_input_is_a_clear_error() {
         text(&o)
     );
 }
+
+#[test]
+fn train_causal_lm_writes_a_causal_lm_adapter_and_lowers_the_loss() {
+    let tmp = tempdir();
+    let model = model_dir(tmp.path(), "llama");
+    let data = tmp.path().join("data.jsonl");
+    let mut lines = Vec::new();
+    for i in 0..12 {
+        lines.push(format!(
+            "{{\"text\": \"The cat number {i} sat on the mat.\"}}"
+        ));
+        lines.push(format!(
+            "{{\"prompt\": \"Q: what is {i} plus one?\", \"completion\": \" A: {}\"}}",
+            i + 1
+        ));
+    }
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = tmp.path().join("out");
+    let o = lora(&[
+        "train",
+        "--task",
+        "causal-lm",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--lr",
+        "0.01",
+        "--target-modules",
+        "all-linear",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let ppl: Vec<f64> = t
+        .split("held-out perplexity ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{t}"))
+        .lines()
+        .next()
+        .unwrap()
+        .split(" -> ")
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    assert!(
+        ppl[1] < ppl[0],
+        "training lowers the held-out perplexity: {t}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert!(out.join("adapter_model.safetensors").is_file() && out.join("loss.png").is_file());
+    // The adapter loads back for scoring.
+    let scored = lora(&[
+        "score",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--json",
+        "The cat sat.",
+    ]);
+    assert!(scored.status.success(), "{}", text(&scored));
+
+    // QLoRA: the same on an NF4 base.
+    let o = lora(&[
+        "train",
+        "--task",
+        "causal-lm",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&tmp.path().join("q")),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--quant",
+        "nf4",
+        "--target-modules",
+        "q_proj,v_proj",
+    ]);
+    assert!(
+        o.status.success() && text(&o).contains("quantized to nf4"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn train_causal_lm_bad_data_names_the_problem() {
+    let tmp = tempdir();
+    let model = model_dir(tmp.path(), "llama");
+    let cases = [
+        ("empty.jsonl", "", "empty"),
+        ("bad.jsonl", "{\"text\": \"fine\"}\nnot json\n", "line 2"),
+        (
+            "nofield.jsonl",
+            "{\"text\": \"fine\"}\n{\"title\": \"x\"}\n",
+            "line 2",
+        ),
+    ];
+    for (name, body, needle) in cases {
+        let data = tmp.path().join(name);
+        std::fs::write(&data, body).unwrap();
+        let out = tmp.path().join(format!("out-{name}"));
+        let o = lora(&[
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "1",
+        ]);
+        assert!(!o.status.success(), "{name} succeeded");
+        assert!(text(&o).contains(needle), "{name}: {}", text(&o));
+        assert!(!out.exists(), "{name}: no output directory after a failure");
+    }
+}

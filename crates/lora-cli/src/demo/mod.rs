@@ -80,26 +80,7 @@ pub struct DemoArgs {
     pub quant: Option<QuantArg>,
 }
 
-/// `--quant` choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum QuantArg {
-    /// 4-bit NormalFloat with double quantization (QLoRA).
-    Nf4,
-    /// 4-bit float with double quantization.
-    Fp4,
-    /// LLM.int8 row-wise 8-bit.
-    Int8,
-}
-
-impl QuantArg {
-    fn config(self) -> QuantConfig {
-        QuantConfig::new(match self {
-            QuantArg::Nf4 => QuantFormat::Nf4,
-            QuantArg::Fp4 => QuantFormat::Fp4,
-            QuantArg::Int8 => QuantFormat::Int8,
-        })
-    }
-}
+pub use crate::quant_arg::QuantArg;
 
 /// Points on `[-π, π]`.
 const POINTS: usize = 256;

@@ -40,6 +40,15 @@ impl DecoderTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` without special tokens (a completion appended to a prompt).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| self.error(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// The text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner

@@ -1,0 +1,298 @@
+//! `lora train --task causal-lm`: LoRA (or QLoRA with `--quant`) fine-tuning of a decoder
+//! LLM (Llama, Mistral, Qwen2, Qwen3) on text: batches with gradient accumulation, AdamW
+//! with linear warm-up and cosine decay, gradient clipping by global norm, a held-out
+//! split evaluated for perplexity, a progress bar with loss, tokens per second and ETA, a
+//! loss-curve PNG, and a PEFT adapter with `task_type` `CAUSAL_LM`.
+
+mod data;
+mod schedule;
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use lora::models::TokenBatch;
+use lora::models::decoder::{DecoderModel, DecoderTokenizer, IGNORE_INDEX, causal_lm_loss_grad};
+use lora::peft::{self, LoraConfig, TargetModules};
+use lora::prelude::*;
+use lora::{Adam, ParamGrad};
+
+use self::data::Sequence;
+use crate::plots;
+use crate::report::{bytes, duration, peak_rss_bytes, thousands};
+use crate::train::TrainArgs;
+
+/// Runs the causal-LM task.
+pub fn run<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
+    let model_dir = args
+        .model
+        .as_deref()
+        .context("--task causal-lm needs --model DIR (a Llama/Mistral/Qwen checkpoint)")?;
+    let data_path = args
+        .data
+        .as_deref()
+        .context("--task causal-lm needs --data FILE (.jsonl or .txt)")?;
+    let tok_path = model_dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        bail!(
+            "{}: no tokenizer.json in the model directory",
+            tok_path.display()
+        );
+    }
+    let tok = DecoderTokenizer::from_file(&tok_path)?;
+    let mut model = DecoderModel::from_pretrained(b, model_dir)
+        .with_context(|| format!("loading {}", model_dir.display()))?;
+    let eos = model.config().eos_token_ids.first().copied();
+    let seqs = data::read(data_path, &tok, args.max_length, eos)?;
+    let (train, held_out) = split(seqs, args.seed);
+    if let Some(q) = args.quant {
+        let (qb, fb) = model.quantize_base(b, &q.config())?;
+        println!(
+            "  base quantized to {}: {} instead of {} in f32",
+            q.name(),
+            bytes(qb as u64),
+            bytes(fb as u64)
+        );
+    }
+    let config = lora_config(args, model_dir)?;
+    let injected = peft::inject_adapters(&mut model, b, &config, args.seed)?;
+    let pad = tok.token_id("<pad>").or(eos).unwrap_or(0);
+    println!(
+        "lora train --task causal-lm: {} on {} ({}), {} train / {} held-out sequences",
+        model.config().model_type,
+        b.name(),
+        b.device(),
+        train.len(),
+        held_out.len()
+    );
+    println!(
+        "  LoRA r={} alpha={} on {} modules; {} of {} parameters trainable",
+        config.r,
+        config.lora_alpha,
+        injected.len(),
+        thousands(model.num_trainable()),
+        thousands(model.num_parameters())
+    );
+    let before = perplexity(b, &mut model, &held_out, args.batch_size, pad)?;
+    let started = Instant::now();
+    let losses = train_loop(b, args, &mut model, &train, pad)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = perplexity(b, &mut model, &held_out, args.batch_size, pad)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    peft::save_pretrained(&args.out, &model, b, &config)?;
+    plots::loss_curve(
+        &args.out.join("loss.png"),
+        "causal-LM loss (train)",
+        &losses,
+    )?;
+    println!("  held-out perplexity {before:.3} -> {after:.3}");
+    println!(
+        "  {} optimizer steps in {} ({:.2} s/step); peak RSS {}",
+        losses.len(),
+        duration(elapsed),
+        elapsed / losses.len().max(1) as f64,
+        peak_rss_bytes().map_or("unknown".into(), bytes)
+    );
+    println!("  wrote {} (PEFT adapter, loss.png)", args.out.display());
+    Ok(())
+}
+
+/// PEFT config from the flags: `--target-modules` names or `all-linear`.
+fn lora_config(args: &TrainArgs, model_dir: &Path) -> Result<LoraConfig> {
+    let targets = if args.target_modules == "all-linear" {
+        TargetModules::Pattern("all-linear".into())
+    } else {
+        TargetModules::List(
+            args.target_modules
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect(),
+        )
+    };
+    Ok(LoraConfig {
+        r: args.rank,
+        lora_alpha: args.alpha,
+        target_modules: Some(targets),
+        task_type: Some("CAUSAL_LM".into()),
+        base_model_name_or_path: Some(model_dir.display().to_string()),
+        ..LoraConfig::default()
+    })
+}
+
+/// One held-out sequence in ten (at least one), chosen by the seed.
+fn split(mut seqs: Vec<Sequence>, seed: u64) -> (Vec<Sequence>, Vec<Sequence>) {
+    let n = seqs.len();
+    let held = (n / 10).max(1).min(n.saturating_sub(1));
+    let offset = (seed as usize) % n.max(1);
+    seqs.rotate_left(offset);
+    let train = seqs.split_off(held);
+    (train, seqs)
+}
+
+/// A right-padded batch: ids, mask and labels (`-100` on padding).
+fn collate(seqs: &[&Sequence], pad: u32) -> Result<(TokenBatch, Vec<i64>)> {
+    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for s in seqs {
+        let n = s.ids.len();
+        ids.extend(s.ids.iter().copied().chain(std::iter::repeat_n(pad, t - n)));
+        mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, t - n)));
+        labels.extend(
+            s.labels
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(IGNORE_INDEX, t - n)),
+        );
+    }
+    Ok((TokenBatch::new(ids, mask, seqs.len())?, labels))
+}
+
+/// The optimizer steps; returns the loss of each.
+fn train_loop<B: QuantBackend>(
+    b: &B,
+    args: &TrainArgs,
+    model: &mut DecoderModel<B>,
+    train: &[Sequence],
+    pad: u32,
+) -> Result<Vec<f64>> {
+    let mut opt = Adam::<B>::adamw(args.lr)?;
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("  {bar:30} {pos}/{len} steps  loss {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let vocab = model.config().vocab_size;
+    let mut losses = Vec::with_capacity(args.steps);
+    let mut cursor = 0usize;
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    for step in 0..args.steps {
+        let mut acc: Option<Vec<Vec<f32>>> = None;
+        let mut step_loss = 0.0;
+        for _ in 0..args.grad_accum {
+            let chunk: Vec<&Sequence> = (0..args.batch_size)
+                .map(|i| &train[(cursor + i) % train.len()])
+                .collect();
+            cursor = (cursor + args.batch_size) % train.len();
+            let (batch, labels) = collate(&chunk, pad)?;
+            tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
+            let logits = b.to_host(&model.logits(b, &batch, Mode::Train)?)?;
+            let (loss, _, grad) =
+                causal_lm_loss_grad(&logits, &labels, batch.batch, batch.seq_len, vocab)?;
+            step_loss += loss / args.grad_accum as f64;
+            let scale = 1.0 / args.grad_accum as f32;
+            let d = b.from_host(
+                &grad.iter().map(|g| g * scale).collect::<Vec<_>>(),
+                &[batch.batch, batch.seq_len, vocab],
+            )?;
+            model.backward_logits(b, &d)?;
+            let grads: Vec<Vec<f32>> = model
+                .params_and_grads()
+                .iter()
+                .map(|p| b.to_host(p.grad))
+                .collect::<lora::Result<_>>()?;
+            acc = Some(match acc {
+                None => grads,
+                Some(mut a) => {
+                    for (x, g) in a.iter_mut().zip(&grads) {
+                        x.iter_mut().zip(g).for_each(|(x, g)| *x += g);
+                    }
+                    a
+                }
+            });
+        }
+        let mut grads = acc.unwrap_or_default();
+        clip_global_norm(&mut grads, args.max_grad_norm);
+        opt.set_learning_rate(schedule::lr_at(
+            step,
+            args.steps,
+            args.warmup_steps,
+            args.lr,
+        ));
+        step_with(b, &mut opt, model, &grads)?;
+        losses.push(step_loss);
+        let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(step as u64 + 1);
+        bar.set_message(format!("{step_loss:.4}  {tps:.0} tok/s"));
+    }
+    bar.finish_and_clear();
+    Ok(losses)
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm` (0: off).
+fn clip_global_norm(grads: &mut [Vec<f32>], max_norm: f32) {
+    if max_norm <= 0.0 {
+        return;
+    }
+    let norm = grads
+        .iter()
+        .flatten()
+        .map(|g| (*g as f64) * (*g as f64))
+        .sum::<f64>()
+        .sqrt();
+    // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when below 1.
+    let coef = max_norm as f64 / (norm + 1e-6);
+    if coef < 1.0 {
+        grads
+            .iter_mut()
+            .flatten()
+            .for_each(|g| *g = (*g as f64 * coef) as f32);
+    }
+}
+
+/// An optimizer step with the given (accumulated, clipped) gradients in the adapters'
+/// parameter order.
+fn step_with<B: QuantBackend>(
+    b: &B,
+    opt: &mut Adam<B>,
+    model: &mut DecoderModel<B>,
+    grads: &[Vec<f32>],
+) -> Result<()> {
+    let mut params = model.params_and_grads();
+    let tensors: Vec<B::Tensor> = params
+        .iter()
+        .zip(grads)
+        .map(|(p, g)| b.from_host(g, p.grad.shape().dims()))
+        .collect::<lora::Result<_>>()?;
+    let mut with: Vec<ParamGrad<'_, B::Tensor>> = params
+        .iter_mut()
+        .zip(&tensors)
+        .map(|(p, g)| ParamGrad {
+            param: &mut *p.param,
+            grad: g,
+        })
+        .collect();
+    opt.step(b, &mut with)?;
+    Ok(())
+}
+
+/// exp(mean NLL) over the held-out sequences.
+fn perplexity<B: QuantBackend>(
+    b: &B,
+    model: &mut DecoderModel<B>,
+    seqs: &[Sequence],
+    batch: usize,
+    pad: u32,
+) -> Result<f64> {
+    let vocab = model.config().vocab_size;
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for chunk in seqs.chunks(batch.max(1)) {
+        let refs: Vec<&Sequence> = chunk.iter().collect();
+        let (batch, labels) = collate(&refs, pad)?;
+        let logits = b.to_host(&model.logits(b, &batch, Mode::Eval)?)?;
+        let (loss, n) = lora::models::decoder::causal_lm_loss(
+            &logits,
+            &labels,
+            batch.batch,
+            batch.seq_len,
+            vocab,
+        )?;
+        if n > 0 {
+            sum += loss * n as f64;
+            count += n;
+        }
+    }
+    Ok((sum / count.max(1) as f64).exp())
+}
