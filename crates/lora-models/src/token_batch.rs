@@ -37,6 +37,27 @@ impl TokenBatch {
         })
     }
 
+    /// A batch from token ids held as numbers in a `[batch, seq]` tensor, every token
+    /// attended (the `Model::forward` entry point of the token models).
+    pub fn from_id_tensor<B: lora_core::Backend>(
+        b: &B,
+        x: &B::Tensor,
+        context: &str,
+    ) -> lora_core::Result<Self> {
+        use lora_core::Tensor;
+        let dims = x.shape().dims().to_vec();
+        let [batch, seq] = dims[..] else {
+            return Err(lora_core::Error::shape(
+                format!("{context} token ids"),
+                "[batch, seq]",
+                x.shape(),
+            ));
+        };
+        let ids: Vec<u32> = b.to_host(x)?.iter().map(|&v| v as u32).collect();
+        TokenBatch::new(ids, vec![1; batch * seq], batch)
+            .map_err(|e| lora_core::Error::state(context, e.to_string()))
+    }
+
     /// Rows `range` of the batch.
     pub fn rows(&self, range: std::ops::Range<usize>) -> TokenBatch {
         let (a, b) = (range.start * self.seq_len, range.end * self.seq_len);

@@ -497,17 +497,7 @@ impl<B: LoraOps> Model<B> for BertModel<B> {
     /// `x` holds token ids as numbers, `[batch, seq]`, every token attended (no padding).
     /// Batches with padding go through [`BertModel::forward_batch`].
     fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> lora_core::Result<B::Tensor> {
-        let dims = x.shape().dims().to_vec();
-        let [batch, seq] = dims[..] else {
-            return Err(Error::shape(
-                "BertModel forward token ids",
-                "[batch, seq]",
-                x.shape(),
-            ));
-        };
-        let ids: Vec<u32> = backend.to_host(x)?.iter().map(|&v| v as u32).collect();
-        let tb = TokenBatch::new(ids, vec![1; batch * seq], batch)
-            .map_err(|e| Error::state("BertModel forward", e.to_string()))?;
+        let tb = TokenBatch::from_id_tensor(backend, x, "BertModel forward")?;
         self.forward_batch(backend, &tb, mode)
             .map_err(|e| Error::state("BertModel forward", e.to_string()))
     }

@@ -5,7 +5,7 @@
 use lora_core::{BinaryOp, DecoderOps, Error, LoraOps, RowOrCol, Transpose};
 
 use super::config::DecoderConfig;
-use super::layer::{AttentionInputs, DecoderLayer, LayerCache, heads_last, kv_rows};
+use super::layer::{AttentionInputs, DecoderLayer, LayerCache, heads_first, heads_last, kv_rows};
 use crate::error::Result;
 
 impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
@@ -52,7 +52,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let (bs, t) = (att.batch, att.seq);
         let scale = 1.0 / (hd as f32).sqrt();
         let d_ctx = self.o_proj.backward(b, d_attn)?;
-        let d_ctx = heads_first_3d(b, &d_ctx, bs, t, nh, hd)?;
+        let d_ctx = b.reshape(&heads_first(b, &d_ctx, bs, t, nh, hd)?, &[bs * nh, t, hd])?;
         // ctx = used · v, used = probs (rows that see nothing zeroed).
         let used = match &att.nonempty_rows {
             Some(keep) => {
@@ -128,19 +128,6 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         b.axpby(1.0, &self.v_proj.backward(b, &d_v)?, 1.0, &mut dx)?;
         Ok(dx)
     }
-}
-
-/// `[batch * seq, heads * hd]` -> `[batch * heads, seq, hd]`.
-fn heads_first_3d<B: LoraOps>(
-    b: &B,
-    x: &B::Tensor,
-    bs: usize,
-    t: usize,
-    heads: usize,
-    hd: usize,
-) -> Result<B::Tensor> {
-    let x = b.permute(&b.reshape(x, &[bs, t, heads, hd])?, &[0, 2, 1, 3])?;
-    Ok(b.reshape(&x, &[bs * heads, t, hd])?)
 }
 
 /// Backward of `repeat_kv`: the gradients of the query heads sharing a key/value head

@@ -468,17 +468,7 @@ impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
     /// `x` holds token ids as numbers, `[batch, seq]`, every token attended; returns the
     /// logits. Padded batches go through [`DecoderModel::logits`].
     fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> lora_core::Result<B::Tensor> {
-        let dims = x.shape().dims().to_vec();
-        let [batch, seq] = dims[..] else {
-            return Err(Error::shape(
-                "DecoderModel forward token ids",
-                "[batch, seq]",
-                x.shape(),
-            ));
-        };
-        let ids: Vec<u32> = backend.to_host(x)?.iter().map(|&v| v as u32).collect();
-        let tb = TokenBatch::new(ids, vec![1; batch * seq], batch)
-            .map_err(|e| Error::state("DecoderModel forward", e.to_string()))?;
+        let tb = TokenBatch::from_id_tensor(backend, x, "DecoderModel forward")?;
         self.logits(backend, &tb, mode)
             .map_err(|e| Error::state("DecoderModel forward", e.to_string()))
     }
