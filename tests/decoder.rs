@@ -507,3 +507,68 @@ fn qlora_decoder_equals_its_dequantized_model_and_trains() {
         "all-linear leaves lm_head out"
     );
 }
+
+/// A checkpoint stored in bf16 and split into shards with an index loads to the same
+/// model as its bf16-rounded weights in f32.
+#[test]
+fn sharded_bf16_checkpoints_load() {
+    use lora::io::{RawTensor, SafetensorsDtype, decode_f32, encode_f32, write_raw};
+    use std::borrow::Cow;
+    let b = lora::NdArray::new();
+    let tensors = lora::io::read_checkpoint_f32(&dir("llama")).unwrap();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("decoder-bf16-shards");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(dir("llama").join("config.json"), tmp.join("config.json")).unwrap();
+    let mut rounded = tensors.clone();
+    let mut shards: [BTreeMap<String, RawTensor<'static>>; 2] = [BTreeMap::new(), BTreeMap::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        let bytes = encode_f32(SafetensorsDtype::BF16, &t.data).unwrap();
+        rounded.get_mut(name).unwrap().data = decode_f32(SafetensorsDtype::BF16, &bytes).unwrap();
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert(name.clone(), serde_json::Value::String(file));
+        shards[i % 2].insert(
+            name.clone(),
+            RawTensor {
+                dtype: SafetensorsDtype::BF16,
+                shape: t.shape.clone(),
+                data: Cow::Owned(bytes),
+            },
+        );
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        write_raw(
+            &tmp.join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+            shard,
+            meta,
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(tmp.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let io = io("llama");
+    let tb = batch(&io, "input_ids", Some("attention_mask"));
+    let mut sharded = DecoderModel::from_pretrained(&b, &tmp).unwrap();
+    let config = DecoderConfig::from_file(&tmp.join("config.json")).unwrap();
+    let mut reference = DecoderModel::from_state_dict(&b, config, &rounded, "rounded").unwrap();
+    let got = b
+        .to_host(&sharded.logits(&b, &tb, Mode::Eval).unwrap())
+        .unwrap();
+    let want = b
+        .to_host(&reference.logits(&b, &tb, Mode::Eval).unwrap())
+        .unwrap();
+    assert_eq!(got, want, "bf16 shards load exactly as their f32 values");
+    // And within bf16's rounding of the f32 model's logits.
+    let f32_logits = &io.floats["logits"].1;
+    assert_logits_close(
+        "bf16 vs f32",
+        &got,
+        f32_logits,
+        &tb.attention_mask,
+        sharded.config().vocab_size,
+        5e-2,
+    );
+}
