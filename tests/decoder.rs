@@ -457,13 +457,13 @@ fn qlora_decoder_equals_its_dequantized_model_and_trains() {
         .map(|l| (l.name().to_string(), l.base().weight(&b).unwrap()))
         .collect();
     for layer in lora::Model::linears_mut(&mut reference) {
-        if let Some((_, w)) = deq.iter().find(|(n, _)| n == layer.name()) {
-            if layer.name() != "lm_head" {
-                let bias = layer.base().bias().cloned();
-                layer
-                    .replace_base(Box::new(lora::DenseLinear::new(w.clone(), bias).unwrap()))
-                    .unwrap();
-            }
+        if let Some((_, w)) = deq.iter().find(|(n, _)| n == layer.name())
+            && layer.name() != "lm_head"
+        {
+            let bias = layer.base().bias().cloned();
+            layer
+                .replace_base(Box::new(lora::DenseLinear::new(w.clone(), bias).unwrap()))
+                .unwrap();
         }
     }
     let io = io("llama");
