@@ -90,6 +90,10 @@ pub struct TrainArgs {
     /// causal-lm: clip gradients to this global L2 norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
+    /// causal-lm: keep only each decoder layer's input in the forward and recompute the
+    /// layer in the backward (less activation memory, one more forward).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// causal-lm: quantize the frozen base (QLoRA).
     #[arg(long, value_enum)]
     pub quant: Option<crate::quant_arg::QuantArg>,

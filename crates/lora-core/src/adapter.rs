@@ -47,6 +47,11 @@ pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
     fn set_tensor(&mut self, name: &str, value: B::Tensor) -> Result<()>;
     /// Trainable parameters with their gradients; empty before the first backward.
     fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, B::Tensor>>;
+    /// The dropout probability on the adapter's input in training (0 when none): whoever
+    /// recomputes a forward (gradient checkpointing) must know whether masks are drawn.
+    fn dropout(&self) -> f32 {
+        0.0
+    }
     /// Number of trainable scalars.
     fn num_parameters(&self) -> usize {
         self.tensors().iter().map(|(_, t)| t.numel()).sum()
@@ -267,6 +272,10 @@ impl<B: LoraOps> LoraAdapter<B> {
 }
 
 impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
+    fn dropout(&self) -> f32 {
+        self.dropout
+    }
+
     fn forward(&mut self, backend: &B, x: &B::Tensor, y: &mut B::Tensor, mode: Mode) -> Result<()> {
         let mask = if mode == Mode::Train && self.dropout > 0.0 {
             let rng = self.dropout_rng.advance(x.numel());

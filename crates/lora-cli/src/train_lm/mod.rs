@@ -55,6 +55,7 @@ pub fn run<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
             bytes(fb as u64)
         );
     }
+    model.set_gradient_checkpointing(args.gradient_checkpointing);
     let config = lora_config(args, model_dir)?;
     let injected = peft::inject_adapters(&mut model, b, &config, args.seed)?;
     let pad = tok.token_id("<pad>").or(eos).unwrap_or(0);
@@ -67,12 +68,17 @@ pub fn run<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         held_out.len()
     );
     println!(
-        "  LoRA r={} alpha={} on {} modules; {} of {} parameters trainable",
+        "  LoRA r={} alpha={} on {} modules; {} of {} parameters trainable{}",
         config.r,
         config.lora_alpha,
         injected.len(),
         thousands(model.num_trainable()),
-        thousands(model.num_parameters())
+        thousands(model.num_parameters()),
+        if args.gradient_checkpointing {
+            "; gradient checkpointing"
+        } else {
+            ""
+        }
     );
     let before = perplexity(b, &mut model, &held_out, args.batch_size, pad)?;
     let started = Instant::now();

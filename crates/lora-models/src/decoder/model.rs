@@ -33,12 +33,16 @@ pub struct DecoderModel<B: LoraOps> {
     lm_head: Option<LoraLinear<B>>,
     /// What the last training forward kept for the backward outside the layers.
     train_state: Option<TrainState<B::Tensor>>,
+    /// Keep only each layer's input in training and recompute the layer in the backward.
+    gradient_checkpointing: bool,
 }
 
 /// The batch-level state of a training forward.
 #[derive(Debug)]
 struct TrainState<T> {
     att: AttentionInputs<T>,
+    /// With gradient checkpointing, each layer's input (the layers kept nothing else).
+    layer_inputs: Option<Vec<T>>,
     /// The last layer's output (the final norm's input) and the norm's `1/rms`.
     h_last: T,
     inv_rms: T,
@@ -153,7 +157,16 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             norm,
             lm_head,
             train_state: None,
+            gradient_checkpointing: false,
         })
+    }
+
+    /// Gradient checkpointing: a training forward keeps only each layer's input (no
+    /// activations), and the backward recomputes each layer before differentiating it,
+    /// trading one more forward for the activation memory. Adapters with dropout are
+    /// refused at the next training forward (recomputing would draw other masks).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// The configuration.
@@ -253,14 +266,26 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
                 *slot = Some((b.zeros(&[rows, width])?, b.zeros(&[rows, width])?));
             }
         }
+        let checkpoint = mode == Mode::Train && self.gradient_checkpointing;
+        if checkpoint {
+            self.refuse_dropout_with_checkpointing()?;
+        }
+        let mut layer_inputs = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let slot = cache.as_deref_mut().and_then(|c| c.layers[l].as_mut());
-            h = layer.forward(b, &config, &h, &att, slot, mode)?;
+            if checkpoint {
+                // Eval keeps no activations; without dropout it computes the same values.
+                layer_inputs.push(h.clone());
+                h = layer.forward(b, &config, &h, &att, slot, Mode::Eval)?;
+            } else {
+                h = layer.forward(b, &config, &h, &att, slot, mode)?;
+            }
         }
         let (h_norm, inv_rms) = b.rms_norm(&h, &self.norm, config.rms_norm_eps as f32)?;
         self.train_state = match mode {
             Mode::Train => Some(TrainState {
                 att,
+                layer_inputs: checkpoint.then_some(layer_inputs),
                 h_last: h,
                 inv_rms,
             }),
@@ -327,7 +352,24 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         let mut g = b.rms_norm_backward(&st.h_last, &self.norm, &st.inv_rms, &d_norm)?;
         let config = self.config.clone();
         for (l, layer) in self.layers.iter_mut().enumerate().rev() {
+            if let Some(inputs) = &st.layer_inputs {
+                layer.forward(b, &config, &inputs[l], &st.att, None, Mode::Train)?;
+            }
             g = layer.backward(b, &config, &format!("model.layers.{l}"), &st.att, &g)?;
+        }
+        Ok(())
+    }
+
+    /// Gradient checkpointing recomputes forwards, which would draw new dropout masks.
+    fn refuse_dropout_with_checkpointing(&self) -> Result<()> {
+        for layer in self.linears() {
+            if let Some(a) = layer.adapter().filter(|a| a.dropout() > 0.0) {
+                return Err(ModelError::Input(format!(
+                    "{}: gradient checkpointing needs lora_dropout 0 (this adapter has {})",
+                    layer.name(),
+                    a.dropout()
+                )));
+            }
         }
         Ok(())
     }
