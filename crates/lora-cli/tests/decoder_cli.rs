@@ -171,6 +171,35 @@ fn bad_input_is_a_clear_error() {
         assert!(!o.status.success(), "{args:?} succeeded");
         assert!(text(&o).contains(needle), "{args:?}: {}", text(&o));
     }
+    // Adapters that do not fit: targets the model lacks, and shapes of another model.
+    let bert_adapter = fixture("peft_bert/adapters");
+    let o = lora(&[
+        "score",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&bert_adapter),
+        "Hi there",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("matched no module"),
+        "{}",
+        text(&o)
+    );
+    let qwen_adapter = decoder_fixture("qwen2/adapter");
+    let o = lora(&[
+        "score",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&qwen_adapter),
+        "Hi there",
+    ]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("q_proj") && t.contains("shape mismatch"),
+        "{t}"
+    );
     // A prompt longer than max_position_embeddings (128).
     let long = "word ".repeat(200);
     let o = lora(&["generate", "--model", s(&model), &long]);
