@@ -12,6 +12,15 @@ pub fn root() -> PathBuf {
     here.parent().map(PathBuf::from).unwrap_or(here)
 }
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR` when set, else `<root>/target`. Build
+/// outputs (binaries, criterion's estimates, test scratch space) live there; the benches'
+/// own JSON always goes to `<root>/target/bench`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
 /// `cargo` as invoked by the user (respects `$CARGO`).
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

@@ -121,7 +121,10 @@ pub fn run(dir: &Path) -> Result<()> {
     for (name, exe) in tests.iter().chain(&benches) {
         std::fs::copy(exe, bin.join(name)).with_context(|| format!("copying {}", exe.display()))?;
     }
-    std::fs::copy(root().join("target/release/lora"), bin.join("lora"))?;
+    std::fs::copy(
+        crate::cmd::target_dir().join("release/lora"),
+        bin.join("lora"),
+    )?;
     // Only the fixtures the bundled suites read.
     for sub in ["peft_bert", "decoder"] {
         copy_dir(

@@ -294,9 +294,7 @@ fn python_interop(summary: &mut Summary) -> Result<()> {
     // The lora-rs -> PEFT direction: real PEFT loads what tests/peft_interop_export.rs
     // wrote and must compute the same outputs and merged weights.
     let python = crate::venv::ensure_venv()?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| crate::cmd::root().join("target"));
+    let target = crate::cmd::target_dir();
     let lines = run_capture(
         "PEFT loads adapters written by lora-rs (tests/fixtures/check_in_peft.py)",
         Command::new(&python)

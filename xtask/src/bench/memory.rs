@@ -22,7 +22,7 @@ pub(super) fn train_memory(target: &Path) -> Result<()> {
         "lora-memory",
     ]);
     run_cmd("cargo build --release --bin lora-memory", &mut build)?;
-    let exe = target.join("release/lora-memory");
+    let exe = crate::cmd::target_dir().join("release/lora-memory");
     let mut out = Vec::new();
     for mode in ["full", "lora", "qlora"] {
         let rss_file =
@@ -55,7 +55,7 @@ pub(super) fn train_memory(target: &Path) -> Result<()> {
 /// Peak RSS of `lora demo` with an f32 base and with each quantized base (a wider MLP so
 /// that the weights matter), as `target/bench/demo_memory.json`.
 pub(super) fn demo_memory(target: &Path) -> Result<()> {
-    let lora = target.join("release/lora");
+    let lora = crate::cmd::target_dir().join("release/lora");
     let mut build = cargo();
     build.args(["build", "--release", "-p", "lora-cli"]);
     run_cmd("cargo build --release -p lora-cli", &mut build)?;

@@ -27,8 +27,9 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
         println!("nothing to run");
         return Ok(());
     }
+    // The benches' JSON goes to <root>/target/bench; criterion's estimates to the target dir.
     let target = root().join("target");
-    let _ = std::fs::remove_dir_all(target.join("criterion"));
+    let _ = std::fs::remove_dir_all(crate::cmd::target_dir().join("criterion"));
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "lora-benches"]);
     if backends.contains(&"tch") {
@@ -113,7 +114,7 @@ fn merge_bench(target: &Path, quick: bool) -> Result<()> {
         "cargo build --release -p lora-cli",
         cargo().args(["build", "--release", "-p", "lora-cli"]),
     )?;
-    let lora = target.join("release/lora");
+    let lora = crate::cmd::target_dir().join("release/lora");
     let work = target.join("bench/merge");
     std::fs::create_dir_all(&work)?;
     let runs = if quick { 3 } else { 5 };

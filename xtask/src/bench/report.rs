@@ -90,7 +90,7 @@ pub(super) fn report(target: &Path, quick: bool) -> Result<()> {
         .unwrap_or_default();
     let bert_torch = read_json(&target.join("bench/bert_pytorch.json")).unwrap_or(json!({}));
     let mut rows = bert_pytorch_rows(&bert_torch);
-    criterion_rows(target, fma.gflops, &bert_torch, &mut rows);
+    criterion_rows(fma.gflops, &bert_torch, &mut rows);
     paired_rows(target, &mut rows);
     merge_rows(target, &mut rows);
     quant_rows(target, &mut rows);
@@ -157,9 +157,9 @@ fn bert_pytorch_rows(bert_torch: &Value) -> Vec<Row> {
 /// Rows from criterion's medians: GEMM (GFLOP/s, fraction of the FMA peak), the BERT
 /// encoder (against PyTorch + PEFT) and the rest as measured. The LoRA-linear and
 /// quantized groups come from `paired.json` / `quant.json` instead.
-fn criterion_rows(target: &Path, peak: Option<f64>, bert_torch: &Value, rows: &mut Vec<Row>) {
+fn criterion_rows(peak: Option<f64>, bert_torch: &Value, rows: &mut Vec<Row>) {
     let mut results = Vec::new();
-    criterion_results(&target.join("criterion"), &mut results);
+    criterion_results(&crate::cmd::target_dir().join("criterion"), &mut results);
     for (b, est) in &results {
         let group = b["group_id"].as_str().unwrap_or_default();
         let function = b["function_id"].as_str().unwrap_or_default();
