@@ -30,6 +30,7 @@ pub(super) fn write_markdown(
     lora_linear_section(&mut md, rows);
     merge_section(&mut md, rows);
     minilm_section(&mut md, rows);
+    llama_section(&mut md, rows);
     quant_section(&mut md, rows);
     train_memory_section(&mut md, rows);
     demo_memory_section(&mut md, rows);
@@ -173,13 +174,38 @@ fn merge_section(md: &mut String, rows: &[Row]) {
 
 /// all-MiniLM-L6-v2: encoder forward and a LoRA training step against PyTorch + PEFT.
 fn minilm_section(md: &mut String, rows: &[Row]) {
-    md.push_str("\n## all-MiniLM-L6-v2 (BERT encoder)\n\n");
-    md.push_str("Batch 32 x 128 tokens, every token attended. `encoder_fwd`: inference forward (last hidden state). `lora_train_step`: LoRA r=8 on query and value, mean pooling, a linear head, cross-entropy, backward through the whole encoder, AdamW. PyTorch + PEFT (`benches/python/bert_minilm.py`) runs the same workloads on the same CPU in the same `cargo xtask bench` run. Goal: faster than PyTorch on CPU.\n\n| op | backend | median | vs PyTorch+PEFT | goal |\n|---|---|---|---|---|\n");
-    for r in rows.iter().filter(|r| r.op.starts_with("minilm_")) {
+    model_section(
+        md,
+        rows,
+        "minilm_",
+        "all-MiniLM-L6-v2 (BERT encoder)",
+        "Batch 32 x 128 tokens, every token attended. `encoder_fwd`: inference forward (last hidden state). `lora_train_step`: LoRA r=8 on query and value, mean pooling, a linear head, cross-entropy, backward through the whole encoder, AdamW. PyTorch + PEFT (`benches/python/bert_minilm.py`) runs the same workloads on the same CPU in the same `cargo xtask bench` run. Goal: faster than PyTorch on CPU.",
+    );
+}
+
+/// The decoder LLM against PyTorch + PEFT.
+fn llama_section(md: &mut String, rows: &[Row]) {
+    model_section(
+        md,
+        rows,
+        "llama_",
+        "Decoder LLM (random Llama)",
+        "A random Llama (shape `h<hidden>-l<layers>-v<vocab>-<batch>x<tokens>`; 8 layers, grouped-query attention with 4 key/value heads; `--quick`: hidden 512, vocabulary 8000; full runs: hidden 1024, 16 heads, intermediate 2816, vocabulary 32000). `train_step`: LoRA r=16 on every projection, forward, causal-LM loss, backward, AdamW at batch 4 x 256. `generate`: 32 greedy tokens after a 16-token prompt with the KV cache. PyTorch + PEFT (`benches/python/decoder_llama.py`) runs the same workloads on the same shapes in the same run. Goal: at most PyTorch + PEFT's time (issue 13).",
+    );
+}
+
+/// One model family's rows (ops starting with `prefix`) against PyTorch + PEFT.
+fn model_section(md: &mut String, rows: &[Row], prefix: &str, title: &str, text: &str) {
+    md.push_str(&format!("\n## {title}\n\n{text}\n\n"));
+    md.push_str(
+        "| op | shape | backend | median | vs PyTorch+PEFT | goal |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows.iter().filter(|r| r.op.starts_with(prefix)) {
         let vs = r.extra.get("vs_pytorch").and_then(Value::as_f64);
         md.push_str(&format!(
-            "| {} | {} | {:.3} s | {} | {} |\n",
-            r.op.trim_start_matches("minilm_"),
+            "| {} | {} | {} | {:.3} s | {} | {} |\n",
+            r.op.trim_start_matches(prefix),
+            r.shape,
             r.backend,
             r.median_s,
             vs.map_or(String::new(), |v| format!("{v:.3}x")),

@@ -58,7 +58,7 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
 }
 
 /// The Python baselines, minutes apart from our benches on the same machine:
-/// `target/bench/pytorch.json`, `bert_pytorch.json` and `bnb.json`.
+/// `target/bench/pytorch.json`, `bert_pytorch.json`, `decoder_pytorch.json` and `bnb.json`.
 fn python_baselines(target: &Path, quick: bool) -> Result<()> {
     // The PyTorch + PEFT baseline, minutes apart on the same machine.
     let python = crate::venv::ensure_venv()?;
@@ -80,6 +80,16 @@ fn python_baselines(target: &Path, quick: bool) -> Result<()> {
             .arg(crate::venv::fetch_minilm()?)
             .arg(target.join("bench/bert_pytorch.json"))
             .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+    )?;
+    // PyTorch + PEFT on the random Llama (training step, generation).
+    let _ = std::fs::remove_file(target.join("bench/decoder_pytorch.json"));
+    run_cmd(
+        "PyTorch + PEFT on a random Llama (benches/python/decoder_llama.py)",
+        std::process::Command::new(crate::venv::ensure_venv()?)
+            .arg(root().join("benches/python/decoder_llama.py"))
+            .arg(target.join("bench/decoder_pytorch.json"))
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
+            .envs(quick.then_some(("LORA_BENCH_QUICK", "1"))),
     )?;
     // bitsandbytes + PEFT for the quantized-base workloads.
     let _ = std::fs::remove_file(target.join("bench/bnb.json"));

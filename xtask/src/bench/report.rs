@@ -89,8 +89,21 @@ pub(super) fn report(target: &Path, quick: bool) -> Result<()> {
         })
         .unwrap_or_default();
     let bert_torch = read_json(&target.join("bench/bert_pytorch.json")).unwrap_or(json!({}));
-    let mut rows = bert_pytorch_rows(&bert_torch);
-    criterion_rows(fma.gflops, &bert_torch, &mut rows);
+    let decoder_torch = read_json(&target.join("bench/decoder_pytorch.json")).unwrap_or(json!({}));
+    let families = [
+        ModelFamily {
+            group: "bert_",
+            op_prefix: "minilm_",
+            torch: &bert_torch,
+        },
+        ModelFamily {
+            group: "decoder_",
+            op_prefix: "llama_",
+            torch: &decoder_torch,
+        },
+    ];
+    let mut rows: Vec<Row> = families.iter().flat_map(torch_rows).collect();
+    criterion_rows(fma.gflops, &families, &mut rows);
     paired_rows(target, &mut rows);
     merge_rows(target, &mut rows);
     quant_rows(target, &mut rows);
@@ -134,17 +147,25 @@ fn write_report(target: &Path, rows: &[Row], fma: &FmaPeak, quick: bool) -> Resu
     Ok(())
 }
 
-/// PyTorch + PEFT on all-MiniLM-L6-v2 (`bert_pytorch.json`, keys `"<op>/<shape>"`).
-fn bert_pytorch_rows(bert_torch: &Value) -> Vec<Row> {
+/// A model benchmarked whole against PyTorch + PEFT: its criterion group prefix, the
+/// prefix of its report ops, and PyTorch's medians (keys `"<op>/<shape>"`).
+struct ModelFamily<'a> {
+    group: &'static str,
+    op_prefix: &'static str,
+    torch: &'a Value,
+}
+
+/// PyTorch + PEFT's rows of one model family.
+fn torch_rows(f: &ModelFamily<'_>) -> Vec<Row> {
     let mut rows = Vec::new();
-    for (op, v) in bert_torch.as_object().into_iter().flatten() {
+    for (op, v) in f.torch.as_object().into_iter().flatten() {
         let Some((op, shape)) = op.split_once('/') else {
             continue;
         };
         if let Some(t) = v["median_s"].as_f64() {
             rows.push(Row {
                 backend: "pytorch+peft".into(),
-                op: format!("minilm_{op}"),
+                op: format!("{}{op}", f.op_prefix),
                 shape: shape.into(),
                 median_s: t,
                 extra: BTreeMap::new(),
@@ -154,10 +175,10 @@ fn bert_pytorch_rows(bert_torch: &Value) -> Vec<Row> {
     rows
 }
 
-/// Rows from criterion's medians: GEMM (GFLOP/s, fraction of the FMA peak), the BERT
-/// encoder (against PyTorch + PEFT) and the rest as measured. The LoRA-linear and
+/// Rows from criterion's medians: GEMM (GFLOP/s, fraction of the FMA peak), whole models
+/// (against PyTorch + PEFT) and the rest as measured. The LoRA-linear and
 /// quantized groups come from `paired.json` / `quant.json` instead.
-fn criterion_rows(peak: Option<f64>, bert_torch: &Value, rows: &mut Vec<Row>) {
+fn criterion_rows(peak: Option<f64>, families: &[ModelFamily<'_>], rows: &mut Vec<Row>) {
     let mut results = Vec::new();
     criterion_results(&crate::cmd::target_dir().join("criterion"), &mut results);
     for (b, est) in &results {
@@ -186,8 +207,8 @@ fn criterion_rows(peak: Option<f64>, bert_torch: &Value, rows: &mut Vec<Row>) {
         if group.starts_with("lora_linear") || group.starts_with("quant_") {
             continue; // from paired.json / quant.json: the interleaved figures
         }
-        if group.starts_with("bert_") {
-            rows.extend(bert_row(function, median_ns, bert_torch));
+        if let Some(f) = families.iter().find(|f| group.starts_with(f.group)) {
+            rows.extend(model_row(function, median_ns, f));
             continue;
         }
         let op_name = if group == "gemm" {
@@ -205,14 +226,15 @@ fn criterion_rows(peak: Option<f64>, bert_torch: &Value, rows: &mut Vec<Row>) {
     }
 }
 
-/// One BERT bench: `"<backend>/<op>/<shape>"`, against PyTorch + PEFT's time for the same op.
-fn bert_row(function: &str, median_ns: f64, bert_torch: &Value) -> Option<Row> {
+/// One whole-model bench: `"<backend>/<op>/<shape>"`, against PyTorch + PEFT's time for
+/// the same op.
+fn model_row(function: &str, median_ns: f64, f: &ModelFamily<'_>) -> Option<Row> {
     let mut parts = function.splitn(3, '/');
     let (Some(be), Some(op), Some(shape)) = (parts.next(), parts.next(), parts.next()) else {
         return None;
     };
     let mut extra = BTreeMap::new();
-    if let Some(t) = bert_torch[format!("{op}/{shape}").as_str()]["median_s"].as_f64() {
+    if let Some(t) = f.torch[format!("{op}/{shape}").as_str()]["median_s"].as_f64() {
         extra.insert(
             "vs_pytorch",
             json!((median_ns * 1e-9 / t * 1e4).round() / 1e4),
@@ -220,7 +242,7 @@ fn bert_row(function: &str, median_ns: f64, bert_torch: &Value) -> Option<Row> {
     }
     Some(Row {
         backend: be.into(),
-        op: format!("minilm_{op}"),
+        op: format!("{}{op}", f.op_prefix),
         shape: shape.into(),
         median_s: median_ns * 1e-9,
         extra,
