@@ -153,7 +153,7 @@ pub fn run(dir: &Path) -> Result<()> {
         total += std::fs::metadata(&e)?.len();
     }
     println!(
-        "wrote {} ({:.1} MiB): bin/{{cross_backend, lora_linear, quant, lora}}, fixtures/, python/, run.sh",
+        "wrote {} ({:.1} MiB): bin/{{cross_backend, properties, decoder, decoder_ops, lora_linear, quant, lora}}, fixtures/, python/, run.sh",
         dir.display(),
         total as f64 / 1048576.0
     );
