@@ -289,53 +289,54 @@ fn tch_tests(minilm: &Path, summary: &mut Summary) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-/// The Python checks that real PEFT and bitsandbytes load what the Rust tests wrote.
+/// The Python checks that real PEFT, transformers and bitsandbytes load what the Rust
+/// tests wrote under `<target>/tmp/`: (summary label, what it checks, script, folder).
+const PYTHON_CHECKS: [(&str, &str, &str, &str); 4] = [
+    (
+        "peft interop",
+        "PEFT loads adapters written by lora-rs",
+        "check_in_peft.py",
+        "peft-interop",
+    ),
+    (
+        "bnb round trip",
+        "bitsandbytes loads checkpoints quantized by lora-rs",
+        "check_bnb_roundtrip.py",
+        "bnb-roundtrip",
+    ),
+    (
+        "bert interop",
+        "PEFT loads a lora-rs adapter on all-MiniLM-L6-v2",
+        "check_bert_in_peft.py",
+        "bert-interop",
+    ),
+    (
+        "decoder interop",
+        "PEFT loads lora-rs adapters on Llama/Qwen2/Qwen3",
+        "check_decoder_in_peft.py",
+        "decoder-interop",
+    ),
+];
+
+/// Runs every [`PYTHON_CHECKS`] script with the cached venv and counts its ok/FAIL lines.
 fn python_interop(summary: &mut Summary) -> Result<()> {
-    // The lora-rs -> PEFT direction: real PEFT loads what tests/peft_interop_export.rs
-    // wrote and must compute the same outputs and merged weights.
     let python = crate::venv::ensure_venv()?;
-    let target = crate::cmd::target_dir();
-    let lines = run_capture(
-        "PEFT loads adapters written by lora-rs (tests/fixtures/check_in_peft.py)",
-        Command::new(&python)
-            .arg(crate::cmd::root().join("tests/fixtures/check_in_peft.py"))
-            .arg(target.join("tmp/peft-interop")),
-    )?;
-    summary.add("peft interop".into(), python_counts(&lines));
-    // The lora-rs -> bitsandbytes direction: transformers + bitsandbytes load what
-    // tests/quant_files.rs quantized and must dequantize it to our values.
-    let lines = run_capture(
-        "bitsandbytes loads checkpoints quantized by lora-rs (tests/fixtures/check_bnb_roundtrip.py)",
-        Command::new(&python)
-            .arg(crate::cmd::root().join("tests/fixtures/check_bnb_roundtrip.py"))
-            .arg(target.join("tmp/bnb-roundtrip")),
-    )?;
-    summary.add("bnb round trip".into(), python_counts(&lines));
-    // PEFT loads an adapter that tests/bert.rs made on all-MiniLM-L6-v2 and must
-    // reproduce our outputs.
-    let lines = run_capture(
-        "PEFT loads a lora-rs adapter on all-MiniLM-L6-v2 (tests/fixtures/check_bert_in_peft.py)",
-        Command::new(&python)
-            .arg(crate::cmd::root().join("tests/fixtures/check_bert_in_peft.py"))
-            .arg(target.join("tmp/bert-interop")),
-    )?;
-    summary.add("bert interop".into(), python_counts(&lines));
-    // PEFT loads the decoder adapters tests/decoder.rs trained and must compute our logits.
-    let lines = run_capture(
-        "PEFT loads lora-rs adapters on Llama/Qwen2/Qwen3 (tests/fixtures/check_decoder_in_peft.py)",
-        Command::new(&python)
-            .arg(crate::cmd::root().join("tests/fixtures/check_decoder_in_peft.py"))
-            .arg(target.join("tmp/decoder-interop")),
-    )?;
-    summary.add("decoder interop".into(), python_counts(&lines));
+    let tmp = crate::cmd::target_dir().join("tmp");
+    for (label, what, script, folder) in PYTHON_CHECKS {
+        let script = crate::cmd::root().join("tests/fixtures").join(script);
+        let lines = run_capture(
+            &format!("{what} ({})", script.display()),
+            Command::new(&python).arg(&script).arg(tmp.join(folder)),
+        )?;
+        summary.add(label.into(), python_counts(&lines));
+    }
     Ok(())
 }
 
-/// `cargo doc` with warnings as errors.
 /// Runs the facade's first example (`cargo test` has built all of them) and checks that
 /// it wrote a PEFT adapter directory.
 fn example(summary: &mut Summary) -> Result<()> {
-    let out = crate::cmd::root().join("target/tmp/example-adapter");
+    let out = crate::cmd::target_dir().join("tmp/example-adapter");
     let _ = std::fs::remove_dir_all(&out);
     run_cmd(
         "cargo run --example train_mlp_adapter (crates/lora/examples)",
@@ -366,6 +367,7 @@ fn example(summary: &mut Summary) -> Result<()> {
     Ok(())
 }
 
+/// `cargo doc` with warnings as errors.
 fn docs(with_tch: bool) -> Result<()> {
     let mut doc = cargo_for(with_tch)?;
     doc.arg("doc")

@@ -158,7 +158,8 @@ pub trait LoraOps: Backend {
         &self,
         parts: &[WeightedFactors<'_, Self::Tensor>],
     ) -> Result<(Self::Tensor, Self::Tensor)> {
-        let (mut a_new, mut b_new) = combined_zeros(self, parts, |r, _| r)?;
+        let rank = parts.first().map_or(0, |p| p.a.shape_matrix().0);
+        let (mut a_new, mut b_new) = combined_zeros(self, parts, rank)?;
         for p in parts {
             let root = p.weight.abs().sqrt();
             let sign = if p.weight >= 0.0 { 1.0 } else { -1.0 };
@@ -176,7 +177,8 @@ pub trait LoraOps: Backend {
         &self,
         parts: &[WeightedFactors<'_, Self::Tensor>],
     ) -> Result<(Self::Tensor, Self::Tensor)> {
-        let (mut a_new, mut b_new) = combined_zeros(self, parts, |_, total| total)?;
+        let rank = parts.iter().map(|p| p.a.shape_matrix().0).sum();
+        let (mut a_new, mut b_new) = combined_zeros(self, parts, rank)?;
         let mut row = 0;
         for p in parts {
             let r = p.a.shape_matrix().0;
@@ -201,22 +203,22 @@ pub struct WeightedFactors<'a, T> {
     pub weight: f32,
 }
 
-/// Zero `[rank, in]` and `[out, rank]` tensors for a combination, where `rank` is chosen
-/// from the first source's rank and the sum of all ranks.
+/// Zero `[rank, in]` and `[out, rank]` tensors for a combination of `parts`.
 fn combined_zeros<B: Backend>(
     backend: &B,
     parts: &[WeightedFactors<'_, B::Tensor>],
-    rank: impl Fn(usize, usize) -> usize,
+    rank: usize,
 ) -> Result<(B::Tensor, B::Tensor)> {
     let first = parts.first().ok_or_else(|| Error::InvalidState {
         context: "lora_combine".into(),
         reason: "no adapter to combine".into(),
     })?;
-    let (r0, in_f) = first.a.shape_matrix();
+    let in_f = first.a.shape_matrix().1;
     let out_f = first.b.shape_matrix().0;
-    let total = parts.iter().map(|p| p.a.shape_matrix().0).sum();
-    let r = rank(r0, total);
-    Ok((backend.zeros(&[r, in_f])?, backend.zeros(&[out_f, r])?))
+    Ok((
+        backend.zeros(&[rank, in_f])?,
+        backend.zeros(&[out_f, rank])?,
+    ))
 }
 
 fn check_same_dims<T: crate::backend::Tensor>(x: &T, like: &T, what: &'static str) -> Result<()> {

@@ -78,7 +78,7 @@ pub(crate) struct AttentionInputs<T> {
     pub k_cos: T,
     pub k_sin: T,
     /// `[batch * heads * seq, kv_len]`: 0 where a query may attend a key, a large negative
-    /// number elsewhere (future positions, padding, outside the sliding window).
+    /// number elsewhere (future positions, padding).
     pub mask_bias: T,
     /// `[batch * heads * seq]`: 0 for query rows that may see no key (left padding),
     /// whose attention output is zero; `None` when there are none.

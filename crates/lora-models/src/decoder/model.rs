@@ -388,7 +388,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         let inv_freq = rope::inv_freq(c, step.positions.iter().copied().max().unwrap_or(0));
         let (qc, qs) = rope::tables(&inv_freq, step.positions, nh);
         let (kc, ks) = rope::tables(&inv_freq, step.positions, nkv);
-        let (mask, keep_rows) = attention_mask(step, nh, c.sliding_window);
+        let (mask, keep_rows) = attention_mask(step, nh);
         let any_empty = keep_rows.contains(&0.0);
         Ok(AttentionInputs {
             batch: bs,
@@ -457,9 +457,10 @@ fn check_step(c: &DecoderConfig, step: &Step<'_>) -> Result<()> {
     Ok(())
 }
 
-/// The additive mask `[batch * heads * seq, past + seq]` (causal, padding, sliding
-/// window) and, per query row, 1 where it sees some key and 0 where it sees none.
-fn attention_mask(step: &Step<'_>, heads: usize, window: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+/// The additive mask `[batch * heads * seq, past + seq]` (causal and padding; sequences
+/// longer than a sliding window were refused by `check_step`) and, per query row, 1 where
+/// it sees some key and 0 where it sees none.
+fn attention_mask(step: &Step<'_>, heads: usize) -> (Vec<f32>, Vec<f32>) {
     let (t, past) = (step.seq, step.past);
     let kv = past + t;
     let mut mask = Vec::with_capacity(step.batch * heads * t * kv);
@@ -472,7 +473,7 @@ fn attention_mask(step: &Step<'_>, heads: usize, window: Option<usize>) -> (Vec<
             let qa = past + q;
             let row = &mut block[q * kv..(q + 1) * kv];
             for (k, slot) in row.iter_mut().enumerate() {
-                let visible = k <= qa && keep[k] != 0 && window.is_none_or(|w| qa - k < w);
+                let visible = k <= qa && keep[k] != 0;
                 *slot = if visible { 0.0 } else { MASKED };
             }
             // A query that may see nothing (left padding) gets an attention output of
