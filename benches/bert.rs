@@ -80,6 +80,7 @@ fn bench_backend<B: FullBackend>(c: &mut Criterion, b: &B, dir: &std::path::Path
 }
 
 fn bench(c: &mut Criterion) {
+    lora_benches::keep_freed_memory();
     let Some(dir) = minilm() else {
         eprintln!(
             "bert benchmarks skipped: all-MiniLM-L6-v2 not in the cache (cargo xtask fetch-model minilm)"

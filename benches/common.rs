@@ -230,3 +230,15 @@ mod fma_x86 {
         _mm512_reduce_add_ps(total)
     }
 }
+
+/// mimalloc's `mi_option_purge_delay` (mimalloc 3's `mi_option_e`; libmimalloc-sys names
+/// no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// What `lora`'s `main` does first: mimalloc keeps freed pages instead of returning them
+/// to the OS after 10 ms, so a training step's buffers are not faulted in anew each step.
+#[allow(unsafe_code)]
+pub fn keep_freed_memory() {
+    // SAFETY: sets one integer option of the allocator; valid at any time, from any thread.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}

@@ -87,6 +87,19 @@ fn assert_logits_close(
     );
 }
 
+/// A training forward, the causal-LM loss on `labels`, and the backward; returns the loss.
+fn train_backward<B: lora::FullBackend>(
+    b: &B,
+    model: &mut DecoderModel<B>,
+    tb: &TokenBatch,
+    labels: &[i64],
+) -> f64 {
+    let logits = model.logits(b, tb, Mode::Train).unwrap();
+    let (loss, _, d) = causal_lm_loss_grad(b, &logits, labels, tb.batch, tb.seq_len).unwrap();
+    model.backward_logits(b, &d).unwrap();
+    loss
+}
+
 /// The model's logits and loss on the fixture batch and single sequence; `prefix` is ""
 /// for the base model and "lora_" with the PEFT adapter.
 fn check_model<B: lora::FullBackend>(b: &B, name: &str, with_adapter: bool) {
@@ -100,9 +113,8 @@ fn check_model<B: lora::FullBackend>(b: &B, name: &str, with_adapter: bool) {
     let io = io(name);
     let vocab = model.config().vocab_size;
     let tb = batch(&io, "input_ids", Some("attention_mask"));
-    let logits = b
-        .to_host(&model.logits(b, &tb, Mode::Eval).unwrap())
-        .unwrap();
+    let logits_t = model.logits(b, &tb, Mode::Eval).unwrap();
+    let logits = b.to_host(&logits_t).unwrap();
     let want = &io.floats[&format!("{prefix}logits")].1;
     assert_logits_close(
         &format!("{name} {prefix}logits"),
@@ -114,7 +126,7 @@ fn check_model<B: lora::FullBackend>(b: &B, name: &str, with_adapter: bool) {
     );
 
     let labels = &io.ints["labels"].1;
-    let (loss, counted) = causal_lm_loss(&logits, labels, tb.batch, tb.seq_len, vocab).unwrap();
+    let (loss, counted) = causal_lm_loss(b, &logits_t, labels, tb.batch, tb.seq_len).unwrap();
     let want_loss = io.floats[&format!("{prefix}loss")].1[0] as f64;
     assert!(counted > 0);
     assert!(
@@ -146,19 +158,12 @@ fn check_adapter_gradients<B: lora::FullBackend>(b: &B, name: &str) {
     lora::peft::load_pretrained(&dir(name).join("adapter"), &mut model, b).unwrap();
     let io = io(name);
     let tb = batch(&io, "input_ids", Some("attention_mask"));
-    let vocab = model.config().vocab_size;
-    let logits = b
-        .to_host(&model.logits(b, &tb, Mode::Train).unwrap())
-        .unwrap();
-    let (loss, _, grad) =
-        causal_lm_loss_grad(&logits, &io.ints["labels"].1, tb.batch, tb.seq_len, vocab).unwrap();
+    let loss = train_backward(b, &mut model, &tb, &io.ints["labels"].1);
     let want_loss = io.floats["lora_loss"].1[0] as f64;
     assert!(
         (loss - want_loss).abs() <= 1e-4 * want_loss,
         "{name} loss {loss} vs {want_loss}"
     );
-    let d_logits = b.from_host(&grad, &[tb.batch, tb.seq_len, vocab]).unwrap();
-    model.backward_logits(b, &d_logits).unwrap();
     let want = lora::io::read_safetensors(&dir(name).join("adapter_grads.safetensors")).unwrap();
     let mut checked = 0;
     for layer in lora::Model::linears_mut(&mut model) {
@@ -402,15 +407,7 @@ fn export_trained_decoder_adapters_for_peft() {
         let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
         let mut losses = Vec::new();
         for _ in 0..5 {
-            let logits = b
-                .to_host(&model.logits(&b, &tb, Mode::Train).unwrap())
-                .unwrap();
-            let (loss, _, grad) =
-                causal_lm_loss_grad(&logits, &io.ints["labels"].1, tb.batch, tb.seq_len, vocab)
-                    .unwrap();
-            losses.push(loss);
-            let d = b.from_host(&grad, &[tb.batch, tb.seq_len, vocab]).unwrap();
-            model.backward_logits(&b, &d).unwrap();
+            losses.push(train_backward(&b, &mut model, &tb, &io.ints["labels"].1));
             opt.step(&b, &mut lora::Model::params_and_grads(&mut model))
                 .unwrap();
         }
@@ -483,16 +480,7 @@ fn qlora_decoder_equals_its_dequantized_model_and_trains() {
     let mut opt = lora::Adam::<lora::NdArray>::adamw(1e-2).unwrap();
     let mut losses = Vec::new();
     for _ in 0..5 {
-        let logits = b.to_host(&q.logits(&b, &tb, Mode::Train).unwrap()).unwrap();
-        let (loss, _, grad) =
-            causal_lm_loss_grad(&logits, &io.ints["labels"].1, tb.batch, tb.seq_len, vocab)
-                .unwrap();
-        losses.push(loss);
-        q.backward_logits(
-            &b,
-            &b.from_host(&grad, &[tb.batch, tb.seq_len, vocab]).unwrap(),
-        )
-        .unwrap();
+        losses.push(train_backward(&b, &mut q, &tb, &io.ints["labels"].1));
         lora::Optimizer::step(&mut opt, &b, &mut lora::Model::params_and_grads(&mut q)).unwrap();
     }
     assert!(
@@ -589,19 +577,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         };
         lora::peft::inject_adapters(&mut model, &b, &config, 3).unwrap();
         model.set_gradient_checkpointing(checkpoint);
-        let vocab = model.config().vocab_size;
-        let logits = b
-            .to_host(&model.logits(&b, &tb, Mode::Train).unwrap())
-            .unwrap();
-        let (_, _, g) =
-            causal_lm_loss_grad(&logits, &io.ints["labels"].1, tb.batch, tb.seq_len, vocab)
-                .unwrap();
-        model
-            .backward_logits(
-                &b,
-                &b.from_host(&g, &[tb.batch, tb.seq_len, vocab]).unwrap(),
-            )
-            .unwrap();
+        train_backward(&b, &mut model, &tb, &io.ints["labels"].1);
         lora::Model::params_and_grads(&mut model)
             .iter()
             .map(|p| b.to_host(p.grad).unwrap())

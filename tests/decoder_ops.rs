@@ -1,9 +1,11 @@
-//! The primitives decoder LLMs add (`DecoderOps`: RMSNorm, SiLU, rotary embedding, and
-//! their backwards) on every backend, against f64 host references and central finite
-//! differences of those references.
+//! The primitives decoder LLMs add (`DecoderOps`: RMSNorm, SiLU, rotary embedding,
+//! cross-entropy with ignored rows, the embedding backward, and the backwards) on every
+//! backend, against f64 host references and central finite differences of those
+//! references. Shapes come small (finite differences) and large (ndarray's threaded path
+//! starts at 32768 elements).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use lora::{Backend, DecoderOps, FullBackend};
+use lora::{Backend, DecoderOps, FullBackend, Tensor};
 use lora_tests::{assert_close, backend_suite, central_differences, rand_vec, to64};
 
 const ROWS: usize = 6;
@@ -130,6 +132,102 @@ fn check_rotary<B: FullBackend>(b: &B) {
     );
 }
 
+/// Per-row `logsumexp(row) - row[target]`, 0 for ignored rows.
+fn cross_entropy64(logits: &[f64], targets: &[Option<usize>], vocab: usize) -> Vec<f64> {
+    logits
+        .chunks(vocab)
+        .zip(targets)
+        .map(|(row, t)| {
+            t.map_or(0.0, |t| {
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+                max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() - row[t]
+            })
+        })
+        .collect()
+}
+
+/// Targets for `rows` rows of `vocab` logits, every third row ignored.
+fn targets(rows: usize, vocab: usize, seed: u64) -> Vec<Option<usize>> {
+    rand_vec(rows, seed, 9)
+        .iter()
+        .enumerate()
+        .map(|(r, u)| (r % 3 != 1).then(|| ((u + 1.0) * 0.5 * (vocab - 1) as f32) as usize))
+        .collect()
+}
+
+fn check_cross_entropy<B: FullBackend>(b: &B, rows: usize, vocab: usize, spread: f32) {
+    let logits: Vec<f32> = rand_vec(rows * vocab, 5, 0)
+        .iter()
+        .map(|v| v * spread)
+        .collect();
+    let t = targets(rows, vocab, 5);
+    let lt = b.from_host(&logits, &[rows, vocab]).unwrap();
+    let nll = b.cross_entropy(&lt, &t).unwrap();
+    let want = cross_entropy64(&to64(&logits), &t, vocab);
+    assert_close(
+        "cross_entropy",
+        &b.to_host(&nll).unwrap(),
+        &want,
+        1e-5,
+        1e-5,
+    );
+    let scale = 0.25;
+    let d = b.cross_entropy_backward(&lt, &t, scale as f32).unwrap();
+    let got = b.to_host(&d).unwrap();
+    if rows * vocab <= 64 {
+        let fd = central_differences(&to64(&logits), |x| {
+            scale * cross_entropy64(x, &t, vocab).iter().sum::<f64>()
+        });
+        assert_close(
+            "cross_entropy_backward vs finite differences",
+            &got,
+            &fd,
+            1e-4,
+            1e-5,
+        );
+    } else {
+        // (softmax - onehot)·scale, from the f64 log-sum-exp.
+        let lg = to64(&logits);
+        let want: Vec<f64> = (0..rows * vocab)
+            .map(|i| {
+                let (r, j) = (i / vocab, i % vocab);
+                t[r].map_or(0.0, |tr| {
+                    let row = &lg[r * vocab..(r + 1) * vocab];
+                    let lse = cross_entropy64(row, &[Some(0)], vocab)[0] + row[0];
+                    ((row[j] - lse).exp() - f64::from(u8::from(j == tr))) * scale
+                })
+            })
+            .collect();
+        assert_close("cross_entropy_backward", &got, &want, 1e-4, 1e-7);
+    }
+}
+
+fn check_embedding_backward<B: FullBackend>(b: &B, n: usize, vocab: usize, hidden: usize) {
+    // Few distinct ids, so most repeat.
+    let ids: Vec<usize> = rand_vec(n, 6, 0)
+        .iter()
+        .map(|u| ((u + 1.0) * 0.5 * (vocab / 2) as f32) as usize)
+        .collect();
+    let d_out = rand_vec(n * hidden, 6, 1);
+    let mut want = vec![0.0f64; vocab * hidden];
+    for (i, &id) in ids.iter().enumerate() {
+        for j in 0..hidden {
+            want[id * hidden + j] += f64::from(d_out[i * hidden + j]);
+        }
+    }
+    let g = b
+        .embedding_backward(&b.from_host(&d_out, &[n, hidden]).unwrap(), &ids, vocab)
+        .unwrap();
+    assert_eq!(g.shape().dims(), [vocab, hidden]);
+    assert_close(
+        "embedding_backward",
+        &b.to_host(&g).unwrap(),
+        &want,
+        1e-5,
+        1e-6,
+    );
+}
+
 backend_suite! { all:
     fn rms_norm_and_backward_equal_the_f64_reference(b) {
         check_rms_norm(b);
@@ -141,6 +239,21 @@ backend_suite! { all:
 
     fn rotary_and_backward_equal_the_f64_reference(b) {
         check_rotary(b);
+    }
+
+    fn cross_entropy_and_backward_equal_the_f64_reference(b) {
+        check_cross_entropy(b, ROWS, N, 3.0);
+        check_cross_entropy(b, 48, 1000, 8.0);
+    }
+
+    fn cross_entropy_of_extreme_logits_stays_finite(b) {
+        // Spread 60: a target 100+ nats below the row maximum.
+        check_cross_entropy(b, 4, 16, 60.0);
+    }
+
+    fn embedding_backward_sums_repeated_ids(b) {
+        check_embedding_backward(b, 12, 10, 3);
+        check_embedding_backward(b, 600, 100, 64);
     }
 }
 
@@ -162,4 +275,24 @@ fn mismatched_shapes_are_errors_naming_the_operation() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("rotary"), "{e}");
+    let e = b
+        .cross_entropy(&x, &[Some(N)])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cross_entropy targets"), "{e}");
+    let mut t = vec![None; ROWS];
+    t[2] = Some(N);
+    let e = b
+        .cross_entropy_backward(&x, &t, 1.0)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("target 8 of row 2"), "{e}");
+    let e = b
+        .embedding_backward(&x, &[0, 1, 2, 3, 4, 99], 10)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("id 99"), "{e}");
 }

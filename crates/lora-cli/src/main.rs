@@ -1,5 +1,6 @@
 //! `lora`: the lora-rs command line.
 
+mod alloc;
 mod backend_choice;
 mod decoder_load;
 mod demo;
@@ -17,11 +18,6 @@ mod train;
 mod train_lm;
 
 use clap::{Parser, Subcommand};
-
-// Training allocates and frees activation-sized buffers every step; mimalloc reuses them
-// without the page faults glibc's mmap threshold causes (measured: docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// LoRA fine-tuning in Rust.
 #[derive(Debug, Parser)]
@@ -59,6 +55,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    alloc::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),

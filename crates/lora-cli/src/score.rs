@@ -40,7 +40,6 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
 
 fn run_on<B: FullBackend>(b: &B, args: &ScoreArgs) -> Result<()> {
     let mut loaded = crate::decoder_load::load(b, &args.model, args.adapter.as_deref())?;
-    let vocab = loaded.model.config().vocab_size;
     let mut results = Vec::new();
     for (i, text) in args.texts.iter().enumerate() {
         let ids = loaded.tokenizer.encode(text)?;
@@ -52,9 +51,9 @@ fn run_on<B: FullBackend>(b: &B, args: &ScoreArgs) -> Result<()> {
         }
         let n = ids.len();
         let batch = TokenBatch::new(ids.clone(), vec![1; n], 1)?;
-        let logits = b.to_host(&loaded.model.logits(b, &batch, Mode::Eval)?)?;
+        let logits = loaded.model.logits(b, &batch, Mode::Eval)?;
         let labels: Vec<i64> = ids.iter().map(|&v| v as i64).collect();
-        let (nll, _) = causal_lm_loss(&logits, &labels, 1, n, vocab)?;
+        let (nll, _) = causal_lm_loss(b, &logits, &labels, 1, n)?;
         results.push(serde_json::json!({
             "text": text,
             "tokens": n,

@@ -25,9 +25,9 @@ impl NdArray {
 }
 
 /// Elementwise work below this many elements stays on one thread (the fork costs more).
-const PAR_MIN_ELEMS: usize = 1 << 15;
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 /// Elements per parallel task.
-const PAR_CHUNK: usize = 1 << 13;
+pub(crate) const PAR_CHUNK: usize = 1 << 13;
 
 /// `out[i] = f(a[i])`, split across threads for large tensors.
 fn map1(a: &NdTensor, f: impl Fn(f32) -> f32 + Sync) -> Result<NdTensor> {
@@ -514,7 +514,6 @@ impl Backend for NdArray {
 /// reference semantics that fused kernels elsewhere are checked against.
 impl LoraOps for NdArray {}
 
-impl lora_core::DecoderOps for NdArray {}
 impl OptimOps for NdArray {}
 
 /// Dequantizes on the host like the default, but hands the buffer to the tensor without

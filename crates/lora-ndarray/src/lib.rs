@@ -3,9 +3,11 @@
 //! The default, pure-Rust backend of lora-rs and the reference all other backends are
 //! tested against. Tensors are [`ndarray`] arrays in standard layout; matrix products go
 //! through the [`gemm`](https://docs.rs/gemm) crate with rayon threading (see the
-//! `gemm` module for why). Layer-level ops use `lora-core`'s default implementations.
+//! `gemm` module for why). Layer-level ops use `lora-core`'s default implementations,
+//! except the decoder-LLM family (`decoder`), fused here into one pass per row.
 
 mod backend;
+mod decoder;
 mod gemm;
 mod tensor;
 

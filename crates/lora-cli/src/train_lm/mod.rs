@@ -16,7 +16,7 @@ use lora::models::TokenBatch;
 use lora::models::decoder::{DecoderModel, DecoderTokenizer, IGNORE_INDEX, causal_lm_loss_grad};
 use lora::peft::{self, LoraConfig, TargetModules};
 use lora::prelude::*;
-use lora::{Adam, ParamGrad};
+use lora::{Adam, ParamGrad, UnaryOp};
 
 use self::data::Sequence;
 use crate::plots;
@@ -169,13 +169,13 @@ fn train_loop<B: QuantBackend>(
         ProgressStyle::with_template("  {bar:30} {pos}/{len} steps  loss {msg}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let vocab = model.config().vocab_size;
     let mut losses = Vec::with_capacity(args.steps);
     let mut cursor = 0usize;
     let started = Instant::now();
     let mut tokens = 0usize;
     for step in 0..args.steps {
-        let mut acc: Option<Vec<Vec<f32>>> = None;
+        // The accumulated gradients stay on the backend; only the loss comes back.
+        let mut acc: Option<Vec<B::Tensor>> = None;
         let mut step_loss = 0.0;
         for _ in 0..args.grad_accum {
             let chunk: Vec<&Sequence> = (0..args.batch_size)
@@ -184,33 +184,33 @@ fn train_loop<B: QuantBackend>(
             cursor = (cursor + args.batch_size) % train.len();
             let (batch, labels) = collate(&chunk, pad)?;
             tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
-            let logits = b.to_host(&model.logits(b, &batch, Mode::Train)?)?;
+            let logits = model.logits(b, &batch, Mode::Train)?;
             let (loss, _, grad) =
-                causal_lm_loss_grad(&logits, &labels, batch.batch, batch.seq_len, vocab)?;
+                causal_lm_loss_grad(b, &logits, &labels, batch.batch, batch.seq_len)?;
+            drop(logits);
             step_loss += loss / args.grad_accum as f64;
-            let scale = 1.0 / args.grad_accum as f32;
-            let d = b.from_host(
-                &grad.iter().map(|g| g * scale).collect::<Vec<_>>(),
-                &[batch.batch, batch.seq_len, vocab],
-            )?;
+            let d = match args.grad_accum {
+                1 => grad,
+                n => b.affine(&grad, 1.0 / n as f32, 0.0)?,
+            };
             model.backward_logits(b, &d)?;
-            let grads: Vec<Vec<f32>> = model
-                .params_and_grads()
-                .iter()
-                .map(|p| b.to_host(p.grad))
-                .collect::<lora::Result<_>>()?;
+            let params = model.params_and_grads();
             acc = Some(match acc {
-                None => grads,
+                // A copy: the next backward must not write into the running sum.
+                None => params
+                    .iter()
+                    .map(|p| b.affine(p.grad, 1.0, 0.0))
+                    .collect::<lora::Result<_>>()?,
                 Some(mut a) => {
-                    for (x, g) in a.iter_mut().zip(&grads) {
-                        x.iter_mut().zip(g).for_each(|(x, g)| *x += g);
+                    for (x, p) in a.iter_mut().zip(&params) {
+                        b.axpby(1.0, p.grad, 1.0, x)?;
                     }
                     a
                 }
             });
         }
         let mut grads = acc.unwrap_or_default();
-        clip_global_norm(&mut grads, args.max_grad_norm);
+        clip_global_norm(b, &mut grads, args.max_grad_norm)?;
         opt.set_learning_rate(schedule::lr_at(
             step,
             args.steps,
@@ -228,24 +228,22 @@ fn train_loop<B: QuantBackend>(
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (0: off).
-fn clip_global_norm(grads: &mut [Vec<f32>], max_norm: f32) {
+fn clip_global_norm<B: QuantBackend>(b: &B, grads: &mut [B::Tensor], max_norm: f32) -> Result<()> {
     if max_norm <= 0.0 {
-        return;
+        return Ok(());
     }
-    let norm = grads
-        .iter()
-        .flatten()
-        .map(|g| (*g as f64) * (*g as f64))
-        .sum::<f64>()
-        .sqrt();
+    let mut sq = 0.0f64;
+    for g in grads.iter() {
+        sq += b.sum_all(&b.unary(UnaryOp::Square, g)?)?;
+    }
     // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when below 1.
-    let coef = max_norm as f64 / (norm + 1e-6);
+    let coef = max_norm as f64 / (sq.sqrt() + 1e-6);
     if coef < 1.0 {
-        grads
-            .iter_mut()
-            .flatten()
-            .for_each(|g| *g = (*g as f64 * coef) as f32);
+        for g in grads.iter_mut() {
+            *g = b.affine(g, coef as f32, 0.0)?;
+        }
     }
+    Ok(())
 }
 
 /// An optimizer step with the given (accumulated, clipped) gradients in the adapters'
@@ -254,17 +252,12 @@ fn step_with<B: QuantBackend>(
     b: &B,
     opt: &mut Adam<B>,
     model: &mut DecoderModel<B>,
-    grads: &[Vec<f32>],
+    grads: &[B::Tensor],
 ) -> Result<()> {
     let mut params = model.params_and_grads();
-    let tensors: Vec<B::Tensor> = params
-        .iter()
-        .zip(grads)
-        .map(|(p, g)| b.from_host(g, p.grad.shape().dims()))
-        .collect::<lora::Result<_>>()?;
     let mut with: Vec<ParamGrad<'_, B::Tensor>> = params
         .iter_mut()
-        .zip(&tensors)
+        .zip(grads)
         .map(|(p, g)| ParamGrad {
             param: &mut *p.param,
             grad: g,
@@ -282,19 +275,13 @@ fn perplexity<B: QuantBackend>(
     batch: usize,
     pad: u32,
 ) -> Result<f64> {
-    let vocab = model.config().vocab_size;
     let (mut sum, mut count) = (0.0f64, 0usize);
     for chunk in seqs.chunks(batch.max(1)) {
         let refs: Vec<&Sequence> = chunk.iter().collect();
         let (batch, labels) = collate(&refs, pad)?;
-        let logits = b.to_host(&model.logits(b, &batch, Mode::Eval)?)?;
-        let (loss, n) = lora::models::decoder::causal_lm_loss(
-            &logits,
-            &labels,
-            batch.batch,
-            batch.seq_len,
-            vocab,
-        )?;
+        let logits = model.logits(b, &batch, Mode::Eval)?;
+        let (loss, n) =
+            lora::models::decoder::causal_lm_loss(b, &logits, &labels, batch.batch, batch.seq_len)?;
         if n > 0 {
             sum += loss * n as f64;
             count += n;

@@ -18,14 +18,7 @@ pub trait DecoderOps: Backend {
         weight: &Self::Tensor,
         eps: f32,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
-        let (rows, n) = x.shape_matrix();
-        if weight.shape().numel() != n {
-            return Err(Error::shape(
-                "rms_norm weight",
-                format!("[{n}]"),
-                weight.shape(),
-            ));
-        }
+        let (rows, n) = check_rms_norm(x, weight)?;
         let x2 = self.reshape(x, &[rows, n])?;
         let mean_sq = self.affine(
             &self.sum_cols(&self.unary(UnaryOp::Square, &x2)?)?,
@@ -57,14 +50,7 @@ pub trait DecoderOps: Backend {
         inv_rms: &Self::Tensor,
         dy: &Self::Tensor,
     ) -> Result<Self::Tensor> {
-        let (rows, n) = x.shape_matrix();
-        if dy.shape_dims() != x.shape_dims() || inv_rms.shape().numel() != rows {
-            return Err(Error::shape(
-                "rms_norm_backward dy / saved 1/rms",
-                format!("{:?} and [{rows}]", x.shape_dims()),
-                dy.shape(),
-            ));
-        }
+        let (rows, n) = check_rms_norm_backward(x, weight, inv_rms, dy)?;
         let x2 = self.reshape(x, &[rows, n])?;
         let g = self.binary(
             BinaryOp::Mul,
@@ -115,17 +101,7 @@ pub trait DecoderOps: Backend {
         cos: &Self::Tensor,
         sin: &Self::Tensor,
     ) -> Result<Self::Tensor> {
-        let (rows, d) = dy.shape_matrix();
-        if !d.is_multiple_of(2)
-            || cos.shape().dims() != [rows, d]
-            || sin.shape().dims() != [rows, d]
-        {
-            return Err(Error::shape(
-                "rotary_backward cos/sin",
-                format!("[{rows}, {d}] each, with an even head size"),
-                cos.shape(),
-            ));
-        }
+        let (rows, d) = check_rotary("rotary_backward", dy, cos, sin)?;
         let dy2 = self.reshape(dy, &[rows, d])?;
         let half = d / 2;
         let ds = self.binary(BinaryOp::Mul, &dy2, sin)?;
@@ -151,17 +127,7 @@ pub trait DecoderOps: Backend {
         cos: &Self::Tensor,
         sin: &Self::Tensor,
     ) -> Result<Self::Tensor> {
-        let (rows, d) = x.shape_matrix();
-        if !d.is_multiple_of(2)
-            || cos.shape().dims() != [rows, d]
-            || sin.shape().dims() != [rows, d]
-        {
-            return Err(Error::shape(
-                "rotary cos/sin",
-                format!("[{rows}, {d}] each, with an even head size"),
-                cos.shape(),
-            ));
-        }
+        let (rows, d) = check_rotary("rotary", x, cos, sin)?;
         let x2 = self.reshape(x, &[rows, d])?;
         let half = d / 2;
         let mut rotated = self.zeros(&[rows, d])?;
@@ -176,6 +142,96 @@ pub trait DecoderOps: Backend {
             &mut y,
         )?;
         self.reshape(&y, x.shape_dims())
+    }
+
+    /// Per-row cross-entropy of `logits` (`[rows, vocab]` as a matrix view) against
+    /// `targets` (one per row; `None` is an ignored row, as label `-100` in PyTorch):
+    /// `logsumexp(row) - row[target]`, and 0 for ignored rows. Returns `[rows]`.
+    ///
+    /// The default goes through [`Backend::softmax`] and takes `-ln p[target]` on the host
+    /// (`rows` values). A row whose target probability is below 1e-30 (where f32 loses
+    /// digits to underflow) is fetched and its log-sum-exp taken on the host in f64.
+    fn cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &[Option<usize>],
+    ) -> Result<Self::Tensor> {
+        let (rows, vocab) = check_cross_entropy(logits, targets)?;
+        let logits = self.reshape(logits, &[rows, vocab])?;
+        let p = self.softmax(&logits, None)?;
+        let flat = self.reshape(&p, &[rows * vocab, 1])?;
+        let at: Vec<usize> = targets
+            .iter()
+            .enumerate()
+            .map(|(r, t)| r * vocab + t.unwrap_or(0))
+            .collect();
+        let p_target = self.to_host(&self.gather_rows(&flat, &at)?)?;
+        let mut nll = vec![0.0f32; rows];
+        for (r, t) in targets.iter().enumerate() {
+            let Some(t) = *t else { continue };
+            nll[r] = if p_target[r] >= 1e-30 {
+                -p_target[r].ln()
+            } else {
+                let row = self.to_host(&self.gather_rows(&logits, &[r])?)?;
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+                (f64::from(max) + sum.ln() - f64::from(row[t])) as f32
+            };
+        }
+        self.from_host(&nll, &[rows])
+    }
+
+    /// Gradient of `scale * sum(cross_entropy(logits, targets))` with respect to the
+    /// logits: `scale * (softmax(row) - onehot(target))` for counted rows, zero for ignored
+    /// ones (`scale = 1 / counted` gives the gradient of the mean).
+    fn cross_entropy_backward(
+        &self,
+        logits: &Self::Tensor,
+        targets: &[Option<usize>],
+        scale: f32,
+    ) -> Result<Self::Tensor> {
+        let (rows, vocab) = check_cross_entropy(logits, targets)?;
+        let p = self.softmax(&self.reshape(logits, &[rows, vocab])?, None)?;
+        let mut flat = self.reshape(&p, &[rows * vocab, 1])?;
+        let counted: Vec<(usize, usize)> = targets
+            .iter()
+            .enumerate()
+            .filter_map(|(r, t)| t.map(|t| (r, r * vocab + t)))
+            .collect();
+        let at: Vec<usize> = counted.iter().map(|&(_, i)| i).collect();
+        let minus_one = self.from_host(&vec![-1.0; at.len()], &[at.len(), 1])?;
+        self.scatter_add_rows(&mut flat, &at, &minus_one)?;
+        let mut keep = vec![0.0f32; rows];
+        counted.iter().for_each(|&(r, _)| keep[r] = scale);
+        let keep = self.outer(
+            &self.from_host(&keep, &[rows])?,
+            rows,
+            vocab,
+            RowOrCol::PerRow,
+        )?;
+        self.binary(BinaryOp::Mul, &self.reshape(&flat, &[rows, vocab])?, &keep)
+    }
+
+    /// Backward of an embedding lookup (`gather_rows(table, ids)`): the `[vocab, hidden]`
+    /// gradient of the table, row `v` the sum of the rows of `d_out` (`[ids.len(),
+    /// hidden]`) whose id is `v`, added in the order of `ids` (ids may repeat).
+    ///
+    /// The default runs [`Backend::scatter_add_rows`] once per round of distinct ids (the
+    /// k-th round takes each id's k-th occurrence), so it is deterministic on every backend.
+    fn embedding_backward(
+        &self,
+        d_out: &Self::Tensor,
+        ids: &[usize],
+        vocab: usize,
+    ) -> Result<Self::Tensor> {
+        let hidden = check_embedding_backward(d_out, ids, vocab)?;
+        let mut grad = self.zeros(&[vocab, hidden])?;
+        for round in occurrence_rounds(ids) {
+            let rows: Vec<usize> = round.iter().map(|&i| ids[i]).collect();
+            let src = self.gather_rows(d_out, &round)?;
+            self.scatter_add_rows(&mut grad, &rows, &src)?;
+        }
+        Ok(grad)
     }
 
     /// `v` (`n` values) spread to a `[rows, cols]` matrix: each row `i` filled with
@@ -212,4 +268,116 @@ pub enum RowOrCol {
     PerRow,
     /// One value per column.
     PerCol,
+}
+
+/// Checks an RMSNorm call: one weight per feature. Returns `(rows, features)`.
+pub fn check_rms_norm<T: Tensor>(x: &T, weight: &T) -> Result<(usize, usize)> {
+    let (rows, n) = x.shape_matrix();
+    if weight.shape().numel() != n {
+        return Err(Error::shape(
+            "rms_norm weight",
+            format!("[{n}]"),
+            weight.shape(),
+        ));
+    }
+    Ok((rows, n))
+}
+
+/// Checks an RMSNorm backward: `dy` shaped as `x`, one saved `1/rms` per row.
+pub fn check_rms_norm_backward<T: Tensor>(
+    x: &T,
+    weight: &T,
+    inv_rms: &T,
+    dy: &T,
+) -> Result<(usize, usize)> {
+    let (rows, n) = check_rms_norm(x, weight)?;
+    if dy.shape_dims() != x.shape_dims() || inv_rms.shape().numel() != rows {
+        return Err(Error::shape(
+            "rms_norm_backward dy / saved 1/rms",
+            format!("{:?} and [{rows}]", x.shape_dims()),
+            dy.shape(),
+        ));
+    }
+    Ok((rows, n))
+}
+
+/// Checks a rotary call (`op` names it): `cos` and `sin` `[rows, d]` for `x`'s matrix
+/// view, `d` even. Returns `(rows, d)`.
+pub fn check_rotary<T: Tensor>(op: &str, x: &T, cos: &T, sin: &T) -> Result<(usize, usize)> {
+    let (rows, d) = x.shape_matrix();
+    if !d.is_multiple_of(2) || cos.shape().dims() != [rows, d] || sin.shape().dims() != [rows, d] {
+        return Err(Error::shape(
+            format!("{op} cos/sin"),
+            format!("[{rows}, {d}] each, with an even head size"),
+            cos.shape(),
+        ));
+    }
+    Ok((rows, d))
+}
+
+/// Checks a cross-entropy call: `[rows, vocab]` logits, one target per row, each within
+/// the vocabulary. Returns `(rows, vocab)`.
+pub fn check_cross_entropy<T: Tensor>(
+    logits: &T,
+    targets: &[Option<usize>],
+) -> Result<(usize, usize)> {
+    let (rows, vocab) = logits.shape_matrix();
+    if targets.len() != rows {
+        return Err(Error::shape(
+            "cross_entropy targets",
+            format!("one per logits row ({rows})"),
+            &crate::Shape::new(&[targets.len()]),
+        ));
+    }
+    if let Some((r, t)) = targets
+        .iter()
+        .enumerate()
+        .find_map(|(r, t)| t.filter(|&t| t >= vocab).map(|t| (r, t)))
+    {
+        return Err(Error::state(
+            "cross_entropy",
+            format!("target {t} of row {r} is outside the vocabulary of {vocab} logits"),
+        ));
+    }
+    Ok((rows, vocab))
+}
+
+/// Checks an embedding backward: one `d_out` row per id, every id below `vocab`.
+/// Returns the hidden size.
+pub fn check_embedding_backward<T: Tensor>(
+    d_out: &T,
+    ids: &[usize],
+    vocab: usize,
+) -> Result<usize> {
+    let (rows, hidden) = d_out.shape_matrix();
+    if rows != ids.len() {
+        return Err(Error::shape(
+            "embedding_backward d_out",
+            format!("one row per id ({})", ids.len()),
+            d_out.shape(),
+        ));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i >= vocab) {
+        return Err(Error::state(
+            "embedding_backward",
+            format!("id {bad} is outside the table of {vocab} rows"),
+        ));
+    }
+    Ok(hidden)
+}
+
+/// Positions of `ids` grouped so that no round holds an id twice: round `k` lists, in
+/// order, the positions of each id's `k`-th occurrence.
+fn occurrence_rounds(ids: &[usize]) -> Vec<Vec<usize>> {
+    let mut seen = std::collections::HashMap::new();
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    for (pos, id) in ids.iter().enumerate() {
+        let k = seen.entry(*id).or_insert(0usize);
+        if rounds.len() == *k {
+            rounds.push(Vec::new());
+        }
+        rounds[*k].push(pos);
+        *k += 1;
+    }
+    rounds
 }

@@ -7,6 +7,9 @@ mod decoder;
 mod lora;
 mod optim;
 
-pub use decoder::{DecoderOps, RowOrCol};
+pub use decoder::{
+    DecoderOps, RowOrCol, check_cross_entropy, check_embedding_backward, check_rms_norm,
+    check_rms_norm_backward, check_rotary,
+};
 pub use lora::{LoraGrads, LoraOps, WeightedFactors};
 pub use optim::{AdamHyper, OptimOps, SgdHyper};

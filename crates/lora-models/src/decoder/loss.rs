@@ -1,29 +1,32 @@
 //! The causal-LM loss exactly as transformers computes it with `labels`: logits at
 //! position `t` predict the label at `t + 1`, labels equal to `-100` are ignored, and the
-//! loss is the mean negative log-likelihood over the counted tokens.
+//! loss is the mean negative log-likelihood over the counted tokens. The logits stay on
+//! the backend ([`DecoderOps::cross_entropy`]); only the scalar loss comes back.
+
+use lora_core::{DecoderOps, Tensor};
 
 use crate::error::{ModelError, Result};
 
 /// The label value transformers ignores.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Mean next-token negative log-likelihood of `logits` (`[batch, seq, vocab]`, row-major
-/// on the host) against `labels` (`[batch, seq]`), and the number of tokens counted.
-pub fn causal_lm_loss(
-    logits: &[f32],
+/// For each of the `batch * seq` logits rows, the token it must predict: the label one
+/// position later in the same sequence, `None` for the last position of each sequence and
+/// for ignored labels. Also returns how many rows are counted.
+pub fn next_token_targets(
     labels: &[i64],
     batch: usize,
     seq: usize,
     vocab: usize,
-) -> Result<(f64, usize)> {
-    if logits.len() != batch * seq * vocab || labels.len() != batch * seq {
+) -> Result<(Vec<Option<usize>>, usize)> {
+    if labels.len() != batch * seq {
         return Err(ModelError::Input(format!(
-            "causal LM loss: {} logits and {} labels for [{batch}, {seq}] x vocab {vocab}",
-            logits.len(),
+            "causal LM loss: {} labels for a batch of [{batch}, {seq}]",
             labels.len()
         )));
     }
-    let (mut sum, mut count) = (0.0f64, 0usize);
+    let mut targets = vec![None; batch * seq];
+    let mut counted = 0usize;
     for b in 0..batch {
         for t in 0..seq.saturating_sub(1) {
             let label = labels[b * seq + t + 1];
@@ -36,56 +39,64 @@ pub fn causal_lm_loss(
                     t + 1
                 )));
             }
-            let row = &logits[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            sum += lse - row[label as usize] as f64;
-            count += 1;
+            targets[b * seq + t] = Some(label as usize);
+            counted += 1;
         }
     }
-    let mean = if count == 0 {
-        f64::NAN
-    } else {
-        sum / count as f64
-    };
-    Ok((mean, count))
+    Ok((targets, counted))
 }
 
-/// [`causal_lm_loss`] and its gradient with respect to the logits (same layout):
-/// `(softmax(row) - onehot(label)) / counted` at every counted position, zero elsewhere.
-pub fn causal_lm_loss_grad(
-    logits: &[f32],
+/// `[batch * seq, vocab]` view of `[batch, seq, vocab]` logits, checked against the batch.
+fn logits_rows<B: DecoderOps>(
+    b: &B,
+    logits: &B::Tensor,
+    batch: usize,
+    seq: usize,
+) -> Result<(B::Tensor, usize)> {
+    let dims = logits.shape().dims();
+    match dims {
+        [bb, ss, vocab] if *bb == batch && *ss == seq => {
+            Ok((b.reshape(logits, &[batch * seq, *vocab])?, *vocab))
+        }
+        _ => Err(ModelError::Input(format!(
+            "causal LM loss: logits of shape {dims:?} for a batch of [{batch}, {seq}]"
+        ))),
+    }
+}
+
+/// Mean next-token negative log-likelihood of `logits` (`[batch, seq, vocab]`) against
+/// `labels` (`[batch, seq]`), and the number of tokens counted (NaN when none is).
+pub fn causal_lm_loss<B: DecoderOps>(
+    b: &B,
+    logits: &B::Tensor,
     labels: &[i64],
     batch: usize,
     seq: usize,
-    vocab: usize,
-) -> Result<(f64, usize, Vec<f32>)> {
-    let (loss, count) = causal_lm_loss(logits, labels, batch, seq, vocab)?;
-    let mut grad = vec![0.0f32; logits.len()];
-    if count == 0 {
-        return Ok((loss, count, grad));
+) -> Result<(f64, usize)> {
+    let (rows, vocab) = logits_rows(b, logits, batch, seq)?;
+    let (targets, counted) = next_token_targets(labels, batch, seq, vocab)?;
+    if counted == 0 {
+        return Ok((f64::NAN, 0));
     }
-    for b in 0..batch {
-        for t in 0..seq.saturating_sub(1) {
-            let label = labels[b * seq + t + 1];
-            if label == IGNORE_INDEX {
-                continue;
-            }
-            let at = (b * seq + t) * vocab;
-            let row = &logits[at..at + vocab];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-            for (j, g) in grad[at..at + vocab].iter_mut().enumerate() {
-                let p = (row[j] as f64 - max).exp() / sum;
-                let onehot = if j as i64 == label { 1.0 } else { 0.0 };
-                *g = ((p - onehot) / count as f64) as f32;
-            }
-        }
+    let nll = b.cross_entropy(&rows, &targets)?;
+    Ok((b.sum_all(&nll)? / counted as f64, counted))
+}
+
+/// [`causal_lm_loss`] and its gradient with respect to the logits (same shape):
+/// `(softmax(row) - onehot(label)) / counted` at every counted position, zero elsewhere.
+pub fn causal_lm_loss_grad<B: DecoderOps>(
+    b: &B,
+    logits: &B::Tensor,
+    labels: &[i64],
+    batch: usize,
+    seq: usize,
+) -> Result<(f64, usize, B::Tensor)> {
+    let (rows, vocab) = logits_rows(b, logits, batch, seq)?;
+    let (targets, counted) = next_token_targets(labels, batch, seq, vocab)?;
+    if counted == 0 {
+        return Ok((f64::NAN, 0, b.zeros(&[batch, seq, vocab])?));
     }
-    Ok((loss, count, grad))
+    let loss = b.sum_all(&b.cross_entropy(&rows, &targets)?)? / counted as f64;
+    let grad = b.cross_entropy_backward(&rows, &targets, 1.0 / counted as f32)?;
+    Ok((loss, counted, b.reshape(&grad, &[batch, seq, vocab])?))
 }

@@ -22,6 +22,6 @@ mod tokenizer;
 pub use config::{DecoderConfig, RopeScaling, SUPPORTED_MODEL_TYPES};
 pub use generate::{GenerationConfig, generate};
 pub use kv_cache::KvCache;
-pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_grad};
+pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_grad, next_token_targets};
 pub use model::{DecoderModel, positions};
 pub use tokenizer::DecoderTokenizer;
