@@ -14,7 +14,7 @@ use lora::models::decoder::{
     DecoderConfig, DecoderModel, DecoderTokenizer, GenerationConfig, RopeScaling, causal_lm_loss,
     causal_lm_loss_grad, generate,
 };
-use lora::{Backend, Mode};
+use lora::{Backend, Mode, Tensor};
 use lora_tests::{assert_close_scaled, backend_suite, fixtures_dir, to64};
 
 fn dir(name: &str) -> PathBuf {
@@ -156,9 +156,24 @@ fn check_model<B: lora::FullBackend>(b: &B, name: &str, with_adapter: bool) {
 fn check_adapter_gradients<B: lora::FullBackend>(b: &B, name: &str) {
     let mut model = DecoderModel::from_pretrained(b, &dir(name)).unwrap();
     lora::peft::load_pretrained(&dir(name).join("adapter"), &mut model, b).unwrap();
+    model.set_embedding_grad(true);
     let io = io(name);
     let tb = batch(&io, "input_ids", Some("attention_mask"));
     let loss = train_backward(b, &mut model, &tb, &io.ints["labels"].1);
+    // The embedding table's gradient (with qwen2's tied embeddings, the head's share too).
+    let want = lora::io::read_safetensors(&dir(name).join("embed_grad.safetensors")).unwrap();
+    let want = &want["model.embed_tokens.weight"];
+    let got = model
+        .embedding_grad()
+        .expect("embedding gradient asked for");
+    assert_eq!(got.shape().dims(), want.shape.as_slice());
+    assert_close_scaled(
+        &format!("{name} embed_tokens gradient"),
+        &b.to_host(got).unwrap(),
+        &to64(&want.data),
+        1e-4,
+        1e-5,
+    );
     let want_loss = io.floats["lora_loss"].1[0] as f64;
     assert!(
         (loss - want_loss).abs() <= 1e-4 * want_loss,

@@ -82,6 +82,9 @@ pub struct DecoderConfig {
     pub sliding_window: Option<usize>,
     /// End-of-sequence token ids.
     pub eos_token_ids: Vec<u32>,
+    /// The padding token, whose embedding row `nn.Embedding(padding_idx=...)` never
+    /// gives a gradient.
+    pub pad_token_id: Option<u32>,
 }
 
 /// `config.json` as written, before checking.
@@ -113,6 +116,7 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     partial_rotary_factor: Option<f64>,
     eos_token_id: Option<serde_json::Value>,
+    pad_token_id: Option<serde_json::Value>,
 }
 
 fn default_act() -> String {
@@ -220,6 +224,7 @@ impl DecoderConfig {
             tie_word_embeddings: raw.tie_word_embeddings,
             sliding_window,
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            pad_token_id: token_ids(raw.pad_token_id.as_ref()).first().copied(),
         })
     }
 }

@@ -4,9 +4,10 @@
 //! grouped-query attention with causal and padding masks, Qwen2's q/k/v biases, Qwen3's
 //! q/k norm, SwiGLU, tied embeddings, and the causal-LM loss.
 //!
-//! Status: forward, loss and the backward into the adapters, checked against
-//! transformers and PyTorch autograd on tiny random checkpoints (`tests/decoder.rs`).
-//! The KV cache, sampling, tokenizer glue and the CLI are still to come.
+//! Forward, loss, the backward into the adapters (and, when asked, the embedding table),
+//! the KV cache, sampling and the tokenizer are checked against transformers, PEFT,
+//! PyTorch autograd and the `tokenizers` library on tiny random checkpoints
+//! (`tests/decoder.rs`).
 
 mod config;
 mod generate;
@@ -17,11 +18,13 @@ mod loss;
 mod model;
 mod quantize;
 mod rope;
+mod step;
 mod tokenizer;
 
 pub use config::{DecoderConfig, RopeScaling, SUPPORTED_MODEL_TYPES};
 pub use generate::{GenerationConfig, generate};
 pub use kv_cache::KvCache;
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_grad, next_token_targets};
-pub use model::{DecoderModel, positions};
+pub use model::DecoderModel;
+pub use step::positions;
 pub use tokenizer::DecoderTokenizer;

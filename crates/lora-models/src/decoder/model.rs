@@ -11,16 +11,13 @@ use lora_core::{
     DecoderOps, DenseLinear, Error, HostTensor, LoraLinear, LoraOps, Mode, Model, Tensor, Transpose,
 };
 
-use super::config::{DecoderConfig, RopeScaling};
+use super::config::DecoderConfig;
 use super::kv_cache::KvCache;
 use super::layer::{AttentionInputs, DecoderLayer};
 use super::rope;
+use super::step::{Step, attention_mask, check_step};
 use crate::error::{ModelError, Result};
 use crate::token_batch::TokenBatch;
-
-/// Added to the attention scores of positions a query must not see. Finite, so that a
-/// fully masked row (a left-padding query) gives a uniform distribution, not NaN.
-const MASKED: f32 = -1e30;
 
 /// A decoder LLM with LoRA-capable linear layers.
 #[derive(Debug)]
@@ -35,6 +32,10 @@ pub struct DecoderModel<B: LoraOps> {
     train_state: Option<TrainState<B::Tensor>>,
     /// Keep only each layer's input in training and recompute the layer in the backward.
     gradient_checkpointing: bool,
+    /// Compute the gradient of `embed_tokens` in the backward.
+    embedding_grad: bool,
+    /// That gradient after the last backward (`[vocab, hidden]`).
+    embed_tokens_grad: Option<B::Tensor>,
 }
 
 /// The batch-level state of a training forward.
@@ -46,6 +47,9 @@ struct TrainState<T> {
     /// The last layer's output (the final norm's input) and the norm's `1/rms`.
     h_last: T,
     inv_rms: T,
+    /// With the embedding gradient asked for: the token ids, and (tied embeddings) the
+    /// final norm's output, which the output head multiplied by `embed_tokens`.
+    embedding: Option<(Vec<usize>, Option<T>)>,
 }
 
 /// Checkpoint tensors by name, checked against the shapes the config implies.
@@ -158,6 +162,8 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             lm_head,
             train_state: None,
             gradient_checkpointing: false,
+            embedding_grad: false,
+            embed_tokens_grad: None,
         })
     }
 
@@ -167,6 +173,23 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
     /// refused at the next training forward (recomputing would draw other masks).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;
+    }
+
+    /// Whether the backward also computes the gradient of the token embedding table
+    /// (`model.embed_tokens.weight`, `[vocab, hidden]`): each row the sum over the tokens
+    /// with that id, plus, with tied embeddings, the output head's share. The table stays
+    /// frozen; the gradient is read with [`DecoderModel::embedding_grad`].
+    pub fn set_embedding_grad(&mut self, on: bool) {
+        self.embedding_grad = on;
+        if !on {
+            self.embed_tokens_grad = None;
+        }
+    }
+
+    /// The gradient of `embed_tokens` from the last backward, when asked for with
+    /// [`DecoderModel::set_embedding_grad`].
+    pub fn embedding_grad(&self) -> Option<&B::Tensor> {
+        self.embed_tokens_grad.as_ref()
     }
 
     /// The configuration.
@@ -282,12 +305,15 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             }
         }
         let (h_norm, inv_rms) = b.rms_norm(&h, &self.norm, config.rms_norm_eps as f32)?;
+        let embedding = (mode == Mode::Train && self.embedding_grad)
+            .then(|| (rows, self.lm_head.is_none().then(|| h_norm.clone())));
         self.train_state = match mode {
             Mode::Train => Some(TrainState {
                 att,
                 layer_inputs: checkpoint.then_some(layer_inputs),
                 h_last: h,
                 inv_rms,
+                embedding,
             }),
             Mode::Eval => None,
         };
@@ -357,6 +383,36 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             }
             g = layer.backward(b, &config, &format!("model.layers.{l}"), &st.att, &g)?;
         }
+        self.embed_tokens_grad = match st.embedding {
+            Some((ids, tied_input)) => {
+                // As `nn.Embedding(padding_idx=pad_token_id)`: padding tokens add nothing.
+                let pad = self.config.pad_token_id.map(|p| p as usize);
+                let (at, kept): (Vec<usize>, Vec<usize>) = ids
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &id)| Some(id) != pad)
+                    .unzip();
+                let g = match kept.len() == ids.len() {
+                    true => g,
+                    false => b.gather_rows(&g, &at)?,
+                };
+                let mut grad = b.embedding_backward(&g, &kept, v)?;
+                if let Some(h_norm) = tied_input {
+                    // logits = h_norm · embed_tokensᵀ, so d embed_tokens += d_logitsᵀ · h_norm.
+                    b.gemm(
+                        1.0,
+                        &d_logits,
+                        Transpose::Yes,
+                        &h_norm,
+                        Transpose::No,
+                        1.0,
+                        &mut grad,
+                    )?;
+                }
+                Some(grad)
+            }
+            None => None,
+        };
         Ok(())
     }
 
@@ -406,105 +462,6 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             },
         })
     }
-}
-
-/// The tokens one forward computes: `batch` rows of `seq` new tokens after `past` cached
-/// ones; `keep` is the attention mask of all `past + seq` tokens of each row.
-#[derive(Debug)]
-struct Step<'a> {
-    batch: usize,
-    seq: usize,
-    ids: &'a [u32],
-    keep: &'a [u32],
-    positions: &'a [usize],
-    past: usize,
-}
-
-/// Ids in the vocabulary, positions within the model's range, the window respected.
-fn check_step(c: &DecoderConfig, step: &Step<'_>) -> Result<()> {
-    let n = step.batch * step.seq;
-    if step.ids.len() != n || step.positions.len() != n {
-        return Err(ModelError::Input(format!(
-            "{} ids and {} positions for {} rows of {} tokens",
-            step.ids.len(),
-            step.positions.len(),
-            step.batch,
-            step.seq
-        )));
-    }
-    if let Some(&bad) = step.ids.iter().find(|&&id| id as usize >= c.vocab_size) {
-        return Err(ModelError::Input(format!(
-            "token id {bad} is outside the vocabulary (vocab_size {})",
-            c.vocab_size
-        )));
-    }
-    let max_pos = step.positions.iter().copied().max().unwrap_or(0);
-    if max_pos >= c.max_position_embeddings
-        && !matches!(c.rope_scaling, RopeScaling::Dynamic { .. })
-    {
-        return Err(ModelError::Input(format!(
-            "a sequence of {} tokens exceeds max_position_embeddings {}",
-            max_pos + 1,
-            c.max_position_embeddings
-        )));
-    }
-    let kv_len = step.past + step.seq;
-    if let Some(w) = c.sliding_window.filter(|w| kv_len > *w) {
-        return Err(ModelError::Input(format!(
-            "a sequence of {kv_len} tokens is longer than sliding_window {w}; sliding-window attention is not implemented"
-        )));
-    }
-    Ok(())
-}
-
-/// The additive mask `[batch * heads * seq, past + seq]` (causal and padding; sequences
-/// longer than a sliding window were refused by `check_step`) and, per query row, 1 where
-/// it sees some key and 0 where it sees none.
-fn attention_mask(step: &Step<'_>, heads: usize) -> (Vec<f32>, Vec<f32>) {
-    let (t, past) = (step.seq, step.past);
-    let kv = past + t;
-    let mut mask = Vec::with_capacity(step.batch * heads * t * kv);
-    let mut keep_rows = Vec::with_capacity(step.batch * heads * t);
-    let mut block = vec![MASKED; t * kv];
-    let mut block_keep = vec![1.0f32; t];
-    for bi in 0..step.batch {
-        let keep = &step.keep[bi * kv..(bi + 1) * kv];
-        for q in 0..t {
-            let qa = past + q;
-            let row = &mut block[q * kv..(q + 1) * kv];
-            for (k, slot) in row.iter_mut().enumerate() {
-                let visible = k <= qa && keep[k] != 0;
-                *slot = if visible { 0.0 } else { MASKED };
-            }
-            // A query that may see nothing (left padding) gets an attention output of
-            // zero, as PyTorch's SDPA gives for a fully masked row: it reaches no real
-            // token, but it enters the loss where the label after it is a real token.
-            block_keep[q] = if row.iter().all(|&m| m == MASKED) {
-                0.0
-            } else {
-                1.0
-            };
-        }
-        for _ in 0..heads {
-            mask.extend_from_slice(&block);
-            keep_rows.extend_from_slice(&block_keep);
-        }
-    }
-    (mask, keep_rows)
-}
-
-/// Each token's position: the number of real tokens before it in its row (so a
-/// left-padded row starts at 0 at its first real token); padding gets 0.
-pub fn positions(batch: &TokenBatch) -> Vec<usize> {
-    let mut out = Vec::with_capacity(batch.ids.len());
-    for row in batch.attention_mask.chunks(batch.seq_len.max(1)) {
-        let mut seen = 0usize;
-        for &m in row {
-            out.push(if m != 0 { seen } else { 0 });
-            seen += usize::from(m != 0);
-        }
-    }
-    out
 }
 
 impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
