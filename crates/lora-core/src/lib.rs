@@ -39,7 +39,8 @@ pub use lora_linear::{DEFAULT_ADAPTER, FullGrads, LoraLinear, RowAdapter};
 pub use loss::{cross_entropy_loss, mse_loss};
 pub use module::Model;
 pub use ops::{
-    AdamHyper, DecoderOps, LoraGrads, LoraOps, OptimOps, RowOrCol, SgdHyper, WeightedFactors,
+    AdamHyper, AttentionMask, DecoderOps, LoraGrads, LoraOps, OptimOps, RowOrCol, SgdHyper,
+    WeightedFactors,
 };
 pub use optim::{Adam, Optimizer, Sgd};
 pub use shape::Shape;

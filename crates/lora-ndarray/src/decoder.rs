@@ -49,10 +49,11 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Log-sum-exp of a row, accumulated in f64.
+/// Log-sum-exp of a row: f32 exponentials (each exact to an ulp after the max shift) summed
+/// in f64, as PyTorch's CPU log-softmax accumulates.
 fn logsumexp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+    let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
     f64::from(max) + sum.ln()
 }
 
@@ -172,10 +173,9 @@ impl DecoderOps for NdArray {
         for_rows(&mut out, vocab, |r, o| {
             let Some(t) = targets[r] else { return };
             let row = &src[r * vocab..(r + 1) * vocab];
-            let lse = logsumexp(row);
-            let s = f64::from(scale);
+            let lse = logsumexp(row) as f32;
             for (o, &v) in o.iter_mut().zip(row) {
-                *o = ((f64::from(v) - lse).exp() * s) as f32;
+                *o = (v - lse).exp() * scale;
             }
             o[t] -= scale;
         });

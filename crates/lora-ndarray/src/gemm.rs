@@ -208,6 +208,109 @@ pub(crate) fn bmm_into(
     Ok(())
 }
 
+/// A row-major matrix inside a slice: `rows x cols`, `ld` elements between rows, read
+/// transposed when `t` is `Transpose::Yes`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl View<'_> {
+    /// `(row stride, column stride)` of `op(self)`, after checking the slice holds it.
+    fn strides(&self, t: Transpose) -> Result<(isize, isize)> {
+        let need = match (self.rows, self.cols) {
+            (0, _) | (_, 0) => 0,
+            (r, c) => (r - 1) * self.ld + c,
+        };
+        if self.data.len() < need || (self.rows > 1 && self.cols > self.ld) {
+            return Err(lora_core::Error::Backend {
+                backend: "ndarray",
+                reason: format!(
+                    "gemm view of {}x{} (row stride {}) over {} elements",
+                    self.rows,
+                    self.cols,
+                    self.ld,
+                    self.data.len()
+                ),
+            });
+        }
+        Ok(match t {
+            Transpose::No => (self.ld as isize, 1),
+            Transpose::Yes => (1, self.ld as isize),
+        })
+    }
+}
+
+/// `c = alpha * op(a) op(b) + beta * c` on one thread, for kernels that already run one
+/// task per core (fused attention); `c` is `m x n` with row stride `ldc`.
+pub(crate) fn gemm_serial(
+    alpha: f32,
+    a: View<'_>,
+    trans_a: Transpose,
+    b: View<'_>,
+    trans_b: Transpose,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<()> {
+    let (m, k) = trans_a.apply((a.rows, a.cols));
+    let (kb, n) = trans_b.apply((b.rows, b.cols));
+    let c_need = if m == 0 || n == 0 {
+        0
+    } else {
+        (m - 1) * ldc + n
+    };
+    if kb != k || c.len() < c_need || (m > 1 && n > ldc) {
+        return Err(lora_core::Error::Backend {
+            backend: "ndarray",
+            reason: format!(
+                "gemm_serial: {m}x{k} times {kb}x{n} into {} elements (row stride {ldc})",
+                c.len()
+            ),
+        });
+    }
+    let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides(trans_a)?, b.strides(trans_b)?);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for row in c.chunks_mut(ldc.max(1)).take(m) {
+            row[..n].iter_mut().for_each(|v| *v *= beta);
+        }
+        return Ok(());
+    }
+    // SAFETY: the checks above keep every index of op(a), op(b) (m x k, k x n) and c
+    // (m x n, row stride ldc) inside their slices; `c` is borrowed mutably, so no other
+    // reference aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            beta != 0.0,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

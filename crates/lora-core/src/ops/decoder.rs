@@ -5,6 +5,7 @@
 
 use crate::backend::{Backend, BinaryOp, Tensor, Transpose, UnaryOp};
 use crate::error::{Error, Result};
+use crate::ops::attention::{AttentionMask, attention_backward, attention_forward};
 use crate::ops::lora::TensorShapeExt;
 
 /// Decoder-LLM operations with default implementations over [`Backend`] primitives.
@@ -232,6 +233,35 @@ pub trait DecoderOps: Backend {
             self.scatter_add_rows(&mut grad, &rows, &src)?;
         }
         Ok(grad)
+    }
+
+    /// Causal self-attention of `q` (`[items, t, d]`) over `k`, `v` (`[items, kv, d]`):
+    /// `out = softmax(scale·q·kᵀ + mask)·v` per item, a query that sees no key giving
+    /// zero. Returns `(out [items, t, d], probs [items * t, kv])`; the backward takes the
+    /// probabilities (masked entries 0). The default is [`attention_forward`].
+    fn causal_attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        mask: &AttentionMask<'_, Self::Tensor>,
+        scale: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        attention_forward(self, q, k, v, mask, scale)
+    }
+
+    /// Backward of [`DecoderOps::causal_attention`] from `d_out` (`[items, t, d]`):
+    /// `(dq, dk, dv)`. The default is [`attention_backward`].
+    fn causal_attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        probs: &Self::Tensor,
+        d_out: &Self::Tensor,
+        scale: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        attention_backward(self, q, k, v, probs, d_out, scale)
     }
 
     /// `v` (`n` values) spread to a `[rows, cols]` matrix: each row `i` filled with

@@ -3,10 +3,14 @@
 //! a fused kernel; results must match the defaults within the tolerances of the
 //! cross-backend test suite.
 
+mod attention;
 mod decoder;
 mod lora;
 mod optim;
 
+pub use attention::{
+    AttentionMask, attention_backward, attention_forward, check_attention, check_attention_backward,
+};
 pub use decoder::{
     DecoderOps, RowOrCol, check_cross_entropy, check_embedding_backward, check_rms_norm,
     check_rms_norm_backward, check_rotary,

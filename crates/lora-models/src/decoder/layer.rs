@@ -2,7 +2,7 @@
 //! with rotary embedding (Qwen3: RMSNorm per head on queries and keys first), causal and
 //! padding mask, then pre-RMSNorm and the SwiGLU MLP, each with its residual.
 
-use lora_core::{BinaryOp, DecoderOps, LoraLinear, LoraOps, Mode, RowOrCol, Transpose};
+use lora_core::{AttentionMask, BinaryOp, DecoderOps, LoraLinear, LoraOps, Mode};
 
 use super::config::DecoderConfig;
 use crate::error::Result;
@@ -37,7 +37,8 @@ pub(crate) struct LayerCache<T> {
     pub q: T,
     pub k: T,
     pub v: T,
-    /// Softmax output `[B*heads*T, T]` (before zeroing rows that see no key).
+    /// Attention probabilities `[B*heads*T, T]` (masked entries and queries that see no
+    /// key: 0).
     pub probs: T,
     /// The attention residual and its post-attention RMSNorm's `1/rms`.
     pub h1: T,
@@ -83,6 +84,8 @@ pub(crate) struct AttentionInputs<T> {
     /// `[batch * heads * seq]`: 0 for query rows that may see no key (left padding),
     /// whose attention output is zero; `None` when there are none.
     pub nonempty_rows: Option<T>,
+    /// `[batch * kv_len]`: the attention mask of every key (0: padding).
+    pub keep: Vec<u32>,
 }
 
 impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
@@ -179,29 +182,15 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
             b.reshape(&k, &[bs * nh, kv, hd])?,
             b.reshape(&v, &[bs * nh, kv, hd])?,
         );
-        let mut scores = b.zeros(&[bs * nh, t, kv])?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        b.bmm(
-            scale,
-            &q,
-            Transpose::No,
-            &k,
-            Transpose::Yes,
-            0.0,
-            &mut scores,
-        )?;
-        let scores = b.reshape(&scores, &[bs * nh * t, kv])?;
-        let probs = b.softmax(&scores, Some(&att.mask_bias))?;
-        let used = match &att.nonempty_rows {
-            Some(keep) => {
-                let keep = b.outer(keep, bs * nh * t, kv, RowOrCol::PerRow)?;
-                b.binary(BinaryOp::Mul, &probs, &keep)?
-            }
-            None => probs.clone(),
+        let mask = AttentionMask {
+            heads: nh,
+            past: att.past,
+            keep: &att.keep,
+            bias: &att.mask_bias,
+            nonempty_rows: att.nonempty_rows.as_ref(),
         };
-        let used = b.reshape(&used, &[bs * nh, t, kv])?;
-        let mut ctx = b.zeros(&[bs * nh, t, hd])?;
-        b.bmm(1.0, &used, Transpose::No, &v, Transpose::No, 0.0, &mut ctx)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (ctx, probs) = b.causal_attention(&q, &k, &v, &mask, scale)?;
         let ctx = heads_last(b, &ctx, bs, t, nh, hd)?;
         let out = self.o_proj.forward(b, &ctx, mode)?;
         let saved = match mode {

@@ -2,7 +2,7 @@
 //! input, leaving gradients in every active adapter of its seven projections. The
 //! pretrained weights and norms are frozen.
 
-use lora_core::{BinaryOp, DecoderOps, Error, LoraOps, RowOrCol, Transpose};
+use lora_core::{BinaryOp, DecoderOps, Error, LoraOps};
 
 use super::config::DecoderConfig;
 use super::layer::{AttentionInputs, DecoderLayer, LayerCache, heads_first, heads_last, kv_rows};
@@ -53,62 +53,8 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let scale = 1.0 / (hd as f32).sqrt();
         let d_ctx = self.o_proj.backward(b, d_attn)?;
         let d_ctx = b.reshape(&heads_first(b, &d_ctx, bs, t, nh, hd)?, &[bs * nh, t, hd])?;
-        // ctx = used · v, used = probs (rows that see nothing zeroed).
-        let used = match &att.nonempty_rows {
-            Some(keep) => {
-                let keep = b.outer(keep, bs * nh * t, t, RowOrCol::PerRow)?;
-                b.binary(BinaryOp::Mul, &cache.probs, &keep)?
-            }
-            None => cache.probs.clone(),
-        };
-        let used = b.reshape(&used, &[bs * nh, t, t])?;
-        let mut d_used = b.zeros(&[bs * nh, t, t])?;
-        b.bmm(
-            1.0,
-            &d_ctx,
-            Transpose::No,
-            &cache.v,
-            Transpose::Yes,
-            0.0,
-            &mut d_used,
-        )?;
-        let mut d_v = b.zeros(&[bs * nh, t, hd])?;
-        b.bmm(
-            1.0,
-            &used,
-            Transpose::Yes,
-            &d_ctx,
-            Transpose::No,
-            0.0,
-            &mut d_v,
-        )?;
-        let mut d_probs = b.reshape(&d_used, &[bs * nh * t, t])?;
-        if let Some(keep) = &att.nonempty_rows {
-            let keep = b.outer(keep, bs * nh * t, t, RowOrCol::PerRow)?;
-            d_probs = b.binary(BinaryOp::Mul, &d_probs, &keep)?;
-        }
-        let d_scores = b.softmax_backward(&cache.probs, &d_probs)?;
-        let d_scores = b.reshape(&d_scores, &[bs * nh, t, t])?;
-        let mut d_q = b.zeros(&[bs * nh, t, hd])?;
-        b.bmm(
-            scale,
-            &d_scores,
-            Transpose::No,
-            &cache.k,
-            Transpose::No,
-            0.0,
-            &mut d_q,
-        )?;
-        let mut d_k = b.zeros(&[bs * nh, t, hd])?;
-        b.bmm(
-            scale,
-            &d_scores,
-            Transpose::Yes,
-            &cache.q,
-            Transpose::No,
-            0.0,
-            &mut d_k,
-        )?;
+        let (d_q, d_k, d_v) =
+            b.causal_attention_backward(&cache.q, &cache.k, &cache.v, &cache.probs, &d_ctx, scale)?;
         // Back to one row per (token, head), undoing repeat_kv and the rotation.
         let d_q = b.reshape(&heads_last(b, &d_q, bs, t, nh, hd)?, &[bs * t * nh, hd])?;
         let d_k = sum_kv_groups(b, &d_k, bs, nh, nkv, t * hd)?;

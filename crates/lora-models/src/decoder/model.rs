@@ -460,6 +460,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
                 true => Some(b.from_host(&keep_rows, &[bs * nh * t])?),
                 false => None,
             },
+            keep: step.keep.to_vec(),
         })
     }
 }
