@@ -4,12 +4,13 @@
 //! the cross-backend suite checks them against.
 
 use lora_core::ops::{
-    check_cross_entropy, check_embedding_backward, check_rms_norm, check_rms_norm_backward,
-    check_rotary,
+    AttentionMask, check_cross_entropy, check_embedding_backward, check_rms_norm,
+    check_rms_norm_backward, check_rotary,
 };
 use lora_core::{DecoderOps, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::attention;
 use crate::backend::{NdArray, PAR_CHUNK, PAR_MIN_ELEMS};
 use crate::tensor::NdTensor;
 
@@ -58,6 +59,29 @@ fn logsumexp(row: &[f32]) -> f64 {
 }
 
 impl DecoderOps for NdArray {
+    fn causal_attention(
+        &self,
+        q: &NdTensor,
+        k: &NdTensor,
+        v: &NdTensor,
+        mask: &AttentionMask<'_, NdTensor>,
+        scale: f32,
+    ) -> Result<(NdTensor, NdTensor)> {
+        attention::forward(q, k, v, mask, scale)
+    }
+
+    fn causal_attention_backward(
+        &self,
+        q: &NdTensor,
+        k: &NdTensor,
+        v: &NdTensor,
+        probs: &NdTensor,
+        d_out: &NdTensor,
+        scale: f32,
+    ) -> Result<(NdTensor, NdTensor, NdTensor)> {
+        attention::backward(q, k, v, probs, d_out, scale)
+    }
+
     fn rms_norm(&self, x: &NdTensor, weight: &NdTensor, eps: f32) -> Result<(NdTensor, NdTensor)> {
         let (rows, n) = check_rms_norm(x, weight)?;
         let (src, w) = (x.as_slice(), weight.as_slice());

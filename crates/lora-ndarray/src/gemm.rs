@@ -208,19 +208,28 @@ pub(crate) fn bmm_into(
     Ok(())
 }
 
-/// A row-major matrix inside a slice: `rows x cols`, `ld` elements between rows, read
-/// transposed when `t` is `Transpose::Yes`.
+/// A row-major matrix inside a slice: `rows x cols`, `ld` elements between rows, used
+/// transposed when `trans` is `Transpose::Yes`.
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a> {
     pub data: &'a [f32],
     pub rows: usize,
     pub cols: usize,
     pub ld: usize,
+    pub trans: Transpose,
 }
 
 impl View<'_> {
+    /// The same matrix, used transposed.
+    pub fn t(self) -> Self {
+        View {
+            trans: Transpose::Yes,
+            ..self
+        }
+    }
+
     /// `(row stride, column stride)` of `op(self)`, after checking the slice holds it.
-    fn strides(&self, t: Transpose) -> Result<(isize, isize)> {
+    fn strides(&self) -> Result<(isize, isize)> {
         let need = match (self.rows, self.cols) {
             (0, _) | (_, 0) => 0,
             (r, c) => (r - 1) * self.ld + c,
@@ -237,7 +246,7 @@ impl View<'_> {
                 ),
             });
         }
-        Ok(match t {
+        Ok(match self.trans {
             Transpose::No => (self.ld as isize, 1),
             Transpose::Yes => (1, self.ld as isize),
         })
@@ -249,15 +258,13 @@ impl View<'_> {
 pub(crate) fn gemm_serial(
     alpha: f32,
     a: View<'_>,
-    trans_a: Transpose,
     b: View<'_>,
-    trans_b: Transpose,
     beta: f32,
     c: &mut [f32],
     ldc: usize,
 ) -> Result<()> {
-    let (m, k) = trans_a.apply((a.rows, a.cols));
-    let (kb, n) = trans_b.apply((b.rows, b.cols));
+    let (m, k) = a.trans.apply((a.rows, a.cols));
+    let (kb, n) = b.trans.apply((b.rows, b.cols));
     let c_need = if m == 0 || n == 0 {
         0
     } else {
@@ -272,7 +279,7 @@ pub(crate) fn gemm_serial(
             ),
         });
     }
-    let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides(trans_a)?, b.strides(trans_b)?);
+    let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides()?, b.strides()?);
     if m == 0 || n == 0 {
         return Ok(());
     }

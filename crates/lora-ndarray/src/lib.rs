@@ -4,8 +4,10 @@
 //! tested against. Tensors are [`ndarray`] arrays in standard layout; matrix products go
 //! through the [`gemm`](https://docs.rs/gemm) crate with rayon threading (see the
 //! `gemm` module for why). Layer-level ops use `lora-core`'s default implementations,
-//! except the decoder-LLM family (`decoder`), fused here into one pass per row.
+//! except the decoder-LLM family (`decoder`), fused here into one pass per row, and
+//! causal attention (`attention`), fused per head with the masked triangle skipped.
 
+mod attention;
 mod backend;
 mod decoder;
 mod gemm;

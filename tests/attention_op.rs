@@ -1,0 +1,237 @@
+//! `DecoderOps::causal_attention` and its backward on every backend: against an f64 host
+//! reference (with padding, a query that sees no key, several query blocks, and a KV
+//! cache), finite differences of that reference, and on large shapes the default
+//! implementation over the primitives (which a fused backend must reproduce).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lora::ops::{AttentionMask, attention_backward};
+use lora::{Backend, DecoderOps, FullBackend};
+use lora_tests::{assert_close, backend_suite, central_differences, rand_vec, to64};
+
+/// One attention problem: `batch` sequences of `heads` heads, `t` queries after `past`
+/// cached keys, head size `d`; `keep` flags every key of every sequence.
+struct Case {
+    batch: usize,
+    heads: usize,
+    t: usize,
+    past: usize,
+    d: usize,
+    keep: Vec<u32>,
+}
+
+impl Case {
+    fn new(batch: usize, heads: usize, t: usize, past: usize, d: usize, pad: usize) -> Self {
+        let kv = past + t;
+        // The last sequence is left-padded with `pad` keys.
+        let keep = (0..batch * kv)
+            .map(|i| u32::from(!(i / kv == batch - 1 && i % kv < pad)))
+            .collect();
+        Case {
+            batch,
+            heads,
+            t,
+            past,
+            d,
+            keep,
+        }
+    }
+    fn kv(&self) -> usize {
+        self.past + self.t
+    }
+    fn items(&self) -> usize {
+        self.batch * self.heads
+    }
+    fn visible(&self, item: usize, i: usize, j: usize) -> bool {
+        j <= self.past + i && self.keep[(item / self.heads) * self.kv() + j] != 0
+    }
+    /// The additive bias and the per-query "sees some key" flags, as the model builds them.
+    fn mask_host(&self) -> (Vec<f32>, Vec<f32>) {
+        let (t, kv) = (self.t, self.kv());
+        let mut bias = Vec::new();
+        let mut rows = Vec::new();
+        for item in 0..self.items() {
+            for i in 0..t {
+                let row: Vec<f32> = (0..kv)
+                    .map(|j| if self.visible(item, i, j) { 0.0 } else { -1e30 })
+                    .collect();
+                rows.push(if row.contains(&0.0) { 1.0 } else { 0.0 });
+                bias.extend(row);
+            }
+        }
+        (bias, rows)
+    }
+    /// f64 reference: per item `softmax(scale·q·kᵀ + mask)·v`, zero for blind queries.
+    fn forward64(&self, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> Vec<f64> {
+        let (t, kv, d) = (self.t, self.kv(), self.d);
+        let mut out = vec![0.0; self.items() * t * d];
+        for item in 0..self.items() {
+            for i in 0..t {
+                let qi = &q[(item * t + i) * d..][..d];
+                let s: Vec<Option<f64>> = (0..kv)
+                    .map(|j| {
+                        let kj = &k[(item * kv + j) * d..][..d];
+                        self.visible(item, i, j)
+                            .then(|| scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>())
+                    })
+                    .collect();
+                let Some(max) = s.iter().flatten().copied().reduce(f64::max) else {
+                    continue;
+                };
+                let e: Vec<f64> = s
+                    .iter()
+                    .map(|x| x.map_or(0.0, |x| (x - max).exp()))
+                    .collect();
+                let sum: f64 = e.iter().sum();
+                for (j, w) in e.iter().enumerate() {
+                    for c in 0..d {
+                        out[(item * t + i) * d + c] += w / sum * v[(item * kv + j) * d + c];
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+struct Inputs<T> {
+    q: (Vec<f32>, T),
+    k: (Vec<f32>, T),
+    v: (Vec<f32>, T),
+    bias: T,
+    rows: Option<T>,
+}
+
+fn inputs<B: Backend>(b: &B, c: &Case, seed: u64) -> Inputs<B::Tensor> {
+    let (n, kv, d) = (c.items(), c.kv(), c.d);
+    let mk = |len: usize, stream: u64, shape: &[usize]| {
+        let h: Vec<f32> = rand_vec(len, seed, stream)
+            .iter()
+            .map(|x| x * 2.0)
+            .collect();
+        let t = b.from_host(&h, shape).unwrap();
+        (h, t)
+    };
+    let (bias, rows) = c.mask_host();
+    Inputs {
+        q: mk(n * c.t * d, 0, &[n, c.t, d]),
+        k: mk(n * kv * d, 1, &[n, kv, d]),
+        v: mk(n * kv * d, 2, &[n, kv, d]),
+        bias: b.from_host(&bias, &[n * c.t, kv]).unwrap(),
+        rows: rows
+            .contains(&0.0)
+            .then(|| b.from_host(&rows, &[n * c.t]).unwrap()),
+    }
+}
+
+fn mask<'a, T>(c: &'a Case, x: &'a Inputs<T>) -> AttentionMask<'a, T> {
+    AttentionMask {
+        heads: c.heads,
+        past: c.past,
+        keep: &c.keep,
+        bias: &x.bias,
+        nonempty_rows: x.rows.as_ref(),
+    }
+}
+
+fn check_forward<B: FullBackend>(b: &B, c: &Case) {
+    let x = inputs(b, c, 7);
+    let scale = 1.0 / (c.d as f64).sqrt();
+    let (out, _) = b
+        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &mask(c, &x), scale as f32)
+        .unwrap();
+    let want = c.forward64(&to64(&x.q.0), &to64(&x.k.0), &to64(&x.v.0), scale);
+    assert_close(
+        "causal_attention",
+        &b.to_host(&out).unwrap(),
+        &want,
+        1e-4,
+        1e-5,
+    );
+}
+
+/// Small case: the backward against central differences of the f64 forward.
+fn check_backward_fd<B: FullBackend>(b: &B, c: &Case) {
+    let x = inputs(b, c, 8);
+    let scale = 1.0 / (c.d as f64).sqrt();
+    let (out, probs) = b
+        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &mask(c, &x), scale as f32)
+        .unwrap();
+    let g = rand_vec(out.shape_numel(), 8, 5);
+    let gt = b.from_host(&g, &[c.items(), c.t, c.d]).unwrap();
+    let (dq, dk, dv) = b
+        .causal_attention_backward(&x.q.1, &x.k.1, &x.v.1, &probs, &gt, scale as f32)
+        .unwrap();
+    let (q, k, v, g) = (to64(&x.q.0), to64(&x.k.0), to64(&x.v.0), to64(&g));
+    let dot = |o: Vec<f64>| o.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>();
+    let fd_q = central_differences(&q, |q| dot(c.forward64(q, &k, &v, scale)));
+    let fd_k = central_differences(&k, |k| dot(c.forward64(&q, k, &v, scale)));
+    let fd_v = central_differences(&v, |v| dot(c.forward64(&q, &k, v, scale)));
+    assert_close("d q", &b.to_host(&dq).unwrap(), &fd_q, 1e-3, 1e-4);
+    assert_close("d k", &b.to_host(&dk).unwrap(), &fd_k, 1e-3, 1e-4);
+    assert_close("d v", &b.to_host(&dv).unwrap(), &fd_v, 1e-3, 1e-4);
+}
+
+/// Large case: the backend's backward against the default over the primitives.
+fn check_backward_default<B: FullBackend>(b: &B, c: &Case) {
+    let x = inputs(b, c, 9);
+    let scale = 0.125f32;
+    let (out, probs) = b
+        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &mask(c, &x), scale)
+        .unwrap();
+    let gt = b
+        .from_host(&rand_vec(out.shape_numel(), 9, 5), &[c.items(), c.t, c.d])
+        .unwrap();
+    let got = b
+        .causal_attention_backward(&x.q.1, &x.k.1, &x.v.1, &probs, &gt, scale)
+        .unwrap();
+    let want = attention_backward(b, &x.q.1, &x.k.1, &x.v.1, &probs, &gt, scale).unwrap();
+    for (name, g, w) in [
+        ("dq", got.0, want.0),
+        ("dk", got.1, want.1),
+        ("dv", got.2, want.2),
+    ] {
+        let w = to64(&b.to_host(&w).unwrap());
+        assert_close(name, &b.to_host(&g).unwrap(), &w, 1e-4, 1e-5);
+    }
+}
+
+trait Numel {
+    fn shape_numel(&self) -> usize;
+}
+impl<T: lora::Tensor> Numel for T {
+    fn shape_numel(&self) -> usize {
+        self.shape().numel()
+    }
+}
+
+backend_suite! { all:
+    fn causal_attention_equals_the_f64_reference(b) {
+        // Padding that leaves the first queries of the last sequence blind.
+        check_forward(b, &Case::new(2, 2, 5, 0, 4, 2));
+        // Several query blocks of 64, and queries after 100 cached keys.
+        check_forward(b, &Case::new(1, 2, 150, 0, 8, 0));
+        check_forward(b, &Case::new(2, 1, 70, 100, 8, 30));
+    }
+
+    fn causal_attention_backward_equals_finite_differences(b) {
+        check_backward_fd(b, &Case::new(2, 2, 5, 0, 4, 2));
+    }
+
+    fn causal_attention_backward_equals_the_default_on_long_sequences(b) {
+        check_backward_default(b, &Case::new(2, 2, 150, 0, 16, 40));
+    }
+}
+
+#[test]
+fn mismatched_attention_shapes_are_errors() {
+    let b = lora::NdArray::new();
+    let c = Case::new(1, 2, 5, 0, 4, 0);
+    let x = inputs(&b, &c, 1);
+    let short_k = b.from_host(&[0.0; 2 * 4 * 4], &[2, 4, 4]).unwrap();
+    let e = b
+        .causal_attention(&x.q.1, &short_k, &x.v.1, &mask(&c, &x), 1.0)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("causal_attention k / v"), "{e}");
+}
