@@ -117,8 +117,7 @@ fn bench_backend<B: FullBackend>(c: &mut Criterion, b: &B) {
     g.bench_function(format!("{name}/train_step/{shape}"), |bch| {
         bch.iter(|| {
             let logits = model.logits(b, &batch, Mode::Train).unwrap();
-            let (_, _, d) = causal_lm_loss_grad(b, &logits, &labels, BATCH, SEQ).unwrap();
-            drop(logits);
+            let (_, _, d) = causal_lm_loss_grad(b, logits, &labels, BATCH, SEQ).unwrap();
             model.backward_logits(b, &d).unwrap();
             opt.step(b, &mut lora::Model::params_and_grads(&mut model))
                 .unwrap();

@@ -95,7 +95,7 @@ fn train_backward<B: lora::FullBackend>(
     labels: &[i64],
 ) -> f64 {
     let logits = model.logits(b, tb, Mode::Train).unwrap();
-    let (loss, _, d) = causal_lm_loss_grad(b, &logits, labels, tb.batch, tb.seq_len).unwrap();
+    let (loss, _, d) = causal_lm_loss_grad(b, logits, labels, tb.batch, tb.seq_len).unwrap();
     model.backward_logits(b, &d).unwrap();
     loss
 }

@@ -200,6 +200,28 @@ fn check_cross_entropy<B: FullBackend>(b: &B, rows: usize, vocab: usize, spread:
             .collect();
         assert_close("cross_entropy_backward", &got, &want, 1e-4, 1e-7);
     }
+    // The fused call gives both, also when the logits' storage is shared.
+    let shared = lt.clone();
+    let (nll2, d2) = b.cross_entropy_with_grad(lt, &t, scale as f32).unwrap();
+    assert_close(
+        "cross_entropy_with_grad nll",
+        &b.to_host(&nll2).unwrap(),
+        &to64(&b.to_host(&nll).unwrap()),
+        1e-6,
+        1e-7,
+    );
+    assert_close(
+        "cross_entropy_with_grad grad",
+        &b.to_host(&d2).unwrap(),
+        &to64(&got),
+        1e-6,
+        1e-8,
+    );
+    assert_eq!(
+        b.to_host(&shared).unwrap(),
+        logits,
+        "the caller's copy is untouched"
+    );
 }
 
 fn check_embedding_backward<B: FullBackend>(b: &B, n: usize, vocab: usize, hidden: usize) {

@@ -10,6 +10,7 @@ use lora_core::ops::{AttentionMask, check_attention, check_attention_backward};
 use lora_core::{Result, Transpose};
 use rayon::prelude::*;
 
+use crate::fast_exp::exp;
 use crate::gemm::{View, gemm_serial};
 use crate::tensor::NdTensor;
 
@@ -102,7 +103,7 @@ fn softmax_visible(row: &mut [f32], keep: &[u32], pos: usize, nk: usize) {
     }
     let mut sum = 0.0f32;
     for (s, &m) in row[..seen].iter_mut().zip(keep) {
-        *s = if m != 0 { (*s - max).exp() } else { 0.0 };
+        *s = if m != 0 { exp(*s - max) } else { 0.0 };
         sum += *s;
     }
     let inv = 1.0 / sum;

@@ -267,7 +267,7 @@ impl Backend for NdArray {
             let max = o.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let mut sum = 0.0f32;
             o.iter_mut().for_each(|v| {
-                *v = (*v - max).exp();
+                *v = crate::fast_exp::exp(*v - max);
                 sum += *v;
             });
             let inv = 1.0 / sum;

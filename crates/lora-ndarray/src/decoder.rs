@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::attention;
 use crate::backend::{NdArray, PAR_CHUNK, PAR_MIN_ELEMS};
+use crate::fast_exp::exp;
 use crate::tensor::NdTensor;
 
 /// Runs `work(row index, out row)` over the `n`-wide rows of `out`, on several threads when
@@ -47,15 +48,27 @@ fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> V
 
 /// `1 / (1 + e^-x)`.
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
-/// Log-sum-exp of a row: f32 exponentials (each exact to an ulp after the max shift) summed
-/// in f64, as PyTorch's CPU log-softmax accumulates.
+/// Log-sum-exp of a row: f32 exponentials (within 2 ulp after the max shift) summed in
+/// f64.
 fn logsumexp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
-    f64::from(max) + sum.ln()
+    // Eight partial sums: the exponentials vectorize and the adds pipeline.
+    let mut acc = [0.0f64; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f64::from(exp(v - max));
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| f64::from(exp(v - max)))
+        .sum();
+    f64::from(max) + (acc.iter().sum::<f64>() + tail).ln()
 }
 
 impl DecoderOps for NdArray {
@@ -199,11 +212,39 @@ impl DecoderOps for NdArray {
             let row = &src[r * vocab..(r + 1) * vocab];
             let lse = logsumexp(row) as f32;
             for (o, &v) in o.iter_mut().zip(row) {
-                *o = (v - lse).exp() * scale;
+                *o = exp(v - lse) * scale;
             }
             o[t] -= scale;
         });
         NdTensor::from_vec(out, logits.shape().dims())
+    }
+
+    fn cross_entropy_with_grad(
+        &self,
+        logits: NdTensor,
+        targets: &[Option<usize>],
+        scale: f32,
+    ) -> Result<(NdTensor, NdTensor)> {
+        let (rows, vocab) = check_cross_entropy(&logits, targets)?;
+        let mut grad = logits;
+        let mut nll = vec![0.0f32; rows];
+        // The gradient overwrites the logits (a copy only if they are shared).
+        grad.as_mut_slice()
+            .par_chunks_mut(vocab.max(1))
+            .zip(nll.par_iter_mut())
+            .zip(targets.par_iter())
+            .for_each(|((row, nll), t)| {
+                let Some(t) = *t else {
+                    row.fill(0.0);
+                    return;
+                };
+                let lse = logsumexp(row);
+                *nll = (lse - f64::from(row[t])) as f32;
+                let lse = lse as f32;
+                row.iter_mut().for_each(|v| *v = exp(*v - lse) * scale);
+                row[t] -= scale;
+            });
+        Ok((NdTensor::from_vec(nll, &[rows])?, grad))
     }
 
     fn embedding_backward(

@@ -10,6 +10,7 @@
 mod attention;
 mod backend;
 mod decoder;
+mod fast_exp;
 mod gemm;
 mod tensor;
 

@@ -186,8 +186,7 @@ fn train_loop<B: QuantBackend>(
             tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
             let logits = model.logits(b, &batch, Mode::Train)?;
             let (loss, _, grad) =
-                causal_lm_loss_grad(b, &logits, &labels, batch.batch, batch.seq_len)?;
-            drop(logits);
+                causal_lm_loss_grad(b, logits, &labels, batch.batch, batch.seq_len)?;
             step_loss += loss / args.grad_accum as f64;
             let d = match args.grad_accum {
                 1 => grad,

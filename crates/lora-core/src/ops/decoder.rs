@@ -213,6 +213,21 @@ pub trait DecoderOps: Backend {
         self.binary(BinaryOp::Mul, &self.reshape(&flat, &[rows, vocab])?, &keep)
     }
 
+    /// [`DecoderOps::cross_entropy`] and [`DecoderOps::cross_entropy_backward`] in one
+    /// call, `(nll [rows], d_logits)`, for training steps. It takes the logits by value so
+    /// that a backend may write the gradient into their storage (ndarray does, in one pass
+    /// per row).
+    fn cross_entropy_with_grad(
+        &self,
+        logits: Self::Tensor,
+        targets: &[Option<usize>],
+        scale: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let nll = self.cross_entropy(&logits, targets)?;
+        let grad = self.cross_entropy_backward(&logits, targets, scale)?;
+        Ok((nll, grad))
+    }
+
     /// Backward of an embedding lookup (`gather_rows(table, ids)`): the `[vocab, hidden]`
     /// gradient of the table, row `v` the sum of the rows of `d_out` (`[ids.len(),
     /// hidden]`) whose id is `v`, added in the order of `ids` (ids may repeat).

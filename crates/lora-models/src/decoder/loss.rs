@@ -84,19 +84,21 @@ pub fn causal_lm_loss<B: DecoderOps>(
 
 /// [`causal_lm_loss`] and its gradient with respect to the logits (same shape):
 /// `(softmax(row) - onehot(label)) / counted` at every counted position, zero elsewhere.
+/// Takes the logits by value: the backend may write the gradient into their storage.
 pub fn causal_lm_loss_grad<B: DecoderOps>(
     b: &B,
-    logits: &B::Tensor,
+    logits: B::Tensor,
     labels: &[i64],
     batch: usize,
     seq: usize,
 ) -> Result<(f64, usize, B::Tensor)> {
-    let (rows, vocab) = logits_rows(b, logits, batch, seq)?;
+    let (rows, vocab) = logits_rows(b, &logits, batch, seq)?;
+    drop(logits);
     let (targets, counted) = next_token_targets(labels, batch, seq, vocab)?;
     if counted == 0 {
         return Ok((f64::NAN, 0, b.zeros(&[batch, seq, vocab])?));
     }
-    let loss = b.sum_all(&b.cross_entropy(&rows, &targets)?)? / counted as f64;
-    let grad = b.cross_entropy_backward(&rows, &targets, 1.0 / counted as f32)?;
+    let (nll, grad) = b.cross_entropy_with_grad(rows, &targets, 1.0 / counted as f32)?;
+    let loss = b.sum_all(&nll)? / counted as f64;
     Ok((loss, counted, b.reshape(&grad, &[batch, seq, vocab])?))
 }
