@@ -10,9 +10,9 @@ use lora_core::ops::{AttentionMask, check_attention, check_attention_backward};
 use lora_core::{Result, Transpose};
 use rayon::prelude::*;
 
-use crate::fast_exp::exp;
 use crate::gemm::{View, gemm_serial};
 use crate::tensor::NdTensor;
+use crate::vectorize;
 
 /// Queries per block: large enough for efficient products, small enough that the
 /// skipped triangle is most of the masked work.
@@ -101,12 +101,13 @@ fn softmax_visible(row: &mut [f32], keep: &[u32], pos: usize, nk: usize) {
         row[..seen].iter_mut().for_each(|s| *s = 0.0);
         return;
     }
-    let mut sum = 0.0f32;
+    // Masked keys to -inf: their exponential is 0.
     for (s, &m) in row[..seen].iter_mut().zip(keep) {
-        *s = if m != 0 { exp(*s - max) } else { 0.0 };
-        sum += *s;
+        if m == 0 {
+            *s = f32::NEG_INFINITY;
+        }
     }
-    let inv = 1.0 / sum;
+    let inv = (1.0 / vectorize::exp_in_place_sum(&mut row[..seen], max)) as f32;
     row[..seen].iter_mut().for_each(|s| *s *= inv);
 }
 

@@ -265,12 +265,7 @@ impl Backend for NdArray {
                 None => o.copy_from_slice(row),
             }
             let max = o.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0.0f32;
-            o.iter_mut().for_each(|v| {
-                *v = crate::fast_exp::exp(*v - max);
-                sum += *v;
-            });
-            let inv = 1.0 / sum;
+            let inv = (1.0 / crate::vectorize::exp_in_place_sum(o, max)) as f32;
             o.iter_mut().for_each(|v| *v *= inv);
         };
         if src.len() < PAR_MIN_ELEMS {

@@ -12,8 +12,8 @@ use rayon::prelude::*;
 
 use crate::attention;
 use crate::backend::{NdArray, PAR_CHUNK, PAR_MIN_ELEMS};
-use crate::fast_exp::exp;
 use crate::tensor::NdTensor;
+use crate::vectorize;
 
 /// Runs `work(row index, out row)` over the `n`-wide rows of `out`, on several threads when
 /// the tensor is large.
@@ -28,47 +28,27 @@ fn for_rows(out: &mut [f32], n: usize, work: impl Fn(usize, &mut [f32]) + Sync +
     }
 }
 
-/// `out[i] = f(a[i], b[i])` over equal-length slices, on several threads when large.
-fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+/// `kernel(a, b, out)` over equal-length slices, in chunks on several threads when large.
+fn par_kernel(
+    a: &[f32],
+    b: &[f32],
+    kernel: impl Fn(&[f32], &[f32], &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; a.len()];
-    let work = |(o, (x, y)): (&mut [f32], (&[f32], &[f32]))| {
-        o.iter_mut()
-            .zip(x.iter().zip(y))
-            .for_each(|(o, (&x, &y))| *o = f(x, y));
-    };
     if a.len() < PAR_MIN_ELEMS {
-        work((&mut out, (a, b)));
+        kernel(a, b, &mut out);
     } else {
         out.par_chunks_mut(PAR_CHUNK)
             .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
-            .for_each(work);
+            .for_each(|(o, (x, y))| kernel(x, y, o));
     }
     out
 }
 
-/// `1 / (1 + e^-x)`.
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
-}
-
-/// Log-sum-exp of a row: f32 exponentials (within 2 ulp after the max shift) summed in
-/// f64.
+/// Log-sum-exp of a row: exponentials within 2 ulp after the max shift, summed in f64.
 fn logsumexp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    // Eight partial sums: the exponentials vectorize and the adds pipeline.
-    let mut acc = [0.0f64; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f64::from(exp(v - max));
-        }
-    }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| f64::from(exp(v - max)))
-        .sum();
-    f64::from(max) + (acc.iter().sum::<f64>() + tail).ln()
+    f64::from(max) + vectorize::sum_exp(row, max).ln()
 }
 
 impl DecoderOps for NdArray {
@@ -159,15 +139,13 @@ impl DecoderOps for NdArray {
 
     fn silu(&self, x: &NdTensor) -> Result<NdTensor> {
         let src = x.as_slice();
-        NdTensor::from_vec(zip_map(src, src, |v, _| v * sigmoid(v)), x.shape().dims())
+        let out = par_kernel(src, src, vectorize::silu);
+        NdTensor::from_vec(out, x.shape().dims())
     }
 
     fn silu_backward(&self, x: &NdTensor, dy: &NdTensor) -> Result<NdTensor> {
         lora_core::backend::check_same_shape("silu_backward", x.shape(), dy.shape())?;
-        let out = zip_map(x.as_slice(), dy.as_slice(), |x, g| {
-            let s = sigmoid(x);
-            g * s * (1.0 + x * (1.0 - s))
-        });
+        let out = par_kernel(x.as_slice(), dy.as_slice(), vectorize::silu_backward);
         NdTensor::from_vec(out, x.shape().dims())
     }
 
@@ -211,9 +189,8 @@ impl DecoderOps for NdArray {
             let Some(t) = targets[r] else { return };
             let row = &src[r * vocab..(r + 1) * vocab];
             let lse = logsumexp(row) as f32;
-            for (o, &v) in o.iter_mut().zip(row) {
-                *o = exp(v - lse) * scale;
-            }
+            o.copy_from_slice(row);
+            vectorize::exp_scale_in_place(o, lse, scale);
             o[t] -= scale;
         });
         NdTensor::from_vec(out, logits.shape().dims())
@@ -240,8 +217,7 @@ impl DecoderOps for NdArray {
                 };
                 let lse = logsumexp(row);
                 *nll = (lse - f64::from(row[t])) as f32;
-                let lse = lse as f32;
-                row.iter_mut().for_each(|v| *v = exp(*v - lse) * scale);
+                vectorize::exp_scale_in_place(row, lse as f32, scale);
                 row[t] -= scale;
             });
         Ok((NdTensor::from_vec(nll, &[rows])?, grad))

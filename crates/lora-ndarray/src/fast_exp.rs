@@ -19,8 +19,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer (ties to even).
     const ROUND: f32 = 12_582_912.0;
-    let xc = x.clamp(MIN_ARG, MAX_ARG);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    // max/min (not clamp) vectorize; they map NaN to MIN_ARG, handled at the end.
+    #[allow(clippy::manual_clamp)]
+    let xc = x.max(MIN_ARG).min(MAX_ARG);
+    let big = xc * LOG2E + ROUND;
+    let n = big - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -29,8 +32,17 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < MIN_ARG { 0.0 } else { er * two_n }
+    // `big`'s bits are those of 1.5·2²³ plus n: integer arithmetic on them gives 2ⁿ's
+    // exponent field without a float-to-int conversion (which would not vectorize).
+    let n_bits = big.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if x < MIN_ARG {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        er * two_n
+    }
 }
 
 #[cfg(test)]

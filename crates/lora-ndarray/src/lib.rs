@@ -13,6 +13,7 @@ mod decoder;
 mod fast_exp;
 mod gemm;
 mod tensor;
+mod vectorize;
 
 pub use backend::NdArray;
 pub use tensor::NdTensor;
