@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use lora::rng::{RngState, uniform};
+
+pub mod random_llama;
 use lora::{Backend, NdArray, NdTensor};
 
 /// Per-sample `(baseline seconds, measured seconds)` of one paired benchmark.

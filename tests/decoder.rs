@@ -357,7 +357,7 @@ fn a_weight_of_the_wrong_shape_names_the_tensor_and_both_shapes() {
     let mut tensors = lora::io::read_checkpoint_f32(&dir("qwen3")).unwrap();
     let key = "model.layers.1.self_attn.k_norm.weight";
     tensors.get_mut(key).unwrap().shape = vec![8, 2];
-    let e = DecoderModel::from_state_dict(&b, config, &tensors, "qwen3")
+    let e = DecoderModel::from_state_dict(&b, config, tensors, "qwen3")
         .unwrap_err()
         .to_string();
     assert!(
@@ -556,7 +556,7 @@ fn sharded_bf16_checkpoints_load() {
     let tb = batch(&io, "input_ids", Some("attention_mask"));
     let mut sharded = DecoderModel::from_pretrained(&b, &tmp).unwrap();
     let config = DecoderConfig::from_file(&tmp.join("config.json")).unwrap();
-    let mut reference = DecoderModel::from_state_dict(&b, config, &rounded, "rounded").unwrap();
+    let mut reference = DecoderModel::from_state_dict(&b, config, rounded, "rounded").unwrap();
     let got = b
         .to_host(&sharded.logits(&b, &tb, Mode::Eval).unwrap())
         .unwrap();

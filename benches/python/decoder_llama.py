@@ -5,7 +5,9 @@ a 16-token prompt (transformers' `generate`, KV cache). Medians over timed repet
 after a warm-up.
 
 Writes {"train_step/<shape>": {"median_s"}, "generate/<shape>": {"median_s"}} to argv[1].
-`LORA_BENCH_QUICK` selects the smaller model, as in the Rust bench.
+`LORA_BENCH_QUICK` selects the smaller model, as in the Rust bench. With `train-memory`
+as argv[1] it runs three training steps and nothing else, for a peak-RSS measurement
+(`cargo xtask bench` runs it under GNU time, as it runs benches/bin/decoder_memory.rs).
 """
 
 import json
@@ -40,12 +42,11 @@ def timed(fn, seconds):
     return statistics.median(times)
 
 
-def main(out_path):
-    seconds = float(os.environ.get("LORA_BENCH_SECONDS", "5"))
+def setup():
+    """The random Llama with LoRA on every projection, its optimizer, a batch and a step."""
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     h, layers, heads, kv, inter, vocab = dims()
-    shape = f"h{h}-l{layers}-v{vocab}-{BATCH}x{SEQ}"
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048)
     model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -58,6 +59,19 @@ def main(out_path):
         opt.step()
         opt.zero_grad()
 
+    return model, ids, step
+
+
+def main(out_path):
+    if out_path == "train-memory":
+        step = setup()[2]
+        for _ in range(3):
+            step()
+        return
+    seconds = float(os.environ.get("LORA_BENCH_SECONDS", "5"))
+    h, layers, _, _, _, vocab = dims()
+    shape = f"h{h}-l{layers}-v{vocab}-{BATCH}x{SEQ}"
+    model, ids, step = setup()
     results = {"torch": torch.__version__, "peft": peft.__version__}
     results[f"train_step/{shape}"] = {"median_s": timed(step, seconds)}
     model.eval()

@@ -108,6 +108,13 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
     #[allow(clippy::wrong_self_convention)]
     fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
 
+    /// Like [`Backend::from_host`], taking the buffer: a backend whose device memory is
+    /// host memory (ndarray) keeps it without a copy, so loading a checkpoint does not
+    /// hold every weight twice.
+    fn from_host_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor> {
+        self.from_host(&data, shape)
+    }
+
     /// Copies a tensor to the host, row-major.
     fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
 

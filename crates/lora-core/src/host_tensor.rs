@@ -28,6 +28,11 @@ impl HostTensor {
         backend.from_host(&self.data, &self.shape)
     }
 
+    /// Moves this tensor to a device (without a copy where the device is host memory).
+    pub fn into_backend<B: Backend>(self, backend: &B) -> Result<B::Tensor> {
+        backend.from_host_vec(self.data, &self.shape)
+    }
+
     /// Checks the shape against `expected`, naming `what` in the error.
     pub fn expect_shape(&self, what: &str, expected: &[usize]) -> Result<()> {
         if self.shape != expected {

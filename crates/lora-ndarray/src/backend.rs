@@ -201,6 +201,10 @@ impl Backend for NdArray {
         NdTensor::from_vec(data.to_vec(), shape)
     }
 
+    fn from_host_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<NdTensor> {
+        NdTensor::from_vec(data, shape)
+    }
+
     fn to_host(&self, t: &NdTensor) -> Result<Vec<f32>> {
         Ok(t.as_slice().to_vec())
     }

@@ -127,11 +127,15 @@ pub(crate) fn gemm_into(
     if threads <= 1 || work < PARALLEL_MIN_WORK {
         run(0, m, 0, n, Parallelism::None);
     } else if work >= WHOLE_PANELS_MIN_WORK && m.min(n) >= WHOLE_PANELS_MIN_SIDE {
-        // One panel per thread along the longer side: no synchronisation between them.
-        let (long, per) = (m.max(n), m.max(n).div_ceil(threads));
-        (0..long.div_ceil(per)).into_par_iter().for_each(|p| {
-            let (s0, len) = (p * per, per.min(long - p * per));
-            match m >= n {
+        // One panel per thread, no synchronisation between them: row panels unless the
+        // rows are too few (row panels measured at least as fast as column panels, and 7%
+        // faster at 512x4096x4096).
+        let by_rows = m >= WHOLE_PANELS_MIN_SIDE * threads || m >= n;
+        let side = if by_rows { m } else { n };
+        let per = side.div_ceil(threads);
+        (0..side.div_ceil(per)).into_par_iter().for_each(|p| {
+            let (s0, len) = (p * per, per.min(side - p * per));
+            match by_rows {
                 true => run(s0, len, 0, n, Parallelism::None),
                 false => run(0, m, s0, len, Parallelism::None),
             }

@@ -34,6 +34,7 @@ pub(super) fn write_markdown(
     quant_section(&mut md, rows);
     train_memory_section(&mut md, rows);
     demo_memory_section(&mut md, rows);
+    decoder_memory_section(&mut md, rows);
     gemm_section(&mut md, rows, fma);
     std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -214,6 +215,34 @@ fn model_section(md: &mut String, rows: &[Row], prefix: &str, title: &str, text:
             } else {
                 format!("missed: {:.0}% slower", (v - 1.0) * 100.0)
             }),
+        ));
+    }
+}
+
+/// Peak RSS of the decoder training step: ours (plain, gradient checkpointing) and
+/// PyTorch + PEFT's.
+fn decoder_memory_section(md: &mut String, rows: &[Row]) {
+    let mem: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.op == "decoder_train_peak_rss")
+        .collect();
+    let rss = |r: &Row| r.extra.get("peak_rss_bytes").and_then(Value::as_u64);
+    let Some(torch) = mem
+        .iter()
+        .find(|r| r.backend == "pytorch+peft")
+        .and_then(|r| rss(r))
+    else {
+        return;
+    };
+    md.push_str("\n## Memory: decoder training step\n\nThe random Llama of the decoder section, LoRA r=16 on every projection, three AdamW steps at batch 4 x 256 in one process each (`benches/bin/decoder_memory.rs`, `decoder_llama.py train-memory`), peak RSS from GNU time (the whole process: weights, activations, optimizer state, the interpreter for PyTorch). Goals (issue 13): at most PyTorch's peak RSS; report what gradient checkpointing saves.\n\n| run | process time | peak RSS | vs PyTorch + PEFT |\n|---|---|---|---|\n");
+    for r in &mem {
+        let Some(b) = rss(r) else { continue };
+        md.push_str(&format!(
+            "| {} | {:.1} s | {:.0} MiB | {:.2}x |\n",
+            r.backend,
+            r.median_s,
+            b as f64 / 1048576.0,
+            b as f64 / torch as f64
         ));
     }
 }

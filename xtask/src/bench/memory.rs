@@ -90,7 +90,55 @@ pub(super) fn demo_memory(target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Wall time and peak RSS (bytes) of one process run, via GNU time when present.
+/// Peak RSS of the decoder training step (the random Llama of `benches/decoder.rs`, three
+/// AdamW steps per process): ours plain and with gradient checkpointing
+/// (`benches/bin/decoder_memory.rs`), and PyTorch + PEFT (`decoder_llama.py train-memory`),
+/// as `target/bench/decoder_memory.json`.
+pub(super) fn decoder_memory(target: &Path, quick: bool) -> Result<()> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "lora-benches",
+        "--bin",
+        "lora-decoder-memory",
+    ]);
+    run_cmd(
+        "cargo build --release --bin lora-decoder-memory",
+        &mut build,
+    )?;
+    let exe = crate::cmd::target_dir().join("release/lora-decoder-memory");
+    let python = crate::venv::ensure_venv()?;
+    let script = crate::cmd::root().join("benches/python/decoder_llama.py");
+    let mut out = serde_json::Map::new();
+    for (name, mut cmd) in [
+        ("lora-rs", std::process::Command::new(&exe)),
+        ("lora-rs, gradient checkpointing", {
+            let mut c = std::process::Command::new(&exe);
+            c.arg("checkpointing");
+            c
+        }),
+        ("pytorch+peft", {
+            let mut c = std::process::Command::new(&python);
+            c.arg(&script).arg("train-memory");
+            c
+        }),
+    ] {
+        cmd.envs(quick.then_some(("LORA_BENCH_QUICK", "1")));
+        let (secs, rss) = timed(&mut cmd)?;
+        println!("decoder training memory, {name}: {secs:.1} s, peak RSS {rss:?} bytes");
+        out.insert(name.into(), json!({"seconds": secs, "peak_rss_bytes": rss}));
+    }
+    std::fs::write(
+        target.join("bench/decoder_memory.json"),
+        serde_json::to_string_pretty(&Value::Object(out))? + "\n",
+    )?;
+    Ok(())
+}
+
+/// Wall time and peak RSS (bytes) of one process run, via GNU time when present (the
+/// command's own environment variables are passed on).
 pub(super) fn timed(cmd: &mut std::process::Command) -> Result<(f64, Option<u64>)> {
     let gnu_time = Path::new("/usr/bin/time");
     let rss_file = std::env::temp_dir().join(format!("lora-xtask-time-{}", std::process::id()));
@@ -104,6 +152,12 @@ pub(super) fn timed(cmd: &mut std::process::Command) -> Result<(f64, Option<u64>
             .arg(&rss_file)
             .arg(cmd.get_program())
             .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => wrapped.env(k, v),
+                None => wrapped.env_remove(k),
+            };
+        }
         wrapped
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

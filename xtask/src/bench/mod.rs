@@ -54,6 +54,7 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
     merge_bench(&target, quick)?;
     memory::demo_memory(&target)?;
     memory::train_memory(&target)?;
+    memory::decoder_memory(&target, quick)?;
     report::report(&target, quick)
 }
 

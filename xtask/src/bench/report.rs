@@ -398,9 +398,27 @@ fn quant_rows(target: &Path, rows: &mut Vec<Row>) {
     }
 }
 
-/// Rows of the memory measurements: training memory of one layer (`memory.json`) and the
-/// peak RSS of `lora demo` (`demo_memory.json`).
+/// Rows of the memory measurements: training memory of one layer (`memory.json`), the
+/// peak RSS of `lora demo` (`demo_memory.json`) and of the decoder training step
+/// (`decoder_memory.json`).
 fn memory_rows(target: &Path, rows: &mut Vec<Row>) {
+    if let Some(m) = read_json(&target.join("bench/decoder_memory.json")) {
+        for (name, v) in m.as_object().into_iter().flatten() {
+            let (Some(secs), Some(rss)) = (v["seconds"].as_f64(), v["peak_rss_bytes"].as_u64())
+            else {
+                continue;
+            };
+            let mut extra = BTreeMap::new();
+            extra.insert("peak_rss_bytes", json!(rss));
+            rows.push(Row {
+                backend: name.clone(),
+                op: "decoder_train_peak_rss".into(),
+                shape: String::new(),
+                median_s: secs,
+                extra,
+            });
+        }
+    }
     if let Some(m) = read_json(&target.join("bench/memory.json")) {
         for v in m.as_array().into_iter().flatten() {
             let mut extra = BTreeMap::new();

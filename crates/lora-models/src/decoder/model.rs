@@ -52,19 +52,23 @@ struct TrainState<T> {
     embedding: Option<(Vec<usize>, Option<T>)>,
 }
 
-/// Checkpoint tensors by name, checked against the shapes the config implies.
+/// Checkpoint tensors by name, checked against the shapes the config implies; each is
+/// moved to the backend as it is taken (no second copy of the weights on ndarray).
 struct Weights<'a> {
-    tensors: &'a BTreeMap<String, HostTensor>,
+    tensors: BTreeMap<String, HostTensor>,
     path: &'a str,
 }
 
 impl Weights<'_> {
-    fn get<B: LoraOps>(&self, b: &B, name: &str, shape: &[usize]) -> Result<B::Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| ModelError::Weights {
-            path: self.path.to_string(),
-            tensor: name.to_string(),
-            reason: "missing from the checkpoint".into(),
-        })?;
+    fn get<B: LoraOps>(&mut self, b: &B, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::Weights {
+                path: self.path.to_string(),
+                tensor: name.to_string(),
+                reason: "missing from the checkpoint".into(),
+            })?;
         if t.shape != shape {
             return Err(ModelError::Weights {
                 path: self.path.to_string(),
@@ -75,11 +79,11 @@ impl Weights<'_> {
                 ),
             });
         }
-        Ok(t.to_backend(b)?)
+        Ok(t.into_backend(b)?)
     }
 
     fn linear<B: LoraOps>(
-        &self,
+        &mut self,
         b: &B,
         name: &str,
         out: usize,
@@ -94,31 +98,26 @@ impl Weights<'_> {
         Ok(LoraLinear::new(name, Box::new(DenseLinear::new(w, bias)?)))
     }
 
-    fn layer<B: LoraOps>(&self, b: &B, c: &DecoderConfig, l: usize) -> Result<DecoderLayer<B>> {
+    fn layer<B: LoraOps>(&mut self, b: &B, c: &DecoderConfig, l: usize) -> Result<DecoderLayer<B>> {
         let p = format!("model.layers.{l}");
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let attn = |n: &str, out: usize, inp: usize, bias: bool| {
-            self.linear(b, &format!("{p}.self_attn.{n}"), out, inp, bias)
-        };
-        let mlp = |n: &str, out: usize, inp: usize| {
-            self.linear(b, &format!("{p}.mlp.{n}"), out, inp, c.mlp_bias)
-        };
+        let (at, ml) = (format!("{p}.self_attn"), format!("{p}.mlp"));
         let qk_norm = match c.qk_norm {
             true => Some((
-                self.get(b, &format!("{p}.self_attn.q_norm.weight"), &[hd])?,
-                self.get(b, &format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+                self.get(b, &format!("{at}.q_norm.weight"), &[hd])?,
+                self.get(b, &format!("{at}.k_norm.weight"), &[hd])?,
             )),
             false => None,
         };
         Ok(DecoderLayer {
-            q_proj: attn("q_proj", q_out, h, c.qkv_bias)?,
-            k_proj: attn("k_proj", kv_out, h, c.qkv_bias)?,
-            v_proj: attn("v_proj", kv_out, h, c.qkv_bias)?,
-            o_proj: attn("o_proj", h, q_out, c.o_bias)?,
-            gate_proj: mlp("gate_proj", i, h)?,
-            up_proj: mlp("up_proj", i, h)?,
-            down_proj: mlp("down_proj", h, i)?,
+            q_proj: self.linear(b, &format!("{at}.q_proj"), q_out, h, c.qkv_bias)?,
+            k_proj: self.linear(b, &format!("{at}.k_proj"), kv_out, h, c.qkv_bias)?,
+            v_proj: self.linear(b, &format!("{at}.v_proj"), kv_out, h, c.qkv_bias)?,
+            o_proj: self.linear(b, &format!("{at}.o_proj"), h, q_out, c.o_bias)?,
+            gate_proj: self.linear(b, &format!("{ml}.gate_proj"), i, h, c.mlp_bias)?,
+            up_proj: self.linear(b, &format!("{ml}.up_proj"), i, h, c.mlp_bias)?,
+            down_proj: self.linear(b, &format!("{ml}.down_proj"), h, i, c.mlp_bias)?,
             input_norm: self.get(b, &format!("{p}.input_layernorm.weight"), &[h])?,
             post_norm: self.get(b, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
             qk_norm,
@@ -133,17 +132,18 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
     pub fn from_pretrained(backend: &B, dir: &Path) -> Result<Self> {
         let config = DecoderConfig::from_file(&dir.join("config.json"))?;
         let tensors = lora_io::read_checkpoint_f32(dir)?;
-        Self::from_state_dict(backend, config, &tensors, &dir.display().to_string())
+        Self::from_state_dict(backend, config, tensors, &dir.display().to_string())
     }
 
     /// Builds the model from a checked config and a state dict (`path` names the source).
+    /// The tensors are moved into the model (ndarray keeps their buffers).
     pub fn from_state_dict(
         backend: &B,
         config: DecoderConfig,
-        tensors: &BTreeMap<String, HostTensor>,
+        tensors: BTreeMap<String, HostTensor>,
         path: &str,
     ) -> Result<Self> {
-        let w = Weights { tensors, path };
+        let mut w = Weights { tensors, path };
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.get(backend, "model.embed_tokens.weight", &[v, h])?;
         let layers = (0..config.num_hidden_layers)

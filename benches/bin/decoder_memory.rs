@@ -1,0 +1,35 @@
+//! Peak-RSS probe of the decoder training step (`cargo xtask bench` runs it under GNU
+//! time): builds the random Llama of `benches/decoder.rs` with LoRA r=16 on every
+//! projection and runs three AdamW steps at batch 4 x 256, with `checkpointing` as the
+//! first argument recomputing each layer in the backward. Prints the mode, shape and
+//! median step time as JSON.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::time::Instant;
+
+use lora::{Adam, NdArray};
+use lora_benches::random_llama::{random_batch, random_llama, shape, train_step};
+
+fn main() {
+    lora_benches::keep_freed_memory();
+    let mode = std::env::args().nth(1).unwrap_or_else(|| "plain".into());
+    let b = NdArray::new();
+    let mut model = random_llama(&b).unwrap();
+    model.set_gradient_checkpointing(mode == "checkpointing");
+    let (batch, labels) = random_batch(model.config().vocab_size).unwrap();
+    let mut opt = Adam::<NdArray>::adamw(1e-4).unwrap();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        train_step(&b, &mut model, &mut opt, &batch, &labels).unwrap();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "{{\"mode\": \"{mode}\", \"shape\": \"{}\", \"step_s\": {:.4}}}",
+        shape(),
+        lora_benches::median(times)
+    );
+}
