@@ -111,6 +111,7 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
     /// Like [`Backend::from_host`], taking the buffer: a backend whose device memory is
     /// host memory (ndarray) keeps it without a copy, so loading a checkpoint does not
     /// hold every weight twice.
+    #[allow(clippy::wrong_self_convention)]
     fn from_host_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor> {
         self.from_host(&data, shape)
     }

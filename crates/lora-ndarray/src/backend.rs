@@ -201,6 +201,7 @@ impl Backend for NdArray {
         NdTensor::from_vec(data.to_vec(), shape)
     }
 
+    #[allow(clippy::wrong_self_convention)]
     fn from_host_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<NdTensor> {
         NdTensor::from_vec(data, shape)
     }

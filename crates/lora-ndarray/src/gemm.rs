@@ -61,6 +61,49 @@ fn strides(cols: usize, t: Transpose) -> (isize, isize) {
     }
 }
 
+/// One call of the `gemm` kernel: `c = alpha·a·b + beta·c` for an `m x n` output with
+/// row stride `c_rs` (unit column stride) and operands given by column and row strides.
+///
+/// # Safety
+/// Every index the shapes and strides reach must lie inside live allocations, and no other
+/// thread may touch the output elements during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw_gemm(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: isize,
+    (a, a_cs, a_rs): (*const f32, isize, isize),
+    (b, b_cs, b_rs): (*const f32, isize, isize),
+    alpha: f32,
+    beta: f32,
+    par: Parallelism,
+) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            c_rs,
+            beta != 0.0,
+            a,
+            a_cs,
+            a_rs,
+            b,
+            b_cs,
+            b_rs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
 /// `c = alpha * op(a) op(b) + beta * c` on the matrix views (shapes checked here).
 pub(crate) fn gemm_into(
     alpha: f32,
@@ -98,25 +141,14 @@ pub(crate) fn gemm_into(
         // to (m, n, k) and the strides above; the offsets stay inside them, and concurrent
         // calls receive disjoint output panels.
         unsafe {
-            gemm::gemm(
-                mr,
-                nc,
-                k,
+            raw_gemm(
+                (mr, nc, k),
                 dst.get().offset(r0 as isize * c_rs + c0 as isize),
-                1,
                 c_rs,
-                beta != 0.0,
-                lhs.get().offset(r0 as isize * a_rs),
-                a_cs,
-                a_rs,
-                rhs.get().offset(c0 as isize * b_cs),
-                b_cs,
-                b_rs,
-                beta,
+                (lhs.get().offset(r0 as isize * a_rs), a_cs, a_rs),
+                (rhs.get().offset(c0 as isize * b_cs), b_cs, b_rs),
                 alpha,
-                false,
-                false,
-                false,
+                beta,
                 par,
             );
         }
@@ -191,25 +223,14 @@ pub(crate) fn bmm_into(
         // SAFETY: `check_bmm` matched every operand to (batch, m, n, k); item `i` reads
         // and writes only its own `[rows, cols]` slab, and slabs are disjoint.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
+            raw_gemm(
+                (m, n, k),
                 dst.get().add(i * c_step),
-                1,
                 n as isize,
-                beta != 0.0,
-                lhs.get().add(i * a_step),
-                a_cs,
-                a_rs,
-                rhs.get().add(i * b_step),
-                b_cs,
-                b_rs,
-                beta,
+                (lhs.get().add(i * a_step), a_cs, a_rs),
+                (rhs.get().add(i * b_step), b_cs, b_rs),
                 alpha,
-                false,
-                false,
-                false,
+                beta,
                 Parallelism::None,
             );
         }
@@ -307,25 +328,14 @@ pub(crate) fn gemm_serial(
     // (m x n, row stride ldc) inside their slices; `c` is borrowed mutably, so no other
     // reference aliases it.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        raw_gemm(
+            (m, n, k),
             c.as_mut_ptr(),
-            1,
             ldc as isize,
-            beta != 0.0,
-            a.data.as_ptr(),
-            a_cs,
-            a_rs,
-            b.data.as_ptr(),
-            b_cs,
-            b_rs,
-            beta,
+            (a.data.as_ptr(), a_cs, a_rs),
+            (b.data.as_ptr(), b_cs, b_rs),
             alpha,
-            false,
-            false,
-            false,
+            beta,
             Parallelism::None,
         );
     }

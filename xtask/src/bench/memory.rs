@@ -12,17 +12,7 @@ use crate::cmd::{cargo, run as run_cmd};
 /// of one (512, 4096, 4096) layer, each in its own process (`benches/bin/memory.rs`), as
 /// `target/bench/memory.json`.
 pub(super) fn train_memory(target: &Path) -> Result<()> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "-p",
-        "lora-benches",
-        "--bin",
-        "lora-memory",
-    ]);
-    run_cmd("cargo build --release --bin lora-memory", &mut build)?;
-    let exe = crate::cmd::target_dir().join("release/lora-memory");
+    let exe = build_bench_bin("lora-memory")?;
     let mut out = Vec::new();
     for mode in ["full", "lora", "qlora"] {
         let rss_file =
@@ -50,6 +40,14 @@ pub(super) fn train_memory(target: &Path) -> Result<()> {
         serde_json::to_string_pretty(&Value::Array(out))? + "\n",
     )?;
     Ok(())
+}
+
+/// Builds one of `lora-benches`' binaries in release mode; returns its path.
+fn build_bench_bin(name: &str) -> Result<std::path::PathBuf> {
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "lora-benches", "--bin", name]);
+    run_cmd(&format!("cargo build --release --bin {name}"), &mut build)?;
+    Ok(crate::cmd::target_dir().join("release").join(name))
 }
 
 /// Peak RSS of `lora demo` with an f32 base and with each quantized base (a wider MLP so
@@ -95,20 +93,7 @@ pub(super) fn demo_memory(target: &Path) -> Result<()> {
 /// (`benches/bin/decoder_memory.rs`), and PyTorch + PEFT (`decoder_llama.py train-memory`),
 /// as `target/bench/decoder_memory.json`.
 pub(super) fn decoder_memory(target: &Path, quick: bool) -> Result<()> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "-p",
-        "lora-benches",
-        "--bin",
-        "lora-decoder-memory",
-    ]);
-    run_cmd(
-        "cargo build --release --bin lora-decoder-memory",
-        &mut build,
-    )?;
-    let exe = crate::cmd::target_dir().join("release/lora-decoder-memory");
+    let exe = build_bench_bin("lora-decoder-memory")?;
     let python = crate::venv::ensure_venv()?;
     let script = crate::cmd::root().join("benches/python/decoder_llama.py");
     let mut out = serde_json::Map::new();

@@ -402,23 +402,9 @@ fn quant_rows(target: &Path, rows: &mut Vec<Row>) {
 /// peak RSS of `lora demo` (`demo_memory.json`) and of the decoder training step
 /// (`decoder_memory.json`).
 fn memory_rows(target: &Path, rows: &mut Vec<Row>) {
-    if let Some(m) = read_json(&target.join("bench/decoder_memory.json")) {
-        for (name, v) in m.as_object().into_iter().flatten() {
-            let (Some(secs), Some(rss)) = (v["seconds"].as_f64(), v["peak_rss_bytes"].as_u64())
-            else {
-                continue;
-            };
-            let mut extra = BTreeMap::new();
-            extra.insert("peak_rss_bytes", json!(rss));
-            rows.push(Row {
-                backend: name.clone(),
-                op: "decoder_train_peak_rss".into(),
-                shape: String::new(),
-                median_s: secs,
-                extra,
-            });
-        }
-    }
+    peak_rss_rows(target, "decoder_memory.json", rows, |name| {
+        (name.to_string(), "decoder_train_peak_rss", String::new())
+    });
     if let Some(m) = read_json(&target.join("bench/memory.json")) {
         for v in m.as_array().into_iter().flatten() {
             let mut extra = BTreeMap::new();
@@ -441,22 +427,40 @@ fn memory_rows(target: &Path, rows: &mut Vec<Row>) {
             });
         }
     }
-    if let Some(m) = read_json(&target.join("bench/demo_memory.json")) {
-        for (quant, v) in m.as_object().into_iter().flatten() {
-            let (Some(secs), Some(rss)) = (v["seconds"].as_f64(), v["peak_rss_bytes"].as_u64())
-            else {
-                continue;
-            };
-            let mut extra = BTreeMap::new();
-            extra.insert("peak_rss_bytes", json!(rss));
-            rows.push(Row {
-                backend: "ndarray".into(),
-                op: "demo_peak_rss".into(),
-                shape: format!("MLP 1-1024-1024-1024-1, {quant} base"),
-                median_s: secs,
-                extra,
-            });
-        }
+    peak_rss_rows(target, "demo_memory.json", rows, |quant| {
+        (
+            "ndarray".to_string(),
+            "demo_peak_rss",
+            format!("MLP 1-1024-1024-1024-1, {quant} base"),
+        )
+    });
+}
+
+/// One row per entry `{"<key>": {"seconds", "peak_rss_bytes"}}` of `target/bench/<file>`,
+/// with `(backend, op, shape)` from the key.
+fn peak_rss_rows(
+    target: &Path,
+    file: &str,
+    rows: &mut Vec<Row>,
+    label: impl Fn(&str) -> (String, &'static str, String),
+) {
+    let Some(m) = read_json(&target.join("bench").join(file)) else {
+        return;
+    };
+    for (key, v) in m.as_object().into_iter().flatten() {
+        let (Some(secs), Some(rss)) = (v["seconds"].as_f64(), v["peak_rss_bytes"].as_u64()) else {
+            continue;
+        };
+        let (backend, op, shape) = label(key);
+        let mut extra = BTreeMap::new();
+        extra.insert("peak_rss_bytes", json!(rss));
+        rows.push(Row {
+            backend,
+            op: op.into(),
+            shape,
+            median_s: secs,
+            extra,
+        });
     }
 }
 

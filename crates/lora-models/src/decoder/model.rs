@@ -207,7 +207,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         self.logits_at(b, batch, &positions, mode)
     }
 
-    /// Logits for explicit per-token positions (e.g. [`positions`], which count only the
+    /// Logits for explicit per-token positions (e.g. [`positions`](super::positions), which count only the
     /// real tokens of each row, as transformers' `generate` does with left padding).
     pub fn logits_at(
         &mut self,
