@@ -4,7 +4,7 @@
 //! implementation over the primitives (which a fused backend must reproduce).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use lora::ops::{AttentionMask, attention_backward};
+use lora::ops::{AttentionMask, attention_backward, attention_forward};
 use lora::{Backend, DecoderOps, FullBackend};
 use lora_tests::{assert_close, backend_suite, central_differences, rand_vec, to64};
 
@@ -153,13 +153,14 @@ fn check_forward<B: FullBackend>(b: &B, c: &Case) {
 fn check_backward_fd<B: FullBackend>(b: &B, c: &Case) {
     let x = inputs(b, c, 8);
     let scale = 1.0 / (c.d as f64).sqrt();
-    let (out, probs) = b
-        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &mask(c, &x), scale as f32)
+    let m = mask(c, &x);
+    let (out, saved) = b
+        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &m, scale as f32)
         .unwrap();
     let g = rand_vec(out.shape_numel(), 8, 5);
     let gt = b.from_host(&g, &[c.items(), c.t, c.d]).unwrap();
     let (dq, dk, dv) = b
-        .causal_attention_backward(&x.q.1, &x.k.1, &x.v.1, &probs, &gt, scale as f32)
+        .causal_attention_backward((&x.q.1, &x.k.1, &x.v.1), &saved, &m, &gt, scale as f32)
         .unwrap();
     let (q, k, v, g) = (to64(&x.q.0), to64(&x.k.0), to64(&x.v.0), to64(&g));
     let dot = |o: Vec<f64>| o.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>();
@@ -171,18 +172,23 @@ fn check_backward_fd<B: FullBackend>(b: &B, c: &Case) {
     assert_close("d v", &b.to_host(&dv).unwrap(), &fd_v, 1e-3, 1e-4);
 }
 
-/// Large case: the backend's backward against the default over the primitives.
+/// Large case: the backend's forward and backward against the defaults over the
+/// primitives (which keep the probabilities where a fused backend may keep less).
 fn check_backward_default<B: FullBackend>(b: &B, c: &Case) {
     let x = inputs(b, c, 9);
     let scale = 0.125f32;
-    let (out, probs) = b
-        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &mask(c, &x), scale)
+    let m = mask(c, &x);
+    let (out, saved) = b
+        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &m, scale)
         .unwrap();
+    let (want_out, probs) = attention_forward(b, &x.q.1, &x.k.1, &x.v.1, &m, scale).unwrap();
+    let want_out = to64(&b.to_host(&want_out).unwrap());
+    assert_close("forward", &b.to_host(&out).unwrap(), &want_out, 1e-4, 1e-5);
     let gt = b
         .from_host(&rand_vec(out.shape_numel(), 9, 5), &[c.items(), c.t, c.d])
         .unwrap();
     let got = b
-        .causal_attention_backward(&x.q.1, &x.k.1, &x.v.1, &probs, &gt, scale)
+        .causal_attention_backward((&x.q.1, &x.k.1, &x.v.1), &saved, &m, &gt, scale)
         .unwrap();
     let want = attention_backward(b, &x.q.1, &x.k.1, &x.v.1, &probs, &gt, scale).unwrap();
     for (name, g, w) in [

@@ -1,13 +1,15 @@
 //! Causal self-attention on ndarray, fused per (sequence, head) item: one task per item
 //! across the cores, queries in blocks of [`BLOCK`] rows, and each block multiplies only
 //! the keys it may see (`j <= past + last query of the block`), so the masked upper
-//! triangle of the scores is never computed, in the forward or the backward. The masked
-//! softmax runs on the visible prefix of each row. Same results as the default
+//! triangle of the scores is never computed, in the forward or the backward. The forward
+//! keeps one log-sum-exp per query instead of the `[t, kv]` probabilities (a block of them
+//! lives in a scratch buffer), and the backward recomputes each block's probabilities from
+//! it, as flash attention does. Same results as the default
 //! (`lora_core::ops::attention_forward`) within rounding, which the cross-backend suite
 //! checks.
 
-use lora_core::ops::{AttentionMask, check_attention, check_attention_backward};
-use lora_core::{Result, Transpose};
+use lora_core::ops::{AttentionMask, check_attention};
+use lora_core::{Error, Result, Tensor, Transpose};
 use rayon::prelude::*;
 
 use crate::gemm::{View, gemm_serial};
@@ -34,7 +36,32 @@ fn visible_keys(past: usize, q1: usize, kv: usize) -> usize {
     (past + q1).min(kv)
 }
 
-/// Forward; returns `(out [items, t, d], probs [items * t, kv])`.
+/// Whether query `pos` (its key position) may see key `j`.
+fn visible(keep: &[u32], pos: usize, j: usize) -> bool {
+    j <= pos && keep[j] != 0
+}
+
+/// `s = scale·q_block·k[:nk]ᵀ` into `rows` (`[q1 - q0, kv]`, only the first `nk` columns).
+#[allow(clippy::too_many_arguments)]
+fn block_scores(
+    (qs, ks): (&[f32], &[f32]),
+    (qi, ki): (usize, usize),
+    (q0, q1, nk, d, kv): (usize, usize, usize, usize, usize),
+    scale: f32,
+    rows: &mut [f32],
+) -> Result<()> {
+    gemm_serial(
+        scale,
+        view(qs, qi + q0 * d, q1 - q0, d, d),
+        view(ks, ki, nk, d, d).t(),
+        0.0,
+        rows,
+        kv,
+    )
+}
+
+/// Forward; returns `(out [items, t, d], lse [items * t])`, `lse` the log-sum-exp of
+/// each query's visible scores (`+inf` for a query that sees no key).
 pub(crate) fn forward(
     q: &NdTensor,
     k: &NdTensor,
@@ -45,30 +72,24 @@ pub(crate) fn forward(
     let (items, t, kv, d) = check_attention(q, k, v, mask)?;
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
     let mut out = vec![0.0f32; items * t * d];
-    let mut probs = vec![0.0f32; items * t * kv];
+    let mut lse = vec![0.0f32; items * t];
     let heads = mask.heads.max(1);
-    let item = |(i, (o, p)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
+    let item = |(i, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
         let keep = &mask.keep[(i / heads) * kv..(i / heads + 1) * kv];
-        let (qi, ki, vi) = (i * t * d, i * kv * d, i * kv * d);
+        let (qi, ki) = (i * t * d, i * kv * d);
+        let mut p = vec![0.0f32; BLOCK.min(t) * kv];
         for q0 in (0..t).step_by(BLOCK) {
             let q1 = (q0 + BLOCK).min(t);
             let nk = visible_keys(mask.past, q1, kv);
-            let rows = &mut p[q0 * kv..q1 * kv];
-            gemm_serial(
-                scale,
-                view(qs, qi + q0 * d, q1 - q0, d, d),
-                view(ks, ki, nk, d, d).t(),
-                0.0,
-                rows,
-                kv,
-            )?;
+            let rows = &mut p[..(q1 - q0) * kv];
+            block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, rows)?;
             for (r, row) in rows.chunks_mut(kv).enumerate() {
-                softmax_visible(row, keep, mask.past + q0 + r, nk);
+                l[q0 + r] = softmax_visible(row, keep, mask.past + q0 + r, nk);
             }
             gemm_serial(
                 1.0,
                 view(rows, 0, q1 - q0, nk, kv),
-                view(vs, vi, nk, d, d),
+                view(vs, ki, nk, d, d),
                 0.0,
                 &mut o[q0 * d..q1 * d],
                 d,
@@ -77,18 +98,19 @@ pub(crate) fn forward(
         Ok(())
     };
     out.par_chunks_mut(t * d)
-        .zip(probs.par_chunks_mut(t * kv))
+        .zip(lse.par_chunks_mut(t.max(1)))
         .enumerate()
         .try_for_each(item)?;
     Ok((
         NdTensor::from_vec(out, &[items, t, d])?,
-        NdTensor::from_vec(probs, &[items * t, kv])?,
+        NdTensor::from_vec(lse, &[items * t])?,
     ))
 }
 
 /// In place: the softmax of `row[..nk]` over the keys `j <= pos` with `keep[j] != 0`, every
-/// other entry 0 (all of them when the query sees no key).
-fn softmax_visible(row: &mut [f32], keep: &[u32], pos: usize, nk: usize) {
+/// other entry 0 (all of them when the query sees no key). Returns the log-sum-exp of the
+/// visible scores (`+inf` when there are none, so that `e^(s - lse)` is 0).
+fn softmax_visible(row: &mut [f32], keep: &[u32], pos: usize, nk: usize) -> f32 {
     let seen = (pos + 1).min(nk);
     let mut max = f32::NEG_INFINITY;
     for (s, &m) in row[..seen].iter().zip(keep) {
@@ -99,7 +121,7 @@ fn softmax_visible(row: &mut [f32], keep: &[u32], pos: usize, nk: usize) {
     row[seen..].iter_mut().for_each(|s| *s = 0.0);
     if max == f32::NEG_INFINITY {
         row[..seen].iter_mut().for_each(|s| *s = 0.0);
-        return;
+        return f32::INFINITY;
     }
     // Masked keys to -inf: their exponential is 0.
     for (s, &m) in row[..seen].iter_mut().zip(keep) {
@@ -107,42 +129,63 @@ fn softmax_visible(row: &mut [f32], keep: &[u32], pos: usize, nk: usize) {
             *s = f32::NEG_INFINITY;
         }
     }
-    let inv = (1.0 / vectorize::exp_in_place_sum(&mut row[..seen], max)) as f32;
+    let sum = vectorize::exp_in_place_sum(&mut row[..seen], max);
+    let inv = (1.0 / sum) as f32;
     row[..seen].iter_mut().for_each(|s| *s *= inv);
+    max + sum.ln() as f32
 }
 
 /// One item's `dq`, and its `dk` and `dv`.
 type ItemGrads<'a> = (&'a mut [f32], (&'a mut [f32], &'a mut [f32]));
 
-/// Backward; returns `(dq, dk, dv)`. Keys beyond a block's causal prefix have zero
-/// probability, so the same prefixes as the forward's are skipped (`past = kv - t`).
+/// Backward; returns `(dq, dk, dv)`. Each block's probabilities are recomputed from the
+/// forward's log-sum-exp over the same visible prefix of keys.
 pub(crate) fn backward(
-    q: &NdTensor,
-    k: &NdTensor,
-    v: &NdTensor,
-    probs: &NdTensor,
+    (q, k, v): (&NdTensor, &NdTensor, &NdTensor),
+    lse: &NdTensor,
+    mask: &AttentionMask<'_, NdTensor>,
     d_out: &NdTensor,
     scale: f32,
 ) -> Result<(NdTensor, NdTensor, NdTensor)> {
-    let (items, t, d, kv) = check_attention_backward(q, k, v, probs, d_out)?;
-    let past = kv.saturating_sub(t);
-    let (qs, ks, vs, ps, gs) = (
+    let (items, t, kv, d) = check_attention(q, k, v, mask)?;
+    if lse.shape().dims() != [items * t] || d_out.shape().dims() != q.shape().dims() {
+        return Err(Error::shape(
+            "causal_attention_backward saved log-sum-exp / d_out",
+            format!("[{}] and [{items}, {t}, {d}]", items * t),
+            lse.shape(),
+        ));
+    }
+    let (qs, ks, vs, ls, gs) = (
         q.as_slice(),
         k.as_slice(),
         v.as_slice(),
-        probs.as_slice(),
+        lse.as_slice(),
         d_out.as_slice(),
     );
+    let heads = mask.heads.max(1);
     let mut dq = vec![0.0f32; items * t * d];
     let mut dk = vec![0.0f32; items * kv * d];
     let mut dv = vec![0.0f32; items * kv * d];
     let item = |(i, (dq, (dk, dv))): (usize, ItemGrads<'_>)| {
-        let (qi, ki, pi) = (i * t * d, i * kv * d, i * t * kv);
-        let mut ds = vec![0.0f32; BLOCK * kv];
+        let keep = &mask.keep[(i / heads) * kv..(i / heads + 1) * kv];
+        let (qi, ki) = (i * t * d, i * kv * d);
+        let mut p = vec![0.0f32; BLOCK.min(t) * kv];
+        let mut ds = vec![0.0f32; BLOCK.min(t) * kv];
         for q0 in (0..t).step_by(BLOCK) {
             let q1 = (q0 + BLOCK).min(t);
-            let (bq, nk) = (q1 - q0, visible_keys(past, q1, kv));
-            let p = view(ps, pi + q0 * kv, bq, nk, kv);
+            let (bq, nk) = (q1 - q0, visible_keys(mask.past, q1, kv));
+            let p = &mut p[..bq * kv];
+            block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, p)?;
+            for (r, row) in p.chunks_mut(kv).enumerate() {
+                let (pos, l) = (mask.past + q0 + r, ls[i * t + q0 + r]);
+                for (j, s) in row[..nk].iter_mut().enumerate() {
+                    if !visible(keep, pos, j) {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+                vectorize::exp_scale_in_place(&mut row[..nk], l, 1.0);
+            }
+            let p = view(p, 0, bq, nk, kv);
             let g = view(gs, qi + q0 * d, bq, d, d);
             // dv[:nk] += pᵀ·g
             gemm_serial(1.0, p.t(), g, 1.0, dv, d)?;
@@ -150,7 +193,7 @@ pub(crate) fn backward(
             let ds = &mut ds[..bq * kv];
             gemm_serial(1.0, g, view(vs, ki, nk, d, d).t(), 0.0, ds, kv)?;
             for (r, row) in ds.chunks_mut(kv).enumerate() {
-                let pr = &ps[pi + (q0 + r) * kv..pi + (q0 + r) * kv + nk];
+                let pr = &p.data[r * kv..r * kv + nk];
                 let dot: f32 = pr.iter().zip(&row[..nk]).map(|(p, g)| p * g).sum();
                 row[..nk]
                     .iter_mut()

@@ -65,14 +65,13 @@ impl DecoderOps for NdArray {
 
     fn causal_attention_backward(
         &self,
-        q: &NdTensor,
-        k: &NdTensor,
-        v: &NdTensor,
-        probs: &NdTensor,
+        qkv: (&NdTensor, &NdTensor, &NdTensor),
+        saved: &NdTensor,
+        mask: &AttentionMask<'_, NdTensor>,
         d_out: &NdTensor,
         scale: f32,
     ) -> Result<(NdTensor, NdTensor, NdTensor)> {
-        attention::backward(q, k, v, probs, d_out, scale)
+        attention::backward(qkv, saved, mask, d_out, scale)
     }
 
     fn rms_norm(&self, x: &NdTensor, weight: &NdTensor, eps: f32) -> Result<(NdTensor, NdTensor)> {

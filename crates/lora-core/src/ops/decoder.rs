@@ -252,8 +252,10 @@ pub trait DecoderOps: Backend {
 
     /// Causal self-attention of `q` (`[items, t, d]`) over `k`, `v` (`[items, kv, d]`):
     /// `out = softmax(scale·q·kᵀ + mask)·v` per item, a query that sees no key giving
-    /// zero. Returns `(out [items, t, d], probs [items * t, kv])`; the backward takes the
-    /// probabilities (masked entries 0). The default is [`attention_forward`].
+    /// zero. Returns `(out [items, t, d], saved)`, `saved` being what the backward needs
+    /// besides the inputs: the default ([`attention_forward`]) keeps the probabilities
+    /// `[items * t, kv]`; a fused backend may keep less (ndarray: one log-sum-exp per
+    /// query, `[items * t]`, and recomputes the probabilities blockwise).
     fn causal_attention(
         &self,
         q: &Self::Tensor,
@@ -265,18 +267,18 @@ pub trait DecoderOps: Backend {
         attention_forward(self, q, k, v, mask, scale)
     }
 
-    /// Backward of [`DecoderOps::causal_attention`] from `d_out` (`[items, t, d]`):
-    /// `(dq, dk, dv)`. The default is [`attention_backward`].
+    /// Backward of [`DecoderOps::causal_attention`] from `d_out` (`[items, t, d]`), with
+    /// the forward's inputs `(q, k, v)`, mask and `saved`: `(dq, dk, dv)`. The default is
+    /// [`attention_backward`] (the probabilities it saved already hold the mask).
     fn causal_attention_backward(
         &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        probs: &Self::Tensor,
+        (q, k, v): (&Self::Tensor, &Self::Tensor, &Self::Tensor),
+        saved: &Self::Tensor,
+        _mask: &AttentionMask<'_, Self::Tensor>,
         d_out: &Self::Tensor,
         scale: f32,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
-        attention_backward(self, q, k, v, probs, d_out, scale)
+        attention_backward(self, q, k, v, saved, d_out, scale)
     }
 
     /// `v` (`n` values) spread to a `[rows, cols]` matrix: each row `i` filled with

@@ -37,9 +37,8 @@ pub(crate) struct LayerCache<T> {
     pub q: T,
     pub k: T,
     pub v: T,
-    /// Attention probabilities `[B*heads*T, T]` (masked entries and queries that see no
-    /// key: 0).
-    pub probs: T,
+    /// What the attention backward needs besides q, k, v (`DecoderOps::causal_attention`).
+    pub attn_saved: T,
     /// The attention residual and its post-attention RMSNorm's `1/rms`.
     pub h1: T,
     pub inv_rms2: T,
@@ -58,7 +57,7 @@ struct AttentionSaved<T> {
     q: T,
     k: T,
     v: T,
-    probs: T,
+    attn_saved: T,
 }
 
 /// What the attention of one forward needs besides the layer: the batch shape, the
@@ -86,6 +85,19 @@ pub(crate) struct AttentionInputs<T> {
     pub nonempty_rows: Option<T>,
     /// `[batch * kv_len]`: the attention mask of every key (0: padding).
     pub keep: Vec<u32>,
+}
+
+impl<T> AttentionInputs<T> {
+    /// The mask of this step for `heads` query heads.
+    pub fn mask(&self, heads: usize) -> AttentionMask<'_, T> {
+        AttentionMask {
+            heads,
+            past: self.past,
+            keep: &self.keep,
+            bias: &self.mask_bias,
+            nonempty_rows: self.nonempty_rows.as_ref(),
+        }
+    }
 }
 
 impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
@@ -119,7 +131,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
                 q: saved.q,
                 k: saved.k,
                 v: saved.v,
-                probs: saved.probs,
+                attn_saved: saved.attn_saved,
                 h1,
                 inv_rms2,
                 gate,
@@ -182,15 +194,8 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
             b.reshape(&k, &[bs * nh, kv, hd])?,
             b.reshape(&v, &[bs * nh, kv, hd])?,
         );
-        let mask = AttentionMask {
-            heads: nh,
-            past: att.past,
-            keep: &att.keep,
-            bias: &att.mask_bias,
-            nonempty_rows: att.nonempty_rows.as_ref(),
-        };
         let scale = 1.0 / (hd as f32).sqrt();
-        let (ctx, probs) = b.causal_attention(&q, &k, &v, &mask, scale)?;
+        let (ctx, attn_saved) = b.causal_attention(&q, &k, &v, &att.mask(nh), scale)?;
         let ctx = heads_last(b, &ctx, bs, t, nh, hd)?;
         let out = self.o_proj.forward(b, &ctx, mode)?;
         let saved = match mode {
@@ -199,7 +204,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
                 q,
                 k,
                 v,
-                probs,
+                attn_saved,
             }),
             Mode::Eval => None,
         };

@@ -53,8 +53,13 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let scale = 1.0 / (hd as f32).sqrt();
         let d_ctx = self.o_proj.backward(b, d_attn)?;
         let d_ctx = b.reshape(&heads_first(b, &d_ctx, bs, t, nh, hd)?, &[bs * nh, t, hd])?;
-        let (d_q, d_k, d_v) =
-            b.causal_attention_backward(&cache.q, &cache.k, &cache.v, &cache.probs, &d_ctx, scale)?;
+        let (d_q, d_k, d_v) = b.causal_attention_backward(
+            (&cache.q, &cache.k, &cache.v),
+            &cache.attn_saved,
+            &att.mask(nh),
+            &d_ctx,
+            scale,
+        )?;
         // Back to one row per (token, head), undoing repeat_kv and the rotation.
         let d_q = b.reshape(&heads_last(b, &d_q, bs, t, nh, hd)?, &[bs * t * nh, hd])?;
         let d_k = sum_kv_groups(b, &d_k, bs, nh, nkv, t * hd)?;
