@@ -81,21 +81,25 @@ pub struct BertModel<B: LoraOps> {
     dims: Option<Dims>,
 }
 
-/// Looks up a checkpoint tensor under an optional `bert.` prefix, checking its shape.
+/// Takes checkpoint tensors under an optional `bert.` prefix, checking their shapes, and
+/// moves each to the backend (no second copy of the weights on ndarray).
 struct Weights<'a> {
-    tensors: &'a BTreeMap<String, HostTensor>,
+    tensors: BTreeMap<String, HostTensor>,
     prefix: &'static str,
     path: &'a str,
 }
 
 impl Weights<'_> {
-    fn get<B: Backend>(&self, b: &B, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+    fn get<B: Backend>(&mut self, b: &B, name: &str, shape: &[usize]) -> Result<B::Tensor> {
         let key = format!("{}{name}", self.prefix);
-        let t = self.tensors.get(&key).ok_or_else(|| ModelError::Weights {
-            path: self.path.to_string(),
-            tensor: key.clone(),
-            reason: "missing from the checkpoint".into(),
-        })?;
+        let t = self
+            .tensors
+            .remove(&key)
+            .ok_or_else(|| ModelError::Weights {
+                path: self.path.to_string(),
+                tensor: key.clone(),
+                reason: "missing from the checkpoint".into(),
+            })?;
         if t.shape != shape {
             return Err(ModelError::Weights {
                 path: self.path.to_string(),
@@ -106,11 +110,11 @@ impl Weights<'_> {
                 ),
             });
         }
-        Ok(t.to_backend(b)?)
+        Ok(t.into_backend(b)?)
     }
 
     fn linear<B: LoraOps>(
-        &self,
+        &mut self,
         b: &B,
         name: &str,
         out: usize,
@@ -124,7 +128,7 @@ impl Weights<'_> {
         ))
     }
 
-    fn norm<B: Backend>(&self, b: &B, name: &str, n: usize) -> Result<Norm<B::Tensor>> {
+    fn norm<B: Backend>(&mut self, b: &B, name: &str, n: usize) -> Result<Norm<B::Tensor>> {
         Ok(Norm {
             gamma: self.get(b, &format!("{name}.weight"), &[n])?,
             beta: self.get(b, &format!("{name}.bias"), &[n])?,
@@ -139,14 +143,15 @@ impl<B: LoraOps> BertModel<B> {
     pub fn from_pretrained(backend: &B, dir: &Path) -> Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let tensors = lora_io::read_checkpoint_f32(dir)?;
-        Self::from_state_dict(backend, config, &tensors, &dir.display().to_string())
+        Self::from_state_dict(backend, config, tensors, &dir.display().to_string())
     }
 
     /// Builds the model from a config and a state dict (`path` names the source in errors).
+    /// The tensors are moved into the model (ndarray keeps their buffers).
     pub fn from_state_dict(
         backend: &B,
         config: BertConfig,
-        tensors: &BTreeMap<String, HostTensor>,
+        tensors: BTreeMap<String, HostTensor>,
         path: &str,
     ) -> Result<Self> {
         config.validate(path)?;
@@ -155,7 +160,7 @@ impl<B: LoraOps> BertModel<B> {
         } else {
             ""
         };
-        let w = Weights {
+        let mut w = Weights {
             tensors,
             prefix,
             path,
@@ -194,7 +199,10 @@ impl<B: LoraOps> BertModel<B> {
                 cache: None,
             });
         }
-        let pooler = if tensors.contains_key(&format!("{prefix}pooler.dense.weight")) {
+        let pooler = if w
+            .tensors
+            .contains_key(&format!("{prefix}pooler.dense.weight"))
+        {
             Some(w.linear(backend, "pooler.dense", h, h)?)
         } else {
             None
