@@ -49,7 +49,7 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs the lora-rs CUDA suite on a GPU machine (no Rust toolchain needed).
-#   ./run.sh test       the cross-backend, property and decoder suites on CUDA
+#   ./run.sh test       the cross-backend, property, decoder and attention suites on CUDA
 #   ./run.sh sanitize   the same under compute-sanitizer (memcheck)
 #   ./run.sh bench      LoRA linear and QLoRA benchmarks, then PyTorch + PEFT on the GPU
 #   ./run.sh demo       lora demo --backend cuda
@@ -59,8 +59,8 @@ export LORA_RS_FIXTURES="$here/fixtures"
 export LORA_BENCH_OUT="${LORA_BENCH_OUT:-$here/results}"
 mkdir -p "$LORA_BENCH_OUT"
 case "${1:-test}" in
-  test) for t in cross_backend properties decoder decoder_ops; do "$here/bin/$t" cuda:: --test-threads=1 --nocapture; done ;;
-  sanitize) for t in cross_backend decoder; do compute-sanitizer --tool memcheck --error-exitcode 1 "$here/bin/$t" cuda:: --test-threads=1; done ;;
+  test) for t in cross_backend properties decoder decoder_ops attention_op; do "$here/bin/$t" cuda:: --test-threads=1 --nocapture; done ;;
+  sanitize) for t in cross_backend decoder attention_op; do compute-sanitizer --tool memcheck --error-exitcode 1 "$here/bin/$t" cuda:: --test-threads=1; done ;;
   bench)
     "$here/bin/lora_linear" --bench
     "$here/bin/quant" --bench
@@ -82,15 +82,10 @@ pub fn run(dir: &Path) -> Result<()> {
         "lora-tests",
         "--features",
         "cuda",
-        "--test",
-        "cross_backend",
-        "--test",
-        "properties",
-        "--test",
-        "decoder",
-        "--test",
-        "decoder_ops",
     ]);
+    for t in crate::test::CROSS_BACKEND_SUITES {
+        tests.args(["--test", t]);
+    }
     let tests = executables(
         &mut tests,
         "cargo test --release --no-run (cuda cross-backend suite)",
@@ -153,9 +148,10 @@ pub fn run(dir: &Path) -> Result<()> {
         total += std::fs::metadata(&e)?.len();
     }
     println!(
-        "wrote {} ({:.1} MiB): bin/{{cross_backend, properties, decoder, decoder_ops, lora_linear, quant, lora}}, fixtures/, python/, run.sh",
+        "wrote {} ({:.1} MiB): bin/{{{}, lora_linear, quant, lora}}, fixtures/, python/, run.sh",
         dir.display(),
-        total as f64 / 1048576.0
+        total as f64 / 1048576.0,
+        crate::test::CROSS_BACKEND_SUITES.join(", ")
     );
     Ok(())
 }

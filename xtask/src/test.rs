@@ -145,6 +145,25 @@ pub fn run(backends: &[&str]) -> Result<()> {
     summary.finish(ci)
 }
 
+/// The test targets (in `tests/`) that run once per backend through `backend_suite!`:
+/// `cargo xtask test` runs them on tch and cuda, and the GPU bundle ships them.
+pub const CROSS_BACKEND_SUITES: &[&str] = &[
+    "cross_backend",
+    "properties",
+    "decoder",
+    "decoder_ops",
+    "attention_op",
+];
+
+/// `--test NAME` for every cross-backend suite and for `extra`.
+fn suite_args(extra: &[&'static str]) -> Vec<&'static str> {
+    CROSS_BACKEND_SUITES
+        .iter()
+        .chain(extra)
+        .flat_map(|t| ["--test", *t])
+        .collect()
+}
+
 /// `cargo fmt --check`, then clippy on every target with warnings as errors.
 fn lint(with_tch: bool) -> Result<()> {
     run_cmd(
@@ -193,16 +212,7 @@ fn cuda_tests(minilm: &Path, summary: &mut Summary) -> Result<Option<Vec<String>
                 "--features",
                 "cuda",
             ])
-            .args([
-                "--test",
-                "cross_backend",
-                "--test",
-                "properties",
-                "--test",
-                "decoder",
-                "--test",
-                "decoder_ops",
-            ])
+            .args(suite_args(&[]))
             .args(["cuda::", "--", "--nocapture"])
             .env("LORA_RS_REQUIRE_MODELS", "1")
             .env("LORA_RS_MINILM", minilm),
@@ -242,18 +252,7 @@ fn tch_tests(minilm: &Path, summary: &mut Summary) -> Result<Vec<String>> {
         "--features",
         "tch",
     ])
-    .args([
-        "--test",
-        "cross_backend",
-        "--test",
-        "tch_backend",
-        "--test",
-        "properties",
-        "--test",
-        "decoder",
-        "--test",
-        "decoder_ops",
-    ]);
+    .args(suite_args(&["tch_backend"]));
     c.env("LORA_RS_REQUIRE_MODELS", "1")
         .env("LORA_RS_MINILM", minilm);
     let mut lines = run_capture("cargo test (tch backend: cross-backend suite)", &mut c)?;
