@@ -4,6 +4,7 @@
 
 pub mod backend_suite;
 pub mod cross_backend;
+pub mod decoder_fixtures;
 
 use lora::rng::{self, RngState};
 use lora::{Backend, NdArray, NdTensor};

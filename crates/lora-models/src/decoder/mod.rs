@@ -7,7 +7,7 @@
 //! Forward, loss, the backward into the adapters (and, when asked, the embedding table),
 //! the KV cache, sampling and the tokenizer are checked against transformers, PEFT,
 //! PyTorch autograd and the `tokenizers` library on tiny random checkpoints
-//! (`tests/decoder.rs`).
+//! (`tests/decoder.rs`, `tests/decoder_loading.rs`).
 
 mod config;
 mod generate;
