@@ -4,7 +4,9 @@
 //! implementation over the primitives (which a fused backend must reproduce).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use lora::ops::{AttentionMask, attention_backward, attention_forward};
+use std::cell::OnceCell;
+
+use lora::ops::{AttentionMask, DenseMask, attention_backward, attention_forward, dense_mask_host};
 use lora::{Backend, DecoderOps, FullBackend};
 use lora_tests::{assert_close, backend_suite, central_differences, rand_vec, to64};
 
@@ -44,7 +46,8 @@ impl Case {
     fn visible(&self, item: usize, i: usize, j: usize) -> bool {
         j <= self.past + i && self.keep[(item / self.heads) * self.kv() + j] != 0
     }
-    /// The additive bias and the per-query "sees some key" flags, as the model builds them.
+    /// The additive bias and the per-query "sees some key" flags, from `visible` (an
+    /// independent statement of the rule `dense_mask_host` implements).
     fn mask_host(&self) -> (Vec<f32>, Vec<f32>) {
         let (t, kv) = (self.t, self.kv());
         let mut bias = Vec::new();
@@ -97,8 +100,7 @@ struct Inputs<T> {
     q: (Vec<f32>, T),
     k: (Vec<f32>, T),
     v: (Vec<f32>, T),
-    bias: T,
-    rows: Option<T>,
+    dense: OnceCell<DenseMask<T>>,
 }
 
 fn inputs<B: Backend>(b: &B, c: &Case, seed: u64) -> Inputs<B::Tensor> {
@@ -111,15 +113,11 @@ fn inputs<B: Backend>(b: &B, c: &Case, seed: u64) -> Inputs<B::Tensor> {
         let t = b.from_host(&h, shape).unwrap();
         (h, t)
     };
-    let (bias, rows) = c.mask_host();
     Inputs {
         q: mk(n * c.t * d, 0, &[n, c.t, d]),
         k: mk(n * kv * d, 1, &[n, kv, d]),
         v: mk(n * kv * d, 2, &[n, kv, d]),
-        bias: b.from_host(&bias, &[n * c.t, kv]).unwrap(),
-        rows: rows
-            .contains(&0.0)
-            .then(|| b.from_host(&rows, &[n * c.t]).unwrap()),
+        dense: OnceCell::new(),
     }
 }
 
@@ -128,8 +126,7 @@ fn mask<'a, T>(c: &'a Case, x: &'a Inputs<T>) -> AttentionMask<'a, T> {
         heads: c.heads,
         past: c.past,
         keep: &c.keep,
-        bias: &x.bias,
-        nonempty_rows: x.rows.as_ref(),
+        dense: &x.dense,
     }
 }
 
@@ -225,6 +222,20 @@ backend_suite! { all:
 
     fn causal_attention_backward_equals_the_default_on_long_sequences(b) {
         check_backward_default(b, &Case::new(2, 2, 150, 0, 16, 40));
+    }
+}
+
+#[test]
+fn the_dense_mask_follows_the_visibility_rule() {
+    for c in [
+        Case::new(2, 2, 5, 0, 4, 2),
+        Case::new(2, 3, 7, 4, 4, 6),
+        Case::new(1, 1, 3, 0, 4, 0),
+    ] {
+        let (bias, rows) = dense_mask_host(&c.keep, c.heads, c.t, c.past);
+        let (want_bias, want_rows) = c.mask_host();
+        assert_eq!(bias, want_bias);
+        assert_eq!(rows, want_rows);
     }
 }
 

@@ -73,18 +73,19 @@ pub(crate) fn forward(
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
     let mut out = vec![0.0f32; items * t * d];
     let mut lse = vec![0.0f32; items * t];
-    let heads = mask.heads.max(1);
+    // The key flags and offset only: the mask's dense-form cell is not shared across threads.
+    let (heads, keep_all, past) = (mask.heads.max(1), mask.keep, mask.past);
     let item = |(i, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
-        let keep = &mask.keep[(i / heads) * kv..(i / heads + 1) * kv];
+        let keep = &keep_all[(i / heads) * kv..(i / heads + 1) * kv];
         let (qi, ki) = (i * t * d, i * kv * d);
         let mut p = vec![0.0f32; BLOCK.min(t) * kv];
         for q0 in (0..t).step_by(BLOCK) {
             let q1 = (q0 + BLOCK).min(t);
-            let nk = visible_keys(mask.past, q1, kv);
+            let nk = visible_keys(past, q1, kv);
             let rows = &mut p[..(q1 - q0) * kv];
             block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, rows)?;
             for (r, row) in rows.chunks_mut(kv).enumerate() {
-                l[q0 + r] = softmax_visible(row, keep, mask.past + q0 + r, nk);
+                l[q0 + r] = softmax_visible(row, keep, past + q0 + r, nk);
             }
             gemm_serial(
                 1.0,
@@ -162,22 +163,23 @@ pub(crate) fn backward(
         lse.as_slice(),
         d_out.as_slice(),
     );
-    let heads = mask.heads.max(1);
+    // The key flags and offset only: the mask's dense-form cell is not shared across threads.
+    let (heads, keep_all, past) = (mask.heads.max(1), mask.keep, mask.past);
     let mut dq = vec![0.0f32; items * t * d];
     let mut dk = vec![0.0f32; items * kv * d];
     let mut dv = vec![0.0f32; items * kv * d];
     let item = |(i, (dq, (dk, dv))): (usize, ItemGrads<'_>)| {
-        let keep = &mask.keep[(i / heads) * kv..(i / heads + 1) * kv];
+        let keep = &keep_all[(i / heads) * kv..(i / heads + 1) * kv];
         let (qi, ki) = (i * t * d, i * kv * d);
         let mut p = vec![0.0f32; BLOCK.min(t) * kv];
         let mut ds = vec![0.0f32; BLOCK.min(t) * kv];
         for q0 in (0..t).step_by(BLOCK) {
             let q1 = (q0 + BLOCK).min(t);
-            let (bq, nk) = (q1 - q0, visible_keys(mask.past, q1, kv));
+            let (bq, nk) = (q1 - q0, visible_keys(past, q1, kv));
             let p = &mut p[..bq * kv];
             block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, p)?;
             for (r, row) in p.chunks_mut(kv).enumerate() {
-                let (pos, l) = (mask.past + q0 + r, ls[i * t + q0 + r]);
+                let (pos, l) = (past + q0 + r, ls[i * t + q0 + r]);
                 for (j, s) in row[..nk].iter_mut().enumerate() {
                     if !visible(keep, pos, j) {
                         *s = f32::NEG_INFINITY;

@@ -181,18 +181,10 @@ impl DecoderOps for NdArray {
         targets: &[Option<usize>],
         scale: f32,
     ) -> Result<NdTensor> {
-        let (_, vocab) = check_cross_entropy(logits, targets)?;
-        let src = logits.as_slice();
-        let mut out = vec![0.0f32; src.len()];
-        for_rows(&mut out, vocab, |r, o| {
-            let Some(t) = targets[r] else { return };
-            let row = &src[r * vocab..(r + 1) * vocab];
-            let lse = logsumexp(row) as f32;
-            o.copy_from_slice(row);
-            vectorize::exp_scale_in_place(o, lse, scale);
-            o[t] -= scale;
-        });
-        NdTensor::from_vec(out, logits.shape().dims())
+        // The clone shares the storage, so the fused call writes into a copy.
+        Ok(self
+            .cross_entropy_with_grad(logits.clone(), targets, scale)?
+            .1)
     }
 
     fn cross_entropy_with_grad(

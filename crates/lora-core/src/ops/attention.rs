@@ -4,13 +4,20 @@
 //! batched product with the values, and the reverse for the backward. A backend overrides
 //! the pair with a fused kernel that skips what the mask hides.
 
+use std::cell::OnceCell;
+
 use crate::backend::{Backend, BinaryOp, Tensor, Transpose};
 use crate::error::{Error, Result};
 use crate::ops::decoder::{DecoderOps, RowOrCol};
 
+/// Added to the scores of keys a query must not see in the dense mask. Finite, so that a
+/// fully masked row gives a uniform distribution (zeroed afterwards), not NaN.
+pub const MASKED: f32 = -1e30;
+
 /// Which keys each query of a causal self-attention call may see. Items are the
 /// `batch * heads` (sequence, head) pairs, sequence-major; each has `t` queries and `kv`
-/// keys (`kv = past + t`), query `i` at key position `past + i`.
+/// keys (`kv = past + t`), query `i` at key position `past + i`, and sees key `j` when
+/// `j <= past + i` and `keep[j] != 0`.
 #[derive(Debug)]
 pub struct AttentionMask<'a, T> {
     /// Heads per sequence.
@@ -19,13 +26,74 @@ pub struct AttentionMask<'a, T> {
     pub past: usize,
     /// `[batch * kv]`: nonzero where a key is a real token (0: padding).
     pub keep: &'a [u32],
-    /// The whole mask as an additive bias `[batch * heads * t, kv]`: 0 where query `i`
-    /// may see key `j` (`j <= past + i` and `keep[j] != 0`), a large negative number
-    /// elsewhere.
-    pub bias: &'a T,
+    /// The dense form, built by [`AttentionMask::dense`] on first use and shared by every
+    /// call that gets this cell (the layers of one step). Fused backends never build it.
+    pub dense: &'a OnceCell<DenseMask<T>>,
+}
+
+/// The mask as tensors: what the default implementation adds to the scores.
+#[derive(Debug)]
+pub struct DenseMask<T> {
+    /// `[batch * heads * t, kv]`: 0 where the query may see the key, [`MASKED`] elsewhere.
+    pub bias: T,
     /// `[batch * heads * t]`: 0 for queries that see no key at all (left padding), whose
     /// output is zero as PyTorch's SDPA gives; `None` when every query sees some key.
-    pub nonempty_rows: Option<&'a T>,
+    pub nonempty_rows: Option<T>,
+}
+
+impl<T> AttentionMask<'_, T> {
+    /// The dense mask for `t` queries per item, built on the host and uploaded once.
+    pub fn dense<B: Backend<Tensor = T>>(&self, b: &B, t: usize) -> Result<&DenseMask<T>> {
+        if self.dense.get().is_none() {
+            let (bias, rows) = dense_mask_host(self.keep, self.heads, t, self.past);
+            let n = bias.len() / (self.past + t).max(1);
+            let built = DenseMask {
+                bias: b.from_host(&bias, &[n, self.past + t])?,
+                nonempty_rows: match rows.contains(&0.0) {
+                    true => Some(b.from_host(&rows, &[n])?),
+                    false => None,
+                },
+            };
+            // Set just above when empty; a racing set cannot happen (the cell is not Sync).
+            let _ = self.dense.set(built);
+        }
+        self.dense
+            .get()
+            .ok_or_else(|| Error::state("causal_attention mask", "dense mask not built"))
+    }
+}
+
+/// The dense mask on the host: the additive bias `[batch * heads * t, past + t]` and, per
+/// query row, 1 where it sees some key and 0 where it sees none. `keep` is `[batch * kv]`.
+pub fn dense_mask_host(keep: &[u32], heads: usize, t: usize, past: usize) -> (Vec<f32>, Vec<f32>) {
+    let kv = past + t;
+    let batch = keep.len() / kv.max(1);
+    let mut bias = Vec::with_capacity(batch * heads * t * kv);
+    let mut rows = Vec::with_capacity(batch * heads * t);
+    let mut block = vec![MASKED; t * kv];
+    let mut block_rows = vec![1.0f32; t];
+    for seq_keep in keep.chunks(kv.max(1)) {
+        for q in 0..t {
+            let row = &mut block[q * kv..(q + 1) * kv];
+            for (k, slot) in row.iter_mut().enumerate() {
+                let visible = k <= past + q && seq_keep[k] != 0;
+                *slot = if visible { 0.0 } else { MASKED };
+            }
+            // A query that may see nothing (left padding) gets an output of zero: it
+            // reaches no real token, but it enters the loss where the label after it is
+            // a real token.
+            block_rows[q] = if row.iter().all(|&m| m == MASKED) {
+                0.0
+            } else {
+                1.0
+            };
+        }
+        for _ in 0..heads {
+            bias.extend_from_slice(&block);
+            rows.extend_from_slice(&block_rows);
+        }
+    }
+    (bias, rows)
 }
 
 /// Checks `q` `[items, t, d]` against `k`, `v` `[items, kv, d]` and the mask; returns
@@ -80,11 +148,12 @@ pub fn attention_forward<B: DecoderOps>(
     scale: f32,
 ) -> Result<(B::Tensor, B::Tensor)> {
     let (items, t, kv, d) = check_attention(q, k, v, mask)?;
+    let dense = mask.dense(b, t)?;
     let mut scores = b.zeros(&[items, t, kv])?;
     b.bmm(scale, q, Transpose::No, k, Transpose::Yes, 0.0, &mut scores)?;
     let scores = b.reshape(&scores, &[items * t, kv])?;
-    let mut probs = b.softmax(&scores, Some(mask.bias))?;
-    if let Some(rows) = mask.nonempty_rows {
+    let mut probs = b.softmax(&scores, Some(&dense.bias))?;
+    if let Some(rows) = &dense.nonempty_rows {
         let keep = b.outer(rows, items * t, kv, RowOrCol::PerRow)?;
         probs = b.binary(BinaryOp::Mul, &probs, &keep)?;
     }

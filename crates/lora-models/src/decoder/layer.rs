@@ -2,6 +2,9 @@
 //! with rotary embedding (Qwen3: RMSNorm per head on queries and keys first), causal and
 //! padding mask, then pre-RMSNorm and the SwiGLU MLP, each with its residual.
 
+use std::cell::OnceCell;
+
+use lora_core::ops::DenseMask;
 use lora_core::{AttentionMask, BinaryOp, DecoderOps, LoraLinear, LoraOps, Mode};
 
 use super::config::DecoderConfig;
@@ -77,25 +80,20 @@ pub(crate) struct AttentionInputs<T> {
     /// `[batch * seq * kv_heads, head_dim]` for keys.
     pub k_cos: T,
     pub k_sin: T,
-    /// `[batch * heads * seq, kv_len]`: 0 where a query may attend a key, a large negative
-    /// number elsewhere (future positions, padding).
-    pub mask_bias: T,
-    /// `[batch * heads * seq]`: 0 for query rows that may see no key (left padding),
-    /// whose attention output is zero; `None` when there are none.
-    pub nonempty_rows: Option<T>,
     /// `[batch * kv_len]`: the attention mask of every key (0: padding).
     pub keep: Vec<u32>,
+    /// The dense mask, if a backend's attention asks for it (built once per step).
+    pub dense_mask: OnceCell<DenseMask<T>>,
 }
 
 impl<T> AttentionInputs<T> {
-    /// The mask of this step for `heads` query heads.
+    /// The mask of this step for its `heads` query heads (always the model's count).
     pub fn mask(&self, heads: usize) -> AttentionMask<'_, T> {
         AttentionMask {
             heads,
             past: self.past,
             keep: &self.keep,
-            bias: &self.mask_bias,
-            nonempty_rows: self.nonempty_rows.as_ref(),
+            dense: &self.dense_mask,
         }
     }
 }
@@ -221,8 +219,7 @@ pub(crate) fn heads_last<B: LoraOps>(
     heads: usize,
     hd: usize,
 ) -> Result<B::Tensor> {
-    let x = b.permute(&b.reshape(x, &[bs, heads, t, hd])?, &[0, 2, 1, 3])?;
-    Ok(b.reshape(&x, &[bs * t, heads * hd])?)
+    swap_middle(b, x, [bs, heads, t, hd], [bs * t, heads * hd])
 }
 
 /// `[batch * seq * heads, hd]` (token-major) -> `[batch * heads, seq * hd]`.
@@ -234,8 +231,18 @@ pub(crate) fn heads_first<B: LoraOps>(
     heads: usize,
     hd: usize,
 ) -> Result<B::Tensor> {
-    let x = b.permute(&b.reshape(x, &[bs, t, heads, hd])?, &[0, 2, 1, 3])?;
-    Ok(b.reshape(&x, &[bs * heads, t * hd])?)
+    swap_middle(b, x, [bs, t, heads, hd], [bs * heads, t * hd])
+}
+
+/// `x` seen as `dims`, its two middle axes swapped, returned as the matrix `out`.
+fn swap_middle<B: LoraOps>(
+    b: &B,
+    x: &B::Tensor,
+    dims: [usize; 4],
+    out: [usize; 2],
+) -> Result<B::Tensor> {
+    let x = b.permute(&b.reshape(x, &dims)?, &[0, 2, 1, 3])?;
+    Ok(b.reshape(&x, &out)?)
 }
 
 /// Grouped-query attention: each of the `kv` key/value heads of a sequence serves

@@ -82,8 +82,10 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
 }
 
 /// Backward of `repeat_kv`: the gradients of the query heads sharing a key/value head
-/// summed into it. `x` is `[batch * heads, width]` as a matrix view.
-fn sum_kv_groups<B: LoraOps>(
+/// summed into it, in head order. `x` is `[batch * heads, width]` as a matrix view. This
+/// is the backward of a row gather, so `embedding_backward` (scatter-add over repeated
+/// rows) computes it.
+fn sum_kv_groups<B: LoraOps + DecoderOps>(
     b: &B,
     x: &B::Tensor,
     bs: usize,
@@ -95,16 +97,5 @@ fn sum_kv_groups<B: LoraOps>(
     if heads == kv {
         return Ok(x);
     }
-    let group = heads / kv;
-    let targets = kv_rows(bs, heads, kv);
-    let mut out = b.zeros(&[bs * kv, width])?;
-    // One pass per member of a group, so each pass scatters into distinct rows.
-    for g in 0..group {
-        let src: Vec<usize> = (0..bs * heads)
-            .filter(|r| (r % heads) % group == g)
-            .collect();
-        let dst: Vec<usize> = src.iter().map(|&r| targets[r]).collect();
-        b.scatter_add_rows(&mut out, &dst, &b.gather_rows(&x, &src)?)?;
-    }
-    Ok(out)
+    Ok(b.embedding_backward(&x, &kv_rows(bs, heads, kv), bs * kv)?)
 }

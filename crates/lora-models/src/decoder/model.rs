@@ -4,6 +4,7 @@
 //! adapter files apply unchanged; `lm_head` is the output head that `all-linear` leaves
 //! out.
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use super::config::DecoderConfig;
 use super::kv_cache::KvCache;
 use super::layer::{AttentionInputs, DecoderLayer};
 use super::rope;
-use super::step::{Step, attention_mask, check_step};
+use super::step::{Step, check_step};
 use crate::error::{ModelError, Result};
 use crate::token_batch::TokenBatch;
 
@@ -430,7 +431,8 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         Ok(())
     }
 
-    /// Rotary tables and the causal + padding mask for one step.
+    /// Rotary tables and the key mask for one step (the dense causal + padding mask is
+    /// built by the attention op only if the backend needs it).
     fn attention_inputs(&self, b: &B, step: &Step<'_>) -> Result<AttentionInputs<B::Tensor>> {
         let c = &self.config;
         let (bs, t, nh, nkv, hd) = (
@@ -444,8 +446,6 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         let inv_freq = rope::inv_freq(c, step.positions.iter().copied().max().unwrap_or(0));
         let (qc, qs) = rope::tables(&inv_freq, step.positions, nh);
         let (kc, ks) = rope::tables(&inv_freq, step.positions, nkv);
-        let (mask, keep_rows) = attention_mask(step, nh);
-        let any_empty = keep_rows.contains(&0.0);
         Ok(AttentionInputs {
             batch: bs,
             seq: t,
@@ -455,12 +455,8 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             q_sin: b.from_host(&qs, &[bs * t * nh, hd])?,
             k_cos: b.from_host(&kc, &[bs * t * nkv, hd])?,
             k_sin: b.from_host(&ks, &[bs * t * nkv, hd])?,
-            mask_bias: b.from_host(&mask, &[bs * nh * t, kv_len])?,
-            nonempty_rows: match any_empty {
-                true => Some(b.from_host(&keep_rows, &[bs * nh * t])?),
-                false => None,
-            },
             keep: step.keep.to_vec(),
+            dense_mask: OnceCell::new(),
         })
     }
 }
