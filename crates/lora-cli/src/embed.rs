@@ -2,29 +2,21 @@
 //! adapter), as sentence-transformers computes them for all-MiniLM-L6-v2: mean pooling
 //! over the attention mask, then L2 normalization.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use lora::models::bert::{BertModel, BertTokenizer, l2_normalize, mean_pool};
 use lora::peft;
 use lora::prelude::*;
 
-use crate::backend_choice::BackendKind;
+use crate::model_args::ModelArgs;
 use crate::report::print_stdout;
 
 /// Options of `lora embed`.
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
-    /// Model directory: `config.json`, `model.safetensors` (or shards), `tokenizer.json`.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A PEFT adapter directory to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "ndarray")]
-    pub backend: BackendKind,
+    /// The model, adapter and backend.
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -44,14 +36,14 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    crate::with_backend!(args.backend, |b| run_on(&b, args))
+    crate::with_backend!(args.source.backend, |b| run_on(&b, args))
 }
 
 fn run_on<B: FullBackend>(b: &B, args: &EmbedArgs) -> Result<()> {
-    let tok = BertTokenizer::from_file(&args.model.join("tokenizer.json"), args.max_length)?;
-    let mut model = BertModel::from_pretrained(b, &args.model)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    if let Some(a) = &args.adapter {
+    let tok = BertTokenizer::from_file(&args.source.model.join("tokenizer.json"), args.max_length)?;
+    let mut model = BertModel::from_pretrained(b, &args.source.model)
+        .with_context(|| format!("loading {}", args.source.model.display()))?;
+    if let Some(a) = &args.source.adapter {
         peft::load_pretrained(a, &mut model, b)
             .with_context(|| format!("loading adapter {}", a.display()))?;
     }

@@ -3,25 +3,21 @@
 //! sampled with top-k / top-p and a seed.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 use lora::models::decoder::{GenerationConfig, generate};
 use lora::prelude::*;
 
-use crate::backend_choice::BackendKind;
+use crate::model_args::ModelArgs;
 use crate::report::print_stdout;
 
 /// Arguments of `lora generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// PEFT adapter directory.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// The model, adapter and backend.
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// New tokens at most.
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
@@ -37,9 +33,6 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Backend.
-    #[arg(long, value_enum, default_value = "ndarray")]
-    pub backend: BackendKind,
     /// Print only JSON (no streaming).
     #[arg(long)]
     pub json: bool,
@@ -49,11 +42,12 @@ pub struct GenerateArgs {
 
 /// Runs `lora generate`.
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    crate::with_backend!(args.backend, |b| run_on(&b, args))
+    crate::with_backend!(args.source.backend, |b| run_on(&b, args))
 }
 
 fn run_on<B: FullBackend>(b: &B, args: &GenerateArgs) -> Result<()> {
-    let mut loaded = crate::decoder_load::load(b, &args.model, args.adapter.as_deref())?;
+    let mut loaded =
+        crate::decoder_load::load(b, &args.source.model, args.source.adapter.as_deref())?;
     let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
     let cfg = GenerationConfig {
         max_new_tokens: args.max_new_tokens,

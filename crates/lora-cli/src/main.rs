@@ -8,6 +8,7 @@ mod embed;
 mod generate;
 mod inspect;
 mod merge;
+mod model_args;
 mod plots;
 mod quant_arg;
 mod quantize;

@@ -2,29 +2,21 @@
 //! under a decoder LLM (optionally with a PEFT adapter), exactly as transformers computes
 //! `model(ids, labels=ids).loss`.
 
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
 use clap::Args;
 use lora::models::TokenBatch;
 use lora::models::decoder::causal_lm_loss;
 use lora::prelude::*;
 
-use crate::backend_choice::BackendKind;
+use crate::model_args::ModelArgs;
 use crate::report::print_stdout;
 
 /// Arguments of `lora score`.
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
-    /// Model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// PEFT adapter directory.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Backend.
-    #[arg(long, value_enum, default_value = "ndarray")]
-    pub backend: BackendKind,
+    /// The model, adapter and backend.
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// Print only JSON.
     #[arg(long)]
     pub json: bool,
@@ -35,11 +27,12 @@ pub struct ScoreArgs {
 
 /// Runs `lora score`.
 pub fn run(args: &ScoreArgs) -> Result<()> {
-    crate::with_backend!(args.backend, |b| run_on(&b, args))
+    crate::with_backend!(args.source.backend, |b| run_on(&b, args))
 }
 
 fn run_on<B: FullBackend>(b: &B, args: &ScoreArgs) -> Result<()> {
-    let mut loaded = crate::decoder_load::load(b, &args.model, args.adapter.as_deref())?;
+    let mut loaded =
+        crate::decoder_load::load(b, &args.source.model, args.source.adapter.as_deref())?;
     let mut results = Vec::new();
     for (i, text) in args.texts.iter().enumerate() {
         let ids = loaded.tokenizer.encode(text)?;
