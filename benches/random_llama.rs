@@ -118,7 +118,7 @@ pub fn train_step<B: FullBackend>(
     let err = |e: lora::models::ModelError| lora::Error::state("decoder train step", e.to_string());
     let logits = model.logits(b, batch, Mode::Train).map_err(err)?;
     let (loss, _, d) = causal_lm_loss_grad(b, logits, labels, BATCH, SEQ).map_err(err)?;
-    model.backward_logits(b, &d).map_err(err)?;
+    model.backward_logits(b, d).map_err(err)?;
     opt.step(b, &mut lora::Model::params_and_grads(model))?;
     Ok(loss)
 }

@@ -1,6 +1,6 @@
 //! `DecoderOps::causal_attention` and its backward on every backend: against an f64 host
-//! reference (with padding, a query that sees no key, several query blocks, and a KV
-//! cache), finite differences of that reference, and on large shapes the default
+//! reference (with padding, a query that sees no key, several query blocks, a KV cache,
+//! and grouped-query attention), finite differences of that reference, and on large shapes the default
 //! implementation over the primitives (which a fused backend must reproduce).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,11 +10,13 @@ use lora::ops::{AttentionMask, DenseMask, attention_backward, attention_forward,
 use lora::{Backend, DecoderOps, FullBackend};
 use lora_tests::{assert_close, backend_suite, central_differences, rand_vec, to64};
 
-/// One attention problem: `batch` sequences of `heads` heads, `t` queries after `past`
-/// cached keys, head size `d`; `keep` flags every key of every sequence.
+/// One attention problem: `batch` sequences of `heads` query heads sharing `kv_heads`
+/// key/value heads, `t` queries after `past` cached keys, head size `d`; `keep` flags
+/// every key of every sequence.
 struct Case {
     batch: usize,
     heads: usize,
+    kv_heads: usize,
     t: usize,
     past: usize,
     d: usize,
@@ -31,17 +33,31 @@ impl Case {
         Case {
             batch,
             heads,
+            kv_heads: heads,
             t,
             past,
             d,
             keep,
         }
     }
+    /// Grouped-query attention: `kv_heads` key/value heads, each read by
+    /// `heads / kv_heads` consecutive query heads.
+    fn gqa(mut self, kv_heads: usize) -> Self {
+        self.kv_heads = kv_heads;
+        self
+    }
     fn kv(&self) -> usize {
         self.past + self.t
     }
     fn items(&self) -> usize {
         self.batch * self.heads
+    }
+    fn kv_items(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+    /// The key/value item query item `item` reads: same sequence, head `head * kv / heads`.
+    fn kv_item(&self, item: usize) -> usize {
+        (item / self.heads) * self.kv_heads + (item % self.heads) * self.kv_heads / self.heads
     }
     fn visible(&self, item: usize, i: usize, j: usize) -> bool {
         j <= self.past + i && self.keep[(item / self.heads) * self.kv() + j] != 0
@@ -72,7 +88,7 @@ impl Case {
                 let qi = &q[(item * t + i) * d..][..d];
                 let s: Vec<Option<f64>> = (0..kv)
                     .map(|j| {
-                        let kj = &k[(item * kv + j) * d..][..d];
+                        let kj = &k[(self.kv_item(item) * kv + j) * d..][..d];
                         self.visible(item, i, j)
                             .then(|| scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>())
                     })
@@ -87,7 +103,8 @@ impl Case {
                 let sum: f64 = e.iter().sum();
                 for (j, w) in e.iter().enumerate() {
                     for c in 0..d {
-                        out[(item * t + i) * d + c] += w / sum * v[(item * kv + j) * d + c];
+                        let vj = (self.kv_item(item) * kv + j) * d;
+                        out[(item * t + i) * d + c] += w / sum * v[vj + c];
                     }
                 }
             }
@@ -104,7 +121,7 @@ struct Inputs<T> {
 }
 
 fn inputs<B: Backend>(b: &B, c: &Case, seed: u64) -> Inputs<B::Tensor> {
-    let (n, kv, d) = (c.items(), c.kv(), c.d);
+    let (n, nkv, kv, d) = (c.items(), c.kv_items(), c.kv(), c.d);
     let mk = |len: usize, stream: u64, shape: &[usize]| {
         let h: Vec<f32> = rand_vec(len, seed, stream)
             .iter()
@@ -115,8 +132,8 @@ fn inputs<B: Backend>(b: &B, c: &Case, seed: u64) -> Inputs<B::Tensor> {
     };
     Inputs {
         q: mk(n * c.t * d, 0, &[n, c.t, d]),
-        k: mk(n * kv * d, 1, &[n, kv, d]),
-        v: mk(n * kv * d, 2, &[n, kv, d]),
+        k: mk(nkv * kv * d, 1, &[nkv, kv, d]),
+        v: mk(nkv * kv * d, 2, &[nkv, kv, d]),
         dense: OnceCell::new(),
     }
 }
@@ -214,14 +231,19 @@ backend_suite! { all:
         // Several query blocks of 64, and queries after 100 cached keys.
         check_forward(b, &Case::new(1, 2, 150, 0, 8, 0));
         check_forward(b, &Case::new(2, 1, 70, 100, 8, 30));
+        // Four query heads over two key/value heads, and over one.
+        check_forward(b, &Case::new(2, 4, 5, 0, 4, 2).gqa(2));
+        check_forward(b, &Case::new(1, 4, 70, 3, 8, 0).gqa(1));
     }
 
     fn causal_attention_backward_equals_finite_differences(b) {
         check_backward_fd(b, &Case::new(2, 2, 5, 0, 4, 2));
+        check_backward_fd(b, &Case::new(2, 4, 4, 0, 3, 1).gqa(2));
     }
 
     fn causal_attention_backward_equals_the_default_on_long_sequences(b) {
         check_backward_default(b, &Case::new(2, 2, 150, 0, 16, 40));
+        check_backward_default(b, &Case::new(2, 4, 130, 0, 16, 40).gqa(2));
     }
 }
 
@@ -251,4 +273,20 @@ fn mismatched_attention_shapes_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("causal_attention k / v"), "{e}");
+    // Three key/value items cannot serve two query items, nor groups of two of three heads.
+    for (c, k_items) in [
+        (Case::new(1, 2, 5, 0, 4, 0), 3),
+        (Case::new(1, 3, 5, 0, 4, 0), 2),
+    ] {
+        let x = inputs(&b, &c, 1);
+        let k = b
+            .from_host(&vec![0.0; k_items * 5 * 4], &[k_items, 5, 4])
+            .unwrap();
+        let e = b
+            .causal_attention(&x.q.1, &k, &k, &mask(&c, &x), 1.0)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("causal_attention k / v"), "{e}");
+    }
 }

@@ -97,7 +97,7 @@ pub fn train_backward<B: lora::FullBackend>(
 ) -> f64 {
     let logits = model.logits(b, tb, Mode::Train).unwrap();
     let (loss, _, d) = causal_lm_loss_grad(b, logits, labels, tb.batch, tb.seq_len).unwrap();
-    model.backward_logits(b, &d).unwrap();
+    model.backward_logits(b, d).unwrap();
     loss
 }
 

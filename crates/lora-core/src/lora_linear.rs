@@ -275,6 +275,26 @@ impl<B: LoraOps> LoraLinear<B> {
     /// In training mode the input is kept for the backward. Non-finite inputs are rejected
     /// with the layer's name.
     pub fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<B::Tensor> {
+        let y = self.run_forward(backend, x, mode)?;
+        self.saved_x = match mode {
+            Mode::Train => Some(x.clone()),
+            Mode::Eval => None,
+        };
+        Ok(y)
+    }
+
+    /// A training forward that does not keep `x`, for a caller that rebuilds `x` cheaply in
+    /// the backward and hands it to [`backward_with_input`](Self::backward_with_input)
+    /// (activation recomputation: the decoder MLP's `down_proj` input `silu(gate)·up` is
+    /// recomputed from `gate` and `up`, which the MLP keeps anyway). The adapters still keep
+    /// their own rank-sized state.
+    pub fn forward_discarding_input(&mut self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let y = self.run_forward(backend, x, Mode::Train)?;
+        self.saved_x = None;
+        Ok(y)
+    }
+
+    fn run_forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<B::Tensor> {
         self.check_input(x, "forward")?;
         let mut y = self.base.forward(backend, x)?;
         if self.adapters_run() {
@@ -288,10 +308,6 @@ impl<B: LoraOps> LoraLinear<B> {
         } else if !backend.all_finite(x)? {
             return Err(self.non_finite_input(x));
         }
-        self.saved_x = match mode {
-            Mode::Train => Some(x.clone()),
-            Mode::Eval => None,
-        };
         Ok(y)
     }
 
@@ -344,16 +360,25 @@ impl<B: LoraOps> LoraLinear<B> {
     /// Backward from `dy`: computes the active adapters' gradients and returns `dx` (base
     /// and adapter parts accumulated in one tensor).
     pub fn backward(&mut self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
-        if self.is_merged() && !self.adapters.is_empty() {
-            // The adapters' contribution is inside W now and would get no gradient.
-            self.unmerged_required("train")?;
-        }
+        self.trainable_required()?;
         let x = self.saved_x.take().ok_or_else(|| {
             Error::state(
                 &self.name,
                 "backward called without a forward in training mode",
             )
         })?;
+        self.backward_with_input(backend, &x, dy)
+    }
+
+    /// The backward after [`forward_discarding_input`](Self::forward_discarding_input):
+    /// `x` must be the input of that forward.
+    pub fn backward_with_input(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        self.trainable_required()?;
         let expected = x.shape().with_last(self.base.out_features());
         if dy.shape() != &expected {
             return Err(Error::shape(
@@ -367,11 +392,19 @@ impl<B: LoraOps> LoraLinear<B> {
             let active = &self.active;
             for (name, adapter) in self.adapters.iter_mut() {
                 if active.contains(name) {
-                    adapter.backward(backend, &x, dy, &mut dx)?;
+                    adapter.backward(backend, x, dy, &mut dx)?;
                 }
             }
         }
         Ok(dx)
+    }
+
+    fn trainable_required(&self) -> Result<()> {
+        if self.is_merged() && !self.adapters.is_empty() {
+            // The adapters' contribution is inside W now and would get no gradient.
+            self.unmerged_required("train")?;
+        }
+        Ok(())
     }
 
     /// Full fine-tuning gradients of the base (`dW`, `db`) from the last training forward,

@@ -1,5 +1,6 @@
 //! Causal self-attention on ndarray, fused per (sequence, head) item: one task per item
-//! across the cores, queries in blocks of [`BLOCK`] rows, and each block multiplies only
+//! across the cores (in the backward one per key/value item, which owns the gradient of
+//! the keys and values its group of query heads shares), queries in blocks of [`BLOCK`] rows, and each block multiplies only
 //! the keys it may see (`j <= past + last query of the block`), so the masked upper
 //! triangle of the scores is never computed, in the forward or the backward. The forward
 //! keeps one log-sum-exp per query instead of the `[t, kv]` probabilities (a block of them
@@ -8,7 +9,7 @@
 //! (`lora_core::ops::attention_forward`) within rounding, which the cross-backend suite
 //! checks.
 
-use lora_core::ops::{AttentionMask, check_attention};
+use lora_core::ops::{AttentionMask, AttentionShape, check_attention};
 use lora_core::{Error, Result, Tensor, Transpose};
 use rayon::prelude::*;
 
@@ -69,7 +70,13 @@ pub(crate) fn forward(
     mask: &AttentionMask<'_, NdTensor>,
     scale: f32,
 ) -> Result<(NdTensor, NdTensor)> {
-    let (items, t, kv, d) = check_attention(q, k, v, mask)?;
+    let AttentionShape {
+        items,
+        group,
+        t,
+        kv,
+        d,
+    } = check_attention(q, k, v, mask)?;
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
     let mut out = vec![0.0f32; items * t * d];
     let mut lse = vec![0.0f32; items * t];
@@ -77,7 +84,7 @@ pub(crate) fn forward(
     let (heads, keep_all, past) = (mask.heads.max(1), mask.keep, mask.past);
     let item = |(i, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
         let keep = &keep_all[(i / heads) * kv..(i / heads + 1) * kv];
-        let (qi, ki) = (i * t * d, i * kv * d);
+        let (qi, ki) = (i * t * d, (i / group) * kv * d);
         let mut p = vec![0.0f32; BLOCK.min(t) * kv];
         for q0 in (0..t).step_by(BLOCK) {
             let q1 = (q0 + BLOCK).min(t);
@@ -136,7 +143,7 @@ fn softmax_visible(row: &mut [f32], keep: &[u32], pos: usize, nk: usize) -> f32 
     max + sum.ln() as f32
 }
 
-/// One item's `dq`, and its `dk` and `dv`.
+/// One key/value item's group of `dq`, and its `dk` and `dv`.
 type ItemGrads<'a> = (&'a mut [f32], (&'a mut [f32], &'a mut [f32]));
 
 /// Backward; returns `(dq, dk, dv)`. Each block's probabilities are recomputed from the
@@ -148,7 +155,14 @@ pub(crate) fn backward(
     d_out: &NdTensor,
     scale: f32,
 ) -> Result<(NdTensor, NdTensor, NdTensor)> {
-    let (items, t, kv, d) = check_attention(q, k, v, mask)?;
+    let shape = check_attention(q, k, v, mask)?;
+    let AttentionShape {
+        items,
+        group,
+        t,
+        kv,
+        d,
+    } = shape;
     if lse.shape().dims() != [items * t] || d_out.shape().dims() != q.shape().dims() {
         return Err(Error::shape(
             "causal_attention_backward saved log-sum-exp / d_out",
@@ -165,64 +179,89 @@ pub(crate) fn backward(
     );
     // The key flags and offset only: the mask's dense-form cell is not shared across threads.
     let (heads, keep_all, past) = (mask.heads.max(1), mask.keep, mask.past);
+    let kv_items = shape.kv_items();
     let mut dq = vec![0.0f32; items * t * d];
-    let mut dk = vec![0.0f32; items * kv * d];
-    let mut dv = vec![0.0f32; items * kv * d];
-    let item = |(i, (dq, (dk, dv))): (usize, ItemGrads<'_>)| {
-        let keep = &keep_all[(i / heads) * kv..(i / heads + 1) * kv];
-        let (qi, ki) = (i * t * d, i * kv * d);
+    let mut dk = vec![0.0f32; kv_items * kv * d];
+    let mut dv = vec![0.0f32; kv_items * kv * d];
+    let kv_item = |(j, (dq_group, (dk, dv))): (usize, ItemGrads<'_>)| {
+        let ki = j * kv * d;
         let mut p = vec![0.0f32; BLOCK.min(t) * kv];
         let mut ds = vec![0.0f32; BLOCK.min(t) * kv];
-        for q0 in (0..t).step_by(BLOCK) {
-            let q1 = (q0 + BLOCK).min(t);
-            let (bq, nk) = (q1 - q0, visible_keys(past, q1, kv));
-            let p = &mut p[..bq * kv];
-            block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, p)?;
-            for (r, row) in p.chunks_mut(kv).enumerate() {
-                let (pos, l) = (past + q0 + r, ls[i * t + q0 + r]);
-                for (j, s) in row[..nk].iter_mut().enumerate() {
-                    if !visible(keep, pos, j) {
-                        *s = f32::NEG_INFINITY;
-                    }
-                }
-                vectorize::exp_scale_in_place(&mut row[..nk], l, 1.0);
-            }
-            let p = view(p, 0, bq, nk, kv);
-            let g = view(gs, qi + q0 * d, bq, d, d);
-            // dv[:nk] += pᵀ·g
-            gemm_serial(1.0, p.t(), g, 1.0, dv, d)?;
-            // dp = g·v[:nk]ᵀ, then ds = p ⊙ (dp - rowsum(p ⊙ dp)).
-            let ds = &mut ds[..bq * kv];
-            gemm_serial(1.0, g, view(vs, ki, nk, d, d).t(), 0.0, ds, kv)?;
-            for (r, row) in ds.chunks_mut(kv).enumerate() {
-                let pr = &p.data[r * kv..r * kv + nk];
-                let dot: f32 = pr.iter().zip(&row[..nk]).map(|(p, g)| p * g).sum();
-                row[..nk]
-                    .iter_mut()
-                    .zip(pr)
-                    .for_each(|(g, p)| *g = p * (*g - dot));
-            }
-            let ds = view(ds, 0, bq, nk, kv);
-            // dq = scale·ds·k[:nk]; dk[:nk] += scale·dsᵀ·q
-            gemm_serial(
-                scale,
-                ds,
-                view(ks, ki, nk, d, d),
-                0.0,
-                &mut dq[q0 * d..q1 * d],
-                d,
+        for (g, dq) in dq_group.chunks_mut(t * d).enumerate() {
+            let i = j * group + g;
+            let keep = &keep_all[(i / heads) * kv..(i / heads + 1) * kv];
+            query_item_backward(
+                (qs, ks, vs, ls, gs),
+                (i, ki, keep),
+                (t, kv, d, past, scale),
+                (&mut p, &mut ds),
+                (dq, dk, dv),
             )?;
-            gemm_serial(scale, ds.t(), view(qs, qi + q0 * d, bq, d, d), 1.0, dk, d)?;
         }
         Ok(())
     };
-    dq.par_chunks_mut(t * d)
+    dq.par_chunks_mut(group * t * d)
         .zip(dk.par_chunks_mut(kv * d).zip(dv.par_chunks_mut(kv * d)))
         .enumerate()
-        .try_for_each(item)?;
+        .try_for_each(kv_item)?;
     Ok((
         NdTensor::from_vec(dq, &[items, t, d])?,
-        NdTensor::from_vec(dk, &[items, kv, d])?,
-        NdTensor::from_vec(dv, &[items, kv, d])?,
+        NdTensor::from_vec(dk, &[kv_items, kv, d])?,
+        NdTensor::from_vec(dv, &[kv_items, kv, d])?,
     ))
+}
+
+/// The backward of query item `i` (reading keys and values at `ki`): writes its `dq` and
+/// adds its share to the `dk`, `dv` of its key/value item. `p` and `ds` are scratch blocks.
+#[allow(clippy::type_complexity)]
+fn query_item_backward(
+    (qs, ks, vs, ls, gs): (&[f32], &[f32], &[f32], &[f32], &[f32]),
+    (i, ki, keep): (usize, usize, &[u32]),
+    (t, kv, d, past, scale): (usize, usize, usize, usize, f32),
+    (p, ds): (&mut [f32], &mut [f32]),
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) -> Result<()> {
+    let qi = i * t * d;
+    for q0 in (0..t).step_by(BLOCK) {
+        let q1 = (q0 + BLOCK).min(t);
+        let (bq, nk) = (q1 - q0, visible_keys(past, q1, kv));
+        let p = &mut p[..bq * kv];
+        block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, p)?;
+        for (r, row) in p.chunks_mut(kv).enumerate() {
+            let (pos, l) = (past + q0 + r, ls[i * t + q0 + r]);
+            for (j, s) in row[..nk].iter_mut().enumerate() {
+                if !visible(keep, pos, j) {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+            vectorize::exp_scale_in_place(&mut row[..nk], l, 1.0);
+        }
+        let p = view(p, 0, bq, nk, kv);
+        let g = view(gs, qi + q0 * d, bq, d, d);
+        // dv[:nk] += pᵀ·g
+        gemm_serial(1.0, p.t(), g, 1.0, dv, d)?;
+        // dp = g·v[:nk]ᵀ, then ds = p ⊙ (dp - rowsum(p ⊙ dp)).
+        let ds = &mut ds[..bq * kv];
+        gemm_serial(1.0, g, view(vs, ki, nk, d, d).t(), 0.0, ds, kv)?;
+        for (r, row) in ds.chunks_mut(kv).enumerate() {
+            let pr = &p.data[r * kv..r * kv + nk];
+            let dot: f32 = pr.iter().zip(&row[..nk]).map(|(p, g)| p * g).sum();
+            row[..nk]
+                .iter_mut()
+                .zip(pr)
+                .for_each(|(g, p)| *g = p * (*g - dot));
+        }
+        let ds = view(ds, 0, bq, nk, kv);
+        // dq = scale·ds·k[:nk]; dk[:nk] += scale·dsᵀ·q
+        gemm_serial(
+            scale,
+            ds,
+            view(ks, ki, nk, d, d),
+            0.0,
+            &mut dq[q0 * d..q1 * d],
+            d,
+        )?;
+        gemm_serial(scale, ds.t(), view(qs, qi + q0 * d, bq, d, d), 1.0, dk, d)?;
+    }
+    Ok(())
 }

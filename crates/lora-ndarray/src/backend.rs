@@ -216,7 +216,7 @@ impl Backend for NdArray {
 
     fn reshape(&self, t: &NdTensor, shape: &[usize]) -> Result<NdTensor> {
         check_reshape(t.shape(), shape)?;
-        NdTensor::from_vec(t.as_slice().to_vec(), shape)
+        t.reshaped(shape)
     }
 
     fn gemm(

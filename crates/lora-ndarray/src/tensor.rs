@@ -43,6 +43,23 @@ impl NdTensor {
         })
     }
 
+    /// The same elements under another shape of equal size, sharing the storage (O(1), as
+    /// `torch.reshape` of a contiguous tensor: a later write copies it first).
+    pub fn reshaped(&self, shape: &[usize]) -> Result<Self> {
+        let array = self
+            .array
+            .clone()
+            .into_shape_with_order(IxDyn(shape))
+            .map_err(|e| Error::Backend {
+                backend: "ndarray",
+                reason: format!("reshape {} to {shape:?}: {e}", self.shape),
+            })?;
+        Ok(NdTensor {
+            array,
+            shape: Shape::new(shape),
+        })
+    }
+
     /// The underlying (shared) array.
     pub fn array(&self) -> &ArcArray<f32, IxDyn> {
         &self.array

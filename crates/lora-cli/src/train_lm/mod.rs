@@ -190,9 +190,13 @@ fn train_loop<B: QuantBackend>(
             step_loss += loss / args.grad_accum as f64;
             let d = match args.grad_accum {
                 1 => grad,
-                n => b.affine(&grad, 1.0 / n as f32, 0.0)?,
+                n => {
+                    // Moved in so that the unscaled gradient is freed here.
+                    let grad = grad;
+                    b.affine(&grad, 1.0 / n as f32, 0.0)?
+                }
             };
-            model.backward_logits(b, &d)?;
+            model.backward_logits(b, d)?;
             let params = model.params_and_grads();
             acc = Some(match acc {
                 // A copy: the next backward must not write into the running sum.

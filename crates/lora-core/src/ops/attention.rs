@@ -96,14 +96,37 @@ pub fn dense_mask_host(keep: &[u32], heads: usize, t: usize, past: usize) -> (Ve
     (bias, rows)
 }
 
-/// Checks `q` `[items, t, d]` against `k`, `v` `[items, kv, d]` and the mask; returns
-/// `(items, t, kv, d)`.
+/// The sizes of one attention call. Query item `i` reads key/value item `i / group`
+/// (grouped-query attention: `group` consecutive query heads share one key/value head, as
+/// transformers' `repeat_kv` lays them out, without the copies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// `batch * heads` query items.
+    pub items: usize,
+    /// Query heads per key/value head (1: multi-head attention).
+    pub group: usize,
+    /// Queries per item.
+    pub t: usize,
+    /// Keys per item (`past + t`).
+    pub kv: usize,
+    /// Head size.
+    pub d: usize,
+}
+
+impl AttentionShape {
+    /// `batch * kv_heads` key/value items.
+    pub fn kv_items(&self) -> usize {
+        self.items / self.group
+    }
+}
+
+/// Checks `q` `[items, t, d]` against `k`, `v` `[items / group, kv, d]` and the mask.
 pub fn check_attention<T: Tensor>(
     q: &T,
     k: &T,
     v: &T,
     mask: &AttentionMask<'_, T>,
-) -> Result<(usize, usize, usize, usize)> {
+) -> Result<AttentionShape> {
     let (qd, kd) = (q.shape().dims(), k.shape().dims());
     let [items, t, d] = *qd else {
         return Err(Error::shape(
@@ -113,17 +136,29 @@ pub fn check_attention<T: Tensor>(
         ));
     };
     let kv = mask.past + t;
-    if kd != [items, kv, d] || v.shape().dims() != [items, kv, d] {
+    let heads = mask.heads.max(1);
+    let kv_items = kd.first().copied().unwrap_or(0);
+    // Key/value heads must divide the query heads, as `num_key_value_heads` does.
+    let group = match kv_items {
+        0 => 0,
+        n if items.is_multiple_of(n) => items / n,
+        _ => 0,
+    };
+    if group == 0
+        || !heads.is_multiple_of(group)
+        || kd != [kv_items, kv, d]
+        || v.shape().dims() != kd
+    {
         return Err(Error::shape(
             "causal_attention k / v",
             format!(
-                "[{items}, {kv}, {d}] each (past {} + {t} queries)",
+                "[{items} / group, {kv}, {d}] each (past {} + {t} queries; the group of query \
+                 heads per key/value head dividing {heads} heads)",
                 mask.past
             ),
             k.shape(),
         ));
     }
-    let heads = mask.heads.max(1);
     if !items.is_multiple_of(heads) || mask.keep.len() != items / heads * kv {
         return Err(Error::state(
             "causal_attention mask",
@@ -134,7 +169,36 @@ pub fn check_attention<T: Tensor>(
             ),
         ));
     }
-    Ok((items, t, kv, d))
+    Ok(AttentionShape {
+        items,
+        group,
+        t,
+        kv,
+        d,
+    })
+}
+
+/// `k` or `v` (`[items / group, kv, d]`) with each item repeated for the `group` query
+/// items that read it (`[items, kv, d]`), for the defaults over batched products.
+fn repeat_groups<B: Backend>(b: &B, x: &B::Tensor, s: &AttentionShape) -> Result<B::Tensor> {
+    if s.group == 1 {
+        return Ok(x.clone());
+    }
+    let rows: Vec<usize> = (0..s.items).map(|i| i / s.group).collect();
+    let flat = b.reshape(x, &[s.kv_items(), s.kv * s.d])?;
+    b.reshape(&b.gather_rows(&flat, &rows)?, &[s.items, s.kv, s.d])
+}
+
+/// Backward of [`repeat_groups`]: each key/value item gets the sum of its group's
+/// gradients, in item order (a scatter-add over repeated rows).
+fn sum_groups<B: DecoderOps>(b: &B, dx: &B::Tensor, s: &AttentionShape) -> Result<B::Tensor> {
+    if s.group == 1 {
+        return Ok(dx.clone());
+    }
+    let rows: Vec<usize> = (0..s.items).map(|i| i / s.group).collect();
+    let flat = b.reshape(dx, &[s.items, s.kv * s.d])?;
+    let summed = b.embedding_backward(&flat, &rows, s.kv_items())?;
+    b.reshape(&summed, &[s.kv_items(), s.kv, s.d])
 }
 
 /// Default forward: `probs = softmax(scale·q·kᵀ + bias)` (rows of queries that see no key
@@ -147,7 +211,11 @@ pub fn attention_forward<B: DecoderOps>(
     mask: &AttentionMask<'_, B::Tensor>,
     scale: f32,
 ) -> Result<(B::Tensor, B::Tensor)> {
-    let (items, t, kv, d) = check_attention(q, k, v, mask)?;
+    let shape = check_attention(q, k, v, mask)?;
+    let AttentionShape {
+        items, t, kv, d, ..
+    } = shape;
+    let (k, v) = (&repeat_groups(b, k, &shape)?, &repeat_groups(b, v, &shape)?);
     let dense = mask.dense(b, t)?;
     let mut scores = b.zeros(&[items, t, kv])?;
     b.bmm(scale, q, Transpose::No, k, Transpose::Yes, 0.0, &mut scores)?;
@@ -164,9 +232,9 @@ pub fn attention_forward<B: DecoderOps>(
 }
 
 /// Default backward from `d_out` (`[items, t, d]`) and the forward's `probs`: returns
-/// `(dq, dk, dv)` shaped as `q`, `k`, `v`. Rows of `probs` that are zero (queries that
-/// saw nothing) give zero gradients.
-pub fn attention_backward<B: Backend>(
+/// `(dq, dk, dv)` shaped as `q`, `k`, `v` (a shared key/value item gets its group's summed
+/// gradient). Rows of `probs` that are zero (queries that saw nothing) give zero gradients.
+pub fn attention_backward<B: DecoderOps>(
     b: &B,
     q: &B::Tensor,
     k: &B::Tensor,
@@ -175,7 +243,11 @@ pub fn attention_backward<B: Backend>(
     d_out: &B::Tensor,
     scale: f32,
 ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-    let (items, t, d, kv) = check_attention_backward(q, k, v, probs, d_out)?;
+    let shape = check_attention_backward(q, k, v, probs, d_out)?;
+    let AttentionShape {
+        items, t, kv, d, ..
+    } = shape;
+    let (k, v) = (&repeat_groups(b, k, &shape)?, &repeat_groups(b, v, &shape)?);
     let p3 = b.reshape(probs, &[items, t, kv])?;
     let mut d_probs = b.zeros(&[items, t, kv])?;
     b.bmm(
@@ -220,17 +292,21 @@ pub fn attention_backward<B: Backend>(
         0.0,
         &mut d_k,
     )?;
-    Ok((d_q, d_k, d_v))
+    Ok((
+        d_q,
+        sum_groups(b, &d_k, &shape)?,
+        sum_groups(b, &d_v, &shape)?,
+    ))
 }
 
-/// Checks a backward call; returns `(items, t, d, kv)`.
+/// Checks a backward call against the default's saved probabilities.
 pub fn check_attention_backward<T: Tensor>(
     q: &T,
     k: &T,
     v: &T,
     probs: &T,
     d_out: &T,
-) -> Result<(usize, usize, usize, usize)> {
+) -> Result<AttentionShape> {
     let [items, t, d] = *q.shape().dims() else {
         return Err(Error::shape(
             "causal_attention_backward q",
@@ -238,20 +314,37 @@ pub fn check_attention_backward<T: Tensor>(
             q.shape(),
         ));
     };
-    let kv = k.shape().dims().get(1).copied().unwrap_or(0);
-    if k.shape().dims() != [items, kv, d]
-        || v.shape().dims() != [items, kv, d]
+    let [kv_items, kv, _] = *k.shape().dims() else {
+        return Err(Error::shape(
+            "causal_attention_backward k",
+            "[items / group, kv, d]",
+            k.shape(),
+        ));
+    };
+    let group = match kv_items {
+        n if n > 0 && items.is_multiple_of(n) => items / n,
+        _ => 0,
+    };
+    if group == 0
+        || k.shape().dims() != [kv_items, kv, d]
+        || v.shape().dims() != [kv_items, kv, d]
         || probs.shape().dims() != [items * t, kv]
         || d_out.shape().dims() != q.shape().dims()
     {
         return Err(Error::shape(
             "causal_attention_backward k / v / probs / d_out",
             format!(
-                "[{items}, {kv}, {d}], [{items}, {kv}, {d}], [{}, {kv}], [{items}, {t}, {d}]",
+                "[{kv_items}, {kv}, {d}] dividing {items} items, [{}, {kv}], [{items}, {t}, {d}]",
                 items * t
             ),
             probs.shape(),
         ));
     }
-    Ok((items, t, d, kv))
+    Ok(AttentionShape {
+        items,
+        group,
+        t,
+        kv,
+        d,
+    })
 }

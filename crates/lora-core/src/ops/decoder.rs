@@ -250,9 +250,10 @@ pub trait DecoderOps: Backend {
         Ok(grad)
     }
 
-    /// Causal self-attention of `q` (`[items, t, d]`) over `k`, `v` (`[items, kv, d]`):
-    /// `out = softmax(scale·q·kᵀ + mask)·v` per item, a query that sees no key giving
-    /// zero. Returns `(out [items, t, d], saved)`, `saved` being what the backward needs
+    /// Causal self-attention of `q` (`[items, t, d]`) over `k`, `v` (`[items / group, kv,
+    /// d]`): `out = softmax(scale·q·kᵀ + mask)·v` per item, query item `i` reading
+    /// key/value item `i / group` (grouped-query attention without repeating the keys), a
+    /// query that sees no key giving zero. Returns `(out [items, t, d], saved)`, `saved` being what the backward needs
     /// besides the inputs: the default ([`attention_forward`]) keeps the probabilities
     /// `[items * t, kv]`; a fused backend may keep less (ndarray: one log-sum-exp per
     /// query, `[items * t]`, and recomputes the probabilities blockwise).

@@ -9,8 +9,8 @@ mod lora;
 mod optim;
 
 pub use attention::{
-    AttentionMask, DenseMask, MASKED, attention_backward, attention_forward, check_attention,
-    check_attention_backward, dense_mask_host,
+    AttentionMask, AttentionShape, DenseMask, MASKED, attention_backward, attention_forward,
+    check_attention, check_attention_backward, dense_mask_host,
 };
 pub use decoder::{
     DecoderOps, RowOrCol, check_cross_entropy, check_embedding_backward, check_rms_norm,

@@ -34,33 +34,31 @@ pub(crate) struct LayerCache<T> {
     /// The layer input and its input-RMSNorm's `1/rms`.
     pub h: T,
     pub inv_rms1: T,
-    /// Qwen3: queries and keys before their per-head RMSNorm, with its `1/rms`.
-    pub qk_pre_norm: Option<(T, T, T, T)>,
-    /// Rotated queries, and keys and values repeated per query head, `[B*heads, T, hd]`.
-    pub q: T,
-    pub k: T,
-    pub v: T,
-    /// What the attention backward needs besides q, k, v (`DecoderOps::causal_attention`).
-    pub attn_saved: T,
+    pub attention: AttentionSaved<T>,
     /// The attention residual and its post-attention RMSNorm's `1/rms`.
     pub h1: T,
     pub inv_rms2: T,
-    /// `gate_proj` output (before SiLU), its SiLU, and `up_proj` output.
+    /// `gate_proj` and `up_proj` outputs. `silu(gate)` and `down_proj`'s input
+    /// `silu(gate)·up` are recomputed in the backward (two elementwise passes) rather than
+    /// kept: that saves two `[tokens, intermediate]` activations per layer, the largest.
     pub gate: T,
-    pub gate_act: T,
     pub up: T,
 }
 
 /// The attention output, and what a training forward keeps.
 type AttentionOut<T> = (T, Option<AttentionSaved<T>>);
 
-/// What the attention forward hands to the cache.
-struct AttentionSaved<T> {
-    qk_pre_norm: Option<(T, T, T, T)>,
-    q: T,
-    k: T,
-    v: T,
-    attn_saved: T,
+/// What the attention forward keeps for its backward.
+#[derive(Debug)]
+pub(crate) struct AttentionSaved<T> {
+    /// Qwen3: queries and keys before their per-head RMSNorm, with its `1/rms`.
+    pub qk_pre_norm: Option<(T, T, T, T)>,
+    /// Rotated queries `[B*heads, T, hd]`, keys and values `[B*kv_heads, T, hd]`.
+    pub q: T,
+    pub k: T,
+    pub v: T,
+    /// What the attention backward needs besides q, k, v (`DecoderOps::causal_attention`).
+    pub attn_saved: T,
 }
 
 /// What the attention of one forward needs besides the layer: the batch shape, the
@@ -115,25 +113,22 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let h1 = b.binary(BinaryOp::Add, h, &attn)?;
         let (x, inv_rms2) = b.rms_norm(&h1, &self.post_norm, eps)?;
         let gate = self.gate_proj.forward(b, &x, mode)?;
-        let gate_act = b.silu(&gate)?;
         let up = self.up_proj.forward(b, &x, mode)?;
-        let mlp = self
-            .down_proj
-            .forward(b, &b.binary(BinaryOp::Mul, &gate_act, &up)?, mode)?;
+        let act = swiglu(b, &gate, &up)?;
+        let mlp = match mode {
+            Mode::Train => self.down_proj.forward_discarding_input(b, &act)?,
+            Mode::Eval => self.down_proj.forward(b, &act, mode)?,
+        };
+        drop(act);
         let out = b.binary(BinaryOp::Add, &h1, &mlp)?;
         self.cache = match saved {
-            Some(saved) => Some(LayerCache {
+            Some(attention) => Some(LayerCache {
                 h: h.clone(),
                 inv_rms1,
-                qk_pre_norm: saved.qk_pre_norm,
-                q: saved.q,
-                k: saved.k,
-                v: saved.v,
-                attn_saved: saved.attn_saved,
+                attention,
                 h1,
                 inv_rms2,
                 gate,
-                gate_act,
                 up,
             }),
             None => None,
@@ -184,13 +179,12 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
             }
             None => (k, v),
         };
+        // Each key/value head serves `nh / nkv` query heads inside the attention op.
         let kv = att.kv_len;
-        let k = repeat_kv(b, &k, bs, nh, nkv)?;
-        let v = repeat_kv(b, &v, bs, nh, nkv)?;
         let (q, k, v) = (
             b.reshape(&q, &[bs * nh, t, hd])?,
-            b.reshape(&k, &[bs * nh, kv, hd])?,
-            b.reshape(&v, &[bs * nh, kv, hd])?,
+            b.reshape(&k, &[bs * nkv, kv, hd])?,
+            b.reshape(&v, &[bs * nkv, kv, hd])?,
         );
         let scale = 1.0 / (hd as f32).sqrt();
         let (ctx, attn_saved) = b.causal_attention(&q, &k, &v, &att.mask(nh), scale)?;
@@ -208,6 +202,11 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         };
         Ok((out, saved))
     }
+}
+
+/// The SwiGLU MLP's `silu(gate) · up`, `down_proj`'s input.
+pub(crate) fn swiglu<B: DecoderOps>(b: &B, gate: &B::Tensor, up: &B::Tensor) -> Result<B::Tensor> {
+    Ok(b.binary(BinaryOp::Mul, &b.silu(gate)?, up)?)
 }
 
 /// `[batch * heads, seq, hd]` -> `[batch * seq, heads * hd]` (token-major again).
@@ -243,28 +242,4 @@ fn swap_middle<B: LoraOps>(
 ) -> Result<B::Tensor> {
     let x = b.permute(&b.reshape(x, &dims)?, &[0, 2, 1, 3])?;
     Ok(b.reshape(&x, &out)?)
-}
-
-/// Grouped-query attention: each of the `kv` key/value heads of a sequence serves
-/// `heads / kv` consecutive query heads (transformers' `repeat_kv`). `x` is
-/// `[batch * kv, ...]` as a matrix view.
-pub(crate) fn repeat_kv<B: LoraOps>(
-    b: &B,
-    x: &B::Tensor,
-    bs: usize,
-    heads: usize,
-    kv: usize,
-) -> Result<B::Tensor> {
-    if heads == kv {
-        return Ok(x.clone());
-    }
-    Ok(b.gather_rows(x, &kv_rows(bs, heads, kv))?)
-}
-
-/// For each of the `batch * heads` query-head rows, the key/value row it reads.
-pub(crate) fn kv_rows(bs: usize, heads: usize, kv: usize) -> Vec<usize> {
-    let group = heads / kv;
-    (0..bs * heads)
-        .map(|r| (r / heads) * kv + (r % heads) / group)
-        .collect()
 }

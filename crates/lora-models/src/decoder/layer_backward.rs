@@ -5,7 +5,9 @@
 use lora_core::{BinaryOp, DecoderOps, Error, LoraOps};
 
 use super::config::DecoderConfig;
-use super::layer::{AttentionInputs, DecoderLayer, LayerCache, heads_first, heads_last, kv_rows};
+use super::layer::{
+    AttentionInputs, AttentionSaved, DecoderLayer, LayerCache, heads_first, heads_last, swiglu,
+};
 use crate::error::Result;
 
 impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
@@ -21,20 +23,33 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let cache = self.cache.take().ok_or_else(|| {
             Error::state(name, "backward called without a forward in training mode")
         })?;
-        // MLP: out = h1 + down(silu(gate) * up).
-        let d_act = self.down_proj.backward(b, d_out)?;
-        let d_gate_act = b.binary(BinaryOp::Mul, &d_act, &cache.up)?;
-        let d_up = b.binary(BinaryOp::Mul, &d_act, &cache.gate_act)?;
-        let d_gate = b.silu_backward(&cache.gate, &d_gate_act)?;
+        let LayerCache {
+            h,
+            inv_rms1,
+            attention,
+            h1,
+            inv_rms2,
+            gate,
+            up,
+        } = cache;
+        // MLP: out = h1 + down(silu(gate) * up), with down's input recomputed.
+        let d_act = self
+            .down_proj
+            .backward_with_input(b, &swiglu(b, &gate, &up)?, d_out)?;
+        let d_up = b.binary(BinaryOp::Mul, &d_act, &b.silu(&gate)?)?;
+        let d_gate = b.silu_backward(&gate, &b.binary(BinaryOp::Mul, &d_act, &up)?)?;
+        drop((d_act, gate, up));
         let mut dx2 = self.up_proj.backward(b, &d_up)?;
+        drop(d_up);
         b.axpby(1.0, &self.gate_proj.backward(b, &d_gate)?, 1.0, &mut dx2)?;
+        drop(d_gate);
         let mut d_h1 = d_out.clone();
-        let d_norm2 = b.rms_norm_backward(&cache.h1, &self.post_norm, &cache.inv_rms2, &dx2)?;
+        let d_norm2 = b.rms_norm_backward(&h1, &self.post_norm, &inv_rms2, &dx2)?;
         b.axpby(1.0, &d_norm2, 1.0, &mut d_h1)?;
         // Attention: h1 = h + o_proj(attn(norm(h))).
-        let dx1 = self.attention_backward(b, c, att, &cache, &d_h1)?;
+        let dx1 = self.attention_backward(b, c, att, attention, &d_h1)?;
         let mut d_h = d_h1;
-        let d_norm1 = b.rms_norm_backward(&cache.h, &self.input_norm, &cache.inv_rms1, &dx1)?;
+        let d_norm1 = b.rms_norm_backward(&h, &self.input_norm, &inv_rms1, &dx1)?;
         b.axpby(1.0, &d_norm1, 1.0, &mut d_h)?;
         Ok(d_h)
     }
@@ -45,7 +60,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         b: &B,
         c: &DecoderConfig,
         att: &AttentionInputs<B::Tensor>,
-        cache: &LayerCache<B::Tensor>,
+        cache: AttentionSaved<B::Tensor>,
         d_attn: &B::Tensor,
     ) -> Result<B::Tensor> {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -60,11 +75,9 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
             &d_ctx,
             scale,
         )?;
-        // Back to one row per (token, head), undoing repeat_kv and the rotation.
+        // Back to one row per (token, head), undoing the rotation.
         let d_q = b.reshape(&heads_last(b, &d_q, bs, t, nh, hd)?, &[bs * t * nh, hd])?;
-        let d_k = sum_kv_groups(b, &d_k, bs, nh, nkv, t * hd)?;
         let d_k = b.reshape(&heads_last(b, &d_k, bs, t, nkv, hd)?, &[bs * t * nkv, hd])?;
-        let d_v = sum_kv_groups(b, &d_v, bs, nh, nkv, t * hd)?;
         let d_v = heads_last(b, &d_v, bs, t, nkv, hd)?;
         let mut d_q = b.rotary_backward(&d_q, &att.q_cos, &att.q_sin)?;
         let mut d_k = b.rotary_backward(&d_k, &att.k_cos, &att.k_sin)?;
@@ -79,23 +92,4 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         b.axpby(1.0, &self.v_proj.backward(b, &d_v)?, 1.0, &mut dx)?;
         Ok(dx)
     }
-}
-
-/// Backward of `repeat_kv`: the gradients of the query heads sharing a key/value head
-/// summed into it, in head order. `x` is `[batch * heads, width]` as a matrix view. This
-/// is the backward of a row gather, so `embedding_backward` (scatter-add over repeated
-/// rows) computes it.
-fn sum_kv_groups<B: LoraOps + DecoderOps>(
-    b: &B,
-    x: &B::Tensor,
-    bs: usize,
-    heads: usize,
-    kv: usize,
-    width: usize,
-) -> Result<B::Tensor> {
-    let x = b.reshape(x, &[bs * heads, width])?;
-    if heads == kv {
-        return Ok(x);
-    }
-    Ok(b.embedding_backward(&x, &kv_rows(bs, heads, kv), bs * kv)?)
 }

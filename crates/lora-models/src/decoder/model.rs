@@ -341,8 +341,9 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
     /// Backward from `d_logits` (`[batch, seq, vocab]`, e.g. from
     /// [`causal_lm_loss_grad`](super::causal_lm_loss_grad)) of the last training forward:
     /// leaves gradients in every active adapter; the pretrained weights, norms and
-    /// embeddings stay frozen.
-    pub fn backward_logits(&mut self, b: &B, d_logits: &B::Tensor) -> Result<()> {
+    /// embeddings stay frozen. `d_logits` is taken by value so that its storage (the
+    /// largest activation of a step) is freed before the layers' backward.
+    pub fn backward_logits(&mut self, b: &B, d_logits: B::Tensor) -> Result<()> {
         let st = self.train_state.take().ok_or_else(|| {
             Error::state(
                 "DecoderModel",
@@ -359,7 +360,11 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             )
             .into());
         }
-        let d_logits = b.reshape(d_logits, &[bs * t, v])?;
+        // Shadowing would keep the argument alive to the end: move it into the reshape.
+        let d_logits = {
+            let d = d_logits;
+            b.reshape(&d, &[bs * t, v])?
+        };
         let d_norm = match &mut self.lm_head {
             Some(head) => head.backward(b, &d_logits)?,
             None => {
@@ -374,6 +379,14 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
                     &mut out,
                 )?;
                 out
+            }
+        };
+        // Only the tied head's embedding gradient reads `d_logits` again.
+        let d_logits = match &st.embedding {
+            Some((_, Some(_))) => Some(d_logits),
+            _ => {
+                drop(d_logits);
+                None
             }
         };
         let mut g = b.rms_norm_backward(&st.h_last, &self.norm, &st.inv_rms, &d_norm)?;
@@ -398,11 +411,11 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
                     false => b.gather_rows(&g, &at)?,
                 };
                 let mut grad = b.embedding_backward(&g, &kept, v)?;
-                if let Some(h_norm) = tied_input {
+                if let (Some(h_norm), Some(d_logits)) = (tied_input, &d_logits) {
                     // logits = h_norm · embed_tokensᵀ, so d embed_tokens += d_logitsᵀ · h_norm.
                     b.gemm(
                         1.0,
-                        &d_logits,
+                        d_logits,
                         Transpose::Yes,
                         &h_norm,
                         Transpose::No,
@@ -472,7 +485,7 @@ impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
 
     /// `dy` is the gradient of the logits, `[batch, seq, vocab]`.
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> lora_core::Result<()> {
-        self.backward_logits(backend, dy)
+        self.backward_logits(backend, dy.clone())
             .map_err(|e| Error::state("DecoderModel backward", e.to_string()))
     }
 
