@@ -1,7 +1,7 @@
 //! Peak-RSS probe of the decoder training step (`cargo xtask bench` runs it under GNU
 //! time): builds the random Llama of `benches/decoder.rs` with LoRA r=16 on every
 //! projection and runs three AdamW steps at batch 4 x 256, with `checkpointing` as the
-//! first argument recomputing each layer in the backward. Prints the mode, shape and
+//! first argument recomputing each layer in the backward (`LORA_BENCH_STEPS` steps instead of three, for profiling). Prints the mode, shape and
 //! median step time as JSON.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,7 +22,12 @@ fn main() {
     let (batch, labels) = random_batch(model.config().vocab_size).unwrap();
     let mut opt = Adam::<NdArray>::adamw(1e-4).unwrap();
     let mut times = Vec::new();
-    for _ in 0..3 {
+    // `LORA_BENCH_STEPS` runs more steps, for profiling the steady state.
+    let steps = std::env::var("LORA_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    for _ in 0..steps {
         let t = Instant::now();
         train_step(&b, &mut model, &mut opt, &batch, &labels).unwrap();
         times.push(t.elapsed().as_secs_f64());

@@ -139,6 +139,22 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
         c: &mut Self::Tensor,
     ) -> Result<()>;
 
+    /// A new tensor `alpha * op_a(a) op_b(b)` of shape `shape`, whose matrix view is the
+    /// product's `[m, n]` (a linear layer's `[batch, seq, out]`, say). The default
+    /// zero-fills and calls [`gemm`](Backend::gemm) with `beta = 0`; a backend may write
+    /// the product straight into fresh memory and skip the fill.
+    fn matmul(
+        &self,
+        alpha: f32,
+        (a, trans_a): (&Self::Tensor, Transpose),
+        (b, trans_b): (&Self::Tensor, Transpose),
+        shape: &[usize],
+    ) -> Result<Self::Tensor> {
+        let mut c = self.zeros(shape)?;
+        self.gemm(alpha, a, trans_a, b, trans_b, 0.0, &mut c)?;
+        Ok(c)
+    }
+
     /// Batched GEMM over the leading axis of 3-D tensors: for every `i`,
     /// `c[i] = alpha * op_a(a[i]) op_b(b[i]) + beta * c[i]` (attention's `Q Kᵀ` and `P V`).
     #[allow(clippy::too_many_arguments)]

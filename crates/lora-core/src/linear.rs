@@ -120,8 +120,12 @@ impl<B: Backend> DenseLinear<B> {
         x: &B::Tensor,
         dy: &B::Tensor,
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
-        let mut d_w = backend.zeros(self.weight.shape().dims())?;
-        backend.gemm(1.0, dy, Transpose::Yes, x, Transpose::No, 0.0, &mut d_w)?;
+        let d_w = backend.matmul(
+            1.0,
+            (dy, Transpose::Yes),
+            (x, Transpose::No),
+            self.weight.shape().dims(),
+        )?;
         let d_b = match &self.bias {
             Some(_) => Some(backend.sum_rows(dy)?),
             None => None,
@@ -161,15 +165,11 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
     fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
         self.check_features("forward input x", x, self.inp())?;
         let out_shape = x.shape().with_last(self.out());
-        let mut y = backend.zeros(out_shape.dims())?;
-        backend.gemm(
+        let mut y = backend.matmul(
             1.0,
-            x,
-            Transpose::No,
-            &self.weight,
-            Transpose::Yes,
-            0.0,
-            &mut y,
+            (x, Transpose::No),
+            (&self.weight, Transpose::Yes),
+            out_shape.dims(),
         )?;
         if let Some(b) = &self.bias {
             backend.add_row_broadcast(&mut y, b)?;
@@ -180,17 +180,12 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
     fn backward(&self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
         self.check_features("backward gradient dy", dy, self.out())?;
         let dx_shape = dy.shape().with_last(self.inp());
-        let mut dx = backend.zeros(dx_shape.dims())?;
-        backend.gemm(
+        backend.matmul(
             1.0,
-            dy,
-            Transpose::No,
-            &self.weight,
-            Transpose::No,
-            0.0,
-            &mut dx,
-        )?;
-        Ok(dx)
+            (dy, Transpose::No),
+            (&self.weight, Transpose::No),
+            dx_shape.dims(),
+        )
     }
 
     fn weight(&self, _backend: &B) -> Result<B::Tensor> {

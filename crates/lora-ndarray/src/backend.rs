@@ -10,7 +10,7 @@ use lora_quant::{QuantOps, QuantizedWeight, dequantize_rows_host};
 use ndarray::Axis;
 use rayon::prelude::*;
 
-use crate::gemm::{bmm_into, gemm_into};
+use crate::gemm::{bmm_into, gemm_into, gemm_new};
 use crate::tensor::NdTensor;
 
 /// The pure-Rust CPU backend. Cheap to clone; GEMMs use rayon's global pool.
@@ -230,6 +230,16 @@ impl Backend for NdArray {
         c: &mut NdTensor,
     ) -> Result<()> {
         gemm_into(alpha, a, trans_a, b, trans_b, beta, c)
+    }
+
+    fn matmul(
+        &self,
+        alpha: f32,
+        a: (&NdTensor, Transpose),
+        b: (&NdTensor, Transpose),
+        shape: &[usize],
+    ) -> Result<NdTensor> {
+        gemm_new(alpha, a, b, shape)
     }
 
     fn bmm(

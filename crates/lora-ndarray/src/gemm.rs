@@ -128,12 +128,62 @@ pub(crate) fn gemm_into(
         }
         return Ok(());
     }
+    let dst = SendPtr(c.as_mut_slice().as_mut_ptr());
+    // SAFETY: `dst` addresses the m x n elements of `c`, which `check_gemm` matched.
+    unsafe { gemm_to((m, n, k), alpha, (a, trans_a), (b, trans_b), beta, dst) };
+    Ok(())
+}
+
+/// A new `alpha * op(a) op(b)` of shape `shape` (its matrix view `[m, n]`), written
+/// straight into fresh memory: no zero-fill pass before the product overwrites it.
+pub(crate) fn gemm_new(
+    alpha: f32,
+    (a, trans_a): (&NdTensor, Transpose),
+    (b, trans_b): (&NdTensor, Transpose),
+    shape: &[usize],
+) -> Result<NdTensor> {
+    let c_shape = lora_core::Shape::new(shape);
+    let (m, n, k) = check_gemm(a.shape(), trans_a, b.shape(), trans_b, &c_shape)?;
+    if m == 0 || n == 0 || k == 0 {
+        return NdTensor::from_vec(vec![0.0; m * n], shape);
+    }
+    let mut data = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the buffer holds m x n elements; with beta = 0 the kernel writes every one
+    // of them without reading any (`read_dst` false), so all are initialised when the
+    // length is set.
+    unsafe {
+        gemm_to(
+            (m, n, k),
+            alpha,
+            (a, trans_a),
+            (b, trans_b),
+            0.0,
+            SendPtr(data.as_mut_ptr()),
+        );
+        data.set_len(m * n);
+    }
+    NdTensor::from_vec(data, shape)
+}
+
+/// The product into `dst` (row-major `m x n`, unit column stride), threaded as the shape
+/// warrants; `m`, `n`, `k` are non-zero and match the operands.
+///
+/// # Safety
+/// `dst` must address `m * n` writable elements that nothing else touches during the call
+/// (they need not be initialised when `beta == 0`).
+unsafe fn gemm_to(
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    (a, trans_a): (&NdTensor, Transpose),
+    (b, trans_b): (&NdTensor, Transpose),
+    beta: f32,
+    dst: SendPtr,
+) {
     let (a_cs, a_rs) = strides(a.shape().as_matrix().1, trans_a);
     let (b_cs, b_rs) = strides(b.shape().as_matrix().1, trans_b);
     let c_rs = n as isize;
     let lhs = ConstPtr(a.as_slice().as_ptr());
     let rhs = ConstPtr(b.as_slice().as_ptr());
-    let dst = SendPtr(c.as_mut_slice().as_mut_ptr());
 
     // One call of the library kernel on the sub-problem rows [r0, r0+mr) x cols [c0, c0+nc).
     let run = |r0: usize, mr: usize, c0: usize, nc: usize, par: Parallelism| {
@@ -185,7 +235,6 @@ pub(crate) fn gemm_into(
             run(0, m, c0, panel.min(n - c0), Parallelism::None);
         });
     }
-    Ok(())
 }
 
 /// Batched `c[i] = alpha * op(a[i]) op(b[i]) + beta * c[i]`: the batch items run in

@@ -205,7 +205,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
 }
 
 /// The SwiGLU MLP's `silu(gate) · up`, `down_proj`'s input.
-pub(crate) fn swiglu<B: DecoderOps>(b: &B, gate: &B::Tensor, up: &B::Tensor) -> Result<B::Tensor> {
+fn swiglu<B: DecoderOps>(b: &B, gate: &B::Tensor, up: &B::Tensor) -> Result<B::Tensor> {
     Ok(b.binary(BinaryOp::Mul, &b.silu(gate)?, up)?)
 }
 

@@ -6,7 +6,7 @@ use lora_core::{BinaryOp, DecoderOps, Error, LoraOps};
 
 use super::config::DecoderConfig;
 use super::layer::{
-    AttentionInputs, AttentionSaved, DecoderLayer, LayerCache, heads_first, heads_last, swiglu,
+    AttentionInputs, AttentionSaved, DecoderLayer, LayerCache, heads_first, heads_last,
 };
 use crate::error::Result;
 
@@ -33,10 +33,14 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
             up,
         } = cache;
         // MLP: out = h1 + down(silu(gate) * up), with down's input recomputed.
-        let d_act = self
-            .down_proj
-            .backward_with_input(b, &swiglu(b, &gate, &up)?, d_out)?;
-        let d_up = b.binary(BinaryOp::Mul, &d_act, &b.silu(&gate)?)?;
+        let gate_act = b.silu(&gate)?;
+        let d_act = self.down_proj.backward_with_input(
+            b,
+            &b.binary(BinaryOp::Mul, &gate_act, &up)?,
+            d_out,
+        )?;
+        let d_up = b.binary(BinaryOp::Mul, &d_act, &gate_act)?;
+        drop(gate_act);
         let d_gate = b.silu_backward(&gate, &b.binary(BinaryOp::Mul, &d_act, &up)?)?;
         drop((d_act, gate, up));
         let mut dx2 = self.up_proj.backward(b, &d_up)?;

@@ -321,19 +321,12 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         let h = h_norm;
         let logits = match &mut self.lm_head {
             Some(head) => head.forward(b, &h, mode)?,
-            None => {
-                let mut out = b.zeros(&[bs * t, config.vocab_size])?;
-                b.gemm(
-                    1.0,
-                    &h,
-                    Transpose::No,
-                    &self.embed_tokens,
-                    Transpose::Yes,
-                    0.0,
-                    &mut out,
-                )?;
-                out
-            }
+            None => b.matmul(
+                1.0,
+                (&h, Transpose::No),
+                (&self.embed_tokens, Transpose::Yes),
+                &[bs * t, config.vocab_size],
+            )?,
         };
         Ok(b.reshape(&logits, &[bs, t, config.vocab_size])?)
     }
@@ -367,19 +360,12 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         };
         let d_norm = match &mut self.lm_head {
             Some(head) => head.backward(b, &d_logits)?,
-            None => {
-                let mut out = b.zeros(&[bs * t, h])?;
-                b.gemm(
-                    1.0,
-                    &d_logits,
-                    Transpose::No,
-                    &self.embed_tokens,
-                    Transpose::No,
-                    0.0,
-                    &mut out,
-                )?;
-                out
-            }
+            None => b.matmul(
+                1.0,
+                (&d_logits, Transpose::No),
+                (&self.embed_tokens, Transpose::No),
+                &[bs * t, h],
+            )?,
         };
         // Only the tied head's embedding gradient reads `d_logits` again.
         let d_logits = match &st.embedding {
