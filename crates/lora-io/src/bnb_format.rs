@@ -131,6 +131,18 @@ pub fn encode(module: &str, w: &QuantizedWeight) -> Vec<(String, RawTensor<'stat
             ));
             out
         }
+        // A 2-byte float weight is an ordinary tensor of that dtype, as in a bf16 checkpoint.
+        QuantizedWeight::Half(h) => vec![(
+            key("weight"),
+            RawTensor {
+                dtype: match h.half_type {
+                    lora_quant::HalfType::F16 => Dtype::F16,
+                    lora_quant::HalfType::Bf16 => Dtype::BF16,
+                },
+                shape: h.shape.to_vec(),
+                data: Cow::Owned(h.bits.iter().flat_map(|b| b.to_le_bytes()).collect()),
+            },
+        )],
         QuantizedWeight::Int8(q) => vec![
             (
                 key("weight"),

@@ -13,6 +13,20 @@ use crate::dtype::decode_f32;
 use crate::error::{Error, Result};
 use crate::safetensors_file::{MappedFile, RawTensor};
 
+/// Where one tensor of a [`Checkpoint`] is stored ([`Checkpoint::entries`]).
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    /// Storage type.
+    pub dtype: safetensors::Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Index into [`Checkpoint::files`].
+    file: usize,
+    /// Byte offset of the data in that file, and its length.
+    offset: u64,
+    len: usize,
+}
+
 /// Every shard of a checkpoint, mapped.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -107,6 +121,51 @@ impl Checkpoint {
             }
         }
         Ok(out)
+    }
+
+    /// Every tensor's dtype, shape and place, without reading any data: for loaders that
+    /// read one tensor at a time ([`Checkpoint::read`]) and keep at most that one besides
+    /// what they built. A name in two shards is an error.
+    pub fn entries(&self) -> Result<BTreeMap<String, TensorEntry>> {
+        let mut out = BTreeMap::new();
+        for (file, f) in self.files.iter().enumerate() {
+            for (name, view) in f.tensors()?.tensors() {
+                let e = TensorEntry {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    file,
+                    offset: f.offset_of(view.data()),
+                    len: view.data().len(),
+                };
+                if out.insert(name.clone(), e).is_some() {
+                    return Err(Error::format(
+                        f.path.display(),
+                        format!("tensor {name} appears in two shards"),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One tensor's bytes, by a positioned read rather than through the map (a map keeps
+    /// every page it touched resident, so reading a whole checkpoint through it would hold
+    /// the file's size in memory on top of the model).
+    pub fn read(&self, entry: &TensorEntry) -> Result<RawTensor<'static>> {
+        let f = self.files.get(entry.file).ok_or_else(|| {
+            Error::format(
+                self.path(),
+                "tensor entry of another checkpoint".to_string(),
+            )
+        })?;
+        let data = f
+            .read_at(entry.offset, entry.len)
+            .map_err(|e| Error::io(&f.path, e))?;
+        Ok(RawTensor {
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            data: Cow::Owned(data),
+        })
     }
 
     /// Where each tensor lives: name -> index into [`Checkpoint::files`].

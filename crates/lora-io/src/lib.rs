@@ -27,7 +27,7 @@ pub use bnb_checkpoint::{
     dequantize_checkpoint, is_quantized_checkpoint, merge_into_quantized, quant_summary,
     quantize_checkpoint,
 };
-pub use checkpoint::{Checkpoint, read_checkpoint_f32};
+pub use checkpoint::{Checkpoint, TensorEntry, read_checkpoint_f32};
 pub use dtype::{decode_f32, encode_f32, is_float};
 pub use error::{Error, Result};
 /// safetensors' dtype enum, for callers inspecting files.

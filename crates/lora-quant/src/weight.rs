@@ -7,6 +7,7 @@ use lora_core::{Error, Result};
 
 use crate::codes::FourBitType;
 use crate::four_bit::{FourBitWeight, check_blocksize};
+use crate::half::{HalfType, HalfWeight};
 use crate::int8::Int8Weight;
 
 /// A storage format for frozen weights.
@@ -18,6 +19,10 @@ pub enum QuantFormat {
     Fp4,
     /// LLM.int8 row-wise 8-bit.
     Int8,
+    /// IEEE half precision (2 bytes, not a quantization: the weight rounded once).
+    F16,
+    /// bfloat16 (2 bytes).
+    Bf16,
 }
 
 impl QuantFormat {
@@ -27,6 +32,8 @@ impl QuantFormat {
             QuantFormat::Nf4 => "nf4",
             QuantFormat::Fp4 => "fp4",
             QuantFormat::Int8 => "int8",
+            QuantFormat::F16 => "f16",
+            QuantFormat::Bf16 => "bf16",
         }
     }
 
@@ -35,7 +42,16 @@ impl QuantFormat {
         match self {
             QuantFormat::Nf4 => Some(FourBitType::Nf4),
             QuantFormat::Fp4 => Some(FourBitType::Fp4),
-            QuantFormat::Int8 => None,
+            QuantFormat::Int8 | QuantFormat::F16 | QuantFormat::Bf16 => None,
+        }
+    }
+
+    /// The half type, if this is a 2-byte float format.
+    pub fn half(self) -> Option<HalfType> {
+        match self {
+            QuantFormat::F16 => Some(HalfType::F16),
+            QuantFormat::Bf16 => Some(HalfType::Bf16),
+            _ => None,
         }
     }
 }
@@ -53,11 +69,13 @@ impl FromStr for QuantFormat {
             "nf4" => Ok(QuantFormat::Nf4),
             "fp4" => Ok(QuantFormat::Fp4),
             "int8" => Ok(QuantFormat::Int8),
+            "f16" => Ok(QuantFormat::F16),
+            "bf16" => Ok(QuantFormat::Bf16),
             other => Err(Error::InvalidConfig {
                 context: "quantization".into(),
                 field: "format",
                 value: other.into(),
-                reason: "expected nf4, fp4 or int8".into(),
+                reason: "expected nf4, fp4, int8, f16 or bf16".into(),
             }),
         }
     }
@@ -90,7 +108,7 @@ impl QuantConfig {
         QuantConfig {
             format,
             blocksize: 64,
-            double_quant: format != QuantFormat::Int8,
+            double_quant: format.four_bit().is_some(),
         }
     }
 
@@ -113,15 +131,16 @@ impl QuantConfig {
                 reason: "only 2-D [out, in] linear weights are quantized".into(),
             });
         }
-        Ok(match self.format.four_bit() {
-            Some(t) => QuantizedWeight::FourBit(FourBitWeight::quantize(
+        Ok(match (self.format.four_bit(), self.format.half()) {
+            (Some(t), _) => QuantizedWeight::FourBit(FourBitWeight::quantize(
                 data,
                 shape,
                 t,
                 self.blocksize,
                 self.double_quant,
             )?),
-            None => QuantizedWeight::Int8(Int8Weight::quantize(data, shape)?),
+            (None, Some(h)) => QuantizedWeight::Half(HalfWeight::from_f32(data, shape, h)?),
+            (None, None) => QuantizedWeight::Int8(Int8Weight::quantize(data, shape)?),
         })
     }
 }
@@ -133,6 +152,8 @@ pub enum QuantizedWeight {
     FourBit(FourBitWeight),
     /// Row-wise int8.
     Int8(Int8Weight),
+    /// bf16 / f16.
+    Half(HalfWeight),
 }
 
 impl QuantizedWeight {
@@ -141,6 +162,7 @@ impl QuantizedWeight {
         match self {
             QuantizedWeight::FourBit(w) => (w.shape[0], w.shape.get(1).copied().unwrap_or(1)),
             QuantizedWeight::Int8(w) => (w.shape[0], w.shape[1]),
+            QuantizedWeight::Half(w) => (w.shape[0], w.shape[1]),
         }
     }
 
@@ -156,6 +178,10 @@ impl QuantizedWeight {
                 double_quant: w.double_quant(),
             },
             QuantizedWeight::Int8(_) => QuantConfig::new(QuantFormat::Int8),
+            QuantizedWeight::Half(w) => QuantConfig::new(match w.half_type {
+                HalfType::F16 => QuantFormat::F16,
+                HalfType::Bf16 => QuantFormat::Bf16,
+            }),
         }
     }
 
@@ -164,6 +190,7 @@ impl QuantizedWeight {
         match self {
             QuantizedWeight::FourBit(w) => w.storage_bytes(),
             QuantizedWeight::Int8(w) => w.storage_bytes(),
+            QuantizedWeight::Half(w) => w.storage_bytes(),
         }
     }
 
@@ -178,6 +205,7 @@ impl QuantizedWeight {
         match self {
             QuantizedWeight::FourBit(w) => w.dequantize_range(row0 * self.dims().1, out),
             QuantizedWeight::Int8(w) => w.dequantize_rows(row0, out),
+            QuantizedWeight::Half(w) => w.dequantize_rows(row0, out),
         }
     }
 
@@ -186,6 +214,7 @@ impl QuantizedWeight {
         match self {
             QuantizedWeight::FourBit(w) => w.dequantize(),
             QuantizedWeight::Int8(w) => w.dequantize(),
+            QuantizedWeight::Half(w) => w.dequantize(),
         }
     }
 }

@@ -27,6 +27,12 @@ impl QuantOps for Cuda {
                 ),
             ));
         }
+        if let QuantizedWeight::Half(_) = weight {
+            // Widened on the host and uploaded: bf16/f16 products on the device are issue
+            // 14's tensor-core path, not written yet.
+            let buf = lora_quant::dequantize_rows_host(weight, row0, rows)?;
+            return lora_core::Backend::from_host_vec(self, buf, &[rows, in_f]);
+        }
         let n = rows * in_f;
         let mut out = self.alloc(n)?;
         let n64 = n as u64;
@@ -87,6 +93,7 @@ impl QuantOps for Cuda {
                     }
                 }
             }
+            QuantizedWeight::Half(_) => unreachable!("handled above"),
             QuantizedWeight::Int8(w) => {
                 let cb: Vec<i8> = w.cb[row0 * in_f..(row0 + rows) * in_f].to_vec();
                 let cb = self.upload(&cb)?;

@@ -20,6 +20,7 @@ mod quantize;
 mod rope;
 mod step;
 mod tokenizer;
+mod weights;
 
 pub use config::{DecoderConfig, RopeScaling, SUPPORTED_MODEL_TYPES};
 pub use generate::{GenerationConfig, generate};

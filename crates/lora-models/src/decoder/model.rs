@@ -17,6 +17,7 @@ use super::kv_cache::KvCache;
 use super::layer::{AttentionInputs, DecoderLayer};
 use super::rope;
 use super::step::{Step, check_step};
+use super::weights::{LinearWeight, MakeBase, Weights};
 use crate::error::{ModelError, Result};
 use crate::token_batch::TokenBatch;
 
@@ -53,87 +54,17 @@ struct TrainState<T> {
     embedding: Option<(Vec<usize>, Option<T>)>,
 }
 
-/// Checkpoint tensors by name, checked against the shapes the config implies; each is
-/// moved to the backend as it is taken (no second copy of the weights on ndarray).
-struct Weights<'a> {
-    tensors: BTreeMap<String, HostTensor>,
-    path: &'a str,
-}
-
-impl Weights<'_> {
-    fn get<B: LoraOps>(&mut self, b: &B, name: &str, shape: &[usize]) -> Result<B::Tensor> {
-        let t = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| ModelError::Weights {
-                path: self.path.to_string(),
-                tensor: name.to_string(),
-                reason: "missing from the checkpoint".into(),
-            })?;
-        if t.shape != shape {
-            return Err(ModelError::Weights {
-                path: self.path.to_string(),
-                tensor: name.to_string(),
-                reason: format!(
-                    "shape {:?} disagrees with config.json (expected {shape:?})",
-                    t.shape
-                ),
-            });
-        }
-        Ok(t.into_backend(b)?)
-    }
-
-    fn linear<B: LoraOps>(
-        &mut self,
-        b: &B,
-        name: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<LoraLinear<B>> {
-        let w = self.get(b, &format!("{name}.weight"), &[out, inp])?;
-        let bias = match bias {
-            true => Some(self.get(b, &format!("{name}.bias"), &[out])?),
-            false => None,
-        };
-        Ok(LoraLinear::new(name, Box::new(DenseLinear::new(w, bias)?)))
-    }
-
-    fn layer<B: LoraOps>(&mut self, b: &B, c: &DecoderConfig, l: usize) -> Result<DecoderLayer<B>> {
-        let p = format!("model.layers.{l}");
-        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let (at, ml) = (format!("{p}.self_attn"), format!("{p}.mlp"));
-        let qk_norm = match c.qk_norm {
-            true => Some((
-                self.get(b, &format!("{at}.q_norm.weight"), &[hd])?,
-                self.get(b, &format!("{at}.k_norm.weight"), &[hd])?,
-            )),
-            false => None,
-        };
-        Ok(DecoderLayer {
-            q_proj: self.linear(b, &format!("{at}.q_proj"), q_out, h, c.qkv_bias)?,
-            k_proj: self.linear(b, &format!("{at}.k_proj"), kv_out, h, c.qkv_bias)?,
-            v_proj: self.linear(b, &format!("{at}.v_proj"), kv_out, h, c.qkv_bias)?,
-            o_proj: self.linear(b, &format!("{at}.o_proj"), h, q_out, c.o_bias)?,
-            gate_proj: self.linear(b, &format!("{ml}.gate_proj"), i, h, c.mlp_bias)?,
-            up_proj: self.linear(b, &format!("{ml}.up_proj"), i, h, c.mlp_bias)?,
-            down_proj: self.linear(b, &format!("{ml}.down_proj"), h, i, c.mlp_bias)?,
-            input_norm: self.get(b, &format!("{p}.input_layernorm.weight"), &[h])?,
-            post_norm: self.get(b, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            qk_norm,
-            cache: None,
-        })
-    }
-}
-
 impl<B: LoraOps + DecoderOps> DecoderModel<B> {
     /// Loads `config.json` and the safetensors weights (`model.safetensors` or shards with
-    /// an index; f32, f16 or bf16, converted to f32) from a Hugging Face model directory.
+    /// an index; f32, f16 or bf16, converted to f32) from a Hugging Face model directory,
+    /// one tensor at a time. [`DecoderModel::from_pretrained_as`] keeps bf16/f16 weights
+    /// at 2 bytes.
     pub fn from_pretrained(backend: &B, dir: &Path) -> Result<Self> {
         let config = DecoderConfig::from_file(&dir.join("config.json"))?;
-        let tensors = lora_io::read_checkpoint_f32(dir)?;
-        Self::from_state_dict(backend, config, tensors, &dir.display().to_string())
+        let checkpoint = lora_io::Checkpoint::open(dir)?;
+        let path = dir.display().to_string();
+        let weights = Weights::from_checkpoint(&checkpoint, &path, None)?;
+        Self::build(backend, config, weights, &dense_base::<B>)
     }
 
     /// Builds the model from a checked config and a state dict (`path` names the source).
@@ -144,16 +75,30 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         tensors: BTreeMap<String, HostTensor>,
         path: &str,
     ) -> Result<Self> {
-        let mut w = Weights { tensors, path };
+        Self::build(
+            backend,
+            config,
+            Weights::from_host(tensors, path),
+            &dense_base::<B>,
+        )
+    }
+
+    /// The model from its weights, each linear layer's frozen base made by `make_base`.
+    pub(crate) fn build(
+        backend: &B,
+        config: DecoderConfig,
+        mut w: Weights<'_>,
+        make_base: &MakeBase<'_, B>,
+    ) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.get(backend, "model.embed_tokens.weight", &[v, h])?;
         let layers = (0..config.num_hidden_layers)
-            .map(|l| w.layer(backend, &config, l))
+            .map(|l| w.layer(backend, make_base, &config, l))
             .collect::<Result<Vec<_>>>()?;
         let norm = w.get(backend, "model.norm.weight", &[h])?;
         let lm_head = match config.tie_word_embeddings {
             true => None,
-            false => Some(w.linear(backend, "lm_head", v, h, false)?),
+            false => Some(w.linear(backend, make_base, ("lm_head", v, h, false))?),
         };
         Ok(DecoderModel {
             config,
@@ -512,4 +457,18 @@ impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
     fn output_head(&self) -> Option<String> {
         Some("lm_head".into())
     }
+}
+
+/// A dense f32 base (every backend); half-precision weights need a quantization-capable
+/// backend ([`DecoderModel::from_pretrained_as`]).
+fn dense_base<B: LoraOps>(
+    backend: &B,
+    w: LinearWeight,
+    bias: Option<B::Tensor>,
+) -> Result<Box<dyn lora_core::Linear<B>>> {
+    let w = match w {
+        LinearWeight::F32(t) => t.into_backend(backend)?,
+        LinearWeight::Half(h) => backend.from_host_vec(h.dequantize(), &h.shape)?,
+    };
+    Ok(Box::new(DenseLinear::new(w, bias)?))
 }
