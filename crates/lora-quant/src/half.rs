@@ -135,6 +135,7 @@ fn check_shape(shape: &[usize], len: usize, half_type: HalfType) -> Result<[usiz
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
