@@ -24,6 +24,12 @@ enum Stored {
     File(TensorEntry),
 }
 
+/// A tensor once taken: the file's bytes and dtype, or f32 values already in memory.
+enum Taken {
+    Bytes(SafetensorsDtype, Vec<u8>),
+    Values(Vec<f32>),
+}
+
 /// A frozen linear layer's weight as it will be stored.
 pub(crate) enum LinearWeight {
     F32(HostTensor),
@@ -83,13 +89,8 @@ impl<'a> Weights<'a> {
         }
     }
 
-    /// Removes `name`, checking its shape: the stored bytes (`Err` holds f32 values already
-    /// in memory) and their dtype.
-    fn take(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-    ) -> Result<std::result::Result<(SafetensorsDtype, Vec<u8>), Vec<f32>>> {
+    /// Removes `name`, checking its shape.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Taken> {
         let stored = self
             .tensors
             .remove(name)
@@ -105,13 +106,13 @@ impl<'a> Weights<'a> {
             ));
         }
         Ok(match stored {
-            Stored::Host(t) => Err(t.data),
+            Stored::Host(t) => Taken::Values(t.data),
             Stored::File(e) => {
                 let checkpoint = self
                     .checkpoint
                     .ok_or_else(|| self.error(name, "no checkpoint to read from".into()))?;
                 let raw = checkpoint.read(&e)?;
-                Ok((raw.dtype, raw.data.into_owned()))
+                Taken::Bytes(raw.dtype, raw.data.into_owned())
             }
         })
     }
@@ -119,8 +120,8 @@ impl<'a> Weights<'a> {
     /// `name` in f32 values (rounded to the half type first when one is set).
     fn values(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let values = match self.take(name, shape)? {
-            Err(values) => values,
-            Ok((dtype, bytes)) => {
+            Taken::Values(values) => values,
+            Taken::Bytes(dtype, bytes) => {
                 let values = decode_f32(dtype, &bytes).ok_or_else(|| {
                     self.error(name, format!("dtype {dtype:?} is not a float type"))
                 })?;
@@ -158,14 +159,14 @@ impl<'a> Weights<'a> {
         };
         let bits =
             match self.take(name, &shape)? {
-                Ok((dtype, bytes)) if same_type(h, dtype) => bytes
+                Taken::Bytes(dtype, bytes) if same_type(h, dtype) => bytes
                     .chunks_exact(2)
                     .map(|b| u16::from_le_bytes([b[0], b[1]]))
                     .collect(),
-                Ok((dtype, bytes)) => h.round(&decode_f32(dtype, &bytes).ok_or_else(|| {
+                Taken::Bytes(dtype, bytes) => h.round(&decode_f32(dtype, &bytes).ok_or_else(|| {
                     self.error(name, format!("dtype {dtype:?} is not a float type"))
                 })?),
-                Err(values) => h.round(&values),
+                Taken::Values(values) => h.round(&values),
             };
         Ok(LinearWeight::Half(HalfWeight::from_bits(bits, &shape, h)?))
     }
