@@ -8,7 +8,7 @@
 
 use lora::models::decoder::DecoderModel;
 use lora::quant::HalfType;
-use lora::{Backend, Mode};
+use lora::Mode;
 use lora_tests::decoder_fixtures::{assert_logits_close, batch, dir, io, train_backward};
 use lora_tests::{assert_close_scaled, backend_suite, to64};
 
