@@ -6,9 +6,9 @@
 //! rule); an f32 checkpoint loaded as f16 rounds as PyTorch's conversion does.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use lora::Mode;
 use lora::models::decoder::DecoderModel;
 use lora::quant::HalfType;
-use lora::Mode;
 use lora_tests::decoder_fixtures::{assert_logits_close, batch, dir, io, train_backward};
 use lora_tests::{assert_close_scaled, backend_suite, to64};
 

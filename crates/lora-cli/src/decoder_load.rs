@@ -8,6 +8,8 @@ use lora::models::decoder::{DecoderModel, DecoderTokenizer};
 use lora::peft;
 use lora::prelude::*;
 
+use crate::dtype_arg::DtypeArg;
+
 /// A decoder model with its tokenizer.
 pub struct LoadedDecoder<B: FullBackend> {
     pub model: DecoderModel<B>,
@@ -19,11 +21,13 @@ fn tokenizer_path(model: &Path) -> PathBuf {
     model.join("tokenizer.json")
 }
 
-/// Loads `model` (a Hugging Face model directory) and the adapter in `adapter`, if any.
-pub fn load<B: FullBackend>(
+/// Loads `model` (a Hugging Face model directory), its frozen weights stored as `dtype`,
+/// and the adapter in `adapter`, if any.
+pub fn load<B: QuantBackend>(
     b: &B,
     model: &Path,
     adapter: Option<&Path>,
+    dtype: DtypeArg,
 ) -> Result<LoadedDecoder<B>> {
     let tok = tokenizer_path(model);
     if !tok.is_file() {
@@ -33,7 +37,7 @@ pub fn load<B: FullBackend>(
         );
     }
     let tokenizer = DecoderTokenizer::from_file(&tok)?;
-    let mut model_ = DecoderModel::from_pretrained(b, model)
+    let mut model_ = DecoderModel::from_pretrained_as(b, model, dtype.half(model)?)
         .with_context(|| format!("loading {}", model.display()))?;
     if let Some(a) = adapter {
         peft::load_pretrained(a, &mut model_, b)

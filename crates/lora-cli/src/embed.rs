@@ -39,9 +39,10 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     crate::with_backend!(args.source.backend, |b| run_on(&b, args))
 }
 
-fn run_on<B: FullBackend>(b: &B, args: &EmbedArgs) -> Result<()> {
+fn run_on<B: QuantBackend>(b: &B, args: &EmbedArgs) -> Result<()> {
     let tok = BertTokenizer::from_file(&args.source.model.join("tokenizer.json"), args.max_length)?;
-    let mut model = BertModel::from_pretrained(b, &args.source.model)
+    let half = args.source.dtype.half(&args.source.model)?;
+    let mut model = BertModel::from_pretrained_as(b, &args.source.model, half)
         .with_context(|| format!("loading {}", args.source.model.display()))?;
     if let Some(a) = &args.source.adapter {
         peft::load_pretrained(a, &mut model, b)

@@ -45,9 +45,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     crate::with_backend!(args.source.backend, |b| run_on(&b, args))
 }
 
-fn run_on<B: FullBackend>(b: &B, args: &GenerateArgs) -> Result<()> {
-    let mut loaded =
-        crate::decoder_load::load(b, &args.source.model, args.source.adapter.as_deref())?;
+fn run_on<B: QuantBackend>(b: &B, args: &GenerateArgs) -> Result<()> {
+    let mut loaded = crate::decoder_load::load(
+        b,
+        &args.source.model,
+        args.source.adapter.as_deref(),
+        args.source.dtype,
+    )?;
     let prompt_ids = loaded.tokenizer.encode(&args.prompt)?;
     let cfg = GenerationConfig {
         max_new_tokens: args.max_new_tokens,

@@ -4,6 +4,7 @@ mod alloc;
 mod backend_choice;
 mod decoder_load;
 mod demo;
+mod dtype_arg;
 mod embed;
 mod generate;
 mod inspect;

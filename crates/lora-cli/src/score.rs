@@ -30,9 +30,13 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     crate::with_backend!(args.source.backend, |b| run_on(&b, args))
 }
 
-fn run_on<B: FullBackend>(b: &B, args: &ScoreArgs) -> Result<()> {
-    let mut loaded =
-        crate::decoder_load::load(b, &args.source.model, args.source.adapter.as_deref())?;
+fn run_on<B: QuantBackend>(b: &B, args: &ScoreArgs) -> Result<()> {
+    let mut loaded = crate::decoder_load::load(
+        b,
+        &args.source.model,
+        args.source.adapter.as_deref(),
+        args.source.dtype,
+    )?;
     let mut results = Vec::new();
     for (i, text) in args.texts.iter().enumerate() {
         let ids = loaded.tokenizer.encode(text)?;

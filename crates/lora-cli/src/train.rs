@@ -97,6 +97,10 @@ pub struct TrainArgs {
     /// causal-lm: quantize the frozen base (QLoRA).
     #[arg(long, value_enum)]
     pub quant: Option<crate::quant_arg::QuantArg>,
+    /// Storage of the frozen weights: f32, bf16 or f16 (2 bytes per weight; products and
+    /// adapters stay f32), or auto (the checkpoint's dtype from config.json).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: crate::dtype_arg::DtypeArg,
 }
 
 /// Runs `lora train`.
@@ -176,13 +180,13 @@ struct Accuracy {
 }
 
 /// The steps of `lora train`, in order.
-fn run_on<B: FullBackend>(b: &B, args: &TrainArgs) -> Result<()> {
+fn run_on<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     let model_dir = args
         .model
         .clone()
         .unwrap_or_else(lora::models::cache::minilm_dir);
     let task = load_task(args, &model_dir)?;
-    let model = load_model(b, &model_dir)?;
+    let model = load_model(b, &model_dir, args.dtype)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating output directory {}", args.out.display()))?;
     println!(
@@ -221,8 +225,12 @@ fn load_task(args: &TrainArgs, model_dir: &Path) -> Result<Task> {
 }
 
 /// Loads the pretrained encoder.
-fn load_model<B: FullBackend>(b: &B, model_dir: &Path) -> Result<BertModel<B>> {
-    BertModel::from_pretrained(b, model_dir).with_context(|| {
+fn load_model<B: QuantBackend>(
+    b: &B,
+    model_dir: &Path,
+    dtype: crate::dtype_arg::DtypeArg,
+) -> Result<BertModel<B>> {
+    BertModel::from_pretrained_as(b, model_dir, dtype.half(model_dir)?).with_context(|| {
         format!(
             "loading {} (run `cargo xtask fetch-model minilm` to fetch all-MiniLM-L6-v2)",
             model_dir.display()

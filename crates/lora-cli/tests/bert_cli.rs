@@ -39,6 +39,18 @@ fn embed_prints_sentence_transformers_embeddings_as_json() {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5);
     }
+    // Weights stored in bf16 (2 bytes each, products in f32): sentence-transformers'
+    // f32 embeddings within bf16's resolution (every cosine within 16 unit roundoffs of 1).
+    let mut half_args = args.clone();
+    half_args.extend(["--dtype", "bf16"]);
+    let o = lora(&half_args);
+    assert!(o.status.success(), "{}", text(&o));
+    let half: Vec<Vec<f32>> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_ne!(half, got, "bf16 storage rounds the weights");
+    for (h, w) in half.iter().zip(want.chunks(384)) {
+        let cos: f32 = h.iter().zip(w).map(|(a, b)| a * b).sum();
+        assert!(1.0 - cos <= 16.0 * 2f32.powi(-8), "cosine {cos}");
+    }
     // With the PEFT adapter the embeddings change.
     let mut args2 = args.clone();
     let adapter = fixture("bert_minilm").join("adapter");

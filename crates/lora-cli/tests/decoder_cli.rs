@@ -137,6 +137,42 @@ fn score_reports_nll_and_perplexity_and_the_adapter_changes_them() {
     );
 }
 
+/// `--dtype`: a bf16 checkpoint scored with its weights kept at 2 bytes (`auto` reads
+/// `"dtype": "bfloat16"` from its config) gives the f32 run's numbers on the same values;
+/// an f32 checkpoint stored as bf16 is rounded, so its score moves, but only slightly.
+#[test]
+fn score_with_dtype_keeps_a_bf16_checkpoint_exact() {
+    let tmp = tempdir();
+    let bf16 = model_dir(tmp.path(), "llama_bf16");
+    let f32_model = model_dir(tmp.path(), "llama");
+    let nll = |model: &Path, dtype: &str| {
+        json(&lora(&[
+            "score",
+            "--model",
+            s(model),
+            "--dtype",
+            dtype,
+            "--json",
+            "The cat sat on the mat.",
+        ]))["results"][0]["mean_nll"]
+            .as_f64()
+            .unwrap()
+    };
+    let (auto, stored_f32) = (nll(&bf16, "auto"), nll(&bf16, "f32"));
+    assert!(
+        (auto - stored_f32).abs() <= 1e-6 * stored_f32,
+        "{auto} vs {stored_f32}"
+    );
+    let (exact, rounded) = (nll(&f32_model, "f32"), nll(&f32_model, "bf16"));
+    assert!(
+        exact != rounded && (exact - rounded).abs() < 0.05 * exact,
+        "{exact} vs {rounded}"
+    );
+    let bad = lora(&["score", "--model", s(&bf16), "--dtype", "f8", "x y"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("f8"), "{}", text(&bad));
+}
+
 #[test]
 fn bad_input_is_a_clear_error() {
     let tmp = tempdir();

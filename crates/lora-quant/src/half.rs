@@ -8,7 +8,11 @@ use std::fmt;
 
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
-use lora_core::{Error, Result};
+use lora_core::{Error, Linear, LoraLinear, Result};
+
+use crate::linear::QuantLinear;
+use crate::ops::QuantOps;
+use crate::weight::{QuantConfig, QuantFormat};
 
 /// Which 2-byte float.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +54,13 @@ impl HalfType {
                 .convert_from_f32_slice(data),
         }
         bits
+    }
+
+    /// Rounds f32 values to this type in place, keeping them as f32 (what a tensor holds
+    /// after `.to(half).float()` in PyTorch).
+    pub fn round_in_place(self, values: &mut [f32]) {
+        let bits = self.round(values);
+        self.widen(&bits, values);
     }
 
     /// Widens values of this type to f32 (exact).
@@ -132,6 +143,40 @@ fn check_shape(shape: &[usize], len: usize, half_type: HalfType) -> Result<[usiz
             reason: format!("a 2-D [out, in] weight of {len} values was expected"),
         }),
     }
+}
+
+/// Stores the frozen weight of every layer in `layers` as `half` (unless it is already
+/// quantized), keeping biases in f32; returns the resident bytes of the new bases and what
+/// they took before. Adapters and their gradients are untouched (they stay f32, PEFT's
+/// `autocast_adapter_dtype`). Call before merging any adapter.
+pub fn store_frozen_as<B: QuantOps + lora_core::LoraOps>(
+    backend: &B,
+    layers: Vec<&mut LoraLinear<B>>,
+    half: HalfType,
+) -> Result<(usize, usize)> {
+    let config = QuantConfig::new(match half {
+        HalfType::F16 => QuantFormat::F16,
+        HalfType::Bf16 => QuantFormat::Bf16,
+    });
+    let (mut now, mut before) = (0, 0);
+    for layer in layers {
+        before += layer.base().resident_bytes();
+        if layer.base_mut().as_dense_mut().is_none() {
+            // Quantized already (QLoRA): stays as it is.
+            now += layer.base().resident_bytes();
+            continue;
+        }
+        let base = layer.base();
+        let q = QuantLinear::quantize(
+            backend,
+            &base.weight(backend)?,
+            base.bias().cloned(),
+            &config,
+        )?;
+        now += q.resident_bytes();
+        layer.replace_base(Box::new(q))?;
+    }
+    Ok((now, before))
 }
 
 #[cfg(test)]

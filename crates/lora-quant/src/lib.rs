@@ -28,7 +28,7 @@ pub mod weight;
 pub use blockwise8::BlockwiseU8;
 pub use codes::{FourBitType, NF4, dynamic_map};
 pub use four_bit::{Absmax, FOUR_BIT_BLOCKSIZES, FourBitWeight, NESTED_BLOCKSIZE};
-pub use half::{HalfType, HalfWeight};
+pub use half::{HalfType, HalfWeight, store_frozen_as};
 pub use int8::Int8Weight;
 pub use linear::QuantLinear;
 pub use ops::{QuantOps, dequantize_rows_host};

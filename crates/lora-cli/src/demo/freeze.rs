@@ -1,5 +1,6 @@
 //! Step 2: freeze the pretrained base and save it as a plain checkpoint; with `--quant`,
-//! quantize it (bitsandbytes' layout) and swap in the quantized layers (QLoRA).
+//! quantize it (bitsandbytes' layout) and swap in the quantized layers (QLoRA); with
+//! `--dtype bf16|f16`, keep every frozen layer at 2 bytes per weight.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use lora::peft::{self, TargetModules};
 use lora::prelude::*;
 
 use super::{DemoArgs, QuantArg};
+use crate::dtype_arg::DtypeArg;
 
 /// Layers whose weights `--quant` stores quantized: all but the output head.
 pub(super) const QUANTIZED: [&str; 3] = ["layers.0", "layers.2", "layers.4"];
@@ -43,6 +45,9 @@ pub(super) fn freeze_and_save<B: QuantBackend>(
         let _ = std::fs::remove_file(qp);
         quantize_base(model, &base_path, qp, q)?;
     }
+    if let Some(h) = frozen_half(args)? {
+        lora::quant::store_frozen_as(b, model.linears_mut(), h)?;
+    }
     let frozen = frozen_bytes(model);
     Ok(FrozenBase {
         path: base_path,
@@ -50,6 +55,17 @@ pub(super) fn freeze_and_save<B: QuantBackend>(
         f32_bytes: f32_frozen,
         bytes: frozen,
     })
+}
+
+/// The half type of `--dtype` (`None`: f32).
+pub(super) fn frozen_half(args: &DemoArgs) -> Result<Option<lora::quant::HalfType>> {
+    match args.dtype {
+        DtypeArg::Auto => anyhow::bail!(
+            "--dtype auto takes a checkpoint's dtype; the demo trains its own f32 base (use f32, bf16 or f16)"
+        ),
+        // f32, bf16 and f16 read no file.
+        d => d.half(&args.out),
+    }
 }
 
 /// Quantizes the base checkpoint into `out` (bitsandbytes layout) and swaps the model's

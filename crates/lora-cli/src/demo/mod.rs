@@ -78,6 +78,10 @@ pub struct DemoArgs {
     /// or int8 (row-wise). The output layer stays f32, as transformers leaves the head.
     #[arg(long, value_enum)]
     pub quant: Option<QuantArg>,
+    /// Store the frozen base in bf16 or f16 (2 bytes per weight; products accumulate in
+    /// f32, the adapters stay f32). `auto` has no checkpoint to read here.
+    #[arg(long, value_enum, default_value = "f32", conflicts_with = "quant")]
+    pub dtype: crate::dtype_arg::DtypeArg,
 }
 
 pub use crate::quant_arg::QuantArg;
@@ -90,6 +94,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     if args.steps == 0 || args.pretrain_steps == 0 {
         bail!("--steps and --pretrain-steps must be at least 1");
     }
+    // Refused here, not after pretraining.
+    freeze::frozen_half(args)?;
     crate::with_backend!(args.backend, |b| run_on(&b, args))
 }
 

@@ -43,7 +43,15 @@ pub(super) fn print<B: QuantBackend>(args: &DemoArgs, model: &Mlp<B>, outcome: &
         "  pretrained on   y = sin(x), {} full-batch steps (Adam), final MSE {:.2e}",
         args.pretrain_steps, pretrained.final_loss
     );
+    let half = args.dtype != crate::dtype_arg::DtypeArg::F32;
     match args.quant {
+        None if half => println!(
+            "  frozen base     {} on every layer: {} resident vs {} in f32 ({:.1}x smaller)",
+            args.dtype.name(),
+            bytes(base.bytes as u64),
+            bytes(base.f32_bytes as u64),
+            base.f32_bytes as f64 / base.bytes.max(1) as f64
+        ),
         Some(q) => println!(
             "  frozen base     {} on {}: {} resident vs {} in f32 ({:.1}x smaller)",
             q.config().format,
@@ -97,7 +105,7 @@ pub(super) fn print<B: QuantBackend>(args: &DemoArgs, model: &Mlp<B>, outcome: &
     if let Some(rss) = peak_rss_bytes() {
         println!("  peak memory     {} RSS", bytes(rss));
     }
-    print_checks(check);
+    print_checks(check, half);
     println!(
         "  wrote           {}: {}, {}, base_model.safetensors{}, loss.png, predictions.png",
         args.out.display(),
@@ -111,7 +119,7 @@ pub(super) fn print<B: QuantBackend>(args: &DemoArgs, model: &Mlp<B>, outcome: &
 }
 
 /// The reload and merge lines.
-fn print_checks(check: &MergeCheck) {
+fn print_checks(check: &MergeCheck, half: bool) {
     let MergeCheck {
         reload_diff,
         merge_diff,
@@ -122,8 +130,10 @@ fn print_checks(check: &MergeCheck) {
     );
     match rounding {
         Some(r) => println!(
-            "  merge check     merged into the quantized base: weight rounding max |err| {:.1e} (rel {:.1e}); output max |diff| {merge_diff:.1e}",
-            r.max_abs, r.max_rel
+            "  merge check     merged into the {} base: weight rounding max |err| {:.1e} (rel {:.1e}); output max |diff| {merge_diff:.1e}",
+            if half { "half-precision" } else { "quantized" },
+            r.max_abs,
+            r.max_rel
         ),
         None => println!("  merge check     merged vs unmerged: max |diff| {merge_diff:.1e}  (ok)"),
     }

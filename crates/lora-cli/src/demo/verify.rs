@@ -1,5 +1,6 @@
 //! Step 6: reload base + adapter from disk, check they reproduce the trained model, merge,
-//! and check the merged model (within the format's rounding when the base is quantized).
+//! and check the merged model (within the format's rounding when the base is quantized or
+//! stored in bf16/f16).
 
 use anyhow::{Result, ensure};
 use lora::models::Mlp;
@@ -7,7 +8,7 @@ use lora::peft;
 use lora::prelude::*;
 use lora::{UnaryOp, WeightRounding};
 
-use super::freeze::{FrozenBase, quantize_base};
+use super::freeze::{FrozenBase, frozen_half, quantize_base};
 use super::{DemoArgs, max_abs_diff};
 
 /// The result of the reload and merge checks.
@@ -35,6 +36,10 @@ pub(super) fn reload_and_merge<B: QuantBackend>(
     if let (Some(q), Some(qp)) = (args.quant, &base.quantized_path) {
         quantize_base(&mut reloaded, &base.path, qp, q)?;
     }
+    let half = frozen_half(args)?;
+    if let Some(h) = half {
+        lora::quant::store_frozen_as(b, reloaded.linears_mut(), h)?;
+    }
     peft::load_pretrained(&args.out, &mut reloaded, b)?;
     let unmerged = b.to_host(&reloaded.forward(b, x, Mode::Eval)?)?;
     let reload_diff = max_abs_diff(&unmerged, trained_pred);
@@ -52,7 +57,7 @@ pub(super) fn reload_and_merge<B: QuantBackend>(
     let merged = b.to_host(&reloaded.forward(b, x, Mode::Eval)?)?;
     let merge_diff = max_abs_diff(&merged, &unmerged);
     let scale = unmerged.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    if args.quant.is_none() {
+    if args.quant.is_none() && half.is_none() {
         ensure!(
             merge_diff <= 1e-5 * scale,
             "merged output differs from unmerged by {merge_diff} (tolerance {})",
@@ -64,7 +69,8 @@ pub(super) fn reload_and_merge<B: QuantBackend>(
             rounding: None,
         });
     }
-    // Re-quantizing rounds: the check is that it stays within the format's resolution.
+    // Re-quantizing (or rounding to bf16/f16) rounds: the check is that it stays within
+    // the format's resolution.
     ensure!(
         merge_diff.is_finite() && rounding.max_rel <= 0.2,
         "merging into the quantized base rounded by {rounding:?}, output max |diff| {merge_diff}"

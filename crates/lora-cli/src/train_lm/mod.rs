@@ -41,7 +41,7 @@ pub fn run<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         );
     }
     let tok = DecoderTokenizer::from_file(&tok_path)?;
-    let mut model = DecoderModel::from_pretrained(b, model_dir)
+    let mut model = DecoderModel::from_pretrained_as(b, model_dir, args.dtype.half(model_dir)?)
         .with_context(|| format!("loading {}", model_dir.display()))?;
     let eos = model.config().eos_token_ids.first().copied();
     let seqs = data::read(data_path, &tok, args.max_length, eos)?;

@@ -131,14 +131,11 @@ impl<'a> Weights<'a> {
                 values
             }
         };
-        Ok(match self.half {
-            Some(h) => {
-                let mut rounded = vec![0.0; values.len()];
-                h.widen(&h.round(&values), &mut rounded);
-                rounded
-            }
-            None => values,
-        })
+        let mut values = values;
+        if let Some(h) = self.half {
+            h.round_in_place(&mut values);
+        }
+        Ok(values)
     }
 
     /// `name` as a backend tensor of `shape`.
@@ -157,17 +154,18 @@ impl<'a> Weights<'a> {
                 data,
             }));
         };
-        let bits =
-            match self.take(name, &shape)? {
-                Taken::Bytes(dtype, bytes) if same_type(h, dtype) => bytes
-                    .chunks_exact(2)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
-                Taken::Bytes(dtype, bytes) => h.round(&decode_f32(dtype, &bytes).ok_or_else(|| {
+        let bits = match self.take(name, &shape)? {
+            Taken::Bytes(dtype, bytes) if same_type(h, dtype) => bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect(),
+            Taken::Bytes(dtype, bytes) => {
+                h.round(&decode_f32(dtype, &bytes).ok_or_else(|| {
                     self.error(name, format!("dtype {dtype:?} is not a float type"))
-                })?),
-                Taken::Values(values) => h.round(&values),
-            };
+                })?)
+            }
+            Taken::Values(values) => h.round(&values),
+        };
         Ok(LinearWeight::Half(HalfWeight::from_bits(bits, &shape, h)?))
     }
 
