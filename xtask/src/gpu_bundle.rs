@@ -49,26 +49,46 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs the lora-rs CUDA suite on a GPU machine (no Rust toolchain needed).
-#   ./run.sh test       the cross-backend, property, decoder and attention suites on CUDA
+#   ./run.sh test       the cross-backend suites on CUDA (@SUITES@)
 #   ./run.sh sanitize   the same under compute-sanitizer (memcheck)
 #   ./run.sh bench      LoRA linear and QLoRA benchmarks, then PyTorch + PEFT on the GPU
-#   ./run.sh demo       lora demo --backend cuda
-set -euo pipefail
+#   ./run.sh demo       lora demo --backend cuda (f32, then --dtype bf16)
+#   ./run.sh all        all of the above in one call, then a one-line-per-check summary
+set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LORA_RS_FIXTURES="$here/fixtures"
 export LORA_BENCH_OUT="${LORA_BENCH_OUT:-$here/results}"
 mkdir -p "$LORA_BENCH_OUT"
+suites="@SUITES@"
+summary=()
+check() { # name, command...: runs it, records PASS/FAIL with the time it took
+  local name="$1"; shift
+  local t0=$SECONDS
+  if "$@"; then summary+=("PASS $name ($((SECONDS - t0)) s)"); else summary+=("FAIL $name ($((SECONDS - t0)) s)"); fi
+}
+run_tests() { for t in $suites; do check "test $t" "$here/bin/$t" cuda:: --test-threads=1 --nocapture; done; }
+run_sanitize() { for t in $suites; do check "memcheck $t" compute-sanitizer --tool memcheck --error-exitcode 1 "$here/bin/$t" cuda:: --test-threads=1; done; }
+run_bench() {
+  check "bench lora_linear" "$here/bin/lora_linear" --bench
+  check "bench quant" "$here/bin/quant" --bench
+  check "bench pytorch+peft" env LORA_BENCH_DEVICE=cuda python3 "$here/python/peft_linear.py" "$LORA_BENCH_OUT/pytorch_gpu.json"
+}
+run_demo() {
+  check "demo f32" "$here/bin/lora" demo --backend cuda --out "$LORA_BENCH_OUT/demo"
+  check "demo bf16" "$here/bin/lora" demo --backend cuda --dtype bf16 --out "$LORA_BENCH_OUT/demo-bf16"
+}
 case "${1:-test}" in
-  test) for t in cross_backend properties decoder decoder_ops attention_op; do "$here/bin/$t" cuda:: --test-threads=1 --nocapture; done ;;
-  sanitize) for t in cross_backend decoder attention_op; do compute-sanitizer --tool memcheck --error-exitcode 1 "$here/bin/$t" cuda:: --test-threads=1; done ;;
-  bench)
-    "$here/bin/lora_linear" --bench
-    "$here/bin/quant" --bench
-    LORA_BENCH_DEVICE=cuda python3 "$here/python/peft_linear.py" "$LORA_BENCH_OUT/pytorch_gpu.json"
-    ;;
-  demo) "$here/bin/lora" demo --backend cuda --out "$LORA_BENCH_OUT/demo" ;;
-  *) echo "usage: run.sh test|sanitize|bench|demo" >&2; exit 2 ;;
+  test) run_tests ;;
+  sanitize) run_sanitize ;;
+  bench) run_bench ;;
+  demo) run_demo ;;
+  all) run_tests; run_sanitize; run_bench; run_demo ;;
+  *) echo "usage: run.sh test|sanitize|bench|demo|all" >&2; exit 2 ;;
 esac
+echo "== summary =="
+printf '%s\n' "${summary[@]}"
+for line in "${summary[@]}"; do [[ $line == FAIL* ]] && exit 1; done
+exit 0
 "#;
 
 /// Builds and fills the bundle directory.
@@ -133,7 +153,10 @@ pub fn run(dir: &Path) -> Result<()> {
         dir.join("python/peft_linear.py"),
     )?;
     let run_sh = dir.join("run.sh");
-    std::fs::write(&run_sh, RUN_SH)?;
+    std::fs::write(
+        &run_sh,
+        RUN_SH.replace("@SUITES@", &crate::test::CROSS_BACKEND_SUITES.join(" ")),
+    )?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -153,6 +153,7 @@ pub const CROSS_BACKEND_SUITES: &[&str] = &[
     "decoder",
     "decoder_ops",
     "attention_op",
+    "decoder_half",
 ];
 
 /// `--test NAME` for every cross-backend suite and for `extra`.
