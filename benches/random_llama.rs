@@ -4,10 +4,13 @@
 //! shapes for PyTorch + PEFT.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use lora::models::TokenBatch;
 use lora::models::decoder::{DecoderConfig, DecoderModel, causal_lm_loss_grad};
 use lora::peft::{self, LoraConfig, TargetModules};
+use lora::io::RawTensor;
+use lora::quant::HalfType;
 use lora::{Adam, FullBackend, HostTensor, Mode, Optimizer};
 
 use crate::rand_host;
@@ -32,21 +35,21 @@ pub fn shape() -> String {
     format!("h{h}-l{l}-v{v}-{BATCH}x{SEQ}")
 }
 
-/// A Llama with random weights (uniform, std 0.02; norms 1), built without a checkpoint,
-/// with LoRA r=16 (alpha 32) on every projection (`all-linear`, so not `lm_head`).
-pub fn random_llama<B: FullBackend>(b: &B) -> lora::Result<DecoderModel<B>> {
+/// The random Llama's `config.json`.
+fn config_json() -> String {
+    let (h, layers, heads, kv, inter, vocab) = dims();
+    format!(
+        r#"{{"model_type": "llama", "vocab_size": {vocab}, "hidden_size": {h},
+        "intermediate_size": {inter}, "num_hidden_layers": {layers},
+        "num_attention_heads": {heads}, "num_key_value_heads": {kv},
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}}"#
+    )
+}
+
+/// Its weights (uniform, std 0.02; norms 1) by PyTorch name.
+fn random_tensors() -> BTreeMap<String, HostTensor> {
     let (h, layers, heads, kv, inter, vocab) = dims();
     let hd = h / heads;
-    let config = DecoderConfig::from_json(
-        &format!(
-            r#"{{"model_type": "llama", "vocab_size": {vocab}, "hidden_size": {h},
-            "intermediate_size": {inter}, "num_hidden_layers": {layers},
-            "num_attention_heads": {heads}, "num_key_value_heads": {kv},
-            "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}}"#
-        ),
-        "bench config",
-    )
-    .map_err(|e| lora::Error::state("random llama", e.to_string()))?;
     let mut tensors = BTreeMap::new();
     let mut stream = 0u64;
     let mut add = |name: String, shape: Vec<usize>, ones: bool| {
@@ -82,8 +85,11 @@ pub fn random_llama<B: FullBackend>(b: &B) -> lora::Result<DecoderModel<B>> {
             true,
         );
     }
-    let mut model = DecoderModel::from_state_dict(b, config, tensors, "random llama")
-        .map_err(|e| lora::Error::state("random llama", e.to_string()))?;
+    tensors
+}
+
+/// With LoRA r=16 (alpha 32) on every projection (`all-linear`, so not `lm_head`).
+fn with_adapters<B: FullBackend>(b: &B, mut model: DecoderModel<B>) -> lora::Result<DecoderModel<B>> {
     let cfg = LoraConfig {
         r: 16,
         lora_alpha: 32.0,
@@ -93,6 +99,50 @@ pub fn random_llama<B: FullBackend>(b: &B) -> lora::Result<DecoderModel<B>> {
     peft::inject_adapters(&mut model, b, &cfg, 0)
         .map_err(|e| lora::Error::state("random llama", e.to_string()))?;
     Ok(model)
+}
+
+/// The random Llama built in memory (f32), with adapters.
+pub fn random_llama<B: FullBackend>(b: &B) -> lora::Result<DecoderModel<B>> {
+    let config = DecoderConfig::from_json(&config_json(), "bench config")
+        .map_err(|e| lora::Error::state("random llama", e.to_string()))?;
+    let model = DecoderModel::from_state_dict(b, config, random_tensors(), "random llama")
+        .map_err(|e| lora::Error::state("random llama", e.to_string()))?;
+    with_adapters(b, model)
+}
+
+/// Writes the random Llama as a Hugging Face directory (`config.json`, `model.safetensors`)
+/// with every tensor in bf16, as `save_pretrained` of a bf16 model does.
+pub fn write_bf16_checkpoint(dir: &Path) -> lora::Result<()> {
+    let err = |e: &dyn std::fmt::Display| lora::Error::state("random llama checkpoint", e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+    std::fs::write(dir.join("config.json"), config_json()).map_err(|e| err(&e))?;
+    let bf16 = lora::io::SafetensorsDtype::BF16;
+    let raw: BTreeMap<String, RawTensor<'static>> = random_tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let data = lora::io::encode_f32(bf16, &t.data).unwrap_or_default();
+            let raw = RawTensor {
+                dtype: bf16,
+                shape: t.shape,
+                data: data.into(),
+            };
+            (name, raw)
+        })
+        .collect();
+    let metadata = [("format".to_string(), "pt".to_string())].into();
+    lora::io::write_raw(&dir.join("model.safetensors"), &raw, metadata).map_err(|e| err(&e))
+}
+
+/// The random Llama loaded from `dir` with its frozen weights stored as `half`, with
+/// adapters.
+pub fn load_llama<B: FullBackend + lora::quant::QuantOps>(
+    b: &B,
+    dir: &Path,
+    half: Option<HalfType>,
+) -> lora::Result<DecoderModel<B>> {
+    let model = DecoderModel::from_pretrained_as(b, dir, half)
+        .map_err(|e| lora::Error::state("random llama", e.to_string()))?;
+    with_adapters(b, model)
 }
 
 /// A batch of random token ids (every token attended) and its labels (the ids).

@@ -234,7 +234,7 @@ fn decoder_memory_section(md: &mut String, rows: &[Row]) {
     else {
         return;
     };
-    md.push_str("\n## Memory: decoder training step\n\nThe random Llama of the decoder section, LoRA r=16 on every projection, three AdamW steps at batch 4 x 256 in one process each (`benches/bin/decoder_memory.rs`, `decoder_llama.py train-memory`), peak RSS from GNU time (the whole process: weights, activations, optimizer state, the interpreter for PyTorch). Goals (issue 13): at most PyTorch's peak RSS; report what gradient checkpointing saves.\n\n| run | process time | peak RSS | vs PyTorch + PEFT |\n|---|---|---|---|\n");
+    md.push_str("\n## Memory: decoder training step\n\nThe random Llama of the decoder section, LoRA r=16 on every projection, three AdamW steps at batch 4 x 256 in one process each (`benches/bin/decoder_memory.rs`, `decoder_llama.py train-memory`), peak RSS from GNU time (the whole process: weights, activations, optimizer state, the interpreter for PyTorch). Goals (issue 13): at most PyTorch's peak RSS; report what gradient checkpointing saves. `bf16 weights` loads the same model from a bf16 checkpoint (written by an earlier process) with every frozen linear weight kept at 2 bytes and widened per block inside the products (issue 14: well under the f32 run).\n\n| run | process time | peak RSS | vs PyTorch + PEFT |\n|---|---|---|---|\n");
     for r in &mem {
         let Some(b) = rss(r) else { continue };
         md.push_str(&format!(

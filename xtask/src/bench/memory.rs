@@ -89,19 +89,31 @@ pub(super) fn demo_memory(target: &Path) -> Result<()> {
 }
 
 /// Peak RSS of the decoder training step (the random Llama of `benches/decoder.rs`, three
-/// AdamW steps per process): ours plain and with gradient checkpointing
+/// AdamW steps per process): ours plain, with gradient checkpointing and with the frozen
+/// weights loaded from a bf16 checkpoint and kept at 2 bytes
 /// (`benches/bin/decoder_memory.rs`), and PyTorch + PEFT (`decoder_llama.py train-memory`),
 /// as `target/bench/decoder_memory.json`.
 pub(super) fn decoder_memory(target: &Path, quick: bool) -> Result<()> {
     let exe = build_bench_bin("lora-decoder-memory")?;
     let python = crate::venv::ensure_venv()?;
     let script = crate::cmd::root().join("benches/python/decoder_llama.py");
+    // The bf16 checkpoint the `bf16` run loads, written by its own process first.
+    let bf16_dir = target.join("bench/random-llama-bf16");
+    let mut write = std::process::Command::new(&exe);
+    write.arg("write-bf16").arg(&bf16_dir);
+    write.envs(quick.then_some(("LORA_BENCH_QUICK", "1")));
+    crate::cmd::run("writing the random Llama as a bf16 checkpoint", &mut write)?;
     let mut out = serde_json::Map::new();
     for (name, mut cmd) in [
         ("lora-rs", std::process::Command::new(&exe)),
         ("lora-rs, gradient checkpointing", {
             let mut c = std::process::Command::new(&exe);
             c.arg("checkpointing");
+            c
+        }),
+        ("lora-rs, bf16 weights", {
+            let mut c = std::process::Command::new(&exe);
+            c.arg("bf16").arg(&bf16_dir);
             c
         }),
         ("pytorch+peft", {
@@ -115,6 +127,7 @@ pub(super) fn decoder_memory(target: &Path, quick: bool) -> Result<()> {
         println!("decoder training memory, {name}: {secs:.1} s, peak RSS {rss:?} bytes");
         out.insert(name.into(), json!({"seconds": secs, "peak_rss_bytes": rss}));
     }
+    let _ = std::fs::remove_dir_all(&bf16_dir);
     std::fs::write(
         target.join("bench/decoder_memory.json"),
         serde_json::to_string_pretty(&Value::Object(out))? + "\n",
