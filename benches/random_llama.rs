@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use lora::io::RawTensor;
 use lora::models::TokenBatch;
 use lora::models::decoder::{DecoderConfig, DecoderModel, causal_lm_loss_grad};
 use lora::peft::{self, LoraConfig, TargetModules};
-use lora::io::RawTensor;
 use lora::quant::HalfType;
 use lora::{Adam, FullBackend, HostTensor, Mode, Optimizer};
 
@@ -89,7 +89,10 @@ fn random_tensors() -> BTreeMap<String, HostTensor> {
 }
 
 /// With LoRA r=16 (alpha 32) on every projection (`all-linear`, so not `lm_head`).
-fn with_adapters<B: FullBackend>(b: &B, mut model: DecoderModel<B>) -> lora::Result<DecoderModel<B>> {
+fn with_adapters<B: FullBackend>(
+    b: &B,
+    mut model: DecoderModel<B>,
+) -> lora::Result<DecoderModel<B>> {
     let cfg = LoraConfig {
         r: 16,
         lora_alpha: 32.0,
@@ -113,7 +116,8 @@ pub fn random_llama<B: FullBackend>(b: &B) -> lora::Result<DecoderModel<B>> {
 /// Writes the random Llama as a Hugging Face directory (`config.json`, `model.safetensors`)
 /// with every tensor in bf16, as `save_pretrained` of a bf16 model does.
 pub fn write_bf16_checkpoint(dir: &Path) -> lora::Result<()> {
-    let err = |e: &dyn std::fmt::Display| lora::Error::state("random llama checkpoint", e.to_string());
+    let err =
+        |e: &dyn std::fmt::Display| lora::Error::state("random llama checkpoint", e.to_string());
     std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
     std::fs::write(dir.join("config.json"), config_json()).map_err(|e| err(&e))?;
     let bf16 = lora::io::SafetensorsDtype::BF16;

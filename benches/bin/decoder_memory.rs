@@ -13,8 +13,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Instant;
 
-use lora::{Adam, NdArray};
 use lora::quant::HalfType;
+use lora::{Adam, NdArray};
 use lora_benches::random_llama::{
     load_llama, random_batch, random_llama, shape, train_step, write_bf16_checkpoint,
 };

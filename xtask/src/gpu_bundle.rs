@@ -141,7 +141,7 @@ pub fn run(dir: &Path) -> Result<()> {
         bin.join("lora"),
     )?;
     // Only the fixtures the bundled suites read.
-    for sub in ["peft_bert", "decoder"] {
+    for sub in ["peft_bert", "decoder", "peft_dora"] {
         copy_dir(
             &root().join("tests/fixtures").join(sub),
             &dir.join("fixtures").join(sub),

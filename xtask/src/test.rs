@@ -154,6 +154,7 @@ pub const CROSS_BACKEND_SUITES: &[&str] = &[
     "decoder_ops",
     "attention_op",
     "decoder_half",
+    "dora",
 ];
 
 /// `--test NAME` for every cross-backend suite and for `extra`.

@@ -54,9 +54,9 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
     .with_context(|| format!("reading {}", weights.display()))?;
     let mut rows = Vec::new();
     let mut total = 0usize;
-    for (module, (a, b)) in &modules {
+    for (module, peft::ModuleTensors { a, b, magnitude }) in &modules {
         let spec = config.spec_for(module, 0)?;
-        let params = a.data.len() + b.data.len();
+        let params = a.data.len() + b.data.len() + magnitude.as_ref().map_or(0, |m| m.data.len());
         total += params;
         let dtype = dtypes
             .iter()
@@ -71,6 +71,7 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
             "out_features": b.shape[0],
             "parameters": params,
             "dtype": dtype,
+            "dora": magnitude.is_some(),
         }));
     }
     if args.json {

@@ -4,6 +4,7 @@ use std::fmt::Debug;
 
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
+use crate::linear::Linear;
 use crate::ops::{LoraGrads, LoraOps};
 use crate::rng::{self, RngState};
 
@@ -26,21 +27,50 @@ pub struct ParamGrad<'a, T> {
     pub grad: &'a T,
 }
 
-/// A trainable addition to a frozen linear layer's output.
+/// A trainable addition to a frozen linear layer's output. The frozen layer `base` is
+/// handed to every call: LoRA ignores it, DoRA reads its weight (the column norm) and
+/// rescales its output.
 pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
     /// Adds the adapter's term to `y` (the base output for input `x`).
-    fn forward(&mut self, backend: &B, x: &B::Tensor, y: &mut B::Tensor, mode: Mode) -> Result<()>;
+    fn forward(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        y: &mut B::Tensor,
+        mode: Mode,
+    ) -> Result<()>;
     /// Computes the parameter gradients from the saved forward and adds the adapter's part
-    /// of the input gradient to `dx`.
+    /// of the input gradient to `dx` (which holds the base layer's).
     fn backward(
         &mut self,
         backend: &B,
+        base: &dyn Linear<B>,
         x: &B::Tensor,
         dy: &B::Tensor,
         dx: &mut B::Tensor,
     ) -> Result<()>;
+    /// After a training forward: how much of the output gradient, per output feature, flows
+    /// through the base layer on top of the gradient itself (`None`: nothing). DoRA scales
+    /// the base output by `m / ‖W + ΔW‖ - 1` more, so the layer's backward multiplies the
+    /// gradient it sends through the base by `1 + gain` (one product, not two).
+    fn base_output_gain(&self) -> Option<&B::Tensor> {
+        None
+    }
     /// The dense `[out, in]` weight update this adapter is equivalent to.
     fn delta_weight(&self, backend: &B) -> Result<B::Tensor>;
+    /// What merging adds to the base weight `weight` (`[out, in]`, unmerged): `delta_weight`
+    /// for LoRA; DoRA's depends on the weight itself.
+    fn merge_delta(&mut self, backend: &B, weight: &B::Tensor) -> Result<B::Tensor> {
+        let _ = weight;
+        self.delta_weight(backend)
+    }
+    /// What unmerging adds to the merged base weight `weight` (the negated merge delta for
+    /// LoRA).
+    fn unmerge_delta(&mut self, backend: &B, weight: &B::Tensor) -> Result<B::Tensor> {
+        let _ = weight;
+        backend.affine(&self.delta_weight(backend)?, -1.0, 0.0)
+    }
     /// Named tensors, with PEFT's names (`lora_A`, `lora_B`).
     fn tensors(&self) -> Vec<(&'static str, &B::Tensor)>;
     /// Replaces a named tensor (loading an adapter file); the shape must match.
@@ -276,7 +306,14 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
         self.dropout
     }
 
-    fn forward(&mut self, backend: &B, x: &B::Tensor, y: &mut B::Tensor, mode: Mode) -> Result<()> {
+    fn forward(
+        &mut self,
+        backend: &B,
+        _base: &dyn Linear<B>,
+        x: &B::Tensor,
+        y: &mut B::Tensor,
+        mode: Mode,
+    ) -> Result<()> {
         let mask = if mode == Mode::Train && self.dropout > 0.0 {
             let rng = self.dropout_rng.advance(x.numel());
             Some(backend.dropout_mask(x.shape().dims(), self.dropout, rng)?)
@@ -313,6 +350,7 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
     fn backward(
         &mut self,
         backend: &B,
+        _base: &dyn Linear<B>,
         x: &B::Tensor,
         dy: &B::Tensor,
         dx: &mut B::Tensor,

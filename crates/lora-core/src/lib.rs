@@ -17,6 +17,7 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod dora;
 pub mod dtype;
 pub mod error;
 pub mod host_tensor;
@@ -31,6 +32,7 @@ pub mod shape;
 
 pub use adapter::{Adapter, LoraAdapter, LoraInit, LoraSpec, Mode, ParamGrad};
 pub use backend::{Backend, BinaryOp, Tensor, Transpose, UnaryOp};
+pub use dora::DoraAdapter;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use host_tensor::HostTensor;

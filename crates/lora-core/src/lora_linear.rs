@@ -181,6 +181,13 @@ impl<B: LoraOps> LoraLinear<B> {
         self.add_adapter(adapter_name, Box::new(adapter))
     }
 
+    /// Creates a DoRA adapter per `spec` under `adapter_name`: LoRA's factors plus a
+    /// magnitude initialised to the row norms of the current weight (PEFT's `use_dora`).
+    pub fn add_dora(&mut self, backend: &B, adapter_name: &str, spec: &LoraSpec) -> Result<()> {
+        let adapter = crate::dora::DoraAdapter::new(backend, &self.name, &*self.base, spec)?;
+        self.add_adapter(adapter_name, Box::new(adapter))
+    }
+
     /// Attaches an adapter under a new name. The first adapter becomes active; later ones
     /// are inactive until [`LoraLinear::set_active_adapters`] (as PEFT's `add_adapter`).
     pub fn add_adapter(&mut self, adapter_name: &str, adapter: Box<dyn Adapter<B>>) -> Result<()> {
@@ -299,10 +306,10 @@ impl<B: LoraOps> LoraLinear<B> {
         let mut y = self.base.forward(backend, x)?;
         if self.adapters_run() {
             // Active adapters reject non-finite input themselves, more cheaply (LoraAdapter).
-            let active = &self.active;
+            let (active, base) = (&self.active, &*self.base);
             for (name, adapter) in self.adapters.iter_mut() {
                 if active.contains(name) {
-                    adapter.forward(backend, x, &mut y, mode)?;
+                    adapter.forward(backend, base, x, &mut y, mode)?;
                 }
             }
         } else if !backend.all_finite(x)? {
@@ -350,7 +357,7 @@ impl<B: LoraOps> LoraLinear<B> {
             }
             let xs = backend.gather_rows(x, &idx)?;
             let mut ys = backend.zeros(&[idx.len(), out_f])?;
-            adapter.forward(backend, &xs, &mut ys, Mode::Eval)?;
+            adapter.forward(backend, &*self.base, &xs, &mut ys, Mode::Eval)?;
             backend.scatter_add_rows(&mut y, &idx, &ys)?;
         }
         self.saved_x = None;
@@ -387,12 +394,28 @@ impl<B: LoraOps> LoraLinear<B> {
                 dy.shape(),
             ));
         }
-        let mut dx = self.base.backward(backend, dy)?;
+        let active_adapters = || {
+            self.adapters
+                .iter()
+                .filter(|(n, _)| self.adapters_run() && self.active.contains(n))
+        };
+        // DoRA rescales the base output: the base then sees `dy · (1 + gain)`.
+        let mut dy_base = None;
+        for (_, adapter) in active_adapters() {
+            if let Some(gain) = adapter.base_output_gain() {
+                let scaled = crate::dora::scale_features(backend, dy, gain)?;
+                let acc = dy_base.get_or_insert_with(|| dy.clone());
+                backend.axpby(1.0, &scaled, 1.0, acc)?;
+            }
+        }
+        let mut dx = self
+            .base
+            .backward(backend, dy_base.as_ref().unwrap_or(dy))?;
         if self.adapters_run() {
-            let active = &self.active;
+            let (active, base) = (&self.active, &*self.base);
             for (name, adapter) in self.adapters.iter_mut() {
                 if active.contains(name) {
-                    adapter.backward(backend, x, dy, &mut dx)?;
+                    adapter.backward(backend, base, x, dy, &mut dx)?;
                 }
             }
         }
@@ -448,6 +471,8 @@ impl<B: LoraOps> LoraLinear<B> {
             return Err(Error::state(&self.name, "no adapter to merge"));
         }
         let mut deltas = Vec::with_capacity(names.len());
+        // DoRA's merge depends on the (unmerged) weight.
+        let weight = self.base.weight(backend)?;
         for &n in names {
             if self.merged.iter().any(|m| m == n) {
                 return Err(Error::state(
@@ -455,10 +480,11 @@ impl<B: LoraOps> LoraLinear<B> {
                     format!("adapter {n:?} is already merged"),
                 ));
             }
-            let a = self.adapter_named(n).ok_or_else(|| {
-                Error::state(&self.name, format!("no adapter named {n:?} to merge"))
-            })?;
-            deltas.push(a.delta_weight(backend)?);
+            let name = self.name.clone();
+            let a = self
+                .adapter_named_mut(n)
+                .ok_or_else(|| Error::state(&name, format!("no adapter named {n:?} to merge")))?;
+            deltas.push(a.merge_delta(backend, &weight)?);
         }
         if safe {
             let mut w = self.base.weight(backend)?;
@@ -489,11 +515,13 @@ impl<B: LoraOps> LoraLinear<B> {
         }
         let mut rounding = WeightRounding::EXACT;
         while let Some(n) = self.merged.last().cloned() {
+            let weight = self.base.weight(backend)?;
+            let name = self.name.clone();
             let a = self
-                .adapter_named(&n)
-                .ok_or_else(|| Error::state(&self.name, format!("merged adapter {n:?} is gone")))?;
-            let delta = a.delta_weight(backend)?;
-            rounding = rounding.max(self.base.add_to_weight(backend, &delta, -1.0)?);
+                .adapter_named_mut(&n)
+                .ok_or_else(|| Error::state(&name, format!("merged adapter {n:?} is gone")))?;
+            let delta = a.unmerge_delta(backend, &weight)?;
+            rounding = rounding.max(self.base.add_to_weight(backend, &delta, 1.0)?);
             self.merged.pop();
         }
         Ok(rounding)

@@ -58,7 +58,7 @@ pub fn save_adapter<B: LoraOps, M: Model<B> + ?Sized>(
         };
         for (name, t) in adapter.tensors() {
             tensors.push((
-                format!("{KEY_PREFIX}{}.{name}.weight", layer.name()),
+                tensor_key(layer.name(), name),
                 HostTensor::from_backend(backend, t)?,
             ));
         }
@@ -75,31 +75,45 @@ pub fn save_adapter<B: LoraOps, M: Model<B> + ?Sized>(
     Ok(())
 }
 
-/// Groups an adapter file's tensors by module: `module -> (lora_A, lora_B)`. Every key must
-/// be a LoRA tensor and every module must have both.
+/// One module's tensors in an adapter file.
+#[derive(Clone, Debug)]
+pub struct ModuleTensors {
+    /// `lora_A`, `[r, in]`.
+    pub a: HostTensor,
+    /// `lora_B`, `[out, r]`.
+    pub b: HostTensor,
+    /// DoRA's `lora_magnitude_vector`, `[out]` (`None` for plain LoRA).
+    pub magnitude: Option<HostTensor>,
+}
+
+/// Groups an adapter file's tensors by module: `module -> tensors`. Every key must be an
+/// adapter tensor and every module must have both LoRA factors.
 pub fn lora_modules(
     tensors: &BTreeMap<String, HostTensor>,
     path: &Path,
     adapter_name: &str,
-) -> Result<BTreeMap<String, (HostTensor, HostTensor)>> {
-    let mut parts: BTreeMap<String, (Option<HostTensor>, Option<HostTensor>)> = BTreeMap::new();
+) -> Result<BTreeMap<String, ModuleTensors>> {
+    type Parts = (Option<HostTensor>, Option<HostTensor>, Option<HostTensor>);
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     for (key, t) in tensors {
         let (module, which) =
             normalise_key(key, adapter_name).ok_or_else(|| PeftError::Format {
                 path: path.display().to_string(),
-                reason: format!("tensor {key} is not a LoRA tensor (lora_A / lora_B) of a module"),
+                reason: format!(
+                    "tensor {key} is not an adapter tensor (lora_A / lora_B / lora_magnitude_vector) of a module"
+                ),
             })?;
         let e = parts.entry(module).or_default();
-        if which == "lora_A" {
-            e.0 = Some(t.clone())
-        } else {
-            e.1 = Some(t.clone())
+        match which.as_str() {
+            "lora_A" => e.0 = Some(t.clone()),
+            "lora_B" => e.1 = Some(t.clone()),
+            _ => e.2 = Some(t.clone()),
         }
     }
     parts
         .into_iter()
-        .map(|(m, (a, b))| match (a, b) {
-            (Some(a), Some(b)) => Ok((m, (a, b))),
+        .map(|(m, (a, b, magnitude))| match (a, b) {
+            (Some(a), Some(b)) => Ok((m, ModuleTensors { a, b, magnitude })),
             (a, _) => Err(PeftError::Format {
                 path: path.display().to_string(),
                 reason: format!(
@@ -111,8 +125,18 @@ pub fn lora_modules(
         .collect()
 }
 
+/// The key PEFT saves adapter tensor `tensor` of `module` under: `.weight` for the LoRA
+/// factors, none for DoRA's magnitude (`base_model.model.X.lora_magnitude_vector`).
+pub fn tensor_key(module: &str, tensor: &str) -> String {
+    match tensor {
+        "lora_magnitude_vector" => format!("{KEY_PREFIX}{module}.{tensor}"),
+        _ => format!("{KEY_PREFIX}{module}.{tensor}.weight"),
+    }
+}
+
 /// `base_model.model.X.lora_A.<adapter>.weight` -> `(X, lora_A)`, with or without the
-/// adapter name (`default` or `adapter_name`); `None` for keys that are not LoRA tensors.
+/// adapter name (`default` or `adapter_name`); likewise DoRA's `lora_magnitude_vector`;
+/// `None` for keys that are not adapter tensors.
 fn normalise_key(key: &str, adapter_name: &str) -> Option<(String, String)> {
     let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
     let rest = rest.strip_suffix(".weight").unwrap_or(rest);
@@ -121,7 +145,8 @@ fn normalise_key(key: &str, adapter_name: &str) -> Option<(String, String)> {
         .or_else(|| rest.strip_suffix(".default"))
         .unwrap_or(rest);
     let (module, tensor) = rest.rsplit_once('.')?;
-    matches!(tensor, "lora_A" | "lora_B").then(|| (module.to_string(), tensor.to_string()))
+    matches!(tensor, "lora_A" | "lora_B" | "lora_magnitude_vector")
+        .then(|| (module.to_string(), tensor.to_string()))
 }
 
 /// Loads a PEFT adapter directory into `model` as adapter `default`: injects adapters per
@@ -150,7 +175,9 @@ pub fn load_adapter<B: LoraOps, M: Model<B> + ?Sized>(
     for (key, t) in &file_tensors {
         let norm = normalise_key(key, adapter_name).ok_or_else(|| PeftError::Format {
             path: weights_path.display().to_string(),
-            reason: format!("tensor {key} is not a LoRA tensor (lora_A / lora_B) of a module"),
+            reason: format!(
+                "tensor {key} is not an adapter tensor (lora_A / lora_B / lora_magnitude_vector) of a module"
+            ),
         })?;
         by_module.insert(norm, (key.as_str(), t));
     }
@@ -166,7 +193,7 @@ pub fn load_adapter<B: LoraOps, M: Model<B> + ?Sized>(
                 .remove(&(name.clone(), tname.to_string()))
                 .ok_or_else(|| PeftError::Format {
                     path: weights_path.display().to_string(),
-                    reason: format!("missing tensor {KEY_PREFIX}{name}.{tname}.weight"),
+                    reason: format!("missing tensor {}", tensor_key(&name, tname)),
                 })?;
             let value = t.to_backend(backend)?;
             adapter

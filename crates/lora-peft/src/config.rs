@@ -240,9 +240,6 @@ impl LoraConfig {
                 "only LORA adapters exist",
             );
         }
-        if self.use_dora {
-            return unsupported("use_dora", "true".into(), "DoRA is not implemented yet");
-        }
         if self.lora_bias {
             return unsupported(
                 "lora_bias",

@@ -26,8 +26,8 @@ mod targeting;
 mod weighted_adapter;
 
 pub use adapter_file::{
-    CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, load_adapter, load_pretrained, lora_modules,
-    save_adapter, save_pretrained,
+    CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, load_adapter, load_pretrained,
+    lora_modules, save_adapter, save_pretrained,
 };
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
 pub use error::{PeftError, Result};

@@ -11,7 +11,7 @@ use lora_io::fs::temp_path_for;
 use lora_io::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float, merge_into_quantized};
 use safetensors::{Dtype, View};
 
-use crate::adapter_file::{CONFIG_FILE, WEIGHTS_FILE, lora_modules};
+use crate::adapter_file::{CONFIG_FILE, ModuleTensors, WEIGHTS_FILE, lora_modules};
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
 
@@ -62,6 +62,8 @@ struct Factors {
     a: HostTensor,
     b: HostTensor,
     scaling: f32,
+    /// DoRA's magnitude: the merged weight is `(m / ‖W + s·BA‖) ⊙ (W + s·BA)` by rows.
+    magnitude: Option<HostTensor>,
 }
 
 /// One output tensor; its bytes are produced only when the writer asks for them.
@@ -114,6 +116,15 @@ impl<B: LoraOps> OutTensor<'_, B> {
         for (w, d) in w.iter_mut().zip(&delta) {
             *w += d;
             max = max.max(d.abs());
+        }
+        if let Some(m) = &f.magnitude {
+            max = max.max(dora_rescale(
+                &mut w,
+                &m.data,
+                self.transpose_delta,
+                src,
+                self.src_dtype,
+            ));
         }
         let mut st = self.state.borrow_mut();
         st.max_abs_delta = st.max_abs_delta.max(max);
@@ -267,11 +278,11 @@ fn checked_factors(
     base: &Path,
     weights_path: &Path,
     config: &LoraConfig,
-    modules: BTreeMap<String, (HostTensor, HostTensor)>,
+    modules: BTreeMap<String, ModuleTensors>,
 ) -> Result<BTreeMap<String, Factors>> {
     let tensors = ckpt.tensors()?;
     let mut factors: BTreeMap<String, Factors> = BTreeMap::new();
-    for (module, (a, b)) in modules {
+    for (module, ModuleTensors { a, b, magnitude }) in modules {
         let key = format!("{module}.weight");
         let view = tensors.get(&key).ok_or_else(|| PeftError::Format {
             path: base.display().to_string(),
@@ -305,8 +316,24 @@ fn checked_factors(
                 a.shape, b.shape
             )));
         }
+        if let Some(m) = &magnitude
+            && m.shape != [out_f]
+        {
+            return Err(bad(format!(
+                "module {module}: lora_magnitude_vector {:?} does not fit base {key} {wshape:?} (expected [{out_f}])",
+                m.shape
+            )));
+        }
         let scaling = config.spec_for(&module, 0)?.scaling();
-        factors.insert(key, Factors { a, b, scaling });
+        factors.insert(
+            key,
+            Factors {
+                a,
+                b,
+                scaling,
+                magnitude,
+            },
+        );
     }
     Ok(factors)
 }
@@ -367,10 +394,19 @@ fn merge_quantized<B: LoraOps>(
     backend: &B,
     base: &Checkpoint,
     config: &LoraConfig,
-    modules: BTreeMap<String, (HostTensor, HostTensor)>,
+    modules: BTreeMap<String, ModuleTensors>,
     adapter_name: &str,
     out: &Path,
 ) -> Result<MergeReport> {
+    if let Some((module, _)) = modules.iter().find(|(_, t)| t.magnitude.is_some()) {
+        return Err(PeftError::Unsupported {
+            field: "use_dora",
+            value: "true".into(),
+            reason: format!(
+                "module {module}: merging a DoRA adapter into a bitsandbytes-quantized checkpoint file is not implemented (dequantize it first, or merge in the library: LoraLinear::merge)"
+            ),
+        });
+    }
     if config.fan_in_fan_out {
         return Err(PeftError::Unsupported {
             field: "fan_in_fan_out",
@@ -380,7 +416,7 @@ fn merge_quantized<B: LoraOps>(
     }
     let mut deltas = BTreeMap::new();
     let mut max_abs_delta = 0.0f32;
-    for (module, (a, b)) in modules {
+    for (module, ModuleTensors { a, b, .. }) in modules {
         if a.shape.len() != 2 || b.shape.len() != 2 || b.shape[1] != a.shape[0] {
             return Err(PeftError::Format {
                 path: adapter_name.to_string(),
@@ -410,4 +446,30 @@ fn merge_quantized<B: LoraOps>(
         max_abs_delta,
         rounding: Some(q.worst()),
     })
+}
+
+/// DoRA's merge on the host: `w` holds `W + s·BA`; each output feature `j` (a row of
+/// `[out, in]`, or a column when `fan_in_fan_out`) is scaled by `m_j / ‖W_j + s·(BA)_j‖`.
+/// Returns the largest change from the base weight (decoded again from `src`).
+fn dora_rescale(w: &mut [f32], m: &[f32], fan_in_fan_out: bool, src: &[u8], dtype: Dtype) -> f32 {
+    let out_f = m.len().max(1);
+    let in_f = w.len() / out_f;
+    let at = |j: usize, k: usize| match fan_in_fan_out {
+        false => j * in_f + k,
+        true => k * out_f + j,
+    };
+    for (j, &mj) in m.iter().enumerate() {
+        let norm = (0..in_f)
+            .map(|k| f64::from(w[at(j, k)]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let factor = (f64::from(mj) / norm) as f32;
+        for k in 0..in_f {
+            w[at(j, k)] *= factor;
+        }
+    }
+    let base = decode_f32(dtype, src).unwrap_or_default();
+    w.iter()
+        .zip(&base)
+        .fold(0.0f32, |acc, (n, o)| acc.max((n - o).abs()))
 }

@@ -123,7 +123,11 @@ pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
         if !selects(config, &name)? || head.as_deref() == Some(name.as_str()) {
             continue;
         }
-        layer.add_lora(backend, adapter_name, &config.spec_for(&name, seed)?)?;
+        let spec = config.spec_for(&name, seed)?;
+        match config.use_dora {
+            true => layer.add_dora(backend, adapter_name, &spec)?,
+            false => layer.add_lora(backend, adapter_name, &spec)?,
+        }
         injected.push(name);
     }
     if injected.is_empty() {

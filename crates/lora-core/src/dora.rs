@@ -1,0 +1,398 @@
+//! DoRA (weight-decomposed low-rank adaptation, PEFT's `use_dora`): the adapted weight
+//! `W + s·BA` is split into a direction and a trainable magnitude `m` (`[out]`,
+//! `lora_magnitude_vector`), so the layer computes
+//!
+//! `y = bias + (m / ‖W + s·BA‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ)`
+//!
+//! with the row norm `‖·‖` (over the input features) treated as a constant in the backward,
+//! as the paper (section 4.3) and PEFT do. With dropout, PEFT applies it to the LoRA input
+//! and recomputes the base term on the dropped input; so does this.
+//!
+//! The norm is computed without forming `W + s·BA`:
+//! `‖W_j + s·(BA)_j‖² = ‖W_j‖² + 2s·Σ_k B_jk (W Aᵀ)_jk + s²·B_j (A Aᵀ) B_jᵀ`, one
+//! `[out, in] x [in, r]` product and `r x r` work, instead of an `[out, in]` temporary. In
+//! inference it is computed once and kept until the adapter or the base changes.
+
+use crate::adapter::{Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad};
+use crate::backend::{BinaryOp, Tensor, Transpose, UnaryOp};
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+use crate::ops::LoraOps;
+use crate::rng::{self, RngState};
+
+/// `t ⊙ v` with `v` (`[features]`) broadcast along the last axis of `t`.
+pub fn scale_features<B: LoraOps>(b: &B, t: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {
+    let (rows, cols) = t.shape().as_matrix();
+    let ones = b.affine(&b.zeros(&[rows, 1])?, 0.0, 1.0)?;
+    let spread = b.matmul(
+        1.0,
+        (&ones, Transpose::No),
+        (&b.reshape(v, &[1, cols])?, Transpose::No),
+        t.shape().dims(),
+    )?;
+    b.binary(BinaryOp::Mul, t, &spread)
+}
+
+/// `t ⊙ v` with `v` (`[rows]`) broadcast along the rows of `t` (`[rows, cols]`).
+fn scale_rows<B: LoraOps>(b: &B, t: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {
+    let (rows, cols) = t.shape().as_matrix();
+    let ones = b.affine(&b.zeros(&[1, cols])?, 0.0, 1.0)?;
+    let spread = b.matmul(
+        1.0,
+        (&b.reshape(v, &[rows, 1])?, Transpose::No),
+        (&ones, Transpose::No),
+        &[rows, cols],
+    )?;
+    b.binary(BinaryOp::Mul, t, &spread)
+}
+
+/// What a training forward keeps for the backward.
+#[derive(Debug, Clone)]
+struct Saved<T> {
+    /// `m / ‖W + s·BA‖` and the norm, `[out]`.
+    scale: T,
+    norm: T,
+    /// `scale - 1`, the extra gradient the base output takes (no dropout only).
+    gain: Option<T>,
+    /// The direction term `x Wᵀ + s·x Aᵀ Bᵀ` (dropped input for both under dropout).
+    u: T,
+    /// `(x ⊙ mask) Aᵀ` and the mask.
+    h: T,
+    mask: Option<T>,
+}
+
+/// Gradients of the last backward.
+#[derive(Debug, Clone)]
+struct Grads<T> {
+    d_a: T,
+    d_b: T,
+    d_m: T,
+}
+
+/// A DoRA adapter: LoRA's `A: [r, in]`, `B: [out, r]` and the magnitude `m: [out]`.
+#[derive(Debug, Clone)]
+pub struct DoraAdapter<B: LoraOps> {
+    layer: String,
+    a: B::Tensor,
+    b: B::Tensor,
+    m: B::Tensor,
+    scaling: f32,
+    dropout: f32,
+    dropout_rng: RngState,
+    /// The norm for inference, valid until the adapter or the base weight changes.
+    eval_norm: Option<B::Tensor>,
+    /// The norm at merge time (PEFT caches it the same way): unmerging needs the norm of
+    /// the unmerged weight, which the merged weight no longer gives.
+    merged_norm: Option<B::Tensor>,
+    saved: Option<Saved<B::Tensor>>,
+    grads: Option<Grads<B::Tensor>>,
+}
+
+impl<B: LoraOps> DoraAdapter<B> {
+    /// A new adapter on `base` (named `layer`), A and B initialised as LoRA's and the
+    /// magnitude set to `‖W + s·BA‖` so that the adapter starts as the identity (PEFT).
+    pub fn new(backend: &B, layer: &str, base: &dyn Linear<B>, spec: &LoraSpec) -> Result<Self> {
+        let lora = LoraAdapter::new(
+            backend,
+            layer,
+            base.in_features(),
+            base.out_features(),
+            spec,
+        )?;
+        let (a, b) = (lora.lora_a().clone(), lora.lora_b().clone());
+        let m = backend.zeros(&[base.out_features()])?;
+        let mut d = Self::from_tensors(layer, a, b, m, spec.scaling(), spec.dropout, spec.seed)?;
+        d.m = d.norm(backend, &base.weight(backend)?)?;
+        Ok(d)
+    }
+
+    /// An adapter from existing tensors (a PEFT file's `lora_A`, `lora_B` and
+    /// `lora_magnitude_vector`).
+    pub fn from_tensors(
+        layer: &str,
+        a: B::Tensor,
+        b: B::Tensor,
+        m: B::Tensor,
+        scaling: f32,
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Self> {
+        let lora = LoraAdapter::<B>::from_tensors(layer, a, b, scaling, dropout, seed)?;
+        let out = lora.lora_b().shape().dims()[0];
+        if m.shape().dims() != [out] {
+            return Err(Error::shape(
+                format!("DoRA on {layer}: lora_magnitude_vector"),
+                format!("[{out}]"),
+                m.shape(),
+            ));
+        }
+        Ok(DoraAdapter {
+            layer: layer.to_string(),
+            a: lora.lora_a().clone(),
+            b: lora.lora_b().clone(),
+            m,
+            scaling,
+            dropout,
+            dropout_rng: RngState::new(seed, rng::stream_id(layer, "dropout")),
+            eval_norm: None,
+            merged_norm: None,
+            saved: None,
+            grads: None,
+        })
+    }
+
+    /// `‖W_j + s·(BA)_j‖` per output feature `j` (see the module docs), `[out]`.
+    fn norm(&self, b: &B, w: &B::Tensor) -> Result<B::Tensor> {
+        let (out, r) = self.b.shape().as_matrix();
+        let s = self.scaling;
+        let w_sq = b.sum_cols(&b.unary(UnaryOp::Square, w)?)?;
+        let wa = b.matmul(
+            1.0,
+            (w, Transpose::No),
+            (&self.a, Transpose::Yes),
+            &[out, r],
+        )?;
+        let cross = b.sum_cols(&b.binary(BinaryOp::Mul, &self.b, &wa)?)?;
+        let g = b.matmul(
+            1.0,
+            (&self.a, Transpose::No),
+            (&self.a, Transpose::Yes),
+            &[r, r],
+        )?;
+        let bg = b.matmul(
+            1.0,
+            (&self.b, Transpose::No),
+            (&g, Transpose::No),
+            &[out, r],
+        )?;
+        let quad = b.sum_cols(&b.binary(BinaryOp::Mul, &self.b, &bg)?)?;
+        let mut sq = w_sq;
+        b.axpby(2.0 * s, &cross, 1.0, &mut sq)?;
+        b.axpby(s * s, &quad, 1.0, &mut sq)?;
+        // Rounding can take an exactly-zero norm a hair below zero.
+        b.unary(UnaryOp::Sqrt, &b.unary(UnaryOp::Relu, &sq)?)
+    }
+
+    /// The magnitude, `[out]`.
+    pub fn magnitude(&self) -> &B::Tensor {
+        &self.m
+    }
+
+    /// `base(x)` without its bias.
+    fn unbiased(b: &B, base: &dyn Linear<B>, y: &B::Tensor) -> Result<B::Tensor> {
+        let mut z = y.clone();
+        if let Some(bias) = base.bias() {
+            b.add_row_broadcast(&mut z, &b.affine(bias, -1.0, 0.0)?)?;
+        }
+        Ok(z)
+    }
+}
+
+impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
+    fn dropout(&self) -> f32 {
+        self.dropout
+    }
+
+    fn forward(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        y: &mut B::Tensor,
+        mode: Mode,
+    ) -> Result<()> {
+        let norm = match (&self.eval_norm, mode) {
+            (Some(n), Mode::Eval) => n.clone(),
+            _ => self.norm(backend, &base.weight(backend)?)?,
+        };
+        let scale = backend.binary(BinaryOp::Div, &self.m, &norm)?;
+        let mask = if mode == Mode::Train && self.dropout > 0.0 {
+            let rng = self.dropout_rng.advance(x.numel());
+            Some(backend.dropout_mask(x.shape().dims(), self.dropout, rng)?)
+        } else {
+            None
+        };
+        let mut lo = backend.zeros(y.shape().dims())?;
+        let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), &mut lo)?;
+        if !backend.all_finite(&h)? {
+            return Err(Error::NonFinite {
+                context: format!("{} DoRA forward", self.layer),
+                tensor: "input x or x·lora_Aᵀ".into(),
+                shape: h.shape().clone(),
+            });
+        }
+        // The base term: the layer's own output, or recomputed on the dropped input.
+        let z = match &mask {
+            None => Self::unbiased(backend, base, y)?,
+            Some(m) => {
+                let dropped = backend.binary(BinaryOp::Mul, x, m)?;
+                Self::unbiased(backend, base, &base.forward(backend, &dropped)?)?
+            }
+        };
+        let u = backend.binary(BinaryOp::Add, &z, &lo)?;
+        // y += (scale - 1) ⊙ z + scale ⊙ lo = scale ⊙ u - z
+        let su = scale_features(backend, &u, &scale)?;
+        *y = backend.binary(BinaryOp::Add, y, &backend.binary(BinaryOp::Sub, &su, &z)?)?;
+        match mode {
+            Mode::Train => {
+                self.eval_norm = None;
+                let gain = match mask {
+                    None => Some(backend.affine(&scale, 1.0, -1.0)?),
+                    Some(_) => None,
+                };
+                self.saved = Some(Saved {
+                    scale,
+                    norm,
+                    gain,
+                    u,
+                    h,
+                    mask,
+                });
+            }
+            Mode::Eval => {
+                self.saved = None;
+                self.eval_norm = Some(norm);
+            }
+        }
+        Ok(())
+    }
+
+    fn base_output_gain(&self) -> Option<&B::Tensor> {
+        self.saved.as_ref().and_then(|s| s.gain.as_ref())
+    }
+
+    fn backward(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        dx: &mut B::Tensor,
+    ) -> Result<()> {
+        let saved = self.saved.take().ok_or_else(|| {
+            Error::state(
+                format!("DoRA on {}", self.layer),
+                "backward called without a forward in training mode",
+            )
+        })?;
+        // dm = Σ_rows dy ⊙ u / ‖·‖ (the norm is a constant).
+        let d_m = backend.binary(
+            BinaryOp::Div,
+            &backend.sum_rows(&backend.binary(BinaryOp::Mul, dy, &saved.u)?)?,
+            &saved.norm,
+        )?;
+        let dy_lora = scale_features(backend, dy, &saved.scale)?;
+        let lora = backend.lora_backward(
+            x,
+            &self.a,
+            &self.b,
+            self.scaling,
+            saved.mask.as_ref(),
+            &saved.h,
+            &dy_lora,
+            dx,
+        )?;
+        // Under dropout the base term was recomputed on the dropped input: its gradient
+        // goes back through W and the mask here (without dropout, `base_output_gain`).
+        if let Some(mask) = &saved.mask {
+            let g = scale_features(backend, dy, &backend.affine(&saved.scale, 1.0, -1.0)?)?;
+            let through = backend.binary(BinaryOp::Mul, &base.backward(backend, &g)?, mask)?;
+            backend.axpby(1.0, &through, 1.0, dx)?;
+        }
+        self.grads = Some(Grads {
+            d_a: lora.d_a,
+            d_b: lora.d_b,
+            d_m,
+        });
+        Ok(())
+    }
+
+    /// LoRA's `s·BA`: the direction's update (what `lora merge` of the LoRA part adds).
+    fn delta_weight(&self, backend: &B) -> Result<B::Tensor> {
+        backend.lora_delta_weight(&self.a, &self.b, self.scaling, false)
+    }
+
+    /// `(m / ‖W + s·BA‖) ⊙ (W + s·BA) - W`.
+    fn merge_delta(&mut self, backend: &B, weight: &B::Tensor) -> Result<B::Tensor> {
+        let norm = self.norm(backend, weight)?;
+        let factor = backend.binary(BinaryOp::Div, &self.m, &norm)?;
+        let adapted = backend.binary(BinaryOp::Add, weight, &self.delta_weight(backend)?)?;
+        let merged = scale_rows(backend, &adapted, &factor)?;
+        self.merged_norm = Some(norm);
+        backend.binary(BinaryOp::Sub, &merged, weight)
+    }
+
+    /// `W_merged · ‖·‖ / m - s·BA - W_merged`, with the norm kept from the merge.
+    fn unmerge_delta(&mut self, backend: &B, weight: &B::Tensor) -> Result<B::Tensor> {
+        let norm = self.merged_norm.take().ok_or_else(|| {
+            Error::state(
+                format!("DoRA on {}", self.layer),
+                "unmerge without a merge (the weight norm of the merge is gone)",
+            )
+        })?;
+        let factor = backend.binary(BinaryOp::Div, &norm, &self.m)?;
+        let restored = backend.binary(
+            BinaryOp::Sub,
+            &scale_rows(backend, weight, &factor)?,
+            &self.delta_weight(backend)?,
+        )?;
+        self.eval_norm = None;
+        backend.binary(BinaryOp::Sub, &restored, weight)
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &B::Tensor)> {
+        vec![
+            ("lora_A", &self.a),
+            ("lora_B", &self.b),
+            ("lora_magnitude_vector", &self.m),
+        ]
+    }
+
+    fn set_tensor(&mut self, name: &str, value: B::Tensor) -> Result<()> {
+        let slot = match name {
+            "lora_A" => &mut self.a,
+            "lora_B" => &mut self.b,
+            "lora_magnitude_vector" => &mut self.m,
+            other => {
+                return Err(Error::state(
+                    format!("DoRA on {}", self.layer),
+                    format!(
+                        "unknown adapter tensor {other:?} (expected lora_A, lora_B or lora_magnitude_vector)"
+                    ),
+                ));
+            }
+        };
+        if slot.shape() != value.shape() {
+            return Err(Error::shape(
+                format!("DoRA on {} tensor {name}", self.layer),
+                format!("{}", slot.shape()),
+                value.shape(),
+            ));
+        }
+        *slot = value;
+        self.eval_norm = None;
+        Ok(())
+    }
+
+    fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, B::Tensor>> {
+        // Any update moves the norm.
+        self.eval_norm = None;
+        match &self.grads {
+            Some(g) => vec![
+                ParamGrad {
+                    param: &mut self.a,
+                    grad: &g.d_a,
+                },
+                ParamGrad {
+                    param: &mut self.b,
+                    grad: &g.d_b,
+                },
+                ParamGrad {
+                    param: &mut self.m,
+                    grad: &g.d_m,
+                },
+            ],
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! DoRA (`use_dora`, issue 15) against PEFT on every backend (`fixtures/make_dora_fixtures.py`:
+//! an MLP with PEFT's DoRA adapter, random factors and moved magnitudes): the output, the
+//! gradients of `lora_A`, `lora_B` and `lora_magnitude_vector` (the norm a constant, as in
+//! PEFT), merge and unmerge, the adapter file both ways, `lora merge` on files; and the
+//! dropout path, whose masks cannot match PyTorch's, against finite differences.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use lora::models::Mlp;
+use lora::{Adapter, DoraAdapter, Linear, LoraSpec, Mode, Model, Tensor, UnaryOp};
+use lora_tests::{assert_close, backend_suite, fixtures_dir, rand_vec, to64};
+
+fn fixture() -> std::path::PathBuf {
+    fixtures_dir().join("peft_dora")
+}
+
+fn io() -> BTreeMap<String, lora::HostTensor> {
+    lora::io::read_safetensors(&fixture().join("io.safetensors")).unwrap()
+}
+
+/// The fixture MLP with PEFT's DoRA adapter loaded.
+fn model<B: lora::FullBackend>(b: &B) -> Mlp<B> {
+    let mut m = Mlp::new(b, &[6, 16, 16, 3], UnaryOp::Relu, 0).unwrap();
+    m.load_state_dict(
+        b,
+        &lora::io::read_safetensors(&fixture().join("base_model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    lora::peft::load_pretrained(&fixture().join("adapter"), &mut m, b).unwrap();
+    m
+}
+
+fn check_forward_and_gradients<B: lora::FullBackend>(b: &B) {
+    let io = io();
+    let mut m = model(b);
+    let x = io["x"].to_backend(b).unwrap();
+    let y = m.forward(b, &x, Mode::Train).unwrap();
+    assert_close(
+        "DoRA output",
+        &b.to_host(&y).unwrap(),
+        &to64(&io["y"].data),
+        1e-5,
+        1e-6,
+    );
+    let (loss, dy) = lora::mse_loss(b, &y, &io["target"].to_backend(b).unwrap()).unwrap();
+    assert!((loss - f64::from(io["loss"].data[0])).abs() < 1e-6);
+    m.backward(b, &dy).unwrap();
+    let mut checked = 0;
+    for layer in m.linears_mut() {
+        let name = layer.name().to_string();
+        let Some(adapter) = layer.adapter_mut() else {
+            continue;
+        };
+        let names: Vec<&str> = adapter.tensors().iter().map(|(n, _)| *n).collect();
+        let grads: Vec<Vec<f32>> = adapter
+            .params_and_grads()
+            .iter()
+            .map(|p| b.to_host(p.grad).unwrap())
+            .collect();
+        for (tensor, g) in names.iter().zip(&grads) {
+            let want = &io[&format!("grad.{name}.{tensor}")];
+            assert_close(
+                &format!("{name} d{tensor}"),
+                g,
+                &to64(&want.data),
+                1e-4,
+                1e-6,
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6, "A, B and the magnitude of two layers");
+}
+
+fn check_merge<B: lora::FullBackend>(b: &B) {
+    let io = io();
+    let mut m = model(b);
+    let x = io["x"].to_backend(b).unwrap();
+    let before = b.to_host(&m.forward(b, &x, Mode::Eval).unwrap()).unwrap();
+    let originals: Vec<Vec<f32>> = m
+        .linears()
+        .iter()
+        .map(|l| b.to_host(&l.base().weight(b).unwrap()).unwrap())
+        .collect();
+    for layer in m.linears_mut() {
+        if layer.adapter().is_some() {
+            layer.merge(b, true).unwrap();
+        }
+    }
+    for layer in m.linears() {
+        let want = &io[&format!("merged.{}.weight", layer.name())];
+        let got = b.to_host(&layer.base().weight(b).unwrap()).unwrap();
+        assert_close(
+            &format!("{} merged", layer.name()),
+            &got,
+            &to64(&want.data),
+            1e-5,
+            1e-6,
+        );
+    }
+    let merged = b.to_host(&m.forward(b, &x, Mode::Eval).unwrap()).unwrap();
+    assert_close("merged forward", &merged, &to64(&before), 1e-5, 1e-6);
+    for layer in m.linears_mut() {
+        if layer.is_merged() {
+            layer.unmerge(b).unwrap();
+        }
+    }
+    for (layer, orig) in m.linears().iter().zip(&originals) {
+        let got = b.to_host(&layer.base().weight(b).unwrap()).unwrap();
+        assert_close(
+            &format!("{} unmerged", layer.name()),
+            &got,
+            &to64(orig),
+            1e-5,
+            1e-6,
+        );
+    }
+}
+
+/// With dropout the base term is recomputed on the dropped input (PEFT's rule); its masks
+/// cannot equal PyTorch's, so the magnitude's and the input's gradients are checked against
+/// central differences of the loss under the same mask (a clone of the adapter draws the
+/// same one).
+fn check_dropout_gradients<B: lora::FullBackend>(b: &B) {
+    let w = b.from_host(&rand_vec(8 * 5, 3, 1), &[8, 5]).unwrap();
+    let base =
+        lora::DenseLinear::new(w, Some(b.from_host(&rand_vec(8, 3, 2), &[8]).unwrap())).unwrap();
+    let spec = LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.4,
+        init: lora::LoraInit::Random,
+        seed: 9,
+        ..LoraSpec::default()
+    };
+    let fresh = DoraAdapter::new(b, "layer", &base, &spec).unwrap();
+    let x_host = rand_vec(4 * 5, 3, 3);
+    let x = b.from_host(&x_host, &[4, 5]).unwrap();
+    let g_host = rand_vec(4 * 8, 3, 4);
+    let g = b.from_host(&g_host, &[4, 8]).unwrap();
+    // loss = Σ g ⊙ y under the first mask of a clone of `fresh`.
+    let loss = |adapter: &DoraAdapter<B>, x: &lora::HostTensor| -> f64 {
+        let mut a = adapter.clone();
+        let x = x.to_backend(b).unwrap();
+        let mut y = base.forward(b, &x).unwrap();
+        a.forward(b, &base, &x, &mut y, Mode::Train).unwrap();
+        b.to_host(&y)
+            .unwrap()
+            .iter()
+            .zip(&g_host)
+            .map(|(y, g)| f64::from(*y) * f64::from(*g))
+            .sum()
+    };
+    let mut a = fresh.clone();
+    let mut y = base.forward(b, &x).unwrap();
+    a.forward(b, &base, &x, &mut y, Mode::Train).unwrap();
+    let mut dx = match a.base_output_gain() {
+        None => base.backward(b, &g).unwrap(),
+        Some(gain) => {
+            let extra = lora::dora::scale_features(b, &g, gain).unwrap();
+            let mut gg = g.clone();
+            b.axpby(1.0, &extra, 1.0, &mut gg).unwrap();
+            base.backward(b, &gg).unwrap()
+        }
+    };
+    a.backward(b, &base, &x, &g, &mut dx).unwrap();
+    let xh = lora::HostTensor {
+        shape: vec![4, 5],
+        data: x_host.clone(),
+    };
+    let grads: Vec<Vec<f32>> = a
+        .params_and_grads()
+        .iter()
+        .map(|p| b.to_host(p.grad).unwrap())
+        .collect();
+    // The LoRA factors' gradients treat the norm (a function of A and B) as a constant,
+    // which finite differences of the loss cannot; the dropout-specific terms are the
+    // magnitude's (the recomputed base term enters it) and the input's, checked here.
+    for ((name, t), got) in fresh.tensors().iter().zip(&grads).skip(2) {
+        let host = b.to_host(t).unwrap();
+        let shape = t.shape().dims().to_vec();
+        let want = differences(&to64(&host), |v| {
+            let mut p = fresh.clone();
+            let v: Vec<f32> = v.iter().map(|&v| v as f32).collect();
+            p.set_tensor(name, b.from_host(&v, &shape).unwrap())
+                .unwrap();
+            loss(&p, &xh)
+        });
+        assert_close(&format!("dropout d{name}"), got, &want, 2e-3, 2e-4);
+    }
+    let want_dx = differences(&to64(&x_host), |v| {
+        let v: Vec<f32> = v.iter().map(|&v| v as f32).collect();
+        loss(
+            &fresh,
+            &lora::HostTensor {
+                shape: vec![4, 5],
+                data: v,
+            },
+        )
+    });
+    assert_close("dropout dx", &b.to_host(&dx).unwrap(), &want_dx, 2e-3, 2e-4);
+}
+
+/// Central differences with a step of 1e-2: the loss is linear in the magnitude and in the
+/// input under a fixed mask, so the step adds no truncation error, and a large one keeps the
+/// f32 forward's rounding (relative 1e-7 of values near 1) out of the quotient.
+fn differences(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    (0..x.len())
+        .map(|i| {
+            let (mut p, mut m) = (x.to_vec(), x.to_vec());
+            p[i] += 1e-2;
+            m[i] -= 1e-2;
+            (f(&p) - f(&m)) / 2e-2
+        })
+        .collect()
+}
+
+backend_suite! { all:
+    fn dora_output_and_gradients_equal_peft(b) {
+        check_forward_and_gradients(b);
+    }
+
+    fn dora_merge_and_unmerge_equal_peft(b) {
+        check_merge(b);
+    }
+
+    fn dora_dropout_gradients_equal_finite_differences(b) {
+        check_dropout_gradients(b);
+    }
+}
+
+/// The adapter saved here is PEFT's file again (same keys, same values), and `lora merge`'s
+/// streaming merge on files gives PEFT's merged weights.
+#[test]
+fn dora_files_round_trip_and_merge_on_files() {
+    let b = lora::NdArray::new();
+    let m = model(&b);
+    let tmp = tempfile::tempdir().unwrap();
+    let config =
+        lora::peft::LoraConfig::from_file(&fixture().join("adapter/adapter_config.json")).unwrap();
+    lora::peft::save_pretrained(tmp.path(), &m, &b, &config).unwrap();
+    let ours = lora::io::read_safetensors(&tmp.path().join("adapter_model.safetensors")).unwrap();
+    let peft =
+        lora::io::read_safetensors(&fixture().join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        peft.keys().collect::<Vec<_>>()
+    );
+    for (k, t) in &peft {
+        assert_eq!(ours[k].data, t.data, "{k}");
+    }
+    let out = tmp.path().join("merged.safetensors");
+    lora::peft::merge_checkpoint(
+        &b,
+        &fixture().join("base_model.safetensors"),
+        &fixture().join("adapter"),
+        lora::DEFAULT_ADAPTER,
+        &out,
+        lora::peft::OutDtype::Keep,
+        &|_, _| {},
+    )
+    .unwrap();
+    let merged = lora::io::read_safetensors(&out).unwrap();
+    let io = io();
+    for layer in ["layers.0", "layers.2", "layers.4"] {
+        let key = format!("{layer}.weight");
+        assert_close(
+            &format!("lora merge {key}"),
+            &merged[&key].data,
+            &to64(&io[&format!("merged.{key}")].data),
+            1e-5,
+            1e-6,
+        );
+    }
+}
