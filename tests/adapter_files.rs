@@ -238,8 +238,12 @@ fn bad_adapter_directories_get_errors_naming_the_problem() {
         stray.contains("layers.4") && stray.contains("did not select"),
         "{stray}"
     );
+    // A DoRA config over a file without magnitudes names the missing tensor.
     let dora = load_err(|c| c["use_dora"] = true.into(), |_| {});
-    assert!(dora.contains("use_dora"), "{dora}");
+    assert!(
+        dora.contains("missing tensor") && dora.contains("lora_magnitude_vector"),
+        "{dora}"
+    );
     let pissa = load_err(|c| c["init_lora_weights"] = "pissa".into(), |_| {});
     assert!(
         pissa.contains("init_lora_weights") && pissa.contains("pissa"),
