@@ -10,6 +10,8 @@
 //!   `dA`, `dB` and the LoRA part of `dx` (training).
 //! * `fwd_bwd_step`: the same, the LoRA side also taking its AdamW step.
 //! * `fwd`: inference forward of both.
+//! * `dora_step`: DoRA's training step (forward, backward, AdamW) against LoRA's on the
+//!   same layer (issue 15's goal: at most 1.15x; PEFT's own table shows DoRA 26% slower).
 //!
 //! Without `--quick`, (4096, 4096, 11008, 16) joins the shapes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -63,6 +65,18 @@ fn bench_backend<B: FullBackend>(
         )
         .unwrap();
         let lora = RefCell::new(lora);
+        let mut dora = LoraLinear::new("layer", Box::new(dense.clone()));
+        dora.add_dora(
+            b,
+            lora::DEFAULT_ADAPTER,
+            &LoraSpec {
+                r,
+                alpha: 2.0 * r as f32,
+                ..LoraSpec::default()
+            },
+        )
+        .unwrap();
+        let dora = RefCell::new(dora);
 
         let big = t * inp * out >= 1 << 30;
         let mut g = c.benchmark_group(format!("lora_linear_{name}"));
@@ -111,6 +125,29 @@ fn bench_backend<B: FullBackend>(
                 black_box(l.forward(b, &x, Mode::Train).unwrap());
                 black_box(l.backward(b, &dy).unwrap());
                 opt.borrow_mut().step(b, &mut l.params_and_grads()).unwrap();
+                b.synchronize().unwrap();
+            },
+        );
+        let dora_opt = RefCell::new(Adam::<B>::adamw(1e-4).unwrap());
+        paired(
+            &mut g,
+            format!("{name}/dora_step/{shape}"),
+            results,
+            || {
+                let mut l = lora.borrow_mut();
+                black_box(l.forward(b, &x, Mode::Train).unwrap());
+                black_box(l.backward(b, &dy).unwrap());
+                opt.borrow_mut().step(b, &mut l.params_and_grads()).unwrap();
+                b.synchronize().unwrap();
+            },
+            || {
+                let mut l = dora.borrow_mut();
+                black_box(l.forward(b, &x, Mode::Train).unwrap());
+                black_box(l.backward(b, &dy).unwrap());
+                dora_opt
+                    .borrow_mut()
+                    .step(b, &mut l.params_and_grads())
+                    .unwrap();
                 b.synchronize().unwrap();
             },
         );

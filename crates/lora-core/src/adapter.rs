@@ -50,6 +50,9 @@ pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
         dy: &B::Tensor,
         dx: &mut B::Tensor,
     ) -> Result<()>;
+    /// The frozen base layer was replaced or its weight changed (merge, unmerge,
+    /// quantization): drop whatever was derived from it.
+    fn base_changed(&mut self) {}
     /// After a training forward: how much of the output gradient, per output feature, flows
     /// through the base layer on top of the gradient itself (`None`: nothing). DoRA scales
     /// the base output by `m / ‖W + ΔW‖ - 1` more, so the layer's backward multiplies the

@@ -22,15 +22,7 @@ use crate::rng::{self, RngState};
 
 /// `t ⊙ v` with `v` (`[features]`) broadcast along the last axis of `t`.
 pub fn scale_features<B: LoraOps>(b: &B, t: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {
-    let (rows, cols) = t.shape().as_matrix();
-    let ones = b.affine(&b.zeros(&[rows, 1])?, 0.0, 1.0)?;
-    let spread = b.matmul(
-        1.0,
-        (&ones, Transpose::No),
-        (&b.reshape(v, &[1, cols])?, Transpose::No),
-        t.shape().dims(),
-    )?;
-    b.binary(BinaryOp::Mul, t, &spread)
+    b.scale_features(t, v)
 }
 
 /// `t ⊙ v` with `v` (`[rows]`) broadcast along the rows of `t` (`[rows, cols]`).
@@ -81,6 +73,9 @@ pub struct DoraAdapter<B: LoraOps> {
     dropout_rng: RngState,
     /// The norm for inference, valid until the adapter or the base weight changes.
     eval_norm: Option<B::Tensor>,
+    /// `‖W_j‖²` of the frozen base, valid until the base changes (merge, unmerge,
+    /// [`Adapter::base_changed`]).
+    w_sq: Option<B::Tensor>,
     /// The norm at merge time (PEFT caches it the same way): unmerging needs the norm of
     /// the unmerged weight, which the merged weight no longer gives.
     merged_norm: Option<B::Tensor>,
@@ -135,6 +130,7 @@ impl<B: LoraOps> DoraAdapter<B> {
             dropout,
             dropout_rng: RngState::new(seed, rng::stream_id(layer, "dropout")),
             eval_norm: None,
+            w_sq: None,
             merged_norm: None,
             saved: None,
             grads: None,
@@ -142,10 +138,17 @@ impl<B: LoraOps> DoraAdapter<B> {
     }
 
     /// `‖W_j + s·(BA)_j‖` per output feature `j` (see the module docs), `[out]`.
-    fn norm(&self, b: &B, w: &B::Tensor) -> Result<B::Tensor> {
+    fn norm(&mut self, b: &B, w: &B::Tensor) -> Result<B::Tensor> {
         let (out, r) = self.b.shape().as_matrix();
         let s = self.scaling;
-        let w_sq = b.sum_cols(&b.unary(UnaryOp::Square, w)?)?;
+        let w_sq = match &self.w_sq {
+            Some(w_sq) => w_sq.clone(),
+            None => {
+                let w_sq = b.sum_cols(&b.unary(UnaryOp::Square, w)?)?;
+                self.w_sq = Some(w_sq.clone());
+                w_sq
+            }
+        };
         let wa = b.matmul(
             1.0,
             (w, Transpose::No),
@@ -212,8 +215,23 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         } else {
             None
         };
-        let mut lo = backend.zeros(y.shape().dims())?;
-        let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), &mut lo)?;
+        // The LoRA term goes straight into `y`, which then holds base + LoRA.
+        let mut z = None;
+        if let Some(m) = &mask {
+            // Under dropout the base term is recomputed on the dropped input (PEFT): keep
+            // it apart, `y = base(x) + lo` still.
+            let dropped = backend.binary(BinaryOp::Mul, x, m)?;
+            z = Some(Self::unbiased(
+                backend,
+                base,
+                &base.forward(backend, &dropped)?,
+            )?);
+        }
+        let y_base = match z {
+            Some(_) => Some(y.clone()),
+            None => None,
+        };
+        let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), y)?;
         if !backend.all_finite(&h)? {
             return Err(Error::NonFinite {
                 context: format!("{} DoRA forward", self.layer),
@@ -221,18 +239,18 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
                 shape: h.shape().clone(),
             });
         }
-        // The base term: the layer's own output, or recomputed on the dropped input.
-        let z = match &mask {
-            None => Self::unbiased(backend, base, y)?,
-            Some(m) => {
-                let dropped = backend.binary(BinaryOp::Mul, x, m)?;
-                Self::unbiased(backend, base, &base.forward(backend, &dropped)?)?
+        // u = z + lo. Without dropout z = y_base - bias, so u = y - bias and the output
+        // is bias + scale ⊙ u; with it, y_base - z + scale ⊙ u.
+        let u = match (&z, &y_base) {
+            (Some(z), Some(y_base)) => {
+                let lo = backend.binary(BinaryOp::Sub, y, y_base)?;
+                let u = backend.binary(BinaryOp::Add, z, &lo)?;
+                let rest = backend.binary(BinaryOp::Sub, y_base, z)?;
+                *y = backend.binary(BinaryOp::Add, &rest, &backend.scale_features(&u, &scale)?)?;
+                u
             }
+            _ => backend.dora_output(y, base.bias(), &scale)?,
         };
-        let u = backend.binary(BinaryOp::Add, &z, &lo)?;
-        // y += (scale - 1) ⊙ z + scale ⊙ lo = scale ⊙ u - z
-        let su = scale_features(backend, &u, &scale)?;
-        *y = backend.binary(BinaryOp::Add, y, &backend.binary(BinaryOp::Sub, &su, &z)?)?;
         match mode {
             Mode::Train => {
                 self.eval_norm = None;
@@ -257,6 +275,11 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         Ok(())
     }
 
+    fn base_changed(&mut self) {
+        self.w_sq = None;
+        self.eval_norm = None;
+    }
+
     fn base_output_gain(&self) -> Option<&B::Tensor> {
         self.saved.as_ref().and_then(|s| s.gain.as_ref())
     }
@@ -276,12 +299,8 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
             )
         })?;
         // dm = Σ_rows dy ⊙ u / ‖·‖ (the norm is a constant).
-        let d_m = backend.binary(
-            BinaryOp::Div,
-            &backend.sum_rows(&backend.binary(BinaryOp::Mul, dy, &saved.u)?)?,
-            &saved.norm,
-        )?;
-        let dy_lora = scale_features(backend, dy, &saved.scale)?;
+        let (numer, dy_lora) = backend.dora_backward_terms(dy, &saved.u, &saved.scale)?;
+        let d_m = backend.binary(BinaryOp::Div, &numer, &saved.norm)?;
         let lora = backend.lora_backward(
             x,
             &self.a,
@@ -319,6 +338,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         let adapted = backend.binary(BinaryOp::Add, weight, &self.delta_weight(backend)?)?;
         let merged = scale_rows(backend, &adapted, &factor)?;
         self.merged_norm = Some(norm);
+        self.base_changed();
         backend.binary(BinaryOp::Sub, &merged, weight)
     }
 
@@ -336,7 +356,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
             &scale_rows(backend, weight, &factor)?,
             &self.delta_weight(backend)?,
         )?;
-        self.eval_norm = None;
+        self.base_changed();
         backend.binary(BinaryOp::Sub, &restored, weight)
     }
 

@@ -66,8 +66,10 @@ impl<B: LoraOps> LoraLinear<B> {
         self.base.as_ref()
     }
 
-    /// The frozen base layer, mutably (merging, full fine-tuning baselines).
+    /// The frozen base layer, mutably (merging, full fine-tuning baselines). The adapters
+    /// assume the weight may change and drop what they derived from it.
     pub fn base_mut(&mut self) -> &mut dyn Linear<B> {
+        self.notify_base_changed();
         self.base.as_mut()
     }
 
@@ -94,6 +96,7 @@ impl<B: LoraOps> LoraLinear<B> {
                 ),
             ));
         }
+        self.notify_base_changed();
         Ok(std::mem::replace(&mut self.base, base))
     }
 
@@ -399,15 +402,20 @@ impl<B: LoraOps> LoraLinear<B> {
                 .iter()
                 .filter(|(n, _)| self.adapters_run() && self.active.contains(n))
         };
-        // DoRA rescales the base output: the base then sees `dy · (1 + gain)`.
-        let mut dy_base = None;
+        // DoRA rescales the base output: the base then sees `dy ⊙ (1 + Σ gain)`, one pass.
+        let mut total_gain: Option<B::Tensor> = None;
         for (_, adapter) in active_adapters() {
             if let Some(gain) = adapter.base_output_gain() {
-                let scaled = crate::dora::scale_features(backend, dy, gain)?;
-                let acc = dy_base.get_or_insert_with(|| dy.clone());
-                backend.axpby(1.0, &scaled, 1.0, acc)?;
+                match &mut total_gain {
+                    None => total_gain = Some(backend.affine(gain, 1.0, 1.0)?),
+                    Some(t) => backend.axpby(1.0, gain, 1.0, t)?,
+                }
             }
         }
+        let dy_base = match &total_gain {
+            Some(g) => Some(backend.scale_features(dy, g)?),
+            None => None,
+        };
         let mut dx = self
             .base
             .backward(backend, dy_base.as_ref().unwrap_or(dy))?;
@@ -420,6 +428,13 @@ impl<B: LoraOps> LoraLinear<B> {
             }
         }
         Ok(dx)
+    }
+
+    /// Every adapter drops what it derived from the base weight (DoRA's norms).
+    fn notify_base_changed(&mut self) {
+        for (_, a) in self.adapters.iter_mut() {
+            a.base_changed();
+        }
     }
 
     fn trainable_required(&self) -> Result<()> {
@@ -504,6 +519,7 @@ impl<B: LoraOps> LoraLinear<B> {
             rounding = rounding.max(self.base.add_to_weight(backend, d, 1.0)?);
             self.merged.push(n.to_string());
         }
+        self.notify_base_changed();
         Ok(rounding)
     }
 
@@ -523,6 +539,7 @@ impl<B: LoraOps> LoraLinear<B> {
             let delta = a.unmerge_delta(backend, &weight)?;
             rounding = rounding.max(self.base.add_to_weight(backend, &delta, 1.0)?);
             self.merged.pop();
+            self.notify_base_changed();
         }
         Ok(rounding)
     }

@@ -10,7 +10,7 @@
 //! Nothing here ever forms the `[out, in]` product `B A`: all work goes through the rank-r
 //! dimension, which is what keeps LoRA's overhead over the frozen layer at a few percent.
 
-use crate::backend::{Backend, BinaryOp, Transpose};
+use crate::backend::{Backend, BinaryOp, Tensor as _, Transpose};
 use crate::error::{Error, Result};
 
 /// Gradients of one adapter's parameters.
@@ -25,6 +25,61 @@ pub struct LoraGrads<T> {
 /// LoRA forward and backward. Shapes have been checked by the caller
 /// ([`LoraAdapter`](crate::LoraAdapter)); the defaults are the reference semantics.
 pub trait LoraOps: Backend {
+    /// `t ⊙ v` with `v` (`[features]`) broadcast along the last axis of `t` (DoRA's
+    /// per-output-feature scale). The default spreads `v` to `t`'s shape with a rank-1
+    /// product; a backend overrides it with one pass.
+    fn scale_features(&self, t: &Self::Tensor, v: &Self::Tensor) -> Result<Self::Tensor> {
+        let (rows, cols) = t.shape_matrix();
+        if v.numel() != cols {
+            return Err(crate::error::Error::shape(
+                "scale_features scale",
+                format!("[{cols}]"),
+                v.shape(),
+            ));
+        }
+        let ones = self.affine(&self.zeros(&[rows, 1])?, 0.0, 1.0)?;
+        let spread = self.matmul(
+            1.0,
+            (&ones, Transpose::No),
+            (&self.reshape(v, &[1, cols])?, Transpose::No),
+            t.shape().dims(),
+        )?;
+        self.binary(BinaryOp::Mul, t, &spread)
+    }
+
+    /// DoRA's output without dropout: `y` holds `base(x) + lo` on entry; returns
+    /// `u = y - bias` and leaves `y = bias + scale ⊙ u` (`scale`, `bias`: `[out]`). The
+    /// default composes primitives; a backend fuses it into one pass.
+    fn dora_output(
+        &self,
+        y: &mut Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        scale: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let mut u = y.clone();
+        if let Some(b) = bias {
+            self.add_row_broadcast(&mut u, &self.affine(b, -1.0, 0.0)?)?;
+        }
+        *y = self.scale_features(&u, scale)?;
+        if let Some(b) = bias {
+            self.add_row_broadcast(y, b)?;
+        }
+        Ok(u)
+    }
+
+    /// DoRA's backward terms: `(Σ_rows dy ⊙ u, dy ⊙ scale)`, the magnitude gradient's
+    /// numerator (`[out]`) and the gradient of the LoRA term. The default composes
+    /// primitives; a backend fuses it into one pass.
+    fn dora_backward_terms(
+        &self,
+        dy: &Self::Tensor,
+        u: &Self::Tensor,
+        scale: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let numer = self.sum_rows(&self.binary(BinaryOp::Mul, dy, u)?)?;
+        Ok((numer, self.scale_features(dy, scale)?))
+    }
+
     /// Accumulates the LoRA term into `y` (which already holds the base output) and
     /// returns `H = (x ⊙ mask) Aᵀ` for the backward.
     fn lora_forward(
