@@ -227,10 +227,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
                 &base.forward(backend, &dropped)?,
             )?);
         }
-        let y_base = match z {
-            Some(_) => Some(y.clone()),
-            None => None,
-        };
+        let y_base = z.as_ref().map(|_| y.clone());
         let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), y)?;
         if !backend.all_finite(&h)? {
             return Err(Error::NonFinite {

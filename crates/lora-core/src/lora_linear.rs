@@ -412,10 +412,9 @@ impl<B: LoraOps> LoraLinear<B> {
                 }
             }
         }
-        let dy_base = match &total_gain {
-            Some(g) => Some(backend.scale_features(dy, g)?),
-            None => None,
-        };
+        let dy_base = total_gain
+            .map(|g| backend.scale_features(dy, &g))
+            .transpose()?;
         let mut dx = self
             .base
             .backward(backend, dy_base.as_ref().unwrap_or(dy))?;
