@@ -5,7 +5,7 @@ use lora_core::backend::{
     check_layer_norm_backward, check_permute, check_reshape, check_row_broadcast, check_rows,
     check_same_shape, check_scatter_add, check_softmax_mask,
 };
-use lora_core::{Backend, BinaryOp, Error, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp};
+use lora_core::{Backend, BinaryOp, Error, OptimOps, Result, Tensor, Transpose, UnaryOp};
 use lora_quant::{QuantOps, QuantizedWeight, dequantize_rows_host};
 use ndarray::Axis;
 use rayon::prelude::*;
@@ -522,101 +522,6 @@ impl Backend for NdArray {
 
 /// The reference backend uses the default layer-level operations: they *are* the
 /// reference semantics that fused kernels elsewhere are checked against.
-impl LoraOps for NdArray {
-    fn scale_features(&self, t: &NdTensor, v: &NdTensor) -> Result<NdTensor> {
-        let cols = check_row_broadcast(t.shape(), v.shape())?;
-        let (src, scale) = (t.as_slice(), v.as_slice());
-        let mut out = vec![0.0f32; src.len()];
-        if cols > 0 {
-            out.par_chunks_mut(cols)
-                .zip(src.par_chunks(cols))
-                .with_min_len(64)
-                .for_each(|(o, s)| {
-                    for ((o, s), v) in o.iter_mut().zip(s).zip(scale) {
-                        *o = s * v;
-                    }
-                });
-        }
-        NdTensor::from_vec(out, t.shape().dims())
-    }
-
-    fn dora_output(
-        &self,
-        y: &mut NdTensor,
-        bias: Option<&NdTensor>,
-        scale: &NdTensor,
-    ) -> Result<NdTensor> {
-        let cols = check_row_broadcast(y.shape(), scale.shape())?;
-        if let Some(b) = bias {
-            check_row_broadcast(y.shape(), b.shape())?;
-        }
-        let zeros;
-        let b = match bias {
-            Some(b) => b.as_slice(),
-            None => {
-                zeros = vec![0.0f32; cols];
-                &zeros
-            }
-        };
-        let s = scale.as_slice();
-        let mut u = vec![0.0f32; y.numel()];
-        if cols > 0 {
-            y.as_mut_slice()
-                .par_chunks_mut(cols)
-                .zip(u.par_chunks_mut(cols))
-                .with_min_len(64)
-                .for_each(|(y, u)| {
-                    for (((y, u), b), s) in y.iter_mut().zip(u).zip(b).zip(s) {
-                        *u = *y - b;
-                        *y = b + s * *u;
-                    }
-                });
-        }
-        NdTensor::from_vec(u, y.shape().dims())
-    }
-
-    fn dora_backward_terms(
-        &self,
-        dy: &NdTensor,
-        u: &NdTensor,
-        scale: &NdTensor,
-    ) -> Result<(NdTensor, NdTensor)> {
-        let cols = check_row_broadcast(dy.shape(), scale.shape())?;
-        lora_core::backend::check_same_shape("dora_backward_terms dy vs u", dy.shape(), u.shape())?;
-        let s = scale.as_slice();
-        let mut scaled = vec![0.0f32; dy.numel()];
-        // Column sums per block of rows, then added in block order (deterministic).
-        let block = 256 * cols.max(1);
-        let partial: Vec<Vec<f32>> = scaled
-            .par_chunks_mut(block)
-            .zip(
-                dy.as_slice()
-                    .par_chunks(block)
-                    .zip(u.as_slice().par_chunks(block)),
-            )
-            .map(|(o, (g, u))| {
-                let mut sums = vec![0.0f32; cols];
-                for ((o, g), u) in o.chunks_mut(cols).zip(g.chunks(cols)).zip(u.chunks(cols)) {
-                    for ((((o, g), u), s), acc) in o.iter_mut().zip(g).zip(u).zip(s).zip(&mut sums)
-                    {
-                        *o = g * s;
-                        *acc += g * u;
-                    }
-                }
-                sums
-            })
-            .collect();
-        let mut numer = vec![0.0f32; cols];
-        for p in partial {
-            numer.iter_mut().zip(p).for_each(|(n, p)| *n += p);
-        }
-        Ok((
-            NdTensor::from_vec(numer, &[cols])?,
-            NdTensor::from_vec(scaled, dy.shape().dims())?,
-        ))
-    }
-}
-
 impl OptimOps for NdArray {}
 
 /// Dequantizes on the host like the default, but hands the buffer to the tensor without

@@ -12,6 +12,7 @@ mod backend;
 mod decoder;
 mod fast_exp;
 mod gemm;
+mod lora_ops;
 mod tensor;
 mod vectorize;
 
