@@ -8,9 +8,11 @@
 use lora_tests::backend_suite;
 #[allow(unused_imports)]
 use lora_tests::cross_backend::{
-    check_every_optimizer, check_every_primitive, check_matmul, check_quantized_layers,
-    check_transformer_ops, train_twenty_steps,
+    check_every_optimizer, check_every_primitive, check_quantized_layers, check_transformer_ops,
+    train_twenty_steps,
 };
+#[allow(unused_imports)]
+use lora_tests::matmul_check::{check_matmul, check_scale_features};
 #[allow(unused_imports)]
 use lora_tests::{assert_close, to64};
 
@@ -18,6 +20,10 @@ backend_suite! { all:
     // The reference runs it too: `matmul` writes into fresh memory, checked on the host.
     fn matmul_equals_the_host_product(b) {
         check_matmul(b);
+    }
+
+    fn scale_features_equals_the_host(b) {
+        check_scale_features(b);
     }
 }
 

@@ -240,66 +240,6 @@ pub fn check_every_primitive<B: FullBackend>(t: &B) {
     }
 }
 
-/// `matmul` into a fresh `[2, 2, 4]` tensor (matrix view 4 x 4) under every transpose,
-/// against the product on the host; an empty inner dimension gives zeros.
-pub fn check_matmul<B: Backend>(t: &B) {
-    use lora::Transpose;
-    for (tra, trb) in [
-        (Transpose::No, Transpose::No),
-        (Transpose::Yes, Transpose::No),
-        (Transpose::No, Transpose::Yes),
-        (Transpose::Yes, Transpose::Yes),
-    ] {
-        let a = rand_vec(20, 5, 1);
-        let bm = rand_vec(20, 5, 2);
-        let ash = if tra == Transpose::No { [4, 5] } else { [5, 4] };
-        let bsh = if trb == Transpose::No { [5, 4] } else { [4, 5] };
-        // Element (i, l) of a 4 x 5 matrix stored as is (`No`) or as its 5 x 4 transpose.
-        let at = |m: &[f32], stored_transposed: bool, i: usize, l: usize| match stored_transposed {
-            false => m[i * 5 + l],
-            true => m[l * 4 + i],
-        };
-        let want: Vec<f64> = (0..16)
-            .map(|ij| {
-                let (i, j) = (ij / 4, ij % 4);
-                (0..5)
-                    .map(|l| {
-                        0.7 * f64::from(at(&a, tra == Transpose::Yes, i, l))
-                            * f64::from(at(&bm, trb == Transpose::No, j, l))
-                    })
-                    .sum()
-            })
-            .collect();
-        let got = t
-            .matmul(
-                0.7,
-                (&t.from_host(&a, &ash).expect("primitive"), tra),
-                (&t.from_host(&bm, &bsh).expect("primitive"), trb),
-                &[2, 2, 4],
-            )
-            .expect("primitive");
-        assert_eq!(got.shape().dims(), [2, 2, 4]);
-        assert_close(
-            &format!("matmul {tra:?} {trb:?}"),
-            &t.to_host(&got).expect("primitive"),
-            &want,
-            1e-5,
-            1e-6,
-        );
-    }
-    // An empty inner dimension gives zeros.
-    let empty = t.zeros(&[3, 0]).expect("primitive");
-    let product = t
-        .matmul(
-            1.0,
-            (&empty, Transpose::No),
-            (&empty, Transpose::Yes),
-            &[3, 3],
-        )
-        .expect("primitive");
-    assert_eq!(t.to_host(&product).expect("primitive"), vec![0.0; 9]);
-}
-
 /// The same optimizer for the reference and for the backend under test.
 type OptimizerPair<B> = (
     &'static str,

@@ -5,6 +5,7 @@
 pub mod backend_suite;
 pub mod cross_backend;
 pub mod decoder_fixtures;
+pub mod matmul_check;
 
 use lora::rng::{self, RngState};
 use lora::{Backend, NdArray, NdTensor};

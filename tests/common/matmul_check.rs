@@ -1,0 +1,93 @@
+//! Products into fresh tensors (`Backend::matmul`) and DoRA's per-feature scaling
+//! (`LoraOps::scale_features`) on any backend, against the host.
+
+use lora::{Backend, LoraOps, Tensor as _};
+
+use crate::{assert_close, rand_vec};
+
+/// `matmul` into a fresh `[2, 2, 4]` tensor (matrix view 4 x 4) under every transpose,
+/// against the product on the host; an empty inner dimension gives zeros.
+pub fn check_matmul<B: Backend>(t: &B) {
+    use lora::Transpose;
+    for (tra, trb) in [
+        (Transpose::No, Transpose::No),
+        (Transpose::Yes, Transpose::No),
+        (Transpose::No, Transpose::Yes),
+        (Transpose::Yes, Transpose::Yes),
+    ] {
+        let a = rand_vec(20, 5, 1);
+        let bm = rand_vec(20, 5, 2);
+        let ash = if tra == Transpose::No { [4, 5] } else { [5, 4] };
+        let bsh = if trb == Transpose::No { [5, 4] } else { [4, 5] };
+        // Element (i, l) of a 4 x 5 matrix stored as is (`No`) or as its 5 x 4 transpose.
+        let at = |m: &[f32], stored_transposed: bool, i: usize, l: usize| match stored_transposed {
+            false => m[i * 5 + l],
+            true => m[l * 4 + i],
+        };
+        let want: Vec<f64> = (0..16)
+            .map(|ij| {
+                let (i, j) = (ij / 4, ij % 4);
+                (0..5)
+                    .map(|l| {
+                        0.7 * f64::from(at(&a, tra == Transpose::Yes, i, l))
+                            * f64::from(at(&bm, trb == Transpose::No, j, l))
+                    })
+                    .sum()
+            })
+            .collect();
+        let got = t
+            .matmul(
+                0.7,
+                (&t.from_host(&a, &ash).expect("primitive"), tra),
+                (&t.from_host(&bm, &bsh).expect("primitive"), trb),
+                &[2, 2, 4],
+            )
+            .expect("primitive");
+        assert_eq!(got.shape().dims(), [2, 2, 4]);
+        assert_close(
+            &format!("matmul {tra:?} {trb:?}"),
+            &t.to_host(&got).expect("primitive"),
+            &want,
+            1e-5,
+            1e-6,
+        );
+    }
+    // An empty inner dimension gives zeros.
+    let empty = t.zeros(&[3, 0]).expect("primitive");
+    let product = t
+        .matmul(
+            1.0,
+            (&empty, Transpose::No),
+            (&empty, Transpose::Yes),
+            &[3, 3],
+        )
+        .expect("primitive");
+    assert_eq!(t.to_host(&product).expect("primitive"), vec![0.0; 9]);
+}
+
+/// `scale_features` multiplies each row of `[rows, features]` (and of a 3-D tensor's matrix
+/// view) by the feature scales, against the host; a wrong-sized scale is an error.
+pub fn check_scale_features<B: LoraOps>(t: &B) {
+    let (x, v) = (rand_vec(2 * 3 * 4, 7, 1), rand_vec(4, 7, 2));
+    let got = t
+        .scale_features(
+            &t.from_host(&x, &[2, 3, 4]).expect("primitive"),
+            &t.from_host(&v, &[4]).expect("primitive"),
+        )
+        .expect("primitive");
+    assert_eq!(got.shape().dims(), [2, 3, 4]);
+    let want: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, a)| f64::from(*a) * f64::from(v[i % 4]))
+        .collect();
+    assert_close(
+        "scale_features",
+        &t.to_host(&got).expect("primitive"),
+        &want,
+        1e-6,
+        1e-7,
+    );
+    let bad = t.from_host(&v[..3], &[3]).expect("primitive");
+    assert!(t.scale_features(&got, &bad).is_err());
+}
