@@ -4,8 +4,7 @@
 
 use lora::models::Mlp;
 use lora::{
-    Adam, Backend, FullBackend, LoraInit, LoraSpec, Mode, Model, Optimizer, Tensor as _, UnaryOp,
-    mse_loss,
+    Adam, Backend, FullBackend, LoraInit, LoraSpec, Mode, Model, Optimizer, UnaryOp, mse_loss,
 };
 
 use crate::{assert_close, assert_close_scaled, rand_vec, to64};
