@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use lora_core::ops::TaskMerge;
 use lora_core::{LoraAdapter, LoraOps, Model, WeightedFactors};
 
 use crate::config::{LoraConfig, TargetModules};
@@ -12,13 +13,47 @@ use crate::error::Result;
 use crate::peft_model::{PeftModel, state};
 
 /// How [`PeftModel::add_weighted_adapter`] combines adapters (PEFT's `combination_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Combination {
     /// Same ranks; `A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ`, `B = Σ √|wᵢsᵢ|·Bᵢ` (not exact for the
     /// weighted sum of deltas: cross terms remain, as in PEFT).
     Linear,
     /// Ranks add up; `A = [w₁s₁A₁; w₂s₂A₂; ...]`, `B = [B₁ B₂ ...]`: exactly `Σ wᵢ sᵢ Bᵢ Aᵢ`.
     Cat,
+    /// Same ranks; `ties`, `magnitude_prune`, `dare_linear` or `dare_ties` on the A's and
+    /// on the B's, weighted as `Linear` (`LoraOps::lora_combine_task`).
+    Task(TaskMerge),
+}
+
+impl Combination {
+    /// PEFT's name (`linear`, `cat`, `ties`, ...).
+    pub fn name(&self) -> &'static str {
+        use lora_core::ops::TaskMethod;
+        match self {
+            Combination::Linear => "linear",
+            Combination::Cat => "cat",
+            Combination::Task(t) => match t.method {
+                TaskMethod::Ties => "ties",
+                TaskMethod::MagnitudePrune => "magnitude_prune",
+                TaskMethod::DareLinear => "dare_linear",
+                TaskMethod::DareTies => "dare_ties",
+            },
+        }
+    }
+}
+
+/// The combined `(lora_A, lora_B)` of one module from its sources' factors.
+pub(crate) fn combine_module<B: LoraOps>(
+    backend: &B,
+    parts: &[WeightedFactors<'_, B::Tensor>],
+    combination: Combination,
+    module: &str,
+) -> lora_core::Result<(B::Tensor, B::Tensor)> {
+    match combination {
+        Combination::Linear => backend.lora_combine_linear(parts),
+        Combination::Cat => backend.lora_combine_cat(parts),
+        Combination::Task(m) => backend.lora_combine_task(parts, &m, module),
+    }
 }
 
 /// The largest rank a config gives any module.
@@ -32,14 +67,15 @@ fn max_rank(c: &LoraConfig) -> usize {
 }
 
 /// The combined adapter's rank, as PEFT chooses it.
-fn combined_rank(configs: &[LoraConfig], combination: Combination) -> Result<usize> {
+pub(crate) fn combined_rank(configs: &[LoraConfig], combination: Combination) -> Result<usize> {
     match combination {
-        Combination::Linear => {
+        Combination::Linear | Combination::Task(_) => {
             let r = max_rank(&configs[0]);
             if configs.iter().any(|c| max_rank(c) != r) {
-                return Err(state(
-                    "linear combination needs adapters of the same rank (use cat)",
-                ));
+                return Err(state(format!(
+                    "{} combination needs adapters of the same rank (use cat)",
+                    combination.name()
+                )));
             }
             Ok(r)
         }
@@ -49,7 +85,7 @@ fn combined_rank(configs: &[LoraConfig], combination: Combination) -> Result<usi
 
 /// The union of the sources' `target_modules`: a sorted list when all are lists, an
 /// alternation of the regexes when all are regexes.
-fn combined_targets(configs: &[LoraConfig]) -> Result<TargetModules> {
+pub(crate) fn combined_targets(configs: &[LoraConfig]) -> Result<TargetModules> {
     let all: Option<Vec<&TargetModules>> =
         configs.iter().map(|c| c.target_modules.as_ref()).collect();
     let Some(all) = all else {
@@ -147,10 +183,10 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
             if parts.is_empty() {
                 continue;
             }
-            let (a_new, b_new) = match combination {
-                Combination::Linear => backend.lora_combine_linear(&parts)?,
-                Combination::Cat => backend.lora_combine_cat(&parts)?,
-            };
+            if let Combination::Task(m) = combination {
+                m.validate()?;
+            }
+            let (a_new, b_new) = combine_module(backend, &parts, combination, &module)?;
             let adapter = LoraAdapter::<B>::from_tensors(
                 &module,
                 a_new,

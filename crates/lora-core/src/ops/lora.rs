@@ -226,6 +226,50 @@ pub trait LoraOps: Backend {
         Ok((a_new, b_new))
     }
 
+    /// PEFT's task-arithmetic combinations (`ties`, `magnitude_prune`, `dare_linear`,
+    /// `dare_ties`) of same-rank adapters: every `lora_A` weighted by
+    /// `sign(wᵢ)·√|wᵢ|`, every `lora_B` by `√|wᵢ|`, each factor combined per
+    /// [`TaskMerge`](crate::ops::TaskMerge) on the host. `layer` names DARE's random
+    /// streams.
+    fn lora_combine_task(
+        &self,
+        parts: &[WeightedFactors<'_, Self::Tensor>],
+        merge: &crate::ops::TaskMerge,
+        layer: &str,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let first = parts.first().ok_or_else(|| Error::InvalidState {
+            context: "lora_combine_task".into(),
+            reason: "no adapter to combine".into(),
+        })?;
+        let (a_dims, b_dims) = (
+            first.a.shape().dims().to_vec(),
+            first.b.shape().dims().to_vec(),
+        );
+        let mut hosts = (Vec::new(), Vec::new());
+        for p in parts {
+            check_same_dims(p.a, first.a, "lora_combine_task: lora_A")?;
+            check_same_dims(p.b, first.b, "lora_combine_task: lora_B")?;
+            hosts.0.push(self.to_host(p.a)?);
+            hosts.1.push(self.to_host(p.b)?);
+        }
+        let root = |w: f32| w.abs().sqrt();
+        let w_a: Vec<f32> = parts
+            .iter()
+            .map(|p| root(p.weight) * p.weight.signum())
+            .collect();
+        let w_b: Vec<f32> = parts.iter().map(|p| root(p.weight)).collect();
+        let (a_parts, b_parts): (Vec<&[f32]>, Vec<&[f32]>) = (
+            hosts.0.iter().map(Vec::as_slice).collect(),
+            hosts.1.iter().map(Vec::as_slice).collect(),
+        );
+        let a = merge.combine(&a_parts, &w_a, &format!("{layer}.lora_A"))?;
+        let b = merge.combine(&b_parts, &w_b, &format!("{layer}.lora_B"))?;
+        Ok((
+            self.from_host_vec(a, &a_dims)?,
+            self.from_host_vec(b, &b_dims)?,
+        ))
+    }
+
     /// PEFT's `cat` combination: the sources' ranks concatenated, `A = [w_1·A_1; w_2·A_2; ..]`
     /// and `B = [B_1, B_2, ..]`, so that `B A = Σ w_i·B_i A_i` exactly.
     fn lora_combine_cat(

@@ -7,6 +7,7 @@ mod attention;
 mod decoder;
 mod lora;
 mod optim;
+mod task_merge;
 
 pub use attention::{
     AttentionMask, AttentionShape, DenseMask, MASKED, attention_backward, attention_forward,
@@ -18,3 +19,4 @@ pub use decoder::{
 };
 pub use lora::{LoraGrads, LoraOps, WeightedFactors};
 pub use optim::{AdamHyper, OptimOps, SgdHyper};
+pub use task_merge::{MajoritySign, TaskMerge, TaskMethod};

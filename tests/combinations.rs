@@ -1,0 +1,151 @@
+//! PEFT's task-arithmetic combinations (`add_weighted_adapter`, issue 15) against PEFT
+//! (`fixtures/make_combination_fixtures.py`): TIES with either sign election and magnitude
+//! pruning give PEFT's factors; DARE's random masks come from our generator, so DARE is
+//! checked for its structure (each value is a rescaled subset sum) and its statistics.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lora::models::Mlp;
+use lora::ops::{MajoritySign, TaskMerge, TaskMethod};
+use lora::peft::{Combination, PeftModel};
+use lora::{Backend, Model, NdArray, UnaryOp};
+use lora_tests::{assert_close, fixtures_dir, to64};
+
+fn dir() -> std::path::PathBuf {
+    fixtures_dir().join("peft_combine")
+}
+
+/// The fixture MLP with PEFT's two adapters, `first` and `second`.
+fn two_adapters(b: &NdArray) -> PeftModel<NdArray, Mlp<NdArray>> {
+    let mut m = Mlp::new(b, &[6, 16, 16, 3], UnaryOp::Relu, 0).unwrap();
+    m.load_state_dict(
+        b,
+        &lora::io::read_safetensors(&dir().join("base_model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let mut pm = PeftModel::new(m);
+    for name in ["first", "second"] {
+        pm.load_adapter(&dir().join(name), name, b).unwrap();
+    }
+    pm
+}
+
+fn task(method: TaskMethod, density: f32, majority_sign: MajoritySign) -> Combination {
+    Combination::Task(TaskMerge {
+        method,
+        density,
+        majority_sign,
+        seed: 5,
+    })
+}
+
+/// The factors of adapter `name` by module.
+fn factors(
+    b: &NdArray,
+    pm: &PeftModel<NdArray, Mlp<NdArray>>,
+    name: &str,
+) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    pm.model()
+        .linears()
+        .into_iter()
+        .filter_map(|l| {
+            let a = l.adapter_named(name)?;
+            let t = a.tensors();
+            Some((
+                l.name().to_string(),
+                b.to_host(t[0].1).unwrap(),
+                b.to_host(t[1].1).unwrap(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn ties_and_magnitude_pruning_equal_peft() {
+    let b = NdArray::new();
+    let want = lora::io::read_safetensors(&dir().join("combined.safetensors")).unwrap();
+    for (case, combination) in [
+        (
+            "ties_total",
+            task(TaskMethod::Ties, 0.5, MajoritySign::Total),
+        ),
+        (
+            "ties_frequency",
+            task(TaskMethod::Ties, 0.6, MajoritySign::Frequency),
+        ),
+        (
+            "magnitude_prune",
+            task(TaskMethod::MagnitudePrune, 0.5, MajoritySign::Total),
+        ),
+    ] {
+        let mut pm = two_adapters(&b);
+        pm.add_weighted_adapter(&b, &[("first", 0.7), ("second", -0.4)], case, combination)
+            .unwrap();
+        let got = factors(&b, &pm, case);
+        assert_eq!(got.len(), 2, "{case}: both targeted layers");
+        for (module, a, bb) in got {
+            for (tensor, g) in [("lora_A", a), ("lora_B", bb)] {
+                let key = format!("{case}.{module}.{tensor}");
+                assert_close(&key, &g, &to64(&want[&key].data), 1e-6, 1e-7);
+            }
+        }
+        let cfg = pm.config(case).unwrap();
+        assert_eq!(
+            (cfg.r, cfg.lora_alpha),
+            (4, 4.0),
+            "{case}: PEFT's new config"
+        );
+    }
+}
+
+/// DARE keeps each source value with probability `density`, rescaled by `1 / density`:
+/// every combined value is a weighted sum over a subset of the sources (`dare_linear`),
+/// about `density` of each source survives, and a seed gives the same masks again.
+#[test]
+fn dare_is_a_rescaled_random_subset_of_the_sources() {
+    let b = NdArray::new();
+    let density = 0.4f32;
+    let mut pm = two_adapters(&b);
+    let dare = task(TaskMethod::DareLinear, density, MajoritySign::Total);
+    pm.add_weighted_adapter(&b, &[("first", 0.7), ("second", -0.4)], "dare", dare)
+        .unwrap();
+    pm.add_weighted_adapter(&b, &[("first", 0.7), ("second", -0.4)], "again", dare)
+        .unwrap();
+    let (first, second, got) = (
+        factors(&b, &pm, "first"),
+        factors(&b, &pm, "second"),
+        factors(&b, &pm, "dare"),
+    );
+    assert_eq!(got, factors(&b, &pm, "again"), "seeded");
+    // lora_A weights: sign(w s)·sqrt|w s| with s = alpha / r (2 and 1).
+    let (wa1, wa2) = ((0.7f32 * 2.0).sqrt(), -(0.4f32).sqrt());
+    let (mut kept, mut total) = (0usize, 0usize);
+    for ((_, a1, _), ((_, a2, _), (_, a, _))) in first.iter().zip(second.iter().zip(&got)) {
+        for ((x1, x2), v) in a1.iter().zip(a2).zip(a) {
+            let options = [
+                0.0,
+                wa1 * x1 / density,
+                wa2 * x2 / density,
+                (wa1 * x1 + wa2 * x2) / density,
+            ];
+            assert!(
+                options
+                    .iter()
+                    .any(|o| (o - v).abs() <= 1e-5 * o.abs().max(1.0)),
+                "{v} is no rescaled subset of {x1}, {x2}"
+            );
+            kept += usize::from((v - wa2 * x2 / density).abs() > 1e-6 && *v != 0.0);
+            total += 1;
+        }
+    }
+    let frac = kept as f64 / total as f64;
+    assert!(
+        (frac - f64::from(density)).abs() < 0.15,
+        "first's values kept: {frac}"
+    );
+    let bad = task(TaskMethod::Ties, 1.5, MajoritySign::Total);
+    let e = pm
+        .add_weighted_adapter(&b, &[("first", 1.0), ("second", 1.0)], "bad", bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("density"), "{e}");
+}
