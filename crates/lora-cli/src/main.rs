@@ -2,6 +2,7 @@
 
 mod alloc;
 mod backend_choice;
+mod combine;
 mod decoder_load;
 mod demo;
 mod dtype_arg;
@@ -42,6 +43,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Fold a PEFT adapter into a plain Hugging Face checkpoint (streamed, atomic).
     Merge(merge::MergeArgs),
+    /// Combine PEFT adapters into one (linear, cat, ties, magnitude_prune, dare_linear,
+    /// dare_ties), as PEFT's add_weighted_adapter.
+    Combine(combine::CombineArgs),
     /// Show an adapter directory (config, per-module ranks, scalings, sizes) or a
     /// checkpoint (tensors, quantized modules, bits per parameter).
     Inspect(inspect::InspectArgs),
@@ -62,6 +66,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::Combine(args) => combine::run(&args),
         Command::Embed(args) => embed::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Inspect(args) => inspect::run(&args),

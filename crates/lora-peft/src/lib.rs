@@ -17,6 +17,7 @@
 //! `lora-io`'s concern.
 
 mod adapter_file;
+mod combine_files;
 mod config;
 mod error;
 mod merge_checkpoint;
@@ -29,6 +30,7 @@ pub use adapter_file::{
     CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, load_adapter, load_pretrained,
     lora_modules, save_adapter, save_pretrained,
 };
+pub use combine_files::combine_adapter_dirs;
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
 pub use error::{PeftError, Result};
 pub use merge_checkpoint::{MergeReport, OutDtype, adapter_dir_for, merge_checkpoint};

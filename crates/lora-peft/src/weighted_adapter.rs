@@ -121,6 +121,34 @@ pub(crate) fn combined_targets(configs: &[LoraConfig]) -> Result<TargetModules> 
     }
 }
 
+/// The combined adapter's config and scaling, as PEFT's `add_weighted_adapter` makes them:
+/// the first source's config with `r` the new rank, `lora_alpha = r` (weights and scalings
+/// are folded into A and B) and the union of the targets; PEFT keeps an rsLoRA source's
+/// `use_rslora`, so the scaling is then `√r`, not 1.
+pub(crate) fn combined_config(
+    configs: &[LoraConfig],
+    combination: Combination,
+) -> Result<(LoraConfig, f32)> {
+    if let Combination::Task(m) = combination {
+        m.validate()?;
+    }
+    let new_rank = combined_rank(configs, combination)?;
+    let new_config = LoraConfig {
+        r: new_rank,
+        lora_alpha: new_rank as f64,
+        target_modules: Some(combined_targets(configs)?),
+        rank_pattern: BTreeMap::new(),
+        alpha_pattern: BTreeMap::new(),
+        ..configs[0].clone()
+    };
+    let scaling = if new_config.use_rslora {
+        (new_rank as f32).sqrt()
+    } else {
+        1.0
+    };
+    Ok((new_config, scaling))
+}
+
 impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
     /// Combines existing adapters into a new one, `new_name` (PEFT's
     /// `add_weighted_adapter`): its config is the first adapter's with `r` the new rank,
@@ -150,21 +178,7 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
         } else {
             combination
         };
-        let new_rank = combined_rank(&configs, combination)?;
-        let new_config = LoraConfig {
-            r: new_rank,
-            lora_alpha: new_rank as f64,
-            target_modules: Some(combined_targets(&configs)?),
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
-            ..configs[0].clone()
-        };
-        // PEFT keeps use_rslora from the first config: then the scaling is sqrt(r), not 1.
-        let scaling = if new_config.use_rslora {
-            (new_rank as f32).sqrt()
-        } else {
-            1.0
-        };
+        let (new_config, scaling) = combined_config(&configs, combination)?;
         for layer in self.model.linears_mut() {
             let module = layer.name().to_string();
             // (A, B, weight x scaling) of every source adapter this layer has.
@@ -182,9 +196,6 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
             }
             if parts.is_empty() {
                 continue;
-            }
-            if let Combination::Task(m) = combination {
-                m.validate()?;
             }
             let (a_new, b_new) = combine_module(backend, &parts, combination, &module)?;
             let adapter = LoraAdapter::<B>::from_tensors(

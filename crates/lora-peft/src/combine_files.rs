@@ -1,0 +1,100 @@
+//! `lora combine`: PEFT's `add_weighted_adapter` on adapter directories, without a model.
+//! The combinations work on the LoRA factors alone (`linear`, `cat` and the task-arithmetic
+//! ones), so the sources' `adapter_model.safetensors` files are all that is read; the
+//! result is a PEFT adapter directory with PEFT's config for the combination.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use lora_core::{HostTensor, LoraOps, WeightedFactors};
+use lora_io::fs::write_atomic;
+use lora_io::{read_safetensors, write_safetensors};
+
+use crate::adapter_file::{CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, lora_modules};
+use crate::config::LoraConfig;
+use crate::error::{PeftError, Result};
+use crate::weighted_adapter::{Combination, combine_module, combined_config};
+
+/// Combines the adapter directories `sources` (each with its weight) into a new adapter
+/// directory `out`; returns the new config. DoRA adapters are refused (their magnitudes do
+/// not combine linearly). Both files are written atomically.
+pub fn combine_adapter_dirs<B: LoraOps>(
+    backend: &B,
+    sources: &[(&Path, f32)],
+    combination: Combination,
+    out: &Path,
+) -> Result<LoraConfig> {
+    if sources.is_empty() {
+        return Err(PeftError::Core(lora_core::Error::state(
+            "lora combine",
+            "needs at least one adapter",
+        )));
+    }
+    let combination = if sources.len() == 1 {
+        Combination::Linear
+    } else {
+        combination
+    };
+    let mut configs = Vec::new();
+    let mut modules: Vec<BTreeMap<String, ModuleTensors>> = Vec::new();
+    for (dir, _) in sources {
+        let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+        config.check_supported()?;
+        let weights = dir.join(WEIGHTS_FILE);
+        let m = lora_modules(&read_safetensors(&weights)?, &weights, "default")?;
+        if config.use_dora || m.values().any(|t| t.magnitude.is_some()) {
+            return Err(PeftError::Unsupported {
+                field: "use_dora",
+                value: format!("true ({})", dir.display()),
+                reason: "DoRA adapters cannot be combined (PEFT refuses them too)".into(),
+            });
+        }
+        configs.push(config);
+        modules.push(m);
+    }
+    let (new_config, _) = combined_config(&configs, combination)?;
+    let names: BTreeSet<&String> = modules.iter().flat_map(|m| m.keys()).collect();
+    let mut tensors = Vec::new();
+    for module in names {
+        let mut held = Vec::new();
+        for (((_, w), config), m) in sources.iter().zip(&configs).zip(&modules) {
+            if let Some(t) = m.get(module) {
+                let s = config.spec_for(module, 0)?.scaling();
+                let (a, b) = (t.a.to_backend(backend)?, t.b.to_backend(backend)?);
+                held.push((a, b, *w * s));
+            }
+        }
+        let parts: Vec<WeightedFactors<'_, B::Tensor>> = held
+            .iter()
+            .map(|(a, b, weight)| WeightedFactors {
+                a,
+                b,
+                weight: *weight,
+            })
+            .collect();
+        let (a, b) = combine_module(backend, &parts, combination, module).map_err(|e| {
+            PeftError::Core(lora_core::Error::state(
+                format!("lora combine, module {module}"),
+                e.to_string(),
+            ))
+        })?;
+        tensors.push((
+            format!("{KEY_PREFIX}{module}.lora_A.weight"),
+            HostTensor::from_backend(backend, &a)?,
+        ));
+        tensors.push((
+            format!("{KEY_PREFIX}{module}.lora_B.weight"),
+            HostTensor::from_backend(backend, &b)?,
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| PeftError::Io {
+        path: out.display().to_string(),
+        source: e,
+    })?;
+    write_safetensors(&out.join(WEIGHTS_FILE), &tensors)?;
+    write_atomic(
+        &out.join(CONFIG_FILE),
+        new_config.to_json_string()?.as_bytes(),
+    )?;
+    Ok(new_config)
+}
