@@ -244,10 +244,10 @@ fn bad_adapter_directories_get_errors_naming_the_problem() {
         dora.contains("missing tensor") && dora.contains("lora_magnitude_vector"),
         "{dora}"
     );
-    let pissa = load_err(|c| c["init_lora_weights"] = "pissa".into(), |_| {});
+    let loftq = load_err(|c| c["init_lora_weights"] = "loftq".into(), |_| {});
     assert!(
-        pissa.contains("init_lora_weights") && pissa.contains("pissa"),
-        "{pissa}"
+        loftq.contains("init_lora_weights") && loftq.contains("loftq"),
+        "{loftq}"
     );
     let nomatch = load_err(
         |c| c["target_modules"] = serde_json::json!(["query"]),

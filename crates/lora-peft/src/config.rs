@@ -26,7 +26,8 @@ pub enum TargetModules {
 pub enum InitLoraWeights {
     /// `true` (Kaiming A, zero B) or `false` (random, not a no-op).
     Bool(bool),
-    /// `"gaussian"`, or methods lora-rs does not implement (`"pissa"`, `"olora"`, ...).
+    /// `"gaussian"`, `"pissa"`, `"olora"`, or methods lora-rs does not implement
+    /// (`"loftq"`, `"pissa_niter_K"`, ...), which are refused by name.
     Method(String),
 }
 
@@ -256,11 +257,12 @@ impl LoraConfig {
         }
         if let InitLoraWeights::Method(m) = &self.init_lora_weights
             && m != "gaussian"
+            && crate::InitMethod::from_name(m).is_none()
         {
             return unsupported(
                 "init_lora_weights",
                 m.clone(),
-                "supported: true, false, \"gaussian\"",
+                "supported: true, false, \"gaussian\", \"pissa\", \"olora\"",
             );
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
@@ -280,6 +282,14 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// The data-driven initialisation the config asks for (`pissa`, `olora`), if any.
+    pub fn init_method(&self) -> Option<crate::InitMethod> {
+        match &self.init_lora_weights {
+            InitLoraWeights::Method(m) => crate::InitMethod::from_name(m),
+            InitLoraWeights::Bool(_) => None,
+        }
+    }
+
     /// The adapter spec for one module, after `rank_pattern` / `alpha_pattern`.
     pub fn spec_for(&self, module: &str, seed: u64) -> Result<LoraSpec> {
         let r = match pattern_value(&self.rank_pattern, module, "rank_pattern")? {
@@ -294,11 +304,15 @@ impl LoraConfig {
             InitLoraWeights::Bool(true) => LoraInit::KaimingUniform,
             InitLoraWeights::Bool(false) => LoraInit::Random,
             InitLoraWeights::Method(m) if m == "gaussian" => LoraInit::Gaussian,
+            // Set from the base weight after the adapter is made (`init_method`).
+            InitLoraWeights::Method(m) if crate::InitMethod::from_name(m).is_some() => {
+                LoraInit::KaimingUniform
+            }
             InitLoraWeights::Method(m) => {
                 return Err(PeftError::Unsupported {
                     field: "init_lora_weights",
                     value: m.clone(),
-                    reason: "supported: true, false, \"gaussian\"".into(),
+                    reason: "supported: true, false, \"gaussian\", \"pissa\", \"olora\"".into(),
                 });
             }
         };

@@ -20,6 +20,7 @@ mod adapter_file;
 mod combine_files;
 mod config;
 mod error;
+mod init_methods;
 mod merge_checkpoint;
 mod name_patterns;
 mod peft_model;
@@ -33,6 +34,7 @@ pub use adapter_file::{
 pub use combine_files::combine_adapter_dirs;
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
 pub use error::{PeftError, Result};
+pub use init_methods::{InitMethod, initialise};
 pub use merge_checkpoint::{MergeReport, OutDtype, adapter_dir_for, merge_checkpoint};
 pub use name_patterns::pattern_value;
 pub use peft_model::PeftModel;

@@ -128,6 +128,11 @@ pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
             true => layer.add_dora(backend, adapter_name, &spec)?,
             false => layer.add_lora(backend, adapter_name, &spec)?,
         }
+        // PiSSA / OLoRA: from the base weight, which loses `s·B A` (as in PEFT, also when
+        // an adapter trained from them is loaded).
+        if let Some(method) = config.init_method() {
+            crate::initialise(backend, layer, adapter_name, method, spec.scaling())?;
+        }
         injected.push(name);
     }
     if injected.is_empty() {
