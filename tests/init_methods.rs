@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lora::models::Mlp;
-use lora::{Backend, Linear, Mode, Model, NdArray, UnaryOp};
+use lora::{Backend, Mode, Model, NdArray, UnaryOp};
 use lora_tests::{assert_close, fixtures_dir, to64};
 
 #[test]
