@@ -11,7 +11,7 @@ use lora::models::TokenBatch;
 use lora::models::decoder::{DecoderModel, GenerationConfig, causal_lm_loss, generate};
 use lora::{Backend, Mode, Tensor};
 use lora_tests::decoder_fixtures::{
-    assert_logits_close, batch, case, dir, ids, io, train_backward,
+    adapter_grads, assert_logits_close, batch, case, dir, ids, io, train_backward,
 };
 use lora_tests::{assert_close_scaled, backend_suite, to64};
 
@@ -95,27 +95,19 @@ fn check_adapter_gradients<B: lora::FullBackend>(b: &B, name: &str) {
         "{name} loss {loss} vs {want_loss}"
     );
     let want = lora::io::read_safetensors(&dir(name).join("adapter_grads.safetensors")).unwrap();
-    let mut checked = 0;
-    for layer in lora::Model::linears_mut(&mut model) {
-        let module = layer.name().to_string();
-        let Some(adapter) = layer.adapter_mut() else {
-            continue;
-        };
-        let grads: Vec<Vec<f32>> = adapter
-            .params_and_grads()
-            .iter()
-            .map(|p| b.to_host(p.grad).unwrap())
-            .collect();
-        for (tensor, g) in ["lora_A", "lora_B"].iter().zip(&grads) {
-            let key = format!("base_model.model.{module}.{tensor}.weight");
-            let w = want
-                .get(&key)
-                .unwrap_or_else(|| panic!("fixture has no {key}"));
-            assert_close_scaled(&format!("{name} {key}"), g, &to64(&w.data), 1e-4, 1e-5);
-            checked += 1;
-        }
+    let grads = adapter_grads(b, &mut model);
+    for (module, tensor, g) in &grads {
+        let key = format!("base_model.model.{module}.{tensor}.weight");
+        let w = want
+            .get(&key)
+            .unwrap_or_else(|| panic!("fixture has no {key}"));
+        assert_close_scaled(&format!("{name} {key}"), g, &to64(&w.data), 1e-4, 1e-5);
     }
-    assert_eq!(checked, want.len(), "{name}: every adapter tensor checked");
+    assert_eq!(
+        grads.len(),
+        want.len(),
+        "{name}: every adapter tensor checked"
+    );
 }
 
 /// Greedy generation with the KV cache gives transformers' `generate(do_sample=False)`

@@ -9,7 +9,9 @@
 use lora::Mode;
 use lora::models::decoder::DecoderModel;
 use lora::quant::HalfType;
-use lora_tests::decoder_fixtures::{assert_logits_close, batch, dir, io, train_backward};
+use lora_tests::decoder_fixtures::{
+    adapter_grads, assert_logits_close, batch, dir, io, train_backward,
+};
 use lora_tests::{assert_close_scaled, backend_suite, to64};
 
 /// Logits with the LoRA adapter of the llama fixture (or without) on `model`.
@@ -119,26 +121,14 @@ fn check_bf16_adapter_gradients<B: lora::FullBackend + lora::quant::QuantOps>(b:
     let io = io("llama_bf16");
     let tb = batch(&io, "input_ids", Some("attention_mask"));
     train_backward(b, &mut model, &tb, &io.ints["labels"].1);
-    let mut checked = 0;
-    for layer in lora::Model::linears_mut(&mut model) {
-        let module = layer.name().to_string();
-        let Some(adapter) = layer.adapter_mut() else {
-            continue;
-        };
-        let grads: Vec<Vec<f32>> = adapter
-            .params_and_grads()
-            .iter()
-            .map(|p| b.to_host(p.grad).unwrap())
-            .collect();
-        for (tensor, g) in ["lora_A", "lora_B"].iter().zip(&grads) {
-            let key = format!("lora_grads_f32_compute.{module}.{tensor}.weight");
-            let w = &io.floats[&key].1;
-            assert_close_scaled(&key, g, &to64(w), 1e-4, 1e-5);
-            checked += 1;
-        }
+    let grads = adapter_grads(b, &mut model);
+    for (module, tensor, g) in &grads {
+        let key = format!("lora_grads_f32_compute.{module}.{tensor}.weight");
+        assert_close_scaled(&key, g, &to64(&io.floats[&key].1), 1e-4, 1e-5);
     }
     assert_eq!(
-        checked, 28,
+        grads.len(),
+        28,
         "both factors of all seven projections in two layers"
     );
 }

@@ -122,3 +122,28 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// The gradient of every adapter tensor after a backward, as `(module, tensor, values)`
+/// with PEFT's tensor names (`lora_A`, `lora_B`, ...).
+pub fn adapter_grads<B: lora::FullBackend>(
+    b: &B,
+    model: &mut DecoderModel<B>,
+) -> Vec<(String, &'static str, Vec<f32>)> {
+    let mut out = Vec::new();
+    for layer in lora::Model::linears_mut(model) {
+        let module = layer.name().to_string();
+        let Some(adapter) = layer.adapter_mut() else {
+            continue;
+        };
+        let names: Vec<&'static str> = adapter.tensors().iter().map(|(n, _)| *n).collect();
+        let grads: Vec<Vec<f32>> = adapter
+            .params_and_grads()
+            .iter()
+            .map(|p| b.to_host(p.grad).unwrap())
+            .collect();
+        for (name, g) in names.into_iter().zip(grads) {
+            out.push((module.clone(), name, g));
+        }
+    }
+    out
+}

@@ -317,12 +317,7 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
         y: &mut B::Tensor,
         mode: Mode,
     ) -> Result<()> {
-        let mask = if mode == Mode::Train && self.dropout > 0.0 {
-            let rng = self.dropout_rng.advance(x.numel());
-            Some(backend.dropout_mask(x.shape().dims(), self.dropout, rng)?)
-        } else {
-            None
-        };
+        let mask = draw_dropout_mask(backend, &mut self.dropout_rng, self.dropout, x, mode)?;
         let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), y)?;
         // NaN or inf anywhere in a row of x makes that row of H = (x ⊙ M) Aᵀ non-finite
         // (IEEE: NaN·0 = NaN, inf·0 = NaN), so checking the [n, r] H detects bad input at
@@ -397,15 +392,11 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
                 ));
             }
         };
-        if slot.shape() != value.shape() {
-            return Err(Error::shape(
-                format!("LoRA on {} tensor {name}", self.layer),
-                format!("{}", slot.shape()),
-                value.shape(),
-            ));
-        }
-        *slot = value;
-        Ok(())
+        replace_checked(
+            slot,
+            value,
+            &format!("LoRA on {} tensor {name}", self.layer),
+        )
     }
 
     fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, B::Tensor>> {
@@ -423,4 +414,33 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
             None => Vec::new(),
         }
     }
+}
+
+/// In training with dropout `p > 0`, the next mask for `x` from `rng` (which advances);
+/// otherwise `None`.
+pub(crate) fn draw_dropout_mask<B: LoraOps>(
+    backend: &B,
+    rng: &mut RngState,
+    p: f32,
+    x: &B::Tensor,
+    mode: Mode,
+) -> Result<Option<B::Tensor>> {
+    if mode != Mode::Train || p <= 0.0 {
+        return Ok(None);
+    }
+    let state = rng.advance(x.numel());
+    Ok(Some(backend.dropout_mask(x.shape().dims(), p, state)?))
+}
+
+/// `*slot = value` when the shapes agree; otherwise an error naming `context`.
+pub(crate) fn replace_checked<T: Tensor>(slot: &mut T, value: T, context: &str) -> Result<()> {
+    if slot.shape() != value.shape() {
+        return Err(Error::shape(
+            context,
+            format!("{}", slot.shape()),
+            value.shape(),
+        ));
+    }
+    *slot = value;
+    Ok(())
 }

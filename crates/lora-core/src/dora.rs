@@ -13,7 +13,9 @@
 //! `[out, in] x [in, r]` product and `r x r` work, instead of an `[out, in]` temporary. In
 //! inference it is computed once and kept until the adapter or the base changes.
 
-use crate::adapter::{Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad};
+use crate::adapter::{
+    Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad, draw_dropout_mask, replace_checked,
+};
 use crate::backend::{BinaryOp, Tensor, Transpose, UnaryOp};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
@@ -209,12 +211,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
             _ => self.norm(backend, &base.weight(backend)?)?,
         };
         let scale = backend.binary(BinaryOp::Div, &self.m, &norm)?;
-        let mask = if mode == Mode::Train && self.dropout > 0.0 {
-            let rng = self.dropout_rng.advance(x.numel());
-            Some(backend.dropout_mask(x.shape().dims(), self.dropout, rng)?)
-        } else {
-            None
-        };
+        let mask = draw_dropout_mask(backend, &mut self.dropout_rng, self.dropout, x, mode)?;
         // The LoRA term goes straight into `y`, which then holds base + LoRA.
         let mut z = None;
         if let Some(m) = &mask {
@@ -379,14 +376,11 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
                 ));
             }
         };
-        if slot.shape() != value.shape() {
-            return Err(Error::shape(
-                format!("DoRA on {} tensor {name}", self.layer),
-                format!("{}", slot.shape()),
-                value.shape(),
-            ));
-        }
-        *slot = value;
+        replace_checked(
+            slot,
+            value,
+            &format!("DoRA on {} tensor {name}", self.layer),
+        )?;
         self.eval_norm = None;
         Ok(())
     }
