@@ -12,20 +12,7 @@ use lora_tests::cross_backend::{
     train_twenty_steps,
 };
 #[allow(unused_imports)]
-use lora_tests::matmul_check::{check_matmul, check_scale_features};
-#[allow(unused_imports)]
 use lora_tests::{assert_close, to64};
-
-backend_suite! { all:
-    // The reference runs it too: `matmul` writes into fresh memory, checked on the host.
-    fn matmul_equals_the_host_product(b) {
-        check_matmul(b);
-    }
-
-    fn scale_features_equals_the_host(b) {
-        check_scale_features(b);
-    }
-}
 
 backend_suite! { against_reference:
     fn every_primitive_equals_the_reference(b) {

@@ -155,6 +155,7 @@ pub const CROSS_BACKEND_SUITES: &[&str] = &[
     "attention_op",
     "decoder_half",
     "dora",
+    "fresh_tensor_ops",
 ];
 
 /// `--test NAME` for every cross-backend suite and for `extra`.
