@@ -1,4 +1,4 @@
-//! Adapters: trainable low-rank additions to a frozen [`Linear`](crate::Linear).
+//! Adapters: trainable low-rank additions to a frozen [`Linear`].
 
 use std::fmt::Debug;
 
