@@ -109,6 +109,14 @@ fn bench_backend<B: FullBackend>(
         );
         // Training as users run it: the LoRA step includes AdamW on the adapters.
         let opt = RefCell::new(Adam::<B>::adamw(1e-4).unwrap());
+        // Forward, backward and AdamW of a LoRA (or DoRA) layer.
+        let train_step = |layer: &RefCell<LoraLinear<B>>, opt: &RefCell<Adam<B>>| {
+            let mut l = layer.borrow_mut();
+            black_box(l.forward(b, &x, Mode::Train).unwrap());
+            black_box(l.backward(b, &dy).unwrap());
+            opt.borrow_mut().step(b, &mut l.params_and_grads()).unwrap();
+            b.synchronize().unwrap();
+        };
         paired(
             &mut g,
             format!("{name}/fwd_bwd_step/{shape}"),
@@ -120,36 +128,15 @@ fn bench_backend<B: FullBackend>(
                 ));
                 b.synchronize().unwrap();
             },
-            || {
-                let mut l = lora.borrow_mut();
-                black_box(l.forward(b, &x, Mode::Train).unwrap());
-                black_box(l.backward(b, &dy).unwrap());
-                opt.borrow_mut().step(b, &mut l.params_and_grads()).unwrap();
-                b.synchronize().unwrap();
-            },
+            || train_step(&lora, &opt),
         );
         let dora_opt = RefCell::new(Adam::<B>::adamw(1e-4).unwrap());
         paired(
             &mut g,
             format!("{name}/dora_step/{shape}"),
             results,
-            || {
-                let mut l = lora.borrow_mut();
-                black_box(l.forward(b, &x, Mode::Train).unwrap());
-                black_box(l.backward(b, &dy).unwrap());
-                opt.borrow_mut().step(b, &mut l.params_and_grads()).unwrap();
-                b.synchronize().unwrap();
-            },
-            || {
-                let mut l = dora.borrow_mut();
-                black_box(l.forward(b, &x, Mode::Train).unwrap());
-                black_box(l.backward(b, &dy).unwrap());
-                dora_opt
-                    .borrow_mut()
-                    .step(b, &mut l.params_and_grads())
-                    .unwrap();
-                b.synchronize().unwrap();
-            },
+            || train_step(&lora, &opt),
+            || train_step(&dora, &dora_opt),
         );
         paired(
             &mut g,

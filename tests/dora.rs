@@ -155,15 +155,11 @@ fn check_dropout_gradients<B: lora::FullBackend>(b: &B) {
     let mut a = fresh.clone();
     let mut y = base.forward(b, &x).unwrap();
     a.forward(b, &base, &x, &mut y, Mode::Train).unwrap();
-    let mut dx = match a.base_output_gain() {
-        None => base.backward(b, &g).unwrap(),
-        Some(gain) => {
-            let extra = lora::dora::scale_features(b, &g, gain).unwrap();
-            let mut gg = g.clone();
-            b.axpby(1.0, &extra, 1.0, &mut gg).unwrap();
-            base.backward(b, &gg).unwrap()
-        }
-    };
+    assert!(
+        a.base_output_gain().is_none(),
+        "dropout: the base term is recomputed inside the adapter"
+    );
+    let mut dx = base.backward(b, &g).unwrap();
     a.backward(b, &base, &x, &g, &mut dx).unwrap();
     let xh = lora::HostTensor {
         shape: vec![4, 5],
@@ -250,6 +246,28 @@ fn dora_files_round_trip_and_merge_on_files() {
     for (k, t) in &peft {
         assert_eq!(ours[k].data, t.data, "{k}");
     }
+    // DoRA magnitudes do not combine: add_weighted_adapter refuses them, as PEFT does.
+    let mut base = Mlp::new(&b, &[6, 16, 16, 3], UnaryOp::Relu, 0).unwrap();
+    base.load_state_dict(
+        &b,
+        &lora::io::read_safetensors(&fixture().join("base_model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let mut pm = lora::peft::PeftModel::new(base);
+    for name in ["one", "two"] {
+        pm.load_adapter(&fixture().join("adapter"), name, &b)
+            .unwrap();
+    }
+    let e = pm
+        .add_weighted_adapter(
+            &b,
+            &[("one", 0.5), ("two", 0.5)],
+            "mix",
+            lora::peft::Combination::Cat,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("use_dora"), "{e}");
     let out = tmp.path().join("merged.safetensors");
     lora::peft::merge_checkpoint(
         &b,

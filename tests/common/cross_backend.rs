@@ -198,12 +198,7 @@ pub fn check_every_primitive<B: FullBackend>(t: &B) {
             .expect("primitive"),
         "dropout masks are bit-identical"
     );
-    for (tra, trb) in [
-        (Transpose::No, Transpose::No),
-        (Transpose::Yes, Transpose::No),
-        (Transpose::No, Transpose::Yes),
-        (Transpose::Yes, Transpose::Yes),
-    ] {
+    for (tra, trb) in crate::TRANSPOSE_PAIRS {
         let a = rand_vec(20, 5, 1);
         let bm = rand_vec(20, 5, 2);
         let c0 = rand_vec(16, 5, 3);

@@ -9,12 +9,7 @@ use crate::{assert_close, rand_vec};
 /// against the product on the host; an empty inner dimension gives zeros.
 pub fn check_matmul<B: Backend>(t: &B) {
     use lora::Transpose;
-    for (tra, trb) in [
-        (Transpose::No, Transpose::No),
-        (Transpose::Yes, Transpose::No),
-        (Transpose::No, Transpose::Yes),
-        (Transpose::Yes, Transpose::Yes),
-    ] {
+    for (tra, trb) in crate::TRANSPOSE_PAIRS {
         let a = rand_vec(20, 5, 1);
         let bm = rand_vec(20, 5, 2);
         let ash = if tra == Transpose::No { [4, 5] } else { [5, 4] };

@@ -261,3 +261,11 @@ pub fn central_differences(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Every `(op_a, op_b)` transpose pair, for GEMM checks.
+pub const TRANSPOSE_PAIRS: [(lora::Transpose, lora::Transpose); 4] = [
+    (lora::Transpose::No, lora::Transpose::No),
+    (lora::Transpose::Yes, lora::Transpose::No),
+    (lora::Transpose::No, lora::Transpose::Yes),
+    (lora::Transpose::Yes, lora::Transpose::Yes),
+];

@@ -22,11 +22,6 @@ use crate::linear::Linear;
 use crate::ops::LoraOps;
 use crate::rng::{self, RngState};
 
-/// `t ⊙ v` with `v` (`[features]`) broadcast along the last axis of `t`.
-pub fn scale_features<B: LoraOps>(b: &B, t: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {
-    b.scale_features(t, v)
-}
-
 /// `t ⊙ v` with `v` (`[rows]`) broadcast along the rows of `t` (`[rows, cols]`).
 fn scale_rows<B: LoraOps>(b: &B, t: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {
     let (rows, cols) = t.shape().as_matrix();
@@ -308,7 +303,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         // Under dropout the base term was recomputed on the dropped input: its gradient
         // goes back through W and the mask here (without dropout, `base_output_gain`).
         if let Some(mask) = &saved.mask {
-            let g = scale_features(backend, dy, &backend.affine(&saved.scale, 1.0, -1.0)?)?;
+            let g = backend.scale_features(dy, &backend.affine(&saved.scale, 1.0, -1.0)?)?;
             let through = backend.binary(BinaryOp::Mul, &base.backward(backend, &g)?, mask)?;
             backend.axpby(1.0, &through, 1.0, dx)?;
         }

@@ -397,15 +397,15 @@ impl<B: LoraOps> LoraLinear<B> {
                 dy.shape(),
             ));
         }
-        let active_adapters = || {
-            self.adapters
-                .iter()
-                .filter(|(n, _)| self.adapters_run() && self.active.contains(n))
-        };
+        let run = self.adapters_run();
         // DoRA rescales the base output: the base then sees `dy ⊙ (1 + Σ gain)`, one pass.
         let mut total_gain: Option<B::Tensor> = None;
-        for (_, adapter) in active_adapters() {
-            if let Some(gain) = adapter.base_output_gain() {
+        for (name, adapter) in &self.adapters {
+            let gain = match run && self.active.contains(name) {
+                true => adapter.base_output_gain(),
+                false => None,
+            };
+            if let Some(gain) = gain {
                 match &mut total_gain {
                     None => total_gain = Some(backend.affine(gain, 1.0, 1.0)?),
                     Some(t) => backend.axpby(1.0, gain, 1.0, t)?,
@@ -418,7 +418,7 @@ impl<B: LoraOps> LoraLinear<B> {
         let mut dx = self
             .base
             .backward(backend, dy_base.as_ref().unwrap_or(dy))?;
-        if self.adapters_run() {
+        if run {
             let (active, base) = (&self.active, &*self.base);
             for (name, adapter) in self.adapters.iter_mut() {
                 if active.contains(name) {

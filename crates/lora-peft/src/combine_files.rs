@@ -16,8 +16,8 @@ use crate::error::{PeftError, Result};
 use crate::weighted_adapter::{Combination, combine_module, combined_config};
 
 /// Combines the adapter directories `sources` (each with its weight) into a new adapter
-/// directory `out`; returns the new config. DoRA adapters are refused (their magnitudes do
-/// not combine linearly). Both files are written atomically.
+/// directory `out`; returns the new config. DoRA adapters are refused
+/// (`combined_config`). Both files are written atomically.
 pub fn combine_adapter_dirs<B: LoraOps>(
     backend: &B,
     sources: &[(&Path, f32)],
@@ -42,11 +42,13 @@ pub fn combine_adapter_dirs<B: LoraOps>(
         config.check_supported()?;
         let weights = dir.join(WEIGHTS_FILE);
         let m = lora_modules(&read_safetensors(&weights)?, &weights, "default")?;
-        if config.use_dora || m.values().any(|t| t.magnitude.is_some()) {
-            return Err(PeftError::Unsupported {
-                field: "use_dora",
-                value: format!("true ({})", dir.display()),
-                reason: "DoRA adapters cannot be combined (PEFT refuses them too)".into(),
+        // `use_dora` itself is refused with the config (`combined_config`); a file with
+        // magnitudes under a plain LoRA config is inconsistent.
+        if !config.use_dora && m.values().any(|t| t.magnitude.is_some()) {
+            return Err(PeftError::Format {
+                path: weights.display().to_string(),
+                reason: "holds lora_magnitude_vector tensors, but the config says use_dora: false"
+                    .into(),
             });
         }
         configs.push(config);

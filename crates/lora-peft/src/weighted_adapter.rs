@@ -132,6 +132,14 @@ pub(crate) fn combined_config(
     if let Combination::Task(m) = combination {
         m.validate()?;
     }
+    // A DoRA magnitude does not combine with the factors: PEFT refuses them too.
+    if configs.iter().any(|c| c.use_dora) {
+        return Err(crate::PeftError::Unsupported {
+            field: "use_dora",
+            value: "true".into(),
+            reason: "DoRA adapters cannot be combined (PEFT refuses them too)".into(),
+        });
+    }
     let new_rank = combined_rank(configs, combination)?;
     let new_config = LoraConfig {
         r: new_rank,
