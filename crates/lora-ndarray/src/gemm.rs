@@ -13,6 +13,7 @@ use lora_core::backend::{Transpose, check_gemm};
 use lora_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use crate::sgemm_avx2;
 use crate::tensor::NdTensor;
 
 /// Below this many multiply-adds a product runs on one thread.
@@ -78,6 +79,21 @@ unsafe fn raw_gemm(
     beta: f32,
     par: Parallelism,
 ) {
+    if matches!(par, Parallelism::None) && sgemm_avx2::available() && sgemm_avx2::suits(m, n, k) {
+        // SAFETY: forwarded to the caller's contract; `available` checked the CPU.
+        unsafe {
+            sgemm_avx2::sgemm(
+                (m, n, k),
+                alpha,
+                (a, a_rs, a_cs),
+                (b, b_rs, b_cs),
+                beta,
+                c,
+                c_rs as usize,
+            )
+        };
+        return;
+    }
     // SAFETY: forwarded to the caller's contract.
     unsafe {
         gemm::gemm(

@@ -190,7 +190,10 @@ fn criterion_rows(peak: Option<f64>, families: &[ModelFamily<'_>], rows: &mut Ve
         let (op, shape) = function.split_once('/').unwrap_or((function, ""));
         let mut extra = BTreeMap::new();
         let backend = match (group, op) {
-            ("gemm", "matrixmultiply") => "ndarray (matrixmultiply)",
+            ("gemm", "matrixmultiply") => "matrixmultiply (its threading)",
+            ("gemm", "gemm_crate") => "gemm crate (its rayon threading)",
+            ("gemm", "gemm_crate_xWt") => "gemm crate (its rayon threading), x·Wᵀ",
+            ("gemm", "ndarray_backend_xWt") => "ndarray, x·Wᵀ",
             _ => "ndarray",
         };
         if group == "gemm" {
