@@ -156,6 +156,7 @@ pub const CROSS_BACKEND_SUITES: &[&str] = &[
     "decoder_half",
     "dora",
     "fresh_tensor_ops",
+    "decoder_embedding",
 ];
 
 /// `--test NAME` for every cross-backend suite and for `extra`.
@@ -293,7 +294,7 @@ fn tch_tests(minilm: &Path, summary: &mut Summary) -> Result<Vec<String>> {
 
 /// The Python checks that real PEFT, transformers and bitsandbytes load what the Rust
 /// tests wrote under `<target>/tmp/`: (summary label, what it checks, script, folder).
-const PYTHON_CHECKS: [(&str, &str, &str, &str); 4] = [
+const PYTHON_CHECKS: [(&str, &str, &str, &str); 5] = [
     (
         "peft interop",
         "PEFT loads adapters written by lora-rs",
@@ -317,6 +318,12 @@ const PYTHON_CHECKS: [(&str, &str, &str, &str); 4] = [
         "PEFT loads lora-rs adapters on Llama/Qwen2/Qwen3",
         "check_decoder_in_peft.py",
         "decoder-interop",
+    ),
+    (
+        "embedding interop",
+        "PEFT loads lora-rs adapters with LoRA on embed_tokens and trainable tokens",
+        "check_decoder_in_peft.py",
+        "decoder-embedding-interop",
     ),
 ];
 

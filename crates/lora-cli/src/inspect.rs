@@ -54,7 +54,13 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
     .with_context(|| format!("reading {}", weights.display()))?;
     let mut rows = Vec::new();
     let mut total = 0usize;
-    for (module, peft::ModuleTensors { a, b, magnitude }) in &modules {
+    for (
+        module,
+        peft::ModuleTensors {
+            a, b, magnitude, ..
+        },
+    ) in &modules
+    {
         let spec = config.spec_for(module, 0)?;
         let params = a.data.len() + b.data.len() + magnitude.as_ref().map_or(0, |m| m.data.len());
         total += params;

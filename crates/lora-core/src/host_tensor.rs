@@ -33,7 +33,28 @@ impl HostTensor {
         backend.from_host_vec(self.data, &self.shape)
     }
 
-    /// Checks the shape against `expected`, naming `what` in the error.
+    /// The transpose of a 2-D tensor.
+    pub fn transposed(&self) -> Result<Self> {
+        let [rows, cols] = self.shape[..] else {
+            return Err(Error::shape(
+                "transpose",
+                "a 2-D tensor",
+                &Shape::new(&self.shape),
+            ));
+        };
+        let mut data = vec![0.0; self.data.len()];
+        for (i, row) in self.data.chunks_exact(cols.max(1)).enumerate().take(rows) {
+            for (j, &v) in row.iter().enumerate() {
+                data[j * rows + i] = v;
+            }
+        }
+        Ok(HostTensor {
+            shape: vec![cols, rows],
+            data,
+        })
+    }
+
+    /// Checks the shape, naming `what` in the error.
     pub fn expect_shape(&self, what: &str, expected: &[usize]) -> Result<()> {
         if self.shape != expected {
             return Err(Error::shape(

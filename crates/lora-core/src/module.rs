@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::backend::Tensor;
 use crate::error::{Error, Result};
 use crate::host_tensor::HostTensor;
+use crate::lora_embedding::LoraEmbedding;
 use crate::lora_linear::{LoraLinear, RowAdapter};
 use crate::ops::LoraOps;
 
@@ -43,6 +44,23 @@ pub trait Model<B: LoraOps> {
     /// Every linear layer, mutably, in the same order.
     fn linears_mut(&mut self) -> Vec<&mut LoraLinear<B>>;
 
+    /// Every embedding table that can carry LoRA or trainable tokens (PEFT's
+    /// `lora.Embedding` / `trainable_token_indices`), in a fixed order. None by default.
+    fn embeddings(&self) -> Vec<&LoraEmbedding<B>> {
+        Vec::new()
+    }
+
+    /// The same embeddings, mutably.
+    fn embeddings_mut(&mut self) -> Vec<&mut LoraEmbedding<B>> {
+        Vec::new()
+    }
+
+    /// The dotted name of the input embedding (transformers' `get_input_embeddings`),
+    /// which a list of `trainable_token_indices` applies to.
+    fn input_embedding(&self) -> Option<String> {
+        None
+    }
+
     /// The dotted name of the model's output head (e.g. `lm_head`), which PEFT's
     /// `"all-linear"` leaves out. `None` when the model has none.
     fn output_head(&self) -> Option<String> {
@@ -67,15 +85,35 @@ pub trait Model<B: LoraOps> {
 
     /// Trainable (adapter) parameters.
     fn num_trainable(&self) -> usize {
-        self.linears().iter().map(|l| l.num_trainable()).sum()
+        self.linears()
+            .iter()
+            .map(|l| l.num_trainable())
+            .sum::<usize>()
+            + self
+                .embeddings()
+                .iter()
+                .map(|e| e.num_trainable())
+                .sum::<usize>()
     }
 
     /// Every adapter parameter with its gradient, in a fixed order, for an optimizer.
     fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, <B as Backend>::Tensor>> {
-        self.linears_mut()
-            .into_iter()
-            .flat_map(|l| l.params_and_grads())
-            .collect()
+        // Both lists borrow `self` mutably, so they come from one call.
+        let mut out: Vec<ParamGrad<'_, <B as Backend>::Tensor>> = Vec::new();
+        let (linears, embeddings) = self.trainable_parts_mut();
+        for l in linears {
+            out.extend(l.params_and_grads());
+        }
+        for e in embeddings {
+            out.extend(e.params_and_grads());
+        }
+        out
+    }
+
+    /// The linear layers and embeddings together, mutably (for [`Model::params_and_grads`]).
+    /// Models with embeddings override it; the default has none.
+    fn trainable_parts_mut(&mut self) -> (Vec<&mut LoraLinear<B>>, Vec<&mut LoraEmbedding<B>>) {
+        (self.linears_mut(), Vec::new())
     }
 
     /// The base weights as a Hugging Face-style state dict: `<layer>.weight` and

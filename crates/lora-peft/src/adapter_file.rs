@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use lora_core::lora_embedding::{EMBEDDING_A, EMBEDDING_B, TOKENS_DELTA};
 use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, Model};
 use lora_io::fs::write_atomic;
 use lora_io::{read_safetensors, write_safetensors};
@@ -63,6 +64,23 @@ pub fn save_adapter<B: LoraOps, M: Model<B> + ?Sized>(
             ));
         }
     }
+    for emb in model.embeddings() {
+        let parts = emb.tensors(backend, adapter_name)?;
+        // PEFT's `save_embedding_layers="auto"`: a LoRA-targeted embedding whose name the
+        // config's target_modules mention (`embed_tokens`, `lm_head`) is saved whole too.
+        if parts.iter().any(|(n, _)| *n == EMBEDDING_A) && saves_embedding_layers(config) {
+            tensors.push((
+                format!("{KEY_PREFIX}{}.{BASE_LAYER_WEIGHT}", emb.name()),
+                HostTensor::from_backend(backend, emb.weight())?,
+            ));
+        }
+        for (name, t) in parts {
+            tensors.push((
+                tensor_key(emb.name(), name),
+                HostTensor::from_backend(backend, &t)?,
+            ));
+        }
+    }
     if tensors.is_empty() {
         return Err(PeftError::Format {
             path: dir.display().to_string(),
@@ -75,6 +93,28 @@ pub fn save_adapter<B: LoraOps, M: Model<B> + ?Sized>(
     Ok(())
 }
 
+/// Key suffix of a whole embedding table saved with an embedding's LoRA.
+pub const BASE_LAYER_WEIGHT: &str = "base_layer.weight";
+
+/// PEFT's `save_embedding_layers="auto"` rule: true when `target_modules` names one of
+/// `embed_tokens` / `lm_head` (for a regex, when its text contains one) and no trainable
+/// tokens are configured.
+fn saves_embedding_layers(config: &LoraConfig) -> bool {
+    const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+    if config.trainable_token_indices.is_some() {
+        return false;
+    }
+    match &config.target_modules {
+        Some(crate::TargetModules::List(l)) => l
+            .iter()
+            .any(|k| EMBEDDING_LAYER_NAMES.contains(&k.as_str())),
+        Some(crate::TargetModules::Pattern(p)) => {
+            EMBEDDING_LAYER_NAMES.iter().any(|k| p.contains(k))
+        }
+        None => false,
+    }
+}
+
 /// One module's tensors in an adapter file.
 #[derive(Clone, Debug)]
 pub struct ModuleTensors {
@@ -84,43 +124,88 @@ pub struct ModuleTensors {
     pub b: HostTensor,
     /// DoRA's `lora_magnitude_vector`, `[out]` (`None` for plain LoRA).
     pub magnitude: Option<HostTensor>,
+    /// LoRA on an embedding `[vocab, dim]`: `a` is `lora_embedding_B`ᵀ (`[r, dim]`) and `b`
+    /// is `lora_embedding_A`ᵀ (`[vocab, r]`), so that `b a` is the table's delta as for a
+    /// linear layer's `[out, in]` weight.
+    pub embedding: bool,
 }
 
-/// Groups an adapter file's tensors by module: `module -> tensors`. Every key must be an
-/// adapter tensor and every module must have both LoRA factors.
+/// Groups an adapter file's LoRA tensors by module: `module -> tensors`. Every key must be
+/// an adapter tensor and every module must have both LoRA factors. Trained token rows and
+/// whole embedding tables are left to [`token_rows`].
 pub fn lora_modules(
     tensors: &BTreeMap<String, HostTensor>,
     path: &Path,
     adapter_name: &str,
 ) -> Result<BTreeMap<String, ModuleTensors>> {
-    type Parts = (Option<HostTensor>, Option<HostTensor>, Option<HostTensor>);
+    #[derive(Default)]
+    struct Parts {
+        a: Option<HostTensor>,
+        b: Option<HostTensor>,
+        magnitude: Option<HostTensor>,
+        embedding: bool,
+    }
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
+    let format_err = |reason: String| PeftError::Format {
+        path: path.display().to_string(),
+        reason,
+    };
     for (key, t) in tensors {
-        let (module, which) =
-            normalise_key(key, adapter_name).ok_or_else(|| PeftError::Format {
-                path: path.display().to_string(),
-                reason: format!(
-                    "tensor {key} is not an adapter tensor (lora_A / lora_B / lora_magnitude_vector) of a module"
-                ),
-            })?;
+        let (module, which) = normalise_key(key, adapter_name).ok_or_else(|| {
+            format_err(format!(
+                "tensor {key} is not an adapter tensor (lora_A / lora_B / lora_magnitude_vector / lora_embedding_A / lora_embedding_B / trainable_tokens_delta) of a module"
+            ))
+        })?;
+        if which == TOKENS_DELTA || which == BASE_LAYER_WEIGHT {
+            continue;
+        }
         let e = parts.entry(module).or_default();
         match which.as_str() {
-            "lora_A" => e.0 = Some(t.clone()),
-            "lora_B" => e.1 = Some(t.clone()),
-            _ => e.2 = Some(t.clone()),
+            "lora_A" => e.a = Some(t.clone()),
+            "lora_B" => e.b = Some(t.clone()),
+            EMBEDDING_A => (e.b, e.embedding) = (Some(t.transposed()?), true),
+            EMBEDDING_B => (e.a, e.embedding) = (Some(t.transposed()?), true),
+            _ => e.magnitude = Some(t.clone()),
         }
     }
     parts
         .into_iter()
-        .map(|(m, (a, b, magnitude))| match (a, b) {
-            (Some(a), Some(b)) => Ok((m, ModuleTensors { a, b, magnitude })),
-            (a, _) => Err(PeftError::Format {
-                path: path.display().to_string(),
-                reason: format!(
-                    "missing tensor {KEY_PREFIX}{m}.{}.weight",
-                    if a.is_none() { "lora_A" } else { "lora_B" }
-                ),
-            }),
+        .map(|(m, p)| match (p.a, p.b) {
+            (Some(a), Some(b)) => Ok((
+                m,
+                ModuleTensors {
+                    a,
+                    b,
+                    magnitude: p.magnitude,
+                    embedding: p.embedding,
+                },
+            )),
+            (a, b) => {
+                let missing = match (p.embedding, a.is_none()) {
+                    (false, true) => "lora_A.weight",
+                    (false, false) => "lora_B.weight",
+                    (true, _) if b.is_none() => EMBEDDING_A,
+                    (true, _) => EMBEDDING_B,
+                };
+                Err(format_err(format!(
+                    "missing tensor {KEY_PREFIX}{m}.{missing}"
+                )))
+            }
+        })
+        .collect()
+}
+
+/// The trained token rows of an adapter file (`<module>.token_adapter.trainable_tokens_delta`,
+/// `[n, dim]`) by module.
+pub fn token_rows(
+    tensors: &BTreeMap<String, HostTensor>,
+    adapter_name: &str,
+) -> BTreeMap<String, HostTensor> {
+    tensors
+        .iter()
+        .filter_map(|(key, t)| match normalise_key(key, adapter_name)? {
+            (module, which) if which == TOKENS_DELTA => Some((module, t.clone())),
+            _ => None,
         })
         .collect()
 }
@@ -129,7 +214,9 @@ pub fn lora_modules(
 /// factors, none for DoRA's magnitude (`base_model.model.X.lora_magnitude_vector`).
 pub fn tensor_key(module: &str, tensor: &str) -> String {
     match tensor {
-        "lora_magnitude_vector" => format!("{KEY_PREFIX}{module}.{tensor}"),
+        "lora_magnitude_vector" | EMBEDDING_A | EMBEDDING_B | TOKENS_DELTA => {
+            format!("{KEY_PREFIX}{module}.{tensor}")
+        }
         _ => format!("{KEY_PREFIX}{module}.{tensor}.weight"),
     }
 }
@@ -139,14 +226,28 @@ pub fn tensor_key(module: &str, tensor: &str) -> String {
 /// `None` for keys that are not adapter tensors.
 fn normalise_key(key: &str, adapter_name: &str) -> Option<(String, String)> {
     let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
+    // Embedding tables and trained token rows carry two-part tensor names.
+    for two_part in [TOKENS_DELTA, BASE_LAYER_WEIGHT] {
+        let plain = rest.strip_suffix(&format!(".{two_part}"));
+        let named = rest
+            .strip_suffix(&format!(".{adapter_name}"))
+            .or_else(|| rest.strip_suffix(".default"))
+            .and_then(|r| r.strip_suffix(&format!(".{two_part}")));
+        if let Some(module) = plain.or(named) {
+            return Some((module.to_string(), two_part.to_string()));
+        }
+    }
     let rest = rest.strip_suffix(".weight").unwrap_or(rest);
     let rest = rest
         .strip_suffix(&format!(".{adapter_name}"))
         .or_else(|| rest.strip_suffix(".default"))
         .unwrap_or(rest);
     let (module, tensor) = rest.rsplit_once('.')?;
-    matches!(tensor, "lora_A" | "lora_B" | "lora_magnitude_vector")
-        .then(|| (module.to_string(), tensor.to_string()))
+    matches!(
+        tensor,
+        "lora_A" | "lora_B" | "lora_magnitude_vector" | EMBEDDING_A | EMBEDDING_B
+    )
+    .then(|| (module.to_string(), tensor.to_string()))
 }
 
 /// Loads a PEFT adapter directory into `model` as adapter `default`: injects adapters per
@@ -202,6 +303,33 @@ pub fn load_adapter<B: LoraOps, M: Model<B> + ?Sized>(
                     path: weights_path.display().to_string(),
                     reason: format!("tensor {key}: {e}"),
                 })?;
+        }
+    }
+    for emb in model.embeddings_mut() {
+        let name = emb.name().to_string();
+        let wanted: Vec<&'static str> = emb
+            .tensors(backend, adapter_name)?
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        let file_err = |reason: String| PeftError::Format {
+            path: weights_path.display().to_string(),
+            reason,
+        };
+        for tname in &wanted {
+            let (key, t) = by_module
+                .remove(&(name.clone(), tname.to_string()))
+                .ok_or_else(|| file_err(format!("missing tensor {}", tensor_key(&name, tname))))?;
+            emb.set_tensor(backend, adapter_name, tname, t.to_backend(backend)?)
+                .map_err(|e| file_err(format!("tensor {key}: {e}")))?;
+        }
+        // The whole table PEFT saves beside an embedding's LoRA replaces the base's, as
+        // PEFT's loading does (same shape: a resized vocabulary is not supported).
+        if !wanted.is_empty()
+            && let Some((key, t)) = by_module.remove(&(name.clone(), BASE_LAYER_WEIGHT.to_string()))
+        {
+            emb.set_weight(t.to_backend(backend)?)
+                .map_err(|e| file_err(format!("tensor {key}: {e}")))?;
         }
     }
     if let Some(((module, tensor), (key, _))) = by_module.into_iter().next() {

@@ -51,6 +51,26 @@ pub fn combine_adapter_dirs<B: LoraOps>(
                     .into(),
             });
         }
+        if let Some(name) = m.iter().find_map(|(n, t)| t.embedding.then_some(n)) {
+            return Err(PeftError::Unsupported {
+                field: "target_modules",
+                value: name.clone(),
+                reason: format!(
+                    "{}: combining LoRA on embeddings is not implemented",
+                    weights.display()
+                ),
+            });
+        }
+        if config.trainable_token_indices.is_some() {
+            return Err(PeftError::Unsupported {
+                field: "trainable_token_indices",
+                value: format!("{:?}", config.trainable_token_indices),
+                reason: format!(
+                    "{}: combining trainable tokens is not implemented (PEFT's add_weighted_adapter does not either)",
+                    dir.display()
+                ),
+            });
+        }
         configs.push(config);
         modules.push(m);
     }

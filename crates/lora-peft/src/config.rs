@@ -31,6 +31,17 @@ pub enum InitLoraWeights {
     Method(String),
 }
 
+/// `trainable_token_indices`: token ids of the input embedding, or ids per embedding
+/// module (names matched as a `.`-suffix, as PEFT matches them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIndices {
+    /// Ids in the model's input embedding.
+    List(Vec<i64>),
+    /// Ids per embedding module.
+    PerModule(BTreeMap<String, Vec<i64>>),
+}
+
 /// An integer or a list of integers (`layers_to_transform`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -144,6 +155,10 @@ pub struct LoraConfig {
     /// DoRA.
     #[serde(default)]
     pub use_dora: bool,
+    /// Rows of an embedding trained directly (new tokens), saved as
+    /// `<module>.token_adapter.trainable_tokens_delta`.
+    #[serde(default)]
+    pub trainable_token_indices: Option<TokenIndices>,
     /// A bias on lora_B.
     #[serde(default)]
     pub lora_bias: bool,
@@ -186,6 +201,7 @@ impl Default for LoraConfig {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             use_dora: false,
+            trainable_token_indices: None,
             lora_bias: false,
             task_type: None,
             base_model_name_or_path: None,
@@ -280,6 +296,39 @@ impl LoraConfig {
             );
         }
         Ok(())
+    }
+
+    /// `(embedding module or suffix, token ids)` of `trainable_token_indices`; a plain list
+    /// applies to `input_embedding`. Negative ids are errors naming the field.
+    pub fn token_targets(
+        &self,
+        input_embedding: Option<&str>,
+    ) -> Result<Vec<(String, Vec<usize>)>> {
+        let Some(spec) = &self.trainable_token_indices else {
+            return Ok(Vec::new());
+        };
+        let ids = |v: &[i64]| -> Result<Vec<usize>> {
+            v.iter()
+                .map(|&i| {
+                    usize::try_from(i).map_err(|_| PeftError::Unsupported {
+                        field: "trainable_token_indices",
+                        value: i.to_string(),
+                        reason: "token ids are not negative".into(),
+                    })
+                })
+                .collect()
+        };
+        match spec {
+            TokenIndices::List(v) => {
+                let module = input_embedding.ok_or_else(|| PeftError::Unsupported {
+                    field: "trainable_token_indices",
+                    value: format!("{v:?}"),
+                    reason: "the model has no input embedding to train tokens of".into(),
+                })?;
+                Ok(vec![(module.to_string(), ids(v)?)])
+            }
+            TokenIndices::PerModule(m) => m.iter().map(|(k, v)| Ok((k.clone(), ids(v)?))).collect(),
+        }
     }
 
     /// The data-driven initialisation the config asks for (`pissa`, `olora`), if any.

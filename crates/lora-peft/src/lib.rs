@@ -28,11 +28,11 @@ mod targeting;
 mod weighted_adapter;
 
 pub use adapter_file::{
-    CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, load_adapter, load_pretrained,
-    lora_modules, save_adapter, save_pretrained,
+    BASE_LAYER_WEIGHT, CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, load_adapter,
+    load_pretrained, lora_modules, save_adapter, save_pretrained, token_rows,
 };
 pub use combine_files::combine_adapter_dirs;
-pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules};
+pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules, TokenIndices};
 pub use error::{PeftError, Result};
 pub use init_methods::{InitMethod, initialise};
 pub use merge_checkpoint::{MergeReport, OutDtype, adapter_dir_for, merge_checkpoint};

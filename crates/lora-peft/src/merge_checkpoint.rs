@@ -11,7 +11,7 @@ use lora_io::fs::temp_path_for;
 use lora_io::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float, merge_into_quantized};
 use safetensors::{Dtype, View};
 
-use crate::adapter_file::{CONFIG_FILE, ModuleTensors, WEIGHTS_FILE, lora_modules};
+use crate::adapter_file::{CONFIG_FILE, ModuleTensors, WEIGHTS_FILE, lora_modules, token_rows};
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
 
@@ -66,6 +66,12 @@ struct Factors {
     magnitude: Option<HostTensor>,
 }
 
+/// Trained token rows (PEFT's trainable tokens) that replace rows of an embedding table.
+struct TokenRows {
+    indices: Vec<usize>,
+    rows: HostTensor,
+}
+
 /// One output tensor; its bytes are produced only when the writer asks for them.
 struct OutTensor<'a, B: LoraOps> {
     dtype: Dtype,
@@ -76,6 +82,8 @@ struct OutTensor<'a, B: LoraOps> {
     /// resident).
     src: Source<'a>,
     merge: Option<&'a Factors>,
+    /// Rows replaced by trained token rows (after the LoRA delta, if both).
+    rows: Option<&'a TokenRows>,
     transpose_delta: bool,
     backend: &'a B,
     state: &'a RefCell<WriteState<'a>>,
@@ -104,8 +112,32 @@ struct WriteState<'a> {
 }
 
 impl<B: LoraOps> OutTensor<'_, B> {
+    /// `W + s·B·A` (transposed for `fan_in_fan_out`) with the trained token rows in place,
+    /// in f32.
+    fn merged(&self, src: &[u8]) -> lora_core::Result<Vec<f32>> {
+        let mut w = match self.merge {
+            Some(f) => self.merged_lora(f, src)?,
+            None => decode_f32(self.src_dtype, src).unwrap_or_default(),
+        };
+        if let Some(t) = self.rows {
+            let dim = t.rows.shape[1];
+            let mut max = 0.0f32;
+            for (&i, row) in t.indices.iter().zip(t.rows.data.chunks_exact(dim)) {
+                let dst = &mut w[i * dim..(i + 1) * dim];
+                max = dst
+                    .iter()
+                    .zip(row)
+                    .fold(max, |m, (a, b)| m.max((a - b).abs()));
+                dst.copy_from_slice(row);
+            }
+            let mut st = self.state.borrow_mut();
+            st.max_abs_delta = st.max_abs_delta.max(max);
+        }
+        Ok(w)
+    }
+
     /// `W + s·B·A` (transposed for `fan_in_fan_out`) in f32.
-    fn merged(&self, f: &Factors, src: &[u8]) -> lora_core::Result<Vec<f32>> {
+    fn merged_lora(&self, f: &Factors, src: &[u8]) -> lora_core::Result<Vec<f32>> {
         let be = self.backend;
         let a = f.a.to_backend(be)?;
         let b = f.b.to_backend(be)?;
@@ -144,14 +176,14 @@ impl<B: LoraOps> View for &OutTensor<'_, B> {
     fn data(&self) -> Cow<'_, [u8]> {
         let result: std::result::Result<Vec<u8>, String> = match self.src.read() {
             Err(e) => Err(format!("reading {}: {e}", self.src.file.path.display())),
-            Ok(src) => match self.merge {
-                None if self.dtype == self.src_dtype => Ok(src),
-                None => {
+            Ok(src) => match (self.merge, self.rows) {
+                (None, None) if self.dtype == self.src_dtype => Ok(src),
+                (None, None) => {
                     let v = decode_f32(self.src_dtype, &src).unwrap_or_default();
                     Ok(encode_f32(self.dtype, &v).unwrap_or_default())
                 }
-                Some(f) => self
-                    .merged(f, &src)
+                _ => self
+                    .merged(&src)
                     .map(|w| encode_f32(self.dtype, &w).unwrap_or_default())
                     .map_err(|e| e.to_string()),
             },
@@ -207,12 +239,22 @@ pub fn merge_checkpoint<B: LoraOps>(
     let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
     config.check_supported()?;
     let weights_path = dir.join(WEIGHTS_FILE);
-    let modules = lora_modules(
-        &lora_io::read_safetensors(&weights_path)?,
-        &weights_path,
-        adapter_name,
-    )?;
+    let adapter_tensors = lora_io::read_safetensors(&weights_path)?;
+    let modules = lora_modules(&adapter_tensors, &weights_path, adapter_name)?;
     let ckpt = Checkpoint::open(base)?;
+    let token_merges = checked_token_rows(
+        &ckpt,
+        &weights_path,
+        &config,
+        token_rows(&adapter_tensors, adapter_name),
+    )?;
+    if ckpt.is_quantized()? && !token_merges.is_empty() {
+        return Err(PeftError::Unsupported {
+            field: "trainable_token_indices",
+            value: format!("{:?}", config.trainable_token_indices),
+            reason: "merging trained token rows into a bitsandbytes-quantized checkpoint is not implemented".into(),
+        });
+    }
     if ckpt.is_quantized()? {
         return merge_quantized(backend, &ckpt, &config, modules, adapter_name, out);
     }
@@ -239,11 +281,12 @@ pub fn merge_checkpoint<B: LoraOps>(
             reason: format!("tensor {name}: {e}"),
         })?;
         let merge = factors.get(name);
+        let rows = token_merges.get(name);
         let out_dtype = dtype.resolve(view.dtype());
-        match (merge, out_dtype == view.dtype()) {
-            (Some(_), _) => report.merged.push(name.clone()),
-            (None, true) => report.copied += 1,
-            (None, false) => report.converted += 1,
+        match (merge.is_some() || rows.is_some(), out_dtype == view.dtype()) {
+            (true, _) => report.merged.push(name.clone()),
+            (false, true) => report.copied += 1,
+            (false, false) => report.converted += 1,
         }
         let t = OutTensor {
             dtype: out_dtype,
@@ -255,6 +298,7 @@ pub fn merge_checkpoint<B: LoraOps>(
                 len: view.data().len(),
             },
             merge,
+            rows,
             transpose_delta: config.fan_in_fan_out,
             backend,
             state: &progress_state,
@@ -282,7 +326,13 @@ fn checked_factors(
 ) -> Result<BTreeMap<String, Factors>> {
     let tensors = ckpt.tensors()?;
     let mut factors: BTreeMap<String, Factors> = BTreeMap::new();
-    for (module, ModuleTensors { a, b, magnitude }) in modules {
+    for (
+        module,
+        ModuleTensors {
+            a, b, magnitude, ..
+        },
+    ) in modules
+    {
         let key = format!("{module}.weight");
         let view = tensors.get(&key).ok_or_else(|| PeftError::Format {
             path: base.display().to_string(),
@@ -336,6 +386,73 @@ fn checked_factors(
         );
     }
     Ok(factors)
+}
+
+/// Checks the trained token rows against the base (a 2-D float table with `dim` columns,
+/// every id inside it) and returns them by base tensor name. The ids come from the config:
+/// a plain list is the one embedding the file has rows for.
+fn checked_token_rows(
+    ckpt: &Checkpoint,
+    weights_path: &Path,
+    config: &LoraConfig,
+    rows: BTreeMap<String, HostTensor>,
+) -> Result<BTreeMap<String, TokenRows>> {
+    let bad = |reason: String| PeftError::Format {
+        path: weights_path.display().to_string(),
+        reason,
+    };
+    let only = (rows.len() == 1)
+        .then(|| rows.keys().next().cloned())
+        .flatten();
+    let targets = config.token_targets(only.as_deref())?;
+    if rows.is_empty() && targets.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let tensors = ckpt.tensors()?;
+    let mut out = BTreeMap::new();
+    for (module, t) in rows {
+        let ids = targets
+            .iter()
+            .find(|(m, _)| module == *m || module.ends_with(&format!(".{m}")))
+            .map(|(_, ids)| ids.clone())
+            .ok_or_else(|| bad(format!(
+                "holds trained token rows for {module}, but the config's trainable_token_indices do not name it"
+            )))?;
+        let key = format!("{module}.weight");
+        let view = tensors.get(&key).ok_or_else(|| {
+            bad(format!(
+                "trained token rows for {module}, but the base has no tensor {key}"
+            ))
+        })?;
+        let (&[vocab, dim], &[n, d]) = (view.shape.as_slice(), t.shape.as_slice()) else {
+            return Err(bad(format!(
+                "{key} {:?} or the token rows {:?} are not 2-D",
+                view.shape, t.shape
+            )));
+        };
+        if !is_float(view.dtype) || d != dim || n != ids.len() {
+            return Err(bad(format!(
+                "token rows of {module} {:?} do not fit base {key} {:?} {:?} with {} trainable_token_indices",
+                t.shape,
+                view.dtype,
+                view.shape,
+                ids.len()
+            )));
+        }
+        if let Some(&i) = ids.iter().find(|&&i| i >= vocab) {
+            return Err(bad(format!(
+                "trainable_token_indices: token id {i} is past {key}'s {vocab} rows"
+            )));
+        }
+        out.insert(
+            key,
+            TokenRows {
+                indices: ids,
+                rows: t,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// Serializes the planned tensors into a temporary file beside `out` (each tensor's bytes

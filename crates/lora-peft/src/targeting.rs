@@ -135,6 +135,33 @@ pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
         }
         injected.push(name);
     }
+    // LoRA on embeddings (`lora_embedding_A/B`); "all-linear" leaves them out, as in PEFT.
+    let all_linear = matches!(targets, TargetModules::Pattern(p) if p == "all-linear");
+    for emb in model.embeddings_mut() {
+        let name = emb.name().to_string();
+        if all_linear || !selects(config, &name)? {
+            continue;
+        }
+        if config.use_dora {
+            return Err(PeftError::Unsupported {
+                field: "use_dora",
+                value: "true".into(),
+                reason: format!(
+                    "DoRA on the embedding {name} is not implemented; leave it out of target_modules"
+                ),
+            });
+        }
+        if config.init_method().is_some() {
+            return Err(PeftError::Unsupported {
+                field: "init_lora_weights",
+                value: format!("{:?}", config.init_lora_weights),
+                reason: format!("PiSSA/OLoRA on the embedding {name} is not implemented"),
+            });
+        }
+        emb.add_lora(backend, adapter_name, &config.spec_for(&name, seed)?)?;
+        injected.push(name);
+    }
+    inject_trainable_tokens(model, backend, config, adapter_name)?;
     if injected.is_empty() {
         let names = model.linear_names();
         let shown: Vec<_> = names.iter().take(8).cloned().collect();
@@ -153,6 +180,31 @@ pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
         });
     }
     Ok(injected)
+}
+
+/// PEFT's `trainable_token_indices`: each named embedding (a plain list: the input
+/// embedding) trains the listed rows. A name no embedding has is an error naming the field.
+fn inject_trainable_tokens<B: LoraOps, M: Model<B> + ?Sized>(
+    model: &mut M,
+    backend: &B,
+    config: &LoraConfig,
+    adapter_name: &str,
+) -> Result<()> {
+    let input = model.input_embedding();
+    for (module, ids) in config.token_targets(input.as_deref())? {
+        let mut embeddings = model.embeddings_mut();
+        let names: Vec<String> = embeddings.iter().map(|e| e.name().to_string()).collect();
+        let emb = embeddings
+            .iter_mut()
+            .find(|e| e.name() == module || e.name().ends_with(&format!(".{module}")))
+            .ok_or_else(|| PeftError::Unsupported {
+                field: "trainable_token_indices",
+                value: module.clone(),
+                reason: format!("no embedding of that name; the model's embeddings: {names:?}"),
+            })?;
+        emb.add_trainable_tokens(backend, adapter_name, &ids)?;
+    }
+    Ok(())
 }
 
 /// [`inject_adapter`] under PEFT's default adapter name.

@@ -96,6 +96,21 @@ impl<T> AttentionInputs<T> {
     }
 }
 
+impl<B: LoraOps> DecoderLayer<B> {
+    /// The seven projections, mutably, in PyTorch's order.
+    pub fn linears_mut(&mut self) -> [&mut LoraLinear<B>; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+}
+
 impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
     /// `h + attn(norm(h))`, then `+ mlp(norm(.))`; `h` is `[batch * seq, hidden]`.
     pub fn forward(

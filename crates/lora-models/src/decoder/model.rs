@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use lora_core::{
-    DecoderOps, DenseLinear, Error, HostTensor, LoraLinear, LoraOps, Mode, Model, Tensor, Transpose,
+    DecoderOps, DenseLinear, Error, HostTensor, LoraEmbedding, LoraLinear, LoraOps, Mode, Model,
+    Tensor, Transpose,
 };
 
 use super::config::DecoderConfig;
@@ -25,7 +26,8 @@ use crate::token_batch::TokenBatch;
 #[derive(Debug)]
 pub struct DecoderModel<B: LoraOps> {
     config: DecoderConfig,
-    embed_tokens: B::Tensor,
+    /// `model.embed_tokens`: the frozen table, and LoRA or trainable tokens when targeted.
+    embed_tokens: LoraEmbedding<B>,
     layers: Vec<DecoderLayer<B>>,
     norm: B::Tensor,
     /// `None` when `tie_word_embeddings`: the logits then use `embed_tokens`.
@@ -91,7 +93,11 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         make_base: &MakeBase<'_, B>,
     ) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = w.get(backend, "model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = LoraEmbedding::new(
+            "model.embed_tokens",
+            w.get(backend, "model.embed_tokens.weight", &[v, h])?,
+            config.pad_token_id.map(|p| p as usize),
+        );
         let layers = (0..config.num_hidden_layers)
             .map(|l| w.layer(backend, make_base, &config, l))
             .collect::<Result<Vec<_>>>()?;
@@ -226,7 +232,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         check_step(c, step)?;
         let att = self.attention_inputs(b, step)?;
         let rows: Vec<usize> = step.ids.iter().map(|&i| i as usize).collect();
-        let mut h = b.gather_rows(&self.embed_tokens, &rows)?;
+        let mut h = self.embed_tokens.forward(b, &rows, mode)?;
         let config = self.config.clone();
         if let Some(cache) = cache.as_deref_mut() {
             let width = cache.capacity * config.head_dim;
@@ -251,7 +257,9 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             }
         }
         let (h_norm, inv_rms) = b.rms_norm(&h, &self.norm, config.rms_norm_eps as f32)?;
-        let embedding = (mode == Mode::Train && self.embedding_grad)
+        // The tied head's input is kept when its table's gradient or trained rows need it.
+        let tied_tokens = self.lm_head.is_none() && self.embed_tokens.has_adapters();
+        let embedding = (mode == Mode::Train && (self.embedding_grad || tied_tokens))
             .then(|| (rows, self.lm_head.is_none().then(|| h_norm.clone())));
         self.train_state = match mode {
             Mode::Train => Some(TrainState {
@@ -269,7 +277,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             None => b.matmul(
                 1.0,
                 (&h, Transpose::No),
-                (&self.embed_tokens, Transpose::Yes),
+                (&*self.embed_tokens.head_weight(b)?, Transpose::Yes),
                 &[bs * t, config.vocab_size],
             )?,
         };
@@ -308,7 +316,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             None => b.matmul(
                 1.0,
                 (&d_logits, Transpose::No),
-                (&self.embed_tokens, Transpose::No),
+                (&*self.embed_tokens.head_weight(b)?, Transpose::No),
                 &[bs * t, h],
             )?,
         };
@@ -328,7 +336,13 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             }
             g = layer.backward(b, &config, &format!("model.layers.{l}"), &st.att, &g)?;
         }
-        self.embed_tokens_grad = match st.embedding {
+        if self.embed_tokens.has_adapters() {
+            self.embed_tokens.backward(b, &g)?;
+            if let (Some((_, Some(h_norm))), Some(d_logits)) = (&st.embedding, &d_logits) {
+                self.embed_tokens.tied_head_backward(b, d_logits, h_norm)?;
+            }
+        }
+        self.embed_tokens_grad = match st.embedding.filter(|_| self.embedding_grad) {
             Some((ids, tied_input)) => {
                 // As `nn.Embedding(padding_idx=pad_token_id)`: padding tokens add nothing.
                 let pad = self.config.pad_token_id.map(|p| p as usize);
@@ -438,20 +452,28 @@ impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
     }
 
     fn linears_mut(&mut self) -> Vec<&mut LoraLinear<B>> {
-        let mut v: Vec<&mut LoraLinear<B>> = Vec::new();
+        self.trainable_parts_mut().0
+    }
+
+    fn embeddings(&self) -> Vec<&LoraEmbedding<B>> {
+        vec![&self.embed_tokens]
+    }
+
+    fn embeddings_mut(&mut self) -> Vec<&mut LoraEmbedding<B>> {
+        vec![&mut self.embed_tokens]
+    }
+
+    fn trainable_parts_mut(&mut self) -> (Vec<&mut LoraLinear<B>>, Vec<&mut LoraEmbedding<B>>) {
+        let mut linears: Vec<&mut LoraLinear<B>> = Vec::new();
         for l in &mut self.layers {
-            v.extend([
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.o_proj,
-                &mut l.gate_proj,
-                &mut l.up_proj,
-                &mut l.down_proj,
-            ]);
+            linears.extend(l.linears_mut());
         }
-        v.extend(self.lm_head.as_mut());
-        v
+        linears.extend(self.lm_head.as_mut());
+        (linears, vec![&mut self.embed_tokens])
+    }
+
+    fn input_embedding(&self) -> Option<String> {
+        Some(self.embed_tokens.name().to_string())
     }
 
     fn output_head(&self) -> Option<String> {

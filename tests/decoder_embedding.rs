@@ -1,0 +1,329 @@
+//! LoRA on `embed_tokens` and trainable tokens against PEFT (issue 15), on the tiny decoder
+//! checkpoints (`fixtures/make_embedding_fixtures.py`): the adapters PEFT saved load here
+//! and give PEFT's logits, loss and the gradient of every trainable tensor (the tied
+//! Qwen2's output head reads the trained rows too); re-saving writes PEFT's file; `lora
+//! merge` writes PEFT's merged table; bad `trainable_token_indices` are refused by name.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use lora::models::decoder::DecoderModel;
+use lora::peft::{LoraConfig, TargetModules, TokenIndices};
+use lora::{Backend, HostTensor, Mode, Model};
+use lora_tests::decoder_fixtures::{
+    adapter_grads, assert_logits_close, batch, dir, io, train_backward,
+};
+use lora_tests::{assert_close_scaled, backend_suite, to64};
+
+/// `(case, checkpoint)` of every fixture.
+const CASES: [(&str, &str); 3] = [
+    ("embed_lora", "llama"),
+    ("tokens", "llama"),
+    ("tokens_tied", "qwen2"),
+];
+
+fn case_dir(case: &str) -> PathBuf {
+    dir("peft_embedding").join(case)
+}
+
+fn expected(case: &str) -> BTreeMap<String, HostTensor> {
+    lora::io::read_safetensors(&case_dir(case).join("expected.safetensors")).unwrap()
+}
+
+fn loaded<B: lora::FullBackend>(b: &B, case: &str, model_dir: &str) -> DecoderModel<B> {
+    let mut model = DecoderModel::from_pretrained(b, &dir(model_dir)).unwrap();
+    lora::peft::load_pretrained(&case_dir(case).join("adapter"), &mut model, b).unwrap();
+    model
+}
+
+/// Logits, loss and every gradient equal PEFT's.
+fn check_case<B: lora::FullBackend>(b: &B, case: &str, model_dir: &str) {
+    let mut model = loaded(b, case, model_dir);
+    let io = io(model_dir);
+    let want = expected(case);
+    let tb = batch(&io, "input_ids", Some("attention_mask"));
+    let vocab = model.config().vocab_size;
+    let logits = b
+        .to_host(&model.logits(b, &tb, Mode::Eval).unwrap())
+        .unwrap();
+    assert_logits_close(
+        &format!("{case} logits"),
+        &logits,
+        &want["logits"].data,
+        &tb.attention_mask,
+        vocab,
+        1e-4,
+    );
+    let loss = train_backward(b, &mut model, &tb, &io.ints["labels"].1);
+    let want_loss = f64::from(want["loss"].data[0]);
+    assert!(
+        (loss - want_loss).abs() <= 1e-4 * want_loss,
+        "{case} loss {loss} vs {want_loss}"
+    );
+    let mut got: Vec<(String, Vec<f32>)> = adapter_grads(b, &mut model)
+        .into_iter()
+        .map(|(m, t, g)| (format!("base_model.model.{m}.{t}.weight"), g))
+        .collect();
+    let emb = &model.embeddings()[0];
+    for (t, g) in emb.grads(b, lora::DEFAULT_ADAPTER).unwrap() {
+        got.push((
+            format!("base_model.model.{}.{t}", emb.name()),
+            b.to_host(&g).unwrap(),
+        ));
+    }
+    let n_want = want.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(got.len(), n_want, "{case}: every trainable tensor checked");
+    for (key, g) in &got {
+        let w = want
+            .get(&format!("grad.{key}"))
+            .unwrap_or_else(|| panic!("{case}: the fixture has no gradient of {key}"));
+        assert_close_scaled(&format!("{case} d {key}"), g, &to64(&w.data), 1e-4, 1e-5);
+    }
+}
+
+backend_suite! { all:
+    fn lora_on_embed_tokens_equals_peft(b) {
+        check_case(b, "embed_lora", "llama");
+    }
+
+    fn trainable_tokens_equal_peft(b) {
+        check_case(b, "tokens", "llama");
+    }
+
+    fn trainable_tokens_with_tied_embeddings_equal_peft(b) {
+        check_case(b, "tokens_tied", "qwen2");
+    }
+}
+
+/// Loading PEFT's file and saving it again writes the same keys and values (LoRA on an
+/// embedding also saves the whole table, as PEFT's `save_embedding_layers="auto"` does).
+#[test]
+fn resaved_adapters_equal_peft_files() {
+    let b = lora::NdArray::new();
+    let tmp = tempfile::tempdir().unwrap();
+    for (case, model_dir) in CASES {
+        let model = loaded(&b, case, model_dir);
+        let config =
+            LoraConfig::from_file(&case_dir(case).join("adapter/adapter_config.json")).unwrap();
+        let out = tmp.path().join(case);
+        lora::peft::save_pretrained(&out, &model, &b, &config).unwrap();
+        let ours = lora::io::read_safetensors(&out.join("adapter_model.safetensors")).unwrap();
+        let peft =
+            lora::io::read_safetensors(&case_dir(case).join("adapter/adapter_model.safetensors"))
+                .unwrap();
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            peft.keys().collect::<Vec<_>>(),
+            "{case}: keys"
+        );
+        for (k, t) in &peft {
+            assert_eq!(ours[k].shape, t.shape, "{case} {k}");
+            assert_eq!(ours[k].data, t.data, "{case} {k}");
+        }
+    }
+}
+
+/// `lora merge` folds LoRA on an embedding and trained token rows into the table as
+/// PEFT's `merge_and_unload()` does.
+#[test]
+fn lora_merge_writes_peft_merged_embedding() {
+    let b = lora::NdArray::new();
+    let tmp = tempfile::tempdir().unwrap();
+    for (case, model_dir) in CASES {
+        let out = tmp.path().join(format!("{case}.safetensors"));
+        lora::peft::merge_checkpoint(
+            &b,
+            &dir(model_dir),
+            &case_dir(case).join("adapter"),
+            lora::DEFAULT_ADAPTER,
+            &out,
+            lora::peft::OutDtype::Keep,
+            &|_, _| {},
+        )
+        .unwrap();
+        let merged = lora::io::read_safetensors(&out).unwrap();
+        let key = "model.embed_tokens.weight";
+        assert_close_scaled(
+            &format!("{case} merged {key}"),
+            &merged[key].data,
+            &to64(&expected(case)[&format!("merged.{key}")].data),
+            1e-5,
+            1e-6,
+        );
+    }
+}
+
+/// Trainable tokens train: a few AdamW steps lower the loss and move only the listed rows
+/// (the frozen table is untouched; a saved and reloaded adapter gives the same logits).
+#[test]
+fn trainable_tokens_train_and_reload() {
+    use lora::{Adam, Optimizer};
+    let b = lora::NdArray::new();
+    let mut model = DecoderModel::from_pretrained(&b, &dir("qwen2")).unwrap();
+    let config = LoraConfig {
+        target_modules: Some(TargetModules::List(vec!["q_proj".into()])),
+        trainable_token_indices: Some(TokenIndices::List(vec![285, 301, 15])),
+        task_type: Some("CAUSAL_LM".into()),
+        ..LoraConfig::default()
+    };
+    lora::peft::inject_adapters(&mut model, &b, &config, 3).unwrap();
+    let table = b.to_host(model.embeddings()[0].weight()).unwrap();
+    let io = io("qwen2");
+    let tb = batch(&io, "input_ids", Some("attention_mask"));
+    let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..5 {
+        losses.push(train_backward(&b, &mut model, &tb, &io.ints["labels"].1));
+        opt.step(&b, &mut model.params_and_grads()).unwrap();
+    }
+    assert!(
+        losses[4] < losses[0],
+        "training lowers the loss: {losses:?}"
+    );
+    assert_eq!(b.to_host(model.embeddings()[0].weight()).unwrap(), table);
+    let rows = &model.embeddings()[0]
+        .tensors(&b, lora::DEFAULT_ADAPTER)
+        .unwrap()[0]
+        .1;
+    let rows = b.to_host(rows).unwrap();
+    let h = model.config().hidden_size;
+    for (j, id) in [285, 301, 15].into_iter().enumerate() {
+        assert_ne!(
+            &rows[j * h..(j + 1) * h],
+            &table[id * h..(id + 1) * h],
+            "row {id} moved"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    lora::peft::save_pretrained(tmp.path(), &model, &b, &config).unwrap();
+    let mut reloaded = DecoderModel::from_pretrained(&b, &dir("qwen2")).unwrap();
+    lora::peft::load_pretrained(tmp.path(), &mut reloaded, &b).unwrap();
+    let a = b
+        .to_host(&model.logits(&b, &tb, Mode::Eval).unwrap())
+        .unwrap();
+    let r = b
+        .to_host(&reloaded.logits(&b, &tb, Mode::Eval).unwrap())
+        .unwrap();
+    assert_eq!(a, r);
+}
+
+/// Trains LoRA on `embed_tokens` (Llama) and trainable tokens (the tied Qwen2) for a few
+/// AdamW steps, saves the adapters, and writes our logits with them to
+/// `<target>/tmp/decoder-embedding-interop/<case>/`, where `cargo xtask test` hands them to
+/// `fixtures/check_decoder_in_peft.py`: PEFT must load them and compute the same logits.
+#[test]
+fn export_embedding_adapters_for_peft() {
+    use lora::{Adam, Optimizer};
+    let b = lora::NdArray::new();
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("decoder-embedding-interop");
+    let _ = std::fs::remove_dir_all(&root);
+    let list = |v: &[&str]| {
+        Some(TargetModules::List(
+            v.iter().map(|s| s.to_string()).collect(),
+        ))
+    };
+    let cases = [
+        (
+            "embed_lora",
+            "llama",
+            LoraConfig {
+                r: 4,
+                lora_alpha: 8.0,
+                target_modules: list(&["embed_tokens", "q_proj"]),
+                ..LoraConfig::default()
+            },
+        ),
+        (
+            "tokens_tied",
+            "qwen2",
+            LoraConfig {
+                target_modules: list(&["q_proj"]),
+                trainable_token_indices: Some(TokenIndices::List(vec![285, 301, 15, 3])),
+                ..LoraConfig::default()
+            },
+        ),
+    ];
+    for (case, model_dir, config) in cases {
+        let config = LoraConfig {
+            task_type: Some("CAUSAL_LM".into()),
+            ..config
+        };
+        let mut model = DecoderModel::from_pretrained(&b, &dir(model_dir)).unwrap();
+        lora::peft::inject_adapters(&mut model, &b, &config, 9).unwrap();
+        let io = io(model_dir);
+        let tb = batch(&io, "input_ids", Some("attention_mask"));
+        let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..5 {
+            losses.push(train_backward(&b, &mut model, &tb, &io.ints["labels"].1));
+            opt.step(&b, &mut model.params_and_grads()).unwrap();
+        }
+        assert!(
+            losses[4] < losses[0],
+            "{case}: training lowers the loss: {losses:?}"
+        );
+        let out = root.join(case);
+        lora::peft::save_pretrained(&out.join("adapter"), &model, &b, &config).unwrap();
+        let vocab = model.config().vocab_size;
+        let logits = b
+            .to_host(&model.logits(&b, &tb, Mode::Eval).unwrap())
+            .unwrap();
+        let t = HostTensor {
+            shape: vec![tb.batch, tb.seq_len, vocab],
+            data: logits,
+        };
+        lora::io::write_safetensors(&out.join("ours.safetensors"), &[("logits".to_string(), t)])
+            .unwrap();
+        std::fs::write(
+            out.join("model_dir.txt"),
+            dir(model_dir).display().to_string(),
+        )
+        .unwrap();
+    }
+}
+
+/// Token ids past the vocabulary, repeated or negative ids, an unknown embedding name, and
+/// trainable tokens on an embedding that LoRA also targets are errors naming the field.
+#[test]
+fn bad_trainable_token_indices_are_refused_by_name() {
+    let b = lora::NdArray::new();
+    let try_inject = |tokens: TokenIndices, targets: &[&str]| {
+        let mut model = DecoderModel::from_pretrained(&b, &dir("llama")).unwrap();
+        let config = LoraConfig {
+            target_modules: Some(TargetModules::List(
+                targets.iter().map(|s| s.to_string()).collect(),
+            )),
+            trainable_token_indices: Some(tokens),
+            ..LoraConfig::default()
+        };
+        lora::peft::inject_adapters(&mut model, &b, &config, 0)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = try_inject(TokenIndices::List(vec![1, 400]), &["q_proj"]);
+    assert!(
+        e.contains("trainable_token_indices") && e.contains("400"),
+        "{e}"
+    );
+    let e = try_inject(TokenIndices::List(vec![7, 7]), &["q_proj"]);
+    assert!(
+        e.contains("trainable_token_indices") && e.contains("twice"),
+        "{e}"
+    );
+    let e = try_inject(TokenIndices::List(vec![-1]), &["q_proj"]);
+    assert!(
+        e.contains("trainable_token_indices") && e.contains("-1"),
+        "{e}"
+    );
+    let e = try_inject(
+        TokenIndices::PerModule(BTreeMap::from([("wte".to_string(), vec![1])])),
+        &["q_proj"],
+    );
+    assert!(
+        e.contains("trainable_token_indices") && e.contains("wte"),
+        "{e}"
+    );
+    let e = try_inject(TokenIndices::List(vec![1]), &["embed_tokens"]);
+    assert!(e.contains("trainable_token_indices"), "{e}");
+}
