@@ -6,7 +6,7 @@
 
 use lora::models::Mlp;
 use lora::ops::{MajoritySign, TaskMerge, TaskMethod};
-use lora::peft::{Combination, PeftModel};
+use lora::peft::{Combination, PeftModel, SvdCombination};
 use lora::{Backend, Model, NdArray, UnaryOp};
 use lora_tests::{assert_close, fixtures_dir, to64};
 
@@ -148,4 +148,129 @@ fn dare_is_a_rescaled_random_subset_of_the_sources() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("density"), "{e}");
+}
+
+fn svd(merge: Option<TaskMerge>, rank: Option<usize>, clamp: Option<f32>) -> Combination {
+    Combination::Svd(SvdCombination { merge, rank, clamp })
+}
+
+/// The SVD-based combinations give PEFT's merged delta `B A` (singular vectors carry a
+/// sign, so the factors are compared through their product), PEFT's factor shapes and
+/// config, and `A` with orthonormal rows (the singular values live in `B`).
+#[test]
+fn svd_combinations_equal_peft() {
+    let b = NdArray::new();
+    let want = lora::io::read_safetensors(&dir().join("svd.safetensors")).unwrap();
+    let ties = |d| match task(TaskMethod::Ties, d, MajoritySign::Total) {
+        Combination::Task(t) => t,
+        _ => unreachable!(),
+    };
+    let prune = TaskMerge {
+        method: TaskMethod::MagnitudePrune,
+        ..ties(0.5)
+    };
+    for (case, combination, rank) in [
+        ("svd", svd(None, None, None), 4),
+        ("svd_rank2", svd(None, Some(2), None), 2),
+        ("ties_svd", svd(Some(ties(0.5)), None, None), 4),
+        ("magnitude_prune_svd", svd(Some(prune), None, None), 4),
+    ] {
+        let mut pm = two_adapters(&b);
+        pm.add_weighted_adapter(&b, &[("first", 0.7), ("second", -0.4)], case, combination)
+            .unwrap();
+        let got = factors(&b, &pm, case);
+        assert_eq!(got.len(), 2, "{case}: both targeted layers");
+        for (module, a, bb) in got {
+            let key = |t: &str| format!("{case}.{module}.{t}");
+            let (a_shape, b_shape) = (&want[&key("lora_A")].shape, &want[&key("lora_B")].shape);
+            assert_eq!((a_shape[0], b_shape[1]), (rank, rank), "{case} {module}");
+            let (out, inp) = (b_shape[0], a_shape[1]);
+            let delta: Vec<f32> = (0..out * inp)
+                .map(|i| {
+                    (0..rank)
+                        .map(|k| bb[(i / inp) * rank + k] * a[k * inp + i % inp])
+                        .sum()
+                })
+                .collect();
+            assert_close(
+                &key("delta"),
+                &delta,
+                &to64(&want[&key("delta")].data),
+                1e-5,
+                1e-6,
+            );
+            for i in 0..rank {
+                let norm: f32 = a[i * inp..(i + 1) * inp].iter().map(|v| v * v).sum();
+                assert!(
+                    (norm - 1.0).abs() < 1e-5,
+                    "{case} {module}: lora_A row {i} norm {norm}"
+                );
+            }
+        }
+        let cfg = pm.config(case).unwrap();
+        assert_eq!(
+            (cfg.r, cfg.lora_alpha),
+            (rank, rank as f64),
+            "{case}: PEFT's new config"
+        );
+    }
+    // svd_clamp depends on the singular vectors' signs (LAPACK's and faer's differ), so it is
+    // checked on PEFT's own factors: clamping PEFT's `svd` factors gives PEFT's `svd_clamp`.
+    for module in ["layers.0", "layers.2"] {
+        let t = |case: &str, f: &str| want[&format!("{case}.{module}.{f}")].data.clone();
+        let (mut a, mut bb) = (t("svd", "lora_A"), t("svd", "lora_B"));
+        lora::peft::svd_clamp(&mut a, &mut bb, 0.9);
+        assert_close(
+            "svd_clamp lora_A",
+            &a,
+            &to64(&t("svd_clamp", "lora_A")),
+            1e-6,
+            1e-7,
+        );
+        assert_close(
+            "svd_clamp lora_B",
+            &bb,
+            &to64(&t("svd_clamp", "lora_B")),
+            1e-6,
+            1e-7,
+        );
+    }
+    // End to end, the clamped combination is ours clamped.
+    let mut pm = two_adapters(&b);
+    for (name, clamp) in [("plain", None), ("clamped", Some(0.9))] {
+        pm.add_weighted_adapter(
+            &b,
+            &[("first", 0.7), ("second", -0.4)],
+            name,
+            svd(None, None, clamp),
+        )
+        .unwrap();
+    }
+    for ((_, mut a, mut bb), (_, ca, cb)) in factors(&b, &pm, "plain")
+        .into_iter()
+        .zip(factors(&b, &pm, "clamped"))
+    {
+        lora::peft::svd_clamp(&mut a, &mut bb, 0.9);
+        assert_eq!((a, bb), (ca, cb));
+    }
+    let e = pm
+        .add_weighted_adapter(
+            &b,
+            &[("first", 0.7), ("second", -0.4)],
+            "big",
+            svd(None, Some(7), None),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("svd_rank") && e.contains("7"), "{e}");
+    let e = pm
+        .add_weighted_adapter(
+            &b,
+            &[("first", 0.7), ("second", -0.4)],
+            "clamp",
+            svd(None, None, Some(1.5)),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("svd_clamp"), "{e}");
 }

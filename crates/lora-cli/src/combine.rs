@@ -1,12 +1,13 @@
 //! `lora combine`: several PEFT adapters into one, by PEFT's `add_weighted_adapter` rules
-//! (`linear`, `cat`, `ties`, `magnitude_prune`, `dare_linear`, `dare_ties`).
+//! (`linear`, `cat`, `ties`, `magnitude_prune`, `dare_linear`, `dare_ties`, and the SVD-based
+//! `svd`, `ties_svd`, `dare_linear_svd`, `dare_ties_svd`, `magnitude_prune_svd`).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use lora::ops::{MajoritySign, TaskMerge, TaskMethod};
-use lora::peft::{self, Combination};
+use lora::peft::{self, Combination, SvdCombination};
 
 /// `--combination-type` choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -24,8 +25,16 @@ pub enum CombinationArg {
     DareLinear,
     /// DARE's pruning with TIES' sign election.
     DareTies,
-    /// SVD of the weighted delta (not implemented yet).
+    /// The weighted sum of the deltas, cut to `--svd-rank` by an SVD (any source ranks).
     Svd,
+    /// TIES on the deltas, then the SVD.
+    TiesSvd,
+    /// Magnitude pruning on the deltas, then the SVD.
+    MagnitudePruneSvd,
+    /// DARE on the deltas, then the SVD.
+    DareLinearSvd,
+    /// DARE with TIES' sign election on the deltas, then the SVD.
+    DareTiesSvd,
 }
 
 /// `--majority-sign-method` choices.
@@ -63,6 +72,12 @@ pub struct CombineArgs {
     /// Seed of DARE's random masks.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Rank of the SVD-based combinations (default: the largest source rank).
+    #[arg(long)]
+    pub svd_rank: Option<usize>,
+    /// Clip the SVD factors to this quantile of their values, in (0, 1].
+    #[arg(long)]
+    pub svd_clamp: Option<f32>,
     /// Output adapter directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -81,17 +96,38 @@ impl CombineArgs {
                 seed: self.seed,
             })
         };
-        Ok(match self.combination_type {
+        let svd = |method: Option<TaskMethod>| {
+            let merge = method.map(|m| match task(m) {
+                Combination::Task(t) => t,
+                _ => unreachable!("task() builds a Task"),
+            });
+            Combination::Svd(SvdCombination {
+                merge,
+                rank: self.svd_rank,
+                clamp: self.svd_clamp,
+            })
+        };
+        let combination = match self.combination_type {
             CombinationArg::Linear => Combination::Linear,
             CombinationArg::Cat => Combination::Cat,
             CombinationArg::Ties => task(TaskMethod::Ties),
             CombinationArg::MagnitudePrune => task(TaskMethod::MagnitudePrune),
             CombinationArg::DareLinear => task(TaskMethod::DareLinear),
             CombinationArg::DareTies => task(TaskMethod::DareTies),
-            CombinationArg::Svd => bail!(
-                "--combination-type svd: the SVD-based combinations are not implemented yet (use cat: it is exact)"
-            ),
-        })
+            CombinationArg::Svd => svd(None),
+            CombinationArg::TiesSvd => svd(Some(TaskMethod::Ties)),
+            CombinationArg::MagnitudePruneSvd => svd(Some(TaskMethod::MagnitudePrune)),
+            CombinationArg::DareLinearSvd => svd(Some(TaskMethod::DareLinear)),
+            CombinationArg::DareTiesSvd => svd(Some(TaskMethod::DareTies)),
+        };
+        let is_svd = matches!(combination, Combination::Svd(_));
+        if !is_svd && (self.svd_rank.is_some() || self.svd_clamp.is_some()) {
+            bail!(
+                "--svd-rank and --svd-clamp apply to the SVD-based combinations only, not to --combination-type {}",
+                combination.name()
+            );
+        }
+        Ok(combination)
     }
 }
 

@@ -6,14 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use lora_core::{HostTensor, LoraOps, WeightedFactors};
+use lora_core::{HostTensor, LoraOps};
 use lora_io::fs::write_atomic;
 use lora_io::{read_safetensors, write_safetensors};
 
 use crate::adapter_file::{CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, lora_modules};
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
-use crate::weighted_adapter::{Combination, combine_module, combined_config};
+use crate::weighted_adapter::{Combination, Source, combine_module, combined_config};
 
 /// Combines the adapter directories `sources` (each with its weight) into a new adapter
 /// directory `out`; returns the new config. DoRA adapters are refused
@@ -83,23 +83,18 @@ pub fn combine_adapter_dirs<B: LoraOps>(
             if let Some(t) = m.get(module) {
                 let s = config.spec_for(module, 0)?.scaling();
                 let (a, b) = (t.a.to_backend(backend)?, t.b.to_backend(backend)?);
-                held.push((a, b, *w * s));
+                held.push((a, b, s, *w));
             }
         }
-        let parts: Vec<WeightedFactors<'_, B::Tensor>> = held
-            .iter()
-            .map(|(a, b, weight)| WeightedFactors {
-                a,
-                b,
-                weight: *weight,
-            })
-            .collect();
-        let (a, b) = combine_module(backend, &parts, combination, module).map_err(|e| {
-            PeftError::Core(lora_core::Error::state(
-                format!("lora combine, module {module}"),
-                e.to_string(),
-            ))
-        })?;
+        let parts: Vec<Source<'_, B::Tensor>> =
+            held.iter().map(|(a, b, s, w)| (a, b, *s, *w)).collect();
+        let (a, b) =
+            combine_module(backend, &parts, combination, new_config.r, module).map_err(|e| {
+                PeftError::Core(lora_core::Error::state(
+                    format!("lora combine, module {module}"),
+                    e.to_string(),
+                ))
+            })?;
         tensors.push((
             format!("{KEY_PREFIX}{module}.lora_A.weight"),
             HostTensor::from_backend(backend, &a)?,

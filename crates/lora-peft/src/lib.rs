@@ -24,6 +24,7 @@ mod init_methods;
 mod merge_checkpoint;
 mod name_patterns;
 mod peft_model;
+mod svd_combination;
 mod targeting;
 mod weighted_adapter;
 
@@ -38,5 +39,6 @@ pub use init_methods::{InitMethod, initialise};
 pub use merge_checkpoint::{MergeReport, OutDtype, adapter_dir_for, merge_checkpoint};
 pub use name_patterns::pattern_value;
 pub use peft_model::PeftModel;
+pub use svd_combination::{SvdCombination, svd_clamp};
 pub use targeting::{inject_adapter, inject_adapters, matches, quant_targets, selects};
 pub use weighted_adapter::Combination;

@@ -11,6 +11,7 @@ use lora_core::{LoraAdapter, LoraOps, Model, WeightedFactors};
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::Result;
 use crate::peft_model::{PeftModel, state};
+use crate::svd_combination::{SvdCombination, SvdSource, svd_combine_module};
 
 /// How [`PeftModel::add_weighted_adapter`] combines adapters (PEFT's `combination_type`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -23,36 +24,73 @@ pub enum Combination {
     /// Same ranks; `ties`, `magnitude_prune`, `dare_linear` or `dare_ties` on the A's and
     /// on the B's, weighted as `Linear` (`LoraOps::lora_combine_task`).
     Task(TaskMerge),
+    /// `svd`, `ties_svd`, `dare_linear_svd`, `dare_ties_svd`, `magnitude_prune_svd`: the
+    /// deltas combined, then cut to rank `svd_rank` by an SVD (any source ranks).
+    Svd(SvdCombination),
 }
 
 impl Combination {
     /// PEFT's name (`linear`, `cat`, `ties`, ...).
     pub fn name(&self) -> &'static str {
         use lora_core::ops::TaskMethod;
+        let task = |m: &TaskMerge, svd: bool| match (m.method, svd) {
+            (TaskMethod::Ties, false) => "ties",
+            (TaskMethod::MagnitudePrune, false) => "magnitude_prune",
+            (TaskMethod::DareLinear, false) => "dare_linear",
+            (TaskMethod::DareTies, false) => "dare_ties",
+            (TaskMethod::Ties, true) => "ties_svd",
+            (TaskMethod::MagnitudePrune, true) => "magnitude_prune_svd",
+            (TaskMethod::DareLinear, true) => "dare_linear_svd",
+            (TaskMethod::DareTies, true) => "dare_ties_svd",
+        };
         match self {
             Combination::Linear => "linear",
             Combination::Cat => "cat",
-            Combination::Task(t) => match t.method {
-                TaskMethod::Ties => "ties",
-                TaskMethod::MagnitudePrune => "magnitude_prune",
-                TaskMethod::DareLinear => "dare_linear",
-                TaskMethod::DareTies => "dare_ties",
-            },
+            Combination::Task(t) => task(t, false),
+            Combination::Svd(SvdCombination { merge: None, .. }) => "svd",
+            Combination::Svd(SvdCombination { merge: Some(t), .. }) => task(t, true),
         }
     }
 }
 
-/// The combined `(lora_A, lora_B)` of one module from its sources' factors.
+/// One source adapter of a module: `lora_A`, `lora_B`, its scaling and the user's weight.
+pub(crate) type Source<'a, T> = (&'a T, &'a T, f32, f32);
+
+/// The combined `(lora_A, lora_B)` of one module from its sources; `rank` is the new rank
+/// ([`combined_rank`]).
 pub(crate) fn combine_module<B: LoraOps>(
     backend: &B,
-    parts: &[WeightedFactors<'_, B::Tensor>],
+    sources: &[Source<'_, B::Tensor>],
     combination: Combination,
+    rank: usize,
     module: &str,
 ) -> lora_core::Result<(B::Tensor, B::Tensor)> {
+    if let Combination::Svd(svd) = combination {
+        let sources: Vec<SvdSource<'_, B::Tensor>> = sources
+            .iter()
+            .map(|&(a, b, scaling, weight)| SvdSource {
+                a,
+                b,
+                scaling,
+                weight,
+            })
+            .collect();
+        return svd_combine_module(backend, &sources, &svd, rank, module);
+    }
+    // The factor combinations fold each scaling into the weight.
+    let parts: Vec<WeightedFactors<'_, B::Tensor>> = sources
+        .iter()
+        .map(|&(a, b, s, w)| WeightedFactors {
+            a,
+            b,
+            weight: w * s,
+        })
+        .collect();
     match combination {
-        Combination::Linear => backend.lora_combine_linear(parts),
-        Combination::Cat => backend.lora_combine_cat(parts),
-        Combination::Task(m) => backend.lora_combine_task(parts, &m, module),
+        Combination::Linear => backend.lora_combine_linear(&parts),
+        Combination::Cat => backend.lora_combine_cat(&parts),
+        Combination::Task(m) => backend.lora_combine_task(&parts, &m, module),
+        Combination::Svd(_) => unreachable!("handled above"),
     }
 }
 
@@ -80,6 +118,10 @@ pub(crate) fn combined_rank(configs: &[LoraConfig], combination: Combination) ->
             Ok(r)
         }
         Combination::Cat => Ok(configs.iter().map(max_rank).sum()),
+        Combination::Svd(svd) => Ok(svd
+            .rank
+            .filter(|&r| r > 0)
+            .unwrap_or_else(|| configs.iter().map(max_rank).max().unwrap_or(0))),
     }
 }
 
@@ -129,8 +171,10 @@ pub(crate) fn combined_config(
     configs: &[LoraConfig],
     combination: Combination,
 ) -> Result<(LoraConfig, f32)> {
-    if let Combination::Task(m) = combination {
-        m.validate()?;
+    match combination {
+        Combination::Task(m) => m.validate()?,
+        Combination::Svd(svd) => svd.validate()?,
+        Combination::Linear | Combination::Cat => {}
     }
     // A DoRA magnitude does not combine with the factors: PEFT refuses them too.
     if configs.iter().any(|c| c.use_dora) {
@@ -187,25 +231,36 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
             combination
         };
         let (new_config, scaling) = combined_config(&configs, combination)?;
+        if let Some(e) = self
+            .model
+            .embeddings()
+            .into_iter()
+            .find(|e| adapters.iter().any(|(n, _)| e.adapter_names().contains(n)))
+        {
+            return Err(crate::PeftError::Unsupported {
+                field: "target_modules",
+                value: e.name().to_string(),
+                reason:
+                    "combining adapters on embeddings (LoRA or trainable tokens) is not implemented"
+                        .into(),
+            });
+        }
         for layer in self.model.linears_mut() {
             let module = layer.name().to_string();
-            // (A, B, weight x scaling) of every source adapter this layer has.
-            let mut parts = Vec::new();
+            // (A, B, scaling, weight) of every source adapter this layer has.
+            let mut sources = Vec::new();
             for ((n, w), cfg) in adapters.iter().zip(&configs) {
                 if let Some(a) = layer.adapter_named(n) {
                     let ts = a.tensors();
                     let s = cfg.spec_for(&module, 0)?.scaling();
-                    parts.push(WeightedFactors {
-                        a: ts[0].1,
-                        b: ts[1].1,
-                        weight: *w * s,
-                    });
+                    sources.push((ts[0].1, ts[1].1, s, *w));
                 }
             }
-            if parts.is_empty() {
+            if sources.is_empty() {
                 continue;
             }
-            let (a_new, b_new) = combine_module(backend, &parts, combination, &module)?;
+            let (a_new, b_new) =
+                combine_module(backend, &sources, combination, new_config.r, &module)?;
             let adapter = LoraAdapter::<B>::from_tensors(
                 &module,
                 a_new,
