@@ -233,6 +233,24 @@ impl<B: LoraOps> LoraLinear<B> {
         self.disabled = false;
     }
 
+    /// Swaps the adapter named `adapter_name` for `adapter` in place, keeping whether it
+    /// is active (a server's hotswap between requests). Refused while adapters are merged.
+    pub fn replace_adapter(
+        &mut self,
+        adapter_name: &str,
+        adapter: Box<dyn Adapter<B>>,
+    ) -> Result<Box<dyn Adapter<B>>> {
+        self.unmerged_required("replace an adapter")?;
+        let slot = self
+            .adapters
+            .iter_mut()
+            .find(|(n, _)| n == adapter_name)
+            .ok_or_else(|| {
+                Error::state(&self.name, format!("no adapter named {adapter_name:?}"))
+            })?;
+        Ok(std::mem::replace(&mut slot.1, adapter))
+    }
+
     /// Removes an adapter (it must not be merged). Returns it.
     pub fn delete_adapter(&mut self, adapter_name: &str) -> Result<Box<dyn Adapter<B>>> {
         if self.merged.iter().any(|m| m == adapter_name) {

@@ -20,6 +20,7 @@ mod adapter_file;
 mod combine_files;
 mod config;
 mod error;
+mod hotswap;
 mod init_methods;
 mod merge_checkpoint;
 mod name_patterns;
