@@ -69,3 +69,127 @@ fn pissa_and_olora_equal_peft() {
         );
     }
 }
+
+/// The fixture MLP with `init_lora_weights = method` (r=4, alpha 8 on layers.0/2).
+fn initialised(b: &NdArray, method: &str, r: usize) -> lora::Result<Mlp<NdArray>> {
+    let dir = fixtures_dir().join("peft_init");
+    let mut m = Mlp::new(b, &[6, 16, 16, 3], UnaryOp::Relu, 0)?;
+    m.load_state_dict(
+        b,
+        &lora::io::read_safetensors(&dir.join("base_model.safetensors")).unwrap(),
+    )?;
+    let config = lora::peft::LoraConfig {
+        r,
+        lora_alpha: 8.0,
+        target_modules: Some(lora::peft::TargetModules::List(vec![
+            "layers.0".into(),
+            "layers.2".into(),
+        ])),
+        init_lora_weights: lora::peft::InitLoraWeights::Method(method.into()),
+        ..Default::default()
+    };
+    lora::peft::inject_adapters(&mut m, b, &config, 7)
+        .map_err(|e| lora::Error::state("inject", e.to_string()))?;
+    Ok(m)
+}
+
+/// `pissa_niter_K` (a randomized SVD, as `torch.svd_lowrank`): the residual plus the
+/// adapter is the original weight, the output is unchanged, and with enough power
+/// iterations the delta is PEFT's exact PiSSA delta.
+#[test]
+fn randomized_pissa_converges_to_peft_pissa() {
+    let dir = fixtures_dir().join("peft_init");
+    let io = lora::io::read_safetensors(&dir.join("init.safetensors")).unwrap();
+    let base = lora::io::read_safetensors(&dir.join("base_model.safetensors")).unwrap();
+    let b = NdArray::new();
+    // Relative distance to PEFT's exact delta, per module, for each iteration count.
+    let mut errors: Vec<Vec<f32>> = Vec::new();
+    for niter in [2, 30] {
+        let mut m = initialised(&b, &format!("pissa_niter_{niter}"), 4).unwrap();
+        let mut errs = Vec::new();
+        for layer in m.linears() {
+            let Some(adapter) = layer.adapter() else {
+                continue;
+            };
+            let module = layer.name();
+            let w = b.to_host(&layer.base().weight(&b).unwrap()).unwrap();
+            let delta = b.to_host(&adapter.delta_weight(&b).unwrap()).unwrap();
+            let sum: Vec<f32> = w.iter().zip(&delta).map(|(a, d)| a + d).collect();
+            let orig = &base[&format!("{module}.weight")].data;
+            assert_close(
+                &format!("niter {niter} {module}: W' + s·BA"),
+                &sum,
+                &to64(orig),
+                1e-5,
+                1e-6,
+            );
+            let exact = &io[&format!("pissa.{module}.delta")].data;
+            let err: f32 = delta
+                .iter()
+                .zip(exact)
+                .map(|(a, e)| (a - e) * (a - e))
+                .sum::<f32>()
+                .sqrt();
+            let norm: f32 = exact.iter().map(|e| e * e).sum::<f32>().sqrt();
+            errs.push(err / norm);
+        }
+        errors.push(errs);
+        let x = io["x"].to_backend(&b).unwrap();
+        let y = b.to_host(&m.forward(&b, &x, Mode::Eval).unwrap()).unwrap();
+        assert_close(
+            &format!("niter {niter} output"),
+            &y,
+            &to64(&io["y_base"].data),
+            1e-5,
+            1e-6,
+        );
+    }
+    // The fixture's random weights have a flat spectrum, so power iterations converge
+    // slowly: 30 of them bring the delta within 1% of the exact one, far closer than 2.
+    for (few, many) in errors[0].iter().zip(&errors[1]) {
+        assert!(
+            *many < 1e-2 && *many < few / 4.0,
+            "relative errors, 2 vs 30 iterations: {errors:?}"
+        );
+    }
+}
+
+/// `orthogonal` (PEFT's `orthogonal_init`): both factors non-zero, their product zero, the
+/// base untouched; an odd rank is refused by name.
+#[test]
+fn orthogonal_init_is_a_non_zero_no_op() {
+    let dir = fixtures_dir().join("peft_init");
+    let base = lora::io::read_safetensors(&dir.join("base_model.safetensors")).unwrap();
+    let b = NdArray::new();
+    let m = initialised(&b, "orthogonal", 4).unwrap();
+    let mut checked = 0;
+    for layer in m.linears() {
+        let Some(adapter) = layer.adapter() else {
+            continue;
+        };
+        let module = layer.name();
+        let t = adapter.tensors();
+        for (name, f) in &t {
+            let v = b.to_host(f).unwrap();
+            assert!(
+                v.iter().any(|x| x.abs() > 1e-3),
+                "{module} {name} is non-zero"
+            );
+        }
+        let delta = b.to_host(&adapter.delta_weight(&b).unwrap()).unwrap();
+        assert!(delta.iter().all(|d| d.abs() < 1e-6), "{module}: B A = 0");
+        let w = b.to_host(&layer.base().weight(&b).unwrap()).unwrap();
+        assert_eq!(
+            w,
+            base[&format!("{module}.weight")].data,
+            "{module}: base untouched"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+    let e = initialised(&b, "orthogonal", 3)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("even") && e.contains("init_lora_weights"), "{e}");
+}

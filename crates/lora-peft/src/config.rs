@@ -26,8 +26,8 @@ pub enum TargetModules {
 pub enum InitLoraWeights {
     /// `true` (Kaiming A, zero B) or `false` (random, not a no-op).
     Bool(bool),
-    /// `"gaussian"`, `"pissa"`, `"olora"`, or methods lora-rs does not implement
-    /// (`"loftq"`, `"pissa_niter_K"`, ...), which are refused by name.
+    /// `"gaussian"`, `"pissa"`, `"pissa_niter_K"`, `"olora"`, `"orthogonal"`, or methods
+    /// lora-rs does not implement (`"loftq"`, ...), which are refused by name.
     Method(String),
 }
 
@@ -278,7 +278,7 @@ impl LoraConfig {
             return unsupported(
                 "init_lora_weights",
                 m.clone(),
-                "supported: true, false, \"gaussian\", \"pissa\", \"olora\"",
+                "supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\", \"orthogonal\"",
             );
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
@@ -361,7 +361,7 @@ impl LoraConfig {
                 return Err(PeftError::Unsupported {
                     field: "init_lora_weights",
                     value: m.clone(),
-                    reason: "supported: true, false, \"gaussian\", \"pissa\", \"olora\"".into(),
+                    reason: "supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\", \"orthogonal\"".into(),
                 });
             }
         };

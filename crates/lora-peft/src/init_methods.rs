@@ -4,14 +4,23 @@
 //! `W` (PEFT's `pissa_init` / `olora_init`, `tuners/lora/layer.py`):
 //!
 //! * `pissa`: `W = U S Vᵀ` (thin SVD); `A = √(S_r/s) V_rᵀ`, `B = U_r √(S_r/s)`.
+//! * `pissa_niter_K`: the same from a randomized SVD (`torch.svd_lowrank(W, q=r,
+//!   niter=K)`: a Gaussian range finder with `K` power iterations), for large weights.
 //! * `olora`: `W = Q R` (thin QR); `A = R_r` (first `r` rows), `B = Q_r` (first `r`
 //!   columns).
 //!
 //! and then `W ← W - s·B A`. The factorizations run on the host in f64 (faer); singular
 //! and QR vectors carry a sign, so `A` and `B` may differ from PyTorch's by signs while
-//! `B A` and the new `W` agree.
+//! `B A` and the new `W` agree. The random draws (`pissa_niter_K`, `orthogonal`) come
+//! from the seeded generator, not PyTorch's.
+//!
+//! `orthogonal` (PEFT's `orthogonal_init`) leaves `W` alone: a random orthogonal `Q`
+//! (`r x r`, `r` even) is split into its odd and even rows, `A = (G₁ Q_odd)ᵀ / 10` and
+//! `B = G₂ᵀ Q_even / 10` with Gaussian `G₁: [in, r/2]`, `G₂: [r/2, out]`, so both factors
+//! are non-zero while `B A = 0`.
 
 use faer::Mat;
+use lora_core::rng::{self, RngState};
 use lora_core::{HostTensor, LoraLinear, LoraOps, Tensor};
 
 use crate::error::{PeftError, Result};
@@ -21,8 +30,12 @@ use crate::error::{PeftError, Result};
 pub enum InitMethod {
     /// Principal singular values and vectors (PiSSA).
     Pissa,
+    /// PiSSA from a randomized SVD with this many power iterations (`pissa_niter_K`).
+    PissaNiter(usize),
     /// Orthonormal QR factors (OLoRA).
     Olora,
+    /// Non-zero factors whose product is zero (`orthogonal`); the base is unchanged.
+    Orthogonal,
 }
 
 impl InitMethod {
@@ -31,9 +44,50 @@ impl InitMethod {
         match name {
             "pissa" => Some(InitMethod::Pissa),
             "olora" => Some(InitMethod::Olora),
-            _ => None,
+            "orthogonal" => Some(InitMethod::Orthogonal),
+            _ => name
+                .strip_prefix("pissa_niter_")
+                .and_then(|k| k.parse().ok())
+                .map(InitMethod::PissaNiter),
         }
     }
+}
+
+/// `[rows, cols]` of N(0, 1) draws from `stream` of `seed`.
+fn gaussian(rows: usize, cols: usize, seed: u64, stream: u64) -> Mat<f64> {
+    let mut v = vec![0.0f32; rows * cols];
+    rng::normal(RngState::new(seed, stream), 0.0, 1.0, &mut v);
+    Mat::from_fn(rows, cols, |i, j| f64::from(v[i * cols + j]))
+}
+
+/// The thin `Q` of `m`'s QR factorization.
+fn orthonormal(m: &Mat<f64>) -> Mat<f64> {
+    m.qr().compute_thin_Q()
+}
+
+/// A truncated SVD `m ≈ U S Vᵀ`: `U [out, r]`, `S [r]`, `V [in, r]`.
+type TruncatedSvd = (Mat<f64>, Vec<f64>, Mat<f64>);
+
+/// `torch.svd_lowrank(m, q = r, niter)`.
+fn randomized_svd(
+    m: &Mat<f64>,
+    r: usize,
+    niter: usize,
+    seed: u64,
+    stream: u64,
+) -> std::result::Result<TruncatedSvd, String> {
+    let mut q = orthonormal(&(m * gaussian(m.ncols(), r, seed, stream)));
+    for _ in 0..niter {
+        let back = orthonormal(&(m.transpose() * &q));
+        q = orthonormal(&(m * &back));
+    }
+    let small = q.transpose() * m;
+    let svd = small
+        .thin_svd()
+        .map_err(|e| format!("the SVD did not converge: {e:?}"))?;
+    let u = &q * svd.U();
+    let sv = (0..r).map(|k| svd.S()[k]).collect();
+    Ok((u, sv, svd.V().to_owned()))
 }
 
 /// Sets adapter `adapter_name` of `layer` (rank `r`, scaling `s`) by `method` and moves
@@ -44,6 +98,7 @@ pub fn initialise<B: LoraOps>(
     adapter_name: &str,
     method: InitMethod,
     scaling: f32,
+    seed: u64,
 ) -> Result<()> {
     let name = layer.name().to_string();
     let err = |reason: String| PeftError::Unsupported {
@@ -68,21 +123,61 @@ pub fn initialise<B: LoraOps>(
     }
     let m = Mat::<f64>::from_fn(out, inp, |i, j| f64::from(w.data[i * inp + j]));
     let s = f64::from(scaling);
+    // PiSSA's factors from `W ≈ U S Vᵀ`.
+    let pissa = |u: faer::MatRef<'_, f64>, sv: &[f64], v: faer::MatRef<'_, f64>| {
+        let root: Vec<f64> = (0..r).map(|k| (sv[k] / s).sqrt()).collect();
+        (
+            (0..r * inp)
+                .map(|idx| (root[idx / inp] * v[(idx % inp, idx / inp)]) as f32)
+                .collect(),
+            (0..out * r)
+                .map(|idx| (u[(idx / r, idx % r)] * root[idx % r]) as f32)
+                .collect(),
+        )
+    };
+    let stream = |purpose: &str| rng::stream_id(&name, purpose);
     let (a, b): (Vec<f32>, Vec<f32>) = match method {
         InitMethod::Pissa => {
             let svd = m
                 .thin_svd()
                 .map_err(|e| err(format!("the SVD did not converge: {e:?}")))?;
-            let (u, sv, v) = (svd.U(), svd.S(), svd.V());
-            let root: Vec<f64> = (0..r).map(|k| (sv[k] / s).sqrt()).collect();
-            (
-                (0..r * inp)
-                    .map(|idx| (root[idx / inp] * v[(idx % inp, idx / inp)]) as f32)
-                    .collect(),
-                (0..out * r)
-                    .map(|idx| (u[(idx / r, idx % r)] * root[idx % r]) as f32)
-                    .collect(),
-            )
+            let sv: Vec<f64> = (0..r).map(|k| svd.S()[k]).collect();
+            pissa(svd.U(), &sv, svd.V())
+        }
+        InitMethod::PissaNiter(niter) => {
+            let (u, sv, v) =
+                randomized_svd(&m, r, niter, seed, stream("pissa_niter")).map_err(err)?;
+            pissa(u.as_ref(), &sv, v.as_ref())
+        }
+        InitMethod::Orthogonal => {
+            if r % 2 != 0 {
+                return Err(err(format!(
+                    "orthogonal initialisation needs an even rank, not {r}"
+                )));
+            }
+            let q = orthonormal(&gaussian(r, r, seed, stream("orthogonal_q")));
+            let half = r / 2;
+            let (g1, g2) = (
+                gaussian(inp, half, seed, stream("orthogonal_a")),
+                gaussian(half, out, seed, stream("orthogonal_b")),
+            );
+            let (q_odd, q_even) = (
+                Mat::from_fn(half, r, |i, j| q[(2 * i, j)]),
+                Mat::from_fn(half, r, |i, j| q[(2 * i + 1, j)]),
+            );
+            let (a_t, b) = (&g1 * &q_odd, g2.transpose() * &q_even);
+            let a = (0..r * inp)
+                .map(|idx| (a_t[(idx % inp, idx / inp)] / 10.0) as f32)
+                .collect();
+            let b = (0..out * r)
+                .map(|idx| (b[(idx / r, idx % r)] / 10.0) as f32)
+                .collect();
+            let adapter = layer
+                .adapter_named_mut(adapter_name)
+                .ok_or_else(|| err(format!("no adapter {adapter_name:?}")))?;
+            adapter.set_tensor("lora_A", backend.from_host_vec(a, &[r, inp])?)?;
+            adapter.set_tensor("lora_B", backend.from_host_vec(b, &[out, r])?)?;
+            return Ok(());
         }
         InitMethod::Olora => {
             let qr = m.qr();

@@ -131,7 +131,14 @@ pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
         // PiSSA / OLoRA: from the base weight, which loses `s·B A` (as in PEFT, also when
         // an adapter trained from them is loaded).
         if let Some(method) = config.init_method() {
-            crate::initialise(backend, layer, adapter_name, method, spec.scaling())?;
+            crate::initialise(
+                backend,
+                layer,
+                adapter_name,
+                method,
+                spec.scaling(),
+                spec.seed,
+            )?;
         }
         injected.push(name);
     }
