@@ -193,3 +193,53 @@ fn orthogonal_init_is_a_non_zero_no_op() {
         .unwrap_or_default();
     assert!(e.contains("even") && e.contains("init_lora_weights"), "{e}");
 }
+
+/// A trained PiSSA adapter converted to plain LoRA (PEFT's
+/// `path_initial_model_for_weight_conversion`) equals PEFT's converted files, and on the
+/// original base it computes what the trained adapter computes on the residual base.
+#[test]
+fn pissa_converts_to_peft_lora() {
+    let dir = fixtures_dir().join("peft_init");
+    let conv = dir.join("conversion");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("converted");
+    let config =
+        lora::peft::convert_to_lora(&conv.join("trained"), &conv.join("initial"), &out).unwrap();
+    assert_eq!((config.r, config.lora_alpha), (4, 8.0));
+    let ours = lora::io::read_safetensors(&out.join("adapter_model.safetensors")).unwrap();
+    let peft =
+        lora::io::read_safetensors(&conv.join("converted/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        peft.keys().collect::<Vec<_>>()
+    );
+    for (k, t) in &peft {
+        assert_eq!((&ours[k].shape, &ours[k].data), (&t.shape, &t.data), "{k}");
+    }
+    let theirs =
+        lora::peft::LoraConfig::from_file(&conv.join("converted/adapter_config.json")).unwrap();
+    assert_eq!(
+        (config.r, config.lora_alpha, &config.init_lora_weights),
+        (theirs.r, theirs.lora_alpha, &theirs.init_lora_weights)
+    );
+    let b = NdArray::new();
+    let mut m = Mlp::new(&b, &[6, 16, 16, 3], UnaryOp::Relu, 0).unwrap();
+    m.load_state_dict(
+        &b,
+        &lora::io::read_safetensors(&dir.join("base_model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    lora::peft::load_pretrained(&out, &mut m, &b).unwrap();
+    let io = lora::io::read_safetensors(&conv.join("io.safetensors")).unwrap();
+    let y = b
+        .to_host(
+            &m.forward(&b, &io["x"].to_backend(&b).unwrap(), Mode::Eval)
+                .unwrap(),
+        )
+        .unwrap();
+    assert_close("converted output", &y, &to64(&io["y"].data), 1e-5, 1e-6);
+    let e = lora::peft::convert_to_lora(&conv.join("trained"), &dir.join("pissa"), &out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("adapter_model.safetensors"), "{e}");
+}

@@ -21,6 +21,7 @@ mod combine_files;
 mod config;
 mod error;
 mod hotswap;
+mod init_conversion;
 mod init_methods;
 mod merge_checkpoint;
 mod name_patterns;
@@ -36,6 +37,7 @@ pub use adapter_file::{
 pub use combine_files::combine_adapter_dirs;
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules, TokenIndices};
 pub use error::{PeftError, Result};
+pub use init_conversion::convert_to_lora;
 pub use init_methods::{InitMethod, initialise};
 pub use merge_checkpoint::{MergeReport, OutDtype, adapter_dir_for, merge_checkpoint};
 pub use name_patterns::pattern_value;
