@@ -46,18 +46,19 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
         .into_iter()
         .map(|(n, v)| (n, format!("{:?}", v.dtype())))
         .collect();
-    let modules = peft::lora_modules(
-        &lora::io::read_safetensors(&weights)?,
-        &weights,
-        &args.adapter_name,
-    )
-    .with_context(|| format!("reading {}", weights.display()))?;
+    let file_tensors = lora::io::read_safetensors(&weights)?;
+    let modules = peft::lora_modules(&file_tensors, &weights, &args.adapter_name)
+        .with_context(|| format!("reading {}", weights.display()))?;
+    let token_rows = peft::token_rows(&file_tensors, &args.adapter_name);
     let mut rows = Vec::new();
     let mut total = 0usize;
     for (
         module,
         peft::ModuleTensors {
-            a, b, magnitude, ..
+            a,
+            b,
+            magnitude,
+            embedding,
         },
     ) in &modules
     {
@@ -66,7 +67,10 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
         total += params;
         let dtype = dtypes
             .iter()
-            .find(|(k, _)| k.contains(&format!("{module}.lora_A")))
+            .find(|(k, _)| {
+                k.contains(&format!("{module}.lora_A"))
+                    || k.contains(&format!("{module}.lora_embedding_A"))
+            })
             .map_or("?".to_string(), |(_, d)| d.clone());
         rows.push(json!({
             "module": module,
@@ -78,6 +82,30 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
             "parameters": params,
             "dtype": dtype,
             "dora": magnitude.is_some(),
+            "kind": if *embedding { "lora_embedding" } else { "lora" },
+        }));
+    }
+    // Trained token rows (PEFT's trainable tokens): the ids are in the config.
+    let token_ids = config.token_targets(token_rows.keys().next().map(String::as_str))?;
+    for (module, t) in &token_rows {
+        let ids = token_ids
+            .iter()
+            .find(|(m, _)| module == m || module.ends_with(&format!(".{m}")))
+            .map(|(_, ids)| ids.clone())
+            .unwrap_or_default();
+        total += t.data.len();
+        rows.push(json!({
+            "module": module,
+            "kind": "trainable_tokens",
+            "tokens": ids,
+            "r": 0,
+            "lora_alpha": 0,
+            "scaling": 0.0,
+            "in_features": t.shape[1],
+            "out_features": t.shape[0],
+            "parameters": t.data.len(),
+            "dtype": dtypes.iter().find(|(k, _)| k.contains(&format!("{module}.token_adapter"))).map_or("?".to_string(), |(_, d)| d.clone()),
+            "dora": false,
         }));
     }
     if args.json {
@@ -108,7 +136,7 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
     writeln!(
         out,
         "  {} modules, {} trainable parameters",
-        modules.len(),
+        rows.len(),
         thousands(total)
     )?;
     writeln!(
@@ -117,6 +145,18 @@ fn inspect_adapter(args: &InspectArgs, out: &mut String) -> Result<()> {
         "module", "r", "alpha", "scaling", "[out, in]", "params"
     )?;
     for r in &rows {
+        if r["kind"] == "trainable_tokens" {
+            writeln!(
+                out,
+                "  {:<48} trainable tokens {} ({} rows of {}), {} params",
+                r["module"].as_str().unwrap_or(""),
+                r["tokens"],
+                r["out_features"],
+                r["in_features"],
+                thousands(r["parameters"].as_u64().unwrap_or(0) as usize),
+            )?;
+            continue;
+        }
         writeln!(
             out,
             "  {:<48} {:>4} {:>7} {:>8.4} {:>12} {:>10}  {}",

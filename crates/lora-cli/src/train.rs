@@ -66,6 +66,10 @@ pub struct TrainArgs {
     /// (a linear probe on the frozen encoder, the baseline LoRA should beat).
     #[arg(long, default_value = "query,value")]
     pub target_modules: String,
+    /// Causal LM: train these token ids' embedding rows directly (PEFT's
+    /// `trainable_token_indices`, for new tokens), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub trainable_tokens: Vec<i64>,
     /// AdamW learning rate (adapters and head).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
@@ -113,6 +117,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             bail!("--grad-accum must be at least 1 and --max-length at least 2");
         }
         return crate::with_backend!(args.backend, |b| crate::train_lm::run(&b, args));
+    }
+    if !args.trainable_tokens.is_empty() {
+        bail!("--trainable-tokens applies to --task causal-lm only");
     }
     crate::with_backend!(args.backend, |b| run_on(&b, args))
 }

@@ -350,6 +350,83 @@ fn train_causal_lm_writes_a_causal_lm_adapter_and_lowers_the_loss() {
     );
 }
 
+/// `--target-modules embed_tokens,...` trains LoRA on the embedding and
+/// `--trainable-tokens` trains token rows; both land in the PEFT adapter as PEFT keys them.
+#[test]
+fn train_causal_lm_on_embeddings_and_token_rows() {
+    let tmp = tempdir();
+    let model = model_dir(tmp.path(), "llama");
+    let data = tmp.path().join("data.txt");
+    std::fs::write(&data, "The cat sat on the mat. ".repeat(20)).unwrap();
+    for (name, extra, key) in [
+        (
+            "embed",
+            vec!["--target-modules", "embed_tokens,q_proj"],
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+        ),
+        (
+            "tokens",
+            vec![
+                "--target-modules",
+                "q_proj",
+                "--trainable-tokens",
+                "5,7,300",
+            ],
+            "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "16",
+        ];
+        args.extend(extra);
+        let o = lora(&args);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let saved = lora::io::read_safetensors(&out.join("adapter_model.safetensors")).unwrap();
+        assert!(saved.contains_key(key), "{name}: {:?}", saved.keys());
+    }
+    let o = lora(&[
+        "train",
+        "--task",
+        "causal-lm",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&tmp.path().join("bad")),
+        "--steps",
+        "1",
+        "--trainable-tokens",
+        "400",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("trainable_token_indices"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !tmp.path()
+            .join("bad")
+            .join("adapter_model.safetensors")
+            .exists()
+    );
+}
+
 #[test]
 fn train_causal_lm_bad_data_names_the_problem() {
     let tmp = tempdir();

@@ -10,7 +10,7 @@ use lora::{Backend, HostTensor, Mode, Model, UnaryOp};
 
 mod common;
 
-use common::{file_names, fixture, floats, lora, read_json, s, tempdir};
+use common::{file_names, fixture, floats, lora, read_json, s, tempdir, text};
 
 /// The merged checkpoint, loaded into the MLP, must compute what PEFT's merge_and_unload did.
 fn assert_matches_peft_merge(merged: &Path, tol: f32) {
@@ -308,4 +308,59 @@ fn inspect_reports_modules_ranks_and_scalings() {
     let missing = lora(&["inspect", "/nonexistent/adapter"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/adapter"));
+}
+
+/// `lora inspect` and `lora merge` on PEFT adapters with LoRA on `embed_tokens` and with
+/// trainable tokens (tests/fixtures/decoder/peft_embedding): inspect lists the embedding
+/// and the trained token ids; merge writes PEFT's merged table.
+#[test]
+fn inspect_and_merge_handle_embedding_and_token_adapters() {
+    let tmp = tempdir();
+    for (case, model, kind) in [
+        ("embed_lora", "llama", "lora_embedding"),
+        ("tokens_tied", "qwen2", "trainable_tokens"),
+    ] {
+        let adapter = fixture("decoder/peft_embedding").join(case).join("adapter");
+        let o = lora(&["inspect", "--json", s(&adapter)]);
+        assert!(o.status.success(), "{}", text(&o));
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let row = doc["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["module"] == "model.embed_tokens")
+            .unwrap_or_else(|| panic!("{case}: no embed_tokens row in {doc}"));
+        assert_eq!(row["kind"], kind, "{case}");
+        if kind == "trainable_tokens" {
+            assert_eq!(row["tokens"], serde_json::json!([285, 301, 3, 15, 399]));
+        }
+        let out = tmp.path().join(format!("{case}.safetensors"));
+        let o = lora(&[
+            "merge",
+            "--base",
+            s(&fixture("decoder").join(model)),
+            "--adapter",
+            s(&adapter),
+            "--out",
+            s(&out),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let merged = lora::io::read_safetensors(&out).unwrap();
+        let want = lora::io::read_safetensors(
+            &fixture("decoder/peft_embedding")
+                .join(case)
+                .join("expected.safetensors"),
+        )
+        .unwrap();
+        let (got, want) = (
+            &merged["model.embed_tokens.weight"].data,
+            &want["merged.model.embed_tokens.weight"].data,
+        );
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{case}: {g} vs {w}"
+            );
+        }
+    }
 }

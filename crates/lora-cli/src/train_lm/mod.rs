@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::models::TokenBatch;
 use lora::models::decoder::{DecoderModel, DecoderTokenizer, IGNORE_INDEX, causal_lm_loss_grad};
-use lora::peft::{self, LoraConfig, TargetModules};
+use lora::peft::{self, LoraConfig, TargetModules, TokenIndices};
 use lora::prelude::*;
 use lora::{Adam, ParamGrad, UnaryOp};
 
@@ -105,7 +105,8 @@ pub fn run<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// PEFT config from the flags: `--target-modules` names or `all-linear`.
+/// PEFT config from the flags: `--target-modules` names or `all-linear` (`embed_tokens`
+/// included: LoRA on the embedding), `--trainable-tokens`.
 fn lora_config(args: &TrainArgs, model_dir: &Path) -> Result<LoraConfig> {
     let targets = if args.target_modules == "all-linear" {
         TargetModules::Pattern("all-linear".into())
@@ -123,6 +124,8 @@ fn lora_config(args: &TrainArgs, model_dir: &Path) -> Result<LoraConfig> {
         target_modules: Some(targets),
         task_type: Some("CAUSAL_LM".into()),
         base_model_name_or_path: Some(model_dir.display().to_string()),
+        trainable_token_indices: (!args.trainable_tokens.is_empty())
+            .then(|| TokenIndices::List(args.trainable_tokens.clone())),
         ..LoraConfig::default()
     })
 }
