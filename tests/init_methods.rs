@@ -243,3 +243,82 @@ fn pissa_converts_to_peft_lora() {
         .to_string();
     assert!(e.contains("adapter_model.safetensors"), "{e}");
 }
+
+/// LoftQ (`init_lora_weights: "loftq"` with `loftq_config`): the base becomes PEFT's
+/// quantized-dequantized weight and the adapter PEFT's delta, for NF4 with one and three
+/// alternations and for int8; a missing `loftq_config` or 2 bits are refused by name.
+#[test]
+fn loftq_equals_peft() {
+    let dir = fixtures_dir().join("peft_init");
+    let want = lora::io::read_safetensors(&dir.join("loftq.safetensors")).unwrap();
+    let b = NdArray::new();
+    for (case, bits, iters) in [
+        ("nf4_iter1", 4, 1),
+        ("nf4_iter3", 4, 3),
+        ("int8_iter1", 8, 1),
+    ] {
+        let mut m = Mlp::new(&b, &[6, 16, 16, 3], UnaryOp::Relu, 0).unwrap();
+        m.load_state_dict(
+            &b,
+            &lora::io::read_safetensors(&dir.join("base_model.safetensors")).unwrap(),
+        )
+        .unwrap();
+        let config = lora::peft::LoraConfig {
+            r: 2,
+            lora_alpha: 4.0,
+            target_modules: Some(lora::peft::TargetModules::List(vec![
+                "layers.0".into(),
+                "layers.2".into(),
+            ])),
+            init_lora_weights: lora::peft::InitLoraWeights::Method("loftq".into()),
+            loftq_config: [
+                ("loftq_bits".to_string(), serde_json::json!(bits)),
+                ("loftq_iter".to_string(), serde_json::json!(iters)),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        lora::peft::inject_adapters(&mut m, &b, &config, 0).unwrap();
+        for layer in m.linears() {
+            let Some(adapter) = layer.adapter() else {
+                continue;
+            };
+            let module = layer.name();
+            let w = b.to_host(&layer.base().weight(&b).unwrap()).unwrap();
+            let key = |t: &str| format!("{case}.{module}.{t}");
+            assert_close(
+                &key("weight"),
+                &w,
+                &to64(&want[&key("weight")].data),
+                1e-5,
+                1e-6,
+            );
+            let delta = b.to_host(&adapter.delta_weight(&b).unwrap()).unwrap();
+            assert_close(
+                &key("delta"),
+                &delta,
+                &to64(&want[&key("delta")].data),
+                1e-4,
+                1e-5,
+            );
+        }
+    }
+    for (loftq_config, needle) in [
+        (serde_json::json!({}), "loftq_config"),
+        (serde_json::json!({"loftq_bits": 2}), "loftq_bits"),
+    ] {
+        let mut m = Mlp::new(&b, &[6, 16, 16, 3], UnaryOp::Relu, 0).unwrap();
+        let config = lora::peft::LoraConfig {
+            target_modules: Some(lora::peft::TargetModules::List(vec!["layers.0".into()])),
+            r: 2,
+            init_lora_weights: lora::peft::InitLoraWeights::Method("loftq".into()),
+            loftq_config: serde_json::from_value(loftq_config).unwrap(),
+            ..Default::default()
+        };
+        let e = lora::peft::inject_adapters(&mut m, &b, &config, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+}

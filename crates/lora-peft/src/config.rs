@@ -159,6 +159,10 @@ pub struct LoraConfig {
     /// `<module>.token_adapter.trainable_tokens_delta`.
     #[serde(default)]
     pub trainable_token_indices: Option<TokenIndices>,
+    /// LoftQ's settings (`{"loftq_bits": 4, "loftq_iter": 1}`), read with
+    /// `init_lora_weights: "loftq"`; PEFT writes `{}` otherwise.
+    #[serde(default)]
+    pub loftq_config: BTreeMap<String, serde_json::Value>,
     /// A bias on lora_B.
     #[serde(default)]
     pub lora_bias: bool,
@@ -202,6 +206,7 @@ impl Default for LoraConfig {
             alpha_pattern: BTreeMap::new(),
             use_dora: false,
             trainable_token_indices: None,
+            loftq_config: BTreeMap::new(),
             lora_bias: false,
             task_type: None,
             base_model_name_or_path: None,
@@ -278,8 +283,11 @@ impl LoraConfig {
             return unsupported(
                 "init_lora_weights",
                 m.clone(),
-                "supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\", \"orthogonal\"",
+                "supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\", \"orthogonal\", \"loftq\"",
             );
+        }
+        if matches!(&self.init_lora_weights, InitLoraWeights::Method(m) if m == "loftq") {
+            self.loftq_settings()?;
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return unsupported(
@@ -331,12 +339,57 @@ impl LoraConfig {
         }
     }
 
-    /// The data-driven initialisation the config asks for (`pissa`, `olora`), if any.
+    /// The data-driven initialisation the config asks for (`pissa`, `olora`, `loftq` with
+    /// its `loftq_config`, ...), if any.
     pub fn init_method(&self) -> Option<crate::InitMethod> {
         match &self.init_lora_weights {
-            InitLoraWeights::Method(m) => crate::InitMethod::from_name(m),
+            InitLoraWeights::Method(m) => match crate::InitMethod::from_name(m)? {
+                crate::InitMethod::Loftq { .. } => self.loftq_settings().ok(),
+                other => Some(other),
+            },
             InitLoraWeights::Bool(_) => None,
         }
+    }
+
+    /// `loftq_config` as an init method: `loftq_bits` 4 (NF4) or 8 (int8), `loftq_iter` at
+    /// least 1 (PEFT's `LoftQConfig` defaults: 4 and 1); PEFT requires the field to be set.
+    fn loftq_settings(&self) -> Result<crate::InitMethod> {
+        let bad = |field: &'static str, value: String, reason: &str| PeftError::Unsupported {
+            field,
+            value,
+            reason: reason.into(),
+        };
+        if self.loftq_config.is_empty() {
+            return Err(bad(
+                "loftq_config",
+                "{}".into(),
+                "init_lora_weights \"loftq\" needs loftq_config (loftq_bits, loftq_iter)",
+            ));
+        }
+        let int = |key: &str, default: u64| match self.loftq_config.get(key) {
+            None => Some(default),
+            Some(v) => v.as_u64(),
+        };
+        let bits = int("loftq_bits", 4)
+            .filter(|b| *b == 4 || *b == 8)
+            .ok_or_else(|| {
+                bad(
+                    "loftq_config",
+                    format!("{:?}", self.loftq_config.get("loftq_bits")),
+                    "loftq_bits must be 4 (NF4) or 8 (int8)",
+                )
+            })?;
+        let iters = int("loftq_iter", 1).filter(|i| *i >= 1).ok_or_else(|| {
+            bad(
+                "loftq_config",
+                format!("{:?}", self.loftq_config.get("loftq_iter")),
+                "loftq_iter must be an integer of at least 1",
+            )
+        })?;
+        Ok(crate::InitMethod::Loftq {
+            bits: bits as u8,
+            iters: iters as usize,
+        })
     }
 
     /// The adapter spec for one module, after `rank_pattern` / `alpha_pattern`.
@@ -361,7 +414,7 @@ impl LoraConfig {
                 return Err(PeftError::Unsupported {
                     field: "init_lora_weights",
                     value: m.clone(),
-                    reason: "supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\", \"orthogonal\"".into(),
+                    reason: "supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\", \"orthogonal\", \"loftq\"".into(),
                 });
             }
         };

@@ -14,6 +14,14 @@
 //! `B A` and the new `W` agree. The random draws (`pissa_niter_K`, `orthogonal`) come
 //! from the seeded generator, not PyTorch's.
 //!
+//! `loftq` (PEFT's `loftq_init`): starting from `res = W`, each iteration quantizes `res`
+//! (NF4 with blocksize 64 and no double quantization, as `Params4bit(compress_statistics=
+//! False)`, or row-wise int8 of the f16-rounded values, as `Int8Params`), sets
+//! `res = W - dequant`, and takes its rank-`r` SVD `L = U √S`, `R = √S Vᵀ`; then
+//! `res = W - L R` for the next round. The base becomes the last `dequant`, `A = R`,
+//! `B = L` (not divided by the scaling: PEFT does not either), so the base loaded in 4 bits
+//! plus the adapter approximates `W` better than the 4-bit base alone.
+//!
 //! `orthogonal` (PEFT's `orthogonal_init`) leaves `W` alone: a random orthogonal `Q`
 //! (`r x r`, `r` even) is split into its odd and even rows, `A = (G₁ Q_odd)ᵀ / 10` and
 //! `B = G₂ᵀ Q_even / 10` with Gaussian `G₁: [in, r/2]`, `G₂: [r/2, out]`, so both factors
@@ -36,6 +44,14 @@ pub enum InitMethod {
     Olora,
     /// Non-zero factors whose product is zero (`orthogonal`); the base is unchanged.
     Orthogonal,
+    /// LoftQ: the base becomes its quantized-dequantized self and the adapter the rank-r
+    /// SVD of what quantization lost, alternated `iters` times (`bits` 4: NF4, 8: int8).
+    Loftq {
+        /// 4 or 8.
+        bits: u8,
+        /// Alternations (at least 1).
+        iters: usize,
+    },
 }
 
 impl InitMethod {
@@ -45,6 +61,8 @@ impl InitMethod {
             "pissa" => Some(InitMethod::Pissa),
             "olora" => Some(InitMethod::Olora),
             "orthogonal" => Some(InitMethod::Orthogonal),
+            // The settings come from `loftq_config` (`LoraConfig::init_method`).
+            "loftq" => Some(InitMethod::Loftq { bits: 4, iters: 1 }),
             _ => name
                 .strip_prefix("pissa_niter_")
                 .and_then(|k| k.parse().ok())
@@ -136,6 +154,22 @@ pub fn initialise<B: LoraOps>(
         )
     };
     let stream = |purpose: &str| rng::stream_id(&name, purpose);
+    if let InitMethod::Loftq { bits, iters } = method {
+        let (dequant, a, b) = loftq(&w.data, (out, inp), r, bits, iters).map_err(err)?;
+        let (a, b) = (
+            backend.from_host_vec(a, &[r, inp])?,
+            backend.from_host_vec(b, &[out, r])?,
+        );
+        let lost: Vec<f32> = dequant.iter().zip(&w.data).map(|(q, v)| q - v).collect();
+        let adapter = layer
+            .adapter_named_mut(adapter_name)
+            .ok_or_else(|| err(format!("no adapter {adapter_name:?}")))?;
+        adapter.set_tensor("lora_A", a)?;
+        adapter.set_tensor("lora_B", b)?;
+        let lost = backend.from_host_vec(lost, &[out, inp])?;
+        layer.base_mut().add_to_weight(backend, &lost, 1.0)?;
+        return Ok(());
+    }
     let (a, b): (Vec<f32>, Vec<f32>) = match method {
         InitMethod::Pissa => {
             let svd = m
@@ -179,6 +213,7 @@ pub fn initialise<B: LoraOps>(
             adapter.set_tensor("lora_B", backend.from_host_vec(b, &[out, r])?)?;
             return Ok(());
         }
+        InitMethod::Loftq { .. } => unreachable!("handled above"),
         InitMethod::Olora => {
             let qr = m.qr();
             let (q, rr) = (qr.compute_thin_Q(), qr.thin_R());
@@ -204,4 +239,69 @@ pub fn initialise<B: LoraOps>(
     adapter.set_tensor("lora_B", b)?;
     layer.base_mut().add_to_weight(backend, &delta, -1.0)?;
     Ok(())
+}
+
+/// LoftQ's result, all row-major: the dequantized base `[out, in]`, `A` `[r, in]`, `B`
+/// `[out, r]`.
+type LoftqFactors = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// LoftQ's alternation on a row-major `[out, in]` weight.
+fn loftq(
+    w: &[f32],
+    (out, inp): (usize, usize),
+    r: usize,
+    bits: u8,
+    iters: usize,
+) -> std::result::Result<LoftqFactors, String> {
+    let mut res = w.to_vec();
+    let mut dequant = Vec::new();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..iters {
+        dequant = match bits {
+            4 => lora_quant::FourBitWeight::quantize(
+                &res,
+                &[out, inp],
+                lora_quant::FourBitType::Nf4,
+                64,
+                false,
+            )
+            .map_err(|e| e.to_string())?
+            .dequantize(),
+            _ => {
+                // bitsandbytes' `Int8Params` (what PEFT quantizes with) casts to f16 first.
+                let res16: Vec<f32> = res
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_f32())
+                    .collect();
+                let q = lora_quant::Int8Weight::quantize(&res16, &[out, inp])
+                    .map_err(|e| e.to_string())?;
+                let mut v = vec![0.0; out * inp];
+                q.dequantize_rows(0, &mut v);
+                v
+            }
+        };
+        let lost = Mat::<f64>::from_fn(out, inp, |i, j| {
+            f64::from(w[i * inp + j] - dequant[i * inp + j])
+        });
+        let svd = lost
+            .thin_svd()
+            .map_err(|e| format!("the SVD did not converge: {e:?}"))?;
+        let (u, sv, v) = (svd.U(), svd.S(), svd.V());
+        let root: Vec<f64> = (0..r).map(|k| sv[k].sqrt()).collect();
+        a = (0..r * inp)
+            .map(|idx| (root[idx / inp] * v[(idx % inp, idx / inp)]) as f32)
+            .collect();
+        b = (0..out * r)
+            .map(|idx| (u[(idx / r, idx % r)] * root[idx % r]) as f32)
+            .collect();
+        if i + 1 == iters {
+            break;
+        }
+        for (idx, x) in res.iter_mut().enumerate() {
+            let (row, col) = (idx / inp, idx % inp);
+            let lr: f32 = (0..r).map(|k| b[row * r + k] * a[k * inp + col]).sum();
+            *x = w[idx] - lr;
+        }
+    }
+    Ok((dequant, a, b))
 }
