@@ -292,3 +292,60 @@ fn dora_files_round_trip_and_merge_on_files() {
         );
     }
 }
+
+/// DoRA on a quantized base (QLoRA + DoRA): on an NF4 (double-quantized) base the layer
+/// computes what it computes on a dense base holding the dequantized weights (the norm is
+/// taken from the dequantized weight), forward and gradients.
+#[test]
+fn dora_on_a_quantized_base_equals_dora_on_its_dequantized_weights() {
+    use lora::Backend;
+    use lora::quant::{QuantConfig, QuantFormat, QuantLinear};
+    let b = lora::NdArray::new();
+    let io = io();
+    let config = QuantConfig::new(QuantFormat::Nf4);
+    let (mut quantized, mut dense) = (model(&b), model(&b));
+    for (q, d) in quantized.linears_mut().into_iter().zip(dense.linears_mut()) {
+        if q.adapter().is_none() {
+            continue;
+        }
+        let w = q.base().weight(&b).unwrap();
+        let shape = w.shape().dims().to_vec();
+        let qw = config.quantize(&b.to_host(&w).unwrap(), &shape).unwrap();
+        let bias = q.base().bias().cloned();
+        let deq = b.from_host(&qw.dequantize(), &shape).unwrap();
+        q.replace_base(Box::new(QuantLinear::new(qw, bias.clone()).unwrap()))
+            .unwrap();
+        d.replace_base(Box::new(lora::DenseLinear::new(deq, bias).unwrap()))
+            .unwrap();
+    }
+    let x = io["x"].to_backend(&b).unwrap();
+    let mut outs = Vec::new();
+    for m in [&mut quantized, &mut dense] {
+        let y = m.forward(&b, &x, Mode::Train).unwrap();
+        let (_, dy) = lora::mse_loss(&b, &y, &io["target"].to_backend(&b).unwrap()).unwrap();
+        m.backward(&b, &dy).unwrap();
+        let mut grads = Vec::new();
+        for layer in m.linears_mut() {
+            if let Some(a) = layer.adapter_mut() {
+                grads.extend(
+                    a.params_and_grads()
+                        .iter()
+                        .map(|p| b.to_host(p.grad).unwrap()),
+                );
+            }
+        }
+        outs.push((b.to_host(&y).unwrap(), grads));
+    }
+    let ((yq, gq), (yd, gd)) = (&outs[0], &outs[1]);
+    assert_close("DoRA on NF4: output", yq, &to64(yd), 1e-5, 1e-6);
+    assert_eq!(gq.len(), 6);
+    for (i, (q, d)) in gq.iter().zip(gd).enumerate() {
+        assert_close(
+            &format!("DoRA on NF4: gradient {i}"),
+            q,
+            &to64(d),
+            1e-4,
+            1e-6,
+        );
+    }
+}
