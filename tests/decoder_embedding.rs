@@ -1,5 +1,6 @@
 //! LoRA on `embed_tokens` and trainable tokens against PEFT (issue 15), on the tiny decoder
-//! checkpoints (`fixtures/make_embedding_fixtures.py`): the adapters PEFT saved load here
+//! checkpoints (`fixtures/make_embedding_fixtures.py`), plain and with DoRA: the adapters
+//! PEFT saved load here
 //! and give PEFT's logits, loss and the gradient of every trainable tensor (the tied
 //! Qwen2's output head reads the trained rows too); re-saving writes PEFT's file; `lora
 //! merge` writes PEFT's merged table; bad `trainable_token_indices` are refused by name.
@@ -17,8 +18,9 @@ use lora_tests::decoder_fixtures::{
 use lora_tests::{assert_close_scaled, backend_suite, to64};
 
 /// `(case, checkpoint)` of every fixture.
-const CASES: [(&str, &str); 3] = [
+const CASES: [(&str, &str); 4] = [
     ("embed_lora", "llama"),
+    ("embed_dora", "llama"),
     ("tokens", "llama"),
     ("tokens_tied", "qwen2"),
 ];
@@ -63,7 +65,14 @@ fn check_case<B: lora::FullBackend>(b: &B, case: &str, model_dir: &str) {
     );
     let mut got: Vec<(String, Vec<f32>)> = adapter_grads(b, &mut model)
         .into_iter()
-        .map(|(m, t, g)| (format!("base_model.model.{m}.{t}.weight"), g))
+        .map(|(m, t, g)| {
+            let suffix = if t == "lora_magnitude_vector" {
+                ""
+            } else {
+                ".weight"
+            };
+            (format!("base_model.model.{m}.{t}{suffix}"), g)
+        })
         .collect();
     let emb = &model.embeddings()[0];
     for (t, g) in emb.grads(b, lora::DEFAULT_ADAPTER).unwrap() {
@@ -85,6 +94,10 @@ fn check_case<B: lora::FullBackend>(b: &B, case: &str, model_dir: &str) {
 backend_suite! { all:
     fn lora_on_embed_tokens_equals_peft(b) {
         check_case(b, "embed_lora", "llama");
+    }
+
+    fn dora_on_embed_tokens_equals_peft(b) {
+        check_case(b, "embed_dora", "llama");
     }
 
     fn trainable_tokens_equal_peft(b) {

@@ -19,6 +19,7 @@ pub mod adapter;
 pub mod backend;
 pub mod dora;
 pub mod dtype;
+mod embedding_dora;
 pub mod error;
 pub mod host_tensor;
 pub mod linear;
@@ -30,6 +31,7 @@ pub mod ops;
 pub mod optim;
 pub mod rng;
 pub mod shape;
+mod trainable_tokens;
 
 pub use adapter::{Adapter, LoraAdapter, LoraInit, LoraSpec, Mode, ParamGrad};
 pub use backend::{Backend, BinaryOp, Tensor, Transpose, UnaryOp};

@@ -4,19 +4,22 @@
 //! LoRA on an embedding (PEFT's `lora.Embedding`): `out = W[x] + s · Aᵀ[x] Bᵀ` with
 //! `A: [r, vocab]`, `B: [dim, r]`, no dropout (PEFT creates the module but never applies
 //! it), `A` zero and `B ~ N(0, 1)` at init (the reverse of a linear layer's LoRA), and the
-//! padding row of `Aᵀ` gets no gradient (`F.embedding(.., padding_idx)`).
+//! padding row of `Aᵀ` gets no gradient (`F.embedding(.., padding_idx)`). With DoRA
+//! (`use_dora`) the output is also rescaled per dimension (`embedding_dora.rs`).
 //!
-//! Trainable tokens (PEFT's `TrainableTokensLayer`): the listed rows of the table are
-//! replaced by trained rows `trainable_tokens_delta` (`[n, dim]`; despite the name, the
-//! rows themselves, initialised to the current rows), so a user can train new tokens
-//! without training the whole table. With tied embeddings the output head uses the same
-//! replaced rows.
+//! Trainable tokens (PEFT's `TrainableTokensLayer`, `trainable_tokens.rs`): the listed rows
+//! of the table are replaced by trained rows `trainable_tokens_delta` (`[n, dim]`; despite
+//! the name, the rows themselves, initialised to the current rows), so a user can train new
+//! tokens without training the whole table. With tied embeddings the output head uses the
+//! same replaced rows.
 
 use crate::adapter::{LoraInit, LoraSpec, Mode, ParamGrad};
 use crate::backend::{Tensor, Transpose};
+use crate::embedding_dora::{self, EmbeddingDora};
 use crate::error::{Error, Result};
 use crate::ops::{DecoderOps, LoraOps};
 use crate::rng::{self, RngState};
+use crate::trainable_tokens::TrainableTokens;
 
 /// File name of LoRA's `A` on an embedding (`[r, vocab]`, no `.weight` suffix).
 pub const EMBEDDING_A: &str = "lora_embedding_A";
@@ -24,6 +27,8 @@ pub const EMBEDDING_A: &str = "lora_embedding_A";
 pub const EMBEDDING_B: &str = "lora_embedding_B";
 /// File name of the trained rows of a trainable-tokens adapter (`[n, dim]`).
 pub const TOKENS_DELTA: &str = "token_adapter.trainable_tokens_delta";
+/// File name of DoRA's magnitude (`[dim]` on an embedding).
+pub const MAGNITUDE: &str = "lora_magnitude_vector";
 
 /// LoRA on an embedding. `A` is kept transposed (`[vocab, r]`) so the forward is a row
 /// gather; files carry PEFT's `[r, vocab]`.
@@ -34,14 +39,8 @@ struct EmbeddingLora<T> {
     scaling: f32,
     /// `(dAᵀ, dB)` after a backward.
     grads: Option<(T, T)>,
-}
-
-/// Trained replacement rows for the listed token ids.
-#[derive(Debug, Clone)]
-struct TrainableTokens<T> {
-    indices: Vec<usize>,
-    rows: T,
-    grad: Option<T>,
+    /// DoRA's magnitude and state (`use_dora`).
+    dora: Option<EmbeddingDora<T>>,
 }
 
 /// What an embedding carries beyond its frozen table.
@@ -96,6 +95,11 @@ impl<B: LoraOps> LoraEmbedding<B> {
             ));
         }
         self.weight = weight;
+        for (_, a) in &mut self.adapters {
+            if let EmbeddingAdapter::Lora(EmbeddingLora { dora: Some(d), .. }) = a {
+                d.col_sq = None;
+            }
+        }
         Ok(())
     }
 
@@ -122,6 +126,16 @@ impl<B: LoraOps> LoraEmbedding<B> {
     }
 
     fn check_new(&self, adapter_name: &str, tokens: bool) -> Result<()> {
+        if self
+            .adapters
+            .iter()
+            .any(|(_, a)| matches!(a, EmbeddingAdapter::Lora(l) if l.dora.is_some()))
+        {
+            return Err(Error::state(
+                &self.name,
+                "the embedding carries DoRA, which must be its only adapter",
+            ));
+        }
         let other_kind = self.adapters.iter().any(|(_, a)| match a {
             EmbeddingAdapter::Lora(_) => tokens,
             EmbeddingAdapter::Tokens(_) => !tokens,
@@ -171,9 +185,41 @@ impl<B: LoraOps> LoraEmbedding<B> {
             b: backend.from_host_vec(b, &[dim, r])?,
             scaling: spec.scaling(),
             grads: None,
+            dora: None,
         };
         self.adapters
             .push((adapter_name.to_string(), EmbeddingAdapter::Lora(lora)));
+        Ok(())
+    }
+
+    /// Adds DoRA named `adapter_name` (PEFT's `DoraEmbeddingLayer`): LoRA as
+    /// [`LoraEmbedding::add_lora`] plus a magnitude per embedding dimension, starting at
+    /// the column norms of `W + s·(B A)ᵀ`. DoRA rescales everything the table outputs, so
+    /// it must be the embedding's only adapter.
+    pub fn add_dora(&mut self, backend: &B, adapter_name: &str, spec: &LoraSpec) -> Result<()> {
+        if !self.adapters.is_empty() {
+            return Err(Error::state(
+                &self.name,
+                "DoRA on an embedding must be its only adapter (it rescales the whole output)",
+            ));
+        }
+        self.add_lora(backend, adapter_name, spec)?;
+        let weight = &self.weight;
+        if let Some((_, EmbeddingAdapter::Lora(l))) = self.adapters.last_mut() {
+            let mut col_sq = None;
+            let norm = embedding_dora::column_norms(
+                backend,
+                weight,
+                &l.a_t,
+                &l.b,
+                l.scaling,
+                &mut col_sq,
+            )?;
+            let dim = norm.len();
+            let mut dora = EmbeddingDora::new(backend.from_host_vec(norm, &[dim])?);
+            dora.col_sq = col_sq;
+            l.dora = Some(dora);
+        }
         Ok(())
     }
 
@@ -187,39 +233,8 @@ impl<B: LoraOps> LoraEmbedding<B> {
         indices: &[usize],
     ) -> Result<()> {
         self.check_new(adapter_name, true)?;
-        let (vocab, _) = self.vocab_dim();
-        let ctx = || format!("trainable tokens on {}", self.name);
-        if indices.is_empty() {
-            return Err(Error::config(
-                ctx(),
-                "trainable_token_indices",
-                "[]",
-                "list at least one token id",
-            ));
-        }
-        if let Some(&bad) = indices.iter().find(|&&i| i >= vocab) {
-            return Err(Error::config(
-                ctx(),
-                "trainable_token_indices",
-                bad,
-                format!("token id past the vocabulary of {vocab}"),
-            ));
-        }
-        let mut sorted = indices.to_vec();
-        sorted.sort_unstable();
-        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-            return Err(Error::config(
-                ctx(),
-                "trainable_token_indices",
-                w[0],
-                "token id listed twice",
-            ));
-        }
-        let tokens = TrainableTokens {
-            indices: indices.to_vec(),
-            rows: backend.gather_rows(&self.weight, indices)?,
-            grad: None,
-        };
+        let context = format!("trainable tokens on {}", self.name);
+        let tokens = TrainableTokens::new(backend, &self.weight, indices, &context)?;
         self.adapters
             .push((adapter_name.to_string(), EmbeddingAdapter::Tokens(tokens)));
         Ok(())
@@ -235,10 +250,16 @@ impl<B: LoraOps> LoraEmbedding<B> {
             return Ok(Vec::new());
         };
         Ok(match adapter {
-            EmbeddingAdapter::Lora(l) => vec![
-                (EMBEDDING_A, backend.permute(&l.a_t, &[1, 0])?),
-                (EMBEDDING_B, l.b.clone()),
-            ],
+            EmbeddingAdapter::Lora(l) => {
+                let mut v = vec![
+                    (EMBEDDING_A, backend.permute(&l.a_t, &[1, 0])?),
+                    (EMBEDDING_B, l.b.clone()),
+                ];
+                if let Some(d) = &l.dora {
+                    v.push((MAGNITUDE, d.magnitude.clone()));
+                }
+                v
+            }
             EmbeddingAdapter::Tokens(t) => vec![(TOKENS_DELTA, t.rows.clone())],
         })
     }
@@ -252,11 +273,18 @@ impl<B: LoraOps> LoraEmbedding<B> {
         Ok(match adapter {
             EmbeddingAdapter::Lora(EmbeddingLora {
                 grads: Some((ga, gb)),
+                dora,
                 ..
-            }) => vec![
-                (EMBEDDING_A, backend.permute(ga, &[1, 0])?),
-                (EMBEDDING_B, gb.clone()),
-            ],
+            }) => {
+                let mut v = vec![
+                    (EMBEDDING_A, backend.permute(ga, &[1, 0])?),
+                    (EMBEDDING_B, gb.clone()),
+                ];
+                if let Some(g) = dora.as_ref().and_then(|d| d.grad.as_ref()) {
+                    v.push((MAGNITUDE, g.clone()));
+                }
+                v
+            }
             EmbeddingAdapter::Tokens(TrainableTokens { grad: Some(g), .. }) => {
                 vec![(TOKENS_DELTA, g.clone())]
             }
@@ -298,6 +326,10 @@ impl<B: LoraOps> LoraEmbedding<B> {
                 check(&[dim, l.b.shape().dims()[1]])?;
                 l.b = value;
             }
+            (EmbeddingAdapter::Lora(EmbeddingLora { dora: Some(d), .. }), MAGNITUDE) => {
+                check(&[dim])?;
+                d.magnitude = value;
+            }
             (EmbeddingAdapter::Tokens(t), TOKENS_DELTA) => {
                 check(&[t.indices.len(), dim])?;
                 t.rows = value;
@@ -323,6 +355,17 @@ impl<B: LoraOps> LoraEmbedding<B> {
                             grad: gb,
                         });
                     }
+                    if let Some(EmbeddingDora {
+                        magnitude,
+                        grad: Some(g),
+                        ..
+                    }) = &mut l.dora
+                    {
+                        out.push(ParamGrad {
+                            param: magnitude,
+                            grad: g,
+                        });
+                    }
                 }
                 EmbeddingAdapter::Tokens(t) => {
                     if let Some(g) = &t.grad {
@@ -342,7 +385,9 @@ impl<B: LoraOps> LoraEmbedding<B> {
         self.adapters
             .iter()
             .map(|(_, a)| match a {
-                EmbeddingAdapter::Lora(l) => l.a_t.numel() + l.b.numel(),
+                EmbeddingAdapter::Lora(l) => {
+                    l.a_t.numel() + l.b.numel() + l.dora.as_ref().map_or(0, |d| d.magnitude.numel())
+                }
                 EmbeddingAdapter::Tokens(t) => t.rows.numel(),
             })
             .sum()
@@ -356,20 +401,12 @@ impl<B: LoraOps> LoraEmbedding<B> {
         })
     }
 
-    /// `(position in the batch, position in the adapter's list)` of every token the
-    /// trainable-tokens adapter replaces.
-    fn replaced(indices: &[usize], ids: &[usize]) -> (Vec<usize>, Vec<usize>) {
-        ids.iter()
-            .enumerate()
-            .filter_map(|(p, id)| indices.iter().position(|i| i == id).map(|j| (p, j)))
-            .unzip()
-    }
-
     /// The embeddings of `ids`, `[ids.len(), dim]`: the table's rows with the trained
     /// rows in place and every LoRA's `s · Aᵀ[ids] Bᵀ` added.
     pub fn forward(&mut self, backend: &B, ids: &[usize], mode: Mode) -> Result<B::Tensor> {
         let mut out = backend.gather_rows(&self.weight, ids)?;
-        for (_, adapter) in &self.adapters {
+        let weight = &self.weight;
+        for (_, adapter) in &mut self.adapters {
             match adapter {
                 EmbeddingAdapter::Lora(l) => {
                     let after_a = backend.gather_rows(&l.a_t, ids)?;
@@ -382,17 +419,23 @@ impl<B: LoraOps> LoraEmbedding<B> {
                         1.0,
                         &mut out,
                     )?;
-                }
-                EmbeddingAdapter::Tokens(t) => {
-                    let (at, which) = Self::replaced(&t.indices, ids);
-                    if !at.is_empty() {
-                        // out[at] += trained - frozen (positions are distinct).
-                        let mut delta = backend.gather_rows(&t.rows, &which)?;
-                        let frozen = backend.gather_rows(&out, &at)?;
-                        backend.axpby(-1.0, &frozen, 1.0, &mut delta)?;
-                        backend.scatter_add_rows(&mut out, &at, &delta)?;
+                    if let Some(d) = &mut l.dora {
+                        // out = (m / ‖W + s·(BA)ᵀ‖) ⊙ (W[x] + s·Aᵀ[x] Bᵀ), per dimension.
+                        let norm = embedding_dora::column_norms(
+                            backend,
+                            weight,
+                            &l.a_t,
+                            &l.b,
+                            l.scaling,
+                            &mut d.col_sq,
+                        )?;
+                        let gain = embedding_dora::gain(backend, &d.magnitude, &norm)?;
+                        let pre = out;
+                        out = backend.scale_features(&pre, &gain)?;
+                        d.saved = (mode == Mode::Train).then_some((pre, norm));
                     }
                 }
+                EmbeddingAdapter::Tokens(t) => t.apply(backend, &mut out, ids)?,
             }
         }
         self.saved_ids = (mode == Mode::Train && self.has_adapters()).then(|| ids.to_vec());
@@ -403,15 +446,10 @@ impl<B: LoraOps> LoraEmbedding<B> {
     /// with the trained rows in place (a copy only when trainable tokens are attached; LoRA
     /// does not reach a tied head, as in PEFT).
     pub fn head_weight(&self, backend: &B) -> Result<std::borrow::Cow<'_, B::Tensor>> {
-        let Some(t) = self.tokens() else {
-            return Ok(std::borrow::Cow::Borrowed(&self.weight));
-        };
-        let mut w = self.weight.clone();
-        let mut delta = t.rows.clone();
-        let frozen = backend.gather_rows(&self.weight, &t.indices)?;
-        backend.axpby(-1.0, &frozen, 1.0, &mut delta)?;
-        backend.scatter_add_rows(&mut w, &t.indices, &delta)?;
-        Ok(std::borrow::Cow::Owned(w))
+        Ok(match self.tokens() {
+            Some(t) => std::borrow::Cow::Owned(t.head_weight(backend, &self.weight)?),
+            None => std::borrow::Cow::Borrowed(&self.weight),
+        })
     }
 }
 
@@ -438,36 +476,49 @@ impl<B: LoraOps + DecoderOps> LoraEmbedding<B> {
         for (_, adapter) in &mut self.adapters {
             match adapter {
                 EmbeddingAdapter::Lora(l) => {
+                    // DoRA: the unscaled output's gradient is d_out ⊙ m / norm (the norm a
+                    // constant); the magnitude's is Σ d_out ⊙ unscaled / norm.
+                    let scaled = match &mut l.dora {
+                        None => None,
+                        Some(d) => {
+                            let (pre, norm) = d.saved.take().ok_or_else(|| {
+                                Error::state(&self.name, "DoRA backward without a training forward")
+                            })?;
+                            d.grad =
+                                Some(embedding_dora::magnitude_grad(backend, d_out, &pre, &norm)?);
+                            let gain = embedding_dora::gain(backend, &d.magnitude, &norm)?;
+                            let d_pre = backend.scale_features(d_out, &gain)?;
+                            let d_pre_kept = match at.len() == ids.len() {
+                                true => d_pre.clone(),
+                                false => backend.gather_rows(&d_pre, &at)?,
+                            };
+                            Some((d_pre, d_pre_kept))
+                        }
+                    };
+                    let (d_all, d_kept) = match &scaled {
+                        Some((a, k)) => (a, k),
+                        None => (d_out, &d_kept),
+                    };
                     // out += s · Aᵀ[ids] Bᵀ: dB = s · d_outᵀ Aᵀ[ids]; dAᵀ[v] += s · d_out B.
                     let r = l.b.shape().dims()[1];
                     let after_a = backend.gather_rows(&l.a_t, &ids)?;
                     let (dim, _) = l.b.shape().as_matrix();
                     let db = backend.matmul(
                         l.scaling,
-                        (d_out, Transpose::Yes),
+                        (d_all, Transpose::Yes),
                         (&after_a, Transpose::No),
                         &[dim, r],
                     )?;
                     let d_after_a = backend.matmul(
                         l.scaling,
-                        (&d_kept, Transpose::No),
+                        (d_kept, Transpose::No),
                         (&l.b, Transpose::No),
                         &[kept.len(), r],
                     )?;
                     let da_t = backend.embedding_backward(&d_after_a, &kept, vocab)?;
                     l.grads = Some((da_t, db));
                 }
-                EmbeddingAdapter::Tokens(t) => {
-                    let (rows, which) = Self::replaced(&t.indices, &kept);
-                    let grad = match rows.is_empty() {
-                        true => backend.zeros(t.rows.shape().dims())?,
-                        false => {
-                            let d = backend.gather_rows(&d_kept, &rows)?;
-                            backend.embedding_backward(&d, &which, t.indices.len())?
-                        }
-                    };
-                    t.grad = Some(grad);
-                }
+                EmbeddingAdapter::Tokens(t) => t.backward(backend, &d_kept, &kept)?,
             }
         }
         Ok(())
@@ -483,21 +534,12 @@ impl<B: LoraOps + DecoderOps> LoraEmbedding<B> {
         h: &B::Tensor,
     ) -> Result<()> {
         let name = self.name.clone();
-        let Some(t) = self.adapters.iter_mut().find_map(|(_, a)| match a {
+        match self.adapters.iter_mut().find_map(|(_, a)| match a {
             EmbeddingAdapter::Tokens(t) => Some(t),
             _ => None,
-        }) else {
-            return Ok(());
-        };
-        let (n, _) = d_logits.shape().as_matrix();
-        let mut cols = backend.zeros(&[n, t.indices.len()])?;
-        for (j, &idx) in t.indices.iter().enumerate() {
-            backend.assign_cols(&mut cols, j, &backend.slice_cols(d_logits, idx, 1)?)?;
+        }) {
+            Some(t) => t.tied_head_backward(backend, d_logits, h, &name),
+            None => Ok(()),
         }
-        let grad = t
-            .grad
-            .as_mut()
-            .ok_or_else(|| Error::state(&name, "tied head backward before the embedding's"))?;
-        backend.gemm(1.0, &cols, Transpose::Yes, h, Transpose::No, 1.0, grad)
     }
 }

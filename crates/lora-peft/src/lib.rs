@@ -24,6 +24,7 @@ mod hotswap;
 mod init_conversion;
 mod init_methods;
 mod merge_checkpoint;
+mod merge_token_rows;
 mod name_patterns;
 mod peft_model;
 mod svd_combination;

@@ -14,6 +14,7 @@ use safetensors::{Dtype, View};
 use crate::adapter_file::{CONFIG_FILE, ModuleTensors, WEIGHTS_FILE, lora_modules, token_rows};
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
+use crate::merge_token_rows::{TokenRows, checked_token_rows};
 
 /// The dtype of the merged checkpoint's floating-point tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,12 +65,9 @@ struct Factors {
     scaling: f32,
     /// DoRA's magnitude: the merged weight is `(m / ‖W + s·BA‖) ⊙ (W + s·BA)` by rows.
     magnitude: Option<HostTensor>,
-}
-
-/// Trained token rows (PEFT's trainable tokens) that replace rows of an embedding table.
-struct TokenRows {
-    indices: Vec<usize>,
-    rows: HostTensor,
+    /// The magnitude scales columns instead (`fan_in_fan_out`, or an embedding table,
+    /// whose magnitude has one value per dimension).
+    magnitude_per_column: bool,
 }
 
 /// One output tensor; its bytes are produced only when the writer asks for them.
@@ -153,7 +151,7 @@ impl<B: LoraOps> OutTensor<'_, B> {
             max = max.max(dora_rescale(
                 &mut w,
                 &m.data,
-                self.transpose_delta,
+                f.magnitude_per_column,
                 src,
                 self.src_dtype,
             ));
@@ -329,7 +327,10 @@ fn checked_factors(
     for (
         module,
         ModuleTensors {
-            a, b, magnitude, ..
+            a,
+            b,
+            magnitude,
+            embedding,
         },
     ) in modules
     {
@@ -366,11 +367,12 @@ fn checked_factors(
                 a.shape, b.shape
             )));
         }
+        let magnitude_len = if embedding { in_f } else { out_f };
         if let Some(m) = &magnitude
-            && m.shape != [out_f]
+            && m.shape != [magnitude_len]
         {
             return Err(bad(format!(
-                "module {module}: lora_magnitude_vector {:?} does not fit base {key} {wshape:?} (expected [{out_f}])",
+                "module {module}: lora_magnitude_vector {:?} does not fit base {key} {wshape:?} (expected [{magnitude_len}])",
                 m.shape
             )));
         }
@@ -382,77 +384,11 @@ fn checked_factors(
                 b,
                 scaling,
                 magnitude,
+                magnitude_per_column: config.fan_in_fan_out || embedding,
             },
         );
     }
     Ok(factors)
-}
-
-/// Checks the trained token rows against the base (a 2-D float table with `dim` columns,
-/// every id inside it) and returns them by base tensor name. The ids come from the config:
-/// a plain list is the one embedding the file has rows for.
-fn checked_token_rows(
-    ckpt: &Checkpoint,
-    weights_path: &Path,
-    config: &LoraConfig,
-    rows: BTreeMap<String, HostTensor>,
-) -> Result<BTreeMap<String, TokenRows>> {
-    let bad = |reason: String| PeftError::Format {
-        path: weights_path.display().to_string(),
-        reason,
-    };
-    let only = (rows.len() == 1)
-        .then(|| rows.keys().next().cloned())
-        .flatten();
-    let targets = config.token_targets(only.as_deref())?;
-    if rows.is_empty() && targets.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    let tensors = ckpt.tensors()?;
-    let mut out = BTreeMap::new();
-    for (module, t) in rows {
-        let ids = targets
-            .iter()
-            .find(|(m, _)| module == *m || module.ends_with(&format!(".{m}")))
-            .map(|(_, ids)| ids.clone())
-            .ok_or_else(|| bad(format!(
-                "holds trained token rows for {module}, but the config's trainable_token_indices do not name it"
-            )))?;
-        let key = format!("{module}.weight");
-        let view = tensors.get(&key).ok_or_else(|| {
-            bad(format!(
-                "trained token rows for {module}, but the base has no tensor {key}"
-            ))
-        })?;
-        let (&[vocab, dim], &[n, d]) = (view.shape.as_slice(), t.shape.as_slice()) else {
-            return Err(bad(format!(
-                "{key} {:?} or the token rows {:?} are not 2-D",
-                view.shape, t.shape
-            )));
-        };
-        if !is_float(view.dtype) || d != dim || n != ids.len() {
-            return Err(bad(format!(
-                "token rows of {module} {:?} do not fit base {key} {:?} {:?} with {} trainable_token_indices",
-                t.shape,
-                view.dtype,
-                view.shape,
-                ids.len()
-            )));
-        }
-        if let Some(&i) = ids.iter().find(|&&i| i >= vocab) {
-            return Err(bad(format!(
-                "trainable_token_indices: token id {i} is past {key}'s {vocab} rows"
-            )));
-        }
-        out.insert(
-            key,
-            TokenRows {
-                indices: ids,
-                rows: t,
-            },
-        );
-    }
-    Ok(out)
 }
 
 /// Serializes the planned tensors into a temporary file beside `out` (each tensor's bytes

@@ -149,15 +149,6 @@ pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
         if all_linear || !selects(config, &name)? {
             continue;
         }
-        if config.use_dora {
-            return Err(PeftError::Unsupported {
-                field: "use_dora",
-                value: "true".into(),
-                reason: format!(
-                    "DoRA on the embedding {name} is not implemented; leave it out of target_modules"
-                ),
-            });
-        }
         if config.init_method().is_some() {
             return Err(PeftError::Unsupported {
                 field: "init_lora_weights",
@@ -165,7 +156,11 @@ pub fn inject_adapter<B: LoraOps, M: Model<B> + ?Sized>(
                 reason: format!("PiSSA/OLoRA on the embedding {name} is not implemented"),
             });
         }
-        emb.add_lora(backend, adapter_name, &config.spec_for(&name, seed)?)?;
+        let spec = config.spec_for(&name, seed)?;
+        match config.use_dora {
+            true => emb.add_dora(backend, adapter_name, &spec)?,
+            false => emb.add_lora(backend, adapter_name, &spec)?,
+        }
         injected.push(name);
     }
     inject_trainable_tokens(model, backend, config, adapter_name)?;
