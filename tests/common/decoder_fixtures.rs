@@ -28,7 +28,12 @@ pub struct Io {
 
 /// `io.safetensors` of one model.
 pub fn io(model: &str) -> Io {
-    let ck = Checkpoint::open(&dir(model).join("io.safetensors")).unwrap();
+    io_at(&dir(model).join("io.safetensors"))
+}
+
+/// A fixture file of int64 and float tensors.
+pub fn io_at(path: &std::path::Path) -> Io {
+    let ck = Checkpoint::open(path).unwrap();
     let mut out = Io {
         ints: BTreeMap::new(),
         floats: BTreeMap::new(),
@@ -121,6 +126,32 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// The gradient of every linear adapter tensor of any model after a backward, keyed as
+/// PEFT's adapter files key the tensor (`base_model.model.<module>.lora_A.weight`, DoRA's
+/// magnitude without `.weight`).
+pub fn adapter_grads_of<B: lora::FullBackend, M: lora::Model<B>>(
+    b: &B,
+    model: &mut M,
+) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for layer in model.linears_mut() {
+        let module = layer.name().to_string();
+        let Some(adapter) = layer.adapter_mut() else {
+            continue;
+        };
+        let names: Vec<&'static str> = adapter.tensors().iter().map(|(n, _)| *n).collect();
+        let grads: Vec<Vec<f32>> = adapter
+            .params_and_grads()
+            .iter()
+            .map(|p| b.to_host(p.grad).unwrap())
+            .collect();
+        for (name, g) in names.into_iter().zip(grads) {
+            out.push((lora::peft::tensor_key(&module, name), g));
+        }
+    }
+    out
 }
 
 /// The gradient of every adapter tensor after a backward, as `(module, tensor, values)`

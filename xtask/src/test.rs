@@ -157,6 +157,7 @@ pub const CROSS_BACKEND_SUITES: &[&str] = &[
     "dora",
     "fresh_tensor_ops",
     "decoder_embedding",
+    "bert_embedding",
 ];
 
 /// `--test NAME` for every cross-backend suite and for `extra`.

@@ -33,7 +33,7 @@ mod weighted_adapter;
 
 pub use adapter_file::{
     BASE_LAYER_WEIGHT, CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, load_adapter,
-    load_pretrained, lora_modules, save_adapter, save_pretrained, token_rows,
+    load_pretrained, lora_modules, save_adapter, save_pretrained, tensor_key, token_rows,
 };
 pub use combine_files::combine_adapter_dirs;
 pub use config::{InitLoraWeights, IntOrList, LoraConfig, StrOrList, TargetModules, TokenIndices};

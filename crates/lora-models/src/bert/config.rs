@@ -40,6 +40,14 @@ pub struct BertConfig {
     /// Architectures named by the checkpoint (informational).
     #[serde(default)]
     pub architectures: Vec<String>,
+    /// The padding token, whose word-embedding row gets no gradient (transformers'
+    /// `padding_idx`; `BertConfig`'s default 0).
+    #[serde(default = "default_pad")]
+    pub pad_token_id: Option<usize>,
+}
+
+fn default_pad() -> Option<usize> {
+    Some(0)
 }
 
 fn default_act() -> String {

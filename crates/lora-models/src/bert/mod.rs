@@ -2,6 +2,7 @@
 
 mod classifier;
 mod config;
+mod embeddings;
 mod half;
 mod model;
 mod pooling;

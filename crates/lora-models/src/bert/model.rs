@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use lora_core::{
-    Backend, DenseLinear, Error, HostTensor, LoraLinear, LoraOps, Mode, Model, Tensor, Transpose,
-    UnaryOp,
+    Backend, DecoderOps, DenseLinear, Error, HostTensor, LoraEmbedding, LoraLinear, LoraOps, Mode,
+    Model, Tensor, Transpose, UnaryOp,
 };
 
 use super::config::BertConfig;
+use super::embeddings::{Embeddings, Norm};
 use super::tokenizer::TokenBatch;
 use crate::error::{ModelError, Result};
 
@@ -31,13 +32,6 @@ struct LayerCache<T> {
     st2: T,
 }
 
-/// A LayerNorm's frozen parameters.
-#[derive(Debug)]
-struct Norm<T> {
-    gamma: T,
-    beta: T,
-}
-
 /// One encoder layer.
 #[derive(Debug)]
 struct BertLayer<B: LoraOps> {
@@ -52,15 +46,6 @@ struct BertLayer<B: LoraOps> {
     cache: Option<LayerCache<B::Tensor>>,
 }
 
-/// The embedding tables (frozen).
-#[derive(Debug)]
-struct Embeddings<T> {
-    word: T,
-    position: T,
-    token_type: T,
-    norm: Norm<T>,
-}
-
 /// Sizes of the batch a forward ran on.
 #[derive(Clone, Copy, Debug)]
 struct Dims {
@@ -72,7 +57,7 @@ struct Dims {
 #[derive(Debug)]
 pub struct BertModel<B: LoraOps> {
     config: BertConfig,
-    embeddings: Embeddings<B::Tensor>,
+    embeddings: Embeddings<B>,
     layers: Vec<BertLayer<B>>,
     pooler: Option<LoraLinear<B>>,
     act: UnaryOp,
@@ -136,7 +121,7 @@ impl Weights<'_> {
     }
 }
 
-impl<B: LoraOps> BertModel<B> {
+impl<B: LoraOps + DecoderOps> BertModel<B> {
     /// Loads `config.json` and the safetensors weights (`model.safetensors` or shards)
     /// from a Hugging Face model directory. Names may carry a `bert.` prefix
     /// (`BertFor*` checkpoints); heads other than the pooler are ignored.
@@ -167,11 +152,15 @@ impl<B: LoraOps> BertModel<B> {
         };
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let embeddings = Embeddings {
-            word: w.get(
-                backend,
-                "embeddings.word_embeddings.weight",
-                &[config.vocab_size, h],
-            )?,
+            word: LoraEmbedding::new(
+                "embeddings.word_embeddings",
+                w.get(
+                    backend,
+                    "embeddings.word_embeddings.weight",
+                    &[config.vocab_size, h],
+                )?,
+                config.pad_token_id,
+            ),
             position: w.get(
                 backend,
                 "embeddings.position_embeddings.weight",
@@ -183,6 +172,7 @@ impl<B: LoraOps> BertModel<B> {
                 &[config.type_vocab_size, h],
             )?,
             norm: w.norm(backend, "embeddings.LayerNorm", h)?,
+            saved: None,
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
@@ -233,54 +223,11 @@ impl<B: LoraOps> BertModel<B> {
         self.pooler.is_some()
     }
 
-    /// The embedding sum (word + position + token type) and its LayerNorm: `[B*T, H]`.
-    fn embed(&self, b: &B, batch: &TokenBatch) -> Result<B::Tensor> {
-        let c = &self.config;
-        if batch.seq_len > c.max_position_embeddings {
-            return Err(ModelError::Input(format!(
-                "sequences of {} tokens exceed max_position_embeddings {}",
-                batch.seq_len, c.max_position_embeddings
-            )));
-        }
-        let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
-        if let Some(bad) = ids.iter().find(|&&i| i >= c.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary ({} tokens)",
-                c.vocab_size
-            )));
-        }
-        let types: Vec<usize> = batch.token_type_ids.iter().map(|&i| i as usize).collect();
-        if let Some(bad) = types.iter().find(|&&i| i >= c.type_vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token type {bad} is outside type_vocab_size {}",
-                c.type_vocab_size
-            )));
-        }
-        let positions: Vec<usize> = (0..batch.batch).flat_map(|_| 0..batch.seq_len).collect();
-        let e = &self.embeddings;
-        let sum = b.binary(
-            lora_core::BinaryOp::Add,
-            &b.gather_rows(&e.word, &ids)?,
-            &b.gather_rows(&e.position, &positions)?,
-        )?;
-        let sum = b.binary(
-            lora_core::BinaryOp::Add,
-            &sum,
-            &b.gather_rows(&e.token_type, &types)?,
-        )?;
-        let (y, _) = b.layer_norm(
-            &sum,
-            &e.norm.gamma,
-            &e.norm.beta,
-            self.config.layer_norm_eps as f32,
-        )?;
-        Ok(y)
-    }
-
     /// The encoder's last hidden state `[batch, seq, hidden]` for a token batch. In
     /// [`Mode::Train`] every layer keeps what its backward needs.
     pub fn forward_batch(&mut self, b: &B, batch: &TokenBatch, mode: Mode) -> Result<B::Tensor> {
-        let x = self.embed(b, batch)?;
+        let config = self.config.clone();
+        let x = self.embeddings.forward(b, &config, batch, mode)?;
         // transformers: (1 - mask) * finfo(float32).min, added to the scores.
         let bias: Vec<f32> = batch
             .attention_mask
@@ -387,8 +334,7 @@ impl<B: LoraOps> BertModel<B> {
     }
 
     /// Backward from `d_hidden` (`[batch, seq, hidden]`, the gradient of the last hidden
-    /// state): leaves gradients in every active adapter. The embeddings are frozen, so the
-    /// gradient stops at the first layer's input.
+    /// state): leaves gradients in every active adapter, the word embeddings' included.
     pub fn backward_batch(&mut self, b: &B, d_hidden: &B::Tensor) -> Result<()> {
         let d = self.dims.ok_or_else(|| {
             Error::state(
@@ -409,7 +355,7 @@ impl<B: LoraOps> BertModel<B> {
         for l in (0..self.layers.len()).rev() {
             g = self.layer_backward(b, l, &g, d)?;
         }
-        Ok(())
+        self.embeddings.backward(b, &g)
     }
 
     fn layer_backward(&mut self, b: &B, l: usize, d_out: &B::Tensor, d: Dims) -> Result<B::Tensor> {
@@ -501,7 +447,7 @@ impl<B: LoraOps> BertModel<B> {
     }
 }
 
-impl<B: LoraOps> Model<B> for BertModel<B> {
+impl<B: LoraOps + DecoderOps> Model<B> for BertModel<B> {
     /// `x` holds token ids as numbers, `[batch, seq]`, every token attended (no padding).
     /// Batches with padding go through [`BertModel::forward_batch`].
     fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> lora_core::Result<B::Tensor> {
@@ -532,25 +478,40 @@ impl<B: LoraOps> Model<B> for BertModel<B> {
     }
 
     fn linears_mut(&mut self) -> Vec<&mut LoraLinear<B>> {
+        self.trainable_parts_mut().0
+    }
+
+    fn embeddings(&self) -> Vec<&LoraEmbedding<B>> {
+        vec![&self.embeddings.word]
+    }
+
+    fn embeddings_mut(&mut self) -> Vec<&mut LoraEmbedding<B>> {
+        vec![&mut self.embeddings.word]
+    }
+
+    fn trainable_parts_mut(&mut self) -> (Vec<&mut LoraLinear<B>>, Vec<&mut LoraEmbedding<B>>) {
         let mut v: Vec<&mut LoraLinear<B>> = Vec::new();
         for l in &mut self.layers {
-            v.push(&mut l.query);
-            v.push(&mut l.key);
-            v.push(&mut l.value);
-            v.push(&mut l.attn_out);
-            v.push(&mut l.intermediate);
-            v.push(&mut l.output);
+            v.extend([
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.attn_out,
+                &mut l.intermediate,
+                &mut l.output,
+            ]);
         }
         v.extend(self.pooler.as_mut());
-        v
+        (v, vec![&mut self.embeddings.word])
+    }
+
+    fn input_embedding(&self) -> Option<String> {
+        Some(self.embeddings.word.name().to_string())
     }
 
     fn num_parameters(&self) -> usize {
-        let e = &self.embeddings;
-        let norms = 2 * self.config.hidden_size * (1 + 2 * self.layers.len());
-        e.word.numel()
-            + e.position.numel()
-            + e.token_type.numel()
+        let norms = 2 * self.config.hidden_size * 2 * self.layers.len();
+        self.embeddings.num_parameters()
             + norms
             + self
                 .linears()
