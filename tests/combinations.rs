@@ -274,3 +274,91 @@ fn svd_combinations_equal_peft() {
         .to_string();
     assert!(e.contains("svd_clamp"), "{e}");
 }
+
+/// `dare_linear_svd` and `dare_ties_svd` (DARE's masks come from our generator, so there is
+/// no PEFT fixture): seeded, at the largest source rank with `r = lora_alpha`, `lora_A` with
+/// orthonormal rows, and at density 1 (nothing dropped) `dare_linear_svd` is `svd`.
+#[test]
+fn dare_svd_combinations_are_seeded_rank_r_factorizations() {
+    let b = NdArray::new();
+    for method in [TaskMethod::DareLinear, TaskMethod::DareTies] {
+        let merge = |density| TaskMerge {
+            method,
+            density,
+            majority_sign: MajoritySign::Total,
+            seed: 5,
+        };
+        let mut pm = two_adapters(&b);
+        for name in ["one", "again"] {
+            pm.add_weighted_adapter(
+                &b,
+                &[("first", 0.7), ("second", -0.4)],
+                name,
+                svd(Some(merge(0.5)), None, None),
+            )
+            .unwrap();
+        }
+        let (one, again) = (factors(&b, &pm, "one"), factors(&b, &pm, "again"));
+        assert_eq!(one, again, "{method:?}: seeded");
+        for (module, a, _) in &one {
+            let r = 4;
+            let inp = a.len() / r;
+            for i in 0..r {
+                let norm: f32 = a[i * inp..(i + 1) * inp].iter().map(|v| v * v).sum();
+                assert!(
+                    (norm - 1.0).abs() < 1e-4,
+                    "{method:?} {module}: row {i} norm {norm}"
+                );
+            }
+        }
+        assert_eq!(
+            pm.config("one").map(|c| (c.r, c.lora_alpha)),
+            Some((4, 4.0))
+        );
+    }
+    let mut pm = two_adapters(&b);
+    let dense = TaskMerge {
+        method: TaskMethod::DareLinear,
+        density: 1.0,
+        majority_sign: MajoritySign::Total,
+        seed: 5,
+    };
+    pm.add_weighted_adapter(
+        &b,
+        &[("first", 0.7), ("second", -0.4)],
+        "dare",
+        svd(Some(dense), None, None),
+    )
+    .unwrap();
+    pm.add_weighted_adapter(
+        &b,
+        &[("first", 0.7), ("second", -0.4)],
+        "svd",
+        svd(None, None, None),
+    )
+    .unwrap();
+    let delta = |f: &(String, Vec<f32>, Vec<f32>)| -> Vec<f32> {
+        let (a, bb) = (&f.1, &f.2);
+        let inp = a.len() / 4;
+        let out = bb.len() / 4;
+        (0..out * inp)
+            .map(|i| {
+                (0..4)
+                    .map(|k| bb[(i / inp) * 4 + k] * a[k * inp + i % inp])
+                    .sum()
+            })
+            .collect()
+    };
+    for (d, s) in factors(&b, &pm, "dare")
+        .iter()
+        .zip(&factors(&b, &pm, "svd"))
+    {
+        assert_close(
+            &format!("density 1 {}", d.0),
+            &delta(d),
+            &to64(&delta(s)),
+            1e-5,
+            1e-6,
+        );
+    }
+}

@@ -221,7 +221,7 @@ fn trainable_tokens_train_and_reload() {
     assert_eq!(a, r);
 }
 
-/// Trains LoRA on `embed_tokens` (Llama) and trainable tokens (the tied Qwen2) for a few
+/// Trains LoRA and DoRA on `embed_tokens` (Llama) and trainable tokens (the tied Qwen2) for a few
 /// AdamW steps, saves the adapters, and writes our logits with them to
 /// `<target>/tmp/decoder-embedding-interop/<case>/`, where `cargo xtask test` hands them to
 /// `fixtures/check_decoder_in_peft.py`: PEFT must load them and compute the same logits.
@@ -243,6 +243,17 @@ fn export_embedding_adapters_for_peft() {
             LoraConfig {
                 r: 4,
                 lora_alpha: 8.0,
+                target_modules: list(&["embed_tokens", "q_proj"]),
+                ..LoraConfig::default()
+            },
+        ),
+        (
+            "embed_dora",
+            "llama",
+            LoraConfig {
+                r: 4,
+                lora_alpha: 8.0,
+                use_dora: true,
                 target_modules: list(&["embed_tokens", "q_proj"]),
                 ..LoraConfig::default()
             },
@@ -339,4 +350,60 @@ fn bad_trainable_token_indices_are_refused_by_name() {
     );
     let e = try_inject(TokenIndices::List(vec![1]), &["embed_tokens"]);
     assert!(e.contains("trainable_token_indices"), "{e}");
+}
+
+/// Merging in the library (PEFT's `merge` / `unmerge` / `merge_and_unload` on the
+/// embedding): the merged table is PEFT's, the logits do not change, unmerging restores
+/// the table, and a merged embedding refuses to train.
+#[test]
+fn merge_and_unmerge_in_the_library_equal_peft() {
+    use lora::peft::PeftModel;
+    let b = lora::NdArray::new();
+    for (case, model_dir) in CASES {
+        let io = io(model_dir);
+        let tb = batch(&io, "input_ids", Some("attention_mask"));
+        let base = DecoderModel::from_pretrained(&b, &dir(model_dir)).unwrap();
+        let table = b.to_host(base.embeddings()[0].weight()).unwrap();
+        let mut pm = PeftModel::new(base);
+        pm.load_adapter(&case_dir(case).join("adapter"), "default", &b)
+            .unwrap();
+        let before = b
+            .to_host(&pm.model_mut().logits(&b, &tb, Mode::Eval).unwrap())
+            .unwrap();
+        pm.merge(&b, true).unwrap();
+        let merged = b.to_host(pm.model().embeddings()[0].weight()).unwrap();
+        let want = &expected(case)["merged.model.embed_tokens.weight"];
+        assert_close_scaled(
+            &format!("{case} merged table"),
+            &merged,
+            &to64(&want.data),
+            1e-5,
+            1e-6,
+        );
+        let after = b
+            .to_host(&pm.model_mut().logits(&b, &tb, Mode::Eval).unwrap())
+            .unwrap();
+        assert_close_scaled(
+            &format!("{case} merged logits"),
+            &after,
+            &to64(&before),
+            1e-4,
+            1e-5,
+        );
+        assert!(
+            pm.model_mut().logits(&b, &tb, Mode::Train).is_err(),
+            "{case}: training while merged"
+        );
+        pm.unmerge(&b).unwrap();
+        let restored = b.to_host(pm.model().embeddings()[0].weight()).unwrap();
+        assert_close_scaled(
+            &format!("{case} unmerged table"),
+            &restored,
+            &to64(&table),
+            1e-5,
+            1e-6,
+        );
+        let (plain, _) = pm.merge_and_unload(&b, true).unwrap();
+        assert!(!plain.embeddings()[0].has_adapters());
+    }
 }

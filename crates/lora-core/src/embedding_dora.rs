@@ -21,6 +21,10 @@ pub(crate) struct EmbeddingDora<T> {
     pub col_sq: Option<Vec<f32>>,
     /// From a training forward: the unscaled output (`[ids, dim]`) and the norm.
     pub saved: Option<(T, Vec<f32>)>,
+    /// The norm from the last inference forward, reused until the factors, the
+    /// magnitude or the table may have changed (a training forward, an optimizer's access
+    /// to the parameters, a loaded tensor).
+    pub norm_cache: Option<Vec<f32>>,
 }
 
 impl<T> EmbeddingDora<T> {
@@ -30,6 +34,7 @@ impl<T> EmbeddingDora<T> {
             grad: None,
             col_sq: None,
             saved: None,
+            norm_cache: None,
         }
     }
 }

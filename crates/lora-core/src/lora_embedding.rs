@@ -21,6 +21,9 @@ use crate::ops::{DecoderOps, LoraOps};
 use crate::rng::{self, RngState};
 use crate::trainable_tokens::TrainableTokens;
 
+#[path = "embedding_merge.rs"]
+mod merge;
+
 /// File name of LoRA's `A` on an embedding (`[r, vocab]`, no `.weight` suffix).
 pub const EMBEDDING_A: &str = "lora_embedding_A";
 /// File name of LoRA's `B` on an embedding (`[dim, r]`).
@@ -60,6 +63,8 @@ pub struct LoraEmbedding<B: LoraOps> {
     adapters: Vec<(String, EmbeddingAdapter<B::Tensor>)>,
     /// The ids of the last training forward.
     saved_ids: Option<Vec<usize>>,
+    /// What merging changed in the table, to undo it (`None`: not merged).
+    merged: Option<merge::Merged<B::Tensor>>,
 }
 
 impl<B: LoraOps> LoraEmbedding<B> {
@@ -72,6 +77,7 @@ impl<B: LoraOps> LoraEmbedding<B> {
             padding_idx,
             adapters: Vec::new(),
             saved_ids: None,
+            merged: None,
         }
     }
 
@@ -100,7 +106,17 @@ impl<B: LoraOps> LoraEmbedding<B> {
                 d.col_sq = None;
             }
         }
+        self.forget_norms();
         Ok(())
+    }
+
+    /// Drops DoRA's cached inference norms (the factors, magnitude or table may change).
+    fn forget_norms(&mut self) {
+        for (_, a) in &mut self.adapters {
+            if let EmbeddingAdapter::Lora(EmbeddingLora { dora: Some(d), .. }) = a {
+                d.norm_cache = None;
+            }
+        }
     }
 
     fn vocab_dim(&self) -> (usize, usize) {
@@ -303,6 +319,7 @@ impl<B: LoraOps> LoraEmbedding<B> {
     ) -> Result<()> {
         let name = format!("{}.{tensor}", self.name);
         let (vocab, dim) = self.vocab_dim();
+        self.forget_norms();
         let Some((_, adapter)) = self.adapters.iter_mut().find(|(n, _)| n == adapter_name) else {
             return Err(Error::state(
                 &self.name,
@@ -341,6 +358,7 @@ impl<B: LoraOps> LoraEmbedding<B> {
 
     /// Every trainable tensor with its gradient (after a backward).
     pub fn params_and_grads(&mut self) -> Vec<ParamGrad<'_, B::Tensor>> {
+        self.forget_norms();
         let mut out = Vec::new();
         for (_, adapter) in &mut self.adapters {
             match adapter {
@@ -404,6 +422,15 @@ impl<B: LoraOps> LoraEmbedding<B> {
     /// The embeddings of `ids`, `[ids.len(), dim]`: the table's rows with the trained
     /// rows in place and every LoRA's `s · Aᵀ[ids] Bᵀ` added.
     pub fn forward(&mut self, backend: &B, ids: &[usize], mode: Mode) -> Result<B::Tensor> {
+        if self.merged.is_some() {
+            if mode == Mode::Train {
+                return Err(Error::state(
+                    &self.name,
+                    "cannot train while adapters are merged; unmerge first",
+                ));
+            }
+            return backend.gather_rows(&self.weight, ids);
+        }
         let mut out = backend.gather_rows(&self.weight, ids)?;
         let weight = &self.weight;
         for (_, adapter) in &mut self.adapters {
@@ -421,14 +448,20 @@ impl<B: LoraOps> LoraEmbedding<B> {
                     )?;
                     if let Some(d) = &mut l.dora {
                         // out = (m / ‖W + s·(BA)ᵀ‖) ⊙ (W[x] + s·Aᵀ[x] Bᵀ), per dimension.
-                        let norm = embedding_dora::column_norms(
-                            backend,
-                            weight,
-                            &l.a_t,
-                            &l.b,
-                            l.scaling,
-                            &mut d.col_sq,
-                        )?;
+                        let norm = match (d.norm_cache.take(), mode) {
+                            (Some(n), Mode::Eval) => n,
+                            _ => embedding_dora::column_norms(
+                                backend,
+                                weight,
+                                &l.a_t,
+                                &l.b,
+                                l.scaling,
+                                &mut d.col_sq,
+                            )?,
+                        };
+                        if mode == Mode::Eval {
+                            d.norm_cache = Some(norm.clone());
+                        }
                         let gain = embedding_dora::gain(backend, &d.magnitude, &norm)?;
                         let pre = out;
                         out = backend.scale_features(&pre, &gain)?;
@@ -446,7 +479,7 @@ impl<B: LoraOps> LoraEmbedding<B> {
     /// with the trained rows in place (a copy only when trainable tokens are attached; LoRA
     /// does not reach a tied head, as in PEFT).
     pub fn head_weight(&self, backend: &B) -> Result<std::borrow::Cow<'_, B::Tensor>> {
-        Ok(match self.tokens() {
+        Ok(match self.tokens().filter(|_| self.merged.is_none()) {
             Some(t) => std::borrow::Cow::Owned(t.head_weight(backend, &self.weight)?),
             None => std::borrow::Cow::Borrowed(&self.weight),
         })

@@ -154,6 +154,11 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
                 rounding = rounding.max(l.merge(backend, safe)?);
             }
         }
+        for e in self.model.embeddings_mut() {
+            if !e.is_merged() {
+                e.merge(backend)?;
+            }
+        }
         Ok(rounding)
     }
 
@@ -165,6 +170,9 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
                 rounding = rounding.max(l.unmerge(backend)?);
             }
         }
+        for e in self.model.embeddings_mut() {
+            e.unmerge(backend)?;
+        }
         Ok(rounding)
     }
 
@@ -174,6 +182,9 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
         let mut rounding = WeightRounding::EXACT;
         for l in self.model.linears_mut() {
             rounding = rounding.max(l.merge_and_unload(backend, safe)?);
+        }
+        for e in self.model.embeddings_mut() {
+            e.merge_and_unload(backend)?;
         }
         Ok((self.model, rounding))
     }
