@@ -4,9 +4,9 @@
 //! `Σ hidden · proj`, through the embeddings' LayerNorm into the word table's adapter.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use lora::Mode;
 use lora::models::bert::BertModel;
-use lora::{Mode, Model};
-use lora_tests::decoder_fixtures::{adapter_grads_of, batch, io_at};
+use lora_tests::decoder_fixtures::{adapter_grads_of, assert_grads_match, batch, io_at};
 use lora_tests::{assert_close_scaled, backend_suite, fixtures_dir, to64};
 
 fn check_case<B: lora::FullBackend>(b: &B, case: &str) {
@@ -28,22 +28,8 @@ fn check_case<B: lora::FullBackend>(b: &B, case: &str) {
     model
         .backward_batch(b, &b.from_host(&proj.1, &proj.0).unwrap())
         .unwrap();
-    let mut got = adapter_grads_of(b, &mut model);
-    let emb = &model.embeddings()[0];
-    for (t, g) in emb.grads(b, lora::DEFAULT_ADAPTER).unwrap() {
-        got.push((
-            format!("base_model.model.{}.{t}", emb.name()),
-            b.to_host(&g).unwrap(),
-        ));
-    }
-    let n_want = want.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(got.len(), n_want, "{case}: every trainable tensor checked");
-    for (key, g) in &got {
-        let w = want
-            .get(&format!("grad.{key}"))
-            .unwrap_or_else(|| panic!("{case}: the fixture has no gradient of {key}"));
-        assert_close_scaled(&format!("{case} d {key}"), g, &to64(&w.data), 1e-4, 1e-5);
-    }
+    let got = adapter_grads_of(b, &mut model);
+    assert_grads_match(case, &got, &want);
 }
 
 backend_suite! { all:

@@ -11,7 +11,7 @@ use lora::models::TokenBatch;
 use lora::models::decoder::{DecoderModel, GenerationConfig, causal_lm_loss, generate};
 use lora::{Backend, Mode, Tensor};
 use lora_tests::decoder_fixtures::{
-    adapter_grads, assert_logits_close, batch, case, dir, ids, io, train_backward,
+    adapter_grads, assert_logits_close, batch, case, dir, ids, io, train_backward, train_five_steps,
 };
 use lora_tests::{assert_close_scaled, backend_suite, to64};
 
@@ -203,7 +203,6 @@ backend_suite! { all:
 #[test]
 fn export_trained_decoder_adapters_for_peft() {
     use lora::peft::{LoraConfig, TargetModules};
-    use lora::{Adam, Optimizer};
     let b = lora::NdArray::new();
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("decoder-interop");
     let _ = std::fs::remove_dir_all(&root);
@@ -233,17 +232,7 @@ fn export_trained_decoder_adapters_for_peft() {
         let io = io(name);
         let tb = batch(&io, "input_ids", Some("attention_mask"));
         let vocab = model.config().vocab_size;
-        let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
-        let mut losses = Vec::new();
-        for _ in 0..5 {
-            losses.push(train_backward(&b, &mut model, &tb, &io.ints["labels"].1));
-            opt.step(&b, &mut lora::Model::params_and_grads(&mut model))
-                .unwrap();
-        }
-        assert!(
-            losses[4] < losses[0],
-            "{name}: training lowers the loss: {losses:?}"
-        );
+        train_five_steps(&b, &mut model, &tb, &io.ints["labels"].1, name);
         let out = root.join(name);
         lora::peft::save_pretrained(&out.join("adapter"), &model, &b, &config).unwrap();
         let logits = b

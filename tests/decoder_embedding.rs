@@ -13,7 +13,8 @@ use lora::models::decoder::DecoderModel;
 use lora::peft::{LoraConfig, TargetModules, TokenIndices};
 use lora::{Backend, HostTensor, Mode, Model};
 use lora_tests::decoder_fixtures::{
-    adapter_grads, assert_logits_close, batch, dir, io, train_backward,
+    adapter_grads_of, assert_grads_match, assert_logits_close, batch, dir, io, train_backward,
+    train_five_steps,
 };
 use lora_tests::{assert_close_scaled, backend_suite, to64};
 
@@ -63,32 +64,8 @@ fn check_case<B: lora::FullBackend>(b: &B, case: &str, model_dir: &str) {
         (loss - want_loss).abs() <= 1e-4 * want_loss,
         "{case} loss {loss} vs {want_loss}"
     );
-    let mut got: Vec<(String, Vec<f32>)> = adapter_grads(b, &mut model)
-        .into_iter()
-        .map(|(m, t, g)| {
-            let suffix = if t == "lora_magnitude_vector" {
-                ""
-            } else {
-                ".weight"
-            };
-            (format!("base_model.model.{m}.{t}{suffix}"), g)
-        })
-        .collect();
-    let emb = &model.embeddings()[0];
-    for (t, g) in emb.grads(b, lora::DEFAULT_ADAPTER).unwrap() {
-        got.push((
-            format!("base_model.model.{}.{t}", emb.name()),
-            b.to_host(&g).unwrap(),
-        ));
-    }
-    let n_want = want.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(got.len(), n_want, "{case}: every trainable tensor checked");
-    for (key, g) in &got {
-        let w = want
-            .get(&format!("grad.{key}"))
-            .unwrap_or_else(|| panic!("{case}: the fixture has no gradient of {key}"));
-        assert_close_scaled(&format!("{case} d {key}"), g, &to64(&w.data), 1e-4, 1e-5);
-    }
+    let got = adapter_grads_of(b, &mut model);
+    assert_grads_match(case, &got, &want);
 }
 
 backend_suite! { all:
@@ -171,7 +148,6 @@ fn lora_merge_writes_peft_merged_embedding() {
 /// (the frozen table is untouched; a saved and reloaded adapter gives the same logits).
 #[test]
 fn trainable_tokens_train_and_reload() {
-    use lora::{Adam, Optimizer};
     let b = lora::NdArray::new();
     let mut model = DecoderModel::from_pretrained(&b, &dir("qwen2")).unwrap();
     let config = LoraConfig {
@@ -184,15 +160,12 @@ fn trainable_tokens_train_and_reload() {
     let table = b.to_host(model.embeddings()[0].weight()).unwrap();
     let io = io("qwen2");
     let tb = batch(&io, "input_ids", Some("attention_mask"));
-    let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
-    let mut losses = Vec::new();
-    for _ in 0..5 {
-        losses.push(train_backward(&b, &mut model, &tb, &io.ints["labels"].1));
-        opt.step(&b, &mut model.params_and_grads()).unwrap();
-    }
-    assert!(
-        losses[4] < losses[0],
-        "training lowers the loss: {losses:?}"
+    train_five_steps(
+        &b,
+        &mut model,
+        &tb,
+        &io.ints["labels"].1,
+        "trainable tokens",
     );
     assert_eq!(b.to_host(model.embeddings()[0].weight()).unwrap(), table);
     let rows = &model.embeddings()[0]
@@ -227,7 +200,6 @@ fn trainable_tokens_train_and_reload() {
 /// `fixtures/check_decoder_in_peft.py`: PEFT must load them and compute the same logits.
 #[test]
 fn export_embedding_adapters_for_peft() {
-    use lora::{Adam, Optimizer};
     let b = lora::NdArray::new();
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("decoder-embedding-interop");
     let _ = std::fs::remove_dir_all(&root);
@@ -277,16 +249,7 @@ fn export_embedding_adapters_for_peft() {
         lora::peft::inject_adapters(&mut model, &b, &config, 9).unwrap();
         let io = io(model_dir);
         let tb = batch(&io, "input_ids", Some("attention_mask"));
-        let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
-        let mut losses = Vec::new();
-        for _ in 0..5 {
-            losses.push(train_backward(&b, &mut model, &tb, &io.ints["labels"].1));
-            opt.step(&b, &mut model.params_and_grads()).unwrap();
-        }
-        assert!(
-            losses[4] < losses[0],
-            "{case}: training lowers the loss: {losses:?}"
-        );
+        train_five_steps(&b, &mut model, &tb, &io.ints["labels"].1, case);
         let out = root.join(case);
         lora::peft::save_pretrained(&out.join("adapter"), &model, &b, &config).unwrap();
         let vocab = model.config().vocab_size;

@@ -60,10 +60,37 @@ fn export_adapters_outputs_and_merges_for_peft() {
         8,
     )
     .unwrap();
+    // An SVD combination (TIES on the deltas, cut to rank 2) of the first and a third
+    // adapter: a plain LoRA adapter PEFT must load like any other.
+    pm.add_adapter(
+        &b,
+        "third",
+        config(3, 6.0, list(&["layers.0", "layers.2"])),
+        9,
+    )
+    .unwrap();
+    let ties = lora::ops::TaskMerge {
+        method: lora::ops::TaskMethod::Ties,
+        density: 0.7,
+        majority_sign: lora::ops::MajoritySign::Total,
+        seed: 0,
+    };
+    let svd = peft::SvdCombination {
+        merge: Some(ties),
+        rank: Some(2),
+        clamp: None,
+    };
+    pm.add_weighted_adapter(
+        &b,
+        &[("default", 0.6), ("third", -0.3)],
+        "combo",
+        peft::Combination::Svd(svd),
+    )
+    .unwrap();
     let x = rand_vec(5 * 3, 3, 3);
     let xt = b.from_host(&x, &[5, 3]).unwrap();
     let mut io = json!({"x": x, "x_shape": [5, 3]});
-    for name in ["default", "second"] {
+    for name in ["default", "second", "combo"] {
         pm.set_adapter(&[name]).unwrap();
         let y = b
             .to_host(&pm.model_mut().forward(&b, &xt, Mode::Eval).unwrap())

@@ -106,6 +106,30 @@ pub fn train_backward<B: lora::FullBackend>(
     loss
 }
 
+/// Five AdamW steps (lr 1e-2) on the causal-LM loss of `tb`; asserts the loss went down
+/// and returns the losses. `what` names the run in the message.
+pub fn train_five_steps(
+    b: &lora::NdArray,
+    model: &mut DecoderModel<lora::NdArray>,
+    tb: &TokenBatch,
+    labels: &[i64],
+    what: &str,
+) -> Vec<f64> {
+    use lora::{Adam, Optimizer};
+    let mut opt = Adam::<lora::NdArray>::adamw(1e-2).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..5 {
+        losses.push(train_backward(b, model, tb, labels));
+        opt.step(b, &mut lora::Model::params_and_grads(model))
+            .unwrap();
+    }
+    assert!(
+        losses[4] < losses[0],
+        "{what}: training lowers the loss: {losses:?}"
+    );
+    losses
+}
+
 /// The case record of `name` in cases.json.
 pub fn case(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures_dir().join("decoder/cases.json")).unwrap();
@@ -128,40 +152,60 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// The gradient of every linear adapter tensor of any model after a backward, keyed as
-/// PEFT's adapter files key the tensor (`base_model.model.<module>.lora_A.weight`, DoRA's
-/// magnitude without `.weight`).
+/// The gradient of every adapter tensor of any model after a backward (linear layers and
+/// embeddings), keyed as PEFT's adapter files key the tensor
+/// (`base_model.model.<module>.lora_A.weight`, DoRA's magnitude and embedding tensors
+/// without `.weight`).
 pub fn adapter_grads_of<B: lora::FullBackend, M: lora::Model<B>>(
     b: &B,
     model: &mut M,
 ) -> Vec<(String, Vec<f32>)> {
-    let mut out = Vec::new();
-    for layer in model.linears_mut() {
-        let module = layer.name().to_string();
-        let Some(adapter) = layer.adapter_mut() else {
-            continue;
-        };
-        let names: Vec<&'static str> = adapter.tensors().iter().map(|(n, _)| *n).collect();
-        let grads: Vec<Vec<f32>> = adapter
-            .params_and_grads()
-            .iter()
-            .map(|p| b.to_host(p.grad).unwrap())
-            .collect();
-        for (name, g) in names.into_iter().zip(grads) {
-            out.push((lora::peft::tensor_key(&module, name), g));
+    let mut out: Vec<(String, Vec<f32>)> = adapter_grads(b, model)
+        .into_iter()
+        .map(|(module, name, g)| (lora::peft::tensor_key(&module, name), g))
+        .collect();
+    for emb in model.embeddings() {
+        for (t, g) in emb.grads(b, lora::DEFAULT_ADAPTER).unwrap() {
+            out.push((
+                lora::peft::tensor_key(emb.name(), t),
+                b.to_host(&g).unwrap(),
+            ));
         }
     }
     out
 }
 
+/// Every gradient in `got` equals the fixture's `grad.<key>` (1e-4 of the largest), and the
+/// fixture has no other gradient: every trainable tensor was checked.
+pub fn assert_grads_match(
+    case: &str,
+    got: &[(String, Vec<f32>)],
+    want: &BTreeMap<String, lora::HostTensor>,
+) {
+    let n_want = want.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(got.len(), n_want, "{case}: every trainable tensor checked");
+    for (key, g) in got {
+        let w = want
+            .get(&format!("grad.{key}"))
+            .unwrap_or_else(|| panic!("{case}: the fixture has no gradient of {key}"));
+        crate::assert_close_scaled(
+            &format!("{case} d {key}"),
+            g,
+            &crate::to64(&w.data),
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
 /// The gradient of every adapter tensor after a backward, as `(module, tensor, values)`
 /// with PEFT's tensor names (`lora_A`, `lora_B`, ...).
-pub fn adapter_grads<B: lora::FullBackend>(
+pub fn adapter_grads<B: lora::FullBackend, M: lora::Model<B>>(
     b: &B,
-    model: &mut DecoderModel<B>,
+    model: &mut M,
 ) -> Vec<(String, &'static str, Vec<f32>)> {
     let mut out = Vec::new();
-    for layer in lora::Model::linears_mut(model) {
+    for layer in model.linears_mut() {
         let module = layer.name().to_string();
         let Some(adapter) = layer.adapter_mut() else {
             continue;

@@ -51,7 +51,6 @@ pub fn save_adapter<B: LoraOps, M: Model<B> + ?Sized>(
     config: &LoraConfig,
     adapter_name: &str,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tensors = Vec::new();
     for layer in model.linears() {
         let Some(adapter) = layer.adapter_named(adapter_name) else {
@@ -87,9 +86,19 @@ pub fn save_adapter<B: LoraOps, M: Model<B> + ?Sized>(
             reason: format!("the model has no adapter named {adapter_name:?} to save"),
         });
     }
-    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
-    let json = config.to_json_string()?;
-    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
+    write_adapter_dir(dir, &tensors, config)
+}
+
+/// Writes an adapter directory: `adapter_model.safetensors` with `tensors` (keys as PEFT
+/// writes them) and `adapter_config.json`, each to a temporary name renamed into place.
+pub(crate) fn write_adapter_dir(
+    dir: &Path,
+    tensors: &[(String, HostTensor)],
+    config: &LoraConfig,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
+    write_atomic(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())?;
     Ok(())
 }
 

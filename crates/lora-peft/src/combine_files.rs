@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use lora_core::{HostTensor, LoraOps};
-use lora_io::fs::write_atomic;
-use lora_io::{read_safetensors, write_safetensors};
+use lora_io::read_safetensors;
 
-use crate::adapter_file::{CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, lora_modules};
+use crate::adapter_file::{
+    CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, lora_modules, write_adapter_dir,
+};
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
 use crate::weighted_adapter::{Combination, Source, combine_module, combined_config};
@@ -104,14 +105,6 @@ pub fn combine_adapter_dirs<B: LoraOps>(
             HostTensor::from_backend(backend, &b)?,
         ));
     }
-    std::fs::create_dir_all(out).map_err(|e| PeftError::Io {
-        path: out.display().to_string(),
-        source: e,
-    })?;
-    write_safetensors(&out.join(WEIGHTS_FILE), &tensors)?;
-    write_atomic(
-        &out.join(CONFIG_FILE),
-        new_config.to_json_string()?.as_bytes(),
-    )?;
+    write_adapter_dir(out, &tensors, &new_config)?;
     Ok(new_config)
 }

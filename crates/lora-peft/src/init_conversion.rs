@@ -10,10 +10,9 @@
 use std::path::Path;
 
 use lora_core::HostTensor;
-use lora_io::fs::write_atomic;
-use lora_io::{read_safetensors, write_safetensors};
+use lora_io::read_safetensors;
 
-use crate::adapter_file::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, lora_modules};
+use crate::adapter_file::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, lora_modules, write_adapter_dir};
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::error::{PeftError, Result};
 
@@ -111,14 +110,6 @@ pub fn convert_to_lora(trained: &Path, initial: &Path, out: &Path) -> Result<Lor
             .collect(),
         ..config
     };
-    std::fs::create_dir_all(out).map_err(|e| PeftError::Io {
-        path: out.display().to_string(),
-        source: e,
-    })?;
-    write_safetensors(&out.join(WEIGHTS_FILE), &tensors)?;
-    write_atomic(
-        &out.join(CONFIG_FILE),
-        converted.to_json_string()?.as_bytes(),
-    )?;
+    write_adapter_dir(out, &tensors, &converted)?;
     Ok(converted)
 }
