@@ -364,3 +364,77 @@ fn inspect_and_merge_handle_embedding_and_token_adapters() {
         }
     }
 }
+
+/// A config whose rank disagrees with its tensors, whose numbers are out of range, or whose
+/// field has the wrong type is refused naming the field (and the module and both ranks),
+/// and no output is written.
+#[test]
+fn bad_adapter_configs_are_refused_by_field() {
+    let tmp = tempdir();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = work.join("out.safetensors");
+    let base = fixture("peft_mlp").join("base_model.safetensors");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("peft_mlp").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let r = config["r"].as_u64().unwrap();
+    let tensor_rank = format!("rank {r} of its tensors");
+    for (i, (field, value, needles)) in [
+        ("r", serde_json::json!(0), vec!["field r", "at least 1"]),
+        (
+            "r",
+            serde_json::json!(1_000_000_000u64),
+            vec!["rank 1000000000", "disagrees", tensor_rank.as_str()],
+        ),
+        (
+            "lora_alpha",
+            serde_json::json!("big"),
+            vec!["field lora_alpha"],
+        ),
+        (
+            "target_modules",
+            serde_json::json!(5),
+            vec!["field target_modules"],
+        ),
+        (
+            "lora_dropout",
+            serde_json::json!(1.5),
+            vec!["field lora_dropout"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tmp.path().join(format!("adapter{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            fixture("peft_mlp").join("adapter_model.safetensors"),
+            dir.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut c = config.clone();
+        c[field] = value;
+        std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+        let mut all: Vec<&str> = needles.clone();
+        all.push("adapter_config.json");
+        if field == "r" && i == 1 {
+            all.pop(); // the rank mismatch is found in the weights file, which it names
+            all.push("adapter_model.safetensors");
+        }
+        expect_failure(
+            &[
+                "merge",
+                "--base",
+                s(&base),
+                "--adapter",
+                s(&dir),
+                "--out",
+                s(&out),
+            ],
+            &out,
+            &all,
+        );
+    }
+}

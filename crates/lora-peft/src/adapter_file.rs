@@ -219,6 +219,29 @@ pub fn token_rows(
         .collect()
 }
 
+/// The config's rank for `module` (`r`, or its `rank_pattern` entry) must be the rank of
+/// the module's tensors: PEFT scales by the config's rank, so a mismatch (`"r": 0` over
+/// rank-16 tensors) would merge or combine wrongly without a word. The error names the
+/// file, the module and both ranks.
+pub(crate) fn check_rank(
+    config: &LoraConfig,
+    module: &str,
+    tensors: &ModuleTensors,
+    path: &Path,
+) -> Result<()> {
+    let r = config.spec_for(module, 0)?.r;
+    let got = tensors.a.shape.first().copied().unwrap_or(0);
+    if r != got {
+        return Err(PeftError::Format {
+            path: path.display().to_string(),
+            reason: format!(
+                "module {module}: the config's rank {r} (r / rank_pattern) disagrees with the rank {got} of its tensors"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The key PEFT saves adapter tensor `tensor` of `module` under: `.weight` for the LoRA
 /// factors, none for DoRA's magnitude (`base_model.model.X.lora_magnitude_vector`).
 pub fn tensor_key(module: &str, tensor: &str) -> String {

@@ -10,7 +10,8 @@ use lora_core::{HostTensor, LoraOps};
 use lora_io::read_safetensors;
 
 use crate::adapter_file::{
-    CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, lora_modules, write_adapter_dir,
+    CONFIG_FILE, KEY_PREFIX, ModuleTensors, WEIGHTS_FILE, check_rank, lora_modules,
+    write_adapter_dir,
 };
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
@@ -43,6 +44,9 @@ pub fn combine_adapter_dirs<B: LoraOps>(
         config.check_supported()?;
         let weights = dir.join(WEIGHTS_FILE);
         let m = lora_modules(&read_safetensors(&weights)?, &weights, "default")?;
+        for (module, t) in &m {
+            check_rank(&config, module, t, &weights)?;
+        }
         // `use_dora` itself is refused with the config (`combined_config`); a file with
         // magnitudes under a plain LoRA config is inconsistent.
         if !config.use_dora && m.values().any(|t| t.magnitude.is_some()) {

@@ -225,11 +225,64 @@ impl LoraConfig {
             path: path.display().to_string(),
             source,
         })?;
-        let cfg: LoraConfig = serde_json::from_str(&text).map_err(|e| PeftError::Config {
-            path: path.display().to_string(),
-            reason: e.to_string(),
+        // serde_path_to_error names the field a type error is in (`target_modules: data did
+        // not match any variant ...`), which serde_json alone does not.
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let cfg: LoraConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            PeftError::Config {
+                path: path.display().to_string(),
+                reason: match field.as_str() {
+                    "." | "" => e.inner().to_string(),
+                    _ => format!("field {field}: {}", e.inner()),
+                },
+            }
         })?;
+        cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// Range checks of the numeric fields, naming the field and the file: `r` at least 1,
+    /// `lora_alpha` finite, `lora_dropout` in [0, 1), every `rank_pattern` rank at least 1
+    /// and every `alpha_pattern` alpha finite. (The rank against each module's tensors is
+    /// checked where the tensors are read.)
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, value: String, why: &str| PeftError::Config {
+            path: path.display().to_string(),
+            reason: format!("field {field} = {value}: {why}"),
+        };
+        if self.r == 0 {
+            return Err(bad("r", "0".into(), "the rank must be at least 1"));
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(bad(
+                "lora_alpha",
+                self.lora_alpha.to_string(),
+                "must be finite",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(bad(
+                "lora_dropout",
+                self.lora_dropout.to_string(),
+                "must be in [0, 1)",
+            ));
+        }
+        if let Some((k, v)) = self.rank_pattern.iter().find(|(_, v)| **v == 0) {
+            return Err(bad(
+                &format!("rank_pattern.{k}"),
+                v.to_string(),
+                "the rank must be at least 1",
+            ));
+        }
+        if let Some((k, v)) = self.alpha_pattern.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(bad(
+                &format!("alpha_pattern.{k}"),
+                v.to_string(),
+                "must be finite",
+            ));
+        }
+        Ok(())
     }
 
     /// The JSON PEFT writes: keys sorted, indent 2.

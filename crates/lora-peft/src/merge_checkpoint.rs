@@ -11,7 +11,9 @@ use lora_io::fs::temp_path_for;
 use lora_io::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float, merge_into_quantized};
 use safetensors::{Dtype, View};
 
-use crate::adapter_file::{CONFIG_FILE, ModuleTensors, WEIGHTS_FILE, lora_modules, token_rows};
+use crate::adapter_file::{
+    CONFIG_FILE, ModuleTensors, WEIGHTS_FILE, check_rank, lora_modules, token_rows,
+};
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
 use crate::merge_token_rows::{TokenRows, checked_token_rows};
@@ -239,6 +241,9 @@ pub fn merge_checkpoint<B: LoraOps>(
     let weights_path = dir.join(WEIGHTS_FILE);
     let adapter_tensors = lora_io::read_safetensors(&weights_path)?;
     let modules = lora_modules(&adapter_tensors, &weights_path, adapter_name)?;
+    for (module, t) in &modules {
+        check_rank(&config, module, t, &weights_path)?;
+    }
     let ckpt = Checkpoint::open(base)?;
     let token_merges = checked_token_rows(
         &ckpt,
