@@ -19,8 +19,9 @@ pub(crate) struct EmbeddingDora<T> {
     pub grad: Option<T>,
     /// `‖W_j‖²` per column of the frozen table, once computed.
     pub col_sq: Option<Vec<f32>>,
-    /// From a training forward: the unscaled output (`[ids, dim]`) and the norm.
-    pub saved: Option<(T, Vec<f32>)>,
+    /// From a training forward: the unscaled output (`[ids, dim]`), the norm and the gain
+    /// `m / norm` it was scaled by.
+    pub saved: Option<(T, Vec<f32>, T)>,
     /// The norm from the last inference forward, reused until the factors, the
     /// magnitude or the table may have changed (a training forward, an optimizer's access
     /// to the parameters, a loaded tensor).

@@ -82,7 +82,7 @@ impl<B: LoraOps> LoraEmbedding<B> {
             }
             EmbeddingAdapter::Tokens(t) => {
                 let original = backend.gather_rows(&self.weight, &t.indices)?;
-                self.weight = t.head_weight(backend, &self.weight)?;
+                self.weight = t.with_rows(backend, &self.weight)?;
                 Merged::Tokens(original)
             }
         });

@@ -465,7 +465,7 @@ impl<B: LoraOps> LoraEmbedding<B> {
                         let gain = embedding_dora::gain(backend, &d.magnitude, &norm)?;
                         let pre = out;
                         out = backend.scale_features(&pre, &gain)?;
-                        d.saved = (mode == Mode::Train).then_some((pre, norm));
+                        d.saved = (mode == Mode::Train).then_some((pre, norm, gain));
                     }
                 }
                 EmbeddingAdapter::Tokens(t) => t.apply(backend, &mut out, ids)?,
@@ -475,14 +475,65 @@ impl<B: LoraOps> LoraEmbedding<B> {
         Ok(out)
     }
 
-    /// The table an output head tied to this embedding multiplies by: the frozen table
-    /// with the trained rows in place (a copy only when trainable tokens are attached; LoRA
-    /// does not reach a tied head, as in PEFT).
-    pub fn head_weight(&self, backend: &B) -> Result<std::borrow::Cow<'_, B::Tensor>> {
-        Ok(match self.tokens().filter(|_| self.merged.is_none()) {
-            Some(t) => std::borrow::Cow::Owned(t.head_weight(backend, &self.weight)?),
-            None => std::borrow::Cow::Borrowed(&self.weight),
-        })
+    /// Whether trained token rows are active (not merged): a tied output head then reads
+    /// them, and its backward needs its input.
+    pub fn has_trainable_tokens(&self) -> bool {
+        self.merged.is_none() && self.tokens().is_some()
+    }
+
+    /// The logits of an output head tied to this embedding, `h · Wᵀ` (`[rows of h,
+    /// vocab]`), with the trained token rows in place of the table's (LoRA does not reach
+    /// a tied head, as in PEFT). The table is never copied.
+    pub fn head_logits(&self, backend: &B, h: &B::Tensor) -> Result<B::Tensor> {
+        let (n, _) = h.shape().as_matrix();
+        let (vocab, _) = self.vocab_dim();
+        let mut logits = backend.matmul(
+            1.0,
+            (h, Transpose::No),
+            (&self.weight, Transpose::Yes),
+            &[n, vocab],
+        )?;
+        if let Some(t) = self.tokens().filter(|_| self.merged.is_none()) {
+            t.head_logits(backend, &mut logits, h)?;
+        }
+        Ok(logits)
+    }
+
+    /// The backward of [`LoraEmbedding::head_logits`]: the gradient of `h`. With trained
+    /// tokens, `h` (the head's input) is required and the rows' share of the gradient is
+    /// kept for [`LoraEmbedding::backward`], which must follow.
+    pub fn head_backward(
+        &mut self,
+        backend: &B,
+        d_logits: &B::Tensor,
+        h: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
+        let (n, _) = d_logits.shape().as_matrix();
+        let (_, dim) = self.vocab_dim();
+        let mut d_h = backend.matmul(
+            1.0,
+            (d_logits, Transpose::No),
+            (&self.weight, Transpose::No),
+            &[n, dim],
+        )?;
+        if self.merged.is_some() {
+            return Ok(d_h);
+        }
+        let (name, weight) = (&self.name, &self.weight);
+        let tokens = self.adapters.iter_mut().find_map(|(_, a)| match a {
+            EmbeddingAdapter::Tokens(t) => Some(t),
+            _ => None,
+        });
+        if let Some(t) = tokens {
+            let h = h.ok_or_else(|| {
+                Error::state(
+                    name,
+                    "the tied head's backward needs its input with trained tokens",
+                )
+            })?;
+            t.head_backward(backend, weight, d_logits, h, &mut d_h)?;
+        }
+        Ok(d_h)
     }
 }
 
@@ -514,12 +565,11 @@ impl<B: LoraOps + DecoderOps> LoraEmbedding<B> {
                     let scaled = match &mut l.dora {
                         None => None,
                         Some(d) => {
-                            let (pre, norm) = d.saved.take().ok_or_else(|| {
+                            let (pre, norm, gain) = d.saved.take().ok_or_else(|| {
                                 Error::state(&self.name, "DoRA backward without a training forward")
                             })?;
                             d.grad =
                                 Some(embedding_dora::magnitude_grad(backend, d_out, &pre, &norm)?);
-                            let gain = embedding_dora::gain(backend, &d.magnitude, &norm)?;
                             let d_pre = backend.scale_features(d_out, &gain)?;
                             let d_pre_kept = match at.len() == ids.len() {
                                 true => d_pre.clone(),
@@ -555,24 +605,5 @@ impl<B: LoraOps + DecoderOps> LoraEmbedding<B> {
             }
         }
         Ok(())
-    }
-
-    /// Adds a tied output head's share to the trainable tokens' gradient: the head
-    /// computed `logits = h · head_weightᵀ`, so row `j` gains `d_logits[:, idx_j]ᵀ h`.
-    /// Call after [`LoraEmbedding::backward`].
-    pub fn tied_head_backward(
-        &mut self,
-        backend: &B,
-        d_logits: &B::Tensor,
-        h: &B::Tensor,
-    ) -> Result<()> {
-        let name = self.name.clone();
-        match self.adapters.iter_mut().find_map(|(_, a)| match a {
-            EmbeddingAdapter::Tokens(t) => Some(t),
-            _ => None,
-        }) {
-            Some(t) => t.tied_head_backward(backend, d_logits, h, &name),
-            None => Ok(()),
-        }
     }
 }

@@ -1,9 +1,10 @@
 //! Trainable tokens (PEFT's `TrainableTokensLayer`, `trainable_token_indices`): trained
 //! rows that replace the listed rows of a frozen embedding table. The rows are the values
 //! themselves (PEFT's `trainable_tokens_delta`, despite the name), starting as the table's.
-//! The forward writes `trained - frozen` into the positions that hold a listed id, so the
-//! table itself is never copied; a tied output head multiplies by a copy with the rows in
-//! place and adds its share of their gradient.
+//! The forward writes `trained - frozen` into the positions that hold a listed id, and a
+//! tied output head overwrites the listed columns of its logits, so the table itself is
+//! never copied; the head's share of the rows' gradient is kept until the embedding's
+//! backward adds it.
 
 use crate::backend::{Backend, Tensor, Transpose};
 use crate::error::{Error, Result};
@@ -15,6 +16,9 @@ pub(crate) struct TrainableTokens<T> {
     pub indices: Vec<usize>,
     pub rows: T,
     pub grad: Option<T>,
+    /// A tied output head's share of the rows' gradient, from the head's backward (which
+    /// runs before the embedding's).
+    pub head_grad: Option<T>,
 }
 
 impl<T: Tensor> TrainableTokens<T> {
@@ -53,6 +57,7 @@ impl<T: Tensor> TrainableTokens<T> {
             indices: indices.to_vec(),
             rows: backend.gather_rows(weight, indices)?,
             grad: None,
+            head_grad: None,
         })
     }
 
@@ -82,8 +87,8 @@ impl<T: Tensor> TrainableTokens<T> {
         Ok(())
     }
 
-    /// A copy of `weight` with the trained rows in place (for a tied output head).
-    pub fn head_weight<B: Backend<Tensor = T>>(&self, backend: &B, weight: &T) -> Result<T> {
+    /// A copy of `weight` with the trained rows in place (merging).
+    pub fn with_rows<B: Backend<Tensor = T>>(&self, backend: &B, weight: &T) -> Result<T> {
         let mut w = weight.clone();
         let mut delta = self.rows.clone();
         let frozen = backend.gather_rows(weight, &self.indices)?;
@@ -101,34 +106,78 @@ impl<T: Tensor> TrainableTokens<T> {
         kept: &[usize],
     ) -> Result<()> {
         let (rows, which) = self.replaced(kept);
-        self.grad = Some(match rows.is_empty() {
+        let mut grad = match rows.is_empty() {
             true => backend.zeros(self.rows.shape().dims())?,
             false => {
                 let d = backend.gather_rows(d_kept, &rows)?;
                 backend.embedding_backward(&d, &which, self.indices.len())?
             }
-        });
+        };
+        if let Some(head) = self.head_grad.take() {
+            backend.axpby(1.0, &head, 1.0, &mut grad)?;
+        }
+        self.grad = Some(grad);
         Ok(())
     }
 
-    /// Adds a tied head's share: it computed `logits = h · head_weightᵀ`, so row `j`
-    /// gains `d_logits[:, idx_j]ᵀ h`. After [`TrainableTokens::backward`].
-    pub fn tied_head_backward<B: Backend<Tensor = T>>(
-        &mut self,
-        backend: &B,
-        d_logits: &T,
-        h: &T,
-        context: &str,
-    ) -> Result<()> {
-        let (n, _) = d_logits.shape().as_matrix();
+    /// Columns `indices` of `m` (`[n, vocab]`), as `[n, indices.len()]`.
+    fn columns<B: Backend<Tensor = T>>(&self, backend: &B, m: &T) -> Result<T> {
+        let (n, _) = m.shape().as_matrix();
         let mut cols = backend.zeros(&[n, self.indices.len()])?;
         for (j, &idx) in self.indices.iter().enumerate() {
-            backend.assign_cols(&mut cols, j, &backend.slice_cols(d_logits, idx, 1)?)?;
+            backend.assign_cols(&mut cols, j, &backend.slice_cols(m, idx, 1)?)?;
         }
-        let grad = self
-            .grad
-            .as_mut()
-            .ok_or_else(|| Error::state(context, "tied head backward before the embedding's"))?;
-        backend.gemm(1.0, &cols, Transpose::Yes, h, Transpose::No, 1.0, grad)
+        Ok(cols)
+    }
+
+    /// A tied head's logits `h · weightᵀ` corrected for the trained rows: column `idx_j`
+    /// becomes `h · rows_jᵀ`.
+    pub fn head_logits<B: Backend<Tensor = T>>(
+        &self,
+        backend: &B,
+        logits: &mut T,
+        h: &T,
+    ) -> Result<()> {
+        let (n, _) = h.shape().as_matrix();
+        let cols = backend.matmul(
+            1.0,
+            (h, Transpose::No),
+            (&self.rows, Transpose::Yes),
+            &[n, self.indices.len()],
+        )?;
+        for (j, &idx) in self.indices.iter().enumerate() {
+            backend.assign_cols(logits, idx, &backend.slice_cols(&cols, j, 1)?)?;
+        }
+        Ok(())
+    }
+
+    /// The tied head's backward for the trained rows: `d_h` (already `d_logits · weight`)
+    /// gains `d_logits[:, idx] (rows - weight[idx])`, and the rows' head share
+    /// `d_logits[:, idx]ᵀ h` is kept for [`TrainableTokens::backward`].
+    pub fn head_backward<B: Backend<Tensor = T>>(
+        &mut self,
+        backend: &B,
+        weight: &T,
+        d_logits: &T,
+        h: &T,
+        d_h: &mut T,
+    ) -> Result<()> {
+        let d_cols = self.columns(backend, d_logits)?;
+        let mut diff = self.rows.clone();
+        backend.axpby(
+            -1.0,
+            &backend.gather_rows(weight, &self.indices)?,
+            1.0,
+            &mut diff,
+        )?;
+        backend.gemm(1.0, &d_cols, Transpose::No, &diff, Transpose::No, 1.0, d_h)?;
+        let (_, dim) = h.shape().as_matrix();
+        self.head_grad = Some(backend.matmul(
+            1.0,
+            (&d_cols, Transpose::Yes),
+            (h, Transpose::No),
+            &[self.indices.len(), dim],
+        )?);
+        Ok(())
     }
 }

@@ -6,10 +6,12 @@
 //! per pair of panels: twelve 8-lane accumulators, two loads of `B` and six broadcasts of
 //! `A` per twelve FMAs, so the two FMA pipes never wait on the load ports.
 //!
-//! Why not only the `gemm` crate: on the 2-core AMD EPYC (Zen 3) development VM its AVX2
-//! path reached 72-84% of a core's FMA peak on the decoder's shapes, this kernel 82-94%
-//! (interleaved runs, docs/performance.md). On AVX-512 CPUs the `gemm` crate's 16-lane
-//! kernels are used instead ([`available`] is false there).
+//! Why not only the `gemm` crate: on the 2-core AMD EPYC (Zen 3) development VM, one
+//! thread on 512x2816x1024 ran at a median 64 GFLOP/s with the `gemm` crate and 74 with
+//! this kernel (a core's FMA peak is about 91), and the two-thread `gemm` bench put this
+//! kernel at 127-144 GFLOP/s on the large and decoder shapes against the crate's 95-124
+//! (docs/performance.md). On AVX-512 CPUs the `gemm` crate's 16-lane kernels are used
+//! instead ([`available`] is false there).
 //!
 //! Results differ from the `gemm` crate's only by summation order (both use FMA).
 #![allow(unsafe_code)]
@@ -51,7 +53,8 @@ pub(crate) fn available() -> bool {
 
 /// Whether a product of this shape goes to this kernel: both output sides and the depth at
 /// least 64. Skinny products (one side the LoRA rank) stay with the `gemm` crate, which ran
-/// them faster here (2048x16x4096: 82 against 76 GFLOP/s): packing costs as much as the
+/// them faster here (2048x16x4096: 76 GFLOP/s with this kernel, 85-88 with the `gemm`
+/// crate under the same panel threading, in separate runs): packing costs as much as the
 /// few multiply-adds per packed element.
 pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
     m.min(n).min(k) >= 64
@@ -168,7 +171,7 @@ unsafe fn pack_b(kc: usize, nc: usize, (b, rs, cs): Operand, out: &mut [f32]) {
             let src = b.offset(j0 as isize * cs);
             if cols == NR && rs == 1 {
                 // `b` is a transposed row-major matrix (y = x Wᵀ): 8x8 transposes.
-                pack_b_transposed(kc, src, cs, dst);
+                pack_transposed::<NR>(kc, src, cs, dst);
             } else if cols == NR && cs == 1 {
                 for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
                     std::ptr::copy_nonoverlapping(
@@ -214,7 +217,7 @@ unsafe fn pack_a(mc: usize, kc: usize, (a, rs, cs): Operand, out: &mut [f32]) {
                 }
             } else if rows == MR && cs == 1 {
                 // Row-major `a` (the common case): 8 x 8 transposes of the six rows.
-                pack_a_row_major(kc, src, rs, dst);
+                pack_transposed::<MR>(kc, src, rs, dst);
             } else {
                 for (p, col) in dst.chunks_exact_mut(MR).enumerate() {
                     for (i, v) in col.iter_mut().enumerate() {
@@ -230,77 +233,53 @@ unsafe fn pack_a(mc: usize, kc: usize, (a, rs, cs): Operand, out: &mut [f32]) {
     }
 }
 
-/// Packs six rows of a row-major `a` (row `i` starts at `a + i·rs`) into `kc` columns of
-/// six, eight columns at a time through registers.
+/// Packs `W` vectors that run contiguously along `k` (vector `i` starts at `src + i·stride`:
+/// the rows of a row-major `a`, or the columns of a transposed `b`) into `kc` groups of `W`
+/// values, 8 x 8 blocks at a time through registers.
 ///
 /// # Safety
-/// Rows 0..6 of `kc` columns are addressable; `out` holds `kc x 6`.
+/// The `W` vectors of `kc` values are addressable; `out` holds `kc x W`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pack_a_row_major(kc: usize, a: *const f32, rs: isize, out: &mut [f32]) {
+unsafe fn pack_transposed<const W: usize>(
+    kc: usize,
+    src: *const f32,
+    stride: isize,
+    out: &mut [f32],
+) {
     let full = kc / 8 * 8;
-    // SAFETY: every load reads columns p..p+8 of one of the six rows; every store writes
-    // six values of column p+q inside `out` (kc x 6).
+    // SAFETY: every load reads values p..p+8 of one of the W vectors; every store writes
+    // the first `n` lanes of group `g` of column p+q inside `out` (kc x W).
     unsafe {
         for p in (0..full).step_by(8) {
-            let rows: [__m256; 8] = std::array::from_fn(|i| match i < MR {
-                true => _mm256_loadu_ps(a.offset(i as isize * rs + p as isize)),
-                false => _mm256_setzero_ps(),
-            });
-            for (q, v) in transpose8(rows).into_iter().enumerate() {
-                let dst = out.as_mut_ptr().add((p + q) * MR);
-                _mm_storeu_ps(dst, _mm256_castps256_ps128(v));
-                _mm_storel_epi64(
-                    dst.add(4).cast(),
-                    _mm_castps_si128(_mm256_extractf128_ps::<1>(v)),
-                );
-            }
-        }
-        for p in full..kc {
-            for i in 0..MR {
-                out[p * MR + i] = *a.offset(i as isize * rs + p as isize);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_a_row_major(_: usize, _: *const f32, _: isize, _: &mut [f32]) {
-    unreachable!("sgemm_avx2 is only dispatched to on x86-64")
-}
-
-/// Packs 16 columns of `b` whose elements run contiguously down each column (column `j`
-/// starts at `b + j·cs`), 8 x 8 blocks at a time through registers.
-///
-/// # Safety
-/// Columns 0..16 of `kc` rows are addressable; `out` holds `kc x 16`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pack_b_transposed(kc: usize, b: *const f32, cs: isize, out: &mut [f32]) {
-    let full = kc / 8 * 8;
-    // SAFETY: every load reads rows p..p+8 of one of the 16 columns, every store writes
-    // inside `out` (kc x 16).
-    unsafe {
-        for p in (0..full).step_by(8) {
-            for half in 0..2 {
-                let src = b.offset((half * 8) as isize * cs + p as isize);
-                let rows: [__m256; 8] =
-                    std::array::from_fn(|j| _mm256_loadu_ps(src.offset(j as isize * cs)));
+            for g in (0..W).step_by(8) {
+                let n = (W - g).min(8);
+                let rows: [__m256; 8] = std::array::from_fn(|i| match i < n {
+                    true => _mm256_loadu_ps(src.offset((g + i) as isize * stride + p as isize)),
+                    false => _mm256_setzero_ps(),
+                });
                 for (q, v) in transpose8(rows).into_iter().enumerate() {
-                    _mm256_storeu_ps(out.as_mut_ptr().add((p + q) * NR + half * 8), v);
+                    let dst = out.as_mut_ptr().add((p + q) * W + g);
+                    if n == 8 {
+                        _mm256_storeu_ps(dst, v);
+                    } else {
+                        let mut lanes = [0.0f32; 8];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
+                    }
                 }
             }
         }
         for p in full..kc {
-            for j in 0..NR {
-                out[p * NR + j] = *b.offset(j as isize * cs + p as isize);
+            for i in 0..W {
+                out[p * W + i] = *src.offset(i as isize * stride + p as isize);
             }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_b_transposed(_: usize, _: *const f32, _: isize, _: &mut [f32]) {
+unsafe fn pack_transposed<const W: usize>(_: usize, _: *const f32, _: isize, _: &mut [f32]) {
     unreachable!("sgemm_avx2 is only dispatched to on x86-64")
 }
 

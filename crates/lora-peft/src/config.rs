@@ -349,13 +349,6 @@ impl LoraConfig {
                 "not implemented yet",
             );
         }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return unsupported(
-                "lora_dropout",
-                self.lora_dropout.to_string(),
-                "must be in [0, 1)",
-            );
-        }
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use lora_core::{HostTensor, LoraAdapter, LoraOps, Model, Tensor};
 
-use crate::adapter_file::{CONFIG_FILE, ModuleTensors, WEIGHTS_FILE, lora_modules};
+use crate::adapter_file::{CONFIG_FILE, ModuleTensors, WEIGHTS_FILE, check_rank, lora_modules};
 use crate::config::LoraConfig;
 use crate::error::{PeftError, Result};
 use crate::peft_model::{PeftModel, state};
@@ -149,6 +149,9 @@ impl<B: LoraOps, M: Model<B>> PeftModel<B, M> {
             &weights_path,
             "default",
         )?;
+        for (module, t) in &modules {
+            check_rank(&new_config, module, t, &weights_path)?;
+        }
         let file_err = |reason: String| PeftError::Format {
             path: weights_path.display().to_string(),
             reason,

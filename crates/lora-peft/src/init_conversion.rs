@@ -12,7 +12,9 @@ use std::path::Path;
 use lora_core::HostTensor;
 use lora_io::read_safetensors;
 
-use crate::adapter_file::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, lora_modules, write_adapter_dir};
+use crate::adapter_file::{
+    CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, check_rank, lora_modules, write_adapter_dir,
+};
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::error::{PeftError, Result};
 
@@ -56,6 +58,9 @@ pub fn convert_to_lora(trained: &Path, initial: &Path, out: &Path) -> Result<Lor
     }
     let (trained_w, initial_w) = (trained.join(WEIGHTS_FILE), initial.join(WEIGHTS_FILE));
     let now = lora_modules(&read_safetensors(&trained_w)?, &trained_w, "default")?;
+    for (module, t) in &now {
+        check_rank(&config, module, t, &trained_w)?;
+    }
     let mut start = lora_modules(&read_safetensors(&initial_w)?, &initial_w, "default")?;
     let mismatch = |reason: String| PeftError::Format {
         path: initial_w.display().to_string(),

@@ -154,34 +154,20 @@ pub fn initialise<B: LoraOps>(
         )
     };
     let stream = |purpose: &str| rng::stream_id(&name, purpose);
-    if let InitMethod::Loftq { bits, iters } = method {
-        let (dequant, a, b) = loftq(&w.data, (out, inp), r, bits, iters).map_err(err)?;
-        let (a, b) = (
-            backend.from_host_vec(a, &[r, inp])?,
-            backend.from_host_vec(b, &[out, r])?,
-        );
-        let lost: Vec<f32> = dequant.iter().zip(&w.data).map(|(q, v)| q - v).collect();
-        let adapter = layer
-            .adapter_named_mut(adapter_name)
-            .ok_or_else(|| err(format!("no adapter {adapter_name:?}")))?;
-        adapter.set_tensor("lora_A", a)?;
-        adapter.set_tensor("lora_B", b)?;
-        let lost = backend.from_host_vec(lost, &[out, inp])?;
-        layer.base_mut().add_to_weight(backend, &lost, 1.0)?;
-        return Ok(());
-    }
-    let (a, b): (Vec<f32>, Vec<f32>) = match method {
+    let (a, b, base): (Vec<f32>, Vec<f32>, BaseChange) = match method {
         InitMethod::Pissa => {
             let svd = m
                 .thin_svd()
                 .map_err(|e| err(format!("the SVD did not converge: {e:?}")))?;
             let sv: Vec<f64> = (0..r).map(|k| svd.S()[k]).collect();
-            pissa(svd.U(), &sv, svd.V())
+            let (a, b) = pissa(svd.U(), &sv, svd.V());
+            (a, b, BaseChange::Residual)
         }
         InitMethod::PissaNiter(niter) => {
             let (u, sv, v) =
                 randomized_svd(&m, r, niter, seed, stream("pissa_niter")).map_err(err)?;
-            pissa(u.as_ref(), &sv, v.as_ref())
+            let (a, b) = pissa(u.as_ref(), &sv, v.as_ref());
+            (a, b, BaseChange::Residual)
         }
         InitMethod::Orthogonal => {
             if r % 2 != 0 {
@@ -206,14 +192,13 @@ pub fn initialise<B: LoraOps>(
             let b = (0..out * r)
                 .map(|idx| (b[(idx / r, idx % r)] / 10.0) as f32)
                 .collect();
-            let adapter = layer
-                .adapter_named_mut(adapter_name)
-                .ok_or_else(|| err(format!("no adapter {adapter_name:?}")))?;
-            adapter.set_tensor("lora_A", backend.from_host_vec(a, &[r, inp])?)?;
-            adapter.set_tensor("lora_B", backend.from_host_vec(b, &[out, r])?)?;
-            return Ok(());
+            (a, b, BaseChange::Unchanged)
         }
-        InitMethod::Loftq { .. } => unreachable!("handled above"),
+        InitMethod::Loftq { bits, iters } => {
+            let (dequant, a, b) = loftq(&w.data, (out, inp), r, bits, iters).map_err(err)?;
+            let lost = dequant.iter().zip(&w.data).map(|(q, v)| q - v).collect();
+            (a, b, BaseChange::Add(lost))
+        }
         InitMethod::Olora => {
             let qr = m.qr();
             let (q, rr) = (qr.compute_thin_Q(), qr.thin_R());
@@ -224,6 +209,7 @@ pub fn initialise<B: LoraOps>(
                 (0..out * r)
                     .map(|idx| q[(idx / r, idx % r)] as f32)
                     .collect(),
+                BaseChange::Residual,
             )
         }
     };
@@ -231,14 +217,30 @@ pub fn initialise<B: LoraOps>(
         backend.from_host_vec(a, &[r, inp])?,
         backend.from_host_vec(b, &[out, r])?,
     );
-    let delta = backend.lora_delta_weight(&a, &b, scaling, false)?;
+    let gain = match base {
+        BaseChange::Residual => Some((backend.lora_delta_weight(&a, &b, scaling, false)?, -1.0)),
+        BaseChange::Unchanged => None,
+        BaseChange::Add(g) => Some((backend.from_host_vec(g, &[out, inp])?, 1.0)),
+    };
     let adapter = layer
         .adapter_named_mut(adapter_name)
         .ok_or_else(|| err(format!("no adapter {adapter_name:?}")))?;
     adapter.set_tensor("lora_A", a)?;
     adapter.set_tensor("lora_B", b)?;
-    layer.base_mut().add_to_weight(backend, &delta, -1.0)?;
+    if let Some((gain, sign)) = gain {
+        layer.base_mut().add_to_weight(backend, &gain, sign)?;
+    }
     Ok(())
+}
+
+/// What an initialisation does to the frozen base weight.
+enum BaseChange {
+    /// Moves the adapter out: `W ← W - s·B A` (PiSSA, OLoRA).
+    Residual,
+    /// Nothing (`orthogonal`: `B A = 0`).
+    Unchanged,
+    /// Adds this `[out, in]` row-major difference (LoftQ: `dequant - W`).
+    Add(Vec<f32>),
 }
 
 /// LoftQ's result, all row-major: the dequantized base `[out, in]`, `A` `[r, in]`, `B`

@@ -11,6 +11,8 @@ use faer::Mat;
 use lora_core::ops::TaskMerge;
 use lora_core::{Error, LoraOps, Result, Tensor};
 
+use crate::weighted_adapter::Source;
+
 /// An SVD-based combination's settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SvdCombination {
@@ -44,18 +46,10 @@ impl SvdCombination {
     }
 }
 
-/// One source adapter of a module: its factors, its scaling and the user's weight.
-pub(crate) struct SvdSource<'a, T> {
-    pub a: &'a T,
-    pub b: &'a T,
-    pub scaling: f32,
-    pub weight: f32,
-}
-
 /// The rank-`rank` `(lora_A, lora_B)` of one module from its sources.
 pub(crate) fn svd_combine_module<B: LoraOps>(
     backend: &B,
-    sources: &[SvdSource<'_, B::Tensor>],
+    sources: &[Source<'_, B::Tensor>],
     svd: &SvdCombination,
     rank: usize,
     module: &str,
@@ -64,7 +58,7 @@ pub(crate) fn svd_combine_module<B: LoraOps>(
     let first = sources
         .first()
         .ok_or_else(|| Error::state(&ctx, "no adapter to combine"))?;
-    let (out, inp) = (first.b.shape().as_matrix().0, first.a.shape().as_matrix().1);
+    let (out, inp) = (first.1.shape().as_matrix().0, first.0.shape().as_matrix().1);
     if rank == 0 || rank > out.min(inp) {
         return Err(Error::config(
             ctx,
@@ -77,8 +71,8 @@ pub(crate) fn svd_combine_module<B: LoraOps>(
         ));
     }
     let mut deltas = Vec::with_capacity(sources.len());
-    for s in sources {
-        let d = backend.lora_delta_weight(s.a, s.b, s.scaling, false)?;
+    for &(a, b, scaling, _) in sources {
+        let d = backend.lora_delta_weight(a, b, scaling, false)?;
         if d.shape().dims() != [out, inp] {
             return Err(Error::shape(
                 format!("{ctx}: a source's delta"),
@@ -88,7 +82,7 @@ pub(crate) fn svd_combine_module<B: LoraOps>(
         }
         deltas.push(backend.to_host(&d)?);
     }
-    let weights: Vec<f32> = sources.iter().map(|s| s.weight).collect();
+    let weights: Vec<f32> = sources.iter().map(|s| s.3).collect();
     let combined: Vec<f32> = match &svd.merge {
         None => (0..out * inp)
             .map(|i| deltas.iter().zip(&weights).map(|(d, w)| w * d[i]).sum())

@@ -11,7 +11,7 @@ use lora_core::{LoraAdapter, LoraOps, Model, WeightedFactors};
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::Result;
 use crate::peft_model::{PeftModel, state};
-use crate::svd_combination::{SvdCombination, SvdSource, svd_combine_module};
+use crate::svd_combination::{SvdCombination, svd_combine_module};
 
 /// How [`PeftModel::add_weighted_adapter`] combines adapters (PEFT's `combination_type`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,16 +66,7 @@ pub(crate) fn combine_module<B: LoraOps>(
     module: &str,
 ) -> lora_core::Result<(B::Tensor, B::Tensor)> {
     if let Combination::Svd(svd) = combination {
-        let sources: Vec<SvdSource<'_, B::Tensor>> = sources
-            .iter()
-            .map(|&(a, b, scaling, weight)| SvdSource {
-                a,
-                b,
-                scaling,
-                weight,
-            })
-            .collect();
-        return svd_combine_module(backend, &sources, &svd, rank, module);
+        return svd_combine_module(backend, sources, &svd, rank, module);
     }
     // The factor combinations fold each scaling into the weight.
     let parts: Vec<WeightedFactors<'_, B::Tensor>> = sources

@@ -46,6 +46,32 @@ struct BertLayer<B: LoraOps> {
     cache: Option<LayerCache<B::Tensor>>,
 }
 
+impl<B: LoraOps> BertLayer<B> {
+    /// The six linear layers, in PyTorch's order.
+    fn linears(&self) -> [&LoraLinear<B>; 6] {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.intermediate,
+            &self.output,
+        ]
+    }
+
+    /// The same, mutably.
+    fn linears_mut(&mut self) -> [&mut LoraLinear<B>; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attn_out,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+}
+
 /// Sizes of the batch a forward ran on.
 #[derive(Clone, Copy, Debug)]
 struct Dims {
@@ -462,17 +488,7 @@ impl<B: LoraOps + DecoderOps> Model<B> for BertModel<B> {
     }
 
     fn linears(&self) -> Vec<&LoraLinear<B>> {
-        let mut v: Vec<&LoraLinear<B>> = Vec::new();
-        for l in &self.layers {
-            v.extend([
-                &l.query,
-                &l.key,
-                &l.value,
-                &l.attn_out,
-                &l.intermediate,
-                &l.output,
-            ]);
-        }
+        let mut v: Vec<&LoraLinear<B>> = self.layers.iter().flat_map(|l| l.linears()).collect();
         v.extend(self.pooler.as_ref());
         v
     }
@@ -490,17 +506,11 @@ impl<B: LoraOps + DecoderOps> Model<B> for BertModel<B> {
     }
 
     fn trainable_parts_mut(&mut self) -> (Vec<&mut LoraLinear<B>>, Vec<&mut LoraEmbedding<B>>) {
-        let mut v: Vec<&mut LoraLinear<B>> = Vec::new();
-        for l in &mut self.layers {
-            v.extend([
-                &mut l.query,
-                &mut l.key,
-                &mut l.value,
-                &mut l.attn_out,
-                &mut l.intermediate,
-                &mut l.output,
-            ]);
-        }
+        let mut v: Vec<&mut LoraLinear<B>> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .collect();
         v.extend(self.pooler.as_mut());
         (v, vec![&mut self.embeddings.word])
     }

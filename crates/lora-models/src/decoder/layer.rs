@@ -97,6 +97,19 @@ impl<T> AttentionInputs<T> {
 }
 
 impl<B: LoraOps> DecoderLayer<B> {
+    /// The seven projections, in PyTorch's order.
+    pub fn linears(&self) -> [&LoraLinear<B>; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
     /// The seven projections, mutably, in PyTorch's order.
     pub fn linears_mut(&mut self) -> [&mut LoraLinear<B>; 7] {
         [

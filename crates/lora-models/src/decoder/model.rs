@@ -258,7 +258,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         }
         let (h_norm, inv_rms) = b.rms_norm(&h, &self.norm, config.rms_norm_eps as f32)?;
         // The tied head's input is kept when its table's gradient or trained rows need it.
-        let tied_tokens = self.lm_head.is_none() && self.embed_tokens.has_adapters();
+        let tied_tokens = self.lm_head.is_none() && self.embed_tokens.has_trainable_tokens();
         let embedding = (mode == Mode::Train && (self.embedding_grad || tied_tokens))
             .then(|| (rows, self.lm_head.is_none().then(|| h_norm.clone())));
         self.train_state = match mode {
@@ -274,12 +274,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         let h = h_norm;
         let logits = match &mut self.lm_head {
             Some(head) => head.forward(b, &h, mode)?,
-            None => b.matmul(
-                1.0,
-                (&h, Transpose::No),
-                (&*self.embed_tokens.head_weight(b)?, Transpose::Yes),
-                &[bs * t, config.vocab_size],
-            )?,
+            None => self.embed_tokens.head_logits(b, &h)?,
         };
         Ok(b.reshape(&logits, &[bs, t, config.vocab_size])?)
     }
@@ -297,7 +292,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             )
         })?;
         let (bs, t) = (st.att.batch, st.att.seq);
-        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+        let v = self.config.vocab_size;
         if d_logits.shape().dims() != [bs, t, v] {
             return Err(Error::shape(
                 "DecoderModel backward d_logits",
@@ -313,16 +308,14 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         };
         let d_norm = match &mut self.lm_head {
             Some(head) => head.backward(b, &d_logits)?,
-            None => b.matmul(
-                1.0,
-                (&d_logits, Transpose::No),
-                (&*self.embed_tokens.head_weight(b)?, Transpose::No),
-                &[bs * t, h],
-            )?,
+            None => {
+                let tied_input = st.embedding.as_ref().and_then(|(_, h)| h.as_ref());
+                self.embed_tokens.head_backward(b, &d_logits, tied_input)?
+            }
         };
-        // Only the tied head's embedding gradient reads `d_logits` again.
+        // Only the tied head's share of the table's gradient reads `d_logits` again.
         let d_logits = match &st.embedding {
-            Some((_, Some(_))) => Some(d_logits),
+            Some((_, Some(_))) if self.embedding_grad => Some(d_logits),
             _ => {
                 drop(d_logits);
                 None
@@ -338,9 +331,6 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         }
         if self.embed_tokens.has_adapters() {
             self.embed_tokens.backward(b, &g)?;
-            if let (Some((_, Some(h_norm))), Some(d_logits)) = (&st.embedding, &d_logits) {
-                self.embed_tokens.tied_head_backward(b, d_logits, h_norm)?;
-            }
         }
         self.embed_tokens_grad = match st.embedding.filter(|_| self.embedding_grad) {
             Some((ids, tied_input)) => {
@@ -435,18 +425,7 @@ impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
     }
 
     fn linears(&self) -> Vec<&LoraLinear<B>> {
-        let mut v: Vec<&LoraLinear<B>> = Vec::new();
-        for l in &self.layers {
-            v.extend([
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ]);
-        }
+        let mut v: Vec<&LoraLinear<B>> = self.layers.iter().flat_map(|l| l.linears()).collect();
         v.extend(self.lm_head.as_ref());
         v
     }
@@ -464,10 +443,11 @@ impl<B: LoraOps + DecoderOps> Model<B> for DecoderModel<B> {
     }
 
     fn trainable_parts_mut(&mut self) -> (Vec<&mut LoraLinear<B>>, Vec<&mut LoraEmbedding<B>>) {
-        let mut linears: Vec<&mut LoraLinear<B>> = Vec::new();
-        for l in &mut self.layers {
-            linears.extend(l.linears_mut());
-        }
+        let mut linears: Vec<&mut LoraLinear<B>> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .collect();
         linears.extend(self.lm_head.as_mut());
         (linears, vec![&mut self.embed_tokens])
     }
