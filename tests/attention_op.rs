@@ -1,7 +1,8 @@
-//! `DecoderOps::causal_attention` and its backward on every backend: against an f64 host
-//! reference (with padding, a query that sees no key, several query blocks, a KV cache,
-//! and grouped-query attention), finite differences of that reference, and on large shapes the default
-//! implementation over the primitives (which a fused backend must reproduce).
+//! `DecoderOps::self_attention` and its backward on every backend, causal (decoders) and
+//! bidirectional (encoders): against an f64 host reference (with padding, a query that sees
+//! no key, several query blocks, a KV cache, and grouped-query attention), finite
+//! differences of that reference, and on large shapes the default implementation over the
+//! primitives (which a fused backend must reproduce).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::cell::OnceCell;
@@ -21,6 +22,7 @@ struct Case {
     past: usize,
     d: usize,
     keep: Vec<u32>,
+    causal: bool,
 }
 
 impl Case {
@@ -38,7 +40,13 @@ impl Case {
             past,
             d,
             keep,
+            causal: true,
         }
+    }
+    /// Encoder attention: every query sees every real key.
+    fn bidirectional(mut self) -> Self {
+        self.causal = false;
+        self
     }
     /// Grouped-query attention: `kv_heads` key/value heads, each read by
     /// `heads / kv_heads` consecutive query heads.
@@ -60,7 +68,7 @@ impl Case {
         (item / self.heads) * self.kv_heads + (item % self.heads) * self.kv_heads / self.heads
     }
     fn visible(&self, item: usize, i: usize, j: usize) -> bool {
-        j <= self.past + i && self.keep[(item / self.heads) * self.kv() + j] != 0
+        (!self.causal || j <= self.past + i) && self.keep[(item / self.heads) * self.kv() + j] != 0
     }
     /// The additive bias and the per-query "sees some key" flags, from `visible` (an
     /// independent statement of the rule `dense_mask_host` implements).
@@ -141,6 +149,7 @@ fn inputs<B: Backend>(b: &B, c: &Case, seed: u64) -> Inputs<B::Tensor> {
 fn mask<'a, T>(c: &'a Case, x: &'a Inputs<T>) -> AttentionMask<'a, T> {
     AttentionMask {
         heads: c.heads,
+        causal: c.causal,
         past: c.past,
         keep: &c.keep,
         dense: &x.dense,
@@ -151,11 +160,11 @@ fn check_forward<B: FullBackend>(b: &B, c: &Case) {
     let x = inputs(b, c, 7);
     let scale = 1.0 / (c.d as f64).sqrt();
     let (out, _) = b
-        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &mask(c, &x), scale as f32)
+        .self_attention(&x.q.1, &x.k.1, &x.v.1, &mask(c, &x), scale as f32)
         .unwrap();
     let want = c.forward64(&to64(&x.q.0), &to64(&x.k.0), &to64(&x.v.0), scale);
     assert_close(
-        "causal_attention",
+        "self_attention",
         &b.to_host(&out).unwrap(),
         &want,
         1e-4,
@@ -169,12 +178,12 @@ fn check_backward_fd<B: FullBackend>(b: &B, c: &Case) {
     let scale = 1.0 / (c.d as f64).sqrt();
     let m = mask(c, &x);
     let (out, saved) = b
-        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &m, scale as f32)
+        .self_attention(&x.q.1, &x.k.1, &x.v.1, &m, scale as f32)
         .unwrap();
     let g = rand_vec(out.shape_numel(), 8, 5);
     let gt = b.from_host(&g, &[c.items(), c.t, c.d]).unwrap();
     let (dq, dk, dv) = b
-        .causal_attention_backward((&x.q.1, &x.k.1, &x.v.1), &saved, &m, &gt, scale as f32)
+        .self_attention_backward((&x.q.1, &x.k.1, &x.v.1), &saved, &m, &gt, scale as f32)
         .unwrap();
     let (q, k, v, g) = (to64(&x.q.0), to64(&x.k.0), to64(&x.v.0), to64(&g));
     let dot = |o: Vec<f64>| o.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>();
@@ -192,9 +201,7 @@ fn check_backward_default<B: FullBackend>(b: &B, c: &Case) {
     let x = inputs(b, c, 9);
     let scale = 0.125f32;
     let m = mask(c, &x);
-    let (out, saved) = b
-        .causal_attention(&x.q.1, &x.k.1, &x.v.1, &m, scale)
-        .unwrap();
+    let (out, saved) = b.self_attention(&x.q.1, &x.k.1, &x.v.1, &m, scale).unwrap();
     let (want_out, probs) = attention_forward(b, &x.q.1, &x.k.1, &x.v.1, &m, scale).unwrap();
     let want_out = to64(&b.to_host(&want_out).unwrap());
     assert_close("forward", &b.to_host(&out).unwrap(), &want_out, 1e-4, 1e-5);
@@ -202,7 +209,7 @@ fn check_backward_default<B: FullBackend>(b: &B, c: &Case) {
         .from_host(&rand_vec(out.shape_numel(), 9, 5), &[c.items(), c.t, c.d])
         .unwrap();
     let got = b
-        .causal_attention_backward((&x.q.1, &x.k.1, &x.v.1), &saved, &m, &gt, scale)
+        .self_attention_backward((&x.q.1, &x.k.1, &x.v.1), &saved, &m, &gt, scale)
         .unwrap();
     let want = attention_backward(b, &x.q.1, &x.k.1, &x.v.1, &probs, &gt, scale).unwrap();
     for (name, g, w) in [
@@ -225,7 +232,7 @@ impl<T: lora::Tensor> Numel for T {
 }
 
 backend_suite! { all:
-    fn causal_attention_equals_the_f64_reference(b) {
+    fn self_attention_equals_the_f64_reference(b) {
         // Padding that leaves the first queries of the last sequence blind.
         check_forward(b, &Case::new(2, 2, 5, 0, 4, 2));
         // Several query blocks of 64, and queries after 100 cached keys.
@@ -234,16 +241,22 @@ backend_suite! { all:
         // Four query heads over two key/value heads, and over one.
         check_forward(b, &Case::new(2, 4, 5, 0, 4, 2).gqa(2));
         check_forward(b, &Case::new(1, 4, 70, 3, 8, 0).gqa(1));
+        // Encoder attention: padded keys, several query blocks, a fully padded sequence.
+        check_forward(b, &Case::new(2, 3, 5, 0, 4, 2).bidirectional());
+        check_forward(b, &Case::new(2, 2, 150, 0, 8, 20).bidirectional());
+        check_forward(b, &Case::new(2, 2, 6, 0, 4, 6).bidirectional());
     }
 
-    fn causal_attention_backward_equals_finite_differences(b) {
+    fn self_attention_backward_equals_finite_differences(b) {
         check_backward_fd(b, &Case::new(2, 2, 5, 0, 4, 2));
         check_backward_fd(b, &Case::new(2, 4, 4, 0, 3, 1).gqa(2));
+        check_backward_fd(b, &Case::new(2, 2, 5, 0, 4, 2).bidirectional());
     }
 
-    fn causal_attention_backward_equals_the_default_on_long_sequences(b) {
+    fn self_attention_backward_equals_the_default_on_long_sequences(b) {
         check_backward_default(b, &Case::new(2, 2, 150, 0, 16, 40));
         check_backward_default(b, &Case::new(2, 4, 130, 0, 16, 40).gqa(2));
+        check_backward_default(b, &Case::new(3, 2, 140, 0, 16, 40).bidirectional());
     }
 }
 
@@ -253,8 +266,11 @@ fn the_dense_mask_follows_the_visibility_rule() {
         Case::new(2, 2, 5, 0, 4, 2),
         Case::new(2, 3, 7, 4, 4, 6),
         Case::new(1, 1, 3, 0, 4, 0),
+        Case::new(2, 2, 5, 0, 4, 2).bidirectional(),
+        Case::new(2, 1, 4, 0, 4, 4).bidirectional(),
     ] {
-        let (bias, rows) = dense_mask_host(&c.keep, c.heads, c.t, c.past);
+        let x = inputs(&lora::NdArray::new(), &c, 1);
+        let (bias, rows) = dense_mask_host(&mask(&c, &x), c.t);
         let (want_bias, want_rows) = c.mask_host();
         assert_eq!(bias, want_bias);
         assert_eq!(rows, want_rows);
@@ -268,11 +284,11 @@ fn mismatched_attention_shapes_are_errors() {
     let x = inputs(&b, &c, 1);
     let short_k = b.from_host(&[0.0; 2 * 4 * 4], &[2, 4, 4]).unwrap();
     let e = b
-        .causal_attention(&x.q.1, &short_k, &x.v.1, &mask(&c, &x), 1.0)
+        .self_attention(&x.q.1, &short_k, &x.v.1, &mask(&c, &x), 1.0)
         .map(|_| ())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("causal_attention k / v"), "{e}");
+    assert!(e.contains("self_attention k / v"), "{e}");
     // Three key/value items cannot serve two query items, nor groups of two of three heads.
     for (c, k_items) in [
         (Case::new(1, 2, 5, 0, 4, 0), 3),
@@ -283,10 +299,10 @@ fn mismatched_attention_shapes_are_errors() {
             .from_host(&vec![0.0; k_items * 5 * 4], &[k_items, 5, 4])
             .unwrap();
         let e = b
-            .causal_attention(&x.q.1, &k, &k, &mask(&c, &x), 1.0)
+            .self_attention(&x.q.1, &k, &k, &mask(&c, &x), 1.0)
             .map(|_| ())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("causal_attention k / v"), "{e}");
+        assert!(e.contains("self_attention k / v"), "{e}");
     }
 }

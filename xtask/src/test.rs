@@ -142,6 +142,13 @@ pub fn run(backends: &[&str]) -> Result<()> {
         example(&mut summary)?;
     }
     docs(with_tch)?;
+    // What the builds left on disk: CI's disk is not large (stop 21 filled it).
+    let target = crate::cmd::target_dir();
+    summary.note(format!(
+        "disk             {:.1} GiB in {}",
+        crate::cmd::dir_size(&target) as f64 / (1u64 << 30) as f64,
+        target.display()
+    ));
     summary.finish(ci)
 }
 

@@ -1,13 +1,14 @@
-//! Causal self-attention on ndarray, fused per (sequence, head) item: one task per item
-//! across the cores (in the backward one per key/value item, which owns the gradient of
-//! the keys and values its group of query heads shares), queries in blocks of [`BLOCK`] rows, and each block multiplies only
+//! Self-attention on ndarray, causal (decoders) or bidirectional (encoders), fused per
+//! (sequence, head) item: one task per item across the cores (in the backward one per
+//! key/value item, which owns the gradient of the keys and values its group of query heads
+//! shares), queries in blocks of [`BLOCK`] rows. When causal, each block multiplies only
 //! the keys it may see (`j <= past + last query of the block`), so the masked upper
 //! triangle of the scores is never computed, in the forward or the backward. The forward
 //! keeps one log-sum-exp per query instead of the `[t, kv]` probabilities (a block of them
 //! lives in a scratch buffer), and the backward recomputes each block's probabilities from
-//! it, as flash attention does. Same results as the default
-//! (`lora_core::ops::attention_forward`) within rounding, which the cross-backend suite
-//! checks.
+//! it, as flash attention does: no `[items, t, kv]` tensor exists at any time. Same
+//! results as the default (`lora_core::ops::attention_forward`) within rounding, which the
+//! cross-backend suite checks.
 
 use lora_core::ops::{AttentionMask, AttentionShape, check_attention};
 use lora_core::{Error, Result, Tensor, Transpose};
@@ -32,14 +33,47 @@ fn view(data: &[f32], at: usize, rows: usize, cols: usize, ld: usize) -> View<'_
     }
 }
 
-/// Keys visible to the query block `q0..q1`: a prefix of the `kv` keys.
-fn visible_keys(past: usize, q1: usize, kv: usize) -> usize {
-    (past + q1).min(kv)
+/// What the threads need of the mask (its dense-form cell is not shared across threads).
+#[derive(Clone, Copy)]
+struct Visibility<'a> {
+    heads: usize,
+    causal: bool,
+    past: usize,
+    keep: &'a [u32],
 }
 
-/// Whether query `pos` (its key position) may see key `j`.
-fn visible(keep: &[u32], pos: usize, j: usize) -> bool {
-    j <= pos && keep[j] != 0
+impl<'a> Visibility<'a> {
+    fn of<T>(mask: &AttentionMask<'a, T>) -> Self {
+        Self {
+            heads: mask.heads.max(1),
+            causal: mask.causal,
+            past: mask.past,
+            keep: mask.keep,
+        }
+    }
+
+    /// The key flags of query item `i`'s sequence.
+    fn keep(&self, i: usize, kv: usize) -> &'a [u32] {
+        let s = i / self.heads;
+        &self.keep[s * kv..(s + 1) * kv]
+    }
+
+    /// Keys visible to the query block `q0..q1`: a prefix of the `kv` keys (all of them
+    /// when not causal).
+    fn keys(&self, q1: usize, kv: usize) -> usize {
+        match self.causal {
+            true => (self.past + q1).min(kv),
+            false => kv,
+        }
+    }
+
+    /// Keys the query `q` (its index among the new queries) may see by position: a prefix.
+    fn seen(&self, q: usize, nk: usize) -> usize {
+        match self.causal {
+            true => (self.past + q + 1).min(nk),
+            false => nk,
+        }
+    }
 }
 
 /// `s = scale·q_block·k[:nk]ᵀ` into `rows` (`[q1 - q0, kv]`, only the first `nk` columns).
@@ -80,19 +114,18 @@ pub(crate) fn forward(
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
     let mut out = vec![0.0f32; items * t * d];
     let mut lse = vec![0.0f32; items * t];
-    // The key flags and offset only: the mask's dense-form cell is not shared across threads.
-    let (heads, keep_all, past) = (mask.heads.max(1), mask.keep, mask.past);
+    let vis = Visibility::of(mask);
     let item = |(i, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
-        let keep = &keep_all[(i / heads) * kv..(i / heads + 1) * kv];
+        let keep = vis.keep(i, kv);
         let (qi, ki) = (i * t * d, (i / group) * kv * d);
         let mut p = vec![0.0f32; BLOCK.min(t) * kv];
         for q0 in (0..t).step_by(BLOCK) {
             let q1 = (q0 + BLOCK).min(t);
-            let nk = visible_keys(past, q1, kv);
+            let nk = vis.keys(q1, kv);
             let rows = &mut p[..(q1 - q0) * kv];
             block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, rows)?;
             for (r, row) in rows.chunks_mut(kv).enumerate() {
-                l[q0 + r] = softmax_visible(row, keep, past + q0 + r, nk);
+                l[q0 + r] = softmax_visible(row, keep, vis.seen(q0 + r, nk));
             }
             gemm_serial(
                 1.0,
@@ -115,11 +148,10 @@ pub(crate) fn forward(
     ))
 }
 
-/// In place: the softmax of `row[..nk]` over the keys `j <= pos` with `keep[j] != 0`, every
+/// In place: the softmax of `row` over the keys `j < seen` with `keep[j] != 0`, every
 /// other entry 0 (all of them when the query sees no key). Returns the log-sum-exp of the
 /// visible scores (`+inf` when there are none, so that `e^(s - lse)` is 0).
-fn softmax_visible(row: &mut [f32], keep: &[u32], pos: usize, nk: usize) -> f32 {
-    let seen = (pos + 1).min(nk);
+fn softmax_visible(row: &mut [f32], keep: &[u32], seen: usize) -> f32 {
     let mut max = f32::NEG_INFINITY;
     for (s, &m) in row[..seen].iter().zip(keep) {
         if m != 0 {
@@ -165,7 +197,7 @@ pub(crate) fn backward(
     } = shape;
     if lse.shape().dims() != [items * t] || d_out.shape().dims() != q.shape().dims() {
         return Err(Error::shape(
-            "causal_attention_backward saved log-sum-exp / d_out",
+            "self_attention_backward saved log-sum-exp / d_out",
             format!("[{}] and [{items}, {t}, {d}]", items * t),
             lse.shape(),
         ));
@@ -177,8 +209,7 @@ pub(crate) fn backward(
         lse.as_slice(),
         d_out.as_slice(),
     );
-    // The key flags and offset only: the mask's dense-form cell is not shared across threads.
-    let (heads, keep_all, past) = (mask.heads.max(1), mask.keep, mask.past);
+    let vis = Visibility::of(mask);
     let kv_items = shape.kv_items();
     let mut dq = vec![0.0f32; items * t * d];
     let mut dk = vec![0.0f32; kv_items * kv * d];
@@ -189,11 +220,10 @@ pub(crate) fn backward(
         let mut ds = vec![0.0f32; BLOCK.min(t) * kv];
         for (g, dq) in dq_group.chunks_mut(t * d).enumerate() {
             let i = j * group + g;
-            let keep = &keep_all[(i / heads) * kv..(i / heads + 1) * kv];
             query_item_backward(
                 (qs, ks, vs, ls, gs),
-                (i, ki, keep),
-                (t, kv, d, past, scale),
+                (i, ki, vis),
+                (t, kv, d, scale),
                 (&mut p, &mut ds),
                 (dq, dk, dv),
             )?;
@@ -216,21 +246,21 @@ pub(crate) fn backward(
 #[allow(clippy::type_complexity)]
 fn query_item_backward(
     (qs, ks, vs, ls, gs): (&[f32], &[f32], &[f32], &[f32], &[f32]),
-    (i, ki, keep): (usize, usize, &[u32]),
-    (t, kv, d, past, scale): (usize, usize, usize, usize, f32),
+    (i, ki, vis): (usize, usize, Visibility<'_>),
+    (t, kv, d, scale): (usize, usize, usize, f32),
     (p, ds): (&mut [f32], &mut [f32]),
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
 ) -> Result<()> {
-    let qi = i * t * d;
+    let (qi, keep) = (i * t * d, vis.keep(i, kv));
     for q0 in (0..t).step_by(BLOCK) {
         let q1 = (q0 + BLOCK).min(t);
-        let (bq, nk) = (q1 - q0, visible_keys(past, q1, kv));
+        let (bq, nk) = (q1 - q0, vis.keys(q1, kv));
         let p = &mut p[..bq * kv];
         block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, p)?;
         for (r, row) in p.chunks_mut(kv).enumerate() {
-            let (pos, l) = (past + q0 + r, ls[i * t + q0 + r]);
+            let (seen, l) = (vis.seen(q0 + r, nk), ls[i * t + q0 + r]);
             for (j, s) in row[..nk].iter_mut().enumerate() {
-                if !visible(keep, pos, j) {
+                if j >= seen || keep[j] == 0 {
                     *s = f32::NEG_INFINITY;
                 }
             }

@@ -52,7 +52,7 @@ fn logsumexp(row: &[f32]) -> f64 {
 }
 
 impl DecoderOps for NdArray {
-    fn causal_attention(
+    fn self_attention(
         &self,
         q: &NdTensor,
         k: &NdTensor,
@@ -63,7 +63,7 @@ impl DecoderOps for NdArray {
         attention::forward(q, k, v, mask, scale)
     }
 
-    fn causal_attention_backward(
+    fn self_attention_backward(
         &self,
         qkv: (&NdTensor, &NdTensor, &NdTensor),
         saved: &NdTensor,

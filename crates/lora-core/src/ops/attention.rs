@@ -1,5 +1,6 @@
-//! Causal self-attention as one operation, forward and backward: the reference semantics
-//! (the defaults of [`DecoderOps::causal_attention`](crate::DecoderOps::causal_attention)),
+//! Self-attention as one operation, forward and backward, causal (decoders) or
+//! bidirectional (encoders), with padding: the reference semantics (the defaults of
+//! [`DecoderOps::self_attention`](crate::DecoderOps::self_attention)),
 //! written over the primitives: a batched product for the scores, the masked softmax, a
 //! batched product with the values, and the reverse for the backward. A backend overrides
 //! the pair with a fused kernel that skips what the mask hides.
@@ -14,14 +15,17 @@ use crate::ops::decoder::{DecoderOps, RowOrCol};
 /// fully masked row gives a uniform distribution (zeroed afterwards), not NaN.
 pub const MASKED: f32 = -1e30;
 
-/// Which keys each query of a causal self-attention call may see. Items are the
-/// `batch * heads` (sequence, head) pairs, sequence-major; each has `t` queries and `kv`
-/// keys (`kv = past + t`), query `i` at key position `past + i`, and sees key `j` when
-/// `j <= past + i` and `keep[j] != 0`.
+/// Which keys each query of a self-attention call may see. Items are the `batch * heads`
+/// (sequence, head) pairs, sequence-major; each has `t` queries and `kv` keys (`kv = past +
+/// t`), query `i` at key position `past + i`, and sees key `j` when `keep[j] != 0` and, if
+/// the attention is causal, `j <= past + i`.
 #[derive(Debug)]
 pub struct AttentionMask<'a, T> {
     /// Heads per sequence.
     pub heads: usize,
+    /// Decoder attention: a query sees no key after its own position. Encoder attention
+    /// (BERT) is not causal: every query sees every real key.
+    pub causal: bool,
     /// Keys already in the KV cache before the first query.
     pub past: usize,
     /// `[batch * kv]`: nonzero where a key is a real token (0: padding).
@@ -42,10 +46,16 @@ pub struct DenseMask<T> {
 }
 
 impl<T> AttentionMask<'_, T> {
+    /// Whether the mask's shape lets the query at key position `pos` see key `j` (padding
+    /// aside).
+    pub fn sees(&self, pos: usize, j: usize) -> bool {
+        !self.causal || j <= pos
+    }
+
     /// The dense mask for `t` queries per item, built on the host and uploaded once.
     pub fn dense<B: Backend<Tensor = T>>(&self, b: &B, t: usize) -> Result<&DenseMask<T>> {
         if self.dense.get().is_none() {
-            let (bias, rows) = dense_mask_host(self.keep, self.heads, t, self.past);
+            let (bias, rows) = dense_mask_host(self, t);
             let n = bias.len() / (self.past + t).max(1);
             let built = DenseMask {
                 bias: b.from_host(&bias, &[n, self.past + t])?,
@@ -59,13 +69,14 @@ impl<T> AttentionMask<'_, T> {
         }
         self.dense
             .get()
-            .ok_or_else(|| Error::state("causal_attention mask", "dense mask not built"))
+            .ok_or_else(|| Error::state("self_attention mask", "dense mask not built"))
     }
 }
 
-/// The dense mask on the host: the additive bias `[batch * heads * t, past + t]` and, per
-/// query row, 1 where it sees some key and 0 where it sees none. `keep` is `[batch * kv]`.
-pub fn dense_mask_host(keep: &[u32], heads: usize, t: usize, past: usize) -> (Vec<f32>, Vec<f32>) {
+/// The dense mask on the host for `t` queries per item: the additive bias `[batch * heads *
+/// t, past + t]` and, per query row, 1 where it sees some key and 0 where it sees none.
+pub fn dense_mask_host<T>(mask: &AttentionMask<'_, T>, t: usize) -> (Vec<f32>, Vec<f32>) {
+    let (keep, heads, past) = (mask.keep, mask.heads, mask.past);
     let kv = past + t;
     let batch = keep.len() / kv.max(1);
     let mut bias = Vec::with_capacity(batch * heads * t * kv);
@@ -76,7 +87,7 @@ pub fn dense_mask_host(keep: &[u32], heads: usize, t: usize, past: usize) -> (Ve
         for q in 0..t {
             let row = &mut block[q * kv..(q + 1) * kv];
             for (k, slot) in row.iter_mut().enumerate() {
-                let visible = k <= past + q && seq_keep[k] != 0;
+                let visible = mask.sees(past + q, k) && seq_keep[k] != 0;
                 *slot = if visible { 0.0 } else { MASKED };
             }
             // A query that may see nothing (left padding) gets an output of zero: it
@@ -129,11 +140,7 @@ pub fn check_attention<T: Tensor>(
 ) -> Result<AttentionShape> {
     let (qd, kd) = (q.shape().dims(), k.shape().dims());
     let [items, t, d] = *qd else {
-        return Err(Error::shape(
-            "causal_attention q",
-            "[items, t, d]",
-            q.shape(),
-        ));
+        return Err(Error::shape("self_attention q", "[items, t, d]", q.shape()));
     };
     let kv = mask.past + t;
     let heads = mask.heads.max(1);
@@ -150,7 +157,7 @@ pub fn check_attention<T: Tensor>(
         || v.shape().dims() != kd
     {
         return Err(Error::shape(
-            "causal_attention k / v",
+            "self_attention k / v",
             format!(
                 "[{items} / group, {kv}, {d}] each (past {} + {t} queries; the group of query \
                  heads per key/value head dividing {heads} heads)",
@@ -161,7 +168,7 @@ pub fn check_attention<T: Tensor>(
     }
     if !items.is_multiple_of(heads) || mask.keep.len() != items / heads * kv {
         return Err(Error::state(
-            "causal_attention mask",
+            "self_attention mask",
             format!(
                 "{} key flags for {items} items of {} heads x {kv} keys",
                 mask.keep.len(),
@@ -309,14 +316,14 @@ pub fn check_attention_backward<T: Tensor>(
 ) -> Result<AttentionShape> {
     let [items, t, d] = *q.shape().dims() else {
         return Err(Error::shape(
-            "causal_attention_backward q",
+            "self_attention_backward q",
             "[items, t, d]",
             q.shape(),
         ));
     };
     let [kv_items, kv, _] = *k.shape().dims() else {
         return Err(Error::shape(
-            "causal_attention_backward k",
+            "self_attention_backward k",
             "[items / group, kv, d]",
             k.shape(),
         ));
@@ -332,7 +339,7 @@ pub fn check_attention_backward<T: Tensor>(
         || d_out.shape().dims() != q.shape().dims()
     {
         return Err(Error::shape(
-            "causal_attention_backward k / v / probs / d_out",
+            "self_attention_backward k / v / probs / d_out",
             format!(
                 "[{kv_items}, {kv}, {d}] dividing {items} items, [{}, {kv}], [{items}, {t}, {d}]",
                 items * t

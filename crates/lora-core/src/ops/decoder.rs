@@ -250,14 +250,14 @@ pub trait DecoderOps: Backend {
         Ok(grad)
     }
 
-    /// Causal self-attention of `q` (`[items, t, d]`) over `k`, `v` (`[items / group, kv,
-    /// d]`): `out = softmax(scale·q·kᵀ + mask)·v` per item, query item `i` reading
-    /// key/value item `i / group` (grouped-query attention without repeating the keys), a
-    /// query that sees no key giving zero. Returns `(out [items, t, d], saved)`, `saved` being what the backward needs
-    /// besides the inputs: the default ([`attention_forward`]) keeps the probabilities
+    /// Self-attention of `q` (`[items, t, d]`) over `k`, `v` (`[items / group, kv, d]`),
+    /// causal or not as the mask says: `out = softmax(scale·q·kᵀ + mask)·v` per item,
+    /// query item `i` reading key/value item `i / group` (grouped-query attention without
+    /// repeating the keys), a query that sees no key giving zero. Returns `(out [items, t,
+    /// d], saved)`, `saved` being what the backward needs besides the inputs: the default ([`attention_forward`]) keeps the probabilities
     /// `[items * t, kv]`; a fused backend may keep less (ndarray: one log-sum-exp per
     /// query, `[items * t]`, and recomputes the probabilities blockwise).
-    fn causal_attention(
+    fn self_attention(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
@@ -268,10 +268,10 @@ pub trait DecoderOps: Backend {
         attention_forward(self, q, k, v, mask, scale)
     }
 
-    /// Backward of [`DecoderOps::causal_attention`] from `d_out` (`[items, t, d]`), with
+    /// Backward of [`DecoderOps::self_attention`] from `d_out` (`[items, t, d]`), with
     /// the forward's inputs `(q, k, v)`, mask and `saved`: `(dq, dk, dv)`. The default is
     /// [`attention_backward`] (the probabilities it saved already hold the mask).
-    fn causal_attention_backward(
+    fn self_attention_backward(
         &self,
         (q, k, v): (&Self::Tensor, &Self::Tensor, &Self::Tensor),
         saved: &Self::Tensor,

@@ -5,12 +5,14 @@
 //! unchanged. The backward runs through the whole encoder (attention, softmax, LayerNorm,
 //! GELU) and leaves gradients in the adapters; the pretrained weights stay frozen.
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use lora_core::ops::{AttentionMask, DenseMask};
 use lora_core::{
     Backend, DecoderOps, DenseLinear, Error, HostTensor, LoraEmbedding, LoraLinear, LoraOps, Mode,
-    Model, Tensor, Transpose, UnaryOp,
+    Model, Tensor, UnaryOp,
 };
 
 use super::config::BertConfig;
@@ -24,7 +26,9 @@ struct LayerCache<T> {
     q: T,
     k: T,
     v: T,
-    probs: T,
+    /// What the attention backward needs besides q, k, v (`DecoderOps::self_attention`:
+    /// one log-sum-exp per query on ndarray, the probabilities by default).
+    attn_saved: T,
     h1_pre: T,
     st1: T,
     inter: T,
@@ -79,6 +83,40 @@ struct Dims {
     seq: usize,
 }
 
+/// The attention mask of one batch: every query sees every real token of its sequence.
+#[derive(Debug)]
+struct PaddingMask<T> {
+    /// `[batch * seq]`: the tokenizer's attention mask (0: padding).
+    keep: Vec<u32>,
+    /// The dense form, if a backend's attention asks for it (built once per batch).
+    dense: OnceCell<DenseMask<T>>,
+}
+
+impl<T> PaddingMask<T> {
+    fn of(batch: &TokenBatch) -> Self {
+        Self {
+            keep: batch
+                .attention_mask
+                .iter()
+                .map(|&m| u32::from(m != 0))
+                .collect(),
+            dense: OnceCell::new(),
+        }
+    }
+
+    /// The mask for `heads` query heads, not causal. transformers adds `finfo.min` to the
+    /// scores of padded keys; their probability is zero here as there.
+    fn attention(&self, heads: usize) -> AttentionMask<'_, T> {
+        AttentionMask {
+            heads,
+            causal: false,
+            past: 0,
+            keep: &self.keep,
+            dense: &self.dense,
+        }
+    }
+}
+
 /// A BERT encoder with LoRA-capable linear layers.
 #[derive(Debug)]
 pub struct BertModel<B: LoraOps> {
@@ -87,8 +125,8 @@ pub struct BertModel<B: LoraOps> {
     layers: Vec<BertLayer<B>>,
     pooler: Option<LoraLinear<B>>,
     act: UnaryOp,
-    /// The additive attention mask `[batch, seq]` of the last forward.
-    mask_bias: Option<B::Tensor>,
+    /// The padding mask of the last forward.
+    mask: Option<PaddingMask<B::Tensor>>,
     dims: Option<Dims>,
 }
 
@@ -234,7 +272,7 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
             layers,
             pooler,
             act,
-            mask_bias: None,
+            mask: None,
             dims: None,
         })
     }
@@ -254,22 +292,16 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
     pub fn forward_batch(&mut self, b: &B, batch: &TokenBatch, mode: Mode) -> Result<B::Tensor> {
         let config = self.config.clone();
         let x = self.embeddings.forward(b, &config, batch, mode)?;
-        // transformers: (1 - mask) * finfo(float32).min, added to the scores.
-        let bias: Vec<f32> = batch
-            .attention_mask
-            .iter()
-            .map(|&m| if m == 0 { f32::MIN } else { 0.0 })
-            .collect();
-        let mask_bias = b.from_host(&bias, &[batch.batch, batch.seq_len])?;
+        let mask = PaddingMask::of(batch);
         let dims = Dims {
             batch: batch.batch,
             seq: batch.seq_len,
         };
         let mut h = x;
         for l in 0..self.layers.len() {
-            h = self.layer_forward(b, l, &h, &mask_bias, dims, mode)?;
+            h = self.layer_forward(b, l, &h, &mask, dims, mode)?;
         }
-        self.mask_bias = Some(mask_bias);
+        self.mask = Some(mask);
         self.dims = Some(dims);
         Ok(b.reshape(&h, &[dims.batch, dims.seq, self.config.hidden_size])?)
     }
@@ -295,7 +327,7 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         b: &B,
         l: usize,
         x: &B::Tensor,
-        mask_bias: &B::Tensor,
+        mask: &PaddingMask<B::Tensor>,
         d: Dims,
         mode: Mode,
     ) -> Result<B::Tensor> {
@@ -316,21 +348,7 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
             self.split_heads(b, &k, d)?,
             self.split_heads(b, &v, d)?,
         );
-        let mut scores = b.zeros(&[d.batch * nh, d.seq, d.seq])?;
-        b.bmm(
-            scale,
-            &q,
-            Transpose::No,
-            &k,
-            Transpose::Yes,
-            0.0,
-            &mut scores,
-        )?;
-        let scores = b.reshape(&scores, &[d.batch, nh, d.seq, d.seq])?;
-        let probs = b.softmax(&scores, Some(mask_bias))?;
-        let probs = b.reshape(&probs, &[d.batch * nh, d.seq, d.seq])?;
-        let mut ctx = b.zeros(&[d.batch * nh, d.seq, hd])?;
-        b.bmm(1.0, &probs, Transpose::No, &v, Transpose::No, 0.0, &mut ctx)?;
+        let (ctx, attn_saved) = b.self_attention(&q, &k, &v, &mask.attention(nh), scale)?;
         let ctx = self.merge_heads(b, &ctx, d)?;
         let layer = &mut self.layers[l];
         let attn = layer.attn_out.forward(b, &ctx, mode)?;
@@ -347,7 +365,7 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
                 q,
                 k,
                 v,
-                probs,
+                attn_saved,
                 h1_pre,
                 st1,
                 inter,
@@ -403,46 +421,16 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         let d_h1_pre = b.layer_norm_backward(&c.h1_pre, &c.st1, &layer.attn_norm.gamma, &d_h1)?;
         let d_ctx = layer.attn_out.backward(b, &d_h1_pre)?;
         let d_ctx = self.split_heads(b, &d_ctx, d)?;
-        let mut d_probs = b.zeros(&[d.batch * nh, d.seq, d.seq])?;
-        b.bmm(
-            1.0,
+        let mask = self
+            .mask
+            .as_ref()
+            .ok_or_else(|| Error::state("BertModel", "backward called without a forward"))?;
+        let (d_q, d_k, d_v) = b.self_attention_backward(
+            (&c.q, &c.k, &c.v),
+            &c.attn_saved,
+            &mask.attention(nh),
             &d_ctx,
-            Transpose::No,
-            &c.v,
-            Transpose::Yes,
-            0.0,
-            &mut d_probs,
-        )?;
-        let mut d_v = b.zeros(&[d.batch * nh, d.seq, hd])?;
-        b.bmm(
-            1.0,
-            &c.probs,
-            Transpose::Yes,
-            &d_ctx,
-            Transpose::No,
-            0.0,
-            &mut d_v,
-        )?;
-        let d_scores = b.softmax_backward(&c.probs, &d_probs)?;
-        let mut d_q = b.zeros(&[d.batch * nh, d.seq, hd])?;
-        b.bmm(
             scale,
-            &d_scores,
-            Transpose::No,
-            &c.k,
-            Transpose::No,
-            0.0,
-            &mut d_q,
-        )?;
-        let mut d_k = b.zeros(&[d.batch * nh, d.seq, hd])?;
-        b.bmm(
-            scale,
-            &d_scores,
-            Transpose::Yes,
-            &c.q,
-            Transpose::No,
-            0.0,
-            &mut d_k,
         )?;
         let (d_q, d_k, d_v) = (
             self.merge_heads(b, &d_q, d)?,

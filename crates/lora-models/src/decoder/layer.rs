@@ -57,7 +57,7 @@ pub(crate) struct AttentionSaved<T> {
     pub q: T,
     pub k: T,
     pub v: T,
-    /// What the attention backward needs besides q, k, v (`DecoderOps::causal_attention`).
+    /// What the attention backward needs besides q, k, v (`DecoderOps::self_attention`).
     pub attn_saved: T,
 }
 
@@ -89,6 +89,7 @@ impl<T> AttentionInputs<T> {
     pub fn mask(&self, heads: usize) -> AttentionMask<'_, T> {
         AttentionMask {
             heads,
+            causal: true,
             past: self.past,
             keep: &self.keep,
             dense: &self.dense_mask,
@@ -215,7 +216,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
             b.reshape(&v, &[bs * nkv, kv, hd])?,
         );
         let scale = 1.0 / (hd as f32).sqrt();
-        let (ctx, attn_saved) = b.causal_attention(&q, &k, &v, &att.mask(nh), scale)?;
+        let (ctx, attn_saved) = b.self_attention(&q, &k, &v, &att.mask(nh), scale)?;
         let ctx = heads_last(b, &ctx, bs, t, nh, hd)?;
         let out = self.o_proj.forward(b, &ctx, mode)?;
         let saved = match mode {

@@ -72,7 +72,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let scale = 1.0 / (hd as f32).sqrt();
         let d_ctx = self.o_proj.backward(b, d_attn)?;
         let d_ctx = b.reshape(&heads_first(b, &d_ctx, bs, t, nh, hd)?, &[bs * nh, t, hd])?;
-        let (d_q, d_k, d_v) = b.causal_attention_backward(
+        let (d_q, d_k, d_v) = b.self_attention_backward(
             (&cache.q, &cache.k, &cache.v),
             &cache.attn_saved,
             &att.mask(nh),
