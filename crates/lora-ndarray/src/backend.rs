@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::gemm::{bmm_into, gemm_into, gemm_new};
 use crate::tensor::NdTensor;
+use crate::vectorize;
 
 /// The pure-Rust CPU backend. Cheap to clone; GEMMs use rayon's global pool.
 #[derive(Clone, Copy, Debug, Default)]
@@ -90,26 +91,6 @@ fn sum_axis(a: &NdTensor, axis: usize) -> Result<NdTensor> {
     Ok(NdTensor::from_array(m.sum_axis(Axis(axis)).into_dyn()))
 }
 
-/// `erf(x)` by Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7 (about one f32
-/// ulp of values near 1), one `exp` and no branches on the value, where libm's `erff`
-/// branches per interval and took a tenth of a BERT forward.
-#[inline]
-fn erf(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_7,
-        -1.453_152,
-        1.061_405_4,
-    ];
-    let a = x.abs();
-    let t = 1.0 / (1.0 + P * a);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let y = 1.0 - poly * (-a * a).exp();
-    y.copysign(x)
-}
-
 /// A copy of `a` with axes permuted, for permutations that keep the last axis last:
 /// contiguous runs of the last axis are copied whole (attention's head split and merge).
 fn permute_rows(a: &NdTensor, perm: &[usize], out_dims: &[usize]) -> Result<NdTensor> {
@@ -156,7 +137,8 @@ fn all_finite(s: &[f32]) -> bool {
 fn unary_f(op: UnaryOp) -> Result<fn(f32) -> f32> {
     Ok(match op {
         UnaryOp::Relu => |x| if x > 0.0 { x } else { 0.0 },
-        UnaryOp::Gelu => |x| 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
+        // Vectorized kernels (`unary`): unreachable here.
+        UnaryOp::Gelu => return Err(Error::state("ndarray unary", "GELU has its own kernel")),
         UnaryOp::Tanh => f32::tanh,
         UnaryOp::Sqrt => f32::sqrt,
         UnaryOp::Square => |x| x * x,
@@ -167,11 +149,13 @@ fn unary_f(op: UnaryOp) -> Result<fn(f32) -> f32> {
 fn derivative(op: UnaryOp) -> Result<fn(f32) -> f32> {
     Ok(match op {
         UnaryOp::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },
-        UnaryOp::Gelu => |x| {
-            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = (-0.5 * x * x).exp() * 0.398_942_3; // 1/sqrt(2π)
-            cdf + x * pdf
-        },
+        // Vectorized kernel (`unary_backward`): unreachable here.
+        UnaryOp::Gelu => {
+            return Err(Error::state(
+                "ndarray unary_backward",
+                "GELU has its own kernel",
+            ));
+        }
         UnaryOp::Tanh => |x| {
             let t = x.tanh();
             1.0 - t * t
@@ -408,11 +392,22 @@ impl Backend for NdArray {
     }
 
     fn unary(&self, op: UnaryOp, a: &NdTensor) -> Result<NdTensor> {
+        if op == UnaryOp::Gelu {
+            let x = a.as_slice();
+            return NdTensor::from_vec(
+                vectorize::par_kernel(x, x, vectorize::gelu),
+                a.shape().dims(),
+            );
+        }
         map1(a, unary_f(op)?)
     }
 
     fn unary_backward(&self, op: UnaryOp, x: &NdTensor, dy: &NdTensor) -> Result<NdTensor> {
         check_same_shape(&format!("{op:?} backward"), x.shape(), dy.shape())?;
+        if op == UnaryOp::Gelu {
+            let g = vectorize::par_kernel(x.as_slice(), dy.as_slice(), vectorize::gelu_backward);
+            return NdTensor::from_vec(g, x.shape().dims());
+        }
         let d = derivative(op)?;
         map2(x, dy, |x, g| g * d(x))
     }

@@ -11,7 +11,7 @@ use lora_core::{DecoderOps, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::attention;
-use crate::backend::{NdArray, PAR_CHUNK, PAR_MIN_ELEMS};
+use crate::backend::{NdArray, PAR_MIN_ELEMS};
 use crate::tensor::NdTensor;
 use crate::vectorize;
 
@@ -26,23 +26,6 @@ fn for_rows(out: &mut [f32], n: usize, work: impl Fn(usize, &mut [f32]) + Sync +
             .enumerate()
             .for_each(|(r, o)| work(r, o));
     }
-}
-
-/// `kernel(a, b, out)` over equal-length slices, in chunks on several threads when large.
-fn par_kernel(
-    a: &[f32],
-    b: &[f32],
-    kernel: impl Fn(&[f32], &[f32], &mut [f32]) + Sync + Send,
-) -> Vec<f32> {
-    let mut out = vec![0.0f32; a.len()];
-    if a.len() < PAR_MIN_ELEMS {
-        kernel(a, b, &mut out);
-    } else {
-        out.par_chunks_mut(PAR_CHUNK)
-            .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
-            .for_each(|(o, (x, y))| kernel(x, y, o));
-    }
-    out
 }
 
 /// Log-sum-exp of a row: exponentials within 2 ulp after the max shift, summed in f64.
@@ -138,13 +121,13 @@ impl DecoderOps for NdArray {
 
     fn silu(&self, x: &NdTensor) -> Result<NdTensor> {
         let src = x.as_slice();
-        let out = par_kernel(src, src, vectorize::silu);
+        let out = vectorize::par_kernel(src, src, vectorize::silu);
         NdTensor::from_vec(out, x.shape().dims())
     }
 
     fn silu_backward(&self, x: &NdTensor, dy: &NdTensor) -> Result<NdTensor> {
         lora_core::backend::check_same_shape("silu_backward", x.shape(), dy.shape())?;
-        let out = par_kernel(x.as_slice(), dy.as_slice(), vectorize::silu_backward);
+        let out = vectorize::par_kernel(x.as_slice(), dy.as_slice(), vectorize::silu_backward);
         NdTensor::from_vec(out, x.shape().dims())
     }
 
