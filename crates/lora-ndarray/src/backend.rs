@@ -134,41 +134,6 @@ fn all_finite(s: &[f32]) -> bool {
     s.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
-fn unary_f(op: UnaryOp) -> Result<fn(f32) -> f32> {
-    Ok(match op {
-        UnaryOp::Relu => |x| if x > 0.0 { x } else { 0.0 },
-        // Vectorized kernels (`unary`): unreachable here.
-        UnaryOp::Gelu => return Err(Error::state("ndarray unary", "GELU has its own kernel")),
-        UnaryOp::Tanh => f32::tanh,
-        UnaryOp::Sqrt => f32::sqrt,
-        UnaryOp::Square => |x| x * x,
-    })
-}
-
-/// `op'(x)` for the activations.
-fn derivative(op: UnaryOp) -> Result<fn(f32) -> f32> {
-    Ok(match op {
-        UnaryOp::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },
-        // Vectorized kernel (`unary_backward`): unreachable here.
-        UnaryOp::Gelu => {
-            return Err(Error::state(
-                "ndarray unary_backward",
-                "GELU has its own kernel",
-            ));
-        }
-        UnaryOp::Tanh => |x| {
-            let t = x.tanh();
-            1.0 - t * t
-        },
-        UnaryOp::Sqrt | UnaryOp::Square => {
-            return Err(Error::Backend {
-                backend: "ndarray",
-                reason: format!("unary_backward is defined for activations only, not {op:?}"),
-            });
-        }
-    })
-}
-
 impl Backend for NdArray {
     type Tensor = NdTensor;
 
@@ -382,34 +347,48 @@ impl Backend for NdArray {
 
     fn binary(&self, op: BinaryOp, a: &NdTensor, b: &NdTensor) -> Result<NdTensor> {
         check_same_shape(&format!("{op:?}"), a.shape(), b.shape())?;
-        let f: fn(f32, f32) -> f32 = match op {
-            BinaryOp::Add => |x, y| x + y,
-            BinaryOp::Sub => |x, y| x - y,
-            BinaryOp::Mul => |x, y| x * y,
-            BinaryOp::Div => |x, y| x / y,
-        };
-        map2(a, b, f)
+        // One `map2` per operation (not a function pointer): each loop inlines its
+        // operation and vectorizes; through a pointer, residual adds cost a call per element.
+        match op {
+            BinaryOp::Add => map2(a, b, |x, y| x + y),
+            BinaryOp::Sub => map2(a, b, |x, y| x - y),
+            BinaryOp::Mul => map2(a, b, |x, y| x * y),
+            BinaryOp::Div => map2(a, b, |x, y| x / y),
+        }
     }
 
     fn unary(&self, op: UnaryOp, a: &NdTensor) -> Result<NdTensor> {
-        if op == UnaryOp::Gelu {
-            let x = a.as_slice();
-            return NdTensor::from_vec(
-                vectorize::par_kernel(x, x, vectorize::gelu),
-                a.shape().dims(),
-            );
+        match op {
+            UnaryOp::Gelu => {
+                let x = a.as_slice();
+                let y = vectorize::par_kernel(x, x, vectorize::gelu);
+                NdTensor::from_vec(y, a.shape().dims())
+            }
+            UnaryOp::Relu => map1(a, |x| if x > 0.0 { x } else { 0.0 }),
+            UnaryOp::Tanh => map1(a, f32::tanh),
+            UnaryOp::Sqrt => map1(a, f32::sqrt),
+            UnaryOp::Square => map1(a, |x| x * x),
         }
-        map1(a, unary_f(op)?)
     }
 
     fn unary_backward(&self, op: UnaryOp, x: &NdTensor, dy: &NdTensor) -> Result<NdTensor> {
         check_same_shape(&format!("{op:?} backward"), x.shape(), dy.shape())?;
-        if op == UnaryOp::Gelu {
-            let g = vectorize::par_kernel(x.as_slice(), dy.as_slice(), vectorize::gelu_backward);
-            return NdTensor::from_vec(g, x.shape().dims());
+        match op {
+            UnaryOp::Gelu => {
+                let g =
+                    vectorize::par_kernel(x.as_slice(), dy.as_slice(), vectorize::gelu_backward);
+                NdTensor::from_vec(g, x.shape().dims())
+            }
+            UnaryOp::Relu => map2(x, dy, |x, g| if x > 0.0 { g } else { 0.0 }),
+            UnaryOp::Tanh => map2(x, dy, |x, g| {
+                let t = x.tanh();
+                g * (1.0 - t * t)
+            }),
+            UnaryOp::Sqrt | UnaryOp::Square => Err(Error::Backend {
+                backend: "ndarray",
+                reason: format!("unary_backward is defined for activations only, not {op:?}"),
+            }),
         }
-        let d = derivative(op)?;
-        map2(x, dy, |x, g| g * d(x))
     }
 
     fn axpby(&self, alpha: f32, x: &NdTensor, beta: f32, y: &mut NdTensor) -> Result<()> {

@@ -203,7 +203,10 @@ mod tests {
             let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
             let tol = 3e-7 * (1.0 + v.abs());
             assert!((f64::from(y) - v * cdf).abs() <= tol, "gelu({x}) = {y}");
-            assert!((f64::from(dy) - (cdf + v * pdf)).abs() <= tol, "gelu'({x}) = {dy}");
+            assert!(
+                (f64::from(dy) - (cdf + v * pdf)).abs() <= tol,
+                "gelu'({x}) = {dy}"
+            );
         }
         // NaN propagates.
         gelu(&[f32::NAN], &[0.0], &mut y[..1]);
