@@ -438,3 +438,45 @@ fn bad_adapter_configs_are_refused_by_field() {
         );
     }
 }
+
+/// Issue 17: `lora merge` killed while writing (here by a file-size limit: SIGXFSZ at the
+/// first byte, as a full quota or a SIGKILL would stop it) leaves nothing in the output
+/// directory, and a temporary file a crashed run left there is removed by the next run.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_merge_killed_while_writing_leaves_nothing() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("out");
+    std::fs::create_dir(&dir).unwrap();
+    let out = dir.join("merged.safetensors");
+    let (base, adapter) = (
+        fixture("peft_mlp").join("base_model.safetensors"),
+        fixture("peft_mlp"),
+    );
+    let args = [
+        "merge",
+        "--base",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&out),
+    ];
+    let killed = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 0; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_lora"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!killed.status.success(), "{}", text(&killed));
+    assert_eq!(file_names(&dir), Vec::<String>::new(), "{}", text(&killed));
+
+    // What a crash of a run without O_TMPFILE support leaves: a recognisable name.
+    let stale = dir.join(".lora-tmp-4294967-0.merged.safetensors");
+    std::fs::write(&stale, b"partial").unwrap();
+    let run = lora(&args);
+    assert!(run.status.success(), "{}", text(&run));
+    assert_eq!(file_names(&dir), ["merged.safetensors"]);
+    assert_matches_peft_merge(&out, 1e-5);
+}

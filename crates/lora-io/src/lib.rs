@@ -32,4 +32,6 @@ pub use dtype::{decode_f32, encode_f32, is_float};
 pub use error::{Error, Result};
 /// safetensors' dtype enum, for callers inspecting files.
 pub use safetensors::Dtype as SafetensorsDtype;
-pub use safetensors_file::{MappedFile, RawTensor, read_safetensors, write_raw, write_safetensors};
+pub use safetensors_file::{
+    MappedFile, RawTensor, read_safetensors, serialize_to_writer, write_raw, write_safetensors,
+};

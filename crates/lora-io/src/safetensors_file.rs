@@ -11,7 +11,7 @@ use safetensors::{Dtype, SafeTensors, View};
 
 use crate::dtype::decode_f32;
 use crate::error::{Error, Result};
-use crate::fs::{with_atomic_path, write_atomic};
+use crate::fs::{PendingFile, write_atomic};
 
 /// A safetensors file mapped read-only, with an open handle for positioned reads.
 pub struct MappedFile {
@@ -194,8 +194,8 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     Ok(out)
 }
 
-/// Writes raw tensors to `out` atomically (temporary file, then rename), creating its
-/// directory.
+/// Writes raw tensors to `out` crash-safely (`fs::PendingFile`: nothing at `out` until
+/// complete, nothing left by a crash), creating its directory.
 pub fn write_raw(
     out: &Path,
     tensors: &BTreeMap<String, RawTensor<'_>>,
@@ -204,20 +204,83 @@ pub fn write_raw(
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    with_atomic_path(out, |tmp| {
-        safetensors::serialize_to_file(
-            tensors.iter().map(|(n, t)| (n.as_str(), t)),
-            Some(metadata),
-            tmp,
-        )
-        .map_err(|e| e.to_string())?;
-        // The writer creates a private (0600) file; give the result the usual mode.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| e.to_string())?;
-        }
-        Ok::<(), String>(())
-    })
+    let mut pending = PendingFile::create(out)?;
+    serialize_to_writer(tensors.iter(), Some(metadata), pending.file())
+        .map_err(|e| Error::format(out.display(), format!("writing: {e}")))?;
+    pending.commit()
+}
+
+/// Serializes tensors in the safetensors format to `out`, each tensor's bytes asked for
+/// only when the writer reaches it (a merge produces them one at a time), in the layout
+/// `safetensors::serialize` gives: tensors by descending dtype alignment, then by name,
+/// the header padded with spaces to 8 bytes. Unlike `safetensors::serialize_to_file`
+/// (which makes its own temporary file beside the path, left behind by a crash), it writes
+/// where it is told: a [`PendingFile`].
+pub fn serialize_to_writer<S, V, I, W>(
+    tensors: I,
+    metadata: Option<HashMap<String, String>>,
+    out: W,
+) -> std::result::Result<(), safetensors::SafeTensorError>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: safetensors::View,
+    I: IntoIterator<Item = (S, V)>,
+    W: std::io::Write,
+{
+    use std::io::Write;
+
+    use safetensors::tensor::{Metadata, TensorInfo};
+    let mut tensors: Vec<(S, V)> = tensors.into_iter().collect();
+    tensors.sort_by(|(ln, l), (rn, r)| r.dtype().cmp(&l.dtype()).then(ln.cmp(rn)));
+    let mut offset = 0usize;
+    let infos = tensors
+        .iter()
+        .map(|(name, t)| {
+            let n = t.data_len();
+            let info = TensorInfo {
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                data_offsets: (offset, offset + n),
+            };
+            offset += n;
+            (name.to_string(), info)
+        })
+        .collect();
+    let mut header = serde_json::to_string(&Metadata::new(metadata, infos)?)?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(&header)?;
+    for (_, t) in &tensors {
+        w.write_all(&t.data())?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use safetensors::tensor::TensorView;
+
+    use super::*;
+
+    #[test]
+    fn streamed_files_equal_the_safetensors_crates_bytes() {
+        let (f32s, f16s, u8s) = ([7u8; 24], [1u8; 12], [3u8; 5]);
+        let views = || {
+            [
+                ("b.weight", TensorView::new(Dtype::F32, vec![2, 3], &f32s)),
+                ("a.weight", TensorView::new(Dtype::F16, vec![6], &f16s)),
+                ("c.absmax", TensorView::new(Dtype::U8, vec![5], &u8s)),
+                ("a.bias", TensorView::new(Dtype::F32, vec![6], &f32s)),
+            ]
+            .map(|(n, v)| (n, v.unwrap()))
+        };
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let want = safetensors::serialize(views(), Some(meta.clone())).unwrap();
+        let mut got = Vec::new();
+        serialize_to_writer(views(), Some(meta), &mut got).unwrap();
+        assert_eq!(got, want);
+    }
 }

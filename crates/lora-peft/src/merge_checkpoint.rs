@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, WeightRounding};
-use lora_io::fs::temp_path_for;
+use lora_io::fs::PendingFile;
+use lora_io::serialize_to_writer;
 use lora_io::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float, merge_into_quantized};
 use safetensors::{Dtype, View};
 
@@ -396,9 +397,9 @@ fn checked_factors(
     Ok(factors)
 }
 
-/// Serializes the planned tensors into a temporary file beside `out` (each tensor's bytes
-/// produced when the writer reaches it), then renames it over `out`; on any error the
-/// temporary file is removed.
+/// Serializes the planned tensors into a pending output for `out` (each tensor's bytes
+/// produced when the writer reaches it), committed only when all of them were written:
+/// on an error, a kill or a full disk nothing is left (`lora_io::fs::PendingFile`).
 fn write_streamed<B: LoraOps>(
     out: &Path,
     outs: &[(String, OutTensor<'_, B>)],
@@ -411,38 +412,21 @@ fn write_streamed<B: LoraOps>(
             source: e,
         })?;
     }
-    let tmp = temp_path_for(out);
-    let written = safetensors::serialize_to_file(
+    let mut pending = PendingFile::create(out)?;
+    let written = serialize_to_writer(
         outs.iter().map(|(n, t)| (n.as_str(), t)),
         Some(metadata),
-        &tmp,
+        pending.file(),
     );
     let error = state.borrow_mut().error.take();
-    let failure = match (written, error) {
-        (Err(e), _) => Some(PeftError::Format {
+    match (written, error) {
+        (Err(e), _) => Err(PeftError::Format {
             path: out.display().to_string(),
             reason: format!("writing: {e}"),
         }),
-        (Ok(()), Some(e)) => Some(e),
-        (Ok(()), None) => None,
-    };
-    if let Some(e) = failure {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        (Ok(()), Some(e)) => Err(e),
+        (Ok(()), None) => Ok(pending.commit()?),
     }
-    // The writer's temporary file is private (0600); give the result the usual mode.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
-    }
-    std::fs::rename(&tmp, out).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        PeftError::Io {
-            path: out.display().to_string(),
-            source: e,
-        }
-    })
 }
 
 /// `lora merge` into a bitsandbytes-quantized base: each targeted module is dequantized,
