@@ -2,6 +2,7 @@
 
 mod alloc;
 mod backend_choice;
+mod checkpoint;
 mod combine;
 mod decoder_load;
 mod demo;

@@ -18,6 +18,7 @@ use lora::{AdamHyper, HostTensor};
 use plotters::style::RGBColor;
 
 use crate::backend_choice::BackendKind;
+use crate::checkpoint::{self, Interrupt, TrainerState};
 use crate::plots::{self, Curve};
 use crate::report::{bytes, duration, peak_rss_bytes, thousands};
 use crate::sentiment_data::{Example, read_vader, split};
@@ -105,6 +106,13 @@ pub struct TrainArgs {
     /// adapters stay f32), or auto (the checkpoint's dtype from config.json).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: crate::dtype_arg::DtypeArg,
+    /// Write `OUT/checkpoint-<step>/` every this many steps (0: only at Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue from a checkpoint directory written by `--save-every` or Ctrl-C, with the
+    /// same arguments: the result equals an uninterrupted run's, bit for bit.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
 }
 
 /// Runs `lora train`.
@@ -115,6 +123,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if args.task == TrainTask::CausalLm {
         if args.grad_accum == 0 || args.max_length < 2 {
             bail!("--grad-accum must be at least 1 and --max-length at least 2");
+        }
+        if args.save_every > 0 || args.resume.is_some() {
+            bail!("--save-every and --resume work with --task classify only so far");
         }
         return crate::with_backend!(args.backend, |b| crate::train_lm::run(&b, args));
     }
@@ -170,6 +181,8 @@ struct Adapters {
 
 /// The training run.
 struct Training {
+    /// Set when Ctrl-C stopped the run: the checkpoint written then.
+    interrupted: Option<PathBuf>,
     /// Cross-entropy of every step.
     losses: Vec<f64>,
     /// `(step, held-out accuracy)`, starting with step 0.
@@ -204,9 +217,36 @@ fn run_on<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
         b.name(),
         b.device()
     );
+    // The checkpoint's state first: a directory that is not a checkpoint, or one made
+    // with other arguments, is refused before anything loads.
+    let resumed = match &args.resume {
+        Some(dir) => Some(checkpoint::load(dir, args)?),
+        None => None,
+    };
     let (mut clf, adapters) = attach_adapters_and_head(b, args, model)?;
-    let before = accuracy(b, &mut clf.model, &clf.head, &task.tok, &task.test)?;
-    let training = train_loop(b, args, &mut clf, &task, before)?;
+    if let (Some(dir), Some((state, _))) = (&args.resume, &resumed) {
+        resume_head(b, dir, &mut clf)?;
+        println!(
+            "  resumed         {} at step {} ({} adapter modules)",
+            dir.display(),
+            state.step,
+            adapters.injected.len()
+        );
+    }
+    let before = match &resumed {
+        Some((state, _)) => state.evals.first().map_or(0.0, |e| f64::from(e.1)),
+        None => accuracy(b, &mut clf.model, &clf.head, &task.tok, &task.test)?,
+    };
+    let training = train_loop(b, args, &mut clf, &adapters, &task, (before, resumed))?;
+    if let Some(dir) = &training.interrupted {
+        println!(
+            "lora train: interrupted after step {}; checkpoint {} (continue with --resume {})",
+            training.losses.len(),
+            dir.display(),
+            dir.display()
+        );
+        return Ok(());
+    }
     let after = training.evals.last().map_or(before, |e| f64::from(e.1));
     save_outputs(b, args, &clf, &adapters, &training)?;
     print_summary(
@@ -266,10 +306,20 @@ fn attach_adapters_and_head<B: FullBackend>(
         ..LoraConfig::default()
     };
     let head_only = args.target_modules.trim() == "none";
-    let injected = if head_only {
-        Vec::new()
-    } else {
-        peft::inject_adapters(&mut model, b, &config, args.seed)?
+    let injected = match (&args.resume, head_only) {
+        (_, true) => Vec::new(),
+        // The checkpoint's adapter replaces the seeded initialisation.
+        (Some(dir), false) => {
+            peft::load_pretrained(dir, &mut model, b)
+                .with_context(|| format!("--resume: loading the adapter in {}", dir.display()))?;
+            model
+                .linears()
+                .iter()
+                .filter(|l| l.adapter_named(lora::DEFAULT_ADAPTER).is_some())
+                .map(|l| l.name().to_string())
+                .collect()
+        }
+        (None, false) => peft::inject_adapters(&mut model, b, &config, args.seed)?,
     };
     let h = model.config().hidden_size;
     // nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)).
@@ -307,8 +357,9 @@ fn train_loop<B: FullBackend>(
     b: &B,
     args: &TrainArgs,
     clf: &mut Classifier<B>,
+    adapters: &Adapters,
     task: &Task,
-    acc_before: f64,
+    (acc_before, resumed): (f64, Option<(TrainerState, lora::AdamState)>),
 ) -> Result<Training> {
     let Task { tok, train, test } = task;
     let mut opt = Adam::<B>::new(AdamHyper {
@@ -319,11 +370,23 @@ fn train_loop<B: FullBackend>(
         weight_decay: 0.01,
         decoupled: true,
     })?;
+    let interrupt = Interrupt::install();
+    let mut state = TrainerState {
+        evals: vec![(0.0, acc_before as f32)],
+        arguments: checkpoint::arguments(args),
+        ..TrainerState::default()
+    };
+    if let Some((saved, adam)) = resumed {
+        opt.load_state(b, adam)?;
+        state = saved;
+    }
     let bar = progress(args.steps);
-    let mut losses = Vec::with_capacity(args.steps);
-    let mut evals: Vec<(f32, f32)> = vec![(0.0, acc_before as f32)];
-    let mut train_s = 0.0f64;
-    for step in 0..args.steps {
+    bar.set_position(state.step as u64);
+    let mut losses = std::mem::take(&mut state.losses);
+    let mut evals = std::mem::take(&mut state.evals);
+    let mut train_s = state.seconds;
+    let mut interrupted = None;
+    for step in state.step..args.steps {
         let start = (step * args.batch_size) % train.len();
         let rows: Vec<&Example> = (0..args.batch_size)
             .map(|i| &train[(start + i) % train.len()])
@@ -343,9 +406,27 @@ fn train_loop<B: FullBackend>(
             let acc = accuracy(b, &mut clf.model, &clf.head, tok, test)?;
             evals.push(((step + 1) as f32, acc as f32));
         }
+        if checkpoint::due(args, step + 1, &interrupt) {
+            let state = TrainerState {
+                step: step + 1,
+                adam_step: opt.steps(),
+                losses: losses.clone(),
+                evals: evals.clone(),
+                seconds: train_s,
+                arguments: checkpoint::arguments(args),
+            };
+            let dir = checkpoint::save(&args.out, &state, &opt.state(b)?, |dir| {
+                save_model_files(b, dir, clf, adapters)
+            })?;
+            if interrupt.requested() {
+                interrupted = Some(dir);
+                break;
+            }
+        }
     }
     bar.finish_and_clear();
     Ok(Training {
+        interrupted,
         losses,
         evals,
         seconds: train_s,
@@ -362,28 +443,7 @@ fn save_outputs<B: FullBackend>(
     adapters: &Adapters,
     training: &Training,
 ) -> Result<()> {
-    let Classifier { model, head } = clf;
-    if !adapters.head_only {
-        peft::save_pretrained(&args.out, model, b, &adapters.config)?;
-    }
-    let head_path = args.out.join("head.safetensors");
-    lora::io::write_safetensors(
-        &head_path,
-        &[
-            (
-                "weight".to_string(),
-                HostTensor::from_backend(b, head.weight_tensor())?,
-            ),
-            (
-                "bias".to_string(),
-                HostTensor::from_backend(
-                    b,
-                    head.bias()
-                        .ok_or_else(|| anyhow::anyhow!("head has no bias"))?,
-                )?,
-            ),
-        ],
-    )?;
+    save_model_files(b, &args.out, clf, adapters)?;
     plots::loss_curve(
         &args.out.join("loss.png"),
         "LoRA fine-tuning loss (cross-entropy, per step)",
@@ -401,6 +461,59 @@ fn save_outputs<B: FullBackend>(
             color: RGBColor(30, 90, 220),
         }],
     )
+}
+
+/// Loads the head's weights from a checkpoint (its adapter is loaded in
+/// [`attach_adapters_and_head`], the trainer and optimizer state by `checkpoint::load`).
+fn resume_head<B: FullBackend>(b: &B, dir: &Path, clf: &mut Classifier<B>) -> Result<()> {
+    let head_path = dir.join(HEAD_FILE);
+    let mut t = lora::io::read_safetensors(&head_path)
+        .with_context(|| format!("--resume: reading {}", head_path.display()))?;
+    let h = clf.model.config().hidden_size;
+    let mut take = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
+        let t = t
+            .remove(name)
+            .with_context(|| format!("--resume: {} has no tensor {name}", head_path.display()))?;
+        t.expect_shape(&format!("{} {name}", head_path.display()), shape)?;
+        Ok(t.into_backend(b)?)
+    };
+    clf.head = DenseLinear::new(take("weight", &[2, h])?, Some(take("bias", &[2])?))?;
+    Ok(())
+}
+
+/// The head's file in the output and in checkpoints.
+const HEAD_FILE: &str = "head.safetensors";
+
+/// Writes the adapter (unless head-only) and `head.safetensors` into `dir`.
+fn save_model_files<B: FullBackend>(
+    b: &B,
+    dir: &Path,
+    clf: &Classifier<B>,
+    adapters: &Adapters,
+) -> Result<()> {
+    let Classifier { model, head } = clf;
+    if !adapters.head_only {
+        peft::save_pretrained(dir, model, b, &adapters.config)?;
+    }
+    let head_path = dir.join(HEAD_FILE);
+    lora::io::write_safetensors(
+        &head_path,
+        &[
+            (
+                "weight".to_string(),
+                HostTensor::from_backend(b, head.weight_tensor())?,
+            ),
+            (
+                "bias".to_string(),
+                HostTensor::from_backend(
+                    b,
+                    head.bias()
+                        .ok_or_else(|| anyhow::anyhow!("head has no bias"))?,
+                )?,
+            ),
+        ],
+    )?;
+    Ok(())
 }
 
 /// Prints the summary of a finished run.

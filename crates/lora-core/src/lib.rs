@@ -48,7 +48,7 @@ pub use ops::{
     AdamHyper, AttentionMask, DecoderOps, LoraGrads, LoraOps, OptimOps, RowOrCol, SgdHyper,
     WeightedFactors,
 };
-pub use optim::{Adam, Optimizer, Sgd};
+pub use optim::{Adam, AdamState, Optimizer, Sgd};
 pub use shape::Shape;
 
 /// Everything a backend implements: the primitives plus the layer-level operations.

@@ -122,6 +122,60 @@ impl Drop for PendingFile {
     }
 }
 
+/// An output directory being written (a training checkpoint): its files go into a
+/// temporary directory beside it (`.lora-tmp-<pid>-<n>.<name>`, removed by the next run
+/// when its process is gone), renamed into place by [`PendingDir::commit`] when complete.
+#[derive(Debug)]
+pub struct PendingDir {
+    tmp: Option<PathBuf>,
+    target: PathBuf,
+}
+
+impl PendingDir {
+    /// Starts `path` (its parent must exist), removing stale temporaries there first.
+    pub fn create(path: &Path) -> Result<Self> {
+        remove_stale_temps(&parent_dir(path));
+        let tmp = temp_name(path);
+        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(Self {
+            tmp: Some(tmp),
+            target: path.to_path_buf(),
+        })
+    }
+
+    /// Where to write the directory's files until the commit.
+    pub fn path(&self) -> &Path {
+        self.tmp.as_deref().unwrap_or(&self.target)
+    }
+
+    /// Puts the directory at its final path, replacing an older one of that name, and
+    /// syncs the parent directory. Its files must have been written crash-safely (synced).
+    pub fn commit(mut self) -> Result<()> {
+        let Some(tmp) = self.tmp.take() else {
+            return Ok(());
+        };
+        let io = |e| Error::io(&self.target, e);
+        if self.target.is_dir() {
+            std::fs::remove_dir_all(&self.target).map_err(io)?;
+        }
+        let renamed = std::fs::rename(&tmp, &self.target);
+        if renamed.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        renamed.map_err(io)?;
+        sync_dir(&parent_dir(&self.target));
+        Ok(())
+    }
+}
+
+impl Drop for PendingDir {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+    }
+}
+
 /// The directory `path` is written in (`.` for a bare file name).
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
@@ -158,7 +212,11 @@ fn remove_stale_temps(dir: &Path) {
             continue;
         };
         if !process_alive(pid) {
-            let _ = std::fs::remove_file(entry.path());
+            let path = entry.path();
+            let _ = match path.is_dir() {
+                true => std::fs::remove_dir_all(&path),
+                false => std::fs::remove_file(&path),
+            };
         }
     }
 }
@@ -332,6 +390,30 @@ mod tests {
         write_atomic(&dir.path().join("out.bin"), b"ok").unwrap();
         assert!(!stale.exists());
         assert!(live.exists() && other.exists());
+    }
+
+    #[test]
+    fn pending_directories_appear_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("checkpoint-2");
+        let pending = PendingDir::create(&target).unwrap();
+        write_atomic(&pending.path().join("a.json"), b"{}").unwrap();
+        assert!(!target.exists());
+        drop(pending);
+        assert!(names(dir.path()).is_empty());
+        let pending = PendingDir::create(&target).unwrap();
+        write_atomic(&pending.path().join("a.json"), b"{}").unwrap();
+        pending.commit().unwrap();
+        assert_eq!(names(dir.path()), ["checkpoint-2"]);
+        assert_eq!(names(&target), ["a.json"]);
+        // A crashed run's temporary directory goes with the next write there.
+        let stale = dir
+            .path()
+            .join(format!("{TEMP_PREFIX}4294967-3.checkpoint-4"));
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("x"), b"partial").unwrap();
+        PendingDir::create(&dir.path().join("checkpoint-4")).unwrap();
+        assert_eq!(names(dir.path()), ["checkpoint-2"]);
     }
 
     #[test]

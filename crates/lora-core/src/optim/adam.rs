@@ -4,6 +4,7 @@ use super::{Optimizer, check_grads, ensure_state};
 use crate::adapter::ParamGrad;
 use crate::backend::Tensor;
 use crate::error::{Error, Result};
+use crate::host_tensor::HostTensor;
 use crate::ops::{AdamHyper, OptimOps};
 
 /// Adam (L2 weight decay in the gradient) or AdamW (decoupled decay), per `decoupled`.
@@ -72,6 +73,63 @@ impl<B: OptimOps> Adam<B> {
     pub fn steps(&self) -> u64 {
         self.step
     }
+
+    /// The optimizer's state on the host (for a training checkpoint): the step count and
+    /// both moments of every parameter, in parameter order.
+    pub fn state(&self, backend: &B) -> Result<AdamState> {
+        let host = |ts: &[B::Tensor]| {
+            ts.iter()
+                .map(|t| HostTensor::from_backend(backend, t))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(AdamState {
+            step: self.step,
+            m: host(&self.m)?,
+            v: host(&self.v)?,
+        })
+    }
+
+    /// Continues from a saved [`AdamState`]: the next [`Optimizer::step`] is the one an
+    /// uninterrupted run would have taken (bit for bit). The parameter list given to it
+    /// must match the state (checked there, by count and shape).
+    pub fn load_state(&mut self, backend: &B, state: AdamState) -> Result<()> {
+        if state.m.len() != state.v.len()
+            || state
+                .m
+                .iter()
+                .zip(&state.v)
+                .any(|(m, v)| m.shape != v.shape)
+        {
+            return Err(Error::state(
+                "Adam state",
+                format!(
+                    "{} first moments and {} second moments of different shapes",
+                    state.m.len(),
+                    state.v.len()
+                ),
+            ));
+        }
+        let device = |ts: Vec<HostTensor>| {
+            ts.into_iter()
+                .map(|t| t.into_backend(backend))
+                .collect::<Result<Vec<_>>>()
+        };
+        self.m = device(state.m)?;
+        self.v = device(state.v)?;
+        self.step = state.step;
+        Ok(())
+    }
+}
+
+/// What [`Adam`] carries from step to step, on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamState {
+    /// Steps taken (the bias correction depends on it).
+    pub step: u64,
+    /// First moments, one per parameter.
+    pub m: Vec<HostTensor>,
+    /// Second moments.
+    pub v: Vec<HostTensor>,
 }
 
 impl<B: OptimOps> Optimizer<B> for Adam<B> {

@@ -4,7 +4,7 @@
 mod adam;
 mod sgd;
 
-pub use adam::Adam;
+pub use adam::{Adam, AdamState};
 pub use sgd::Sgd;
 
 use std::fmt::Debug;
