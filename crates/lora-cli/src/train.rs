@@ -124,9 +124,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         if args.grad_accum == 0 || args.max_length < 2 {
             bail!("--grad-accum must be at least 1 and --max-length at least 2");
         }
-        if args.save_every > 0 || args.resume.is_some() {
-            bail!("--save-every and --resume work with --task classify only so far");
-        }
         return crate::with_backend!(args.backend, |b| crate::train_lm::run(&b, args));
     }
     if !args.trainable_tokens.is_empty() {

@@ -19,6 +19,7 @@ use lora::prelude::*;
 use lora::{Adam, ParamGrad, UnaryOp};
 
 use self::data::Sequence;
+use crate::checkpoint::{self, Interrupt, TrainerState};
 use crate::plots;
 use crate::report::{bytes, duration, peak_rss_bytes, thousands};
 use crate::train::TrainArgs;
@@ -57,7 +58,25 @@ pub fn run<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
     }
     model.set_gradient_checkpointing(args.gradient_checkpointing);
     let config = lora_config(args, model_dir)?;
-    let injected = peft::inject_adapters(&mut model, b, &config, args.seed)?;
+    // A checkpoint's state first (refused before anything loads when it does not fit),
+    // then its adapter in place of the seeded initialisation.
+    let resumed = match &args.resume {
+        Some(dir) => Some(checkpoint::load(dir, args)?),
+        None => None,
+    };
+    let injected = match &args.resume {
+        Some(dir) => {
+            peft::load_pretrained(dir, &mut model, b)
+                .with_context(|| format!("--resume: loading the adapter in {}", dir.display()))?;
+            model
+                .linears()
+                .iter()
+                .filter(|l| l.adapter_named(lora::DEFAULT_ADAPTER).is_some())
+                .map(|l| l.name().to_string())
+                .collect()
+        }
+        None => peft::inject_adapters(&mut model, b, &config, args.seed)?,
+    };
     let pad = tok.token_id("<pad>").or(eos).unwrap_or(0);
     println!(
         "lora train --task causal-lm: {} on {} ({}), {} train / {} held-out sequences",
@@ -80,13 +99,30 @@ pub fn run<B: QuantBackend>(b: &B, args: &TrainArgs) -> Result<()> {
             ""
         }
     );
-    let before = perplexity(b, &mut model, &held_out, args.batch_size, pad)?;
-    let started = Instant::now();
-    let losses = train_loop(b, args, &mut model, &train, pad)?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let after = perplexity(b, &mut model, &held_out, args.batch_size, pad)?;
+    let before = match &resumed {
+        Some((state, _)) => state.evals.first().map_or(f64::NAN, |e| f64::from(e.1)),
+        None => perplexity(b, &mut model, &held_out, args.batch_size, pad)?,
+    };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let started = Instant::now();
+    let run = Run {
+        train: &train,
+        pad,
+        config: &config,
+    };
+    let (losses, interrupted) = train_loop(b, args, &mut model, &run, (before, resumed))?;
+    if let Some(dir) = interrupted {
+        println!(
+            "lora train: interrupted after step {}; checkpoint {} (continue with --resume {})",
+            losses.len(),
+            dir.display(),
+            dir.display()
+        );
+        return Ok(());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = perplexity(b, &mut model, &held_out, args.batch_size, pad)?;
     peft::save_pretrained(&args.out, &model, b, &config)?;
     plots::loss_curve(
         &args.out.join("loss.png"),
@@ -158,25 +194,48 @@ fn collate(seqs: &[&Sequence], pad: u32) -> Result<(TokenBatch, Vec<i64>)> {
     Ok((TokenBatch::new(ids, mask, seqs.len())?, labels))
 }
 
-/// The optimizer steps; returns the loss of each.
+/// What the training loop reads besides the model.
+struct Run<'a> {
+    train: &'a [Sequence],
+    pad: u32,
+    /// Saved with the adapter in checkpoints.
+    config: &'a LoraConfig,
+}
+
+/// The optimizer steps (from a checkpoint's step when resumed); returns the loss of every
+/// step, and the checkpoint written when Ctrl-C stopped the run.
 fn train_loop<B: QuantBackend>(
     b: &B,
     args: &TrainArgs,
     model: &mut DecoderModel<B>,
-    train: &[Sequence],
-    pad: u32,
-) -> Result<Vec<f64>> {
+    run: &Run<'_>,
+    (ppl_before, resumed): (f64, Option<(TrainerState, lora::AdamState)>),
+) -> Result<(Vec<f64>, Option<std::path::PathBuf>)> {
+    let Run { train, pad, config } = *run;
     let mut opt = Adam::<B>::adamw(args.lr)?;
+    let interrupt = Interrupt::install();
+    let mut state = TrainerState {
+        evals: vec![(0.0, ppl_before as f32)],
+        arguments: checkpoint::arguments(args),
+        ..TrainerState::default()
+    };
+    if let Some((saved, adam)) = resumed {
+        opt.load_state(b, adam)?;
+        state = saved;
+    }
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("  {bar:30} {pos}/{len} steps  loss {msg}  ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut losses = Vec::with_capacity(args.steps);
-    let mut cursor = 0usize;
+    bar.set_position(state.step as u64);
+    let mut losses = std::mem::take(&mut state.losses);
+    // The data position follows from the step: every step reads grad_accum batches.
+    let mut cursor = (state.step * args.grad_accum * args.batch_size) % train.len().max(1);
     let started = Instant::now();
     let mut tokens = 0usize;
-    for step in 0..args.steps {
+    let mut interrupted = None;
+    for step in state.step..args.steps {
         // The accumulated gradients stay on the backend; only the loss comes back.
         let mut acc: Option<Vec<B::Tensor>> = None;
         let mut step_loss = 0.0;
@@ -228,9 +287,26 @@ fn train_loop<B: QuantBackend>(
         let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(step as u64 + 1);
         bar.set_message(format!("{step_loss:.4}  {tps:.0} tok/s"));
+        if checkpoint::due(args, step + 1, &interrupt) {
+            let saved = TrainerState {
+                step: step + 1,
+                adam_step: opt.steps(),
+                losses: losses.clone(),
+                evals: state.evals.clone(),
+                seconds: state.seconds + started.elapsed().as_secs_f64(),
+                arguments: checkpoint::arguments(args),
+            };
+            let dir = checkpoint::save(&args.out, &saved, &opt.state(b)?, |dir| {
+                Ok(peft::save_pretrained(dir, model, b, config)?)
+            })?;
+            if interrupt.requested() {
+                interrupted = Some(dir);
+                break;
+            }
+        }
     }
     bar.finish_and_clear();
-    Ok(losses)
+    Ok((losses, interrupted))
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (0: off).
