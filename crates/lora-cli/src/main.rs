@@ -79,8 +79,44 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes joined by ": ", each cause left out when the text so far
+/// already says it (our error types print their source in their own message, so anyhow's
+/// `{:#}` repeated it: "x.json: No such file or directory (os error 2): No such file or
+/// directory (os error 2)").
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.contains(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(lora::io::Error::Io {
+            path: "a.json".into(),
+            source: io,
+        })
+        .context("--resume: loading the adapter in d");
+        assert_eq!(
+            super::error_text(&e),
+            "--resume: loading the adapter in d: a.json: No such file"
+        );
     }
 }
