@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use lora::io::fs::{PendingDir, write_atomic};
-use lora::{AdamState, HostTensor};
+use lora::{Adam, AdamState, HostTensor, OptimOps};
 use serde::{Deserialize, Serialize};
 
 use crate::train::TrainArgs;
@@ -97,15 +97,68 @@ impl Interrupt {
 
 /// When to save: every `--save-every` steps, at a Ctrl-C, never for the last step (the
 /// final outputs are that).
-pub fn due(args: &TrainArgs, step: usize, interrupt: &Interrupt) -> bool {
+fn due(args: &TrainArgs, step: usize, interrupt: &Interrupt) -> bool {
     step < args.steps
         && (interrupt.requested() || (args.save_every > 0 && step.is_multiple_of(args.save_every)))
+}
+
+/// The state a training loop starts from: `resumed`'s (its AdamW state loaded into `opt`),
+/// or a fresh one whose first evaluation (step 0) is `first_eval`.
+pub fn start<B: OptimOps>(
+    b: &B,
+    args: &TrainArgs,
+    opt: &mut Adam<B>,
+    first_eval: f32,
+    resumed: Option<(TrainerState, AdamState)>,
+) -> Result<TrainerState> {
+    if let Some((state, adam)) = resumed {
+        opt.load_state(b, adam)?;
+        return Ok(state);
+    }
+    Ok(TrainerState {
+        evals: vec![(0.0, first_eval)],
+        arguments: arguments(args),
+        ..TrainerState::default()
+    })
+}
+
+/// The history a checkpoint records after a step.
+pub struct History<'a> {
+    pub losses: &'a [f64],
+    pub evals: &'a [(f32, f32)],
+    pub seconds: f64,
+}
+
+/// After step `step` (1-based) of a training loop: writes a checkpoint when one is due
+/// (`task_files` writes the task's own files into it) and returns it when Ctrl-C asked the
+/// loop to stop.
+pub fn after_step<B: OptimOps>(
+    b: &B,
+    args: &TrainArgs,
+    (step, interrupt): (usize, &Interrupt),
+    opt: &Adam<B>,
+    history: History<'_>,
+    task_files: impl FnOnce(&Path) -> Result<()>,
+) -> Result<Option<PathBuf>> {
+    if !due(args, step, interrupt) {
+        return Ok(None);
+    }
+    let state = TrainerState {
+        step,
+        adam_step: opt.steps(),
+        losses: history.losses.to_vec(),
+        evals: history.evals.to_vec(),
+        seconds: history.seconds,
+        arguments: arguments(args),
+    };
+    let dir = save(&args.out, &state, &opt.state(b)?, task_files)?;
+    Ok(interrupt.requested().then_some(dir))
 }
 
 /// Writes `OUT/checkpoint-<state.step>/`: `task_files` writes the task's own files into
 /// the directory it is given, then the optimizer and the trainer state follow. Returns the
 /// checkpoint's path.
-pub fn save(
+fn save(
     out: &Path,
     state: &TrainerState,
     optimizer: &AdamState,

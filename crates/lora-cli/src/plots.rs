@@ -33,7 +33,7 @@ pub fn loss_curve(path: &Path, title: &str, losses: &[f64]) -> Result<()> {
     } else {
         (1e-6, 1.0)
     };
-    lora::io::fs::with_atomic_path(path, true, |tmp| -> Result<()> {
+    lora::io::fs::with_atomic_path(path, |tmp| -> Result<()> {
         let root = BitMapBackend::new(tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
@@ -89,7 +89,7 @@ pub fn predictions(path: &Path, title: &str, xs: &[f32], curves: &[Curve<'_>]) -
         (a.min(v), b.max(v))
     });
     let pad = 0.1 * (y1 - y0).max(1e-3);
-    lora::io::fs::with_atomic_path(path, true, |tmp| -> Result<()> {
+    lora::io::fs::with_atomic_path(path, |tmp| -> Result<()> {
         let root = BitMapBackend::new(tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)

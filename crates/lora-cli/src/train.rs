@@ -10,15 +10,15 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use lora::HostTensor;
 use lora::models::bert::{BertModel, BertTokenizer, TokenBatch, classification_step, classify};
 use lora::peft::{self, LoraConfig, TargetModules};
 use lora::prelude::*;
 use lora::rng::{RngState, uniform};
-use lora::{AdamHyper, HostTensor};
 use plotters::style::RGBColor;
 
 use crate::backend_choice::BackendKind;
-use crate::checkpoint::{self, Interrupt, TrainerState};
+use crate::checkpoint::{self, History, Interrupt, TrainerState};
 use crate::plots::{self, Curve};
 use crate::report::{bytes, duration, peak_rss_bytes, thousands};
 use crate::sentiment_data::{Example, read_vader, split};
@@ -359,24 +359,10 @@ fn train_loop<B: FullBackend>(
     (acc_before, resumed): (f64, Option<(TrainerState, lora::AdamState)>),
 ) -> Result<Training> {
     let Task { tok, train, test } = task;
-    let mut opt = Adam::<B>::new(AdamHyper {
-        lr: args.lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        decoupled: true,
-    })?;
+    // PyTorch's AdamW defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+    let mut opt = Adam::<B>::adamw(args.lr)?;
     let interrupt = Interrupt::install();
-    let mut state = TrainerState {
-        evals: vec![(0.0, acc_before as f32)],
-        arguments: checkpoint::arguments(args),
-        ..TrainerState::default()
-    };
-    if let Some((saved, adam)) = resumed {
-        opt.load_state(b, adam)?;
-        state = saved;
-    }
+    let mut state = checkpoint::start(b, args, &mut opt, acc_before as f32, resumed)?;
     let bar = progress(args.steps);
     bar.set_position(state.step as u64);
     let mut losses = std::mem::take(&mut state.losses);
@@ -403,22 +389,17 @@ fn train_loop<B: FullBackend>(
             let acc = accuracy(b, &mut clf.model, &clf.head, tok, test)?;
             evals.push(((step + 1) as f32, acc as f32));
         }
-        if checkpoint::due(args, step + 1, &interrupt) {
-            let state = TrainerState {
-                step: step + 1,
-                adam_step: opt.steps(),
-                losses: losses.clone(),
-                evals: evals.clone(),
-                seconds: train_s,
-                arguments: checkpoint::arguments(args),
-            };
-            let dir = checkpoint::save(&args.out, &state, &opt.state(b)?, |dir| {
+        let history = History {
+            losses: &losses,
+            evals: &evals,
+            seconds: train_s,
+        };
+        interrupted =
+            checkpoint::after_step(b, args, (step + 1, &interrupt), &opt, history, |dir| {
                 save_model_files(b, dir, clf, adapters)
             })?;
-            if interrupt.requested() {
-                interrupted = Some(dir);
-                break;
-            }
+        if interrupted.is_some() {
+            break;
         }
     }
     bar.finish_and_clear();

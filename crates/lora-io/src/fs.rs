@@ -286,18 +286,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     out.commit()
 }
 
-/// Runs `write` on a path that reaches a pending output for `path`, then commits it; for
-/// writers that open the file themselves. `keep_extension`: the path ends in `path`'s
-/// file name (image encoders choose their format by it), so a named temporary file.
-pub fn with_atomic_path<F, E>(path: &Path, keep_extension: bool, write: F) -> Result<()>
+/// Runs `write` on a temporary path beside `path` that ends in `path`'s file name, then
+/// commits it; for writers that open the file themselves and choose their format by its
+/// name (image encoders). A named temporary file, so a crash during `write` leaves one that
+/// the next run removes.
+pub fn with_atomic_path<F, E>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&Path) -> std::result::Result<(), E>,
     E: std::fmt::Display,
 {
-    let out = match keep_extension {
-        true => PendingFile::create_named(path)?,
-        false => PendingFile::create(path)?,
-    };
+    let out = PendingFile::create_named(path)?;
     write(&out.path()).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
     out.commit()
 }
@@ -323,11 +321,13 @@ mod tests {
     fn failed_write_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.bin");
-        for keep_extension in [false, true] {
-            let r = with_atomic_path(&target, keep_extension, |_| Err::<(), _>("encoder failed"));
-            assert!(r.unwrap_err().to_string().contains("encoder failed"));
-            assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
-        }
+        let r = with_atomic_path(&target, |_| Err::<(), _>("encoder failed"));
+        assert!(r.unwrap_err().to_string().contains("encoder failed"));
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        let mut dropped = PendingFile::create(&target).unwrap();
+        dropped.file().write_all(b"partial").unwrap();
+        drop(dropped);
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
         write_atomic(&target, b"ok").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"ok");
         assert_eq!(names(dir.path()), ["out.bin"]);

@@ -19,7 +19,7 @@ use lora::prelude::*;
 use lora::{Adam, ParamGrad, UnaryOp};
 
 use self::data::Sequence;
-use crate::checkpoint::{self, Interrupt, TrainerState};
+use crate::checkpoint::{self, History, Interrupt, TrainerState};
 use crate::plots;
 use crate::report::{bytes, duration, peak_rss_bytes, thousands};
 use crate::train::TrainArgs;
@@ -214,15 +214,7 @@ fn train_loop<B: QuantBackend>(
     let Run { train, pad, config } = *run;
     let mut opt = Adam::<B>::adamw(args.lr)?;
     let interrupt = Interrupt::install();
-    let mut state = TrainerState {
-        evals: vec![(0.0, ppl_before as f32)],
-        arguments: checkpoint::arguments(args),
-        ..TrainerState::default()
-    };
-    if let Some((saved, adam)) = resumed {
-        opt.load_state(b, adam)?;
-        state = saved;
-    }
+    let mut state = checkpoint::start(b, args, &mut opt, ppl_before as f32, resumed)?;
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("  {bar:30} {pos}/{len} steps  loss {msg}  ETA {eta}")
@@ -287,22 +279,17 @@ fn train_loop<B: QuantBackend>(
         let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(step as u64 + 1);
         bar.set_message(format!("{step_loss:.4}  {tps:.0} tok/s"));
-        if checkpoint::due(args, step + 1, &interrupt) {
-            let saved = TrainerState {
-                step: step + 1,
-                adam_step: opt.steps(),
-                losses: losses.clone(),
-                evals: state.evals.clone(),
-                seconds: state.seconds + started.elapsed().as_secs_f64(),
-                arguments: checkpoint::arguments(args),
-            };
-            let dir = checkpoint::save(&args.out, &saved, &opt.state(b)?, |dir| {
+        let history = History {
+            losses: &losses,
+            evals: &state.evals,
+            seconds: state.seconds + started.elapsed().as_secs_f64(),
+        };
+        interrupted =
+            checkpoint::after_step(b, args, (step + 1, &interrupt), &opt, history, |dir| {
                 Ok(peft::save_pretrained(dir, model, b, config)?)
             })?;
-            if interrupt.requested() {
-                interrupted = Some(dir);
-                break;
-            }
+        if interrupted.is_some() {
+            break;
         }
     }
     bar.finish_and_clear();
