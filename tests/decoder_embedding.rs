@@ -115,32 +115,50 @@ fn resaved_adapters_equal_peft_files() {
 }
 
 /// `lora merge` folds LoRA on an embedding and trained token rows into the table as
-/// PEFT's `merge_and_unload()` does.
+/// PEFT's `merge_and_unload()` does, into a plain checkpoint and into a QLoRA (NF4) one,
+/// where the table stays float and the targeted projections are quantized again.
 #[test]
 fn lora_merge_writes_peft_merged_embedding() {
     let b = lora::NdArray::new();
     let tmp = tempfile::tempdir().unwrap();
-    for (case, model_dir) in CASES {
-        let out = tmp.path().join(format!("{case}.safetensors"));
-        lora::peft::merge_checkpoint(
-            &b,
+    for model_dir in ["llama", "qwen2"] {
+        lora::io::quantize_checkpoint(
             &dir(model_dir),
-            &case_dir(case).join("adapter"),
-            lora::DEFAULT_ADAPTER,
-            &out,
-            lora::peft::OutDtype::Keep,
+            &tmp.path().join(format!("{model_dir}-nf4.safetensors")),
+            &lora::quant::QuantConfig::qlora(),
+            &lora::io::QuantTargets::AllLinear,
             &|_, _| {},
         )
         .unwrap();
-        let merged = lora::io::read_safetensors(&out).unwrap();
-        let key = "model.embed_tokens.weight";
-        assert_close_scaled(
-            &format!("{case} merged {key}"),
-            &merged[key].data,
-            &to64(&expected(case)[&format!("merged.{key}")].data),
-            1e-5,
-            1e-6,
-        );
+    }
+    for (case, model_dir) in CASES {
+        let nf4 = tmp.path().join(format!("{model_dir}-nf4.safetensors"));
+        for (base, quantized) in [(dir(model_dir), false), (nf4, true)] {
+            let out = tmp.path().join(format!("{case}-{quantized}.safetensors"));
+            let report = lora::peft::merge_checkpoint(
+                &b,
+                &base,
+                &case_dir(case).join("adapter"),
+                lora::DEFAULT_ADAPTER,
+                &out,
+                lora::peft::OutDtype::Keep,
+                &|_, _| {},
+            )
+            .unwrap();
+            assert_eq!(report.rounding.is_some(), quantized, "{case}");
+            let ck = lora::io::Checkpoint::open(&out).unwrap();
+            assert_eq!(ck.is_quantized().unwrap(), quantized, "{case}");
+            let key = "model.embed_tokens.weight";
+            let tensors = ck.tensors().unwrap();
+            let table = lora::io::decode_f32(tensors[key].dtype, &tensors[key].data).unwrap();
+            assert_close_scaled(
+                &format!("{case} merged {key} (quantized base: {quantized})"),
+                &table,
+                &to64(&expected(case)[&format!("merged.{key}")].data),
+                1e-5,
+                1e-6,
+            );
+        }
     }
 }
 

@@ -162,6 +162,7 @@ pub const CROSS_BACKEND_SUITES: &[&str] = &[
     "attention_op",
     "decoder_half",
     "dora",
+    "dora_nf4",
     "fresh_tensor_ops",
     "decoder_embedding",
     "bert_embedding",

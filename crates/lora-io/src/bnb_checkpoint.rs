@@ -2,7 +2,7 @@
 //! checkpoints in transformers' bitsandbytes layout ([`crate::bnb_format`]).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use lora_core::WeightRounding;
@@ -344,34 +344,46 @@ impl QuantMergeReport {
     }
 }
 
-/// Merges per-module deltas (`module -> [out, in] f32`) into a quantized checkpoint:
-/// dequantize, add, quantize again with the module's own settings. Float `.weight`
-/// tensors of unquantized modules get the delta exactly.
-pub fn merge_into_quantized(
+/// One module's weight as a merge into a quantized checkpoint sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct MergeTarget<'a> {
+    /// The module (the tensor name without `.weight`).
+    pub module: &'a str,
+    /// The weight's logical shape: `[out, in]` for a quantized module, the stored shape
+    /// of a float `.weight` (an embedding table, a layer left unquantized).
+    pub shape: &'a [usize],
+    /// Whether the module is stored quantized (and will be quantized again).
+    pub quantized: bool,
+}
+
+/// Merges into a quantized checkpoint: every module in `targets` has its weight in f32
+/// (dequantized, or decoded for float `.weight` tensors such as embeddings) handed to
+/// `edit`, which returns the merged weight; quantized modules are quantized again with
+/// their own settings and their rounding reported, float ones are stored exactly. Every
+/// module is edited before a byte is written, so an error from `edit` leaves no output.
+pub fn merge_into_quantized<E: From<Error>>(
     ck: &Checkpoint,
-    deltas: &BTreeMap<String, ([usize; 2], Vec<f32>)>,
+    targets: &BTreeSet<String>,
+    mut edit: impl FnMut(MergeTarget<'_>, Vec<f32>) -> std::result::Result<Vec<f32>, E>,
     out: &Path,
-) -> Result<QuantMergeReport> {
+) -> std::result::Result<QuantMergeReport, E> {
     let path = ck.path();
     let tensors = ck.tensors()?;
     let modules = quantized_modules(tensors.keys());
     let mut report = QuantMergeReport::default();
     let mut outputs: BTreeMap<String, RawTensor<'_>> = BTreeMap::new();
-    for (module, (shape, delta)) in deltas {
+    for module in targets {
         if modules.contains_key(module) {
             let q = bnb_format::decode(module, &tensors, &path)?;
             let (o, i) = q.dims();
-            if *shape != [o, i] {
-                return Err(bad(
-                    &path,
-                    format!(
-                        "module {module}: the adapter's delta is {shape:?} but the quantized weight is [{o}, {i}]"
-                    ),
-                ));
-            }
-            let mut exact = q.dequantize();
-            exact.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
-            let merged = q.config().quantize(&exact, &[o, i])?;
+            let target = MergeTarget {
+                module,
+                shape: &[o, i],
+                quantized: true,
+            };
+            let exact = edit(target, q.dequantize())?;
+            check_len(&path, module, exact.len(), o * i)?;
+            let merged = q.config().quantize(&exact, &[o, i]).map_err(Error::from)?;
             let rounding = WeightRounding::between(&merged.dequantize(), &exact);
             outputs.extend(bnb_format::encode(module, &merged));
             report.merged.push((module.clone(), rounding));
@@ -385,17 +397,23 @@ pub fn merge_into_quantized(
                     ),
                 )
             })?;
-            let mut w = decode(&path, &name, t)?;
-            if t.shape != shape {
+            if !is_float(t.dtype) {
                 return Err(bad(
                     &path,
                     format!(
-                        "module {module}: the adapter's delta is {shape:?} but {name} is {:?}",
-                        t.shape
+                        "module {module}: {name} is {:?}, neither a float weight nor a bitsandbytes-quantized one",
+                        t.dtype
                     ),
-                ));
+                )
+                .into());
             }
-            w.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+            let target = MergeTarget {
+                module,
+                shape: &t.shape,
+                quantized: false,
+            };
+            let w = edit(target, decode(&path, &name, t)?)?;
+            check_len(&path, module, w.len(), t.shape.iter().product())?;
             let data = encode_f32(t.dtype, &w).unwrap_or_default();
             outputs.insert(
                 name,
@@ -417,4 +435,15 @@ pub fn merge_into_quantized(
     }
     write_raw(out, &outputs, ck.metadata()?)?;
     Ok(report)
+}
+
+/// A merged weight must keep its element count (the edit changes values, not shapes).
+fn check_len(path: &str, module: &str, got: usize, want: usize) -> Result<()> {
+    match got == want {
+        true => Ok(()),
+        false => Err(bad(
+            path,
+            format!("module {module}: the merged weight has {got} values, the base {want}"),
+        )),
+    }
 }

@@ -23,7 +23,7 @@ pub mod fs;
 pub mod safetensors_file;
 
 pub use bnb_checkpoint::{
-    ModuleSelector, QuantMergeReport, QuantSummary, QuantTargets, QuantizeReport,
+    MergeTarget, ModuleSelector, QuantMergeReport, QuantSummary, QuantTargets, QuantizeReport,
     dequantize_checkpoint, is_quantized_checkpoint, merge_into_quantized, quant_summary,
     quantize_checkpoint,
 };

@@ -3,13 +3,15 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use lora_core::{DEFAULT_ADAPTER, HostTensor, LoraOps, WeightRounding};
 use lora_io::fs::PendingFile;
 use lora_io::serialize_to_writer;
-use lora_io::{Checkpoint, MappedFile, decode_f32, encode_f32, is_float, merge_into_quantized};
+use lora_io::{
+    Checkpoint, MappedFile, MergeTarget, decode_f32, encode_f32, is_float, merge_into_quantized,
+};
 use safetensors::{Dtype, View};
 
 use crate::adapter_file::{
@@ -113,56 +115,63 @@ struct WriteState<'a> {
 }
 
 impl<B: LoraOps> OutTensor<'_, B> {
-    /// `W + s·B·A` (transposed for `fan_in_fan_out`) with the trained token rows in place,
-    /// in f32.
+    /// The merged tensor in f32; the largest change is recorded for the report.
     fn merged(&self, src: &[u8]) -> lora_core::Result<Vec<f32>> {
-        let mut w = match self.merge {
-            Some(f) => self.merged_lora(f, src)?,
-            None => decode_f32(self.src_dtype, src).unwrap_or_default(),
-        };
-        if let Some(t) = self.rows {
-            let dim = t.rows.shape[1];
-            let mut max = 0.0f32;
-            for (&i, row) in t.indices.iter().zip(t.rows.data.chunks_exact(dim)) {
-                let dst = &mut w[i * dim..(i + 1) * dim];
-                max = dst
-                    .iter()
-                    .zip(row)
-                    .fold(max, |m, (a, b)| m.max((a - b).abs()));
-                dst.copy_from_slice(row);
-            }
-            let mut st = self.state.borrow_mut();
-            st.max_abs_delta = st.max_abs_delta.max(max);
-        }
-        Ok(w)
-    }
-
-    /// `W + s·B·A` (transposed for `fan_in_fan_out`) in f32.
-    fn merged_lora(&self, f: &Factors, src: &[u8]) -> lora_core::Result<Vec<f32>> {
-        let be = self.backend;
-        let a = f.a.to_backend(be)?;
-        let b = f.b.to_backend(be)?;
-        let delta = be.lora_delta_weight(&a, &b, f.scaling, self.transpose_delta)?;
-        let delta = be.to_host(&delta)?;
-        let mut w = decode_f32(self.src_dtype, src).unwrap_or_default();
-        let mut max = 0.0f32;
-        for (w, d) in w.iter_mut().zip(&delta) {
-            *w += d;
-            max = max.max(d.abs());
-        }
-        if let Some(m) = &f.magnitude {
-            max = max.max(dora_rescale(
-                &mut w,
-                &m.data,
-                f.magnitude_per_column,
-                src,
-                self.src_dtype,
-            ));
-        }
+        let base = decode_f32(self.src_dtype, src).unwrap_or_default();
+        let (w, max) = merged_weight(
+            self.backend,
+            self.merge,
+            self.rows,
+            self.transpose_delta,
+            base,
+        )?;
         let mut st = self.state.borrow_mut();
         st.max_abs_delta = st.max_abs_delta.max(max);
         Ok(w)
     }
+}
+
+/// `W + s·B·A` (the delta transposed for `fan_in_fan_out` and embedding tables), DoRA's
+/// rescaling by `m / ‖W + s·BA‖`, then the trained token rows in place, all in f32 over the
+/// decoded (or dequantized) base `w`. Returns the merged weight and its largest change.
+fn merged_weight<B: LoraOps>(
+    backend: &B,
+    factors: Option<&Factors>,
+    rows: Option<&TokenRows>,
+    transpose_delta: bool,
+    mut w: Vec<f32>,
+) -> lora_core::Result<(Vec<f32>, f32)> {
+    let mut max = 0.0f32;
+    if let Some(f) = factors {
+        let a = f.a.to_backend(backend)?;
+        let b = f.b.to_backend(backend)?;
+        let delta = backend.lora_delta_weight(&a, &b, f.scaling, transpose_delta)?;
+        let delta = backend.to_host(&delta)?;
+        let base = f.magnitude.as_ref().map(|_| w.clone());
+        for (w, d) in w.iter_mut().zip(&delta) {
+            *w += d;
+            max = max.max(d.abs());
+        }
+        if let (Some(m), Some(base)) = (&f.magnitude, base) {
+            dora_rescale(&mut w, &m.data, f.magnitude_per_column);
+            max = w
+                .iter()
+                .zip(&base)
+                .fold(max, |acc, (n, o)| acc.max((n - o).abs()));
+        }
+    }
+    if let Some(t) = rows {
+        let dim = t.rows.shape[1];
+        for (&i, row) in t.indices.iter().zip(t.rows.data.chunks_exact(dim)) {
+            let dst = &mut w[i * dim..(i + 1) * dim];
+            max = dst
+                .iter()
+                .zip(row)
+                .fold(max, |m, (a, b)| m.max((a - b).abs()));
+            dst.copy_from_slice(row);
+        }
+    }
+    Ok((w, max))
 }
 
 impl<B: LoraOps> View for &OutTensor<'_, B> {
@@ -252,15 +261,16 @@ pub fn merge_checkpoint<B: LoraOps>(
         &config,
         token_rows(&adapter_tensors, adapter_name),
     )?;
-    if ckpt.is_quantized()? && !token_merges.is_empty() {
-        return Err(PeftError::Unsupported {
-            field: "trainable_token_indices",
-            value: format!("{:?}", config.trainable_token_indices),
-            reason: "merging trained token rows into a bitsandbytes-quantized checkpoint is not implemented".into(),
-        });
-    }
     if ckpt.is_quantized()? {
-        return merge_quantized(backend, &ckpt, &config, modules, adapter_name, out);
+        return merge_quantized(
+            backend,
+            &ckpt,
+            &config,
+            modules,
+            token_merges,
+            &weights_path,
+            out,
+        );
     }
     let factors = checked_factors(&ckpt, base, &weights_path, &config, modules)?;
     let locations = ckpt.locations()?;
@@ -330,16 +340,7 @@ fn checked_factors(
 ) -> Result<BTreeMap<String, Factors>> {
     let tensors = ckpt.tensors()?;
     let mut factors: BTreeMap<String, Factors> = BTreeMap::new();
-    for (
-        module,
-        ModuleTensors {
-            a,
-            b,
-            magnitude,
-            embedding,
-        },
-    ) in modules
-    {
+    for (module, t) in modules {
         let key = format!("{module}.weight");
         let view = tensors.get(&key).ok_or_else(|| PeftError::Format {
             path: base.display().to_string(),
@@ -347,54 +348,72 @@ fn checked_factors(
                 "the adapter targets module {module}, but the base has no tensor {key}"
             ),
         })?;
-        let wshape = view.shape.as_slice();
-        let bad = |reason: String| PeftError::Format {
-            path: weights_path.display().to_string(),
-            reason,
-        };
         if !is_float(view.dtype) {
-            return Err(bad(format!(
-                "base tensor {key} has dtype {:?}; only F32, F16 and BF16 weights can be merged",
-                view.dtype
-            )));
+            return Err(PeftError::Format {
+                path: weights_path.display().to_string(),
+                reason: format!(
+                    "base tensor {key} has dtype {:?}; only F32, F16 and BF16 weights can be merged",
+                    view.dtype
+                ),
+            });
         }
-        let (out_f, in_f) = match (wshape, config.fan_in_fan_out) {
-            ([o, i], false) => (*o, *i),
-            ([i, o], true) => (*o, *i),
-            _ => {
-                return Err(bad(format!(
-                    "base tensor {key} has shape {wshape:?}; a linear weight is 2-D"
-                )));
-            }
-        };
-        if a.shape.len() != 2 || a.shape[1] != in_f || b.shape != [out_f, a.shape[0]] {
-            return Err(bad(format!(
-                "module {module}: lora_A {:?} and lora_B {:?} do not fit base {key} {wshape:?} (expected lora_A [r, {in_f}], lora_B [{out_f}, r])",
-                a.shape, b.shape
-            )));
-        }
-        let magnitude_len = if embedding { in_f } else { out_f };
-        if let Some(m) = &magnitude
-            && m.shape != [magnitude_len]
-        {
-            return Err(bad(format!(
-                "module {module}: lora_magnitude_vector {:?} does not fit base {key} {wshape:?} (expected [{magnitude_len}])",
-                m.shape
-            )));
-        }
-        let scaling = config.spec_for(&module, 0)?.scaling();
-        factors.insert(
-            key,
-            Factors {
-                a,
-                b,
-                scaling,
-                magnitude,
-                magnitude_per_column: config.fan_in_fan_out || embedding,
-            },
-        );
+        let f = module_factors(&module, t, &view.shape, config, weights_path)?;
+        factors.insert(key, f);
     }
     Ok(factors)
+}
+
+/// One module's factors checked against its base weight's shape (`[out, in]`, `[in, out]`
+/// for `fan_in_fan_out`, `[vocab, dim]` for an embedding table).
+fn module_factors(
+    module: &str,
+    tensors: ModuleTensors,
+    wshape: &[usize],
+    config: &LoraConfig,
+    weights_path: &Path,
+) -> Result<Factors> {
+    let ModuleTensors {
+        a,
+        b,
+        magnitude,
+        embedding,
+    } = tensors;
+    let key = format!("{module}.weight");
+    let bad = |reason: String| PeftError::Format {
+        path: weights_path.display().to_string(),
+        reason,
+    };
+    let (out_f, in_f) = match (wshape, config.fan_in_fan_out) {
+        ([o, i], false) => (*o, *i),
+        ([i, o], true) => (*o, *i),
+        _ => {
+            return Err(bad(format!(
+                "base tensor {key} has shape {wshape:?}; a linear weight is 2-D"
+            )));
+        }
+    };
+    if a.shape.len() != 2 || a.shape[1] != in_f || b.shape != [out_f, a.shape[0]] {
+        return Err(bad(format!(
+            "module {module}: lora_A {:?} and lora_B {:?} do not fit base {key} {wshape:?} (expected lora_A [r, {in_f}], lora_B [{out_f}, r])",
+            a.shape, b.shape
+        )));
+    }
+    let magnitude_len = if embedding { in_f } else { out_f };
+    if let Some(m) = &magnitude
+        && m.shape != [magnitude_len]
+    {
+        return Err(bad(format!(
+            "module {module}: lora_magnitude_vector {:?} does not fit base {key} {wshape:?} (expected [{magnitude_len}])",
+            m.shape
+        )));
+    }
+    Ok(Factors {
+        a,
+        b,
+        scaling: config.spec_for(module, 0)?.scaling(),
+        magnitude,
+        magnitude_per_column: config.fan_in_fan_out || embedding,
+    })
 }
 
 /// Serializes the planned tensors into a pending output for `out` (each tensor's bytes
@@ -430,52 +449,66 @@ fn write_streamed<B: LoraOps>(
 }
 
 /// `lora merge` into a bitsandbytes-quantized base: each targeted module is dequantized,
-/// merged in f32 and quantized again with its own settings; the report carries the
+/// merged in f32 (LoRA, DoRA's rescaling from the dequantized weight's norm, as PEFT's
+/// `bnb.Linear4bit.merge`) and quantized again with its own settings; float tables
+/// (embeddings) take their LoRA delta and token rows exactly. The report carries the
 /// rounding against the exact merge.
 fn merge_quantized<B: LoraOps>(
     backend: &B,
     base: &Checkpoint,
     config: &LoraConfig,
-    modules: BTreeMap<String, ModuleTensors>,
-    adapter_name: &str,
+    mut modules: BTreeMap<String, ModuleTensors>,
+    token_merges: BTreeMap<String, TokenRows>,
+    weights_path: &Path,
     out: &Path,
 ) -> Result<MergeReport> {
-    if let Some((module, _)) = modules.iter().find(|(_, t)| t.magnitude.is_some()) {
-        return Err(PeftError::Unsupported {
-            field: "use_dora",
-            value: "true".into(),
-            reason: format!(
-                "module {module}: merging a DoRA adapter into a bitsandbytes-quantized checkpoint file is not implemented (dequantize it first, or merge in the library: LoraLinear::merge)"
-            ),
-        });
-    }
-    if config.fan_in_fan_out {
-        return Err(PeftError::Unsupported {
-            field: "fan_in_fan_out",
-            value: "true".into(),
-            reason: "bitsandbytes-quantized layers are nn.Linear ([out, in]); Conv1D bases are not quantized".into(),
-        });
-    }
-    let mut deltas = BTreeMap::new();
+    let rows_of = |module: &str| token_merges.get(&format!("{module}.weight"));
+    let targets: BTreeSet<String> = modules
+        .keys()
+        .cloned()
+        .chain(
+            token_merges
+                .keys()
+                .map(|k| k.strip_suffix(".weight").unwrap_or(k).to_string()),
+        )
+        .collect();
     let mut max_abs_delta = 0.0f32;
-    for (module, ModuleTensors { a, b, .. }) in modules {
-        if a.shape.len() != 2 || b.shape.len() != 2 || b.shape[1] != a.shape[0] {
-            return Err(PeftError::Format {
-                path: adapter_name.to_string(),
-                reason: format!(
-                    "module {module}: lora_A {:?} and lora_B {:?} do not chain",
-                    a.shape, b.shape
-                ),
-            });
-        }
-        let scaling = config.spec_for(&module, 0)?.scaling();
-        let (out_f, in_f) = (b.shape[0], a.shape[1]);
-        let (ta, tb) = (a.to_backend(backend)?, b.to_backend(backend)?);
-        let delta = backend.to_host(&backend.lora_delta_weight(&ta, &tb, scaling, false)?)?;
-        max_abs_delta = delta.iter().fold(max_abs_delta, |m, d| m.max(d.abs()));
-        deltas.insert(module, ([out_f, in_f], delta));
-    }
-    let q = merge_into_quantized(base, &deltas, out)?;
+    let q = merge_into_quantized(
+        base,
+        &targets,
+        |target: MergeTarget<'_>, w: Vec<f32>| -> Result<Vec<f32>> {
+            let module = target.module;
+            if target.quantized && config.fan_in_fan_out {
+                return Err(PeftError::Unsupported {
+                    field: "fan_in_fan_out",
+                    value: "true".into(),
+                    reason: format!(
+                        "module {module}: bitsandbytes-quantized layers are nn.Linear ([out, in]); Conv1D bases are not quantized"
+                    ),
+                });
+            }
+            let factors = match modules.remove(module) {
+                Some(t) => Some(module_factors(
+                    module,
+                    t,
+                    target.shape,
+                    config,
+                    weights_path,
+                )?),
+                None => None,
+            };
+            let (merged, max) = merged_weight(
+                backend,
+                factors.as_ref(),
+                rows_of(module),
+                config.fan_in_fan_out,
+                w,
+            )?;
+            max_abs_delta = max_abs_delta.max(max);
+            Ok(merged)
+        },
+        out,
+    )?;
     Ok(MergeReport {
         merged: q
             .merged
@@ -491,12 +524,12 @@ fn merge_quantized<B: LoraOps>(
 }
 
 /// DoRA's merge on the host: `w` holds `W + s·BA`; each output feature `j` (a row of
-/// `[out, in]`, or a column when `fan_in_fan_out`) is scaled by `m_j / ‖W_j + s·(BA)_j‖`.
-/// Returns the largest change from the base weight (decoded again from `src`).
-fn dora_rescale(w: &mut [f32], m: &[f32], fan_in_fan_out: bool, src: &[u8], dtype: Dtype) -> f32 {
+/// `[out, in]`, or a column when `fan_in_fan_out` or for an embedding table) is scaled by
+/// `m_j / ‖W_j + s·(BA)_j‖`.
+fn dora_rescale(w: &mut [f32], m: &[f32], per_column: bool) {
     let out_f = m.len().max(1);
     let in_f = w.len() / out_f;
-    let at = |j: usize, k: usize| match fan_in_fan_out {
+    let at = |j: usize, k: usize| match per_column {
         false => j * in_f + k,
         true => k * out_f + j,
     };
@@ -510,8 +543,4 @@ fn dora_rescale(w: &mut [f32], m: &[f32], fan_in_fan_out: bool, src: &[u8], dtyp
             w[at(j, k)] *= factor;
         }
     }
-    let base = decode_f32(dtype, src).unwrap_or_default();
-    w.iter()
-        .zip(&base)
-        .fold(0.0f32, |acc, (n, o)| acc.max((n - o).abs()))
 }
