@@ -156,6 +156,7 @@ fn bench_backend<B: FullBackend>(
 }
 
 fn bench(c: &mut Criterion) {
+    lora_benches::keep_freed_memory();
     let mut results = BTreeMap::new();
     bench_backend(c, &NdArray::new(), &mut results);
     #[cfg(feature = "tch")]

@@ -156,7 +156,7 @@ fn check_dropout_gradients<B: lora::FullBackend>(b: &B) {
     let mut y = base.forward(b, &x).unwrap();
     a.forward(b, &base, &x, &mut y, Mode::Train).unwrap();
     assert!(
-        a.base_output_gain().is_none(),
+        a.base_output_grad(b, &g).unwrap().is_none(),
         "dropout: the base term is recomputed inside the adapter"
     );
     let mut dx = base.backward(b, &g).unwrap();
@@ -348,4 +348,33 @@ fn dora_on_a_quantized_base_equals_dora_on_its_dequantized_weights() {
             1e-6,
         );
     }
+}
+
+/// PEFT's DoRA rescales the running output (earlier adapters' terms included), so several
+/// active adapters' gradients would chain through each other's scales. Training DoRA with
+/// another adapter active is refused with the layer's and the adapter's names; the forward
+/// (inference with several adapters) stays allowed.
+#[test]
+fn dora_training_with_another_active_adapter_is_refused() {
+    use lora::Backend;
+    let b = lora::NdArray::new();
+    let w = b.from_host(&rand_vec(8 * 5, 3, 1), &[8, 5]).unwrap();
+    let base = lora::DenseLinear::new(w, None).unwrap();
+    let mut layer = lora::LoraLinear::new("proj", Box::new(base));
+    let spec = LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        init: lora::LoraInit::Random,
+        ..LoraSpec::default()
+    };
+    layer.add_lora(&b, "plain", &spec).unwrap();
+    layer.add_dora(&b, "dora", &spec).unwrap();
+    layer.set_active_adapters(&["plain", "dora"]).unwrap();
+    let x = b.from_host(&rand_vec(4 * 5, 3, 3), &[4, 5]).unwrap();
+    let y = layer.forward(&b, &x, Mode::Train).unwrap();
+    let e = layer.backward(&b, &y).unwrap_err().to_string();
+    assert!(e.contains("proj") && e.contains("dora"), "{e}");
+    layer.set_active_adapters(&["dora"]).unwrap();
+    let y = layer.forward(&b, &x, Mode::Train).unwrap();
+    layer.backward(&b, &y).unwrap();
 }

@@ -53,12 +53,15 @@ pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
     /// The frozen base layer was replaced or its weight changed (merge, unmerge,
     /// quantization): drop whatever was derived from it.
     fn base_changed(&mut self) {}
-    /// After a training forward: how much of the output gradient, per output feature, flows
-    /// through the base layer on top of the gradient itself (`None`: nothing). DoRA scales
-    /// the base output by `m / ‖W + ΔW‖ - 1` more, so the layer's backward multiplies the
-    /// gradient it sends through the base by `1 + gain` (one product, not two).
-    fn base_output_gain(&self) -> Option<&B::Tensor> {
-        None
+    /// After a training forward: the gradient the base layer's output takes when this
+    /// adapter rescales it (`None`: the base output passes through unscaled, so the base
+    /// sees `dy` itself). DoRA multiplies the base output by `m / ‖W + ΔW‖` and returns
+    /// `dy ⊙ m / ‖·‖`, computing its magnitude gradient's reduction in the same pass; the
+    /// layer then sends that through the base (one product, not a second one inside the
+    /// adapter).
+    fn base_output_grad(&mut self, backend: &B, dy: &B::Tensor) -> Result<Option<B::Tensor>> {
+        let _ = (backend, dy);
+        Ok(None)
     }
     /// The dense `[out, in]` weight update this adapter is equivalent to.
     fn delta_weight(&self, backend: &B) -> Result<B::Tensor>;

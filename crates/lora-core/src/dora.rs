@@ -41,8 +41,9 @@ struct Saved<T> {
     /// `m / ‖W + s·BA‖` and the norm, `[out]`.
     scale: T,
     norm: T,
-    /// `scale - 1`, the extra gradient the base output takes (no dropout only).
-    gain: Option<T>,
+    /// `Σ_rows dy ⊙ u`, when the layer's backward had it computed with the base output's
+    /// gradient ([`Adapter::base_output_grad`], no dropout only).
+    numer: Option<T>,
     /// The direction term `x Wᵀ + s·x Aᵀ Bᵀ` (dropped input for both under dropout).
     u: T,
     /// `(x ⊙ mask) Aᵀ` and the mask.
@@ -243,14 +244,10 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         match mode {
             Mode::Train => {
                 self.eval_norm = None;
-                let gain = match mask {
-                    None => Some(backend.affine(&scale, 1.0, -1.0)?),
-                    Some(_) => None,
-                };
                 self.saved = Some(Saved {
                     scale,
                     norm,
-                    gain,
+                    numer: None,
                     u,
                     h,
                     mask,
@@ -269,8 +266,16 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         self.eval_norm = None;
     }
 
-    fn base_output_gain(&self) -> Option<&B::Tensor> {
-        self.saved.as_ref().and_then(|s| s.gain.as_ref())
+    /// Without dropout the base output is rescaled too: the base takes `dy ⊙ scale`, and
+    /// the same pass over `dy` reduces the magnitude gradient's numerator. (Under dropout
+    /// the base term is recomputed inside the adapter, which backpropagates it itself.)
+    fn base_output_grad(&mut self, backend: &B, dy: &B::Tensor) -> Result<Option<B::Tensor>> {
+        let Some(saved) = self.saved.as_mut().filter(|s| s.mask.is_none()) else {
+            return Ok(None);
+        };
+        let (numer, dy_base) = backend.dora_backward_terms(dy, &saved.u, &saved.scale)?;
+        saved.numer = Some(numer);
+        Ok(Some(dy_base))
     }
 
     fn backward(
@@ -288,16 +293,23 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
             )
         })?;
         // dm = Σ_rows dy ⊙ u / ‖·‖ (the norm is a constant).
-        let (numer, dy_lora) = backend.dora_backward_terms(dy, &saved.u, &saved.scale)?;
+        let numer = match saved.numer {
+            Some(n) => n,
+            None => backend.dora_magnitude_numerator(dy, &saved.u)?,
+        };
         let d_m = backend.binary(BinaryOp::Div, &numer, &saved.norm)?;
+        // The LoRA term's gradient is `dy ⊙ scale` ([tokens, out]). It is never formed: the
+        // scale goes into B instead, `(dy ⊙ scale) B = dy (scale ⊙ B)` by rows, and
+        // `dB = scale ⊙ (s·dyᵀ H)`, both `[out, r]`.
+        let b_scaled = scale_rows(backend, &self.b, &saved.scale)?;
         let lora = backend.lora_backward(
             x,
             &self.a,
-            &self.b,
+            &b_scaled,
             self.scaling,
             saved.mask.as_ref(),
             &saved.h,
-            &dy_lora,
+            dy,
             dx,
         )?;
         // Under dropout the base term was recomputed on the dropped input: its gradient
@@ -309,7 +321,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         }
         self.grads = Some(Grads {
             d_a: lora.d_a,
-            d_b: lora.d_b,
+            d_b: scale_rows(backend, &lora.d_b, &saved.scale)?,
             d_m,
         });
         Ok(())

@@ -416,23 +416,33 @@ impl<B: LoraOps> LoraLinear<B> {
             ));
         }
         let run = self.adapters_run();
-        // DoRA rescales the base output: the base then sees `dy ⊙ (1 + Σ gain)`, one pass.
-        let mut total_gain: Option<B::Tensor> = None;
-        for (name, adapter) in &self.adapters {
-            let gain = match run && self.active.contains(name) {
-                true => adapter.base_output_gain(),
-                false => None,
-            };
-            if let Some(gain) = gain {
-                match &mut total_gain {
-                    None => total_gain = Some(backend.affine(gain, 1.0, 1.0)?),
-                    Some(t) => backend.axpby(1.0, gain, 1.0, t)?,
+        // DoRA rescales the base output: the base then sees `dy ⊙ scale`.
+        let mut dy_base: Option<B::Tensor> = None;
+        if run {
+            let active = (self.adapters.iter())
+                .filter(|(n, _)| self.active.contains(n))
+                .count();
+            for (name, adapter) in self.adapters.iter_mut() {
+                if !self.active.contains(name) {
+                    continue;
+                }
+                if let Some(g) = adapter.base_output_grad(backend, dy)? {
+                    if active > 1 {
+                        // PEFT's DoRA rescales the running output, earlier adapters' terms
+                        // included, so the adapters' gradients would chain; PEFT trains one
+                        // adapter at a time, and so does this.
+                        return Err(Error::state(
+                            format!("{} backward", self.name),
+                            format!(
+                                "adapter {name} (DoRA) is trained with {} other active adapters; activate one adapter to train DoRA",
+                                active - 1
+                            ),
+                        ));
+                    }
+                    dy_base = Some(g);
                 }
             }
         }
-        let dy_base = total_gain
-            .map(|g| backend.scale_features(dy, &g))
-            .transpose()?;
         let mut dx = self
             .base
             .backward(backend, dy_base.as_ref().unwrap_or(dy))?;

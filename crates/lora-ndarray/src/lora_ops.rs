@@ -1,5 +1,5 @@
 //! LoRA-level operations fused on ndarray: DoRA's per-feature scaling, output and backward
-//! terms in one pass each (the defaults in `lora_core::ops::LoraOps` take several).
+//! backward terms in one pass each (the defaults in `lora_core::ops::LoraOps` take several).
 
 use lora_core::backend::check_row_broadcast;
 use lora_core::{LoraOps, Result, Tensor};
@@ -100,5 +100,35 @@ impl LoraOps for NdArray {
             NdTensor::from_vec(numer, &[cols])?,
             NdTensor::from_vec(scaled, dy.shape().dims())?,
         ))
+    }
+
+    fn dora_magnitude_numerator(&self, dy: &NdTensor, u: &NdTensor) -> Result<NdTensor> {
+        lora_core::backend::check_same_shape(
+            "dora_magnitude_numerator dy vs u",
+            dy.shape(),
+            u.shape(),
+        )?;
+        let cols = dy.shape().dims().last().copied().unwrap_or(1);
+        // Column sums per block of rows, then added in block order (deterministic).
+        let block = 256 * cols.max(1);
+        let partial: Vec<Vec<f32>> = dy
+            .as_slice()
+            .par_chunks(block)
+            .zip(u.as_slice().par_chunks(block))
+            .map(|(g, u)| {
+                let mut sums = vec![0.0f32; cols];
+                for (g, u) in g.chunks(cols).zip(u.chunks(cols)) {
+                    for ((g, u), acc) in g.iter().zip(u).zip(&mut sums) {
+                        *acc += g * u;
+                    }
+                }
+                sums
+            })
+            .collect();
+        let mut numer = vec![0.0f32; cols];
+        for p in partial {
+            numer.iter_mut().zip(p).for_each(|(n, p)| *n += p);
+        }
+        NdTensor::from_vec(numer, &[cols])
     }
 }

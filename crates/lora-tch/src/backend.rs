@@ -8,9 +8,7 @@ use lora_core::backend::{
     check_layer_norm_backward, check_permute, check_reshape, check_row_broadcast, check_rows,
     check_same_shape, check_scatter_add, check_softmax_mask,
 };
-use lora_core::{
-    Backend, BinaryOp, Error, LoraGrads, LoraOps, OptimOps, Result, Tensor, Transpose, UnaryOp,
-};
+use lora_core::{Backend, BinaryOp, Error, OptimOps, Result, Tensor, Transpose, UnaryOp};
 use tch::{Device, Kind};
 
 use crate::tensor::{TchTensor, tch_err};
@@ -55,7 +53,7 @@ impl Tch {
     }
 
     /// The `[rows, cols]` view of a tensor.
-    fn matrix(t: &TchTensor) -> Result<tch::Tensor> {
+    pub(crate) fn matrix(t: &TchTensor) -> Result<tch::Tensor> {
         let (r, c) = t.shape().as_matrix();
         t.inner().f_reshape([r as i64, c as i64]).map_err(tch_err)
     }
@@ -453,106 +451,6 @@ impl Backend for Tch {
 
 /// The LoRA forward and backward as libtorch `mm` / fused `addmm_` calls straight into the
 /// output and input-gradient buffers (`y += (s·H) Bᵀ`, `dx += (s·G B) A`).
-impl LoraOps for Tch {
-    fn lora_forward(
-        &self,
-        x: &TchTensor,
-        a: &TchTensor,
-        b: &TchTensor,
-        scaling: f32,
-        mask: Option<&TchTensor>,
-        y: &mut TchTensor,
-    ) -> Result<TchTensor> {
-        let xm = Self::matrix(x)?;
-        let x_lora = match mask {
-            Some(m) => xm.f_mul(&Self::matrix(m)?).map_err(tch_err)?,
-            None => xm,
-        };
-        let h = x_lora
-            .f_mm(&a.inner().f_transpose(0, 1).map_err(tch_err)?)
-            .map_err(tch_err)?;
-        let hs = h.f_mul_scalar(f64::from(scaling)).map_err(tch_err)?;
-        let (rows, out_f) = y.shape().as_matrix();
-        let bt = b.inner().f_transpose(0, 1).map_err(tch_err)?;
-        let mut view = y
-            .make_mut()?
-            .f_view([rows as i64, out_f as i64])
-            .map_err(tch_err)?;
-        let _ = view.f_addmm_(&hs, &bt).map_err(tch_err)?;
-        TchTensor::new(h)
-    }
-
-    /// The backward as three `mm`s and one `addmm_` into `dx`, the scaling applied to the
-    /// small `[n, r]` factors rather than to the products.
-    fn lora_backward(
-        &self,
-        x: &TchTensor,
-        a: &TchTensor,
-        b: &TchTensor,
-        scaling: f32,
-        mask: Option<&TchTensor>,
-        h: &TchTensor,
-        dy: &TchTensor,
-        dx: &mut TchTensor,
-    ) -> Result<LoraGrads<TchTensor>> {
-        let s = f64::from(scaling);
-        let dym = Self::matrix(dy)?;
-        let xm = Self::matrix(x)?;
-        let x_lora = match mask {
-            Some(m) => xm.f_mul(&Self::matrix(m)?).map_err(tch_err)?,
-            None => xm,
-        };
-        let hs = Self::matrix(h)?.f_mul_scalar(s).map_err(tch_err)?;
-        let d_b = dym
-            .f_transpose(0, 1)
-            .and_then(|t| t.f_mm(&hs))
-            .map_err(tch_err)?;
-        let gbs = dym
-            .f_mm(b.inner())
-            .and_then(|g| g.f_mul_scalar(s))
-            .map_err(tch_err)?;
-        let d_a = gbs
-            .f_transpose(0, 1)
-            .and_then(|t| t.f_mm(&x_lora))
-            .map_err(tch_err)?;
-        Self::accumulate_dx(dx, &gbs, a, mask)?;
-        Ok(LoraGrads {
-            d_a: TchTensor::new(d_a)?,
-            d_b: TchTensor::new(d_b)?,
-        })
-    }
-}
-
-impl Tch {
-    /// `dx += (s·G B) A`, masked when dropout was on; `dx` already holds the base's part.
-    fn accumulate_dx(
-        dx: &mut TchTensor,
-        gbs: &tch::Tensor,
-        a: &TchTensor,
-        mask: Option<&TchTensor>,
-    ) -> Result<()> {
-        let (rows, in_f) = dx.shape().as_matrix();
-        let mut view = dx
-            .make_mut()?
-            .f_view([rows as i64, in_f as i64])
-            .map_err(tch_err)?;
-        match mask {
-            None => {
-                let _ = view.f_addmm_(gbs, a.inner()).map_err(tch_err)?;
-            }
-            Some(m) => {
-                let mm = Self::matrix(m)?;
-                let part = gbs
-                    .f_mm(a.inner())
-                    .and_then(|p| p.f_mul(&mm))
-                    .map_err(tch_err)?;
-                let _ = view.f_add_(&part).map_err(tch_err)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Optimizer steps: the reference defaults (torch's fused Adam would need its own state
 /// layout; the adapter tensors are small).
 impl OptimOps for Tch {}

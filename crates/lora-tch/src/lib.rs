@@ -12,6 +12,7 @@
 //! (`cargo xtask test` does both).
 
 mod backend;
+mod lora_ops;
 mod tensor;
 
 pub use backend::Tch;

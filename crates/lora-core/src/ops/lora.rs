@@ -68,16 +68,27 @@ pub trait LoraOps: Backend {
     }
 
     /// DoRA's backward terms: `(Σ_rows dy ⊙ u, dy ⊙ scale)`, the magnitude gradient's
-    /// numerator (`[out]`) and the gradient of the LoRA term. The default composes
-    /// primitives; a backend fuses it into one pass.
+    /// numerator (`[out]`) and the gradient of the rescaled base output. The default
+    /// composes primitives; a backend fuses it into one pass.
     fn dora_backward_terms(
         &self,
         dy: &Self::Tensor,
         u: &Self::Tensor,
         scale: &Self::Tensor,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
-        let numer = self.sum_rows(&self.binary(BinaryOp::Mul, dy, u)?)?;
+        let numer = self.dora_magnitude_numerator(dy, u)?;
         Ok((numer, self.scale_features(dy, scale)?))
+    }
+
+    /// The numerator of DoRA's magnitude gradient alone, `Σ_rows dy ⊙ u` (`[out]`; the
+    /// dropout path, where the base term is recomputed inside the adapter). The default
+    /// forms the product; a backend reduces it in one pass without writing it.
+    fn dora_magnitude_numerator(
+        &self,
+        dy: &Self::Tensor,
+        u: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        self.sum_rows(&self.binary(BinaryOp::Mul, dy, u)?)
     }
 
     /// Accumulates the LoRA term into `y` (which already holds the base output) and
