@@ -97,10 +97,12 @@ impl LoraOps for Tch {
             }
             None => y.inner().shallow_clone(),
         };
-        let mut out = u.f_mul(scale.inner()).map_err(tch_err)?;
-        if let Some(b) = bias {
-            let _ = out.f_add_(b.inner()).map_err(tch_err)?;
+        // bias + u ⊙ scale in one op.
+        let out = match bias {
+            Some(b) => b.inner().f_addcmul(&u, scale.inner()),
+            None => u.f_mul(scale.inner()),
         }
+        .map_err(tch_err)?;
         *y = TchTensor::new(out)?;
         TchTensor::new(u)
     }
