@@ -291,12 +291,32 @@ fn decode_four_bit(
     }
     lora_quant::four_bit::check_blocksize(json.blocksize)
         .map_err(|e| bad(path, format!("tensor {state_name}: {e}")))?;
-    let n: usize = json.shape.iter().product();
+    if !["float32", "float16", "bfloat16"].contains(&json.dtype.as_str()) {
+        return Err(bad(
+            path,
+            format!(
+                "tensor {state_name}: dtype {:?} is not a bitsandbytes compute dtype (float32, float16, bfloat16)",
+                json.dtype
+            ),
+        ));
+    }
+    if json.nested_blocksize == Some(0) {
+        return Err(bad(
+            path,
+            format!("tensor {state_name}: nested_blocksize must be at least 1"),
+        ));
+    }
+    // A shape is a claim: its product may overflow (checked before anything is sized by it).
+    let n = json
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .unwrap_or(0);
     if json.shape.len() != 2 || n == 0 {
         return Err(bad(
             path,
             format!(
-                "tensor {state_name}: shape {:?} is not a 2-D linear weight",
+                "tensor {state_name}: shape {:?} is not a 2-D linear weight of representable size",
                 json.shape
             ),
         ));

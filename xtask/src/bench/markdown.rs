@@ -70,9 +70,13 @@ fn fma_peak_text(fma: &FmaPeak) -> String {
         return "not measured".into();
     };
     match fma.isa.as_deref() {
-        Some(isa) => format!("{p:.1} GFLOP/s ({isa}; all threads, 12 independent FMA chains each, best of 3)"),
+        Some(isa) => format!(
+            "{p:.1} GFLOP/s ({isa}; all threads, 12 independent FMA chains each, best of 3)"
+        ),
         // Files from before the ISA was recorded: the peak was AVX2 only then.
-        None => format!("{p:.1} GFLOP/s (all threads, 12 independent AVX2 FMA chains each, best of 3)"),
+        None => {
+            format!("{p:.1} GFLOP/s (all threads, 12 independent AVX2 FMA chains each, best of 3)")
+        }
     }
 }
 

@@ -238,7 +238,9 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
             norm: w.norm(backend, "embeddings.LayerNorm", h)?,
             saved: None,
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Not `with_capacity(num_hidden_layers)`: the count is a claim of config.json, checked
+        // layer by layer against the checkpoint below.
+        let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
             layers.push(BertLayer {

@@ -198,6 +198,26 @@ impl DecoderConfig {
                 format!("{head_dim}: rotary embedding needs an even head size"),
             ));
         }
+        // Projection widths are products of claims: they must not overflow (they size the
+        // expected weight shapes that the checkpoint's tensors are compared with).
+        for (field, heads) in [
+            ("num_attention_heads", raw.num_attention_heads),
+            ("num_key_value_heads", kv),
+        ] {
+            if heads
+                .checked_mul(head_dim)
+                .and_then(|w| w.checked_mul(raw.hidden_size))
+                .is_none()
+            {
+                return Err(bad(
+                    field,
+                    format!(
+                        "{heads} heads of head_dim {head_dim} by hidden_size {} overflow",
+                        raw.hidden_size
+                    ),
+                ));
+            }
+        }
         let (rope_theta, rope_scaling) = rope_settings(&raw, &bad)?;
         let qwen2 = model_type == "qwen2";
         let sliding_window = match raw.use_sliding_window {
