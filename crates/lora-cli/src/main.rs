@@ -17,11 +17,11 @@ mod quant_arg;
 mod quantize;
 mod report;
 mod score;
-mod sentiment_data;
 mod train;
 mod train_lm;
 
 use clap::{Parser, Subcommand};
+use lora_cli::sentiment_data;
 
 /// LoRA fine-tuning in Rust.
 #[derive(Debug, Parser)]

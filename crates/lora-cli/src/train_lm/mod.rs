@@ -4,7 +4,6 @@
 //! split evaluated for perplexity, a progress bar with loss, tokens per second and ETA, a
 //! loss-curve PNG, and a PEFT adapter with `task_type` `CAUSAL_LM`.
 
-mod data;
 mod schedule;
 
 use std::path::Path;
@@ -17,6 +16,7 @@ use lora::models::decoder::{DecoderModel, DecoderTokenizer, IGNORE_INDEX, causal
 use lora::peft::{self, LoraConfig, TargetModules, TokenIndices};
 use lora::prelude::*;
 use lora::{Adam, ParamGrad, UnaryOp};
+use lora_cli::lm_data as data;
 
 use self::data::Sequence;
 use crate::checkpoint::{self, History, Interrupt, TrainerState};

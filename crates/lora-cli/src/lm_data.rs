@@ -10,7 +10,9 @@ use lora::models::decoder::{DecoderTokenizer, IGNORE_INDEX};
 /// One training sequence: token ids and the labels the loss counts (`-100` elsewhere).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sequence {
+    /// Token ids.
     pub ids: Vec<u32>,
+    /// The label of each position: the id the loss predicts there, or `IGNORE_INDEX`.
     pub labels: Vec<i64>,
 }
 
