@@ -100,16 +100,32 @@ fn keep_crashes(out: &Path, target: &str) -> Result<usize> {
     for e in std::fs::read_dir(&found).into_iter().flatten().flatten() {
         let p = e.path();
         if p.file_name().is_some_and(|f| f != "README.txt") {
+            // Named by content, so that repeated runs add inputs instead of overwriting.
+            let data = std::fs::read(&p)?;
+            let hash = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
             std::fs::create_dir_all(&keep)?;
-            std::fs::copy(&p, keep.join(format!("crash-{n:03}")))?;
+            std::fs::write(keep.join(format!("crash-{hash:016x}")), data)?;
             n += 1;
         }
     }
     Ok(n)
 }
 
-/// Runs every target (or `only`) for `seconds` each; fails when any found a crash.
+/// `cargo xtask fuzz`: every target (or `only`) for `seconds` each; fails when any
+/// found a crash.
 pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
+    let crashes = fuzz_targets(seconds, only)?;
+    if crashes > 0 {
+        bail!("{crashes} crash inputs, copied to fuzz/crashes/ (replayed by tests/fuzz_corpus.rs)");
+    }
+    Ok(())
+}
+
+/// Runs every target (or `only`) for `seconds` each and returns how many crash inputs
+/// they found (copied to `fuzz/crashes/`). An error means the fuzzer could not run.
+pub fn fuzz_targets(seconds: u64, only: Option<&str>) -> Result<usize> {
     ensure_cargo_afl()?;
     let harness = build_harness()?;
     let report_path = target_dir().join("fuzz/report.json");
@@ -170,10 +186,7 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
         s["seconds"] = json!(seconds);
         record(&report_path, &target, s)?;
     }
-    if crashes > 0 {
-        bail!("{crashes} crash inputs, copied to fuzz/crashes/ (replayed by tests/fuzz_corpus.rs)");
-    }
-    Ok(())
+    Ok(crashes)
 }
 
 /// Sets `target`'s entry of the report file, keeping the others (runs of single targets,

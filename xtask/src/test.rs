@@ -140,6 +140,7 @@ pub fn run(backends: &[&str]) -> Result<()> {
     if backends.contains(&"ndarray") {
         python_interop(&mut summary)?;
         example(&mut summary)?;
+        brief_fuzz(&mut summary);
     }
     docs(with_tch)?;
     // What the builds left on disk: CI's disk is not large (stop 21 filled it).
@@ -423,5 +424,27 @@ mod tests {
                 ignored: 1
             }
         );
+    }
+}
+
+/// Seconds each fuzz target runs under AFL++ in the test command.
+const BRIEF_FUZZ_SECONDS: u64 = 5;
+
+/// Every fuzz target briefly under AFL++ (`cargo xtask fuzz --seconds 5`): a crash counts
+/// as a failed test; a machine where cargo-afl cannot be installed or AFL++ cannot run is a
+/// printed skip (the corpus replay in `tests/fuzz_corpus.rs` ran either way).
+fn brief_fuzz(summary: &mut Summary) {
+    match crate::fuzz::fuzz_targets(BRIEF_FUZZ_SECONDS, None) {
+        Ok(0) => summary.note(format!(
+            "fuzz             every target {BRIEF_FUZZ_SECONDS} s under AFL++: no crash"
+        )),
+        Ok(crashes) => summary.add(
+            "fuzz (AFL++)".into(),
+            Counts {
+                failed: crashes,
+                ..Counts::default()
+            },
+        ),
+        Err(e) => summary.note(format!("fuzz             skipped: {e:#}")),
     }
 }
