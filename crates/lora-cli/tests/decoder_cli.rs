@@ -468,6 +468,18 @@ fn train_causal_lm_bad_data_names_the_problem() {
 /// token rows included) ends with the uninterrupted run's adapter, byte for byte.
 #[test]
 fn causal_lm_training_resumes_bit_for_bit() {
+    resumes_bit_for_bit(&[]);
+}
+
+/// The same on a QLoRA base: the frozen projections NF4 with double quantization.
+#[test]
+fn causal_lm_training_on_a_quantized_base_resumes_bit_for_bit() {
+    resumes_bit_for_bit(&["--quant", "nf4"]);
+}
+
+/// Trains five steps plainly, with checkpoints every two steps, and resumed from step 2;
+/// the three adapters must be the same bytes. `base` adds arguments to every run.
+fn resumes_bit_for_bit(base: &[&str]) {
     let tmp = tempdir();
     let model = model_dir(tmp.path(), "llama");
     let data = tmp.path().join("data.jsonl");
@@ -502,6 +514,7 @@ fn causal_lm_training_resumes_bit_for_bit() {
             "--trainable-tokens",
             "5,7",
         ];
+        args.extend_from_slice(base);
         args.extend_from_slice(extra);
         let o = lora(&args);
         assert!(o.status.success(), "{}", text(&o));
