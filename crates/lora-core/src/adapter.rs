@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 
-use crate::backend::{Backend, Tensor};
+use crate::backend::{Backend, Tensor, Transpose};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops::{LoraGrads, LoraOps};
@@ -62,6 +62,25 @@ pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
     fn base_output_grad(&mut self, backend: &B, dy: &B::Tensor) -> Result<Option<B::Tensor>> {
         let _ = (backend, dy);
         Ok(None)
+    }
+    /// `(A, B, scaling)` when this adapter is plain LoRA without dropout in `mode`, so that
+    /// the layer may fold `scaling · B A` into the base weight for a step (see
+    /// `LoraLinear`'s folding); `None` when it cannot be folded (DoRA, dropout).
+    fn foldable(&self, mode: Mode) -> Option<(&B::Tensor, &B::Tensor, f32)> {
+        let _ = mode;
+        None
+    }
+    /// The forward when the layer folded this adapter into its weight: the output already
+    /// holds the LoRA term; keep what the backward needs.
+    fn forward_folded(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<()> {
+        let _ = (backend, x, mode);
+        Err(Error::state("adapter", "this adapter cannot be folded"))
+    }
+    /// The backward when the layer folded this adapter: the parameter gradients only (the
+    /// input gradient's LoRA part came from the folded weight).
+    fn backward_folded(&mut self, backend: &B, x: &B::Tensor, dy: &B::Tensor) -> Result<()> {
+        let _ = (backend, x, dy);
+        Err(Error::state("adapter", "this adapter cannot be folded"))
     }
     /// The dense `[out, in]` weight update this adapter is equivalent to.
     fn delta_weight(&self, backend: &B) -> Result<B::Tensor>;
@@ -305,6 +324,35 @@ impl<B: LoraOps> LoraAdapter<B> {
     pub fn grads(&self) -> Option<&LoraGrads<B::Tensor>> {
         self.grads.as_ref()
     }
+
+    /// NaN or inf anywhere in a row of x makes that row of H = (x ⊙ M) Aᵀ non-finite
+    /// (IEEE: NaN·0 = NaN, inf·0 = NaN), so checking the [n, r] H detects bad input at
+    /// 1/(in/r) of the cost of scanning x; x itself is scanned only to word the error.
+    fn check_projection(&self, backend: &B, x: &B::Tensor, h: &B::Tensor) -> Result<()> {
+        if backend.all_finite(h)? {
+            return Ok(());
+        }
+        let input_bad = !backend.all_finite(x)?;
+        Err(Error::NonFinite {
+            context: format!("{} forward", self.layer),
+            tensor: if input_bad {
+                "input x".into()
+            } else {
+                "LoRA projection x·lora_Aᵀ (overflow)".into()
+            },
+            shape: if input_bad {
+                x.shape().clone()
+            } else {
+                h.shape().clone()
+            },
+        })
+    }
+
+    /// `[rows, features]`: the matrix view of `t`.
+    fn matrix(backend: &B, t: &B::Tensor) -> Result<B::Tensor> {
+        let (rows, cols) = t.shape().as_matrix();
+        backend.reshape(t, &[rows, cols])
+    }
 }
 
 impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
@@ -322,25 +370,7 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
     ) -> Result<()> {
         let mask = draw_dropout_mask(backend, &mut self.dropout_rng, self.dropout, x, mode)?;
         let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), y)?;
-        // NaN or inf anywhere in a row of x makes that row of H = (x ⊙ M) Aᵀ non-finite
-        // (IEEE: NaN·0 = NaN, inf·0 = NaN), so checking the [n, r] H detects bad input at
-        // 1/(in/r) of the cost of scanning x; x itself is scanned only to word the error.
-        if !backend.all_finite(&h)? {
-            let input_bad = !backend.all_finite(x)?;
-            return Err(Error::NonFinite {
-                context: format!("{} forward", self.layer),
-                tensor: if input_bad {
-                    "input x".into()
-                } else {
-                    "LoRA projection x·lora_Aᵀ (overflow)".into()
-                },
-                shape: if input_bad {
-                    x.shape().clone()
-                } else {
-                    h.shape().clone()
-                },
-            });
-        }
+        self.check_projection(backend, x, &h)?;
         self.saved = match mode {
             Mode::Train => Some(Saved { h, mask }),
             Mode::Eval => None,
@@ -373,6 +403,63 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
             dx,
         )?;
         self.grads = Some(grads);
+        Ok(())
+    }
+
+    fn foldable(&self, mode: Mode) -> Option<(&B::Tensor, &B::Tensor, f32)> {
+        (self.dropout == 0.0 || mode == Mode::Eval).then_some((&self.a, &self.b, self.scaling))
+    }
+
+    fn forward_folded(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<()> {
+        let xm = Self::matrix(backend, x)?;
+        let r = self.rank();
+        let h = backend.matmul(
+            1.0,
+            (&xm, Transpose::No),
+            (&self.a, Transpose::Yes),
+            &[xm.shape().dims()[0], r],
+        )?;
+        self.check_projection(backend, x, &h)?;
+        self.saved = match mode {
+            Mode::Train => Some(Saved { h, mask: None }),
+            Mode::Eval => None,
+        };
+        Ok(())
+    }
+
+    /// `dA = s·(dy B)ᵀ x`, `dB = s·dyᵀ H`: three rank-r products.
+    fn backward_folded(&mut self, backend: &B, x: &B::Tensor, dy: &B::Tensor) -> Result<()> {
+        let saved = self.saved.take().ok_or_else(|| {
+            Error::state(
+                format!("LoRA on {}", self.layer),
+                "backward called without a forward in training mode",
+            )
+        })?;
+        let (xm, dym) = (Self::matrix(backend, x)?, Self::matrix(backend, dy)?);
+        let (a_dims, b_dims) = (
+            self.a.shape().dims().to_vec(),
+            self.b.shape().dims().to_vec(),
+        );
+        let n = xm.shape().dims()[0];
+        let g = backend.matmul(
+            1.0,
+            (&dym, Transpose::No),
+            (&self.b, Transpose::No),
+            &[n, a_dims[0]],
+        )?;
+        let d_a = backend.matmul(
+            self.scaling,
+            (&g, Transpose::Yes),
+            (&xm, Transpose::No),
+            &a_dims,
+        )?;
+        let d_b = backend.matmul(
+            self.scaling,
+            (&dym, Transpose::Yes),
+            (&saved.h, Transpose::No),
+            &b_dims,
+        )?;
+        self.grads = Some(LoraGrads { d_a, d_b });
         Ok(())
     }
 
