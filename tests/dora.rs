@@ -32,45 +32,8 @@ fn model<B: lora::FullBackend>(b: &B) -> Mlp<B> {
 }
 
 fn check_forward_and_gradients<B: lora::FullBackend>(b: &B) {
-    let io = io();
     let mut m = model(b);
-    let x = io["x"].to_backend(b).unwrap();
-    let y = m.forward(b, &x, Mode::Train).unwrap();
-    assert_close(
-        "DoRA output",
-        &b.to_host(&y).unwrap(),
-        &to64(&io["y"].data),
-        1e-5,
-        1e-6,
-    );
-    let (loss, dy) = lora::mse_loss(b, &y, &io["target"].to_backend(b).unwrap()).unwrap();
-    assert!((loss - f64::from(io["loss"].data[0])).abs() < 1e-6);
-    m.backward(b, &dy).unwrap();
-    let mut checked = 0;
-    for layer in m.linears_mut() {
-        let name = layer.name().to_string();
-        let Some(adapter) = layer.adapter_mut() else {
-            continue;
-        };
-        let names: Vec<&str> = adapter.tensors().iter().map(|(n, _)| *n).collect();
-        let grads: Vec<Vec<f32>> = adapter
-            .params_and_grads()
-            .iter()
-            .map(|p| b.to_host(p.grad).unwrap())
-            .collect();
-        for (tensor, g) in names.iter().zip(&grads) {
-            let want = &io[&format!("grad.{name}.{tensor}")];
-            assert_close(
-                &format!("{name} d{tensor}"),
-                g,
-                &to64(&want.data),
-                1e-4,
-                1e-6,
-            );
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, 6, "A, B and the magnitude of two layers");
+    lora_tests::peft_mlp_check::check_output_and_gradients(b, &mut m, &io(), "DoRA", 6);
 }
 
 fn check_merge<B: lora::FullBackend>(b: &B) {

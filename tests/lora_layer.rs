@@ -289,7 +289,8 @@ fn folded_and_unfolded_steps_agree() {
     let b = backend();
     let (inp, out, tokens, chunk) = (24, 40, 96, 4);
     let mut l = LoraLinear::new("proj", base(out, inp, 5));
-    l.inject_lora(&b, &spec(4, 8.0, 0.0, LoraInit::Random)).unwrap();
+    l.inject_lora(&b, &spec(4, 8.0, 0.0, LoraInit::Random))
+        .unwrap();
     let x = rand_tensor(&[tokens, inp], 6, 1);
     let dy = rand_tensor(&[tokens, out], 6, 2);
     let grads = |l: &mut LoraLinear<NdArray>| -> Vec<Vec<f32>> {

@@ -6,6 +6,7 @@ pub mod backend_suite;
 pub mod cross_backend;
 pub mod decoder_fixtures;
 pub mod matmul_check;
+pub mod peft_mlp_check;
 
 use lora::rng::{self, RngState};
 use lora::{Backend, NdArray, NdTensor};
