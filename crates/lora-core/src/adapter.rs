@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 
-use crate::backend::{Backend, Tensor, Transpose};
+use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops::{LoraGrads, LoraOps};
@@ -62,25 +62,6 @@ pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
     fn base_output_grad(&mut self, backend: &B, dy: &B::Tensor) -> Result<Option<B::Tensor>> {
         let _ = (backend, dy);
         Ok(None)
-    }
-    /// `(A, B, scaling)` when this adapter is plain LoRA without dropout in `mode`, so that
-    /// the layer may fold `scaling · B A` into the base weight for a step (see
-    /// `LoraLinear`'s folding); `None` when it cannot be folded (DoRA, dropout).
-    fn foldable(&self, mode: Mode) -> Option<(&B::Tensor, &B::Tensor, f32)> {
-        let _ = mode;
-        None
-    }
-    /// The forward when the layer folded this adapter into its weight: the output already
-    /// holds the LoRA term; keep what the backward needs.
-    fn forward_folded(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<()> {
-        let _ = (backend, x, mode);
-        Err(Error::state("adapter", "this adapter cannot be folded"))
-    }
-    /// The backward when the layer folded this adapter: the parameter gradients only (the
-    /// input gradient's LoRA part came from the folded weight).
-    fn backward_folded(&mut self, backend: &B, x: &B::Tensor, dy: &B::Tensor) -> Result<()> {
-        let _ = (backend, x, dy);
-        Err(Error::state("adapter", "this adapter cannot be folded"))
     }
     /// The dense `[out, in]` weight update this adapter is equivalent to.
     fn delta_weight(&self, backend: &B) -> Result<B::Tensor>;
@@ -347,12 +328,6 @@ impl<B: LoraOps> LoraAdapter<B> {
             },
         })
     }
-
-    /// `[rows, features]`: the matrix view of `t`.
-    fn matrix(backend: &B, t: &B::Tensor) -> Result<B::Tensor> {
-        let (rows, cols) = t.shape().as_matrix();
-        backend.reshape(t, &[rows, cols])
-    }
 }
 
 impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
@@ -403,63 +378,6 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
             dx,
         )?;
         self.grads = Some(grads);
-        Ok(())
-    }
-
-    fn foldable(&self, mode: Mode) -> Option<(&B::Tensor, &B::Tensor, f32)> {
-        (self.dropout == 0.0 || mode == Mode::Eval).then_some((&self.a, &self.b, self.scaling))
-    }
-
-    fn forward_folded(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<()> {
-        let xm = Self::matrix(backend, x)?;
-        let r = self.rank();
-        let h = backend.matmul(
-            1.0,
-            (&xm, Transpose::No),
-            (&self.a, Transpose::Yes),
-            &[xm.shape().dims()[0], r],
-        )?;
-        self.check_projection(backend, x, &h)?;
-        self.saved = match mode {
-            Mode::Train => Some(Saved { h, mask: None }),
-            Mode::Eval => None,
-        };
-        Ok(())
-    }
-
-    /// `dA = s·(dy B)ᵀ x`, `dB = s·dyᵀ H`: three rank-r products.
-    fn backward_folded(&mut self, backend: &B, x: &B::Tensor, dy: &B::Tensor) -> Result<()> {
-        let saved = self.saved.take().ok_or_else(|| {
-            Error::state(
-                format!("LoRA on {}", self.layer),
-                "backward called without a forward in training mode",
-            )
-        })?;
-        let (xm, dym) = (Self::matrix(backend, x)?, Self::matrix(backend, dy)?);
-        let (a_dims, b_dims) = (
-            self.a.shape().dims().to_vec(),
-            self.b.shape().dims().to_vec(),
-        );
-        let n = xm.shape().dims()[0];
-        let g = backend.matmul(
-            1.0,
-            (&dym, Transpose::No),
-            (&self.b, Transpose::No),
-            &[n, a_dims[0]],
-        )?;
-        let d_a = backend.matmul(
-            self.scaling,
-            (&g, Transpose::Yes),
-            (&xm, Transpose::No),
-            &a_dims,
-        )?;
-        let d_b = backend.matmul(
-            self.scaling,
-            (&dym, Transpose::Yes),
-            (&saved.h, Transpose::No),
-            &b_dims,
-        )?;
-        self.grads = Some(LoraGrads { d_a, d_b });
         Ok(())
     }
 

@@ -36,12 +36,6 @@ pub trait Linear<B: Backend>: Debug + Send + Sync {
     fn num_parameters(&self) -> usize;
     /// Bytes of device memory the layer keeps resident.
     fn resident_bytes(&self) -> usize;
-    /// The f32 `[out, in]` weight when the layer stores one (a [`DenseLinear`]; `None` for
-    /// quantized or half-precision bases), which [`LoraLinear`](crate::LoraLinear) may fold
-    /// a LoRA adapter into for one step.
-    fn dense_weight(&self) -> Option<&B::Tensor> {
-        None
-    }
     /// The dense layer behind this one, for full fine-tuning (pretraining a model, or the
     /// baseline LoRA is compared with). Quantized layers return `None`.
     fn as_dense_mut(&mut self) -> Option<&mut DenseLinear<B>> {
@@ -162,10 +156,6 @@ impl<B: Backend> DenseLinear<B> {
 impl<B: Backend> Linear<B> for DenseLinear<B> {
     fn in_features(&self) -> usize {
         self.inp()
-    }
-
-    fn dense_weight(&self) -> Option<&B::Tensor> {
-        Some(&self.weight)
     }
 
     fn out_features(&self) -> usize {

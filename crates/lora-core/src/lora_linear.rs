@@ -7,8 +7,6 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops::LoraOps;
 
-#[path = "lora_linear_fold.rs"]
-mod fold;
 #[path = "lora_linear_merge.rs"]
 mod merge;
 
@@ -45,8 +43,6 @@ pub struct LoraLinear<B: LoraOps> {
     /// Merged adapters, in merge order.
     merged: Vec<String>,
     saved_x: Option<B::Tensor>,
-    /// The adapter the last training forward folded into the weight (`lora_linear_fold`).
-    folded: Option<usize>,
 }
 
 impl<B: LoraOps> LoraLinear<B> {
@@ -60,7 +56,6 @@ impl<B: LoraOps> LoraLinear<B> {
             disabled: false,
             merged: Vec::new(),
             saved_x: None,
-            folded: None,
         }
     }
 
@@ -332,10 +327,6 @@ impl<B: LoraOps> LoraLinear<B> {
 
     fn run_forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<B::Tensor> {
         self.check_input(x, "forward")?;
-        self.folded = None;
-        if let Some(y) = self.forward_folded(backend, x, mode)? {
-            return Ok(y);
-        }
         let mut y = self.base.forward(backend, x)?;
         if self.adapters_run() {
             // Active adapters reject non-finite input themselves, more cheaply (LoraAdapter).
@@ -363,7 +354,6 @@ impl<B: LoraOps> LoraLinear<B> {
     ) -> Result<B::Tensor> {
         self.check_input(x, "mixed-batch forward")?;
         self.unmerged_required("run a mixed-adapter batch")?;
-        self.folded = None;
         let n = x.shape().as_matrix().0;
         if rows.len() != n {
             return Err(Error::state(
@@ -427,9 +417,6 @@ impl<B: LoraOps> LoraLinear<B> {
                 format!("{expected}"),
                 dy.shape(),
             ));
-        }
-        if let Some(index) = self.folded.take() {
-            return self.backward_folded(backend, index, x, dy);
         }
         let run = self.adapters_run();
         // DoRA rescales the base output: the base then sees `dy ⊙ scale`.
