@@ -405,28 +405,6 @@ fn python_counts(lines: &[String]) -> Counts {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_result_lines() {
-        let lines = vec![
-            "test result: ok. 7 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.07s".to_string(),
-            "noise".to_string(),
-            "test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out".to_string(),
-        ];
-        assert_eq!(
-            count(&lines),
-            Counts {
-                passed: 9,
-                failed: 3,
-                ignored: 1
-            }
-        );
-    }
-}
-
 /// Seconds each fuzz target runs under AFL++ in the test command.
 const BRIEF_FUZZ_SECONDS: u64 = 5;
 
@@ -446,5 +424,27 @@ fn brief_fuzz(summary: &mut Summary) {
             },
         ),
         Err(e) => summary.note(format!("fuzz             skipped: {e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_result_lines() {
+        let lines = vec![
+            "test result: ok. 7 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.07s".to_string(),
+            "noise".to_string(),
+            "test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out".to_string(),
+        ];
+        assert_eq!(
+            count(&lines),
+            Counts {
+                passed: 9,
+                failed: 3,
+                ignored: 1
+            }
+        );
     }
 }
