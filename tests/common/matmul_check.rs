@@ -86,3 +86,67 @@ pub fn check_scale_features<B: LoraOps>(t: &B) {
     let bad = t.from_host(&v[..3], &[3]).expect("primitive");
     assert!(t.scale_features(&got, &bad).is_err());
 }
+
+/// `matmul_plus` (a product plus a low-depth one into the same fresh output) under every
+/// transpose of both pairs, against the host in f64: shapes where the ndarray backend runs
+/// one product over the concatenated depth (the second pair's depth joining a partial and
+/// a full last slice of 256) and shapes where it falls back to two products.
+pub fn check_matmul_plus<B: Backend>(t: &B) {
+    use lora::Transpose;
+    // (m, n, k1, k2): fused on AVX2 CPUs for the first three, two products for the others.
+    let shapes = [
+        (130, 70, 300, 8),
+        (64, 100, 256, 16),
+        (67, 65, 64, 64),
+        (5, 7, 9, 3),
+        (80, 80, 80, 65),
+    ];
+    // A `rows x cols` operand stored as is (`No`) or as its transpose, and its element.
+    let operand = |rows: usize, cols: usize, tr: Transpose, seed: u64| {
+        let v = rand_vec(rows * cols, 11, seed);
+        let shape = match tr {
+            Transpose::No => [rows, cols],
+            Transpose::Yes => [cols, rows],
+        };
+        let tensor = t.from_host(&v, &shape).expect("primitive");
+        let at = move |i: usize, j: usize| match tr {
+            Transpose::No => f64::from(v[i * cols + j]),
+            Transpose::Yes => f64::from(v[j * rows + i]),
+        };
+        (tensor, at)
+    };
+    for (m, n, k1, k2) in shapes {
+        for (ta1, tb1) in crate::TRANSPOSE_PAIRS {
+            for (ta2, tb2) in crate::TRANSPOSE_PAIRS {
+                let (a1, a1_at) = operand(m, k1, ta1, 1);
+                let (b1, b1_at) = operand(k1, n, tb1, 2);
+                let (a2, a2_at) = operand(m, k2, ta2, 3);
+                let (b2, b2_at) = operand(k2, n, tb2, 4);
+                let scale = 0.37;
+                let want: Vec<f64> = (0..m * n)
+                    .map(|ij| {
+                        let (i, j) = (ij / n, ij % n);
+                        let first: f64 = (0..k1).map(|l| a1_at(i, l) * b1_at(l, j)).sum();
+                        let second: f64 = (0..k2).map(|l| a2_at(i, l) * b2_at(l, j)).sum();
+                        first + f64::from(scale) * second
+                    })
+                    .collect();
+                let got = t
+                    .matmul_plus(
+                        ((&a1, ta1), (&b1, tb1)),
+                        scale,
+                        ((&a2, ta2), (&b2, tb2)),
+                        &[m, n],
+                    )
+                    .expect("primitive");
+                assert_close(
+                    &format!("matmul_plus {m}x{n}x({k1}+{k2}) {ta1:?}{tb1:?} + {ta2:?}{tb2:?}"),
+                    &t.to_host(&got).expect("primitive"),
+                    &want,
+                    1e-4,
+                    1e-4,
+                );
+            }
+        }
+    }
+}

@@ -2,9 +2,9 @@
 
 use std::fmt::Debug;
 
-use crate::backend::{Backend, Tensor};
+use crate::backend::{Backend, BinaryOp, Tensor, Transpose};
 use crate::error::{Error, Result};
-use crate::linear::Linear;
+use crate::linear::{Linear, LowRank};
 use crate::ops::{LoraGrads, LoraOps};
 use crate::rng::{self, RngState};
 
@@ -50,6 +50,34 @@ pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
         dy: &B::Tensor,
         dx: &mut B::Tensor,
     ) -> Result<()>;
+    /// The base output plus this adapter's term in one call, the adapter handing the base
+    /// its term as a low-rank product ([`Linear::forward_plus`]: one pass over the output
+    /// on a dense base). `None` where the adapter cannot (the layer then runs the base and
+    /// [`forward`](Adapter::forward)). Saves what the backward needs, as `forward` does.
+    fn forward_fused(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        mode: Mode,
+    ) -> Result<Option<B::Tensor>> {
+        let _ = (backend, base, x, mode);
+        Ok(None)
+    }
+    /// The base's input gradient plus this adapter's in one call ([`Linear::backward_plus`]),
+    /// computing the parameter gradients as [`backward`](Adapter::backward) does. `None`
+    /// where the adapter cannot, with nothing consumed (the layer then runs the base and
+    /// `backward`).
+    fn backward_fused(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+    ) -> Result<Option<B::Tensor>> {
+        let _ = (backend, base, x, dy);
+        Ok(None)
+    }
     /// The frozen base layer was replaced or its weight changed (merge, unmerge,
     /// quantization): drop whatever was derived from it.
     fn base_changed(&mut self) {}
@@ -351,6 +379,85 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
             Mode::Eval => None,
         };
         Ok(())
+    }
+
+    fn forward_fused(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        mode: Mode,
+    ) -> Result<Option<B::Tensor>> {
+        let mask = draw_dropout_mask(backend, &mut self.dropout_rng, self.dropout, x, mode)?;
+        let dropped;
+        let x_lora = match &mask {
+            Some(m) => {
+                dropped = backend.binary(BinaryOp::Mul, x, m)?;
+                &dropped
+            }
+            None => x,
+        };
+        let rows = x.shape().as_matrix().0;
+        let r = self.a.shape().as_matrix().0;
+        let h = backend.matmul(
+            1.0,
+            (x_lora, Transpose::No),
+            (&self.a, Transpose::Yes),
+            &[rows, r],
+        )?;
+        self.check_projection(backend, x, &h)?;
+        let term = LowRank {
+            u: &h,
+            v: &self.b,
+            scale: self.scaling,
+        };
+        let y = base.forward_plus(backend, x, term)?;
+        self.saved = match mode {
+            Mode::Train => Some(Saved { h, mask }),
+            Mode::Eval => None,
+        };
+        Ok(Some(y))
+    }
+
+    fn backward_fused(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+    ) -> Result<Option<B::Tensor>> {
+        // With dropout the adapter's input gradient is masked, so it cannot join the
+        // base's product.
+        if self.saved.as_ref().is_none_or(|s| s.mask.is_some()) {
+            return Ok(None);
+        }
+        let Some(saved) = self.saved.take() else {
+            return Ok(None);
+        };
+        let s = self.scaling;
+        let (r, in_f) = self.a.shape().as_matrix();
+        let (rows, out_f) = (x.shape().as_matrix().0, self.b.shape().as_matrix().0);
+        let d_b = backend.matmul(
+            s,
+            (dy, Transpose::Yes),
+            (&saved.h, Transpose::No),
+            &[out_f, r],
+        )?;
+        let g_b = backend.matmul(
+            1.0,
+            (dy, Transpose::No),
+            (&self.b, Transpose::No),
+            &[rows, r],
+        )?;
+        let d_a = backend.matmul(s, (&g_b, Transpose::Yes), (x, Transpose::No), &[r, in_f])?;
+        let term = LowRank {
+            u: &g_b,
+            v: &self.a,
+            scale: s,
+        };
+        let dx = base.backward_plus(backend, dy, term)?;
+        self.grads = Some(LoraGrads { d_a, d_b });
+        Ok(Some(dx))
     }
 
     fn backward(

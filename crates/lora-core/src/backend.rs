@@ -78,6 +78,9 @@ pub enum UnaryOp {
     Square,
 }
 
+/// The two factors of a matrix product, each a tensor and whether it enters transposed.
+pub type Product<'a, T> = ((&'a T, Transpose), (&'a T, Transpose));
+
 /// Op-level primitives every backend supplies. Everything else (LoRA forward and backward,
 /// optimizer steps, losses, layers) is written once over these.
 ///
@@ -152,6 +155,24 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
     ) -> Result<Self::Tensor> {
         let mut c = self.zeros(shape)?;
         self.gemm(alpha, a, trans_a, b, trans_b, 0.0, &mut c)?;
+        Ok(c)
+    }
+
+    /// A new tensor `op(a1) op(b1) + scale2 · op(a2) op(b2)` of shape `shape`: a product
+    /// plus a second one of low depth into the same output (a linear layer's `x Wᵀ` plus
+    /// its LoRA term `s·(x Aᵀ) Bᵀ`, or `dy W` plus `s·(dy B) A`). The default runs the two
+    /// products one after the other, the second with `beta = 1`, which reads and writes
+    /// the whole output once more; a backend may run them as one product over the
+    /// concatenated depth instead.
+    fn matmul_plus(
+        &self,
+        (a1, b1): Product<'_, Self::Tensor>,
+        scale2: f32,
+        ((a2, ta2), (b2, tb2)): Product<'_, Self::Tensor>,
+        shape: &[usize],
+    ) -> Result<Self::Tensor> {
+        let mut c = self.matmul(1.0, a1, b1, shape)?;
+        self.gemm(scale2, a2, ta2, b2, tb2, 1.0, &mut c)?;
         Ok(c)
     }
 

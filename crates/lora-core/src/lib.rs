@@ -39,7 +39,7 @@ pub use dora::DoraAdapter;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use host_tensor::HostTensor;
-pub use linear::{DenseLinear, Linear, WeightRounding};
+pub use linear::{DenseLinear, Linear, LowRank, WeightRounding};
 pub use lora_embedding::LoraEmbedding;
 pub use lora_linear::{DEFAULT_ADAPTER, FullGrads, LoraLinear, RowAdapter};
 pub use loss::{cross_entropy_loss, mse_loss};

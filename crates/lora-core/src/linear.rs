@@ -19,6 +19,42 @@ pub trait Linear<B: Backend>: Debug + Send + Sync {
     fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor>;
     /// `dx = dy W` (`[..., out] -> [..., in]`).
     fn backward(&self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor>;
+    /// `forward(x) + s·u vᵀ` for a low-rank term (`u`: `[rows, r]`, `v`: `[out, r]`; a
+    /// LoRA adapter's `x Aᵀ` and `B`). The default adds it with a second product; a dense
+    /// layer runs both in one pass over the output ([`Backend::matmul_plus`]).
+    fn forward_plus(&self, backend: &B, x: &B::Tensor, term: LowRank<'_, B>) -> Result<B::Tensor> {
+        let mut y = self.forward(backend, x)?;
+        backend.gemm(
+            term.scale,
+            term.u,
+            Transpose::No,
+            term.v,
+            Transpose::Yes,
+            1.0,
+            &mut y,
+        )?;
+        Ok(y)
+    }
+    /// `backward(dy) + s·g a` for a low-rank term (`g`: `[rows, r]`, `a`: `[r, in]`; a LoRA
+    /// adapter's `dy B` and `A`), as [`forward_plus`](Linear::forward_plus).
+    fn backward_plus(
+        &self,
+        backend: &B,
+        dy: &B::Tensor,
+        term: LowRank<'_, B>,
+    ) -> Result<B::Tensor> {
+        let mut dx = self.backward(backend, dy)?;
+        backend.gemm(
+            term.scale,
+            term.u,
+            Transpose::No,
+            term.v,
+            Transpose::No,
+            1.0,
+            &mut dx,
+        )?;
+        Ok(dx)
+    }
     /// The weight as a dense f32 `[out, in]` tensor (dequantized if stored otherwise).
     fn weight(&self, backend: &B) -> Result<B::Tensor>;
     /// The bias, `[out]`, if any.
@@ -41,6 +77,18 @@ pub trait Linear<B: Backend>: Debug + Send + Sync {
     fn as_dense_mut(&mut self) -> Option<&mut DenseLinear<B>> {
         None
     }
+}
+
+/// A rank-`r` term `scale · u · op(v)` that an adapter adds to a layer's output (`v`
+/// transposed: `[out, r]`) or input gradient (`v` as is: `[r, in]`).
+#[derive(Clone, Copy, Debug)]
+pub struct LowRank<'a, B: Backend> {
+    /// `[rows, r]`.
+    pub u: &'a B::Tensor,
+    /// `B` (`[out, r]`) in the forward, `A` (`[r, in]`) in the backward.
+    pub v: &'a B::Tensor,
+    /// The adapter's scaling.
+    pub scale: f32,
 }
 
 /// How far a weight update's stored result is from the exact f32 result: re-quantizing a
@@ -184,6 +232,37 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
             1.0,
             (dy, Transpose::No),
             (&self.weight, Transpose::No),
+            dx_shape.dims(),
+        )
+    }
+
+    fn forward_plus(&self, backend: &B, x: &B::Tensor, term: LowRank<'_, B>) -> Result<B::Tensor> {
+        self.check_features("forward input x", x, self.inp())?;
+        let out_shape = x.shape().with_last(self.out());
+        let mut y = backend.matmul_plus(
+            ((x, Transpose::No), (&self.weight, Transpose::Yes)),
+            term.scale,
+            ((term.u, Transpose::No), (term.v, Transpose::Yes)),
+            out_shape.dims(),
+        )?;
+        if let Some(b) = &self.bias {
+            backend.add_row_broadcast(&mut y, b)?;
+        }
+        Ok(y)
+    }
+
+    fn backward_plus(
+        &self,
+        backend: &B,
+        dy: &B::Tensor,
+        term: LowRank<'_, B>,
+    ) -> Result<B::Tensor> {
+        self.check_features("backward gradient dy", dy, self.out())?;
+        let dx_shape = dy.shape().with_last(self.inp());
+        backend.matmul_plus(
+            ((dy, Transpose::No), (&self.weight, Transpose::No)),
+            term.scale,
+            ((term.u, Transpose::No), (term.v, Transpose::No)),
             dx_shape.dims(),
         )
     }

@@ -327,6 +327,12 @@ impl<B: LoraOps> LoraLinear<B> {
 
     fn run_forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<B::Tensor> {
         self.check_input(x, "forward")?;
+        if let Some((adapter, base)) = self.single_active_adapter() {
+            // One adapter (the common case): it may hand its term to the base's product.
+            if let Some(y) = adapter.forward_fused(backend, base, x, mode)? {
+                return Ok(y);
+            }
+        }
         let mut y = self.base.forward(backend, x)?;
         if self.adapters_run() {
             // Active adapters reject non-finite input themselves, more cheaply (LoraAdapter).
@@ -446,6 +452,12 @@ impl<B: LoraOps> LoraLinear<B> {
                 }
             }
         }
+        if dy_base.is_none()
+            && let Some((adapter, base)) = self.single_active_adapter()
+            && let Some(dx) = adapter.backward_fused(backend, base, x, dy)?
+        {
+            return Ok(dx);
+        }
         let mut dx = self
             .base
             .backward(backend, dy_base.as_ref().unwrap_or(dy))?;
@@ -458,6 +470,21 @@ impl<B: LoraOps> LoraLinear<B> {
             }
         }
         Ok(dx)
+    }
+
+    /// The adapter that runs, when exactly one does (and the layer is not merged or
+    /// disabled), with the base it runs on.
+    #[allow(clippy::type_complexity)]
+    fn single_active_adapter(&mut self) -> Option<(&mut Box<dyn Adapter<B>>, &dyn Linear<B>)> {
+        if !self.adapters_run() || self.active.len() != 1 {
+            return None;
+        }
+        let active = &self.active;
+        let mut running = self.adapters.iter_mut().filter(|(n, _)| active.contains(n));
+        match (running.next(), running.next()) {
+            (Some((_, adapter)), None) => Some((adapter, &*self.base)),
+            _ => None,
+        }
     }
 
     /// Every adapter drops what it derived from the base weight (DoRA's norms).

@@ -15,6 +15,7 @@ use lora_core::{Error, Result, Tensor, Transpose};
 use rayon::prelude::*;
 
 use crate::gemm::{View, gemm_serial};
+use crate::pool;
 use crate::tensor::NdTensor;
 use crate::vectorize;
 
@@ -112,13 +113,13 @@ pub(crate) fn forward(
         d,
     } = check_attention(q, k, v, mask)?;
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
-    let mut out = vec![0.0f32; items * t * d];
-    let mut lse = vec![0.0f32; items * t];
+    let mut out = pool::zeros(items * t * d);
+    let mut lse = pool::zeros(items * t);
     let vis = Visibility::of(mask);
     let item = |(i, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
         let keep = vis.keep(i, kv);
         let (qi, ki) = (i * t * d, (i / group) * kv * d);
-        let mut p = vec![0.0f32; BLOCK.min(t) * kv];
+        let mut p = pool::zeros(BLOCK.min(t) * kv);
         for q0 in (0..t).step_by(BLOCK) {
             let q1 = (q0 + BLOCK).min(t);
             let nk = vis.keys(q1, kv);
@@ -136,6 +137,7 @@ pub(crate) fn forward(
                 d,
             )?;
         }
+        pool::give(p);
         Ok(())
     };
     out.par_chunks_mut(t * d)
@@ -211,13 +213,13 @@ pub(crate) fn backward(
     );
     let vis = Visibility::of(mask);
     let kv_items = shape.kv_items();
-    let mut dq = vec![0.0f32; items * t * d];
-    let mut dk = vec![0.0f32; kv_items * kv * d];
-    let mut dv = vec![0.0f32; kv_items * kv * d];
+    let mut dq = pool::zeros(items * t * d);
+    let mut dk = pool::zeros(kv_items * kv * d);
+    let mut dv = pool::zeros(kv_items * kv * d);
     let kv_item = |(j, (dq_group, (dk, dv))): (usize, ItemGrads<'_>)| {
         let ki = j * kv * d;
-        let mut p = vec![0.0f32; BLOCK.min(t) * kv];
-        let mut ds = vec![0.0f32; BLOCK.min(t) * kv];
+        let mut p = pool::zeros(BLOCK.min(t) * kv);
+        let mut ds = pool::zeros(BLOCK.min(t) * kv);
         for (g, dq) in dq_group.chunks_mut(t * d).enumerate() {
             let i = j * group + g;
             query_item_backward(
@@ -228,6 +230,8 @@ pub(crate) fn backward(
                 (dq, dk, dv),
             )?;
         }
+        pool::give(p);
+        pool::give(ds);
         Ok(())
     };
     dq.par_chunks_mut(group * t * d)

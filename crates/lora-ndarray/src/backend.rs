@@ -1,7 +1,7 @@
 //! The `ndarray` backend: the reference every other backend is checked against.
 
 use lora_core::backend::{
-    check_assign_cols, check_col_range, check_host_len, check_layer_norm,
+    Product, check_assign_cols, check_col_range, check_host_len, check_layer_norm,
     check_layer_norm_backward, check_permute, check_reshape, check_row_broadcast, check_rows,
     check_same_shape, check_scatter_add, check_softmax_mask,
 };
@@ -10,7 +10,8 @@ use lora_quant::{QuantOps, QuantizedWeight, dequantize_rows_host};
 use ndarray::Axis;
 use rayon::prelude::*;
 
-use crate::gemm::{bmm_into, gemm_into, gemm_new};
+use crate::gemm::{bmm_into, gemm_into, gemm_new, gemm_plus_new};
+use crate::pool;
 use crate::tensor::NdTensor;
 use crate::vectorize;
 
@@ -33,7 +34,7 @@ pub(crate) const PAR_CHUNK: usize = 1 << 13;
 /// `out[i] = f(a[i])`, split across threads for large tensors.
 fn map1(a: &NdTensor, f: impl Fn(f32) -> f32 + Sync) -> Result<NdTensor> {
     let src = a.as_slice();
-    let mut out = vec![0.0f32; src.len()];
+    let mut out = pool::take_for_overwrite(src.len());
     if src.len() < PAR_MIN_ELEMS {
         out.iter_mut().zip(src).for_each(|(o, &x)| *o = f(x));
     } else {
@@ -47,7 +48,7 @@ fn map1(a: &NdTensor, f: impl Fn(f32) -> f32 + Sync) -> Result<NdTensor> {
 /// `out[i] = f(a[i], b[i])` (shapes checked by the caller).
 fn map2(a: &NdTensor, b: &NdTensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<NdTensor> {
     let (sa, sb) = (a.as_slice(), b.as_slice());
-    let mut out = vec![0.0f32; sa.len()];
+    let mut out = pool::take_for_overwrite(sa.len());
     if sa.len() < PAR_MIN_ELEMS {
         out.iter_mut()
             .zip(sa.iter().zip(sb))
@@ -103,7 +104,7 @@ fn permute_rows(a: &NdTensor, perm: &[usize], out_dims: &[usize]) -> Result<NdTe
         strides[i] = strides[i + 1] * dims[i + 1];
     }
     let src = a.as_slice();
-    let mut out = vec![0.0f32; src.len()];
+    let mut out = pool::take_for_overwrite(src.len());
     let outer: usize = out_dims[..rank - 1].iter().product();
     let copy_row = |o: usize, dst: &mut [f32]| {
         // Decompose the output row index into output coordinates, map to the input offset.
@@ -147,7 +148,7 @@ impl Backend for NdArray {
 
     fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<NdTensor> {
         check_host_len(data.len(), shape)?;
-        NdTensor::from_vec(data.to_vec(), shape)
+        NdTensor::from_vec(pool::copy_of(data), shape)
     }
 
     #[allow(clippy::wrong_self_convention)]
@@ -160,7 +161,7 @@ impl Backend for NdArray {
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<NdTensor> {
-        NdTensor::from_vec(vec![0.0; shape.iter().product()], shape)
+        NdTensor::from_vec(pool::zeros(shape.iter().product()), shape)
     }
 
     fn reshape(&self, t: &NdTensor, shape: &[usize]) -> Result<NdTensor> {
@@ -191,6 +192,22 @@ impl Backend for NdArray {
         gemm_new(alpha, a, b, shape)
     }
 
+    fn matmul_plus(
+        &self,
+        first: Product<'_, NdTensor>,
+        scale2: f32,
+        second: Product<'_, NdTensor>,
+        shape: &[usize],
+    ) -> Result<NdTensor> {
+        if let Some(c) = gemm_plus_new(first, scale2, second, shape)? {
+            return Ok(c);
+        }
+        let mut c = gemm_new(1.0, first.0, first.1, shape)?;
+        let ((a2, ta2), (b2, tb2)) = second;
+        gemm_into(scale2, a2, ta2, b2, tb2, 1.0, &mut c)?;
+        Ok(c)
+    }
+
     fn bmm(
         &self,
         alpha: f32,
@@ -217,7 +234,7 @@ impl Backend for NdArray {
         let (_, rows_per_batch, n) = check_softmax_mask(x.shape(), mask_bias.map(|m| m.shape()))?;
         let mask = mask_bias.map(NdTensor::as_slice);
         let src = x.as_slice();
-        let mut out = vec![0.0f32; src.len()];
+        let mut out = pool::take_for_overwrite(src.len());
         let work = |(r, o): (usize, &mut [f32])| {
             let row = &src[r * n..(r + 1) * n];
             let bias = mask.map(|m| &m[(r / rows_per_batch) * n..(r / rows_per_batch + 1) * n]);
@@ -244,7 +261,7 @@ impl Backend for NdArray {
         check_same_shape("softmax backward", y.shape(), dy.shape())?;
         let n = y.shape().last().max(1);
         let (ys, gs) = (y.as_slice(), dy.as_slice());
-        let mut out = vec![0.0f32; ys.len()];
+        let mut out = pool::take_for_overwrite(ys.len());
         let work = |(r, o): (usize, &mut [f32])| {
             let (yr, gr) = (&ys[r * n..(r + 1) * n], &gs[r * n..(r + 1) * n]);
             let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
@@ -269,8 +286,8 @@ impl Backend for NdArray {
     ) -> Result<(NdTensor, NdTensor)> {
         let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), beta.shape())?;
         let (src, g, b) = (x.as_slice(), gamma.as_slice(), beta.as_slice());
-        let mut out = vec![0.0f32; src.len()];
-        let mut stats = vec![0.0f32; rows * 2];
+        let mut out = pool::take_for_overwrite(src.len());
+        let mut stats = pool::take_for_overwrite(rows * 2);
         let work = |(r, (o, st)): (usize, (&mut [f32], &mut [f32]))| {
             let row = &src[r * n..(r + 1) * n];
             // Two passes in f64: no cancellation in the variance.
@@ -320,7 +337,7 @@ impl Backend for NdArray {
             gamma.as_slice(),
             dy.as_slice(),
         );
-        let mut out = vec![0.0f32; src.len()];
+        let mut out = pool::take_for_overwrite(src.len());
         // dx = rstd * (g*dy - mean(g*dy) - xhat * mean(g*dy*xhat))
         let work = |(r, o): (usize, &mut [f32])| {
             let (mean, rstd) = (st[2 * r], st[2 * r + 1]);
@@ -419,9 +436,9 @@ impl Backend for NdArray {
         let (n, cols) = a.shape().as_matrix();
         check_rows("gather_rows", n, rows, false)?;
         let src = a.as_slice();
-        let mut out = Vec::with_capacity(rows.len() * cols);
-        for &r in rows {
-            out.extend_from_slice(&src[r * cols..(r + 1) * cols]);
+        let mut out = pool::take_for_overwrite(rows.len() * cols);
+        for (dst, &r) in out.chunks_exact_mut(cols.max(1)).zip(rows) {
+            dst.copy_from_slice(&src[r * cols..(r + 1) * cols]);
         }
         NdTensor::from_vec(out, &[rows.len(), cols])
     }
@@ -444,9 +461,9 @@ impl Backend for NdArray {
     fn slice_cols(&self, a: &NdTensor, start: usize, len: usize) -> Result<NdTensor> {
         let (rows, cols) = check_col_range("slice_cols", a.shape(), start, len)?;
         let src = a.as_slice();
-        let mut out = Vec::with_capacity(rows * len);
-        for r in 0..rows {
-            out.extend_from_slice(&src[r * cols + start..r * cols + start + len]);
+        let mut out = pool::take_for_overwrite(rows * len);
+        for (r, dst) in out.chunks_exact_mut(len.max(1)).enumerate() {
+            dst.copy_from_slice(&src[r * cols + start..r * cols + start + len]);
         }
         NdTensor::from_vec(out, &[rows, len])
     }

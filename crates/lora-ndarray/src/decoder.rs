@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::attention;
 use crate::backend::{NdArray, PAR_MIN_ELEMS};
+use crate::pool;
 use crate::tensor::NdTensor;
 use crate::vectorize;
 
@@ -71,7 +72,7 @@ impl DecoderOps for NdArray {
                 (1.0 / (mean_sq + f64::from(eps)).sqrt()) as f32
             })
             .collect();
-        let mut out = vec![0.0f32; src.len()];
+        let mut out = pool::take_for_overwrite(src.len());
         // transformers' order: `weight * (x * rsqrt(mean(x²) + eps))`.
         for_rows(&mut out, n, |r, o| {
             let row = &src[r * n..(r + 1) * n];
@@ -100,7 +101,7 @@ impl DecoderOps for NdArray {
             inv_rms.as_slice(),
             dy.as_slice(),
         );
-        let mut out = vec![0.0f32; src.len()];
+        let mut out = pool::take_for_overwrite(src.len());
         // dx = r·(dy·w) - x·r³·mean(dy·w·x)
         for_rows(&mut out, n, |r, o| {
             let (xr, gr) = (&src[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
@@ -205,7 +206,7 @@ impl DecoderOps for NdArray {
     ) -> Result<NdTensor> {
         let hidden = check_embedding_backward(d_out, ids, vocab)?;
         let src = d_out.as_slice();
-        let mut grad = vec![0.0f32; vocab * hidden];
+        let mut grad = pool::zeros(vocab * hidden);
         // In the order of `ids`, like the default (and PyTorch's CPU embedding backward).
         for (i, &id) in ids.iter().enumerate() {
             let dst = &mut grad[id * hidden..(id + 1) * hidden];
@@ -228,7 +229,7 @@ fn rotate(
 ) -> Result<NdTensor> {
     let (src, c, s) = (x.as_slice(), cos.as_slice(), sin.as_slice());
     let half = d / 2;
-    let mut out = vec![0.0f32; src.len()];
+    let mut out = pool::take_for_overwrite(src.len());
     for_rows(&mut out, d, |r, o| {
         let at = r * d;
         let (xr, cr, sr) = (&src[at..at + d], &c[at..at + d], &s[at..at + d]);

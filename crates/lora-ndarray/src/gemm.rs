@@ -9,10 +9,11 @@
 #![allow(unsafe_code)]
 
 use gemm::Parallelism;
-use lora_core::backend::{Transpose, check_gemm};
+use lora_core::backend::{Product, Transpose, check_gemm};
 use lora_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use crate::pool;
 use crate::sgemm_avx2;
 use crate::tensor::NdTensor;
 
@@ -161,12 +162,12 @@ pub(crate) fn gemm_new(
     let c_shape = lora_core::Shape::new(shape);
     let (m, n, k) = check_gemm(a.shape(), trans_a, b.shape(), trans_b, &c_shape)?;
     if m == 0 || n == 0 || k == 0 {
-        return NdTensor::from_vec(vec![0.0; m * n], shape);
+        return NdTensor::from_vec(pool::zeros(m * n), shape);
     }
-    let mut data = Vec::<f32>::with_capacity(m * n);
-    // SAFETY: the buffer holds m x n elements; with beta = 0 the kernel writes every one
-    // of them without reading any (`read_dst` false), so all are initialised when the
-    // length is set.
+    // Stale values from the pool: with beta = 0 the kernel overwrites every element
+    // without reading any (`read_dst` false), so no zero-fill pass is needed.
+    let mut data = pool::take_for_overwrite(m * n);
+    // SAFETY: the buffer holds m x n initialised elements that only this call touches.
     unsafe {
         gemm_to(
             (m, n, k),
@@ -176,7 +177,6 @@ pub(crate) fn gemm_new(
             0.0,
             SendPtr(data.as_mut_ptr()),
         );
-        data.set_len(m * n);
     }
     NdTensor::from_vec(data, shape)
 }
@@ -220,10 +220,18 @@ unsafe fn gemm_to(
         }
     };
 
+    split_panels((m, n, k), |r0, mr, c0, nc| {
+        run(r0, mr, c0, nc, Parallelism::None)
+    });
+}
+
+/// Runs `run(r0, rows, c0, cols)` over panels of an `m x n` output of depth `k`, in
+/// parallel as the shape warrants; the panels are disjoint and cover the output.
+fn split_panels((m, n, k): (usize, usize, usize), run: impl Fn(usize, usize, usize, usize) + Sync) {
     let work = m * n * k;
     let threads = rayon::current_num_threads();
     if threads <= 1 || work < PARALLEL_MIN_WORK {
-        run(0, m, 0, n, Parallelism::None);
+        run(0, m, 0, n);
     } else if work >= WHOLE_PANELS_MIN_WORK && m.min(n) >= WHOLE_PANELS_MIN_SIDE {
         // One panel per thread, no synchronisation between them: row panels unless the
         // rows are too few (row panels measured at least as fast as column panels, and 7%
@@ -234,23 +242,77 @@ unsafe fn gemm_to(
         (0..side.div_ceil(per)).into_par_iter().for_each(|p| {
             let (s0, len) = (p * per, per.min(side - p * per));
             match by_rows {
-                true => run(s0, len, 0, n, Parallelism::None),
-                false => run(0, m, s0, len, Parallelism::None),
+                true => run(s0, len, 0, n),
+                false => run(0, m, s0, len),
             }
         });
     } else if m >= n {
         let panel = m.div_ceil(threads * 2).max(16);
         (0..m.div_ceil(panel)).into_par_iter().for_each(|p| {
             let r0 = p * panel;
-            run(r0, panel.min(m - r0), 0, n, Parallelism::None);
+            run(r0, panel.min(m - r0), 0, n);
         });
     } else {
         let panel = n.div_ceil(threads * 2).max(16);
         (0..n.div_ceil(panel)).into_par_iter().for_each(|p| {
             let c0 = p * panel;
-            run(0, m, c0, panel.min(n - c0), Parallelism::None);
+            run(0, m, c0, panel.min(n - c0));
         });
     }
+}
+
+/// `op(a1) op(b1) + scale2 · op(a2) op(b2)` into a new tensor of shape `shape`: on CPUs
+/// where our AVX2 kernel runs and the first product suits it, one product over the
+/// concatenated depth (the second product's depth joins the first's last slice), else
+/// `None` and the caller runs the two products.
+pub(crate) fn gemm_plus_new(
+    ((a1, ta1), (b1, tb1)): Product<'_, NdTensor>,
+    scale2: f32,
+    ((a2, ta2), (b2, tb2)): Product<'_, NdTensor>,
+    shape: &[usize],
+) -> Result<Option<NdTensor>> {
+    let c_shape = lora_core::Shape::new(shape);
+    let (m, n, k1) = check_gemm(a1.shape(), ta1, b1.shape(), tb1, &c_shape)?;
+    let (_, _, k2) = check_gemm(a2.shape(), ta2, b2.shape(), tb2, &c_shape)?;
+    let fused =
+        sgemm_avx2::available() && sgemm_avx2::suits(m, n, k1) && k2 <= sgemm_avx2::MAX_EXTRA_DEPTH;
+    if !fused {
+        return Ok(None);
+    }
+    let operand = |t: &NdTensor, tr: Transpose| {
+        let (cs, rs) = strides(t.shape().as_matrix().1, tr);
+        (ConstPtr(t.as_slice().as_ptr()), rs, cs)
+    };
+    let ((pa1, a1_rs, a1_cs), (pb1, b1_rs, b1_cs)) = (operand(a1, ta1), operand(b1, tb1));
+    let ((pa2, a2_rs, a2_cs), (pb2, b2_rs, b2_cs)) = (operand(a2, ta2), operand(b2, tb2));
+    // Stale values from the pool: the kernel writes every element without reading any.
+    let mut data = pool::take_for_overwrite(m * n);
+    let dst = SendPtr(data.as_mut_ptr());
+    split_panels((m, n, k1 + k2), |r0, mr, c0, nc| {
+        let (r0, c0) = (r0 as isize, c0 as isize);
+        // SAFETY: `check_gemm` matched both operand pairs to the m x n output and the
+        // strides above; each panel's offsets stay inside them, and concurrent calls
+        // write disjoint output panels of `data`, which outlives the parallel section.
+        unsafe {
+            sgemm_avx2::sgemm_plus(
+                (mr, nc),
+                (
+                    (pa1.get().offset(r0 * a1_rs), a1_rs, a1_cs),
+                    (pb1.get().offset(c0 * b1_cs), b1_rs, b1_cs),
+                    k1,
+                ),
+                scale2,
+                (
+                    (pa2.get().offset(r0 * a2_rs), a2_rs, a2_cs),
+                    (pb2.get().offset(c0 * b2_cs), b2_rs, b2_cs),
+                    k2,
+                ),
+                dst.get().offset(r0 * n as isize + c0),
+                n,
+            );
+        }
+    });
+    NdTensor::from_vec(data, shape).map(Some)
 }
 
 /// Batched `c[i] = alpha * op(a[i]) op(b[i]) + beta * c[i]`: the batch items run in

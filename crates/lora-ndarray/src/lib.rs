@@ -13,6 +13,7 @@ mod decoder;
 mod fast_exp;
 mod gemm;
 mod lora_ops;
+pub mod pool;
 mod sgemm_avx2;
 mod tensor;
 mod vectorize;

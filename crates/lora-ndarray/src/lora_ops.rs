@@ -6,13 +6,14 @@ use lora_core::{LoraOps, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::backend::NdArray;
+use crate::pool;
 use crate::tensor::NdTensor;
 
 impl LoraOps for NdArray {
     fn scale_features(&self, t: &NdTensor, v: &NdTensor) -> Result<NdTensor> {
         let cols = check_row_broadcast(t.shape(), v.shape())?;
         let (src, scale) = (t.as_slice(), v.as_slice());
-        let mut out = vec![0.0f32; src.len()];
+        let mut out = pool::take_for_overwrite(src.len());
         if cols > 0 {
             out.par_chunks_mut(cols)
                 .zip(src.par_chunks(cols))
@@ -45,7 +46,7 @@ impl LoraOps for NdArray {
             }
         };
         let s = scale.as_slice();
-        let mut u = vec![0.0f32; y.numel()];
+        let mut u = pool::take_for_overwrite(y.numel());
         if cols > 0 {
             y.as_mut_slice()
                 .par_chunks_mut(cols)
@@ -70,7 +71,7 @@ impl LoraOps for NdArray {
         let cols = check_row_broadcast(dy.shape(), scale.shape())?;
         lora_core::backend::check_same_shape("dora_backward_terms dy vs u", dy.shape(), u.shape())?;
         let s = scale.as_slice();
-        let mut scaled = vec![0.0f32; dy.numel()];
+        let mut scaled = pool::take_for_overwrite(dy.numel());
         // Column sums per block of rows, then added in block order (deterministic).
         let block = 256 * cols.max(1);
         let partial: Vec<Vec<f32>> = scaled

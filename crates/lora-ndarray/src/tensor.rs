@@ -1,18 +1,39 @@
 //! The ndarray tensor: an owned, contiguous, row-major f32 array.
 
+use std::mem::ManuallyDrop;
+
 use lora_core::{Error, Result, Shape, Tensor};
 use ndarray::{ArcArray, ArrayD, IxDyn};
+
+use crate::pool;
 
 /// A dense f32 tensor in standard (row-major, contiguous) layout.
 ///
 /// The layout invariant lets GEMM and the elementwise kernels treat the data as a flat
 /// slice; every constructor establishes it. Storage is reference-counted like a PyTorch
 /// tensor: `clone` is O(1) (saving an activation for the backward copies nothing) and a
-/// write to shared storage copies it first.
+/// write to shared storage copies it first. When the last tensor sharing a storage is
+/// dropped, the buffer goes back to the backend's pool (`pool`) for the next op's output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NdTensor {
-    array: ArcArray<f32, IxDyn>,
+    // `ManuallyDrop` so that `Drop` can move the storage out into the pool.
+    array: ManuallyDrop<ArcArray<f32, IxDyn>>,
     shape: Shape,
+}
+
+#[allow(unsafe_code)]
+impl Drop for NdTensor {
+    fn drop(&mut self) {
+        // SAFETY: `array` is not used again: this is the tensor's drop.
+        let array = unsafe { ManuallyDrop::take(&mut self.array) };
+        if array.len() < pool::MIN_POOLED_ELEMS {
+            return;
+        }
+        // Shared storage stays with its other owners; the last one returns it.
+        if let Ok(owned) = array.try_into_owned_nocopy() {
+            pool::give(owned.into_raw_vec_and_offset().0);
+        }
+    }
 }
 
 impl NdTensor {
@@ -25,7 +46,7 @@ impl NdTensor {
         };
         let shape = Shape::new(array.shape());
         NdTensor {
-            array: array.into_shared(),
+            array: ManuallyDrop::new(array.into_shared()),
             shape,
         }
     }
@@ -38,7 +59,7 @@ impl NdTensor {
             reason: e.to_string(),
         })?;
         Ok(NdTensor {
-            array: array.into_shared(),
+            array: ManuallyDrop::new(array.into_shared()),
             shape: Shape::new(shape),
         })
     }
@@ -46,16 +67,14 @@ impl NdTensor {
     /// The same elements under another shape of equal size, sharing the storage (O(1), as
     /// `torch.reshape` of a contiguous tensor: a later write copies it first).
     pub fn reshaped(&self, shape: &[usize]) -> Result<Self> {
-        let array = self
-            .array
-            .clone()
+        let array = ArcArray::clone(&self.array)
             .into_shape_with_order(IxDyn(shape))
             .map_err(|e| Error::Backend {
                 backend: "ndarray",
                 reason: format!("reshape {} to {shape:?}: {e}", self.shape),
             })?;
         Ok(NdTensor {
-            array,
+            array: ManuallyDrop::new(array),
             shape: Shape::new(shape),
         })
     }
@@ -73,6 +92,14 @@ impl NdTensor {
 
     /// The elements as a flat mutable slice (copies the storage first if it is shared).
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        if !self.array.is_unique() {
+            // Copy into a pooled buffer rather than let ndarray clone into a new one.
+            let copy = pool::copy_of(self.as_slice());
+            let array = ArrayD::from_shape_vec(IxDyn(self.shape.dims()), copy)
+                .unwrap_or_else(|_| unreachable!("the copy has the tensor's length"));
+            let shared = std::mem::replace(&mut *self.array, array.into_shared());
+            drop(shared);
+        }
         self.array.as_slice_mut().unwrap_or(&mut [])
     }
 }

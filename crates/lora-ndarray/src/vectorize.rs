@@ -161,7 +161,7 @@ pub(crate) fn par_kernel(
     use rayon::prelude::*;
 
     use crate::backend::{PAR_CHUNK, PAR_MIN_ELEMS};
-    let mut out = vec![0.0f32; a.len()];
+    let mut out = crate::pool::take_for_overwrite(a.len());
     if a.len() < PAR_MIN_ELEMS {
         kernel(a, b, &mut out);
     } else {

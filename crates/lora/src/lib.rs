@@ -33,7 +33,7 @@ pub use lora_quant as quant;
 #[cfg(feature = "cuda")]
 pub use lora_cuda::{Cuda, CudaTensor, cuda_unavailable_reason};
 #[cfg(feature = "ndarray")]
-pub use lora_ndarray::{NdArray, NdTensor};
+pub use lora_ndarray::{NdArray, NdTensor, pool as ndarray_pool};
 #[cfg(feature = "tch")]
 pub use lora_tch::{Tch, TchTensor};
 

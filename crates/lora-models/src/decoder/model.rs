@@ -40,6 +40,8 @@ pub struct DecoderModel<B: LoraOps> {
     embedding_grad: bool,
     /// That gradient after the last backward (`[vocab, hidden]`).
     embed_tokens_grad: Option<B::Tensor>,
+    /// The rotary tables of the last forward, reused while the positions repeat.
+    rope_cache: rope::RopeCache<B::Tensor>,
 }
 
 /// The batch-level state of a training forward.
@@ -116,6 +118,7 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
             gradient_checkpointing: false,
             embedding_grad: false,
             embed_tokens_grad: None,
+            rope_cache: rope::RopeCache::new(),
         })
     }
 
@@ -381,28 +384,18 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
 
     /// Rotary tables and the key mask for one step (the dense causal + padding mask is
     /// built by the attention op only if the backend needs it).
-    fn attention_inputs(&self, b: &B, step: &Step<'_>) -> Result<AttentionInputs<B::Tensor>> {
-        let c = &self.config;
-        let (bs, t, nh, nkv, hd) = (
-            step.batch,
-            step.seq,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
-        let kv_len = step.past + t;
-        let inv_freq = rope::inv_freq(c, step.positions.iter().copied().max().unwrap_or(0));
-        let (qc, qs) = rope::tables(&inv_freq, step.positions, nh);
-        let (kc, ks) = rope::tables(&inv_freq, step.positions, nkv);
+    fn attention_inputs(&mut self, b: &B, step: &Step<'_>) -> Result<AttentionInputs<B::Tensor>> {
+        let [q_cos, q_sin, k_cos, k_sin] =
+            self.rope_cache.tables(b, &self.config, step.positions)?;
         Ok(AttentionInputs {
-            batch: bs,
-            seq: t,
+            batch: step.batch,
+            seq: step.seq,
             past: step.past,
-            kv_len,
-            q_cos: b.from_host(&qc, &[bs * t * nh, hd])?,
-            q_sin: b.from_host(&qs, &[bs * t * nh, hd])?,
-            k_cos: b.from_host(&kc, &[bs * t * nkv, hd])?,
-            k_sin: b.from_host(&ks, &[bs * t * nkv, hd])?,
+            kv_len: step.past + step.seq,
+            q_cos,
+            q_sin,
+            k_cos,
+            k_sin,
             keep: step.keep.to_vec(),
             dense_mask: OnceCell::new(),
         })

@@ -84,3 +84,55 @@ pub fn tables(inv_freq: &[f32], positions: &[usize], repeat: usize) -> (Vec<f32>
     }
     (cos, sin)
 }
+
+/// The rotary tables of the last forward on the backend (`q_cos`, `q_sin`, `k_cos`,
+/// `k_sin`), reused while the positions repeat: every training step of one batch shape
+/// asks for the same ones, and building them on the host and uploading them was the
+/// largest allocation left in a steady-state step (4 x `[tokens x heads, head_dim]`).
+#[derive(Debug)]
+pub(crate) struct RopeCache<T> {
+    positions: Vec<usize>,
+    tables: Option<[T; 4]>,
+}
+
+impl<T: Clone> RopeCache<T> {
+    pub(crate) fn new() -> Self {
+        RopeCache {
+            positions: Vec::new(),
+            tables: None,
+        }
+    }
+
+    /// The tables for `positions` (query rows repeated per head, key rows per KV head).
+    pub(crate) fn tables<B: lora_core::Backend<Tensor = T>>(
+        &mut self,
+        b: &B,
+        config: &DecoderConfig,
+        positions: &[usize],
+    ) -> lora_core::Result<[T; 4]> {
+        if let Some(t) = &self.tables
+            && self.positions == positions
+        {
+            return Ok(t.clone());
+        }
+        let (nh, nkv, hd) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        let inv_freq = inv_freq(config, positions.iter().copied().max().unwrap_or(0));
+        let (qc, qs) = tables(&inv_freq, positions, nh);
+        let (kc, ks) = tables(&inv_freq, positions, nkv);
+        let rows = positions.len();
+        let built = [
+            b.from_host_vec(qc, &[rows * nh, hd])?,
+            b.from_host_vec(qs, &[rows * nh, hd])?,
+            b.from_host_vec(kc, &[rows * nkv, hd])?,
+            b.from_host_vec(ks, &[rows * nkv, hd])?,
+        ];
+        self.positions.clear();
+        self.positions.extend_from_slice(positions);
+        self.tables = Some(built.clone());
+        Ok(built)
+    }
+}

@@ -21,6 +21,10 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
+use pack::{At, pack_a, pack_b, scale_packed};
+
+mod pack;
+
 /// Rows of the register tile.
 const MR: usize = 6;
 /// Columns of the register tile (two 8-lane vectors).
@@ -86,58 +90,137 @@ pub(crate) unsafe fn sgemm(
     c: *mut f32,
     ldc: usize,
 ) {
+    let only = Segment {
+        a,
+        b,
+        k,
+        scale: 1.0,
+    };
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        with_packs(m, n, 0, |packs| {
+            blocked(m, n, &[only], alpha, beta, c, ldc, packs)
+        })
+    }
+}
+
+/// The most depth [`sgemm_plus`] appends to a product (LoRA ranks up to 64).
+pub(crate) const MAX_EXTRA_DEPTH: usize = 64;
+
+/// `c = a1 b1 + scale2 · a2 b2` into an `m x n` output (row stride `ldc`, old contents
+/// never read): one product over the concatenated depth `k1 + k2`, with `a2 b2` packed
+/// into the last depth slice of `a1 b1`. A LoRA term `s·(x Aᵀ) Bᵀ` on top of the frozen
+/// `x Wᵀ` so costs `k2 / k1` more multiply-adds and no second pass over the output (which
+/// a separate `beta = 1` product makes: a read and a write of every element of `c`).
+///
+/// # Safety
+/// As [`sgemm`], for both operand pairs; `k1 > 0` and `k2 <= MAX_EXTRA_DEPTH`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_plus(
+    (m, n): (usize, usize),
+    (a1, b1, k1): (Operand, Operand, usize),
+    scale2: f32,
+    (a2, b2, k2): (Operand, Operand, usize),
+    c: *mut f32,
+    ldc: usize,
+) {
+    debug_assert!(k1 > 0 && k2 <= MAX_EXTRA_DEPTH);
+    let segs = [
+        Segment {
+            a: a1,
+            b: b1,
+            k: k1,
+            scale: 1.0,
+        },
+        Segment {
+            a: a2,
+            b: b2,
+            k: k2,
+            scale: scale2,
+        },
+    ];
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        with_packs(m, n, k2, |packs| {
+            blocked(m, n, &segs, 1.0, 0.0, c, ldc, packs)
+        })
+    }
+}
+
+/// One operand pair of a product over a concatenated depth: `a` is `m x k`, `b` is
+/// `k x n`, and `a`'s packed values are multiplied by `scale`.
+#[derive(Clone, Copy)]
+struct Segment {
+    a: Operand,
+    b: Operand,
+    k: usize,
+    scale: f32,
+}
+
+/// Runs `f` with this thread's packing buffers, grown to hold a block of an `m x n`
+/// product whose slices are up to `KC + extra` deep.
+fn with_packs<R>(m: usize, n: usize, extra: usize, f: impl FnOnce(Packs<'_>) -> R) -> R {
     PACKS.with(|packs| {
         let mut packs = packs.borrow_mut();
         let (a_pack, b_pack) = &mut *packs;
-        let b_need = KC * NC.min(n.div_ceil(NR) * NR);
-        let a_need = KC * MC.min(m.div_ceil(MR) * MR);
+        let depth = KC + extra;
+        let b_need = depth * NC.min(n.div_ceil(NR) * NR);
+        let a_need = depth * MC.min(m.div_ceil(MR) * MR);
         if b_pack.len() < b_need {
             b_pack.resize(b_need, 0.0);
         }
         if a_pack.len() < a_need {
             a_pack.resize(a_need, 0.0);
         }
-        // SAFETY: forwarded to the caller's contract; the buffers hold a full block.
-        unsafe { blocked(m, n, k, alpha, a, b, beta, c, ldc, a_pack, b_pack) }
+        f((a_pack, b_pack))
     })
 }
 
-/// The three blocking loops around the register tile.
+/// The `A` and `B` packing buffers.
+type Packs<'a> = (&'a mut [f32], &'a mut [f32]);
+
+/// The three blocking loops around the register tile, over the depth of `segs[0]` in
+/// slices of [`KC`]; the depth of a second segment joins the last slice.
 ///
 /// # Safety
-/// As [`sgemm`], and the pack buffers hold `KC x min(MC, m)` and `KC x min(NC, n)` panels
-/// rounded up to whole tiles.
+/// As [`sgemm`] for every segment, and the pack buffers hold `KC + k2` deep blocks of
+/// `min(MC, m)` and `min(NC, n)` rounded up to whole tiles.
 #[allow(clippy::too_many_arguments)]
 unsafe fn blocked(
     m: usize,
     n: usize,
-    k: usize,
+    segs: &[Segment],
     alpha: f32,
-    (a, a_rs, a_cs): Operand,
-    (b, b_rs, b_cs): Operand,
     beta: f32,
     c: *mut f32,
     ldc: usize,
-    a_pack: &mut [f32],
-    b_pack: &mut [f32],
+    (a_pack, b_pack): Packs<'_>,
 ) {
+    let (main, extra) = (segs[0], segs.get(1).filter(|s| s.k > 0));
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
+        for pc in (0..main.k).step_by(KC) {
+            let kc1 = KC.min(main.k - pc);
+            let tail = extra.filter(|_| pc + kc1 == main.k);
+            let kc = kc1 + tail.map_or(0, |s| s.k);
             // The first slice applies `beta`; later slices add to what it wrote.
             let beta = if pc == 0 { beta } else { 1.0 };
-            // SAFETY (all blocks below): offsets stay within the operands' m x k, k x n
-            // and m x n extents, which the caller guarantees are addressable.
+            // SAFETY (all blocks below): offsets stay within each segment's m x k, k x n
+            // and the m x n output, which the caller guarantees are addressable.
             unsafe {
-                let b_block = b.offset(pc as isize * b_rs + jc as isize * b_cs);
-                pack_b(kc, nc, (b_block, b_rs, b_cs), b_pack);
+                pack_b(kc1, nc, main.b.at(pc, jc), (&mut *b_pack, kc, 0));
+                if let Some(s) = tail {
+                    pack_b(s.k, nc, s.b.at(0, jc), (&mut *b_pack, kc, kc1));
+                }
             }
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
                 unsafe {
-                    let a_block = a.offset(ic as isize * a_rs + pc as isize * a_cs);
-                    pack_a(mc, kc, (a_block, a_rs, a_cs), a_pack);
+                    pack_a(mc, kc1, main.a.at(ic, pc), (&mut *a_pack, kc, 0));
+                    if let Some(s) = tail {
+                        pack_a(mc, s.k, s.a.at(ic, 0), (&mut *a_pack, kc, kc1));
+                        scale_packed(a_pack, mc, kc, kc1, s.scale);
+                    }
                 }
                 for jr in (0..nc).step_by(NR) {
                     let b_panel = &b_pack[jr * kc..(jr + NR) * kc];
@@ -154,167 +237,6 @@ unsafe fn blocked(
                 }
             }
         }
-    }
-}
-
-/// Packs a `kc x nc` block of `b` into panels of [`NR`] columns, each `kc` rows of 16
-/// contiguous values; columns past `nc` are zero.
-///
-/// # Safety
-/// The block's elements are addressable; `out` holds `kc x nc` rounded up to panels.
-unsafe fn pack_b(kc: usize, nc: usize, (b, rs, cs): Operand, out: &mut [f32]) {
-    for (panel, j0) in (0..nc).step_by(NR).enumerate() {
-        let cols = NR.min(nc - j0);
-        let dst = &mut out[panel * NR * kc..(panel + 1) * NR * kc];
-        // SAFETY: columns j0..j0+cols and rows 0..kc of the block are addressable.
-        unsafe {
-            let src = b.offset(j0 as isize * cs);
-            if cols == NR && rs == 1 {
-                // `b` is a transposed row-major matrix (y = x Wᵀ): 8x8 transposes.
-                pack_transposed::<NR>(kc, src, cs, dst);
-            } else if cols == NR && cs == 1 {
-                for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
-                    std::ptr::copy_nonoverlapping(
-                        src.offset(p as isize * rs),
-                        row.as_mut_ptr(),
-                        NR,
-                    );
-                }
-            } else {
-                for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = if j < cols {
-                            *src.offset(p as isize * rs + j as isize * cs)
-                        } else {
-                            0.0
-                        };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Packs an `mc x kc` block of `a` into panels of [`MR`] rows, each `kc` columns of 6
-/// values; rows past `mc` are zero.
-///
-/// # Safety
-/// The block's elements are addressable; `out` holds `mc x kc` rounded up to panels.
-unsafe fn pack_a(mc: usize, kc: usize, (a, rs, cs): Operand, out: &mut [f32]) {
-    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-        let rows = MR.min(mc - i0);
-        let dst = &mut out[panel * MR * kc..(panel + 1) * MR * kc];
-        // SAFETY: rows i0..i0+rows and columns 0..kc of the block are addressable.
-        unsafe {
-            let src = a.offset(i0 as isize * rs);
-            if rows == MR && rs == 1 {
-                for (p, col) in dst.chunks_exact_mut(MR).enumerate() {
-                    std::ptr::copy_nonoverlapping(
-                        src.offset(p as isize * cs),
-                        col.as_mut_ptr(),
-                        MR,
-                    );
-                }
-            } else if rows == MR && cs == 1 {
-                // Row-major `a` (the common case): 8 x 8 transposes of the six rows.
-                pack_transposed::<MR>(kc, src, rs, dst);
-            } else {
-                for (p, col) in dst.chunks_exact_mut(MR).enumerate() {
-                    for (i, v) in col.iter_mut().enumerate() {
-                        *v = if i < rows {
-                            *src.offset(i as isize * rs + p as isize * cs)
-                        } else {
-                            0.0
-                        };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Packs `W` vectors that run contiguously along `k` (vector `i` starts at `src + i·stride`:
-/// the rows of a row-major `a`, or the columns of a transposed `b`) into `kc` groups of `W`
-/// values, 8 x 8 blocks at a time through registers.
-///
-/// # Safety
-/// The `W` vectors of `kc` values are addressable; `out` holds `kc x W`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pack_transposed<const W: usize>(
-    kc: usize,
-    src: *const f32,
-    stride: isize,
-    out: &mut [f32],
-) {
-    let full = kc / 8 * 8;
-    // SAFETY: every load reads values p..p+8 of one of the W vectors; every store writes
-    // the first `n` lanes of group `g` of column p+q inside `out` (kc x W).
-    unsafe {
-        for p in (0..full).step_by(8) {
-            for g in (0..W).step_by(8) {
-                let n = (W - g).min(8);
-                let rows: [__m256; 8] = std::array::from_fn(|i| match i < n {
-                    true => _mm256_loadu_ps(src.offset((g + i) as isize * stride + p as isize)),
-                    false => _mm256_setzero_ps(),
-                });
-                for (q, v) in transpose8(rows).into_iter().enumerate() {
-                    let dst = out.as_mut_ptr().add((p + q) * W + g);
-                    if n == 8 {
-                        _mm256_storeu_ps(dst, v);
-                    } else {
-                        let mut lanes = [0.0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
-                    }
-                }
-            }
-        }
-        for p in full..kc {
-            for i in 0..W {
-                out[p * W + i] = *src.offset(i as isize * stride + p as isize);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_transposed<const W: usize>(_: usize, _: *const f32, _: isize, _: &mut [f32]) {
-    unreachable!("sgemm_avx2 is only dispatched to on x86-64")
-}
-
-/// The transpose of eight 8-lane rows.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
-    // SAFETY: register-only shuffles; callers run with AVX enabled.
-    unsafe {
-        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        [
-            _mm256_permute2f128_ps::<0x20>(u0, u4),
-            _mm256_permute2f128_ps::<0x20>(u1, u5),
-            _mm256_permute2f128_ps::<0x20>(u2, u6),
-            _mm256_permute2f128_ps::<0x20>(u3, u7),
-            _mm256_permute2f128_ps::<0x31>(u0, u4),
-            _mm256_permute2f128_ps::<0x31>(u1, u5),
-            _mm256_permute2f128_ps::<0x31>(u2, u6),
-            _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ]
     }
 }
 

@@ -1,0 +1,259 @@
+//! The buffer pool: tensor storage reused across training steps instead of allocated.
+//!
+//! Every op writes a fresh output tensor, so a MiniLM training step at batch 8 x 64 made
+//! about 4000 activation-sized allocations (266 MiB) and as many frees. With the system
+//! allocator each large one is an `mmap` whose pages the kernel zeroes on first touch;
+//! with mimalloc told to keep freed pages (`lora`'s binary and the benches) the pages stay,
+//! but the resident set grows past the live peak because freed blocks of one size do not
+//! always serve the next request of another. Here a dropped [`NdTensor`](crate::NdTensor)
+//! whose storage nobody else shares returns its buffer, and the next op that needs a
+//! buffer of that length (or a little less) takes it back. A steady-state step, whose ops
+//! ask for the same lengths in the same order every time, then allocates no tensor storage
+//! at all (`tests/step_allocations.rs` counts it).
+//!
+//! Bounded: the free buffers never exceed the most storage that was ever handed out and
+//! not yet returned (the process's own live peak, at least [`MIN_LIMIT_BYTES`]), or the
+//! limit set with [`set_limit`]. Over it, the buffers returned longest ago are freed
+//! first, so lengths a workload stopped asking for (a KV cache that grew past them) do
+//! not stay resident. [`release`] frees everything held.
+//!
+//! A buffer from [`take_for_overwrite`] holds stale values of an earlier tensor (always
+//! initialised floats, never uninitialised memory): it is for outputs that the op then
+//! writes completely, which also saves the zero-fill pass `vec![0.0; n]` makes on reused
+//! memory.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Buffers of fewer elements go straight to the allocator, whose small-object caches
+/// already serve them fast (4 KiB: one page).
+pub(crate) const MIN_POOLED_ELEMS: usize = 1024;
+/// The least the pool may hold however small the live peak has been.
+pub const MIN_LIMIT_BYTES: usize = 64 << 20;
+/// A request takes a free buffer up to this much longer than it needs (1/4 slack): a
+/// freed activation then serves a slightly shorter gradient instead of a new allocation.
+const SLACK_DIV: usize = 4;
+
+struct Pool {
+    /// Free buffers by capacity; each entry's list holds (return stamp, buffer), oldest
+    /// first. Empty lists are kept so that the steady state inserts no tree nodes.
+    free: BTreeMap<usize, Vec<(u64, Vec<f32>)>>,
+    free_bytes: usize,
+    /// Bytes handed out by `take_*` and not yet given back.
+    outstanding: usize,
+    peak_outstanding: usize,
+    /// A limit set by the user, in place of the live-peak rule.
+    fixed_limit: Option<usize>,
+    clock: u64,
+    stats: PoolStats,
+}
+
+/// Counters since the process started (or since [`reset_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Requests served from the pool.
+    pub reused: u64,
+    /// Requests that had to allocate.
+    pub allocated: u64,
+    /// Buffers freed to keep the pool under its limit.
+    pub evicted: u64,
+    /// Bytes the pool holds now.
+    pub free_bytes: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    free: BTreeMap::new(),
+    free_bytes: 0,
+    outstanding: 0,
+    peak_outstanding: 0,
+    fixed_limit: None,
+    clock: 0,
+    stats: PoolStats {
+        reused: 0,
+        allocated: 0,
+        evicted: 0,
+        free_bytes: 0,
+    },
+});
+
+fn lock() -> std::sync::MutexGuard<'static, Pool> {
+    // The pool's state stays consistent across a panic (every update is one assignment
+    // after the fallible work), so a poisoned lock is still usable.
+    POOL.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+const F32: usize = std::mem::size_of::<f32>();
+
+impl Pool {
+    fn limit(&self) -> usize {
+        self.fixed_limit
+            .unwrap_or(self.peak_outstanding.max(MIN_LIMIT_BYTES))
+    }
+
+    /// The smallest free buffer of at least `len` elements and at most the slack more.
+    fn pop(&mut self, len: usize) -> Option<Vec<f32>> {
+        let max = len + len / SLACK_DIV;
+        let (_, list) = self
+            .free
+            .range_mut(len..=max)
+            .find(|(_, list)| !list.is_empty())?;
+        let (_, buf) = list.pop()?;
+        self.free_bytes -= buf.capacity() * F32;
+        Some(buf)
+    }
+
+    fn handed_out(&mut self, bytes: usize) {
+        self.outstanding += bytes;
+        self.peak_outstanding = self.peak_outstanding.max(self.outstanding);
+    }
+
+    /// Frees the buffers returned longest ago until the pool is under its limit.
+    fn evict(&mut self) {
+        let limit = self.limit();
+        while self.free_bytes > limit {
+            let oldest = self
+                .free
+                .iter()
+                .filter_map(|(&cap, list)| list.first().map(|&(stamp, _)| (stamp, cap)))
+                .min();
+            let Some((_, cap)) = oldest else { break };
+            let Some(list) = self.free.get_mut(&cap) else {
+                break;
+            };
+            let (_, buf) = list.remove(0);
+            self.free_bytes -= buf.capacity() * F32;
+            self.stats.evicted += 1;
+            drop(buf);
+        }
+    }
+}
+
+/// A buffer of `len` elements whose values are unspecified (stale floats from an earlier
+/// tensor): for outputs the caller overwrites completely.
+pub(crate) fn take_for_overwrite(len: usize) -> Vec<f32> {
+    if len < MIN_POOLED_ELEMS {
+        return vec![0.0; len];
+    }
+    let mut pool = lock();
+    let found = pool.pop(len);
+    match found {
+        Some(mut buf) => {
+            pool.stats.reused += 1;
+            pool.handed_out(buf.capacity() * F32);
+            drop(pool);
+            // Shortening keeps the capacity (a later return files it under its full size);
+            // lengthening within the capacity writes once, only when no exact fit was free.
+            buf.resize(len, 0.0);
+            buf
+        }
+        None => {
+            pool.stats.allocated += 1;
+            pool.handed_out(len * F32);
+            drop(pool);
+            // Fresh memory from `calloc` is zero without a pass over it.
+            vec![0.0; len]
+        }
+    }
+}
+
+/// A buffer of `len` zeros.
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    let mut buf = take_for_overwrite(len);
+    buf.fill(0.0);
+    buf
+}
+
+/// A buffer holding a copy of `src`.
+pub(crate) fn copy_of(src: &[f32]) -> Vec<f32> {
+    let mut buf = take_for_overwrite(src.len());
+    buf.copy_from_slice(src);
+    buf
+}
+
+/// Takes back a buffer nobody uses any more (small ones are simply freed).
+pub(crate) fn give(buf: Vec<f32>) {
+    let cap = buf.capacity();
+    if cap < MIN_POOLED_ELEMS {
+        return;
+    }
+    let mut pool = lock();
+    pool.outstanding = pool.outstanding.saturating_sub(cap * F32);
+    pool.clock += 1;
+    let stamp = pool.clock;
+    pool.free_bytes += cap * F32;
+    pool.free.entry(cap).or_default().push((stamp, buf));
+    pool.evict();
+}
+
+/// Caps the bytes the pool keeps (`None`: the live-peak rule of the module docs).
+/// Lowering it frees buffers at once.
+pub fn set_limit(bytes: Option<usize>) {
+    let mut pool = lock();
+    pool.fixed_limit = bytes;
+    pool.evict();
+}
+
+/// Frees every buffer the pool holds (for example after training, before serving).
+pub fn release() {
+    let mut pool = lock();
+    let free = std::mem::take(&mut pool.free);
+    pool.free_bytes = 0;
+    drop(pool);
+    drop(free);
+}
+
+/// The pool's counters.
+pub fn stats() -> PoolStats {
+    let pool = lock();
+    PoolStats {
+        free_bytes: pool.free_bytes,
+        ..pool.stats
+    }
+}
+
+/// Zeroes the counters (the free buffers stay).
+pub fn reset_stats() {
+    lock().stats = PoolStats::default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // One test touches the process-wide pool, so that no other test's buffers interleave.
+    #[test]
+    fn reuses_fits_within_slack_and_stays_under_its_limit() {
+        release();
+        let a = take_for_overwrite(10_000);
+        let ptr = a.as_ptr();
+        give(a);
+        // The same length gets the same buffer back, stale values and all.
+        let b = take_for_overwrite(10_000);
+        assert_eq!(b.as_ptr(), ptr);
+        give(b);
+        // A slightly shorter request takes it too; a much shorter or longer one does not.
+        let c = take_for_overwrite(9_000);
+        assert_eq!((c.as_ptr(), c.len()), (ptr, 9_000));
+        give(c);
+        let (shorter, longer) = (take_for_overwrite(5_000), take_for_overwrite(20_000));
+        assert_ne!(shorter.as_ptr(), ptr);
+        assert_ne!(longer.as_ptr(), ptr);
+        drop((shorter, longer));
+        assert!(zeros(10_000).iter().all(|&v| v == 0.0));
+        // Over a fixed limit the oldest buffers go first.
+        set_limit(Some(3 * 4 * 4096));
+        let bufs: Vec<_> = (0..5).map(|_| take_for_overwrite(4096)).collect();
+        let newest = bufs[4].as_ptr();
+        bufs.into_iter().for_each(give);
+        let s = stats();
+        assert!(s.free_bytes <= 3 * 4 * 4096, "{s:?}");
+        assert!(s.evicted >= 2, "{s:?}");
+        let again = take_for_overwrite(4096);
+        assert_eq!(again.as_ptr(), newest);
+        drop(again);
+        set_limit(None);
+        release();
+        assert_eq!(stats().free_bytes, 0);
+    }
+}

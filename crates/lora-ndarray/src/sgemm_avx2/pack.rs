@@ -1,0 +1,217 @@
+//! Packing the operands of [`sgemm`](super::sgemm) into the panels the register tile
+//! reads: `A` in row panels of [`MR`], `B` in column panels of [`NR`], each a run of depth
+//! steps; a slice may hold two operand pairs' blocks one after another (`sgemm_plus`).
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::{MR, NR, Operand};
+
+/// Multiplies steps `from..kc` of every packed `A` panel of an `mc`-row block by `scale`.
+pub(super) fn scale_packed(a_pack: &mut [f32], mc: usize, kc: usize, from: usize, scale: f32) {
+    if scale == 1.0 {
+        return;
+    }
+    for panel in a_pack[..mc.div_ceil(MR) * MR * kc].chunks_exact_mut(MR * kc) {
+        panel[from * MR..].iter_mut().for_each(|v| *v *= scale);
+    }
+}
+
+/// Where a block's packed panels go: the buffer, the panels' full depth, and the first
+/// depth step this block fills (a slice can hold two segments' blocks one after another).
+pub(super) type PackDst<'a> = (&'a mut [f32], usize, usize);
+
+pub(super) trait At {
+    /// The operand's element `(row, col)` as a new operand origin.
+    ///
+    /// # Safety
+    /// The element must lie inside the operand's allocation.
+    unsafe fn at(self, row: usize, col: usize) -> Self;
+}
+
+impl At for Operand {
+    unsafe fn at(self, row: usize, col: usize) -> Self {
+        let (p, rs, cs) = self;
+        // SAFETY: the caller keeps (row, col) inside the operand.
+        (
+            unsafe { p.offset(row as isize * rs + col as isize * cs) },
+            rs,
+            cs,
+        )
+    }
+}
+
+/// Packs a `kc x nc` block of `b` into panels of [`NR`] columns, each `kc` rows of 16
+/// contiguous values from depth step `p0` of panels `depth` steps deep; columns past `nc`
+/// are zero.
+///
+/// # Safety
+/// The block's elements are addressable; `out` holds `depth x nc` rounded up to panels.
+pub(super) unsafe fn pack_b(
+    kc: usize,
+    nc: usize,
+    (b, rs, cs): Operand,
+    (out, depth, p0): PackDst<'_>,
+) {
+    for (panel, j0) in (0..nc).step_by(NR).enumerate() {
+        let cols = NR.min(nc - j0);
+        let at = panel * NR * depth + p0 * NR;
+        let dst = &mut out[at..at + NR * kc];
+        // SAFETY: columns j0..j0+cols and rows 0..kc of the block are addressable.
+        unsafe {
+            let src = b.offset(j0 as isize * cs);
+            if cols == NR && rs == 1 {
+                // `b` is a transposed row-major matrix (y = x Wᵀ): 8x8 transposes.
+                pack_transposed::<NR>(kc, src, cs, dst);
+            } else if cols == NR && cs == 1 {
+                for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+                    std::ptr::copy_nonoverlapping(
+                        src.offset(p as isize * rs),
+                        row.as_mut_ptr(),
+                        NR,
+                    );
+                }
+            } else {
+                for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = if j < cols {
+                            *src.offset(p as isize * rs + j as isize * cs)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs an `mc x kc` block of `a` into panels of [`MR`] rows, each `kc` columns of 6
+/// values from depth step `p0` of panels `depth` steps deep; rows past `mc` are zero.
+///
+/// # Safety
+/// The block's elements are addressable; `out` holds `mc x depth` rounded up to panels.
+pub(super) unsafe fn pack_a(
+    mc: usize,
+    kc: usize,
+    (a, rs, cs): Operand,
+    (out, depth, p0): PackDst<'_>,
+) {
+    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+        let rows = MR.min(mc - i0);
+        let at = panel * MR * depth + p0 * MR;
+        let dst = &mut out[at..at + MR * kc];
+        // SAFETY: rows i0..i0+rows and columns 0..kc of the block are addressable.
+        unsafe {
+            let src = a.offset(i0 as isize * rs);
+            if rows == MR && rs == 1 {
+                for (p, col) in dst.chunks_exact_mut(MR).enumerate() {
+                    std::ptr::copy_nonoverlapping(
+                        src.offset(p as isize * cs),
+                        col.as_mut_ptr(),
+                        MR,
+                    );
+                }
+            } else if rows == MR && cs == 1 {
+                // Row-major `a` (the common case): 8 x 8 transposes of the six rows.
+                pack_transposed::<MR>(kc, src, rs, dst);
+            } else {
+                for (p, col) in dst.chunks_exact_mut(MR).enumerate() {
+                    for (i, v) in col.iter_mut().enumerate() {
+                        *v = if i < rows {
+                            *src.offset(i as isize * rs + p as isize * cs)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs `W` vectors that run contiguously along `k` (vector `i` starts at `src + i·stride`:
+/// the rows of a row-major `a`, or the columns of a transposed `b`) into `kc` groups of `W`
+/// values, 8 x 8 blocks at a time through registers.
+///
+/// # Safety
+/// The `W` vectors of `kc` values are addressable; `out` holds `kc x W`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_transposed<const W: usize>(
+    kc: usize,
+    src: *const f32,
+    stride: isize,
+    out: &mut [f32],
+) {
+    let full = kc / 8 * 8;
+    // SAFETY: every load reads values p..p+8 of one of the W vectors; every store writes
+    // the first `n` lanes of group `g` of column p+q inside `out` (kc x W).
+    unsafe {
+        for p in (0..full).step_by(8) {
+            for g in (0..W).step_by(8) {
+                let n = (W - g).min(8);
+                let rows: [__m256; 8] = std::array::from_fn(|i| match i < n {
+                    true => _mm256_loadu_ps(src.offset((g + i) as isize * stride + p as isize)),
+                    false => _mm256_setzero_ps(),
+                });
+                for (q, v) in transpose8(rows).into_iter().enumerate() {
+                    let dst = out.as_mut_ptr().add((p + q) * W + g);
+                    if n == 8 {
+                        _mm256_storeu_ps(dst, v);
+                    } else {
+                        let mut lanes = [0.0f32; 8];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
+                    }
+                }
+            }
+        }
+        for p in full..kc {
+            for i in 0..W {
+                out[p * W + i] = *src.offset(i as isize * stride + p as isize);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_transposed<const W: usize>(_: usize, _: *const f32, _: isize, _: &mut [f32]) {
+    unreachable!("sgemm_avx2 is only dispatched to on x86-64")
+}
+
+/// The transpose of eight 8-lane rows.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // SAFETY: register-only shuffles; callers run with AVX enabled.
+    unsafe {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+}
