@@ -87,13 +87,14 @@ pub fn check_scale_features<B: LoraOps>(t: &B) {
     assert!(t.scale_features(&got, &bad).is_err());
 }
 
-/// `matmul_plus` (a product plus a low-depth one into the same fresh output) under every
-/// transpose of both pairs, against the host in f64: shapes where the ndarray backend runs
-/// one product over the concatenated depth (the second pair's depth joining a partial and
-/// a full last slice of 256) and shapes where it falls back to two products.
+/// `matmul_plus` (a product, optionally plus a low-depth one and a bias, into a fresh
+/// output) under every transpose of both pairs, against the host in f64: shapes where the
+/// ndarray backend runs one product over the concatenated depth (the second pair's depth
+/// joining a partial and a full last slice of 256) and shapes where it falls back to
+/// separate steps; a bias of the wrong length is an error.
 pub fn check_matmul_plus<B: Backend>(t: &B) {
     use lora::Transpose;
-    // (m, n, k1, k2): fused on AVX2 CPUs for the first three, two products for the others.
+    // (m, n, k1, k2): fused on AVX2 CPUs for the first three, separate steps for the others.
     let shapes = [
         (130, 70, 300, 8),
         (64, 100, 256, 16),
@@ -116,37 +117,65 @@ pub fn check_matmul_plus<B: Backend>(t: &B) {
         (tensor, at)
     };
     for (m, n, k1, k2) in shapes {
-        for (ta1, tb1) in crate::TRANSPOSE_PAIRS {
+        let bias_host = rand_vec(n, 11, 5);
+        let bias = t.from_host(&bias_host, &[n]).expect("primitive");
+        for (case, (ta1, tb1)) in crate::TRANSPOSE_PAIRS.into_iter().enumerate() {
             for (ta2, tb2) in crate::TRANSPOSE_PAIRS {
                 let (a1, a1_at) = operand(m, k1, ta1, 1);
                 let (b1, b1_at) = operand(k1, n, tb1, 2);
                 let (a2, a2_at) = operand(m, k2, ta2, 3);
                 let (b2, b2_at) = operand(k2, n, tb2, 4);
-                let scale = 0.37;
-                let want: Vec<f64> = (0..m * n)
-                    .map(|ij| {
-                        let (i, j) = (ij / n, ij % n);
-                        let first: f64 = (0..k1).map(|l| a1_at(i, l) * b1_at(l, j)).sum();
-                        let second: f64 = (0..k2).map(|l| a2_at(i, l) * b2_at(l, j)).sum();
-                        first + f64::from(scale) * second
-                    })
-                    .collect();
-                let got = t
-                    .matmul_plus(
-                        ((&a1, ta1), (&b1, tb1)),
-                        scale,
-                        ((&a2, ta2), (&b2, tb2)),
-                        &[m, n],
-                    )
-                    .expect("primitive");
-                assert_close(
-                    &format!("matmul_plus {m}x{n}x({k1}+{k2}) {ta1:?}{tb1:?} + {ta2:?}{tb2:?}"),
-                    &t.to_host(&got).expect("primitive"),
-                    &want,
-                    1e-4,
-                    1e-4,
-                );
+                let scale = 0.37f32;
+                // With and without the second product, with and without the bias.
+                for (with_second, with_bias) in [(true, case % 2 == 0), (false, true)] {
+                    let want: Vec<f64> = (0..m * n)
+                        .map(|ij| {
+                            let (i, j) = (ij / n, ij % n);
+                            let mut v: f64 = (0..k1).map(|l| a1_at(i, l) * b1_at(l, j)).sum();
+                            if with_second {
+                                let second: f64 = (0..k2).map(|l| a2_at(i, l) * b2_at(l, j)).sum();
+                                v += f64::from(scale) * second;
+                            }
+                            if with_bias {
+                                v += f64::from(bias_host[j]);
+                            }
+                            v
+                        })
+                        .collect();
+                    let got = t
+                        .matmul_plus(
+                            ((&a1, ta1), (&b1, tb1)),
+                            with_second.then_some((scale, ((&a2, ta2), (&b2, tb2)))),
+                            with_bias.then_some(&bias),
+                            &[m, n],
+                        )
+                        .expect("primitive");
+                    assert_close(
+                        &format!(
+                            "matmul_plus {m}x{n}x({k1}+{k2}) {ta1:?}{tb1:?} + {ta2:?}{tb2:?}, \
+                             second {with_second}, bias {with_bias}"
+                        ),
+                        &t.to_host(&got).expect("primitive"),
+                        &want,
+                        1e-4,
+                        1e-4,
+                    );
+                }
             }
         }
+        let (a1, _) = operand(m, k1, Transpose::No, 1);
+        let (b1, _) = operand(k1, n, Transpose::No, 2);
+        let short = t
+            .from_host(&bias_host[..n - 1], &[n - 1])
+            .expect("primitive");
+        let err = t
+            .matmul_plus(
+                ((&a1, Transpose::No), (&b1, Transpose::No)),
+                None,
+                Some(&short),
+                &[m, n],
+            )
+            .expect_err("a bias of n - 1 values");
+        assert!(err.to_string().contains(&format!("{}", n - 1)), "{err}");
     }
 }

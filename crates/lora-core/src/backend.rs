@@ -158,21 +158,27 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
         Ok(c)
     }
 
-    /// A new tensor `op(a1) op(b1) + scale2 · op(a2) op(b2)` of shape `shape`: a product
-    /// plus a second one of low depth into the same output (a linear layer's `x Wᵀ` plus
-    /// its LoRA term `s·(x Aᵀ) Bᵀ`, or `dy W` plus `s·(dy B) A`). The default runs the two
-    /// products one after the other, the second with `beta = 1`, which reads and writes
-    /// the whole output once more; a backend may run them as one product over the
-    /// concatenated depth instead.
+    /// A new tensor `op(a1) op(b1) [+ scale2 · op(a2) op(b2)] [+ bias]` of shape `shape`:
+    /// a linear layer's product with, optionally, a second one of low depth into the same
+    /// output (its LoRA term `s·(x Aᵀ) Bᵀ`, or `s·(dy B) A` in the backward) and a bias
+    /// added to every row. The default runs the products one after the other (the second
+    /// with `beta = 1`) and then adds the bias, each step a pass over the whole output; a
+    /// backend may do all of it in one product over the concatenated depth, adding the
+    /// bias as it stores the output.
     fn matmul_plus(
         &self,
         (a1, b1): Product<'_, Self::Tensor>,
-        scale2: f32,
-        ((a2, ta2), (b2, tb2)): Product<'_, Self::Tensor>,
+        second: Option<(f32, Product<'_, Self::Tensor>)>,
+        bias: Option<&Self::Tensor>,
         shape: &[usize],
     ) -> Result<Self::Tensor> {
         let mut c = self.matmul(1.0, a1, b1, shape)?;
-        self.gemm(scale2, a2, ta2, b2, tb2, 1.0, &mut c)?;
+        if let Some((scale, ((a2, ta2), (b2, tb2)))) = second {
+            self.gemm(scale, a2, ta2, b2, tb2, 1.0, &mut c)?;
+        }
+        if let Some(bias) = bias {
+            self.add_row_broadcast(&mut c, bias)?;
+        }
         Ok(c)
     }
 

@@ -213,16 +213,12 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
     fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
         self.check_features("forward input x", x, self.inp())?;
         let out_shape = x.shape().with_last(self.out());
-        let mut y = backend.matmul(
-            1.0,
-            (x, Transpose::No),
-            (&self.weight, Transpose::Yes),
+        backend.matmul_plus(
+            ((x, Transpose::No), (&self.weight, Transpose::Yes)),
+            None,
+            self.bias.as_ref(),
             out_shape.dims(),
-        )?;
-        if let Some(b) = &self.bias {
-            backend.add_row_broadcast(&mut y, b)?;
-        }
-        Ok(y)
+        )
     }
 
     fn backward(&self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
@@ -239,16 +235,15 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
     fn forward_plus(&self, backend: &B, x: &B::Tensor, term: LowRank<'_, B>) -> Result<B::Tensor> {
         self.check_features("forward input x", x, self.inp())?;
         let out_shape = x.shape().with_last(self.out());
-        let mut y = backend.matmul_plus(
+        backend.matmul_plus(
             ((x, Transpose::No), (&self.weight, Transpose::Yes)),
-            term.scale,
-            ((term.u, Transpose::No), (term.v, Transpose::Yes)),
+            Some((
+                term.scale,
+                ((term.u, Transpose::No), (term.v, Transpose::Yes)),
+            )),
+            self.bias.as_ref(),
             out_shape.dims(),
-        )?;
-        if let Some(b) = &self.bias {
-            backend.add_row_broadcast(&mut y, b)?;
-        }
-        Ok(y)
+        )
     }
 
     fn backward_plus(
@@ -261,8 +256,11 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
         let dx_shape = dy.shape().with_last(self.inp());
         backend.matmul_plus(
             ((dy, Transpose::No), (&self.weight, Transpose::No)),
-            term.scale,
-            ((term.u, Transpose::No), (term.v, Transpose::No)),
+            Some((
+                term.scale,
+                ((term.u, Transpose::No), (term.v, Transpose::No)),
+            )),
+            None,
             dx_shape.dims(),
         )
     }

@@ -195,16 +195,20 @@ impl Backend for NdArray {
     fn matmul_plus(
         &self,
         first: Product<'_, NdTensor>,
-        scale2: f32,
-        second: Product<'_, NdTensor>,
+        second: Option<(f32, Product<'_, NdTensor>)>,
+        bias: Option<&NdTensor>,
         shape: &[usize],
     ) -> Result<NdTensor> {
-        if let Some(c) = gemm_plus_new(first, scale2, second, shape)? {
+        if let Some(c) = gemm_plus_new(first, second, bias, shape)? {
             return Ok(c);
         }
         let mut c = gemm_new(1.0, first.0, first.1, shape)?;
-        let ((a2, ta2), (b2, tb2)) = second;
-        gemm_into(scale2, a2, ta2, b2, tb2, 1.0, &mut c)?;
+        if let Some((scale, ((a2, ta2), (b2, tb2)))) = second {
+            gemm_into(scale, a2, ta2, b2, tb2, 1.0, &mut c)?;
+        }
+        if let Some(bias) = bias {
+            self.add_row_broadcast(&mut c, bias)?;
+        }
         Ok(c)
     }
 

@@ -99,7 +99,7 @@ pub(crate) unsafe fn sgemm(
     // SAFETY: forwarded to the caller's contract.
     unsafe {
         with_packs(m, n, 0, |packs| {
-            blocked(m, n, &[only], alpha, beta, c, ldc, packs)
+            blocked(m, n, &[only], (alpha, beta, None), c, ldc, packs)
         })
     }
 }
@@ -107,20 +107,23 @@ pub(crate) unsafe fn sgemm(
 /// The most depth [`sgemm_plus`] appends to a product (LoRA ranks up to 64).
 pub(crate) const MAX_EXTRA_DEPTH: usize = 64;
 
-/// `c = a1 b1 + scale2 · a2 b2` into an `m x n` output (row stride `ldc`, old contents
-/// never read): one product over the concatenated depth `k1 + k2`, with `a2 b2` packed
-/// into the last depth slice of `a1 b1`. A LoRA term `s·(x Aᵀ) Bᵀ` on top of the frozen
-/// `x Wᵀ` so costs `k2 / k1` more multiply-adds and no second pass over the output (which
-/// a separate `beta = 1` product makes: a read and a write of every element of `c`).
+/// `c = a1 b1 + scale2 · a2 b2 [+ bias]` into an `m x n` output (row stride `ldc`, old
+/// contents never read; `bias`: `n` values added to every row): one product over the
+/// concatenated depth `k1 + k2`, with `a2 b2` packed into the last depth slice of `a1 b1`.
+/// A LoRA term `s·(x Aᵀ) Bᵀ` on top of the frozen `x Wᵀ` so costs `k2 / k1` more
+/// multiply-adds and no second pass over the output (which a separate `beta = 1` product
+/// makes: a read and a write of every element of `c`); the bias neither.
 ///
 /// # Safety
-/// As [`sgemm`], for both operand pairs; `k1 > 0` and `k2 <= MAX_EXTRA_DEPTH`.
+/// As [`sgemm`], for both operand pairs (the second is not read when `k2 == 0`); `k1 > 0`,
+/// `k2 <= MAX_EXTRA_DEPTH`, and `bias` addresses `n` values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm_plus(
     (m, n): (usize, usize),
     (a1, b1, k1): (Operand, Operand, usize),
     scale2: f32,
     (a2, b2, k2): (Operand, Operand, usize),
+    bias: Option<*const f32>,
     c: *mut f32,
     ldc: usize,
 ) {
@@ -142,7 +145,7 @@ pub(crate) unsafe fn sgemm_plus(
     // SAFETY: forwarded to the caller's contract.
     unsafe {
         with_packs(m, n, k2, |packs| {
-            blocked(m, n, &segs, 1.0, 0.0, c, ldc, packs)
+            blocked(m, n, &segs, (1.0, 0.0, bias), c, ldc, packs)
         })
     }
 }
@@ -180,7 +183,8 @@ fn with_packs<R>(m: usize, n: usize, extra: usize, f: impl FnOnce(Packs<'_>) -> 
 type Packs<'a> = (&'a mut [f32], &'a mut [f32]);
 
 /// The three blocking loops around the register tile, over the depth of `segs[0]` in
-/// slices of [`KC`]; the depth of a second segment joins the last slice.
+/// slices of [`KC`]; the depth of a second segment joins the last slice. The first slice
+/// applies `beta` and adds the bias (`n` values, if any) as it stores each tile.
 ///
 /// # Safety
 /// As [`sgemm`] for every segment, and the pack buffers hold `KC + k2` deep blocks of
@@ -190,8 +194,7 @@ unsafe fn blocked(
     m: usize,
     n: usize,
     segs: &[Segment],
-    alpha: f32,
-    beta: f32,
+    (alpha, beta, bias): (f32, f32, Option<*const f32>),
     c: *mut f32,
     ldc: usize,
     (a_pack, b_pack): Packs<'_>,
@@ -203,8 +206,8 @@ unsafe fn blocked(
             let kc1 = KC.min(main.k - pc);
             let tail = extra.filter(|_| pc + kc1 == main.k);
             let kc = kc1 + tail.map_or(0, |s| s.k);
-            // The first slice applies `beta`; later slices add to what it wrote.
-            let beta = if pc == 0 { beta } else { 1.0 };
+            // The first slice applies `beta` and the bias; later slices add to what it wrote.
+            let (beta, bias) = if pc == 0 { (beta, bias) } else { (1.0, None) };
             // SAFETY (all blocks below): offsets stay within each segment's m x k, k x n
             // and the m x n output, which the caller guarantees are addressable.
             unsafe {
@@ -232,7 +235,8 @@ unsafe fn blocked(
                             rows: MR.min(mc - ir),
                             cols: NR.min(nc - jr),
                         };
-                        unsafe { tile_kernel(kc, a_panel, b_panel, tile, alpha, beta) };
+                        let bias = bias.map(|b| unsafe { b.add(jc + jr) });
+                        unsafe { tile_kernel(kc, a_panel, b_panel, tile, (alpha, beta, bias)) };
                     }
                 }
             }
@@ -248,7 +252,8 @@ struct Tile {
     cols: usize,
 }
 
-/// `tile = alpha · a_panel b_panel + beta · tile` over `kc` packed steps.
+/// `tile = alpha · a_panel b_panel + beta · tile [+ bias]` over `kc` packed steps (`bias`:
+/// the tile's column values, added to every row).
 ///
 /// # Safety
 /// The tile's `rows x cols` elements are addressable and owned by this thread; the panels
@@ -261,8 +266,7 @@ unsafe fn tile_kernel(
     a_panel: &[f32],
     b_panel: &[f32],
     tile: Tile,
-    alpha: f32,
-    beta: f32,
+    (alpha, beta, bias): (f32, f32, Option<*const f32>),
 ) {
     debug_assert!(a_panel.len() >= kc * MR && b_panel.len() >= kc * NR);
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
@@ -300,10 +304,14 @@ unsafe fn tile_kernel(
         let va = _mm256_set1_ps(alpha);
         let vb = _mm256_set1_ps(beta);
         if tile.rows == MR && tile.cols == NR {
+            let bias_v = match bias {
+                Some(b) => [_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8))],
+                None => [_mm256_setzero_ps(); 2],
+            };
             for (i, row) in acc.iter().enumerate() {
                 let dst = tile.c.add(i * tile.ldc);
                 for (h, &v) in row.iter().enumerate() {
-                    let scaled = _mm256_mul_ps(v, va);
+                    let scaled = _mm256_fmadd_ps(v, va, bias_v[h]);
                     let out = if beta == 0.0 {
                         scaled
                     } else {
@@ -321,7 +329,8 @@ unsafe fn tile_kernel(
             for i in 0..tile.rows {
                 for j in 0..tile.cols {
                     let dst = tile.c.add(i * tile.ldc + j);
-                    let scaled = alpha * tmp[i * NR + j];
+                    let add = bias.map_or(0.0, |b| *b.add(j));
+                    let scaled = alpha.mul_add(tmp[i * NR + j], add);
                     *dst = if beta == 0.0 {
                         scaled
                     } else {
@@ -334,7 +343,7 @@ unsafe fn tile_kernel(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_kernel(_: usize, _: &[f32], _: &[f32], _: Tile, _: f32, _: f32) {
+unsafe fn tile_kernel(_: usize, _: &[f32], _: &[f32], _: Tile, _: (f32, f32, Option<*const f32>)) {
     unreachable!("sgemm_avx2 is only dispatched to on x86-64")
 }
 
