@@ -6,41 +6,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lora::models::bert::{BertModel, TokenBatch, classification_step};
-use lora::peft::{self, LoraConfig, TargetModules};
-use lora::{Adam, DenseLinear, FullBackend, Mode, NdArray};
-use lora_benches::rand_host;
-
-const BATCH: usize = 32;
-const SEQ: usize = 128;
-
-fn minilm() -> Option<PathBuf> {
-    let dir = lora::models::cache::minilm_dir();
-    dir.join("model.safetensors").is_file().then_some(dir)
-}
+use lora::models::bert::{BertModel, classification_step};
+use lora::{Adam, FullBackend, Mode, NdArray};
+use lora_benches::minilm::{self, BATCH, SEQ};
 
 fn bench_backend<B: FullBackend>(c: &mut Criterion, b: &B, dir: &std::path::Path) {
     let name = b.name();
-    // Random ids in the ordinary vocabulary range, [CLS] first, every token attended.
-    let ids: Vec<u32> = rand_host(BATCH * SEQ, 7)
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            if i % SEQ == 0 {
-                101
-            } else {
-                2000 + ((v + 1.0) * 10_000.0) as u32
-            }
-        })
-        .collect();
-    let batch = TokenBatch::new(ids, vec![1; BATCH * SEQ], BATCH).unwrap();
+    let batch = minilm::batch().unwrap();
     let mut model = BertModel::from_pretrained(b, dir).unwrap();
     let mut g = c.benchmark_group(format!("bert_{name}"));
     g.sample_size(10);
@@ -52,20 +30,7 @@ fn bench_backend<B: FullBackend>(c: &mut Criterion, b: &B, dir: &std::path::Path
             b.synchronize().unwrap();
         })
     });
-    let cfg = LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
-        ..LoraConfig::default()
-    };
-    peft::inject_adapters(&mut model, b, &cfg, 0).unwrap();
-    let h = model.config().hidden_size;
-    let mut head = DenseLinear::new(
-        b.from_host(&rand_host(2 * h, 8), &[2, h]).unwrap(),
-        Some(b.zeros(&[2]).unwrap()),
-    )
-    .unwrap();
-    let labels: Vec<usize> = (0..BATCH).map(|i| i % 2).collect();
+    let (mut head, labels) = minilm::add_lora(b, &mut model).unwrap();
     let mut opt = Adam::<B>::adamw(1e-4).unwrap();
     g.measurement_time(Duration::from_secs(12));
     g.bench_function(format!("{name}/lora_train_step/{BATCH}x{SEQ}"), |bch| {
@@ -81,7 +46,7 @@ fn bench_backend<B: FullBackend>(c: &mut Criterion, b: &B, dir: &std::path::Path
 
 fn bench(c: &mut Criterion) {
     lora_benches::keep_freed_memory();
-    let Some(dir) = minilm() else {
+    let Some(dir) = minilm::dir() else {
         eprintln!(
             "bert benchmarks skipped: all-MiniLM-L6-v2 not in the cache (cargo xtask fetch-model minilm)"
         );

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use lora::rng::{RngState, uniform};
 
+pub mod minilm;
 pub mod random_llama;
 use lora::{Backend, NdArray, NdTensor};
 

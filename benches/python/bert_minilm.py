@@ -5,7 +5,9 @@
   head, cross-entropy, backward, AdamW step (eval mode: no dropout, as ours).
 
 Writes {"<op>/<shape>": {"median_s": ...}} to argv[2]; argv[1] is the model directory.
-Threads: torch.set_num_threads(os.cpu_count()).
+With `train-memory` as argv[2] it runs three training steps and nothing else, for a
+peak-RSS measurement (`cargo xtask bench` runs it under GNU time, as it runs
+benches/bin/bert_memory.rs). Threads: torch.set_num_threads(os.cpu_count()).
 """
 
 import json
@@ -48,7 +50,8 @@ def main():
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
 
-    results[f"encoder_fwd/{b}x{t}"] = {"median_s": timed(fwd, seconds)}
+    if out_path != "train-memory":
+        results[f"encoder_fwd/{b}x{t}"] = {"median_s": timed(fwd, seconds)}
 
     lora = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])).eval()
     head = torch.nn.Linear(model.config.hidden_size, 2)
@@ -64,6 +67,11 @@ def main():
         loss = torch.nn.functional.cross_entropy(head(pooled), labels)
         loss.backward()
         opt.step()
+
+    if out_path == "train-memory":
+        for _ in range(3):
+            step()
+        return
 
     results[f"lora_train_step/{b}x{t}"] = {"median_s": timed(step, seconds * 2)}
     with open(out_path, "w") as f:

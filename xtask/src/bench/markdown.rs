@@ -36,6 +36,7 @@ pub(super) fn write_markdown(
     train_memory_section(&mut md, rows);
     demo_memory_section(&mut md, rows);
     decoder_memory_section(&mut md, rows);
+    minilm_memory_section(&mut md, rows);
     gemm_section(&mut md, rows, fma);
     std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -258,10 +259,28 @@ fn model_section(md: &mut String, rows: &[Row], prefix: &str, title: &str, text:
 /// Peak RSS of the decoder training step: ours (plain, gradient checkpointing) and
 /// PyTorch + PEFT's.
 fn decoder_memory_section(md: &mut String, rows: &[Row]) {
-    let mem: Vec<&Row> = rows
-        .iter()
-        .filter(|r| r.op == "decoder_train_peak_rss")
-        .collect();
+    peak_rss_section(
+        md,
+        rows,
+        "decoder_train_peak_rss",
+        "\n## Memory: decoder training step\n\nThe random Llama of the decoder section, LoRA r=16 on every projection, three AdamW steps at batch 4 x 256 in one process each (`benches/bin/decoder_memory.rs`, `decoder_llama.py train-memory`), peak RSS from GNU time (the whole process: weights, activations, optimizer state, the interpreter for PyTorch). Goals (issue 13): at most PyTorch's peak RSS; report what gradient checkpointing saves. `bf16 weights` loads the same model from a bf16 checkpoint (written by an earlier process) with every frozen linear weight kept at 2 bytes and widened per block inside the products (issue 14: well under the f32 run).\n\n",
+    );
+}
+
+/// Peak RSS of the MiniLM LoRA training step: ours and PyTorch + PEFT's.
+fn minilm_memory_section(md: &mut String, rows: &[Row]) {
+    peak_rss_section(
+        md,
+        rows,
+        "bert_train_peak_rss",
+        "\n## Memory: MiniLM training step\n\nall-MiniLM-L6-v2, the LoRA training step of the MiniLM section (batch 32 x 128, r=8 on query and value, a linear head, AdamW), three steps in one process each (`benches/bin/bert_memory.rs`, `bert_minilm.py train-memory`), peak RSS from GNU time (the whole process: model, activations, optimizer state, the interpreter for PyTorch). Goal (issue 16): at most PyTorch's peak RSS.\n\n",
+    );
+}
+
+/// A table of one peak-RSS measurement (`op`), each run against PyTorch + PEFT's, after
+/// `intro`; nothing when PyTorch's run is missing.
+fn peak_rss_section(md: &mut String, rows: &[Row], op: &str, intro: &str) {
+    let mem: Vec<&Row> = rows.iter().filter(|r| r.op == op).collect();
     let rss = |r: &Row| r.extra.get("peak_rss_bytes").and_then(Value::as_u64);
     let Some(torch) = mem
         .iter()
@@ -270,7 +289,8 @@ fn decoder_memory_section(md: &mut String, rows: &[Row]) {
     else {
         return;
     };
-    md.push_str("\n## Memory: decoder training step\n\nThe random Llama of the decoder section, LoRA r=16 on every projection, three AdamW steps at batch 4 x 256 in one process each (`benches/bin/decoder_memory.rs`, `decoder_llama.py train-memory`), peak RSS from GNU time (the whole process: weights, activations, optimizer state, the interpreter for PyTorch). Goals (issue 13): at most PyTorch's peak RSS; report what gradient checkpointing saves. `bf16 weights` loads the same model from a bf16 checkpoint (written by an earlier process) with every frozen linear weight kept at 2 bytes and widened per block inside the products (issue 14: well under the f32 run).\n\n| run | process time | peak RSS | vs PyTorch + PEFT |\n|---|---|---|---|\n");
+    md.push_str(intro);
+    md.push_str("| run | process time | peak RSS | vs PyTorch + PEFT |\n|---|---|---|---|\n");
     for r in &mem {
         let Some(b) = rss(r) else { continue };
         md.push_str(&format!(

@@ -135,6 +135,35 @@ pub(super) fn decoder_memory(target: &Path, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// Peak RSS of the all-MiniLM-L6-v2 LoRA training step (three steps per process): ours
+/// (`benches/bin/bert_memory.rs`) and PyTorch + PEFT's (`bert_minilm.py train-memory`), as
+/// `target/bench/bert_memory.json`.
+pub(super) fn bert_memory(target: &Path) -> Result<()> {
+    let exe = build_bench_bin("lora-bert-memory")?;
+    let python = crate::venv::ensure_venv()?;
+    let model = crate::venv::fetch_minilm()?;
+    let script = crate::cmd::root().join("benches/python/bert_minilm.py");
+    let mut out = serde_json::Map::new();
+    for (name, mut cmd) in [
+        ("lora-rs", std::process::Command::new(&exe)),
+        ("pytorch+peft", {
+            let mut c = std::process::Command::new(&python);
+            c.arg(&script).arg(&model).arg("train-memory");
+            c
+        }),
+    ] {
+        cmd.env("LORA_RS_MINILM", &model);
+        let (secs, rss) = timed(&mut cmd)?;
+        println!("MiniLM training memory, {name}: {secs:.1} s, peak RSS {rss:?} bytes");
+        out.insert(name.into(), json!({"seconds": secs, "peak_rss_bytes": rss}));
+    }
+    std::fs::write(
+        target.join("bench/bert_memory.json"),
+        serde_json::to_string_pretty(&Value::Object(out))? + "\n",
+    )?;
+    Ok(())
+}
+
 /// Wall time and peak RSS (bytes) of one process run, via GNU time when present (the
 /// command's own environment variables are passed on).
 pub(super) fn timed(cmd: &mut std::process::Command) -> Result<(f64, Option<u64>)> {

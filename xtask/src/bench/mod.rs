@@ -55,6 +55,7 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
     memory::demo_memory(&target)?;
     memory::train_memory(&target)?;
     memory::decoder_memory(&target, quick)?;
+    memory::bert_memory(&target)?;
     report::report(&target, quick)
 }
 

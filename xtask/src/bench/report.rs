@@ -402,11 +402,14 @@ fn quant_rows(target: &Path, rows: &mut Vec<Row>) {
 }
 
 /// Rows of the memory measurements: training memory of one layer (`memory.json`), the
-/// peak RSS of `lora demo` (`demo_memory.json`) and of the decoder training step
-/// (`decoder_memory.json`).
+/// peak RSS of `lora demo` (`demo_memory.json`) and of the decoder and MiniLM training
+/// steps (`decoder_memory.json`, `bert_memory.json`).
 fn memory_rows(target: &Path, rows: &mut Vec<Row>) {
     peak_rss_rows(target, "decoder_memory.json", rows, |name| {
         (name.to_string(), "decoder_train_peak_rss", String::new())
+    });
+    peak_rss_rows(target, "bert_memory.json", rows, |name| {
+        (name.to_string(), "bert_train_peak_rss", "32x128".into())
     });
     if let Some(m) = read_json(&target.join("bench/memory.json")) {
         for v in m.as_array().into_iter().flatten() {
