@@ -15,6 +15,7 @@ mod gemm;
 mod lora_ops;
 pub mod pool;
 mod sgemm_avx2;
+mod skinny;
 mod tensor;
 mod vectorize;
 

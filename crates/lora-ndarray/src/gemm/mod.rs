@@ -9,13 +9,16 @@
 #![allow(unsafe_code)]
 
 use gemm::Parallelism;
-use lora_core::backend::{Product, Transpose, check_gemm, check_row_broadcast};
+use lora_core::backend::{Transpose, check_gemm};
 use lora_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use crate::pool;
-use crate::sgemm_avx2;
+
+mod plus;
 use crate::tensor::NdTensor;
+use crate::{sgemm_avx2, skinny};
+pub(crate) use plus::gemm_plus_new;
 
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
@@ -80,7 +83,25 @@ unsafe fn raw_gemm(
     beta: f32,
     par: Parallelism,
 ) {
-    if matches!(par, Parallelism::None) && sgemm_avx2::available() && sgemm_avx2::suits(m, n, k) {
+    let serial = matches!(par, Parallelism::None);
+    // SAFETY: forwarded to the caller's contract; `available` checked the CPU (AVX2+FMA).
+    if serial
+        && beta == 0.0
+        && sgemm_avx2::available()
+        && unsafe {
+            skinny::try_run(
+                (m, n, k),
+                alpha,
+                (a, a_rs, a_cs),
+                (b, b_rs, b_cs),
+                c,
+                c_rs as usize,
+            )
+        }
+    {
+        return;
+    }
+    if serial && sgemm_avx2::available() && sgemm_avx2::suits(m, n, k) {
         // SAFETY: forwarded to the caller's contract; `available` checked the CPU.
         unsafe {
             sgemm_avx2::sgemm(
@@ -261,73 +282,6 @@ fn split_panels((m, n, k): (usize, usize, usize), run: impl Fn(usize, usize, usi
     }
 }
 
-/// `op(a1) op(b1) [+ scale2 · op(a2) op(b2)] [+ bias]` into a new tensor of shape
-/// `shape`: on CPUs where our AVX2 kernel runs and the first product suits it, one product
-/// over the concatenated depth (the second product's depth joins the first's last slice)
-/// that adds the bias as it stores each tile; else `None` and the caller runs the steps.
-pub(crate) fn gemm_plus_new(
-    ((a1, ta1), (b1, tb1)): Product<'_, NdTensor>,
-    second: Option<(f32, Product<'_, NdTensor>)>,
-    bias: Option<&NdTensor>,
-    shape: &[usize],
-) -> Result<Option<NdTensor>> {
-    let c_shape = lora_core::Shape::new(shape);
-    let (m, n, k1) = check_gemm(a1.shape(), ta1, b1.shape(), tb1, &c_shape)?;
-    let k2 = match second {
-        Some((_, ((a2, ta2), (b2, tb2)))) => {
-            check_gemm(a2.shape(), ta2, b2.shape(), tb2, &c_shape)?.2
-        }
-        None => 0,
-    };
-    if let Some(bias) = bias {
-        check_row_broadcast(&c_shape, bias.shape())?;
-    }
-    let fused =
-        sgemm_avx2::available() && sgemm_avx2::suits(m, n, k1) && k2 <= sgemm_avx2::MAX_EXTRA_DEPTH;
-    if !fused {
-        return Ok(None);
-    }
-    let operand = |t: &NdTensor, tr: Transpose| {
-        let (cs, rs) = strides(t.shape().as_matrix().1, tr);
-        (ConstPtr(t.as_slice().as_ptr()), rs, cs)
-    };
-    let (first_a, first_b) = (operand(a1, ta1), operand(b1, tb1));
-    let (scale2, second_a, second_b) = match second {
-        Some((scale, ((a2, ta2), (b2, tb2)))) => (scale, operand(a2, ta2), operand(b2, tb2)),
-        // No second product: depth 0, never read.
-        None => (0.0, first_a, first_b),
-    };
-    let bias = bias.map(|b| ConstPtr(b.as_slice().as_ptr()));
-    // Stale values from the pool: the kernel writes every element without reading any.
-    let mut data = pool::take_for_overwrite(m * n);
-    let dst = SendPtr(data.as_mut_ptr());
-    split_panels((m, n, k1 + k2), |r0, mr, c0, nc| {
-        let rows = |(p, rs, cs): (ConstPtr, isize, isize)| {
-            // SAFETY (this and `cols`): row r0 and column c0 lie inside the operands, whose
-            // extents `check_gemm` matched to the m x n output.
-            (unsafe { p.get().offset(r0 as isize * rs) }, rs, cs)
-        };
-        let cols = |(p, rs, cs): (ConstPtr, isize, isize)| {
-            (unsafe { p.get().offset(c0 as isize * cs) }, rs, cs)
-        };
-        // SAFETY: as above for the operands; the bias holds n values (checked), and
-        // concurrent calls write disjoint output panels of `data`, which outlives the
-        // parallel section.
-        unsafe {
-            sgemm_avx2::sgemm_plus(
-                (mr, nc),
-                (rows(first_a), cols(first_b), k1),
-                scale2,
-                (rows(second_a), cols(second_b), k2),
-                bias.map(|b| b.get().add(c0)),
-                dst.get().offset(r0 as isize * n as isize + c0 as isize),
-                n,
-            );
-        }
-    });
-    NdTensor::from_vec(data, shape).map(Some)
-}
-
 /// Batched `c[i] = alpha * op(a[i]) op(b[i]) + beta * c[i]`: the batch items run in
 /// parallel, each on one thread (attention's products are small).
 pub(crate) fn bmm_into(
@@ -483,122 +437,4 @@ pub(crate) fn gemm_serial(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use lora_core::rng::{RngState, uniform};
-
-    fn rand(shape: &[usize], stream: u64) -> NdTensor {
-        let mut v = vec![0.0; shape.iter().product()];
-        uniform(RngState::new(9, stream), -1.0, 1.0, &mut v);
-        NdTensor::from_vec(v, shape).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// f64 triple loop on the host: the reference for every path of `gemm_into`.
-    fn naive(
-        alpha: f32,
-        a: &NdTensor,
-        ta: Transpose,
-        b: &NdTensor,
-        tb: Transpose,
-        beta: f32,
-        c: &NdTensor,
-    ) -> Vec<f32> {
-        let (ar, ac) = a.shape().as_matrix();
-        let (br, bc) = b.shape().as_matrix();
-        let (m, k) = ta.apply((ar, ac));
-        let n = tb.apply((br, bc)).1;
-        let at = |i: usize, p: usize| match ta {
-            Transpose::No => a.as_slice()[i * ac + p],
-            Transpose::Yes => a.as_slice()[p * ac + i],
-        };
-        let bt = |p: usize, j: usize| match tb {
-            Transpose::No => b.as_slice()[p * bc + j],
-            Transpose::Yes => b.as_slice()[j * bc + p],
-        };
-        let mut out = vec![0.0; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let s: f64 = (0..k)
-                    .map(|p| f64::from(at(i, p)) * f64::from(bt(p, j)))
-                    .sum();
-                let old = if beta == 0.0 {
-                    0.0
-                } else {
-                    f64::from(beta) * f64::from(c.as_slice()[i * n + j])
-                };
-                out[i * n + j] = (f64::from(alpha) * s + old) as f32;
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn every_path_and_transpose_matches_the_naive_product() {
-        // Shapes chosen to hit: single-thread, row panels, column panels, one panel per thread.
-        let shapes = [
-            (3, 5, 4),
-            (700, 8, 300),
-            (8, 900, 700),
-            (300, 260, 280),
-            (1, 1, 1),
-            (17, 0, 9),
-        ];
-        for &(m, n, k) in &shapes {
-            for ta in [Transpose::No, Transpose::Yes] {
-                for tb in [Transpose::No, Transpose::Yes] {
-                    let a = rand(
-                        &match ta {
-                            Transpose::No => [m, k],
-                            Transpose::Yes => [k, m],
-                        },
-                        1,
-                    );
-                    let b = rand(
-                        &match tb {
-                            Transpose::No => [k, n],
-                            Transpose::Yes => [n, k],
-                        },
-                        2,
-                    );
-                    let c0 = rand(&[m, n], 3);
-                    for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-2.0, 0.25)] {
-                        let mut c = c0.clone();
-                        gemm_into(alpha, &a, ta, &b, tb, beta, &mut c)
-                            .unwrap_or_else(|e| panic!("{e}"));
-                        let want = naive(alpha, &a, ta, &b, tb, beta, &c0);
-                        for (got, want) in c.as_slice().iter().zip(&want) {
-                            let tol = 1e-5 * (k as f32).sqrt().max(1.0) * (1.0 + want.abs());
-                            assert!(
-                                (got - want).abs() <= tol,
-                                "{m}x{n}x{k} {ta:?} {tb:?}: {got} vs {want}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn beta_zero_ignores_nan_in_output() {
-        let a = rand(&[4, 3], 1);
-        let b = rand(&[3, 2], 2);
-        let mut c =
-            NdTensor::from_vec(vec![f32::NAN; 8], &[4, 2]).unwrap_or_else(|e| panic!("{e}"));
-        gemm_into(1.0, &a, Transpose::No, &b, Transpose::No, 0.0, &mut c)
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(c.as_slice().iter().all(|v| v.is_finite()));
-    }
-
-    #[test]
-    fn mismatched_inner_dimension_is_an_error_naming_shapes() {
-        let a = rand(&[4, 3], 1);
-        let b = rand(&[5, 2], 2);
-        let mut c = rand(&[4, 2], 3);
-        let err = gemm_into(1.0, &a, Transpose::No, &b, Transpose::No, 0.0, &mut c)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("[5, 2]") && err.contains("[4, 3]"), "{err}");
-    }
-}
+mod tests;

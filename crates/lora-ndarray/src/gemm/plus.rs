@@ -1,0 +1,78 @@
+//! `Backend::matmul_plus` on our AVX2 kernel: a product, a low-depth one and a bias in
+//! one pass over the output.
+#![allow(unsafe_code)]
+
+use lora_core::backend::{Product, Transpose, check_gemm, check_row_broadcast};
+use lora_core::{Result, Tensor};
+
+use super::{ConstPtr, SendPtr, split_panels, strides};
+use crate::pool;
+use crate::sgemm_avx2;
+use crate::tensor::NdTensor;
+
+/// `op(a1) op(b1) [+ scale2 · op(a2) op(b2)] [+ bias]` into a new tensor of shape
+/// `shape`: on CPUs where our AVX2 kernel runs and the first product suits it, one product
+/// over the concatenated depth (the second product's depth joins the first's last slice)
+/// that adds the bias as it stores each tile; else `None` and the caller runs the steps.
+pub(crate) fn gemm_plus_new(
+    ((a1, ta1), (b1, tb1)): Product<'_, NdTensor>,
+    second: Option<(f32, Product<'_, NdTensor>)>,
+    bias: Option<&NdTensor>,
+    shape: &[usize],
+) -> Result<Option<NdTensor>> {
+    let c_shape = lora_core::Shape::new(shape);
+    let (m, n, k1) = check_gemm(a1.shape(), ta1, b1.shape(), tb1, &c_shape)?;
+    let k2 = match second {
+        Some((_, ((a2, ta2), (b2, tb2)))) => {
+            check_gemm(a2.shape(), ta2, b2.shape(), tb2, &c_shape)?.2
+        }
+        None => 0,
+    };
+    if let Some(bias) = bias {
+        check_row_broadcast(&c_shape, bias.shape())?;
+    }
+    let fused =
+        sgemm_avx2::available() && sgemm_avx2::suits(m, n, k1) && k2 <= sgemm_avx2::MAX_EXTRA_DEPTH;
+    if !fused {
+        return Ok(None);
+    }
+    let operand = |t: &NdTensor, tr: Transpose| {
+        let (cs, rs) = strides(t.shape().as_matrix().1, tr);
+        (ConstPtr(t.as_slice().as_ptr()), rs, cs)
+    };
+    let (first_a, first_b) = (operand(a1, ta1), operand(b1, tb1));
+    let (scale2, second_a, second_b) = match second {
+        Some((scale, ((a2, ta2), (b2, tb2)))) => (scale, operand(a2, ta2), operand(b2, tb2)),
+        // No second product: depth 0, never read.
+        None => (0.0, first_a, first_b),
+    };
+    let bias = bias.map(|b| ConstPtr(b.as_slice().as_ptr()));
+    // Stale values from the pool: the kernel writes every element without reading any.
+    let mut data = pool::take_for_overwrite(m * n);
+    let dst = SendPtr(data.as_mut_ptr());
+    split_panels((m, n, k1 + k2), |r0, mr, c0, nc| {
+        let rows = |(p, rs, cs): (ConstPtr, isize, isize)| {
+            // SAFETY (this and `cols`): row r0 and column c0 lie inside the operands, whose
+            // extents `check_gemm` matched to the m x n output.
+            (unsafe { p.get().offset(r0 as isize * rs) }, rs, cs)
+        };
+        let cols = |(p, rs, cs): (ConstPtr, isize, isize)| {
+            (unsafe { p.get().offset(c0 as isize * cs) }, rs, cs)
+        };
+        // SAFETY: as above for the operands; the bias holds n values (checked), and
+        // concurrent calls write disjoint output panels of `data`, which outlives the
+        // parallel section.
+        unsafe {
+            sgemm_avx2::sgemm_plus(
+                (mr, nc),
+                (rows(first_a), cols(first_b), k1),
+                scale2,
+                (rows(second_a), cols(second_b), k2),
+                bias.map(|b| b.get().add(c0)),
+                dst.get().offset(r0 as isize * n as isize + c0 as isize),
+                n,
+            );
+        }
+    });
+    NdTensor::from_vec(data, shape).map(Some)
+}

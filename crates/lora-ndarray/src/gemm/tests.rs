@@ -1,0 +1,123 @@
+//! The GEMM paths against an f64 host reference.
+
+use super::*;
+use lora_core::rng::{RngState, uniform};
+
+fn rand(shape: &[usize], stream: u64) -> NdTensor {
+    let mut v = vec![0.0; shape.iter().product()];
+    uniform(RngState::new(9, stream), -1.0, 1.0, &mut v);
+    NdTensor::from_vec(v, shape).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// f64 triple loop on the host: the reference for every path of `gemm_into`.
+fn naive(
+    alpha: f32,
+    a: &NdTensor,
+    ta: Transpose,
+    b: &NdTensor,
+    tb: Transpose,
+    beta: f32,
+    c: &NdTensor,
+) -> Vec<f32> {
+    let (ar, ac) = a.shape().as_matrix();
+    let (br, bc) = b.shape().as_matrix();
+    let (m, k) = ta.apply((ar, ac));
+    let n = tb.apply((br, bc)).1;
+    let at = |i: usize, p: usize| match ta {
+        Transpose::No => a.as_slice()[i * ac + p],
+        Transpose::Yes => a.as_slice()[p * ac + i],
+    };
+    let bt = |p: usize, j: usize| match tb {
+        Transpose::No => b.as_slice()[p * bc + j],
+        Transpose::Yes => b.as_slice()[j * bc + p],
+    };
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k)
+                .map(|p| f64::from(at(i, p)) * f64::from(bt(p, j)))
+                .sum();
+            let old = if beta == 0.0 {
+                0.0
+            } else {
+                f64::from(beta) * f64::from(c.as_slice()[i * n + j])
+            };
+            out[i * n + j] = (f64::from(alpha) * s + old) as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn every_path_and_transpose_matches_the_naive_product() {
+    // Shapes chosen to hit: single-thread, row panels, column panels, one panel per thread,
+    // and on AVX2 CPUs the skinny kernels (a narrow output with and without packing its
+    // operand, token reductions into a narrow side, partial strips and odd widths).
+    let shapes = [
+        (3, 5, 4),
+        (700, 8, 300),
+        (8, 900, 700),
+        (130, 12, 77),
+        (12, 131, 90),
+        (131, 40, 64),
+        (300, 260, 280),
+        (1, 1, 1),
+        (17, 0, 9),
+    ];
+    for &(m, n, k) in &shapes {
+        for ta in [Transpose::No, Transpose::Yes] {
+            for tb in [Transpose::No, Transpose::Yes] {
+                let a = rand(
+                    &match ta {
+                        Transpose::No => [m, k],
+                        Transpose::Yes => [k, m],
+                    },
+                    1,
+                );
+                let b = rand(
+                    &match tb {
+                        Transpose::No => [k, n],
+                        Transpose::Yes => [n, k],
+                    },
+                    2,
+                );
+                let c0 = rand(&[m, n], 3);
+                for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-2.0, 0.25)] {
+                    let mut c = c0.clone();
+                    gemm_into(alpha, &a, ta, &b, tb, beta, &mut c)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    let want = naive(alpha, &a, ta, &b, tb, beta, &c0);
+                    for (got, want) in c.as_slice().iter().zip(&want) {
+                        let tol = 1e-5 * (k as f32).sqrt().max(1.0) * (1.0 + want.abs());
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "{m}x{n}x{k} {ta:?} {tb:?}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn beta_zero_ignores_nan_in_output() {
+    let a = rand(&[4, 3], 1);
+    let b = rand(&[3, 2], 2);
+    let mut c = NdTensor::from_vec(vec![f32::NAN; 8], &[4, 2]).unwrap_or_else(|e| panic!("{e}"));
+    gemm_into(1.0, &a, Transpose::No, &b, Transpose::No, 0.0, &mut c)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.as_slice().iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn mismatched_inner_dimension_is_an_error_naming_shapes() {
+    let a = rand(&[4, 3], 1);
+    let b = rand(&[5, 2], 2);
+    let mut c = rand(&[4, 2], 3);
+    let err = gemm_into(1.0, &a, Transpose::No, &b, Transpose::No, 0.0, &mut c)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("[5, 2]") && err.contains("[4, 3]"), "{err}");
+}
