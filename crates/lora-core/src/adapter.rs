@@ -428,10 +428,7 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
     ) -> Result<Option<B::Tensor>> {
         // With dropout the adapter's input gradient is masked, so it cannot join the
         // base's product.
-        if self.saved.as_ref().is_none_or(|s| s.mask.is_some()) {
-            return Ok(None);
-        }
-        let Some(saved) = self.saved.take() else {
+        let Some(saved) = self.saved.take_if(|s| s.mask.is_none()) else {
             return Ok(None);
         };
         let s = self.scaling;

@@ -11,6 +11,9 @@
 //! ask for the same lengths in the same order every time, then allocates no tensor storage
 //! at all (`tests/step_allocations.rs` counts it).
 //!
+//! Only buffers of lengths some op has asked for are kept: storage made elsewhere and
+//! wrapped as a tensor (a weight block widened from bf16, say) goes back to the allocator.
+//!
 //! Bounded: the free buffers never exceed the most storage that was ever handed out and
 //! not yet returned (the process's own live peak, at least [`MIN_LIMIT_BYTES`]), or the
 //! limit set with [`set_limit`]. Over it, the buffers returned longest ago are freed
@@ -22,12 +25,15 @@
 //! writes completely, which also saves the zero-fill pass `vec![0.0; n]` makes on reused
 //! memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 /// Buffers of fewer elements go straight to the allocator, whose small-object caches
 /// already serve them fast (4 KiB: one page).
 pub(crate) const MIN_POOLED_ELEMS: usize = 1024;
+/// At most this many distinct requested lengths are remembered (a generation loop asks for
+/// a new length every token); past it the record starts over.
+const MAX_REQUESTED_LENGTHS: usize = 4096;
 /// The least the pool may hold however small the live peak has been.
 pub const MIN_LIMIT_BYTES: usize = 64 << 20;
 /// A request takes a free buffer up to this much longer than it needs (1/4 slack): a
@@ -39,6 +45,8 @@ struct Pool {
     /// first. Empty lists are kept so that the steady state inserts no tree nodes.
     free: BTreeMap<usize, Vec<(u64, Vec<f32>)>>,
     free_bytes: usize,
+    /// Lengths requested so far: a returned buffer no request could take is freed.
+    requested: BTreeSet<usize>,
     /// Bytes handed out by `take_*` and not yet given back.
     outstanding: usize,
     peak_outstanding: usize,
@@ -64,6 +72,7 @@ pub struct PoolStats {
 static POOL: Mutex<Pool> = Mutex::new(Pool {
     free: BTreeMap::new(),
     free_bytes: 0,
+    requested: BTreeSet::new(),
     outstanding: 0,
     peak_outstanding: 0,
     fixed_limit: None,
@@ -136,6 +145,10 @@ pub(crate) fn take_for_overwrite(len: usize) -> Vec<f32> {
         return vec![0.0; len];
     }
     let mut pool = lock();
+    if pool.requested.len() >= MAX_REQUESTED_LENGTHS {
+        pool.requested.clear();
+    }
+    pool.requested.insert(len);
     let found = pool.pop(len);
     match found {
         Some(mut buf) => {
@@ -179,6 +192,16 @@ pub(crate) fn give(buf: Vec<f32>) {
     }
     let mut pool = lock();
     pool.outstanding = pool.outstanding.saturating_sub(cap * F32);
+    // Only a buffer some request could take stays: a request of `len` takes capacities up
+    // to `len + len / SLACK_DIV`. Others (a host buffer wrapped as a tensor, such as a
+    // weight block widened from bf16, made outside the pool) go back to the allocator
+    // instead of piling up here.
+    let shortest = (cap * SLACK_DIV).div_ceil(SLACK_DIV + 1);
+    if pool.requested.range(shortest..=cap).next().is_none() {
+        drop(pool);
+        drop(buf);
+        return;
+    }
     pool.clock += 1;
     let stamp = pool.clock;
     pool.free_bytes += cap * F32;
@@ -199,6 +222,7 @@ pub fn release() {
     let mut pool = lock();
     let free = std::mem::take(&mut pool.free);
     pool.free_bytes = 0;
+    pool.requested.clear();
     drop(pool);
     drop(free);
 }
@@ -241,6 +265,10 @@ mod tests {
         assert_ne!(longer.as_ptr(), ptr);
         drop((shorter, longer));
         assert!(zeros(10_000).iter().all(|&v| v == 0.0));
+        // A buffer of a length nobody asked for is not kept.
+        let before = stats().free_bytes;
+        give(vec![1.0; 77_777]);
+        assert_eq!(stats().free_bytes, before);
         // Over a fixed limit the oldest buffers go first.
         set_limit(Some(3 * 4 * 4096));
         let bufs: Vec<_> = (0..5).map(|_| take_for_overwrite(4096)).collect();

@@ -106,35 +106,18 @@ unsafe fn narrow_output(
             }
             (pack.as_ptr(), width)
         };
-        let mut i = 0;
-        // SAFETY: rows i..i+4 (or i) of a and c lie inside the m x k and m x n extents.
-        unsafe {
-            while i + 4 <= m {
-                rows_kernel::<4>(
-                    (n, k),
-                    alpha,
-                    a.offset(i as isize * lda),
-                    lda,
-                    y,
-                    ldy,
-                    c.add(i * ldc),
-                    ldc,
-                );
-                i += 4;
-            }
-            while i < m {
-                rows_kernel::<1>(
-                    (n, k),
-                    alpha,
-                    a.offset(i as isize * lda),
-                    lda,
-                    y,
-                    ldy,
-                    c.add(i * ldc),
-                    ldc,
-                );
-                i += 1;
-            }
+        // SAFETY: rows i..i+R of a and c lie inside the m x k and m x n extents.
+        let at = |i: usize| unsafe { (a.offset(i as isize * lda), c.add(i * ldc)) };
+        let whole = m / 4 * 4;
+        for i in (0..whole).step_by(4) {
+            let (a, c) = at(i);
+            // SAFETY: four rows from i, inside the extents (i + 4 <= m).
+            unsafe { rows_kernel::<4>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)) };
+        }
+        for i in whole..m {
+            let (a, c) = at(i);
+            // SAFETY: row i, inside the extents.
+            unsafe { rows_kernel::<1>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)) };
         }
     });
 }
@@ -145,16 +128,12 @@ unsafe fn narrow_output(
 /// As [`try_run`]; `y` is `[k, ldy]` row-major with `ldy >= n` a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn rows_kernel<const R: usize>(
     (n, k): (usize, usize),
     alpha: f32,
-    a: *const f32,
-    lda: isize,
-    y: *const f32,
-    ldy: usize,
-    c: *mut f32,
-    ldc: usize,
+    (a, lda): (*const f32, isize),
+    (y, ldy): (*const f32, usize),
+    (c, ldc): (*mut f32, usize),
 ) {
     let mut j0 = 0;
     while j0 < n {
@@ -292,12 +271,9 @@ unsafe fn strip(
 unsafe fn rows_kernel<const R: usize>(
     _: (usize, usize),
     _: f32,
-    _: *const f32,
-    _: isize,
-    _: *const f32,
-    _: usize,
-    _: *mut f32,
-    _: usize,
+    _: (*const f32, isize),
+    _: (*const f32, usize),
+    _: (*mut f32, usize),
 ) {
     unreachable!("skinny kernels are only dispatched to on x86-64")
 }

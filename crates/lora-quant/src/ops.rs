@@ -29,17 +29,26 @@ pub fn dequantize_rows_host(
     row0: usize,
     rows: usize,
 ) -> Result<Vec<f32>> {
+    let mut buf = vec![0.0f32; rows.saturating_mul(weight.dims().1)];
+    dequantize_rows_into(weight, row0, &mut buf)?;
+    Ok(buf)
+}
+
+/// Rows `row0..` of the weight in f32 into `out` (whole rows: its length is a multiple of
+/// the row length), every element written; an error names the range when it is outside.
+pub fn dequantize_rows_into(weight: &QuantizedWeight, row0: usize, out: &mut [f32]) -> Result<()> {
     let (out_f, in_f) = weight.dims();
-    if row0.checked_add(rows).is_none_or(|end| end > out_f) {
+    let rows = out.len().checked_div(in_f).unwrap_or(0);
+    if rows * in_f != out.len() || row0.checked_add(rows).is_none_or(|end| end > out_f) {
         return Err(Error::InvalidState {
             context: format!("dequantize_rows of a [{out_f}, {in_f}] weight"),
             reason: format!(
-                "rows {row0}..{} are out of range",
-                row0.saturating_add(rows)
+                "rows {row0}..{} ({} values) are out of range",
+                row0.saturating_add(rows),
+                out.len()
             ),
         });
     }
-    let mut buf = vec![0.0f32; rows * in_f];
-    weight.dequantize_rows(row0, &mut buf);
-    Ok(buf)
+    weight.dequantize_rows(row0, out);
+    Ok(())
 }
