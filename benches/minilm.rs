@@ -1,5 +1,5 @@
 //! The all-MiniLM-L6-v2 LoRA workload of `benches/bert.rs` and `bin/bert_memory.rs`:
-//! batch 32 x 128 of random ordinary-vocabulary ids ([CLS] first, every token attended),
+//! batch 32 x 128 of random ordinary-vocabulary ids (`[CLS]` first, every token attended),
 //! LoRA r=8 (alpha 16) on query and value, and a two-class linear head, as
 //! `benches/python/bert_minilm.py` builds it for PyTorch + PEFT.
 

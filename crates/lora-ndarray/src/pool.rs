@@ -20,7 +20,7 @@
 //! first, so lengths a workload stopped asking for (a KV cache that grew past them) do
 //! not stay resident. [`release`] frees everything held.
 //!
-//! A buffer from [`take_for_overwrite`] holds stale values of an earlier tensor (always
+//! A buffer from `take_for_overwrite` holds stale values of an earlier tensor (always
 //! initialised floats, never uninitialised memory): it is for outputs that the op then
 //! writes completely, which also saves the zero-fill pass `vec![0.0; n]` makes on reused
 //! memory.
