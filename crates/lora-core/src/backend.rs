@@ -182,6 +182,15 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
         Ok(c)
     }
 
+    /// Whether [`matmul_plus`](Backend::matmul_plus) runs the second product inside the
+    /// first (one pass over the output). Only then does a LoRA layer hand its adapter's
+    /// term to the base's product; otherwise the adapter keeps the backend's own
+    /// `lora_forward` / `lora_backward` (libtorch's `addmm_`, say), which the default
+    /// `matmul_plus` would only reproduce more slowly.
+    fn fuses_matmul_plus(&self) -> bool {
+        false
+    }
+
     /// Batched GEMM over the leading axis of 3-D tensors: for every `i`,
     /// `c[i] = alpha * op_a(a[i]) op_b(b[i]) + beta * c[i]` (attention's `Q Kᵀ` and `P V`).
     #[allow(clippy::too_many_arguments)]

@@ -181,6 +181,40 @@ impl<B: Backend> DenseLinear<B> {
         Ok((d_w, d_b))
     }
 
+    /// `x Wᵀ [+ s·u vᵀ] + b` in one backend call.
+    fn output(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        term: Option<LowRank<'_, B>>,
+    ) -> Result<B::Tensor> {
+        self.check_features("forward input x", x, self.inp())?;
+        let out_shape = x.shape().with_last(self.out());
+        backend.matmul_plus(
+            ((x, Transpose::No), (&self.weight, Transpose::Yes)),
+            term.map(|t| (t.scale, ((t.u, Transpose::No), (t.v, Transpose::Yes)))),
+            self.bias.as_ref(),
+            out_shape.dims(),
+        )
+    }
+
+    /// `dy W [+ s·g a]` in one backend call.
+    fn input_grad(
+        &self,
+        backend: &B,
+        dy: &B::Tensor,
+        term: Option<LowRank<'_, B>>,
+    ) -> Result<B::Tensor> {
+        self.check_features("backward gradient dy", dy, self.out())?;
+        let dx_shape = dy.shape().with_last(self.inp());
+        backend.matmul_plus(
+            ((dy, Transpose::No), (&self.weight, Transpose::No)),
+            term.map(|t| (t.scale, ((t.u, Transpose::No), (t.v, Transpose::No)))),
+            None,
+            dx_shape.dims(),
+        )
+    }
+
     fn check_features(&self, what: &str, t: &B::Tensor, expected: usize) -> Result<()> {
         if t.shape().last() != expected || t.shape().rank() == 0 {
             return Err(Error::shape(
@@ -211,39 +245,15 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
     }
 
     fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        self.check_features("forward input x", x, self.inp())?;
-        let out_shape = x.shape().with_last(self.out());
-        backend.matmul_plus(
-            ((x, Transpose::No), (&self.weight, Transpose::Yes)),
-            None,
-            self.bias.as_ref(),
-            out_shape.dims(),
-        )
+        self.output(backend, x, None)
     }
 
     fn backward(&self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
-        self.check_features("backward gradient dy", dy, self.out())?;
-        let dx_shape = dy.shape().with_last(self.inp());
-        backend.matmul(
-            1.0,
-            (dy, Transpose::No),
-            (&self.weight, Transpose::No),
-            dx_shape.dims(),
-        )
+        self.input_grad(backend, dy, None)
     }
 
     fn forward_plus(&self, backend: &B, x: &B::Tensor, term: LowRank<'_, B>) -> Result<B::Tensor> {
-        self.check_features("forward input x", x, self.inp())?;
-        let out_shape = x.shape().with_last(self.out());
-        backend.matmul_plus(
-            ((x, Transpose::No), (&self.weight, Transpose::Yes)),
-            Some((
-                term.scale,
-                ((term.u, Transpose::No), (term.v, Transpose::Yes)),
-            )),
-            self.bias.as_ref(),
-            out_shape.dims(),
-        )
+        self.output(backend, x, Some(term))
     }
 
     fn backward_plus(
@@ -252,17 +262,7 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
         dy: &B::Tensor,
         term: LowRank<'_, B>,
     ) -> Result<B::Tensor> {
-        self.check_features("backward gradient dy", dy, self.out())?;
-        let dx_shape = dy.shape().with_last(self.inp());
-        backend.matmul_plus(
-            ((dy, Transpose::No), (&self.weight, Transpose::No)),
-            Some((
-                term.scale,
-                ((term.u, Transpose::No), (term.v, Transpose::No)),
-            )),
-            None,
-            dx_shape.dims(),
-        )
+        self.input_grad(backend, dy, Some(term))
     }
 
     fn weight(&self, _backend: &B) -> Result<B::Tensor> {

@@ -327,7 +327,7 @@ impl<B: LoraOps> LoraLinear<B> {
 
     fn run_forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<B::Tensor> {
         self.check_input(x, "forward")?;
-        if let Some((adapter, base)) = self.single_active_adapter() {
+        if let Some((adapter, base)) = self.fusable_adapter(backend) {
             // One adapter (the common case): it may hand its term to the base's product.
             if let Some(y) = adapter.forward_fused(backend, base, x, mode)? {
                 return Ok(y);
@@ -453,7 +453,7 @@ impl<B: LoraOps> LoraLinear<B> {
             }
         }
         if dy_base.is_none()
-            && let Some((adapter, base)) = self.single_active_adapter()
+            && let Some((adapter, base)) = self.fusable_adapter(backend)
             && let Some(dx) = adapter.backward_fused(backend, base, x, dy)?
         {
             return Ok(dx);
@@ -473,10 +473,14 @@ impl<B: LoraOps> LoraLinear<B> {
     }
 
     /// The adapter that runs, when exactly one does (and the layer is not merged or
-    /// disabled), with the base it runs on.
+    /// disabled) and the backend fuses a low-rank product into the base's, with the base
+    /// it runs on.
     #[allow(clippy::type_complexity)]
-    fn single_active_adapter(&mut self) -> Option<(&mut Box<dyn Adapter<B>>, &dyn Linear<B>)> {
-        if !self.adapters_run() || self.active.len() != 1 {
+    fn fusable_adapter(
+        &mut self,
+        backend: &B,
+    ) -> Option<(&mut Box<dyn Adapter<B>>, &dyn Linear<B>)> {
+        if !backend.fuses_matmul_plus() || !self.adapters_run() || self.active.len() != 1 {
             return None;
         }
         let active = &self.active;

@@ -212,6 +212,11 @@ impl Backend for NdArray {
         Ok(c)
     }
 
+    fn fuses_matmul_plus(&self) -> bool {
+        // Our AVX2 kernel packs the second product into the first's last depth slice.
+        crate::sgemm_avx2::available()
+    }
+
     fn bmm(
         &self,
         alpha: f32,

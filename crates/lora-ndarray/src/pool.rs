@@ -56,7 +56,7 @@ struct Pool {
     stats: PoolStats,
 }
 
-/// Counters since the process started (or since [`reset_stats`]).
+/// Counters since the process started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
     /// Requests served from the pool.
@@ -234,11 +234,6 @@ pub fn stats() -> PoolStats {
         free_bytes: pool.free_bytes,
         ..pool.stats
     }
-}
-
-/// Zeroes the counters (the free buffers stay).
-pub fn reset_stats() {
-    lock().stats = PoolStats::default();
 }
 
 #[cfg(test)]
