@@ -254,10 +254,13 @@ fn split_panels((m, n, k): (usize, usize, usize), run: impl Fn(usize, usize, usi
     if threads <= 1 || work < PARALLEL_MIN_WORK {
         run(0, m, 0, n);
     } else if work >= WHOLE_PANELS_MIN_WORK && m.min(n) >= WHOLE_PANELS_MIN_SIDE {
-        // One panel per thread, no synchronisation between them: row panels unless the
-        // rows are too few (row panels measured at least as fast as column panels, and 7%
-        // faster at 512x4096x4096).
-        let by_rows = m >= WHOLE_PANELS_MIN_SIDE * threads || m >= n;
+        // One panel per thread, no synchronisation between them. On our kernel, the split
+        // that packs less; on the `gemm` crate, row panels unless the rows are too few
+        // (there row panels measured at least as fast, and 7% faster at 512x4096x4096).
+        let by_rows = match sgemm_avx2::available() && sgemm_avx2::suits(m, n, k) {
+            true => sgemm_avx2::prefers_row_panels(m, n, threads),
+            false => m >= WHOLE_PANELS_MIN_SIDE * threads || m >= n,
+        };
         let side = if by_rows { m } else { n };
         let per = side.div_ceil(threads);
         (0..side.div_ceil(per)).into_par_iter().for_each(|p| {
