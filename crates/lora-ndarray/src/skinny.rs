@@ -9,11 +9,13 @@
 //! and with a scratch allocation per call) spends as much on packing as on arithmetic.
 //! Two kernels read it in place instead:
 //!
-//! * [`narrow_output`]: `c[m, n] = alpha · a[m, k] · y[k, n]`, `n < 64`: four rows of `a`
-//!   at a time, each element broadcast against the `n`-wide row of `y` (packed once per
-//!   call when it is not already `[k, n]` row-major with `n` a multiple of 8).
-//! * [`token_reduction`]: `c = alpha · Σ_t s[t, 0..ns]ᵀ ⊗ l[t, 0..nl]` with `ns < 64`, the
-//!   `ns x 8` accumulators of an 8-column strip of `l` kept in registers over all tokens.
+//! * [`narrow_output`]: `c[m, n] = alpha · a[m, k] · y[k, n]`, `n < 64`: eight rows of `a`
+//!   at a time when `n <= 8` (four otherwise), each element broadcast against the `n`-wide
+//!   row of `y` (packed once per call when it is not already `[k, n]` row-major with `n` a
+//!   multiple of 8).
+//! * [`token_reduction`]: `c = alpha · Σ_t s[t, 0..ns]ᵀ ⊗ l[t, 0..nl]` with `ns < 64`:
+//!   eight rows of `l` at a time, streamed in order into `ns x 256`-or-so accumulators that
+//!   stay in L1.
 //!
 //! Results differ from the general kernels' only by summation order (all use FMA).
 #![allow(unsafe_code)]
@@ -21,9 +23,6 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 use std::cell::RefCell;
-
-/// How many rows ahead [`token_reduction`] prefetches its strided operand.
-const PREFETCH_ROWS: usize = 16;
 
 /// The narrow side must be below this (r = 64 and up go to the general kernels).
 pub(crate) const NARROW: usize = 64;
@@ -108,27 +107,36 @@ unsafe fn narrow_output(
         };
         // SAFETY: rows i..i+R of a and c lie inside the m x k and m x n extents.
         let at = |i: usize| unsafe { (a.offset(i as isize * lda), c.add(i * ldc)) };
-        let whole = m / 4 * 4;
-        for i in (0..whole).step_by(4) {
+        // Eight independent accumulators keep both FMA pipes busy through the FMA latency:
+        // eight rows of one vector when the output is at most 8 wide (rank 8), else four
+        // rows of two vectors.
+        let rows = if width == 8 { 8 } else { 4 };
+        let whole = m / rows * rows;
+        for i in (0..whole).step_by(rows) {
             let (a, c) = at(i);
-            // SAFETY: four rows from i, inside the extents (i + 4 <= m).
-            unsafe { rows_kernel::<4>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)) };
+            // SAFETY: `rows` rows from i, inside the extents (i + rows <= m).
+            unsafe {
+                match rows {
+                    8 => rows_kernel::<8, 1>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)),
+                    _ => rows_kernel::<4, 2>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)),
+                }
+            };
         }
         for i in whole..m {
             let (a, c) = at(i);
             // SAFETY: row i, inside the extents.
-            unsafe { rows_kernel::<1>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)) };
+            unsafe { rows_kernel::<1, 2>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)) };
         }
     });
 }
 
-/// `R` rows of [`narrow_output`], 16 columns (two vectors) at a time.
+/// `R` rows of [`narrow_output`], `8·V` columns (`V` vectors, one or two) at a time.
 ///
 /// # Safety
 /// As [`try_run`]; `y` is `[k, ldy]` row-major with `ldy >= n` a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_kernel<const R: usize>(
+unsafe fn rows_kernel<const R: usize, const V: usize>(
     (n, k): (usize, usize),
     alpha: f32,
     (a, lda): (*const f32, isize),
@@ -137,45 +145,51 @@ unsafe fn rows_kernel<const R: usize>(
 ) {
     let mut j0 = 0;
     while j0 < n {
-        let two = j0 + 8 < n;
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        // SAFETY: p < k and j0 + 16 <= ldy when `two` (else j0 + 8 <= ldy) keep every load
-        // inside a's R x k rows and y's k x ldy block.
+        // Vectors of this column block inside the padded width (the last may have one).
+        let vecs = (ldy - j0).div_ceil(8).min(V);
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        // SAFETY: p < k and j0 + 8·vecs <= ldy keep every load inside a's R x k rows and
+        // y's k x ldy block.
         unsafe {
             for p in 0..k {
                 let yp = y.add(p * ldy + j0);
-                let y0 = _mm256_loadu_ps(yp);
-                let y1 = if two {
-                    _mm256_loadu_ps(yp.add(8))
-                } else {
-                    _mm256_setzero_ps()
-                };
+                let yv: [__m256; V] = std::array::from_fn(|v| match v < vecs {
+                    true => _mm256_loadu_ps(yp.add(8 * v)),
+                    false => _mm256_setzero_ps(),
+                });
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm256_broadcast_ss(&*a.offset(r as isize * lda + p as isize));
-                    acc[0] = _mm256_fmadd_ps(av, y0, acc[0]);
-                    if two {
-                        acc[1] = _mm256_fmadd_ps(av, y1, acc[1]);
+                    for (acc, yv) in acc.iter_mut().zip(&yv).take(vecs) {
+                        *acc = _mm256_fmadd_ps(av, *yv, *acc);
                     }
                 }
             }
         }
-        let cols = (n - j0).min(16);
+        let cols = (n - j0).min(8 * V);
         let va = _mm256_set1_ps(alpha);
         for (r, acc) in acc.iter().enumerate() {
             let mut lanes = [0.0f32; 16];
-            // SAFETY: 16 floats of `lanes`; row r, columns j0..j0+cols of c are in range.
+            // SAFETY: up to 16 floats of `lanes`; row r, columns j0..j0+cols of c are in
+            // range.
             unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(acc[0], va));
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), _mm256_mul_ps(acc[1], va));
+                for (v, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * v), _mm256_mul_ps(*acc, va));
+                }
                 std::ptr::copy_nonoverlapping(lanes.as_ptr(), c.add(r * ldc + j0), cols);
             }
         }
-        j0 += 16;
+        j0 += 8 * V;
     }
 }
 
 /// `c(j, q) = alpha · Σ_t s[t, j] l[t, q]` for `j < ns < NARROW`, `q < nl`, over `k`
 /// tokens; `s` and `l` row-major (row strides given), `c(j, q)` at `c + j·c_js + q·c_qs`.
+///
+/// Streams `l` a row at a time (eight tokens per pass, each row's columns contiguous, so
+/// the hardware prefetchers follow) into `ns x QB` accumulators that stay in L1, one
+/// block of columns after another. (An 8-column strip per pass over all tokens, the
+/// previous design, read one cache line per token and strip: latency-bound once `l`
+/// left the L2, 2-3x slower on the LoRA layer's `[2048, 384]` inputs.)
 ///
 /// # Safety
 /// As [`try_run`].
@@ -188,87 +202,134 @@ unsafe fn token_reduction(
     (l, ldl): (*const f32, isize),
     (c, c_js, c_qs): (*mut f32, usize, usize),
 ) {
-    let va = _mm256_set1_ps(alpha);
-    for q0 in (0..nl).step_by(8) {
-        let cols = (nl - q0).min(8);
-        for j0 in (0..ns).step_by(8) {
-            let rows = (ns - j0).min(8);
-            // SAFETY: t < k, q0 + cols <= nl and j0 + rows <= ns keep every read inside
-            // s (k x ns) and l (k x nl); a partial strip is read through a copy.
-            let acc = unsafe {
-                let s = s.add(j0);
-                let l = l.add(q0);
-                if cols == 8 {
-                    strip(k, (s, lds), rows, |t| {
-                        // The rows are a stride apart: fetch ahead across page boundaries,
-                        // where the hardware prefetcher stops (a prefetch never faults).
-                        let ahead = l.wrapping_offset((t + PREFETCH_ROWS) as isize * ldl);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                        _mm256_loadu_ps(l.offset(t as isize * ldl))
-                    })
-                } else {
-                    strip(k, (s, lds), rows, |t| {
-                        let mut tail = [0.0f32; 8];
-                        std::ptr::copy_nonoverlapping(
-                            l.offset(t as isize * ldl),
-                            tail.as_mut_ptr(),
-                            cols,
-                        );
-                        _mm256_loadu_ps(tail.as_ptr())
-                    })
-                }
+    // Columns per block: the ns x qb accumulators fill at most half the 32 KiB L1.
+    let qb = (ACC_FLOATS / ns / 8 * 8).clamp(8, nl.div_ceil(8) * 8);
+    ACC.with(|acc| {
+        let mut acc = acc.borrow_mut();
+        if acc.len() < ns * qb {
+            acc.resize(ns * qb, 0.0);
+        }
+        let acc = &mut acc[..ns * qb];
+        for q0 in (0..nl).step_by(qb) {
+            let w = qb.min(nl - q0);
+            acc.fill(0.0);
+            let block = Block {
+                acc: acc.as_mut_ptr(),
+                ld: qb,
+                ns,
+                cols: w,
             };
-            for (jj, acc) in acc.iter().enumerate().take(rows) {
-                let mut lanes = [0.0f32; 8];
-                // SAFETY: 8 floats of `lanes`; c(j0 + jj, q0 + q) is in the output.
-                unsafe {
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(*acc, va));
-                    for (q, &v) in lanes.iter().enumerate().take(cols) {
-                        *c.add((j0 + jj) * c_js + (q0 + q) * c_qs) = v;
-                    }
+            let whole = k / 8 * 8;
+            // SAFETY: tokens t..t+8 (or t) are below k, columns q0..q0+w inside l; the
+            // accumulators hold ns rows of qb >= w values.
+            unsafe {
+                let l = l.add(q0);
+                for t in (0..whole).step_by(8) {
+                    accumulate::<8>(
+                        &block,
+                        s.offset(t as isize * lds),
+                        lds,
+                        l.offset(t as isize * ldl),
+                        ldl,
+                    );
+                }
+                for t in whole..k {
+                    accumulate::<1>(
+                        &block,
+                        s.offset(t as isize * lds),
+                        lds,
+                        l.offset(t as isize * ldl),
+                        ldl,
+                    );
+                }
+            }
+            for j in 0..ns {
+                for q in 0..w {
+                    // SAFETY: c(j, q0 + q) lies in the output (j < ns, q0 + q < nl).
+                    unsafe { *c.add(j * c_js + (q0 + q) * c_qs) = alpha * acc[j * qb + q] };
                 }
             }
         }
-    }
+    });
 }
 
-/// One 8-column strip of [`token_reduction`]: `acc[j] = Σ_t s[t, j] · l_t` for `j < rows`
-/// (at most 8), with `load(t)` giving the strip of `l`'s row `t`. The eight accumulators
-/// stay in registers (a fixed count; rows past `rows` multiply zeros).
+/// Floats of [`token_reduction`]'s accumulator block (16 KiB).
+const ACC_FLOATS: usize = 4096;
+
+thread_local! {
+    /// [`token_reduction`]'s accumulators, reused across calls.
+    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A block of [`token_reduction`]'s accumulators: `ns` rows of `cols` values (row stride
+/// `ld`, a multiple of 8 at least `cols` rounded up to 8).
+struct Block {
+    acc: *mut f32,
+    ld: usize,
+    ns: usize,
+    cols: usize,
+}
+
+/// `acc[j, q] += Σ_{i<T} s_i[j] · l_i[q]` for the `T` tokens whose rows of `s` start at
+/// `s` (stride `lds`) and of `l` at `l` (stride `ldl`, the block's first column): the `T`
+/// row vectors stay in registers while every accumulator row takes `T` FMAs.
 ///
 /// # Safety
-/// `s` addresses `k` rows of at least `rows` values (row stride `lds`); `load` reads
-/// inside `l` for every `t < k`.
+/// The `T` rows of `s` hold `ns` values and of `l` `cols` values; `acc` as [`Block`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn strip(
-    k: usize,
-    (s, lds): (*const f32, isize),
-    rows: usize,
-    load: impl Fn(usize) -> __m256,
-) -> [__m256; 8] {
-    let mut acc = [_mm256_setzero_ps(); 8];
-    // SAFETY: row t of s holds `rows` readable values; lanes past `rows` are not read.
+unsafe fn accumulate<const T: usize>(
+    block: &Block,
+    s: *const f32,
+    lds: isize,
+    l: *const f32,
+    ldl: isize,
+) {
+    let full = block.cols / 8 * 8;
+    // SAFETY: loads stay in the T rows' `cols` values (a masked load for the last partial
+    // vector); stores in the accumulators' ns x ld block.
     unsafe {
-        for t in 0..k {
-            let lv = load(t);
-            let st = s.offset(t as isize * lds);
-            for (jj, acc) in acc.iter_mut().enumerate() {
-                let sv = if jj < rows {
-                    _mm256_broadcast_ss(&*st.add(jj))
-                } else {
-                    _mm256_setzero_ps()
-                };
-                *acc = _mm256_fmadd_ps(sv, lv, *acc);
+        let step = |q: usize, rows: [__m256; T]| {
+            for j in 0..block.ns {
+                let dst = block.acc.add(j * block.ld + q);
+                let mut v = _mm256_loadu_ps(dst);
+                for (i, row) in rows.iter().enumerate() {
+                    let sv = _mm256_broadcast_ss(&*s.offset(i as isize * lds + j as isize));
+                    v = _mm256_fmadd_ps(sv, *row, v);
+                }
+                _mm256_storeu_ps(dst, v);
             }
+        };
+        for q in (0..full).step_by(8) {
+            step(
+                q,
+                std::array::from_fn(|i| _mm256_loadu_ps(l.offset(i as isize * ldl).add(q))),
+            );
+        }
+        if full < block.cols {
+            let mask = tail_mask(block.cols - full);
+            step(
+                full,
+                std::array::from_fn(|i| {
+                    _mm256_maskload_ps(l.offset(i as isize * ldl).add(full), mask)
+                }),
+            );
         }
     }
-    acc
+}
+
+/// A load mask of the first `n < 8` lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn tail_mask(n: usize) -> __m256i {
+    let lanes: [i32; 8] = std::array::from_fn(|i| if i < n { -1 } else { 0 });
+    // SAFETY: 8 readable i32 values.
+    unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn rows_kernel<const R: usize>(
+unsafe fn rows_kernel<const R: usize, const V: usize>(
     _: (usize, usize),
     _: f32,
     _: (*const f32, isize),
