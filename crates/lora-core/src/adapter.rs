@@ -65,9 +65,10 @@ pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
         Ok(None)
     }
     /// The base's input gradient plus this adapter's in one call ([`Linear::backward_plus`]),
-    /// computing the parameter gradients as [`backward`](Adapter::backward) does. `None`
-    /// where the adapter cannot, with nothing consumed (the layer then runs the base and
-    /// `backward`).
+    /// computing the parameter gradients as [`backward`](Adapter::backward) does. `dy` is
+    /// what the base's output takes: the layer's output gradient, or what
+    /// [`base_output_grad`](Adapter::base_output_grad) made of it. `None` where the adapter
+    /// cannot, with nothing consumed (the layer then runs the base and `backward`).
     fn backward_fused(
         &mut self,
         backend: &B,
@@ -431,29 +432,15 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
         let Some(saved) = self.saved.take_if(|s| s.mask.is_none()) else {
             return Ok(None);
         };
-        let s = self.scaling;
-        let (r, in_f) = self.a.shape().as_matrix();
-        let (rows, out_f) = (x.shape().as_matrix().0, self.b.shape().as_matrix().0);
-        let d_b = backend.matmul(
-            s,
-            (dy, Transpose::Yes),
-            (&saved.h, Transpose::No),
-            &[out_f, r],
+        let (dx, grads) = backward_through_base(
+            backend,
+            base,
+            (&self.a, &self.b, self.scaling),
+            x,
+            &saved.h,
+            dy,
         )?;
-        let g_b = backend.matmul(
-            1.0,
-            (dy, Transpose::No),
-            (&self.b, Transpose::No),
-            &[rows, r],
-        )?;
-        let d_a = backend.matmul(s, (&g_b, Transpose::Yes), (x, Transpose::No), &[r, in_f])?;
-        let term = LowRank {
-            u: &g_b,
-            v: &self.a,
-            scale: s,
-        };
-        let dx = base.backward_plus(backend, dy, term)?;
-        self.grads = Some(LoraGrads { d_a, d_b });
+        self.grads = Some(grads);
         Ok(Some(dx))
     }
 
@@ -526,6 +513,32 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
             None => Vec::new(),
         }
     }
+}
+
+/// A low-rank adapter's backward with its input gradient handed to the base's product
+/// (no dropout): with `g = dy B`, `dB = s·dyᵀ h`, `dA = s·gᵀ x`, and
+/// `dx = base'(dy) + s·g A` in one [`Linear::backward_plus`]. `(a, b, s)` are `lora_A`,
+/// `lora_B` and the scaling; `h = x Aᵀ` from the forward.
+pub(crate) fn backward_through_base<B: LoraOps>(
+    backend: &B,
+    base: &dyn Linear<B>,
+    (a, b, s): (&B::Tensor, &B::Tensor, f32),
+    x: &B::Tensor,
+    h: &B::Tensor,
+    dy: &B::Tensor,
+) -> Result<(B::Tensor, LoraGrads<B::Tensor>)> {
+    let (r, in_f) = a.shape().as_matrix();
+    let (rows, out_f) = (x.shape().as_matrix().0, b.shape().as_matrix().0);
+    let d_b = backend.matmul(s, (dy, Transpose::Yes), (h, Transpose::No), &[out_f, r])?;
+    let g_b = backend.matmul(1.0, (dy, Transpose::No), (b, Transpose::No), &[rows, r])?;
+    let d_a = backend.matmul(s, (&g_b, Transpose::Yes), (x, Transpose::No), &[r, in_f])?;
+    let term = LowRank {
+        u: &g_b,
+        v: a,
+        scale: s,
+    };
+    let dx = base.backward_plus(backend, dy, term)?;
+    Ok((dx, LoraGrads { d_a, d_b }))
 }
 
 /// In training with dropout `p > 0`, the next mask for `x` from `rng` (which advances);

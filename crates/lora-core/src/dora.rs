@@ -14,11 +14,12 @@
 //! inference it is computed once and kept until the adapter or the base changes.
 
 use crate::adapter::{
-    Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad, draw_dropout_mask, replace_checked,
+    Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad, backward_through_base, draw_dropout_mask,
+    replace_checked,
 };
 use crate::backend::{BinaryOp, Tensor, Transpose, UnaryOp};
 use crate::error::{Error, Result};
-use crate::linear::Linear;
+use crate::linear::{Linear, LowRank};
 use crate::ops::LoraOps;
 use crate::rng::{self, RngState};
 
@@ -187,6 +188,48 @@ impl<B: LoraOps> DoraAdapter<B> {
         }
         Ok(z)
     }
+
+    /// The norm `‖W + s·BA‖` (kept from the last inference forward in eval) and
+    /// `m / ‖·‖`.
+    fn norm_and_scale(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        mode: Mode,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let norm = match (&self.eval_norm, mode) {
+            (Some(n), Mode::Eval) => n.clone(),
+            _ => self.norm(backend, &base.weight(backend)?)?,
+        };
+        let scale = backend.binary(BinaryOp::Div, &self.m, &norm)?;
+        Ok((norm, scale))
+    }
+
+    /// `x Aᵀ` must be finite (a non-finite input, or an overflow).
+    fn check_projection(&self, backend: &B, h: &B::Tensor) -> Result<()> {
+        if backend.all_finite(h)? {
+            return Ok(());
+        }
+        Err(Error::NonFinite {
+            context: format!("{} DoRA forward", self.layer),
+            tensor: "input x or x·lora_Aᵀ".into(),
+            shape: h.shape().clone(),
+        })
+    }
+
+    /// Keeps what the backward needs (training), or the norm for the next inference.
+    fn save(&mut self, mode: Mode, saved: Saved<B::Tensor>) {
+        match mode {
+            Mode::Train => {
+                self.eval_norm = None;
+                self.saved = Some(saved);
+            }
+            Mode::Eval => {
+                self.saved = None;
+                self.eval_norm = Some(saved.norm);
+            }
+        }
+    }
 }
 
 impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
@@ -202,11 +245,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         y: &mut B::Tensor,
         mode: Mode,
     ) -> Result<()> {
-        let norm = match (&self.eval_norm, mode) {
-            (Some(n), Mode::Eval) => n.clone(),
-            _ => self.norm(backend, &base.weight(backend)?)?,
-        };
-        let scale = backend.binary(BinaryOp::Div, &self.m, &norm)?;
+        let (norm, scale) = self.norm_and_scale(backend, base, mode)?;
         let mask = draw_dropout_mask(backend, &mut self.dropout_rng, self.dropout, x, mode)?;
         // The LoRA term goes straight into `y`, which then holds base + LoRA.
         let mut z = None;
@@ -222,13 +261,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         }
         let y_base = z.as_ref().map(|_| y.clone());
         let h = backend.lora_forward(x, &self.a, &self.b, self.scaling, mask.as_ref(), y)?;
-        if !backend.all_finite(&h)? {
-            return Err(Error::NonFinite {
-                context: format!("{} DoRA forward", self.layer),
-                tensor: "input x or x·lora_Aᵀ".into(),
-                shape: h.shape().clone(),
-            });
-        }
+        self.check_projection(backend, &h)?;
         // u = z + lo. Without dropout z = y_base - bias, so u = y - bias and the output
         // is bias + scale ⊙ u; with it, y_base - z + scale ⊙ u.
         let u = match (&z, &y_base) {
@@ -241,24 +274,61 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
             }
             _ => backend.dora_output(y, base.bias(), &scale)?,
         };
-        match mode {
-            Mode::Train => {
-                self.eval_norm = None;
-                self.saved = Some(Saved {
-                    scale,
-                    norm,
-                    numer: None,
-                    u,
-                    h,
-                    mask,
-                });
-            }
-            Mode::Eval => {
-                self.saved = None;
-                self.eval_norm = Some(norm);
-            }
-        }
+        self.save(
+            mode,
+            Saved {
+                scale,
+                norm,
+                numer: None,
+                u,
+                h,
+                mask,
+            },
+        );
         Ok(())
+    }
+
+    /// Without dropout, the LoRA term joins the base's product ([`Linear::forward_plus`]),
+    /// and the output is then rescaled as in [`forward`](Adapter::forward).
+    fn forward_fused(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        mode: Mode,
+    ) -> Result<Option<B::Tensor>> {
+        if mode == Mode::Train && self.dropout > 0.0 {
+            // The base term is recomputed on the dropped input: not one product.
+            return Ok(None);
+        }
+        let (norm, scale) = self.norm_and_scale(backend, base, mode)?;
+        let (rows, r) = (x.shape().as_matrix().0, self.a.shape().as_matrix().0);
+        let h = backend.matmul(
+            1.0,
+            (x, Transpose::No),
+            (&self.a, Transpose::Yes),
+            &[rows, r],
+        )?;
+        self.check_projection(backend, &h)?;
+        let term = LowRank {
+            u: &h,
+            v: &self.b,
+            scale: self.scaling,
+        };
+        let mut y = base.forward_plus(backend, x, term)?;
+        let u = backend.dora_output(&mut y, base.bias(), &scale)?;
+        self.save(
+            mode,
+            Saved {
+                scale,
+                norm,
+                numer: None,
+                u,
+                h,
+                mask: None,
+            },
+        );
+        Ok(Some(y))
     }
 
     fn base_changed(&mut self) {
@@ -276,6 +346,44 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         let (numer, dy_base) = backend.dora_backward_terms(dy, &saved.u, &saved.scale)?;
         saved.numer = Some(numer);
         Ok(Some(dy_base))
+    }
+
+    /// Without dropout, after [`base_output_grad`](Adapter::base_output_grad): `dy` is
+    /// `dy ⊙ scale`, the gradient of both the base term and the LoRA term, so LoRA's fused
+    /// backward on it gives `dx`, `dA` and `dB` (the unfused path's `scale ⊙ B` and
+    /// `scale ⊙ dB` are the same products), and the magnitude's gradient is already
+    /// reduced.
+    fn backward_fused(
+        &mut self,
+        backend: &B,
+        base: &dyn Linear<B>,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+    ) -> Result<Option<B::Tensor>> {
+        let Some(saved) = self
+            .saved
+            .take_if(|s| s.mask.is_none() && s.numer.is_some())
+        else {
+            return Ok(None);
+        };
+        let Some(numer) = saved.numer else {
+            return Ok(None);
+        };
+        let d_m = backend.binary(BinaryOp::Div, &numer, &saved.norm)?;
+        let (dx, lora) = backward_through_base(
+            backend,
+            base,
+            (&self.a, &self.b, self.scaling),
+            x,
+            &saved.h,
+            dy,
+        )?;
+        self.grads = Some(Grads {
+            d_a: lora.d_a,
+            d_b: lora.d_b,
+            d_m,
+        });
+        Ok(Some(dx))
     }
 
     fn backward(

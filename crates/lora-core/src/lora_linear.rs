@@ -452,9 +452,10 @@ impl<B: LoraOps> LoraLinear<B> {
                 }
             }
         }
-        if dy_base.is_none()
-            && let Some((adapter, base)) = self.fusable_adapter(backend)
-            && let Some(dx) = adapter.backward_fused(backend, base, x, dy)?
+        // The base's output gradient (DoRA's `dy ⊙ scale`) is also the fused adapter's.
+        if let Some((adapter, base)) = self.fusable_adapter(backend)
+            && let Some(dx) =
+                adapter.backward_fused(backend, base, x, dy_base.as_ref().unwrap_or(dy))?
         {
             return Ok(dx);
         }
