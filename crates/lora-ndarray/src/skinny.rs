@@ -243,14 +243,34 @@ unsafe fn token_reduction(
                     );
                 }
             }
-            for j in 0..ns {
-                for q in 0..w {
-                    // SAFETY: c(j, q0 + q) lies in the output (j < ns, q0 + q < nl).
-                    unsafe { *c.add(j * c_js + (q0 + q) * c_qs) = alpha * acc[j * qb + q] };
-                }
-            }
+            // SAFETY: c(j, q0 + q) lies in the output for j < ns, q < w.
+            unsafe { store_block(acc, qb, (ns, w), alpha, (c.add(q0 * c_qs), c_js, c_qs)) };
         }
     });
+}
+
+/// `c(j, q) = alpha · acc[j, q]` for `j < ns`, `q < w` (`acc` row stride `ld`), walking
+/// `c` in its memory order (`c(j, q)` at `c + j·c_js + q·c_qs`).
+///
+/// # Safety
+/// Every `c(j, q)` is addressable and touched by no one else.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn store_block(
+    acc: &[f32],
+    ld: usize,
+    (ns, w): (usize, usize),
+    alpha: f32,
+    (c, c_js, c_qs): (*mut f32, usize, usize),
+) {
+    let put = |j: usize, q: usize| {
+        // SAFETY: forwarded to the caller's contract (j < ns, q < w).
+        unsafe { *c.add(j * c_js + q * c_qs) = alpha * acc[j * ld + q] };
+    };
+    if c_qs == 1 {
+        (0..ns).for_each(|j| (0..w).for_each(|q| put(j, q)));
+    } else {
+        (0..w).for_each(|q| (0..ns).for_each(|j| put(j, q)));
+    }
 }
 
 /// Floats of [`token_reduction`]'s accumulator block (16 KiB).
@@ -290,15 +310,19 @@ unsafe fn accumulate<const T: usize>(
     // SAFETY: loads stay in the T rows' `cols` values (a masked load for the last partial
     // vector); stores in the accumulators' ns x ld block.
     unsafe {
+        // `J` accumulator rows at once: their FMA chains (T long each) interleave, so the
+        // FMA latency is hidden without relying on the out-of-order window.
+        let rows_from = |j0: usize, q: usize, rows: &[__m256; T], group: usize| match group {
+            4 => accumulate_rows::<T, 4>(block, (s, lds), j0, q, rows),
+            _ => accumulate_rows::<T, 1>(block, (s, lds), j0, q, rows),
+        };
         let step = |q: usize, rows: [__m256; T]| {
-            for j in 0..block.ns {
-                let dst = block.acc.add(j * block.ld + q);
-                let mut v = _mm256_loadu_ps(dst);
-                for (i, row) in rows.iter().enumerate() {
-                    let sv = _mm256_broadcast_ss(&*s.offset(i as isize * lds + j as isize));
-                    v = _mm256_fmadd_ps(sv, *row, v);
-                }
-                _mm256_storeu_ps(dst, v);
+            let whole = block.ns / 4 * 4;
+            for j0 in (0..whole).step_by(4) {
+                rows_from(j0, q, &rows, 4);
+            }
+            for j in whole..block.ns {
+                rows_from(j, q, &rows, 1);
             }
         };
         for q in (0..full).step_by(8) {
@@ -315,6 +339,36 @@ unsafe fn accumulate<const T: usize>(
                     _mm256_maskload_ps(l.offset(i as isize * ldl).add(full), mask)
                 }),
             );
+        }
+    }
+}
+
+/// Accumulator rows `j0..j0 + J`, columns `q..q + 8`, take `Σ_i s_i[j] · rows[i]`.
+///
+/// # Safety
+/// As [`accumulate`], with `j0 + J <= ns` and `q + 8 <= ld`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn accumulate_rows<const T: usize, const J: usize>(
+    block: &Block,
+    (s, lds): (*const f32, isize),
+    j0: usize,
+    q: usize,
+    rows: &[__m256; T],
+) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        let dst: [*mut f32; J] = std::array::from_fn(|j| block.acc.add((j0 + j) * block.ld + q));
+        let mut v: [__m256; J] = std::array::from_fn(|j| _mm256_loadu_ps(dst[j]));
+        for (i, row) in rows.iter().enumerate() {
+            let si = s.offset(i as isize * lds).add(j0);
+            for (j, v) in v.iter_mut().enumerate() {
+                *v = _mm256_fmadd_ps(_mm256_broadcast_ss(&*si.add(j)), *row, *v);
+            }
+        }
+        for (j, v) in v.iter().enumerate() {
+            _mm256_storeu_ps(dst[j], *v);
         }
     }
 }

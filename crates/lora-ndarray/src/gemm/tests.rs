@@ -67,6 +67,8 @@ fn every_path_and_transpose_matches_the_naive_product() {
         (16, 1100, 203),
         (1100, 16, 203),
         (1001, 8, 37),
+        // Our kernel at attention's depth of 32 (both output sides 64 or more).
+        (100, 70, 32),
         (1, 1, 1),
         (17, 0, 9),
     ];

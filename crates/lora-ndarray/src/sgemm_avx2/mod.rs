@@ -55,13 +55,15 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// Whether a product of this shape goes to this kernel: both output sides and the depth at
-/// least 64. Skinny products (one side the LoRA rank) stay with the `gemm` crate, which ran
-/// them faster here (2048x16x4096: 76 GFLOP/s with this kernel, 85-88 with the `gemm`
-/// crate under the same panel threading, in separate runs): packing costs as much as the
-/// few multiply-adds per packed element.
+/// Whether a product of this shape goes to this kernel: both output sides at least 64 and
+/// the depth at least 32. Skinny products (one side the LoRA rank) stay with the `gemm`
+/// crate or the skinny kernels: packing costs as much as the few multiply-adds per packed
+/// element (2048x16x4096: 76 GFLOP/s with this kernel, 85-88 with the `gemm` crate). A
+/// depth of 32 (MiniLM's attention heads: `q kᵀ` and `g vᵀ` over 64-query blocks) ran as
+/// fast as on the `gemm` crate (60 against 60 GFLOP/s at 64x128x32, interleaved), without
+/// the crate's scratch allocation per call.
 pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
-    m.min(n).min(k) >= 64
+    m.min(n) >= 64 && k >= 32
 }
 
 /// Whether `threads` panels of an `m x n` product on this kernel should be row panels
