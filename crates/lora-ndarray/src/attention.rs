@@ -154,22 +154,12 @@ pub(crate) fn forward(
 /// other entry 0 (all of them when the query sees no key). Returns the log-sum-exp of the
 /// visible scores (`+inf` when there are none, so that `e^(s - lse)` is 0).
 fn softmax_visible(row: &mut [f32], keep: &[u32], seen: usize) -> f32 {
-    let mut max = f32::NEG_INFINITY;
-    for (s, &m) in row[..seen].iter().zip(keep) {
-        if m != 0 {
-            max = max.max(*s);
-        }
-    }
+    // Masked keys to -inf (their exponential is 0), in the pass that finds the maximum.
+    let max = vectorize::mask_and_max(&mut row[..seen], keep);
     row[seen..].iter_mut().for_each(|s| *s = 0.0);
     if max == f32::NEG_INFINITY {
         row[..seen].iter_mut().for_each(|s| *s = 0.0);
         return f32::INFINITY;
-    }
-    // Masked keys to -inf: their exponential is 0.
-    for (s, &m) in row[..seen].iter_mut().zip(keep) {
-        if m == 0 {
-            *s = f32::NEG_INFINITY;
-        }
     }
     let sum = vectorize::exp_in_place_sum(&mut row[..seen], max);
     let inv = (1.0 / sum) as f32;

@@ -80,6 +80,33 @@ vectorized_kernel! {
     }
 }
 
+vectorized_kernel! {
+    /// In place: `x[i] = -∞` where `keep[i] == 0`; returns the largest value kept (`-∞`
+    /// when none is). One branch-free pass in eight lanes (`f32::max`'s NaN rule kept the
+    /// loop scalar; a NaN is never the maximum here either).
+    fn mask_and_max(x: &mut [f32], keep: &[u32]) -> f32 {
+        let n = x.len().min(keep.len());
+        let (x, keep) = (&mut x[..n], &keep[..n]);
+        let mut acc = [f32::NEG_INFINITY; 8];
+        let masked = |v: f32, k: u32| if k != 0 { v } else { f32::NEG_INFINITY };
+        let larger = |a: f32, b: f32| if b > a { b } else { a };
+        let mut xs = x.chunks_exact_mut(8);
+        let mut ks = keep.chunks_exact(8);
+        for (c, k) in (&mut xs).zip(&mut ks) {
+            for j in 0..8 {
+                c[j] = masked(c[j], k[j]);
+                acc[j] = larger(acc[j], c[j]);
+            }
+        }
+        let mut max = acc.into_iter().fold(f32::NEG_INFINITY, larger);
+        for (v, &k) in xs.into_remainder().iter_mut().zip(ks.remainder()) {
+            *v = masked(*v, k);
+            max = larger(max, *v);
+        }
+        max
+    }
+}
+
 /// `1 / (1 + e^-x)`.
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
@@ -211,5 +238,28 @@ mod tests {
         // NaN propagates.
         gelu(&[f32::NAN], &[0.0], &mut y[..1]);
         assert!(y[0].is_nan());
+    }
+
+    #[test]
+    fn mask_and_max_masks_and_finds_the_largest_kept_value() {
+        // 19 values: two full lanes of eight and a remainder; the largest value is masked.
+        let x: Vec<f32> = (0..19).map(|i| ((i * 7) % 19) as f32 - 9.0).collect();
+        let keep: Vec<u32> = (0..19).map(|i| u32::from(i % 4 != 0)).collect();
+        let mut got = x.clone();
+        let max = mask_and_max(&mut got, &keep);
+        let want = x
+            .iter()
+            .zip(&keep)
+            .filter(|&(_, &k)| k != 0)
+            .map(|(&v, _)| v)
+            .fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max, want);
+        assert!(x.iter().zip(&keep).any(|(&v, &k)| k == 0 && v > want));
+        for ((&g, &v), &k) in got.iter().zip(&x).zip(&keep) {
+            assert_eq!(g, if k != 0 { v } else { f32::NEG_INFINITY });
+        }
+        // Nothing kept: -inf.
+        let mut none = vec![1.0f32; 10];
+        assert_eq!(mask_and_max(&mut none, &[0; 10]), f32::NEG_INFINITY);
     }
 }
