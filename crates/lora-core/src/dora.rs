@@ -217,16 +217,29 @@ impl<B: LoraOps> DoraAdapter<B> {
         })
     }
 
-    /// Keeps what the backward needs (training), or the norm for the next inference.
-    fn save(&mut self, mode: Mode, saved: Saved<B::Tensor>) {
+    /// Keeps what the backward needs (training: the scale and norm, the direction term
+    /// `u`, `h` and the mask), or the norm for the next inference.
+    fn save(
+        &mut self,
+        mode: Mode,
+        (scale, norm): (B::Tensor, B::Tensor),
+        (u, h, mask): (B::Tensor, B::Tensor, Option<B::Tensor>),
+    ) {
         match mode {
             Mode::Train => {
                 self.eval_norm = None;
-                self.saved = Some(saved);
+                self.saved = Some(Saved {
+                    scale,
+                    norm,
+                    numer: None,
+                    u,
+                    h,
+                    mask,
+                });
             }
             Mode::Eval => {
                 self.saved = None;
-                self.eval_norm = Some(saved.norm);
+                self.eval_norm = Some(norm);
             }
         }
     }
@@ -274,17 +287,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
             }
             _ => backend.dora_output(y, base.bias(), &scale)?,
         };
-        self.save(
-            mode,
-            Saved {
-                scale,
-                norm,
-                numer: None,
-                u,
-                h,
-                mask,
-            },
-        );
+        self.save(mode, (scale, norm), (u, h, mask));
         Ok(())
     }
 
@@ -317,17 +320,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         };
         let mut y = base.forward_plus(backend, x, term)?;
         let u = backend.dora_output(&mut y, base.bias(), &scale)?;
-        self.save(
-            mode,
-            Saved {
-                scale,
-                norm,
-                numer: None,
-                u,
-                h,
-                mask: None,
-            },
-        );
+        self.save(mode, (scale, norm), (u, h, None));
         Ok(Some(y))
     }
 

@@ -223,24 +223,19 @@ unsafe fn token_reduction(
             // SAFETY: tokens t..t+8 (or t) are below k, columns q0..q0+w inside l; the
             // accumulators hold ns rows of qb >= w values.
             unsafe {
-                let l = l.add(q0);
-                for t in (0..whole).step_by(8) {
-                    accumulate::<8>(
-                        &block,
+                let rows = |t: usize| {
+                    (
                         s.offset(t as isize * lds),
-                        lds,
-                        l.offset(t as isize * ldl),
-                        ldl,
-                    );
+                        l.add(q0).offset(t as isize * ldl),
+                    )
+                };
+                for t in (0..whole).step_by(8) {
+                    let (s, l) = rows(t);
+                    accumulate::<8>(&block, s, lds, l, ldl);
                 }
                 for t in whole..k {
-                    accumulate::<1>(
-                        &block,
-                        s.offset(t as isize * lds),
-                        lds,
-                        l.offset(t as isize * ldl),
-                        ldl,
-                    );
+                    let (s, l) = rows(t);
+                    accumulate::<1>(&block, s, lds, l, ldl);
                 }
             }
             // SAFETY: c(j, q0 + q) lies in the output for j < ns, q < w.
