@@ -9,7 +9,7 @@ use lora::io::Checkpoint;
 use lora::io::{RawTensor, bnb_format};
 use lora::quant::{
     Absmax, FourBitType, FourBitWeight, Int8Weight, QuantConfig, QuantFormat, QuantLinear,
-    QuantizedWeight, dynamic_map,
+    QuantOps, QuantizedWeight, dynamic_map,
 };
 use lora::{Backend, Linear, LoraLinear, LoraSpec, Mode};
 use lora_tests::{assert_close, assert_close_scaled, backend, host, rand_vec, to64};
@@ -279,6 +279,29 @@ fn llm_int8_forward_matches_bitsandbytes_with_and_without_outliers() {
             &to64(&f32s(&t[&format!("{n}.y")])),
             1e-4,
             1e-5,
+        );
+    }
+}
+
+/// A block of rows outside the weight is an error naming the range, before any buffer
+/// for it is allocated (a huge claimed block must not be allocated first).
+#[test]
+fn dequantizing_rows_outside_the_weight_is_an_error_naming_the_range() {
+    let b = backend();
+    let q = QuantConfig::qlora()
+        .quantize(&rand_vec(4 * 64, 5, 0), &[4, 64])
+        .unwrap();
+    let rows = b.dequantize_rows(&q, 1, 3).unwrap();
+    assert_eq!(host(&b, &rows), q.dequantize()[64..]);
+    for (row0, rows) in [(2, 3), (5, 0), (1, usize::MAX / 64)] {
+        let err = b
+            .dequantize_rows(&q, row0, rows)
+            .err()
+            .map(|e| e.to_string());
+        let err = err.unwrap_or_else(|| panic!("rows {row0}+{rows}: no error"));
+        assert!(
+            err.contains("out of range") && err.contains("[4, 64]"),
+            "{err}"
         );
     }
 }

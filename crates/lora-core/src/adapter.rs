@@ -398,21 +398,13 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
             }
             None => x,
         };
-        let rows = x.shape().as_matrix().0;
-        let r = self.a.shape().as_matrix().0;
-        let h = backend.matmul(
-            1.0,
-            (x_lora, Transpose::No),
-            (&self.a, Transpose::Yes),
-            &[rows, r],
+        let (y, h) = forward_through_base(
+            backend,
+            base,
+            (&self.a, &self.b, self.scaling),
+            (x, x_lora),
+            |h| self.check_projection(backend, x, h),
         )?;
-        self.check_projection(backend, x, &h)?;
-        let term = LowRank {
-            u: &h,
-            v: &self.b,
-            scale: self.scaling,
-        };
-        let y = base.forward_plus(backend, x, term)?;
         self.saved = match mode {
             Mode::Train => Some(Saved { h, mask }),
             Mode::Eval => None,
@@ -513,6 +505,33 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
             None => Vec::new(),
         }
     }
+}
+
+/// A low-rank adapter's forward with its term handed to the base's product: `h = x_lora Aᵀ`
+/// (`x_lora` is `x`, or `x` under the dropout mask), which `check` accepts or rejects,
+/// then `base(x) + s·h Bᵀ` in one [`Linear::forward_plus`]. Returns the output and `h`.
+pub(crate) fn forward_through_base<B: LoraOps>(
+    backend: &B,
+    base: &dyn Linear<B>,
+    (a, b, s): (&B::Tensor, &B::Tensor, f32),
+    (x, x_lora): (&B::Tensor, &B::Tensor),
+    check: impl FnOnce(&B::Tensor) -> Result<()>,
+) -> Result<(B::Tensor, B::Tensor)> {
+    let (rows, r) = (x_lora.shape().as_matrix().0, a.shape().as_matrix().0);
+    let h = backend.matmul(
+        1.0,
+        (x_lora, Transpose::No),
+        (a, Transpose::Yes),
+        &[rows, r],
+    )?;
+    check(&h)?;
+    let term = LowRank {
+        u: &h,
+        v: b,
+        scale: s,
+    };
+    let y = base.forward_plus(backend, x, term)?;
+    Ok((y, h))
 }
 
 /// A low-rank adapter's backward with its input gradient handed to the base's product

@@ -15,11 +15,11 @@
 
 use crate::adapter::{
     Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad, backward_through_base, draw_dropout_mask,
-    replace_checked,
+    forward_through_base, replace_checked,
 };
 use crate::backend::{BinaryOp, Tensor, Transpose, UnaryOp};
 use crate::error::{Error, Result};
-use crate::linear::{Linear, LowRank};
+use crate::linear::Linear;
 use crate::ops::LoraOps;
 use crate::rng::{self, RngState};
 
@@ -305,20 +305,13 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
             return Ok(None);
         }
         let (norm, scale) = self.norm_and_scale(backend, base, mode)?;
-        let (rows, r) = (x.shape().as_matrix().0, self.a.shape().as_matrix().0);
-        let h = backend.matmul(
-            1.0,
-            (x, Transpose::No),
-            (&self.a, Transpose::Yes),
-            &[rows, r],
+        let (mut y, h) = forward_through_base(
+            backend,
+            base,
+            (&self.a, &self.b, self.scaling),
+            (x, x),
+            |h| self.check_projection(backend, h),
         )?;
-        self.check_projection(backend, &h)?;
-        let term = LowRank {
-            u: &h,
-            v: &self.b,
-            scale: self.scaling,
-        };
-        let mut y = base.forward_plus(backend, x, term)?;
         let u = backend.dora_output(&mut y, base.bias(), &scale)?;
         self.save(mode, (scale, norm), (u, h, None));
         Ok(Some(y))
@@ -353,24 +346,20 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
         x: &B::Tensor,
         dy: &B::Tensor,
     ) -> Result<Option<B::Tensor>> {
-        let Some(saved) = self
+        let Some(Saved {
+            numer: Some(numer),
+            norm,
+            h,
+            ..
+        }) = self
             .saved
             .take_if(|s| s.mask.is_none() && s.numer.is_some())
         else {
             return Ok(None);
         };
-        let Some(numer) = saved.numer else {
-            return Ok(None);
-        };
-        let d_m = backend.binary(BinaryOp::Div, &numer, &saved.norm)?;
-        let (dx, lora) = backward_through_base(
-            backend,
-            base,
-            (&self.a, &self.b, self.scaling),
-            x,
-            &saved.h,
-            dy,
-        )?;
+        let d_m = backend.binary(BinaryOp::Div, &numer, &norm)?;
+        let (dx, lora) =
+            backward_through_base(backend, base, (&self.a, &self.b, self.scaling), x, &h, dy)?;
         self.grads = Some(Grads {
             d_a: lora.d_a,
             d_b: lora.d_b,

@@ -6,7 +6,7 @@ use lora_core::backend::{
     check_same_shape, check_scatter_add, check_softmax_mask,
 };
 use lora_core::{Backend, BinaryOp, Error, OptimOps, Result, Tensor, Transpose, UnaryOp};
-use lora_quant::{QuantOps, QuantizedWeight, dequantize_rows_into};
+use lora_quant::{QuantOps, QuantizedWeight, check_row_range, dequantize_rows_into};
 use ndarray::Axis;
 use rayon::prelude::*;
 
@@ -533,8 +533,10 @@ impl QuantOps for NdArray {
         row0: usize,
         rows: usize,
     ) -> Result<NdTensor> {
-        // Into a pooled buffer: a step dequantizes the same blocks every time.
-        let mut buf = pool::take_for_overwrite(rows.saturating_mul(weight.dims().1));
+        // Into a pooled buffer: a step dequantizes the same blocks every time. The range
+        // is checked before a buffer of that size is taken.
+        check_row_range(weight, row0, rows)?;
+        let mut buf = pool::take_for_overwrite(rows * weight.dims().1);
         dequantize_rows_into(weight, row0, &mut buf)?;
         NdTensor::from_vec(buf, &[rows, weight.dims().1])
     }

@@ -32,8 +32,7 @@ thread_local! {
     static NARROW_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An operand: base pointer, row stride and column stride (elements).
-pub(crate) type Operand = (*const f32, isize, isize);
+use crate::sgemm_avx2::Operand;
 
 /// Runs `c = alpha · a b` (`beta == 0`: `c` is only written) on a skinny kernel when the
 /// shape and strides fit one; returns whether it did.
@@ -186,10 +185,10 @@ unsafe fn rows_kernel<const R: usize, const V: usize>(
 /// tokens; `s` and `l` row-major (row strides given), `c(j, q)` at `c + j·c_js + q·c_qs`.
 ///
 /// Streams `l` a row at a time (eight tokens per pass, each row's columns contiguous, so
-/// the hardware prefetchers follow) into `ns x QB` accumulators that stay in L1, one
+/// the hardware prefetchers follow) into `ns x qb` accumulators that stay in L1, one
 /// block of columns after another. (An 8-column strip per pass over all tokens, the
 /// previous design, read one cache line per token and strip: latency-bound once `l`
-/// left the L2, 2-3x slower on the LoRA layer's `[2048, 384]` inputs.)
+/// left the L2, 1.4-1.6x slower on the LoRA layer's `[2048, 384]` inputs.)
 ///
 /// # Safety
 /// As [`try_run`].
@@ -249,7 +248,8 @@ unsafe fn token_reduction(
 ///
 /// # Safety
 /// Every `c(j, q)` is addressable and touched by no one else.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn store_block(
     acc: &[f32],
     ld: usize,
@@ -305,19 +305,15 @@ unsafe fn accumulate<const T: usize>(
     // SAFETY: loads stay in the T rows' `cols` values (a masked load for the last partial
     // vector); stores in the accumulators' ns x ld block.
     unsafe {
-        // `J` accumulator rows at once: their FMA chains (T long each) interleave, so the
+        // Four accumulator rows at once: their FMA chains (T long each) interleave, so the
         // FMA latency is hidden without relying on the out-of-order window.
-        let rows_from = |j0: usize, q: usize, rows: &[__m256; T], group: usize| match group {
-            4 => accumulate_rows::<T, 4>(block, (s, lds), j0, q, rows),
-            _ => accumulate_rows::<T, 1>(block, (s, lds), j0, q, rows),
-        };
         let step = |q: usize, rows: [__m256; T]| {
             let whole = block.ns / 4 * 4;
             for j0 in (0..whole).step_by(4) {
-                rows_from(j0, q, &rows, 4);
+                accumulate_rows::<T, 4>(block, (s, lds), j0, q, &rows);
             }
             for j in whole..block.ns {
-                rows_from(j, q, &rows, 1);
+                accumulate_rows::<T, 1>(block, (s, lds), j, q, &rows);
             }
         };
         for q in (0..full).step_by(8) {

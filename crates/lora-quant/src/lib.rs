@@ -31,7 +31,7 @@ pub use four_bit::{Absmax, FOUR_BIT_BLOCKSIZES, FourBitWeight, NESTED_BLOCKSIZE}
 pub use half::{HalfType, HalfWeight, store_frozen_as};
 pub use int8::Int8Weight;
 pub use linear::QuantLinear;
-pub use ops::{QuantOps, dequantize_rows_host, dequantize_rows_into};
+pub use ops::{QuantOps, check_row_range, dequantize_rows_host, dequantize_rows_into};
 pub use weight::{QuantConfig, QuantFormat, QuantizedWeight};
 
 /// A backend with every operation a QLoRA model needs.

@@ -29,7 +29,8 @@ pub fn dequantize_rows_host(
     row0: usize,
     rows: usize,
 ) -> Result<Vec<f32>> {
-    let mut buf = vec![0.0f32; rows.saturating_mul(weight.dims().1)];
+    check_row_range(weight, row0, rows)?;
+    let mut buf = vec![0.0f32; rows * weight.dims().1];
     dequantize_rows_into(weight, row0, &mut buf)?;
     Ok(buf)
 }
@@ -37,18 +38,31 @@ pub fn dequantize_rows_host(
 /// Rows `row0..` of the weight in f32 into `out` (whole rows: its length is a multiple of
 /// the row length), every element written; an error names the range when it is outside.
 pub fn dequantize_rows_into(weight: &QuantizedWeight, row0: usize, out: &mut [f32]) -> Result<()> {
-    let (out_f, in_f) = weight.dims();
+    let in_f = weight.dims().1;
     let rows = out.len().checked_div(in_f).unwrap_or(0);
-    if rows * in_f != out.len() || row0.checked_add(rows).is_none_or(|end| end > out_f) {
+    check_row_range(weight, row0, rows)?;
+    if rows * in_f != out.len() {
         return Err(Error::InvalidState {
-            context: format!("dequantize_rows of a [{out_f}, {in_f}] weight"),
-            reason: format!(
-                "rows {row0}..{} ({} values) are out of range",
-                row0.saturating_add(rows),
-                out.len()
-            ),
+            context: format!("dequantize_rows of a [{}, {in_f}] weight", weight.dims().0),
+            reason: format!("{} values are not whole rows", out.len()),
         });
     }
     weight.dequantize_rows(row0, out);
+    Ok(())
+}
+
+/// An error naming the range unless rows `row0..row0 + rows` lie inside the weight
+/// (checked before a buffer for them is allocated).
+pub fn check_row_range(weight: &QuantizedWeight, row0: usize, rows: usize) -> Result<()> {
+    let (out_f, in_f) = weight.dims();
+    if row0.checked_add(rows).is_none_or(|end| end > out_f) {
+        return Err(Error::InvalidState {
+            context: format!("dequantize_rows of a [{out_f}, {in_f}] weight"),
+            reason: format!(
+                "rows {row0}..{} are out of range",
+                row0.saturating_add(rows)
+            ),
+        });
+    }
     Ok(())
 }

@@ -1,4 +1,7 @@
-//! Matrix multiplication on the `gemm` crate.
+//! Matrix multiplication: the threading (output panels per core) around three single-thread
+//! engines, picked per product in [`raw_gemm`]: the skinny kernels (`skinny.rs`, one side
+//! narrow), our AVX2 kernel (`sgemm_avx2`, on AVX2 CPUs without AVX-512) and the `gemm`
+//! crate for everything else.
 //!
 //! Why `gemm` and not `matrixmultiply` (ndarray's own): measured on the 2-core AVX2 machine
 //! (docs/benchmarks.md), `gemm` with rayon reached 164-166 GFLOP/s on large shapes against
@@ -222,8 +225,8 @@ unsafe fn gemm_to(
     let lhs = ConstPtr(a.as_slice().as_ptr());
     let rhs = ConstPtr(b.as_slice().as_ptr());
 
-    // One call of the library kernel on the sub-problem rows [r0, r0+mr) x cols [c0, c0+nc).
-    let run = |r0: usize, mr: usize, c0: usize, nc: usize, par: Parallelism| {
+    // One single-thread call on the sub-problem rows [r0, r0+mr) x cols [c0, c0+nc).
+    split_panels((m, n, k), |r0, mr, c0, nc| {
         // SAFETY: all pointers address contiguous buffers whose sizes `check_gemm` matched
         // to (m, n, k) and the strides above; the offsets stay inside them, and concurrent
         // calls receive disjoint output panels.
@@ -236,13 +239,9 @@ unsafe fn gemm_to(
                 (rhs.get().offset(c0 as isize * b_cs), b_cs, b_rs),
                 alpha,
                 beta,
-                par,
+                Parallelism::None,
             );
         }
-    };
-
-    split_panels((m, n, k), |r0, mr, c0, nc| {
-        run(r0, mr, c0, nc, Parallelism::None)
     });
 }
 

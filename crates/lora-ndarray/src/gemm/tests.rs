@@ -61,6 +61,8 @@ fn every_path_and_transpose_matches_the_naive_product() {
         (12, 131, 90),
         (131, 40, 64),
         (300, 260, 280),
+        // One panel per thread split by columns (it packs less than rows on our kernel).
+        (260, 300, 280),
         // Token reductions over several accumulator blocks with a partial last vector
         // (16 x 1100: 256-column blocks, 1100 = 137 x 8 + 4) and a token count that is
         // not a multiple of 8; rank-8 narrow outputs (eight rows at a time) with a tail.

@@ -60,8 +60,10 @@ pub(crate) fn available() -> bool {
 /// crate or the skinny kernels: packing costs as much as the few multiply-adds per packed
 /// element (2048x16x4096: 76 GFLOP/s with this kernel, 85-88 with the `gemm` crate). A
 /// depth of 32 (MiniLM's attention heads: `q kᵀ` and `g vᵀ` over 64-query blocks) ran as
-/// fast as on the `gemm` crate (60 against 60 GFLOP/s at 64x128x32, interleaved), without
-/// the crate's scratch allocation per call.
+/// fast as on the `gemm` crate (medians of 50-60 GFLOP/s either way at 64x128x32, four
+/// interleaved runs), without the crate's scratch allocation per call; so did wide
+/// products of depth 32-48, a rank-32 merge's `B A` say (4096x4096x32: 88-101 against
+/// 75-89 GFLOP/s, 1024x4096x48: 102-116 against 92-97, three alternating runs).
 pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
     m.min(n) >= 64 && k >= 32
 }
@@ -71,7 +73,7 @@ pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
 /// packs all of `B` under a row split and all of `A` (once per [`NC`] columns) under a
 /// column split, so for `n <= NC` it is simply the longer side; the decoder's output head
 /// (1024 x 32000) splits by columns. Interleaved on the AMD VM, column panels ran 512 x
-/// 4096 x 4096 at 8-9% more GFLOP/s than row panels (docs/performance.md).
+/// 4096 x 4096 at 9% more GFLOP/s than row panels (docs/performance.md).
 pub(crate) fn prefers_row_panels(m: usize, n: usize, threads: usize) -> bool {
     let rows = n + m.div_ceil(threads) * n.div_ceil(NC);
     let cols = n.div_ceil(threads) + m * n.div_ceil(threads).div_ceil(NC);
@@ -285,10 +287,10 @@ unsafe fn tile_kernel(
     debug_assert!(a_panel.len() >= kc * MR && b_panel.len() >= kc * NR);
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let (mut ap, mut bp) = (a_panel.as_ptr(), b_panel.as_ptr());
-    // The tile's rows of `c` are far from this core's caches (a block of `c` is 1.5 MiB
-    // or more): fetching their cache lines while the depth loop runs hides the misses
-    // the stores would take at the end. Measured on the AMD VM, interleaved in one
-    // process: 8-18% more GFLOP/s on the large products (docs/performance.md).
+    // On large products the tile's rows of `c` are far from this core's caches (a block
+    // of `c` outgrows L2): fetching their cache lines while the depth loop runs hides the
+    // misses the stores would take at the end. Measured on the AMD VM, interleaved in one
+    // process: 8-20% more GFLOP/s on the large products (docs/performance.md).
     for i in 0..tile.rows {
         // SAFETY: a prefetch never faults; the addresses are the tile's own row ends.
         unsafe {
