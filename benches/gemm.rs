@@ -1,5 +1,5 @@
-//! Matrix multiplication: our ndarray backend (our AVX2 kernel on AVX2-only CPUs, the `gemm`
-//! crate elsewhere and for skinny products, with our threading) against the `gemm` crate
+//! Matrix multiplication: our ndarray backend (our kernels on x86-64 CPUs with AVX2 or
+//! AVX-512, the `gemm` crate elsewhere and for shallow products, with our threading) against the `gemm` crate
 //! with its own rayon threading and `matrixmultiply` with its own (ndarray's `dot`), at
 //! large and skinny LoRA shapes and the decoder step's products (`xWt`: the second operand
 //! transposed, as a linear layer's forward reads its weight). `cargo xtask bench` reports GFLOP/s and the fraction of the machine's measured

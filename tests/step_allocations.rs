@@ -153,14 +153,12 @@ fn check_steady_state(what: &str, mut step: impl FnMut()) {
     );
 }
 
-/// Whether the ndarray backend's own AVX2 kernels run this CPU's products (x86-64 with
-/// AVX2 and FMA, without AVX-512).
+/// Whether the ndarray backend's own kernels run this CPU's products (x86-64 with AVX2
+/// and FMA; AVX-512 CPUs included).
 fn own_kernels_run() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && !is_x86_feature_detected!("avx512f")
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -90,11 +90,11 @@ pub fn check_scale_features<B: LoraOps>(t: &B) {
 /// `matmul_plus` (a product, optionally plus a low-depth one and a bias, into a fresh
 /// output) under every transpose of both pairs, against the host in f64: shapes where the
 /// ndarray backend runs one product over the concatenated depth (the second pair's depth
-/// joining a partial and a full last slice of 256) and shapes where it falls back to
+/// joining a partial and a full last slice of the AVX2 kernel's 256) and shapes where it falls back to
 /// separate steps; a bias of the wrong length is an error.
 pub fn check_matmul_plus<B: Backend>(t: &B) {
     use lora::Transpose;
-    // (m, n, k1, k2): fused on AVX2 CPUs for the first three, separate steps for the others.
+    // (m, n, k1, k2): fused on x86-64 CPUs with AVX2 for the first three, separate steps for the others.
     let shapes = [
         (130, 70, 300, 8),
         (64, 100, 256, 16),

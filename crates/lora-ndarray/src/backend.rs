@@ -213,8 +213,9 @@ impl Backend for NdArray {
     }
 
     fn fuses_matmul_plus(&self) -> bool {
-        // Our AVX2 kernel packs the second product into the first's last depth slice.
-        crate::sgemm_avx2::available()
+        // Our kernel (AVX2 or AVX-512) packs the second product into the first's last
+        // depth slice.
+        crate::sgemm::available()
     }
 
     fn bmm(

@@ -14,7 +14,7 @@ mod fast_exp;
 mod gemm;
 mod lora_ops;
 pub mod pool;
-mod sgemm_avx2;
+mod sgemm;
 mod skinny;
 mod tensor;
 mod vectorize;

@@ -32,7 +32,7 @@ thread_local! {
     static NARROW_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-use crate::sgemm_avx2::Operand;
+use crate::sgemm::Operand;
 
 /// Runs `c = alpha · a b` (`beta == 0`: `c` is only written) on a skinny kernel when the
 /// shape and strides fit one; returns whether it did.

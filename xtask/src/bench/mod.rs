@@ -30,6 +30,9 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
     // The benches' JSON goes to <root>/target/bench; criterion's estimates to the target dir.
     let target = root().join("target");
     let _ = std::fs::remove_dir_all(crate::cmd::target_dir().join("criterion"));
+    // The MiniLM benches read the model from the cache: fetch it first, or a fresh
+    // machine's report has no ndarray MiniLM rows.
+    crate::venv::fetch_minilm()?;
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "lora-benches"]);
     if backends.contains(&"tch") {

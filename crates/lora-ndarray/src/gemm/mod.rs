@@ -1,7 +1,7 @@
 //! Matrix multiplication: the threading (output panels per core) around three single-thread
 //! engines, picked per product in [`raw_gemm`]: the skinny kernels (`skinny.rs`, one side
-//! narrow), our AVX2 kernel (`sgemm_avx2`, on AVX2 CPUs without AVX-512) and the `gemm`
-//! crate for everything else.
+//! narrow), our blocked kernel (`sgemm`: a 6 x 16 tile on AVX2 CPUs, 8 x 48 on AVX-512
+//! ones) and the `gemm` crate for everything else (off x86-64, shallow products).
 //!
 //! Why `gemm` and not `matrixmultiply` (ndarray's own): measured on the 2-core AVX2 machine
 //! (docs/benchmarks.md), `gemm` with rayon reached 164-166 GFLOP/s on large shapes against
@@ -20,7 +20,7 @@ use crate::pool;
 
 mod plus;
 use crate::tensor::NdTensor;
-use crate::{sgemm_avx2, skinny};
+use crate::{sgemm, skinny};
 pub(crate) use plus::gemm_plus_new;
 
 /// Below this many multiply-adds a product runs on one thread.
@@ -90,7 +90,7 @@ unsafe fn raw_gemm(
     // SAFETY: forwarded to the caller's contract; `available` checked the CPU (AVX2+FMA).
     if serial
         && beta == 0.0
-        && sgemm_avx2::available()
+        && sgemm::available()
         && unsafe {
             skinny::try_run(
                 (m, n, k),
@@ -104,10 +104,10 @@ unsafe fn raw_gemm(
     {
         return;
     }
-    if serial && sgemm_avx2::available() && sgemm_avx2::suits(m, n, k) {
+    if serial && sgemm::available() && sgemm::suits(m, n, k) {
         // SAFETY: forwarded to the caller's contract; `available` checked the CPU.
         unsafe {
-            sgemm_avx2::sgemm(
+            sgemm::sgemm(
                 (m, n, k),
                 alpha,
                 (a, a_rs, a_cs),
@@ -256,8 +256,8 @@ fn split_panels((m, n, k): (usize, usize, usize), run: impl Fn(usize, usize, usi
         // One panel per thread, no synchronisation between them. On our kernel, the split
         // that packs less; on the `gemm` crate, row panels unless the rows are too few
         // (there row panels measured at least as fast, and 7% faster at 512x4096x4096).
-        let by_rows = match sgemm_avx2::available() && sgemm_avx2::suits(m, n, k) {
-            true => sgemm_avx2::prefers_row_panels(m, n, threads),
+        let by_rows = match sgemm::available() && sgemm::suits(m, n, k) {
+            true => sgemm::prefers_row_panels(m, n, threads),
             false => m >= WHOLE_PANELS_MIN_SIDE * threads || m >= n,
         };
         let side = if by_rows { m } else { n };

@@ -1,5 +1,5 @@
-//! `Backend::matmul_plus` on our AVX2 kernel: a product, a low-depth one and a bias in
-//! one pass over the output.
+//! `Backend::matmul_plus` on our blocked kernel (`sgemm`): a product, a low-depth one and
+//! a bias in one pass over the output.
 #![allow(unsafe_code)]
 
 use lora_core::backend::{Product, Transpose, check_gemm, check_row_broadcast};
@@ -7,11 +7,11 @@ use lora_core::{Result, Tensor};
 
 use super::{ConstPtr, SendPtr, split_panels, strides};
 use crate::pool;
-use crate::sgemm_avx2;
+use crate::sgemm;
 use crate::tensor::NdTensor;
 
 /// `op(a1) op(b1) [+ scale2 · op(a2) op(b2)] [+ bias]` into a new tensor of shape
-/// `shape`: on CPUs where our AVX2 kernel runs and the first product suits it, one product
+/// `shape`: on CPUs where our kernel runs (AVX2 or AVX-512) and the first product suits it, one product
 /// over the concatenated depth (the second product's depth joins the first's last slice)
 /// that adds the bias as it stores each tile; else `None` and the caller runs the steps.
 pub(crate) fn gemm_plus_new(
@@ -31,8 +31,7 @@ pub(crate) fn gemm_plus_new(
     if let Some(bias) = bias {
         check_row_broadcast(&c_shape, bias.shape())?;
     }
-    let fused =
-        sgemm_avx2::available() && sgemm_avx2::suits(m, n, k1) && k2 <= sgemm_avx2::MAX_EXTRA_DEPTH;
+    let fused = sgemm::available() && sgemm::suits(m, n, k1) && k2 <= sgemm::MAX_EXTRA_DEPTH;
     if !fused {
         return Ok(None);
     }
@@ -63,7 +62,7 @@ pub(crate) fn gemm_plus_new(
         // concurrent calls write disjoint output panels of `data`, which outlives the
         // parallel section.
         unsafe {
-            sgemm_avx2::sgemm_plus(
+            sgemm::sgemm_plus(
                 (mr, nc),
                 (rows(first_a), cols(first_b), k1),
                 scale2,

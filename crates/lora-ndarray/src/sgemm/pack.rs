@@ -1,20 +1,29 @@
-//! Packing the operands of [`sgemm`](super::sgemm) into the panels the register tile
-//! reads: `A` in row panels of [`MR`], `B` in column panels of [`NR`], each a run of depth
-//! steps; a slice may hold two operand pairs' blocks one after another (`sgemm_plus`).
+//! Packing the operands of [`sgemm`](super::sgemm) into the panels a register tile reads:
+//! `A` in row panels of `mr` rows, `B` in column panels of `nr` columns (the kernel's tile),
+//! each a run of depth steps; a slice may hold two operand pairs' blocks one after another
+//! (`sgemm_plus`). The transposes use AVX2, which every CPU running our kernels has.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{MR, NR, Operand};
+use super::Operand;
 
-/// Multiplies steps `from..kc` of every packed `A` panel of an `mc`-row block by `scale`.
-pub(super) fn scale_packed(a_pack: &mut [f32], mc: usize, kc: usize, from: usize, scale: f32) {
+/// Multiplies steps `from..kc` of every packed `A` panel (`mr` rows) of an `mc`-row block
+/// by `scale`.
+pub(super) fn scale_packed(
+    mr: usize,
+    a_pack: &mut [f32],
+    mc: usize,
+    kc: usize,
+    from: usize,
+    scale: f32,
+) {
     if scale == 1.0 {
         return;
     }
-    for panel in a_pack[..mc.div_ceil(MR) * MR * kc].chunks_exact_mut(MR * kc) {
-        panel[from * MR..].iter_mut().for_each(|v| *v *= scale);
+    for panel in a_pack[..mc.div_ceil(mr) * mr * kc].chunks_exact_mut(mr * kc) {
+        panel[from * mr..].iter_mut().for_each(|v| *v *= scale);
     }
 }
 
@@ -42,38 +51,39 @@ impl At for Operand {
     }
 }
 
-/// Packs a `kc x nc` block of `b` into panels of [`NR`] columns, each `kc` rows of 16
+/// Packs a `kc x nc` block of `b` into panels of `nr` columns, each `kc` rows of `nr`
 /// contiguous values from depth step `p0` of panels `depth` steps deep; columns past `nc`
 /// are zero.
 ///
 /// # Safety
 /// The block's elements are addressable; `out` holds `depth x nc` rounded up to panels.
 pub(super) unsafe fn pack_b(
+    nr: usize,
     kc: usize,
     nc: usize,
     (b, rs, cs): Operand,
     (out, depth, p0): PackDst<'_>,
 ) {
-    for (panel, j0) in (0..nc).step_by(NR).enumerate() {
-        let cols = NR.min(nc - j0);
-        let at = panel * NR * depth + p0 * NR;
-        let dst = &mut out[at..at + NR * kc];
+    for (panel, j0) in (0..nc).step_by(nr).enumerate() {
+        let cols = nr.min(nc - j0);
+        let at = panel * nr * depth + p0 * nr;
+        let dst = &mut out[at..at + nr * kc];
         // SAFETY: columns j0..j0+cols and rows 0..kc of the block are addressable.
         unsafe {
             let src = b.offset(j0 as isize * cs);
-            if cols == NR && rs == 1 {
+            if cols == nr && rs == 1 {
                 // `b` is a transposed row-major matrix (y = x Wᵀ): 8x8 transposes.
-                pack_transposed::<NR>(kc, src, cs, dst);
-            } else if cols == NR && cs == 1 {
-                for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+                pack_transposed(nr, kc, src, cs, dst);
+            } else if cols == nr && cs == 1 {
+                for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
                     std::ptr::copy_nonoverlapping(
                         src.offset(p as isize * rs),
                         row.as_mut_ptr(),
-                        NR,
+                        nr,
                     );
                 }
             } else {
-                for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+                for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
                     for (j, v) in row.iter_mut().enumerate() {
                         *v = if j < cols {
                             *src.offset(p as isize * rs + j as isize * cs)
@@ -87,37 +97,38 @@ pub(super) unsafe fn pack_b(
     }
 }
 
-/// Packs an `mc x kc` block of `a` into panels of [`MR`] rows, each `kc` columns of 6
+/// Packs an `mc x kc` block of `a` into panels of `mr` rows, each `kc` columns of `mr`
 /// values from depth step `p0` of panels `depth` steps deep; rows past `mc` are zero.
 ///
 /// # Safety
 /// The block's elements are addressable; `out` holds `mc x depth` rounded up to panels.
 pub(super) unsafe fn pack_a(
+    mr: usize,
     mc: usize,
     kc: usize,
     (a, rs, cs): Operand,
     (out, depth, p0): PackDst<'_>,
 ) {
-    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-        let rows = MR.min(mc - i0);
-        let at = panel * MR * depth + p0 * MR;
-        let dst = &mut out[at..at + MR * kc];
+    for (panel, i0) in (0..mc).step_by(mr).enumerate() {
+        let rows = mr.min(mc - i0);
+        let at = panel * mr * depth + p0 * mr;
+        let dst = &mut out[at..at + mr * kc];
         // SAFETY: rows i0..i0+rows and columns 0..kc of the block are addressable.
         unsafe {
             let src = a.offset(i0 as isize * rs);
-            if rows == MR && rs == 1 {
-                for (p, col) in dst.chunks_exact_mut(MR).enumerate() {
+            if rows == mr && rs == 1 {
+                for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
                     std::ptr::copy_nonoverlapping(
                         src.offset(p as isize * cs),
                         col.as_mut_ptr(),
-                        MR,
+                        mr,
                     );
                 }
-            } else if rows == MR && cs == 1 {
+            } else if rows == mr && cs == 1 {
                 // Row-major `a` (the common case): 8 x 8 transposes of the six rows.
-                pack_transposed::<MR>(kc, src, rs, dst);
+                pack_transposed(mr, kc, src, rs, dst);
             } else {
-                for (p, col) in dst.chunks_exact_mut(MR).enumerate() {
+                for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
                     for (i, v) in col.iter_mut().enumerate() {
                         *v = if i < rows {
                             *src.offset(i as isize * rs + p as isize * cs)
@@ -131,33 +142,28 @@ pub(super) unsafe fn pack_a(
     }
 }
 
-/// Packs `W` vectors that run contiguously along `k` (vector `i` starts at `src + i·stride`:
-/// the rows of a row-major `a`, or the columns of a transposed `b`) into `kc` groups of `W`
+/// Packs `w` vectors that run contiguously along `k` (vector `i` starts at `src + i·stride`:
+/// the rows of a row-major `a`, or the columns of a transposed `b`) into `kc` groups of `w`
 /// values, 8 x 8 blocks at a time through registers.
 ///
 /// # Safety
-/// The `W` vectors of `kc` values are addressable; `out` holds `kc x W`.
+/// The `w` vectors of `kc` values are addressable; `out` holds `kc x w`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pack_transposed<const W: usize>(
-    kc: usize,
-    src: *const f32,
-    stride: isize,
-    out: &mut [f32],
-) {
+unsafe fn pack_transposed(w: usize, kc: usize, src: *const f32, stride: isize, out: &mut [f32]) {
     let full = kc / 8 * 8;
-    // SAFETY: every load reads values p..p+8 of one of the W vectors; every store writes
-    // the first `n` lanes of group `g` of column p+q inside `out` (kc x W).
+    // SAFETY: every load reads values p..p+8 of one of the w vectors; every store writes
+    // the first `n` lanes of group `g` of column p+q inside `out` (kc x w).
     unsafe {
         for p in (0..full).step_by(8) {
-            for g in (0..W).step_by(8) {
-                let n = (W - g).min(8);
+            for g in (0..w).step_by(8) {
+                let n = (w - g).min(8);
                 let rows: [__m256; 8] = std::array::from_fn(|i| match i < n {
                     true => _mm256_loadu_ps(src.offset((g + i) as isize * stride + p as isize)),
                     false => _mm256_setzero_ps(),
                 });
                 for (q, v) in transpose8(rows).into_iter().enumerate() {
-                    let dst = out.as_mut_ptr().add((p + q) * W + g);
+                    let dst = out.as_mut_ptr().add((p + q) * w + g);
                     if n == 8 {
                         _mm256_storeu_ps(dst, v);
                     } else {
@@ -169,16 +175,16 @@ unsafe fn pack_transposed<const W: usize>(
             }
         }
         for p in full..kc {
-            for i in 0..W {
-                out[p * W + i] = *src.offset(i as isize * stride + p as isize);
+            for i in 0..w {
+                out[p * w + i] = *src.offset(i as isize * stride + p as isize);
             }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_transposed<const W: usize>(_: usize, _: *const f32, _: isize, _: &mut [f32]) {
-    unreachable!("sgemm_avx2 is only dispatched to on x86-64")
+unsafe fn pack_transposed(_: usize, _: usize, _: *const f32, _: isize, _: &mut [f32]) {
+    unreachable!("our kernels are only dispatched to on x86-64")
 }
 
 /// The transpose of eight 8-lane rows.

@@ -1,0 +1,349 @@
+//! Our own single-threaded f32 GEMM for x86-64 CPUs with AVX2+FMA, with a register tile
+//! per instruction set: 6 x 16 on AVX2 (`avx2.rs`), 12 x 32 on AVX-512 (`avx512.rs`).
+//!
+//! The classic Goto/BLIS structure: the `k` dimension in slices of `KC`; per slice, a
+//! block of `B` packed into column panels of `NR` (kept in L3/L2), then blocks of `MC`
+//! rows of `A` packed into row panels of `MR` (kept in L2), then one register tile per
+//! pair of panels. The blocking loops and the packing are written once ([`Kernel`] gives
+//! each instruction set's tile and block sizes).
+//!
+//! Why not only the `gemm` crate: on the 2-core AMD EPYC (Zen 3) development VM, one
+//! thread on 512x2816x1024 ran at a median 64 GFLOP/s with the `gemm` crate and 74 with
+//! the AVX2 kernel (a core's FMA peak is about 91), and the two-thread `gemm` bench put it
+//! at 127-144 GFLOP/s on the large and decoder shapes against the crate's 95-124
+//! (docs/performance.md). Our kernel also fuses what the crate cannot: a second low-depth
+//! product and a bias in the same pass over the output ([`sgemm_plus`], LoRA's forward).
+//!
+//! Results differ from the `gemm` crate's only by summation order (both use FMA).
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use pack::{At, pack_a, pack_b, scale_packed};
+
+mod avx2;
+mod avx512;
+mod pack;
+
+/// Columns of `B` packed at once: 256 x 3072 floats = 3 MiB, in the shared L3.
+const NC: usize = 3072;
+
+/// A register-tile kernel and the block sizes that keep its operands in cache.
+trait Kernel {
+    /// Rows of the register tile.
+    const MR: usize;
+    /// Columns of the register tile.
+    const NR: usize;
+    /// Depth of one packed slice: a `KC x NR` panel of `B` stays in L1 while the row
+    /// panels of `A` stream past it.
+    const KC: usize;
+    /// Rows of `A` packed at once (a whole number of tiles), kept in L2.
+    const MC: usize;
+
+    /// `tile = alpha · a_panel b_panel + beta · tile [+ bias]` over `kc` packed steps
+    /// (`bias`: the tile's column values, added to every row; with `beta == 0` the tile's
+    /// old contents are never read).
+    ///
+    /// # Safety
+    /// The CPU supports the kernel's instruction set; the tile's `rows x cols` elements
+    /// are addressable and owned by this thread; the panels hold `kc` steps each.
+    unsafe fn tile(kc: usize, a_panel: &[f32], b_panel: &[f32], tile: Tile, epilogue: Epilogue);
+}
+
+/// `(alpha, beta, bias)` applied as a tile is stored.
+type Epilogue = (f32, f32, Option<*const f32>);
+
+/// The instruction set whose register tile runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// 8-lane FMA (AMD Zen, Intel before Skylake-X).
+    Avx2,
+    /// 16-lane FMA (Intel Xeon since Skylake-SP, AMD Zen 4).
+    Avx512,
+}
+
+/// The widest instruction set our kernels use on this CPU: `None` off x86-64 or without
+/// AVX2 and FMA (then the `gemm` crate runs every product).
+pub(crate) fn isa() -> Option<Isa> {
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            match (avx2, is_x86_feature_detected!("avx512f")) {
+                (true, true) => Some(Isa::Avx512),
+                (true, false) => Some(Isa::Avx2),
+                (false, _) => None,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}
+
+/// Whether our kernels (this one and the skinny ones, which use AVX2 on every such CPU)
+/// run here.
+pub(crate) fn available() -> bool {
+    isa().is_some()
+}
+
+/// Whether a product of this shape goes to this kernel: both output sides at least 64 and
+/// the depth at least 32. Skinny products (one side the LoRA rank) stay with the `gemm`
+/// crate or the skinny kernels: packing costs as much as the few multiply-adds per packed
+/// element (2048x16x4096: 76 GFLOP/s with the AVX2 kernel, 85-88 with the `gemm` crate). A
+/// depth of 32 (MiniLM's attention heads: `q kᵀ` and `g vᵀ` over 64-query blocks) ran as
+/// fast as on the `gemm` crate (medians of 50-60 GFLOP/s either way at 64x128x32, four
+/// interleaved runs), without the crate's scratch allocation per call; so did wide
+/// products of depth 32-48, a rank-32 merge's `B A` say (4096x4096x32: 88-101 against
+/// 75-89 GFLOP/s, 1024x4096x48: 102-116 against 92-97, three alternating runs).
+pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
+    m.min(n) >= 64 && k >= 32
+}
+
+/// Whether `threads` panels of an `m x n` product on this kernel should be row panels
+/// (else column panels): the split that packs fewer elements per thread. Each thread
+/// packs all of `B` under a row split and all of `A` (once per [`NC`] columns) under a
+/// column split, so for `n <= NC` it is simply the longer side; the decoder's output head
+/// (1024 x 32000) splits by columns. Interleaved on the AMD VM, column panels ran 512 x
+/// 4096 x 4096 at 9% more GFLOP/s than row panels (docs/performance.md).
+pub(crate) fn prefers_row_panels(m: usize, n: usize, threads: usize) -> bool {
+    let rows = n + m.div_ceil(threads) * n.div_ceil(NC);
+    let cols = n.div_ceil(threads) + m * n.div_ceil(threads).div_ceil(NC);
+    rows <= cols
+}
+
+thread_local! {
+    /// Per-thread packing buffers (`A` block, `B` block), reused across calls so a
+    /// training step allocates nothing here after the first product.
+    static PACKS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// An operand: base pointer, row stride and column stride (elements).
+pub(crate) type Operand = (*const f32, isize, isize);
+
+/// `c = alpha * a b + beta * c` for an `m x n` output with row stride `ldc` (unit column
+/// stride); `a` is `m x k` and `b` is `k x n`, each with arbitrary strides. With
+/// `beta == 0` the old contents of `c` are never read (they may be uninitialised or NaN).
+///
+/// # Safety
+/// [`available`] must be true; every element the shapes and strides reach must lie in
+/// live allocations; no other thread may touch `c`'s elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: Operand,
+    b: Operand,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let only = [Segment {
+        a,
+        b,
+        k,
+        scale: 1.0,
+    }];
+    // SAFETY: forwarded to the caller's contract; `isa` checked the CPU.
+    unsafe {
+        match isa() {
+            Some(Isa::Avx512) => {
+                product::<avx512::Avx512>(m, n, &only, (alpha, beta, None), c, ldc)
+            }
+            _ => product::<avx2::Avx2>(m, n, &only, (alpha, beta, None), c, ldc),
+        }
+    }
+}
+
+/// The most depth [`sgemm_plus`] appends to a product (LoRA ranks up to 64).
+pub(crate) const MAX_EXTRA_DEPTH: usize = 64;
+
+/// `c = a1 b1 + scale2 · a2 b2 [+ bias]` into an `m x n` output (row stride `ldc`, old
+/// contents never read; `bias`: `n` values added to every row): one product over the
+/// concatenated depth `k1 + k2`, with `a2 b2` packed into the last depth slice of `a1 b1`.
+/// A LoRA term `s·(x Aᵀ) Bᵀ` on top of the frozen `x Wᵀ` so costs `k2 / k1` more
+/// multiply-adds and no second pass over the output (which a separate `beta = 1` product
+/// makes: a read and a write of every element of `c`); the bias neither.
+///
+/// # Safety
+/// As [`sgemm`], for both operand pairs (the second is not read when `k2 == 0`); `k1 > 0`,
+/// `k2 <= MAX_EXTRA_DEPTH`, and `bias` addresses `n` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_plus(
+    (m, n): (usize, usize),
+    (a1, b1, k1): (Operand, Operand, usize),
+    scale2: f32,
+    (a2, b2, k2): (Operand, Operand, usize),
+    bias: Option<*const f32>,
+    c: *mut f32,
+    ldc: usize,
+) {
+    debug_assert!(k1 > 0 && k2 <= MAX_EXTRA_DEPTH);
+    let segs = [
+        Segment {
+            a: a1,
+            b: b1,
+            k: k1,
+            scale: 1.0,
+        },
+        Segment {
+            a: a2,
+            b: b2,
+            k: k2,
+            scale: scale2,
+        },
+    ];
+    // SAFETY: forwarded to the caller's contract; `isa` checked the CPU.
+    unsafe {
+        match isa() {
+            Some(Isa::Avx512) => product::<avx512::Avx512>(m, n, &segs, (1.0, 0.0, bias), c, ldc),
+            _ => product::<avx2::Avx2>(m, n, &segs, (1.0, 0.0, bias), c, ldc),
+        }
+    }
+}
+
+/// One operand pair of a product over a concatenated depth: `a` is `m x k`, `b` is
+/// `k x n`, and `a`'s packed values are multiplied by `scale`.
+#[derive(Clone, Copy)]
+struct Segment {
+    a: Operand,
+    b: Operand,
+    k: usize,
+    scale: f32,
+}
+
+/// The product of `segs` (see [`blocked`]) on kernel `K`, with this thread's packing
+/// buffers grown to hold its blocks.
+///
+/// # Safety
+/// As [`blocked`], and the CPU runs `K`.
+unsafe fn product<K: Kernel>(
+    m: usize,
+    n: usize,
+    segs: &[Segment],
+    epilogue: Epilogue,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let extra = segs.get(1).map_or(0, |s| s.k);
+    PACKS.with(|packs| {
+        let mut packs = packs.borrow_mut();
+        let (a_pack, b_pack) = &mut *packs;
+        let depth = K::KC + extra;
+        let b_need = depth * NC.min(n.div_ceil(K::NR) * K::NR);
+        let a_need = depth * K::MC.min(m.div_ceil(K::MR) * K::MR);
+        if b_pack.len() < b_need {
+            b_pack.resize(b_need, 0.0);
+        }
+        if a_pack.len() < a_need {
+            a_pack.resize(a_need, 0.0);
+        }
+        // SAFETY: forwarded to the caller's contract; the buffers now hold the blocks.
+        unsafe { blocked::<K>(m, n, segs, epilogue, c, ldc, (a_pack, b_pack)) }
+    })
+}
+
+/// The `A` and `B` packing buffers.
+type Packs<'a> = (&'a mut [f32], &'a mut [f32]);
+
+/// The three blocking loops around the register tile, over the depth of `segs[0]` in
+/// slices of `KC`; the depth of a second segment joins the last slice. The first slice
+/// applies `beta` and adds the bias (`n` values, if any) as it stores each tile.
+///
+/// # Safety
+/// As [`sgemm`] for every segment, the CPU runs `K`, and the pack buffers hold `KC + k2`
+/// deep blocks of `min(MC, m)` and `min(NC, n)` rounded up to whole tiles.
+unsafe fn blocked<K: Kernel>(
+    m: usize,
+    n: usize,
+    segs: &[Segment],
+    (alpha, beta, bias): Epilogue,
+    c: *mut f32,
+    ldc: usize,
+    (a_pack, b_pack): Packs<'_>,
+) {
+    let (mr, nr) = (K::MR, K::NR);
+    let (main, extra) = (segs[0], segs.get(1).filter(|s| s.k > 0));
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        for pc in (0..main.k).step_by(K::KC) {
+            let kc1 = K::KC.min(main.k - pc);
+            let tail = extra.filter(|_| pc + kc1 == main.k);
+            let kc = kc1 + tail.map_or(0, |s| s.k);
+            // The first slice applies `beta` and the bias; later slices add to what it wrote.
+            let (beta, bias) = if pc == 0 { (beta, bias) } else { (1.0, None) };
+            // SAFETY (all blocks below): offsets stay within each segment's m x k, k x n
+            // and the m x n output, which the caller guarantees are addressable.
+            unsafe {
+                pack_b(nr, kc1, nc, main.b.at(pc, jc), (&mut *b_pack, kc, 0));
+                if let Some(s) = tail {
+                    pack_b(nr, s.k, nc, s.b.at(0, jc), (&mut *b_pack, kc, kc1));
+                }
+            }
+            for ic in (0..m).step_by(K::MC) {
+                let mc = K::MC.min(m - ic);
+                unsafe {
+                    pack_a(mr, mc, kc1, main.a.at(ic, pc), (&mut *a_pack, kc, 0));
+                    if let Some(s) = tail {
+                        pack_a(mr, mc, s.k, s.a.at(ic, 0), (&mut *a_pack, kc, kc1));
+                        scale_packed(mr, a_pack, mc, kc, kc1, s.scale);
+                    }
+                }
+                for jr in (0..nc).step_by(nr) {
+                    let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
+                    for ir in (0..mc).step_by(mr) {
+                        let a_panel = &a_pack[ir * kc..(ir + mr) * kc];
+                        let tile = Tile {
+                            c: unsafe { c.add((ic + ir) * ldc + jc + jr) },
+                            ldc,
+                            rows: mr.min(mc - ir),
+                            cols: nr.min(nc - jr),
+                        };
+                        let bias = bias.map(|b| unsafe { b.add(jc + jr) });
+                        unsafe { K::tile(kc, a_panel, b_panel, tile, (alpha, beta, bias)) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where one register tile lands: `rows x cols` (at most `MR x NR`) at `c`, row stride
+/// `ldc`.
+struct Tile {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl Tile {
+    /// Asks for the tile's rows of `c`, which on large products are far from this core's
+    /// caches (a block of `c` outgrows L2): fetching their cache lines while the depth
+    /// loop runs hides the misses the stores would take at the end. Measured on the AMD
+    /// VM, interleaved in one process: 8-20% more GFLOP/s on the large products
+    /// (docs/performance.md).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch(&self) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let last = size_of::<f32>() * (self.cols - 1);
+        for i in 0..self.rows {
+            // SAFETY: a prefetch never faults; the addresses lie in the tile's own rows.
+            unsafe {
+                let row = self.c.add(i * self.ldc).cast::<i8>().cast_const();
+                // Every cache line of the row: one line per 64 bytes, and the last.
+                for at in (0..last).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(at));
+                }
+                _mm_prefetch::<_MM_HINT_T0>(row.add(last));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

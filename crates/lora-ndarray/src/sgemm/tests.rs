@@ -1,0 +1,189 @@
+//! Both register tiles against an f64 triple loop, each on every CPU that runs it (the
+//! AVX2 tile on AVX-512 CPUs too).
+use super::*;
+use lora_core::rng::{RngState, uniform};
+
+fn rand(n: usize, stream: u64) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    uniform(RngState::new(3, stream), -1.0, 1.0, &mut v);
+    v
+}
+
+/// The kernels this CPU runs.
+fn kernels_here() -> Vec<Isa> {
+    match isa() {
+        Some(Isa::Avx512) => vec![Isa::Avx2, Isa::Avx512],
+        Some(Isa::Avx2) => vec![Isa::Avx2],
+        None => {
+            eprintln!("skipped: this CPU runs none of our kernels (no AVX2+FMA)");
+            vec![]
+        }
+    }
+}
+
+/// [`product`] on the kernel of `isa`.
+///
+/// # Safety
+/// As [`product`]; `isa` is one of [`kernels_here`].
+unsafe fn product_on(
+    isa: Isa,
+    (m, n): (usize, usize),
+    segs: &[Segment],
+    epilogue: Epilogue,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let c = c.as_mut_ptr();
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        match isa {
+            Isa::Avx512 => product::<avx512::Avx512>(m, n, segs, epilogue, c, ldc),
+            Isa::Avx2 => product::<avx2::Avx2>(m, n, segs, epilogue, c, ldc),
+        }
+    }
+}
+
+/// A random `m x k` operand stored row-major, or transposed (`k x m` row-major).
+struct Mat {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    trans: bool,
+}
+
+impl Mat {
+    fn new(rows: usize, cols: usize, trans: bool, stream: u64) -> Self {
+        Mat {
+            data: rand(rows * cols, stream),
+            rows,
+            cols,
+            trans,
+        }
+    }
+
+    fn operand(&self) -> Operand {
+        match self.trans {
+            false => (self.data.as_ptr(), self.cols as isize, 1),
+            true => (self.data.as_ptr(), 1, self.rows as isize),
+        }
+    }
+
+    fn at(&self, i: usize, j: usize) -> f64 {
+        f64::from(match self.trans {
+            false => self.data[i * self.cols + j],
+            true => self.data[j * self.rows + i],
+        })
+    }
+}
+
+fn assert_close(got: f32, want: f64, k: usize, what: &str) {
+    let got = f64::from(got);
+    assert!(
+        (got - want).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + want.abs()),
+        "{what}: {got} vs {want}"
+    );
+}
+
+/// Every packing path (plain, transposed, strided, partial panels) and every blocking
+/// edge (m past MC, n past NC, k past KC, tiles cut on both sides).
+#[test]
+fn blocked_kernels_match_the_naive_product_across_block_edges() {
+    let shapes = [
+        (6, 16, 32),
+        (12, 32, 33),
+        (131, 3090, 261),
+        (7, 17, 515),
+        (250, 33, 40),
+        (25, 65, 17),
+    ];
+    for isa in kernels_here() {
+        for &(m, n, k) in &shapes {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (a, b) = (Mat::new(m, k, ta, 1), Mat::new(k, n, tb, 2));
+                let c0 = rand(m * n, 3);
+                let seg = [Segment {
+                    a: a.operand(),
+                    b: b.operand(),
+                    k,
+                    scale: 1.0,
+                }];
+                for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 0.75)] {
+                    let mut c = c0.clone();
+                    // SAFETY: the operands and `c` hold exactly the shapes described.
+                    unsafe { product_on(isa, (m, n), &seg, (alpha, beta, None), &mut c, n) };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k).map(|p| a.at(i, p) * b.at(p, j)).sum();
+                            let old = if beta == 0.0 {
+                                0.0
+                            } else {
+                                f64::from(c0[i * n + j])
+                            };
+                            let want = f64::from(alpha) * dot + f64::from(beta) * old;
+                            let what = format!("{isa:?} {m}x{n}x{k} ta={ta} tb={tb} ({i}, {j})");
+                            assert_close(c[i * n + j], want, k, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `a1 b1 + s · a2 b2 + bias` in one product (LoRA's fused forward), with the second
+/// depth joining a first that spans one slice or several.
+#[test]
+fn fused_second_product_and_bias_match_the_naive_sum() {
+    for isa in kernels_here() {
+        for &(m, n, k1, k2) in &[(70, 100, 40, 8), (250, 70, 300, 16), (13, 45, 520, 64)] {
+            let (a1, b1) = (Mat::new(m, k1, false, 4), Mat::new(k1, n, true, 5));
+            let (a2, b2) = (Mat::new(m, k2, false, 6), Mat::new(k2, n, true, 7));
+            let bias = rand(n, 8);
+            let segs = [
+                Segment {
+                    a: a1.operand(),
+                    b: b1.operand(),
+                    k: k1,
+                    scale: 1.0,
+                },
+                Segment {
+                    a: a2.operand(),
+                    b: b2.operand(),
+                    k: k2,
+                    scale: 0.25,
+                },
+            ];
+            let mut c = vec![f32::NAN; m * n];
+            let epilogue = (1.0, 0.0, Some(bias.as_ptr()));
+            // SAFETY: the operands, the bias and `c` hold exactly the shapes described.
+            unsafe { product_on(isa, (m, n), &segs, epilogue, &mut c, n) };
+            for i in 0..m {
+                for j in 0..n {
+                    let first: f64 = (0..k1).map(|p| a1.at(i, p) * b1.at(p, j)).sum();
+                    let second: f64 = (0..k2).map(|p| a2.at(i, p) * b2.at(p, j)).sum();
+                    let want = first + 0.25 * second + f64::from(bias[j]);
+                    let what = format!("{isa:?} {m}x{n}x{k1}+{k2} ({i}, {j})");
+                    assert_close(c[i * n + j], want, k1 + k2, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn beta_zero_never_reads_the_output() {
+    for isa in kernels_here() {
+        let (m, n, k) = (13, 21, 40);
+        let (a, b) = (Mat::new(m, k, false, 4), Mat::new(k, n, false, 5));
+        let seg = [Segment {
+            a: a.operand(),
+            b: b.operand(),
+            k,
+            scale: 1.0,
+        }];
+        let mut c = vec![f32::NAN; m * n];
+        // SAFETY: the operands and `c` hold exactly the shapes described.
+        unsafe { product_on(isa, (m, n), &seg, (1.0, 0.0, None), &mut c, n) };
+        assert!(c.iter().all(|v| v.is_finite()), "{isa:?}");
+    }
+}
