@@ -9,16 +9,22 @@
 
 use crate::fast_exp::exp;
 
-/// Defines `pub(crate) fn $name` twice, plain and with AVX2+FMA, and calls the second when
-/// the CPU supports it.
+/// Defines `pub(crate) fn $name` three times, plain, with AVX2+FMA and with AVX-512, and
+/// calls the widest the CPU supports.
 macro_rules! vectorized_kernel {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$doc])*
         pub(crate) fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) -> $ret $body
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) -> $ret $body
+                if crate::sgemm::isa() == Some(crate::sgemm::Isa::Avx512) {
+                    // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (`isa` checked them).
+                    return unsafe { avx512($($arg),*) };
+                }
                 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports AVX2 and FMA (checked just above).
                     return unsafe { avx2($($arg),*) };

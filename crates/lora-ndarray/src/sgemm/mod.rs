@@ -1,5 +1,5 @@
 //! Our own single-threaded f32 GEMM for x86-64 CPUs with AVX2+FMA, with a register tile
-//! per instruction set: 6 x 16 on AVX2 (`avx2.rs`), 12 x 32 on AVX-512 (`avx512.rs`).
+//! per instruction set: 6 x 16 on AVX2 (`avx2.rs`), 8 x 48 on AVX-512 (`avx512.rs`).
 //!
 //! The classic Goto/BLIS structure: the `k` dimension in slices of `KC`; per slice, a
 //! block of `B` packed into column panels of `NR` (kept in L3/L2), then blocks of `MC`
@@ -71,7 +71,13 @@ pub(crate) fn isa() -> Option<Isa> {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            match (avx2, is_x86_feature_detected!("avx512f")) {
+            // The subsets every AVX-512 Xeon (Skylake-SP on) and AMD Zen 4 have; the
+            // elementwise kernels (`vectorize.rs`) are compiled for all four.
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl");
+            match (avx2, avx512) {
                 (true, true) => Some(Isa::Avx512),
                 (true, false) => Some(Isa::Avx2),
                 (false, _) => None,
