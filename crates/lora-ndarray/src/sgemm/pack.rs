@@ -71,25 +71,26 @@ pub(super) unsafe fn pack_b(
         // SAFETY: columns j0..j0+cols and rows 0..kc of the block are addressable.
         unsafe {
             let src = b.offset(j0 as isize * cs);
-            if cols == nr && rs == 1 {
+            if cols < nr {
+                // The last panel of a width that is no multiple of `nr` (512 on the
+                // 48-wide AVX-512 tile): zero columns past the edge, pack the rest below.
+                dst.fill(0.0);
+            }
+            if rs == 1 {
                 // `b` is a transposed row-major matrix (y = x Wᵀ): 8x8 transposes.
-                pack_transposed(nr, kc, src, cs, dst);
-            } else if cols == nr && cs == 1 {
+                pack_transposed((cols, nr), kc, src, cs, dst);
+            } else if cs == 1 {
                 for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
                     std::ptr::copy_nonoverlapping(
                         src.offset(p as isize * rs),
                         row.as_mut_ptr(),
-                        nr,
+                        cols,
                     );
                 }
             } else {
                 for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = if j < cols {
-                            *src.offset(p as isize * rs + j as isize * cs)
-                        } else {
-                            0.0
-                        };
+                    for (j, v) in row[..cols].iter_mut().enumerate() {
+                        *v = *src.offset(p as isize * rs + j as isize * cs);
                     }
                 }
             }
@@ -116,25 +117,25 @@ pub(super) unsafe fn pack_a(
         // SAFETY: rows i0..i0+rows and columns 0..kc of the block are addressable.
         unsafe {
             let src = a.offset(i0 as isize * rs);
-            if rows == mr && rs == 1 {
+            if rows < mr {
+                // The last panel of a block whose rows are no multiple of `mr`.
+                dst.fill(0.0);
+            }
+            if rs == 1 {
                 for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
                     std::ptr::copy_nonoverlapping(
                         src.offset(p as isize * cs),
                         col.as_mut_ptr(),
-                        mr,
+                        rows,
                     );
                 }
-            } else if rows == mr && cs == 1 {
-                // Row-major `a` (the common case): 8 x 8 transposes of the six rows.
-                pack_transposed(mr, kc, src, rs, dst);
+            } else if cs == 1 {
+                // Row-major `a` (the common case): 8 x 8 transposes of the panel's rows.
+                pack_transposed((rows, mr), kc, src, rs, dst);
             } else {
                 for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
-                    for (i, v) in col.iter_mut().enumerate() {
-                        *v = if i < rows {
-                            *src.offset(i as isize * rs + p as isize * cs)
-                        } else {
-                            0.0
-                        };
+                    for (i, v) in col[..rows].iter_mut().enumerate() {
+                        *v = *src.offset(i as isize * rs + p as isize * cs);
                     }
                 }
             }
@@ -143,17 +144,23 @@ pub(super) unsafe fn pack_a(
 }
 
 /// Packs `w` vectors that run contiguously along `k` (vector `i` starts at `src + i·stride`:
-/// the rows of a row-major `a`, or the columns of a transposed `b`) into `kc` groups of `w`
-/// values, 8 x 8 blocks at a time through registers.
+/// the rows of a row-major `a`, or the columns of a transposed `b`) into `kc` groups of
+/// `ld >= w` values (the first `w` written), 8 x 8 blocks at a time through registers.
 ///
 /// # Safety
-/// The `w` vectors of `kc` values are addressable; `out` holds `kc x w`.
+/// The `w` vectors of `kc` values are addressable; `out` holds `kc x ld`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pack_transposed(w: usize, kc: usize, src: *const f32, stride: isize, out: &mut [f32]) {
+unsafe fn pack_transposed(
+    (w, ld): (usize, usize),
+    kc: usize,
+    src: *const f32,
+    stride: isize,
+    out: &mut [f32],
+) {
     let full = kc / 8 * 8;
     // SAFETY: every load reads values p..p+8 of one of the w vectors; every store writes
-    // the first `n` lanes of group `g` of column p+q inside `out` (kc x w).
+    // the first `n` lanes of group `g` of column p+q inside `out` (kc x ld).
     unsafe {
         for p in (0..full).step_by(8) {
             for g in (0..w).step_by(8) {
@@ -163,7 +170,7 @@ unsafe fn pack_transposed(w: usize, kc: usize, src: *const f32, stride: isize, o
                     false => _mm256_setzero_ps(),
                 });
                 for (q, v) in transpose8(rows).into_iter().enumerate() {
-                    let dst = out.as_mut_ptr().add((p + q) * w + g);
+                    let dst = out.as_mut_ptr().add((p + q) * ld + g);
                     if n == 8 {
                         _mm256_storeu_ps(dst, v);
                     } else {
@@ -176,14 +183,14 @@ unsafe fn pack_transposed(w: usize, kc: usize, src: *const f32, stride: isize, o
         }
         for p in full..kc {
             for i in 0..w {
-                out[p * w + i] = *src.offset(i as isize * stride + p as isize);
+                out[p * ld + i] = *src.offset(i as isize * stride + p as isize);
             }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_transposed(_: usize, _: usize, _: *const f32, _: isize, _: &mut [f32]) {
+unsafe fn pack_transposed(_: (usize, usize), _: usize, _: *const f32, _: isize, _: &mut [f32]) {
     unreachable!("our kernels are only dispatched to on x86-64")
 }
 
