@@ -92,44 +92,6 @@ fn sum_axis(a: &NdTensor, axis: usize) -> Result<NdTensor> {
     Ok(NdTensor::from_array(m.sum_axis(Axis(axis)).into_dyn()))
 }
 
-/// A copy of `a` with axes permuted, for permutations that keep the last axis last:
-/// contiguous runs of the last axis are copied whole (attention's head split and merge).
-fn permute_rows(a: &NdTensor, perm: &[usize], out_dims: &[usize]) -> Result<NdTensor> {
-    let dims = a.shape().dims();
-    let rank = dims.len();
-    let run = dims[rank - 1];
-    // Row-major strides of the input, in elements.
-    let mut strides = vec![1usize; rank];
-    for i in (0..rank - 1).rev() {
-        strides[i] = strides[i + 1] * dims[i + 1];
-    }
-    let src = a.as_slice();
-    let mut out = pool::take_for_overwrite(src.len());
-    let outer: usize = out_dims[..rank - 1].iter().product();
-    let copy_row = |o: usize, dst: &mut [f32]| {
-        // Decompose the output row index into output coordinates, map to the input offset.
-        let mut rem = o;
-        let mut offset = 0;
-        for ax in (0..rank - 1).rev() {
-            let c = rem % out_dims[ax];
-            rem /= out_dims[ax];
-            offset += c * strides[perm[ax]];
-        }
-        dst.copy_from_slice(&src[offset..offset + run]);
-    };
-    if src.len() < PAR_MIN_ELEMS || run == 0 {
-        out.chunks_mut(run.max(1))
-            .take(outer)
-            .enumerate()
-            .for_each(|(o, d)| copy_row(o, d));
-    } else {
-        out.par_chunks_mut(run)
-            .enumerate()
-            .for_each(|(o, d)| copy_row(o, d));
-    }
-    NdTensor::from_vec(out, out_dims)
-}
-
 /// No short-circuit inside a chunk, so the loop vectorizes.
 fn all_finite(s: &[f32]) -> bool {
     s.iter().fold(true, |ok, v| ok & v.is_finite())
@@ -234,7 +196,7 @@ impl Backend for NdArray {
     fn permute(&self, a: &NdTensor, perm: &[usize]) -> Result<NdTensor> {
         let out_dims = check_permute(a.shape(), perm)?;
         if perm.last().is_some_and(|&l| l + 1 == perm.len()) {
-            return permute_rows(a, perm, &out_dims);
+            return crate::permute::permute_rows(a, perm, &out_dims);
         }
         let view = a.array().view().permuted_axes(perm.to_vec());
         Ok(NdTensor::from_array(view.as_standard_layout().into_owned()))
