@@ -91,16 +91,20 @@ pub fn check_scale_features<B: LoraOps>(t: &B) {
 /// output) under every transpose of both pairs, against the host in f64: shapes where the
 /// ndarray backend runs one product over the concatenated depth (the second pair's depth
 /// joining a partial and a full last slice of the AVX2 kernel's 256) and shapes where it falls back to
-/// separate steps; a bias of the wrong length is an error.
+/// separate steps; a bias of the wrong length is an error. `matmul_plus_act` with GELU
+/// gives the same output and `unary`'s GELU of it (on ndarray, computed inside the product
+/// block by block: the last shape spans several threads and activation stretches).
 pub fn check_matmul_plus<B: Backend>(t: &B) {
-    use lora::Transpose;
-    // (m, n, k1, k2): fused on x86-64 CPUs with AVX2 for the first three, separate steps for the others.
+    use lora::{Transpose, UnaryOp};
+    // (m, n, k1, k2): fused on x86-64 CPUs with AVX2 for all but (5, 7, 9, 3) and the one
+    // with a second depth over 64, which run separate steps.
     let shapes = [
         (130, 70, 300, 8),
         (64, 100, 256, 16),
         (67, 65, 64, 64),
         (5, 7, 9, 3),
         (80, 80, 80, 65),
+        (150, 530, 40, 8),
     ];
     // A `rows x cols` operand stored as is (`No`) or as its transpose, and its element.
     let operand = |rows: usize, cols: usize, tr: Transpose, seed: u64| {
@@ -150,15 +154,41 @@ pub fn check_matmul_plus<B: Backend>(t: &B) {
                             &[m, n],
                         )
                         .expect("primitive");
+                    let what = format!(
+                        "matmul_plus {m}x{n}x({k1}+{k2}) {ta1:?}{tb1:?} + {ta2:?}{tb2:?}, \
+                         second {with_second}, bias {with_bias}"
+                    );
+                    let got_host = t.to_host(&got).expect("primitive");
+                    assert_close(&what, &got_host, &want, 1e-4, 1e-4);
+                    // With GELU (applied inside ndarray's product): the pre-activation as
+                    // above, the activation as `unary`'s on it.
+                    let (pre, post) = t
+                        .matmul_plus_act(
+                            ((&a1, ta1), (&b1, tb1)),
+                            with_second.then_some((scale, ((&a2, ta2), (&b2, tb2)))),
+                            with_bias.then_some(&bias),
+                            UnaryOp::Gelu,
+                            &[m, n],
+                        )
+                        .expect("primitive");
+                    let unfused = t.unary(UnaryOp::Gelu, &got).expect("primitive");
+                    let exact = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+                    let pre_what = format!("{what}, GELU: pre-activation");
                     assert_close(
-                        &format!(
-                            "matmul_plus {m}x{n}x({k1}+{k2}) {ta1:?}{tb1:?} + {ta2:?}{tb2:?}, \
-                             second {with_second}, bias {with_bias}"
-                        ),
-                        &t.to_host(&got).expect("primitive"),
-                        &want,
-                        1e-4,
-                        1e-4,
+                        &pre_what,
+                        &t.to_host(&pre).expect("primitive"),
+                        &exact(&got_host),
+                        1e-6,
+                        1e-7,
+                    );
+                    let post_what = format!("{what}, GELU: activation");
+                    let unfused = exact(&t.to_host(&unfused).expect("primitive"));
+                    assert_close(
+                        &post_what,
+                        &t.to_host(&post).expect("primitive"),
+                        &unfused,
+                        1e-6,
+                        1e-7,
                     );
                 }
             }

@@ -182,6 +182,24 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
         Ok(c)
     }
 
+    /// [`matmul_plus`](Backend::matmul_plus) followed by an activation, returning both
+    /// `(pre, act(pre))`: the activation's backward needs its input. The default runs the
+    /// two steps (the activation a second pass over the whole output, read back from
+    /// memory); a backend may apply it to each block of the output while the block is
+    /// still in cache.
+    fn matmul_plus_act(
+        &self,
+        first: Product<'_, Self::Tensor>,
+        second: Option<(f32, Product<'_, Self::Tensor>)>,
+        bias: Option<&Self::Tensor>,
+        act: UnaryOp,
+        shape: &[usize],
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let pre = self.matmul_plus(first, second, bias, shape)?;
+        let post = self.unary(act, &pre)?;
+        Ok((pre, post))
+    }
+
     /// Whether [`matmul_plus`](Backend::matmul_plus) runs the second product inside the
     /// first (one pass over the output). Only then does a LoRA layer hand its adapter's
     /// term to the base's product; otherwise the adapter keeps the backend's own

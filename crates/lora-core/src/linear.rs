@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 
-use crate::backend::{Backend, Tensor, Transpose, check_same_shape};
+use crate::backend::{Backend, Tensor, Transpose, UnaryOp, check_same_shape};
 use crate::error::{Error, Result};
 
 /// A frozen linear layer `y = x Wᵀ + b` with `W` stored `[out, in]` (PyTorch layout).
@@ -34,6 +34,19 @@ pub trait Linear<B: Backend>: Debug + Send + Sync {
             &mut y,
         )?;
         Ok(y)
+    }
+    /// `(forward(x), act(forward(x)))`: the pre-activation (for the activation's backward)
+    /// and the activation. The default applies `act` as a second pass; a dense layer hands
+    /// it to its product ([`Backend::matmul_plus_act`]).
+    fn forward_act(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        act: UnaryOp,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let pre = self.forward(backend, x)?;
+        let post = backend.unary(act, &pre)?;
+        Ok((pre, post))
     }
     /// `backward(dy) + s·g a` for a low-rank term (`g`: `[rows, r]`, `a`: `[r, in]`; a LoRA
     /// adapter's `dy B` and `A`), as [`forward_plus`](Linear::forward_plus).
@@ -254,6 +267,23 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
 
     fn forward_plus(&self, backend: &B, x: &B::Tensor, term: LowRank<'_, B>) -> Result<B::Tensor> {
         self.output(backend, x, Some(term))
+    }
+
+    fn forward_act(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        act: UnaryOp,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        self.check_features("forward input x", x, self.inp())?;
+        let out_shape = x.shape().with_last(self.out());
+        backend.matmul_plus_act(
+            ((x, Transpose::No), (&self.weight, Transpose::Yes)),
+            None,
+            self.bias.as_ref(),
+            act,
+            out_shape.dims(),
+        )
     }
 
     fn backward_plus(

@@ -2,7 +2,7 @@
 //! that adapters are injected into.
 
 use crate::adapter::{Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad};
-use crate::backend::Tensor;
+use crate::backend::{Tensor, UnaryOp};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops::LoraOps;
@@ -312,6 +312,34 @@ impl<B: LoraOps> LoraLinear<B> {
             Mode::Eval => None,
         };
         Ok(y)
+    }
+
+    /// [`forward`](Self::forward) followed by the activation `act`, returning both the
+    /// output and its activation (whose backward needs the output). With no adapter
+    /// running (a frozen BERT feed-forward, say), the base applies `act` inside its product
+    /// ([`Linear::forward_act`]) instead of in a second pass over the output.
+    pub fn forward_activated(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        mode: Mode,
+        act: UnaryOp,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        if self.adapters_run() {
+            let pre = self.forward(backend, x, mode)?;
+            let post = backend.unary(act, &pre)?;
+            return Ok((pre, post));
+        }
+        self.check_input(x, "forward")?;
+        if !backend.all_finite(x)? {
+            return Err(self.non_finite_input(x));
+        }
+        let out = self.base.forward_act(backend, x, act)?;
+        self.saved_x = match mode {
+            Mode::Train => Some(x.clone()),
+            Mode::Eval => None,
+        };
+        Ok(out)
     }
 
     /// A training forward that does not keep `x`, for a caller that rebuilds `x` cheaply in

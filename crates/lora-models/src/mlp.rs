@@ -141,14 +141,14 @@ impl<B: LoraOps> Model<B> for Mlp<B> {
         let last = self.layers.len() - 1;
         let mut h = x.clone();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let pre = layer.forward(backend, &h, mode)?;
             if i < last {
-                h = backend.unary(self.activation, &pre)?;
+                let (pre, post) = layer.forward_activated(backend, &h, mode, self.activation)?;
+                h = post;
                 if mode == Mode::Train {
                     self.saved_pre.push(pre);
                 }
             } else {
-                h = pre;
+                h = layer.forward(backend, &h, mode)?;
             }
         }
         Ok(h)

@@ -10,7 +10,7 @@ use lora_quant::{QuantOps, QuantizedWeight, check_row_range, dequantize_rows_int
 use ndarray::Axis;
 use rayon::prelude::*;
 
-use crate::gemm::{bmm_into, gemm_into, gemm_new, gemm_plus_new};
+use crate::gemm::{self, bmm_into, gemm_into, gemm_new, gemm_plus_act_new, gemm_plus_new};
 use crate::pool;
 use crate::tensor::NdTensor;
 use crate::vectorize;
@@ -172,6 +172,28 @@ impl Backend for NdArray {
             self.add_row_broadcast(&mut c, bias)?;
         }
         Ok(c)
+    }
+
+    fn matmul_plus_act(
+        &self,
+        first: Product<'_, NdTensor>,
+        second: Option<(f32, Product<'_, NdTensor>)>,
+        bias: Option<&NdTensor>,
+        act: UnaryOp,
+        shape: &[usize],
+    ) -> Result<(NdTensor, NdTensor)> {
+        // GELU, the one activation with a slice kernel, is applied inside our product.
+        if act == UnaryOp::Gelu {
+            let kernel: gemm::Activation = vectorize::gelu;
+            if let Some((pre, Some(post))) =
+                gemm_plus_act_new(first, second, bias, Some(kernel), shape)?
+            {
+                return Ok((pre, post));
+            }
+        }
+        let pre = self.matmul_plus(first, second, bias, shape)?;
+        let post = self.unary(act, &pre)?;
+        Ok((pre, post))
     }
 
     fn fuses_matmul_plus(&self) -> bool {

@@ -357,8 +357,7 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         let h1_pre = b.binary(lora_core::BinaryOp::Add, &attn, x)?;
         let (h1, st1) =
             b.layer_norm(&h1_pre, &layer.attn_norm.gamma, &layer.attn_norm.beta, eps)?;
-        let inter = layer.intermediate.forward(b, &h1, mode)?;
-        let hidden = b.unary(act, &inter)?;
+        let (inter, hidden) = layer.intermediate.forward_activated(b, &h1, mode, act)?;
         let out = layer.output.forward(b, &hidden, mode)?;
         let h2_pre = b.binary(lora_core::BinaryOp::Add, &out, &h1)?;
         let (h2, st2) = b.layer_norm(&h2_pre, &layer.out_norm.gamma, &layer.out_norm.beta, eps)?;

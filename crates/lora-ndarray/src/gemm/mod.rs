@@ -21,7 +21,7 @@ use crate::pool;
 mod plus;
 use crate::tensor::NdTensor;
 use crate::{sgemm, skinny};
-pub(crate) use plus::gemm_plus_new;
+pub(crate) use plus::{Activation, gemm_plus_act_new, gemm_plus_new};
 
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;

@@ -1,5 +1,6 @@
-//! `Backend::matmul_plus` on our blocked kernel (`sgemm`): a product, a low-depth one and
-//! a bias in one pass over the output.
+//! `Backend::matmul_plus` (and `matmul_plus_act`) on our blocked kernel (`sgemm`): a
+//! product, a low-depth one and a bias in one pass over the output, and optionally an
+//! activation applied to each finished block while it is in cache.
 #![allow(unsafe_code)]
 
 use lora_core::backend::{Product, Transpose, check_gemm, check_row_broadcast};
@@ -10,16 +11,34 @@ use crate::pool;
 use crate::sgemm;
 use crate::tensor::NdTensor;
 
+/// An elementwise kernel `out[i] = f(x[i])` (the second input unused), as
+/// `vectorize::gelu`.
+pub(crate) type Activation = fn(&[f32], &[f32], &mut [f32]);
+
 /// `op(a1) op(b1) [+ scale2 · op(a2) op(b2)] [+ bias]` into a new tensor of shape
-/// `shape`: on CPUs where our kernel runs (AVX2 or AVX-512) and the first product suits it, one product
-/// over the concatenated depth (the second product's depth joins the first's last slice)
-/// that adds the bias as it stores each tile; else `None` and the caller runs the steps.
+/// `shape`: on CPUs where our kernel runs (AVX2 or AVX-512) and the first product suits
+/// it, one product over the concatenated depth (the second product's depth joins the
+/// first's last slice) that adds the bias as it stores each tile; else `None` and the
+/// caller runs the steps.
 pub(crate) fn gemm_plus_new(
-    ((a1, ta1), (b1, tb1)): Product<'_, NdTensor>,
+    first: Product<'_, NdTensor>,
     second: Option<(f32, Product<'_, NdTensor>)>,
     bias: Option<&NdTensor>,
     shape: &[usize],
 ) -> Result<Option<NdTensor>> {
+    Ok(gemm_plus_act_new(first, second, bias, None, shape)?.map(|(pre, _)| pre))
+}
+
+/// [`gemm_plus_new`] with, when `act` is given, a second new tensor `act(output)`
+/// computed from each block of the output as the kernel finishes it (in L2 rather than
+/// read back from memory in a separate pass).
+pub(crate) fn gemm_plus_act_new(
+    ((a1, ta1), (b1, tb1)): Product<'_, NdTensor>,
+    second: Option<(f32, Product<'_, NdTensor>)>,
+    bias: Option<&NdTensor>,
+    act: Option<Activation>,
+    shape: &[usize],
+) -> Result<Option<(NdTensor, Option<NdTensor>)>> {
     let c_shape = lora_core::Shape::new(shape);
     let (m, n, k1) = check_gemm(a1.shape(), ta1, b1.shape(), tb1, &c_shape)?;
     let k2 = match second {
@@ -49,6 +68,8 @@ pub(crate) fn gemm_plus_new(
     // Stale values from the pool: the kernel writes every element without reading any.
     let mut data = pool::take_for_overwrite(m * n);
     let dst = SendPtr(data.as_mut_ptr());
+    let mut post = act.map(|_| pool::take_for_overwrite(m * n));
+    let post_dst = post.as_mut().map(|p| SendPtr(p.as_mut_ptr()));
     split_panels((m, n, k1 + k2), |r0, mr, c0, nc| {
         let rows = |(p, rs, cs): (ConstPtr, isize, isize)| {
             // SAFETY (this and `cols`): row r0 and column c0 lie inside the operands, whose
@@ -58,9 +79,25 @@ pub(crate) fn gemm_plus_new(
         let cols = |(p, rs, cs): (ConstPtr, isize, isize)| {
             (unsafe { p.get().offset(c0 as isize * cs) }, rs, cs)
         };
+        // Row r, columns c..c + len of this panel, finished: its activation into `post`.
+        let finish = |r: usize, c: usize, len: usize| {
+            if let (Some(act), Some(post)) = (act, post_dst) {
+                let at = (r0 + r) * n + c0 + c;
+                // SAFETY: the stretch lies in this panel of the m x n output, which the
+                // kernel has written (it calls `finish` only then) and no other thread
+                // touches; `post` is a second m x n buffer, disjoint from `data`.
+                let (x, out) = unsafe {
+                    (
+                        std::slice::from_raw_parts(dst.get().add(at).cast_const(), len),
+                        std::slice::from_raw_parts_mut(post.get().add(at), len),
+                    )
+                };
+                act(x, x, out);
+            }
+        };
         // SAFETY: as above for the operands; the bias holds n values (checked), and
-        // concurrent calls write disjoint output panels of `data`, which outlives the
-        // parallel section.
+        // concurrent calls write disjoint output panels of `data` (and `post`), which
+        // outlive the parallel section.
         unsafe {
             sgemm::sgemm_plus(
                 (mr, nc),
@@ -68,10 +105,12 @@ pub(crate) fn gemm_plus_new(
                 scale2,
                 (rows(second_a), cols(second_b), k2),
                 bias.map(|b| b.get().add(c0)),
+                act.map(|_| &finish as &dyn Fn(usize, usize, usize)),
                 dst.get().offset(r0 as isize * n as isize + c0 as isize),
                 n,
             );
         }
     });
-    NdTensor::from_vec(data, shape).map(Some)
+    let post = post.map(|p| NdTensor::from_vec(p, shape)).transpose()?;
+    Ok(Some((NdTensor::from_vec(data, shape)?, post)))
 }

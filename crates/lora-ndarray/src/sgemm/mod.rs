@@ -54,6 +54,15 @@ trait Kernel {
 /// `(alpha, beta, bias)` applied as a tile is stored.
 type Epilogue = (f32, f32, Option<*const f32>);
 
+/// Called as `finish(row, col, len)` on every finished stretch of the output: row `row`,
+/// columns `col..col + len`, complete (its last depth slice stored) and still in cache.
+/// [`sgemm_plus`] applies an activation with it (a BERT feed-forward's GELU).
+pub(crate) type Finish<'a> = Option<&'a dyn Fn(usize, usize, usize)>;
+
+/// Columns of the output [`Finish`] is called on at once: whole tiles adding up to at
+/// least this many (a block of `MC` rows by about 256 columns is in L2).
+const FINISH_COLS: usize = 256;
+
 /// The instruction set whose register tile runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
@@ -153,13 +162,12 @@ pub(crate) unsafe fn sgemm(
         k,
         scale: 1.0,
     }];
+    let epilogue = (alpha, beta, None);
     // SAFETY: forwarded to the caller's contract; `isa` checked the CPU.
     unsafe {
         match isa() {
-            Some(Isa::Avx512) => {
-                product::<avx512::Avx512>(m, n, &only, (alpha, beta, None), c, ldc)
-            }
-            _ => product::<avx2::Avx2>(m, n, &only, (alpha, beta, None), c, ldc),
+            Some(Isa::Avx512) => product::<avx512::Avx512>(m, n, &only, epilogue, None, c, ldc),
+            _ => product::<avx2::Avx2>(m, n, &only, epilogue, None, c, ldc),
         }
     }
 }
@@ -172,7 +180,8 @@ pub(crate) const MAX_EXTRA_DEPTH: usize = 64;
 /// concatenated depth `k1 + k2`, with `a2 b2` packed into the last depth slice of `a1 b1`.
 /// A LoRA term `s·(x Aᵀ) Bᵀ` on top of the frozen `x Wᵀ` so costs `k2 / k1` more
 /// multiply-adds and no second pass over the output (which a separate `beta = 1` product
-/// makes: a read and a write of every element of `c`); the bias neither.
+/// makes: a read and a write of every element of `c`); the bias neither. `finish` sees
+/// each stretch of `c` once it is complete (see [`Finish`]).
 ///
 /// # Safety
 /// As [`sgemm`], for both operand pairs (the second is not read when `k2 == 0`); `k1 > 0`,
@@ -184,6 +193,7 @@ pub(crate) unsafe fn sgemm_plus(
     scale2: f32,
     (a2, b2, k2): (Operand, Operand, usize),
     bias: Option<*const f32>,
+    finish: Finish<'_>,
     c: *mut f32,
     ldc: usize,
 ) {
@@ -202,11 +212,12 @@ pub(crate) unsafe fn sgemm_plus(
             scale: scale2,
         },
     ];
+    let epilogue = (1.0, 0.0, bias);
     // SAFETY: forwarded to the caller's contract; `isa` checked the CPU.
     unsafe {
         match isa() {
-            Some(Isa::Avx512) => product::<avx512::Avx512>(m, n, &segs, (1.0, 0.0, bias), c, ldc),
-            _ => product::<avx2::Avx2>(m, n, &segs, (1.0, 0.0, bias), c, ldc),
+            Some(Isa::Avx512) => product::<avx512::Avx512>(m, n, &segs, epilogue, finish, c, ldc),
+            _ => product::<avx2::Avx2>(m, n, &segs, epilogue, finish, c, ldc),
         }
     }
 }
@@ -231,6 +242,7 @@ unsafe fn product<K: Kernel>(
     n: usize,
     segs: &[Segment],
     epilogue: Epilogue,
+    finish: Finish<'_>,
     c: *mut f32,
     ldc: usize,
 ) {
@@ -248,7 +260,7 @@ unsafe fn product<K: Kernel>(
             a_pack.resize(a_need, 0.0);
         }
         // SAFETY: forwarded to the caller's contract; the buffers now hold the blocks.
-        unsafe { blocked::<K>(m, n, segs, epilogue, c, ldc, (a_pack, b_pack)) }
+        unsafe { blocked::<K>(m, n, segs, epilogue, finish, c, ldc, (a_pack, b_pack)) }
     })
 }
 
@@ -257,16 +269,19 @@ type Packs<'a> = (&'a mut [f32], &'a mut [f32]);
 
 /// The three blocking loops around the register tile, over the depth of `segs[0]` in
 /// slices of `KC`; the depth of a second segment joins the last slice. The first slice
-/// applies `beta` and adds the bias (`n` values, if any) as it stores each tile.
+/// applies `beta` and adds the bias (`n` values, if any) as it stores each tile; the last
+/// one calls `finish` on the finished stretches.
 ///
 /// # Safety
 /// As [`sgemm`] for every segment, the CPU runs `K`, and the pack buffers hold `KC + k2`
 /// deep blocks of `min(MC, m)` and `min(NC, n)` rounded up to whole tiles.
+#[allow(clippy::too_many_arguments)]
 unsafe fn blocked<K: Kernel>(
     m: usize,
     n: usize,
     segs: &[Segment],
     (alpha, beta, bias): Epilogue,
+    finish: Finish<'_>,
     c: *mut f32,
     ldc: usize,
     (a_pack, b_pack): Packs<'_>,
@@ -298,6 +313,8 @@ unsafe fn blocked<K: Kernel>(
                         scale_packed(mr, a_pack, mc, kc, kc1, s.scale);
                     }
                 }
+                let finish = finish.filter(|_| pc + kc1 == main.k);
+                let mut finished = 0;
                 for jr in (0..nc).step_by(nr) {
                     let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
                     for ir in (0..mc).step_by(mr) {
@@ -310,6 +327,15 @@ unsafe fn blocked<K: Kernel>(
                         };
                         let bias = bias.map(|b| unsafe { b.add(jc + jr) });
                         unsafe { K::tile(kc, a_panel, b_panel, tile, (alpha, beta, bias)) };
+                    }
+                    let end = (jr + nr).min(nc);
+                    if let Some(finish) =
+                        finish.filter(|_| end - finished >= FINISH_COLS || end == nc)
+                    {
+                        for r in ic..ic + mc {
+                            finish(r, jc + finished, end - finished);
+                        }
+                        finished = end;
                     }
                 }
             }

@@ -30,6 +30,7 @@ unsafe fn product_on(
     (m, n): (usize, usize),
     segs: &[Segment],
     epilogue: Epilogue,
+    finish: Finish<'_>,
     c: &mut [f32],
     ldc: usize,
 ) {
@@ -37,8 +38,8 @@ unsafe fn product_on(
     // SAFETY: forwarded to the caller's contract.
     unsafe {
         match isa {
-            Isa::Avx512 => product::<avx512::Avx512>(m, n, segs, epilogue, c, ldc),
-            Isa::Avx2 => product::<avx2::Avx2>(m, n, segs, epilogue, c, ldc),
+            Isa::Avx512 => product::<avx512::Avx512>(m, n, segs, epilogue, finish, c, ldc),
+            Isa::Avx2 => product::<avx2::Avx2>(m, n, segs, epilogue, finish, c, ldc),
         }
     }
 }
@@ -110,7 +111,7 @@ fn blocked_kernels_match_the_naive_product_across_block_edges() {
                 for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 0.75)] {
                     let mut c = c0.clone();
                     // SAFETY: the operands and `c` hold exactly the shapes described.
-                    unsafe { product_on(isa, (m, n), &seg, (alpha, beta, None), &mut c, n) };
+                    unsafe { product_on(isa, (m, n), &seg, (alpha, beta, None), None, &mut c, n) };
                     for i in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k).map(|p| a.at(i, p) * b.at(p, j)).sum();
@@ -131,11 +132,12 @@ fn blocked_kernels_match_the_naive_product_across_block_edges() {
 }
 
 /// `a1 b1 + s · a2 b2 + bias` in one product (LoRA's fused forward), with the second
-/// depth joining a first that spans one slice or several.
+/// depth joining a first that spans one slice or several; `finish` sees every element
+/// once, complete.
 #[test]
 fn fused_second_product_and_bias_match_the_naive_sum() {
     for isa in kernels_here() {
-        for &(m, n, k1, k2) in &[(70, 100, 40, 8), (250, 70, 300, 16), (13, 45, 520, 64)] {
+        for &(m, n, k1, k2) in &[(70, 100, 40, 8), (250, 700, 300, 16), (13, 3100, 520, 64)] {
             let (a1, b1) = (Mat::new(m, k1, false, 4), Mat::new(k1, n, true, 5));
             let (a2, b2) = (Mat::new(m, k2, false, 6), Mat::new(k2, n, true, 7));
             let bias = rand(n, 8);
@@ -154,9 +156,28 @@ fn fused_second_product_and_bias_match_the_naive_sum() {
                 },
             ];
             let mut c = vec![f32::NAN; m * n];
+            // `finish` doubles each finished stretch into `done`; each element once.
+            let done = std::cell::RefCell::new(vec![f32::NAN; m * n]);
+            let out = c.as_ptr();
+            let finish = |r: usize, col: usize, len: usize| {
+                for j in col..col + len {
+                    let mut done = done.borrow_mut();
+                    assert!(done[r * n + j].is_nan(), "({r}, {j}) finished twice");
+                    // SAFETY: (r, j) lies in the m x n output, which the product wrote.
+                    done[r * n + j] = 2.0 * unsafe { *out.add(r * n + j) };
+                }
+            };
             let epilogue = (1.0, 0.0, Some(bias.as_ptr()));
             // SAFETY: the operands, the bias and `c` hold exactly the shapes described.
-            unsafe { product_on(isa, (m, n), &segs, epilogue, &mut c, n) };
+            unsafe { product_on(isa, (m, n), &segs, epilogue, Some(&finish), &mut c, n) };
+            let done = done.into_inner();
+            for (i, (d, v)) in done.iter().zip(&c).enumerate() {
+                assert_eq!(
+                    *d,
+                    2.0 * v,
+                    "{isa:?} {m}x{n}: element {i} finished before its end"
+                );
+            }
             for i in 0..m {
                 for j in 0..n {
                     let first: f64 = (0..k1).map(|p| a1.at(i, p) * b1.at(p, j)).sum();
@@ -183,7 +204,7 @@ fn beta_zero_never_reads_the_output() {
         }];
         let mut c = vec![f32::NAN; m * n];
         // SAFETY: the operands and `c` hold exactly the shapes described.
-        unsafe { product_on(isa, (m, n), &seg, (1.0, 0.0, None), &mut c, n) };
+        unsafe { product_on(isa, (m, n), &seg, (1.0, 0.0, None), None, &mut c, n) };
         assert!(c.iter().all(|v| v.is_finite()), "{isa:?}");
     }
 }
