@@ -62,22 +62,7 @@ unsafe fn tile_kernel(
                 }
             }};
         }
-        let mut p = 0;
-        while p + 4 <= kc {
-            step!(0);
-            step!(1);
-            step!(2);
-            step!(3);
-            ap = ap.add(4 * MR);
-            bp = bp.add(4 * NR);
-            p += 4;
-        }
-        while p < kc {
-            step!(0);
-            ap = ap.add(MR);
-            bp = bp.add(NR);
-            p += 1;
-        }
+        depth_loop!(kc, ap, bp, MR, NR, step);
         let va = _mm256_set1_ps(alpha);
         let vb = _mm256_set1_ps(beta);
         if tile.rows == MR && tile.cols == NR {

@@ -3,7 +3,7 @@
 //! and eleven loads per twelve cycles of a Xeon core's two 512-bit FMA pipes. Eight rows
 //! also make `A`'s packing whole 8 x 8 transposes. Measured on the 2-core Xeon VM, one
 //! thread, `x·Wᵀ` products, alternating in one process: 12 x 32 ran within noise of it or
-//! up to 10% slower, 14 x 32 and 6 x 64 slower still.
+//! up to 10% slower, 14 x 32 and 6 x 64 no faster on any shape (docs/performance.md).
 //!
 //! On AVX-512 CPUs the `gemm` crate runs 16-lane kernels too; ours packs into buffers it
 //! keeps (no scratch allocation per call), prefetches the output tile, and fuses a LoRA
@@ -78,23 +78,8 @@ unsafe fn tile_kernel(
                 }
             }};
         }
-        let mut p = 0;
-        while p + 4 <= kc {
-            step!(0);
-            step!(1);
-            step!(2);
-            step!(3);
-            ap = ap.add(4 * MR);
-            bp = bp.add(4 * NR);
-            p += 4;
-        }
-        while p < kc {
-            step!(0);
-            ap = ap.add(MR);
-            bp = bp.add(NR);
-            p += 1;
-        }
-        // Lane masks of the two column halves (all ones on a full tile).
+        depth_loop!(kc, ap, bp, MR, NR, step);
+        // Lane masks of the tile's column vectors (all ones on a full tile).
         let lanes = |from: usize| -> __mmask16 {
             let n = tile.cols.saturating_sub(from).min(16);
             ((1u32 << n) - 1) as __mmask16

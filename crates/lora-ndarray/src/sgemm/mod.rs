@@ -22,6 +22,30 @@ use std::sync::OnceLock;
 
 use pack::{At, pack_a, pack_b, scale_packed};
 
+/// A register tile's depth loop over `$kc` packed steps: `$step!(u)` for the steps
+/// `u = 0..4` of each group of four (unrolled), then one at a time, with the panel
+/// pointers `$ap` and `$bp` advancing by `$mr` and `$nr` values per step.
+macro_rules! depth_loop {
+    ($kc:expr, $ap:ident, $bp:ident, $mr:expr, $nr:expr, $step:ident) => {{
+        let mut p = 0;
+        while p + 4 <= $kc {
+            $step!(0);
+            $step!(1);
+            $step!(2);
+            $step!(3);
+            $ap = $ap.add(4 * $mr);
+            $bp = $bp.add(4 * $nr);
+            p += 4;
+        }
+        while p < $kc {
+            $step!(0);
+            $ap = $ap.add($mr);
+            $bp = $bp.add($nr);
+            p += 1;
+        }
+    }};
+}
+
 mod avx2;
 mod avx512;
 mod pack;
