@@ -50,7 +50,8 @@ mod avx2;
 mod avx512;
 mod pack;
 
-/// Columns of `B` packed at once: 256 x 3072 floats = 3 MiB, in the shared L3.
+/// Columns of `B` packed at once: `KC` x 3072 floats (3 MiB on the AVX2 tile, 6 MiB on the
+/// AVX-512 one), in the shared L3.
 const NC: usize = 3072;
 
 /// A register-tile kernel and the block sizes that keep its operands in cache.
@@ -59,8 +60,8 @@ trait Kernel {
     const MR: usize;
     /// Columns of the register tile.
     const NR: usize;
-    /// Depth of one packed slice: a `KC x NR` panel of `B` stays in L1 while the row
-    /// panels of `A` stream past it.
+    /// Depth of one packed slice: a `KC x NR` panel of `B` is reused by every row panel of
+    /// `A` streaming past it (from L1 on the AVX2 tile, from L2 on the AVX-512 one).
     const KC: usize;
     /// Rows of `A` packed at once (a whole number of tiles), kept in L2.
     const MC: usize;
