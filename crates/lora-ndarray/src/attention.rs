@@ -10,6 +10,8 @@
 //! results as the default (`lora_core::ops::attention_forward`) within rounding, which the
 //! cross-backend suite checks.
 
+use std::cell::RefCell;
+
 use lora_core::ops::{AttentionMask, AttentionShape, check_attention};
 use lora_core::{Error, Result, Tensor, Transpose};
 use rayon::prelude::*;
@@ -96,6 +98,27 @@ fn block_scores(
     )
 }
 
+thread_local! {
+    /// Each thread's scratch for its attention tasks (a block's scores and their
+    /// gradients), reused across calls. Taken per task from the pool, their number at once
+    /// depended on how rayon scheduled the tasks, and a steady-state step could find the
+    /// pool one buffer short.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's two scratch buffers, each `len` zeros.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let (a, b) = &mut *scratch;
+        for v in [&mut *a, &mut *b] {
+            v.clear();
+            v.resize(len, 0.0);
+        }
+        f(a, b)
+    })
+}
+
 /// Forward; returns `(out [items, t, d], lse [items * t])`, `lse` the log-sum-exp of
 /// each query's visible scores (`+inf` for a query that sees no key).
 pub(crate) fn forward(
@@ -119,26 +142,26 @@ pub(crate) fn forward(
     let item = |(i, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
         let keep = vis.keep(i, kv);
         let (qi, ki) = (i * t * d, (i / group) * kv * d);
-        let mut p = pool::zeros(BLOCK.min(t) * kv);
-        for q0 in (0..t).step_by(BLOCK) {
-            let q1 = (q0 + BLOCK).min(t);
-            let nk = vis.keys(q1, kv);
-            let rows = &mut p[..(q1 - q0) * kv];
-            block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, rows)?;
-            for (r, row) in rows.chunks_mut(kv).enumerate() {
-                l[q0 + r] = softmax_visible(row, keep, vis.seen(q0 + r, nk));
+        with_scratch(BLOCK.min(t) * kv, |p, _| {
+            for q0 in (0..t).step_by(BLOCK) {
+                let q1 = (q0 + BLOCK).min(t);
+                let nk = vis.keys(q1, kv);
+                let rows = &mut p[..(q1 - q0) * kv];
+                block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, rows)?;
+                for (r, row) in rows.chunks_mut(kv).enumerate() {
+                    l[q0 + r] = softmax_visible(row, keep, vis.seen(q0 + r, nk));
+                }
+                gemm_serial(
+                    1.0,
+                    view(rows, 0, q1 - q0, nk, kv),
+                    view(vs, ki, nk, d, d),
+                    0.0,
+                    &mut o[q0 * d..q1 * d],
+                    d,
+                )?;
             }
-            gemm_serial(
-                1.0,
-                view(rows, 0, q1 - q0, nk, kv),
-                view(vs, ki, nk, d, d),
-                0.0,
-                &mut o[q0 * d..q1 * d],
-                d,
-            )?;
-        }
-        pool::give(p);
-        Ok(())
+            Ok(())
+        })
     };
     out.par_chunks_mut(t * d)
         .zip(lse.par_chunks_mut(t.max(1)))
@@ -208,21 +231,19 @@ pub(crate) fn backward(
     let mut dv = pool::zeros(kv_items * kv * d);
     let kv_item = |(j, (dq_group, (dk, dv))): (usize, ItemGrads<'_>)| {
         let ki = j * kv * d;
-        let mut p = pool::zeros(BLOCK.min(t) * kv);
-        let mut ds = pool::zeros(BLOCK.min(t) * kv);
-        for (g, dq) in dq_group.chunks_mut(t * d).enumerate() {
-            let i = j * group + g;
-            query_item_backward(
-                (qs, ks, vs, ls, gs),
-                (i, ki, vis),
-                (t, kv, d, scale),
-                (&mut p, &mut ds),
-                (dq, dk, dv),
-            )?;
-        }
-        pool::give(p);
-        pool::give(ds);
-        Ok(())
+        with_scratch(BLOCK.min(t) * kv, |p, ds| {
+            for (g, dq) in dq_group.chunks_mut(t * d).enumerate() {
+                let i = j * group + g;
+                query_item_backward(
+                    (qs, ks, vs, ls, gs),
+                    (i, ki, vis),
+                    (t, kv, d, scale),
+                    (p, ds),
+                    (dq, dk, dv),
+                )?;
+            }
+            Ok(())
+        })
     };
     dq.par_chunks_mut(group * t * d)
         .zip(dk.par_chunks_mut(kv * d).zip(dv.par_chunks_mut(kv * d)))
