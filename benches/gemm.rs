@@ -1,6 +1,6 @@
 //! Matrix multiplication: our ndarray backend (our kernels on x86-64 CPUs with AVX2 or
-//! AVX-512, the `gemm` crate elsewhere and for shallow products, with our threading) against the `gemm` crate
-//! with its own rayon threading and `matrixmultiply` with its own (ndarray's `dot`), at
+//! AVX-512, the `gemm` crate elsewhere and for shallow products, with our threading)
+//! against the `gemm` crate with its own rayon threading and `matrixmultiply` with its own (ndarray's `dot`), at
 //! large and skinny LoRA shapes and the decoder step's products (`xWt`: the second operand
 //! transposed, as a linear layer's forward reads its weight). `cargo xtask bench` reports GFLOP/s and the fraction of the machine's measured
 //! FMA peak, which this bench writes to `target/bench/fma_peak.json`.

@@ -278,3 +278,44 @@ fn trainable_parameter_count_is_r_times_in_plus_out() {
             .all(|(_, t)| t.shape().rank() == 2)
     );
 }
+
+/// `forward_activated` gives `forward` and `unary` of it, with or without an adapter
+/// running (without one, ndarray applies GELU inside the base's product at this size),
+/// keeps `x` for the backward in training, and rejects a NaN input naming the layer.
+#[test]
+fn forward_activated_is_forward_then_the_activation() {
+    use lora::UnaryOp;
+    let b = backend();
+    let x = rand_tensor(&[96, 64], 5, 1);
+    for with_adapter in [false, true] {
+        let mut l = LoraLinear::new("intermediate", base(80, 64, 2));
+        if with_adapter {
+            l.inject_lora(&b, &spec(4, 8.0, 0.0, LoraInit::Random))
+                .unwrap();
+        }
+        let want_pre = l.forward(&b, &x, Mode::Eval).unwrap();
+        let want_post = host(&b, &b.unary(UnaryOp::Gelu, &want_pre).unwrap());
+        let (pre, post) = l
+            .forward_activated(&b, &x, Mode::Train, UnaryOp::Gelu)
+            .unwrap();
+        let what = format!("adapter {with_adapter}");
+        assert_close(
+            &what,
+            &host(&b, &pre),
+            &to64(&host(&b, &want_pre)),
+            1e-6,
+            1e-7,
+        );
+        assert_close(&what, &host(&b, &post), &to64(&want_post), 1e-6, 1e-7);
+        let dy = rand_tensor(&[96, 80], 5, 2);
+        let dx = l.backward(&b, &dy).expect("the training forward kept x");
+        assert_eq!(dx.shape().dims(), &[96, 64]);
+        let mut bad = host(&b, &x);
+        bad[7] = f32::NAN;
+        let bad = b.from_host(&bad, &[96, 64]).unwrap();
+        let err = l
+            .forward_activated(&b, &bad, Mode::Eval, UnaryOp::Gelu)
+            .unwrap_err();
+        assert!(err.to_string().contains("intermediate"), "{what}: {err}");
+    }
+}

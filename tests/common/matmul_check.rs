@@ -90,8 +90,9 @@ pub fn check_scale_features<B: LoraOps>(t: &B) {
 /// `matmul_plus` (a product, optionally plus a low-depth one and a bias, into a fresh
 /// output) under every transpose of both pairs, against the host in f64: shapes where the
 /// ndarray backend runs one product over the concatenated depth (the second pair's depth
-/// joining a partial and a full last slice of the AVX2 kernel's 256) and shapes where it falls back to
-/// separate steps; a bias of the wrong length is an error. `matmul_plus_act` with GELU
+/// joining a partial or a full last slice: the AVX2 tile's slices are 256 deep, the
+/// AVX-512 tile's 512) and shapes where it falls back to separate steps; a bias of the
+/// wrong length is an error. `matmul_plus_act` with GELU
 /// gives the same output and `unary`'s GELU of it (on ndarray, computed inside the product
 /// block by block: the last shape spans several threads and activation stretches).
 pub fn check_matmul_plus<B: Backend>(t: &B) {
@@ -105,6 +106,7 @@ pub fn check_matmul_plus<B: Backend>(t: &B) {
         (5, 7, 9, 3),
         (80, 80, 80, 65),
         (150, 530, 40, 8),
+        (70, 65, 520, 8),
     ];
     // A `rows x cols` operand stored as is (`No`) or as its transpose, and its element.
     let operand = |rows: usize, cols: usize, tr: Transpose, seed: u64| {

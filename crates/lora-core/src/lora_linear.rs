@@ -289,12 +289,24 @@ impl<B: LoraOps> LoraLinear<B> {
         Ok(())
     }
 
-    fn non_finite_input(&self, x: &B::Tensor) -> Error {
-        Error::NonFinite {
+    /// An error naming the layer when `x` holds a NaN or an infinity.
+    fn check_finite(&self, backend: &B, x: &B::Tensor) -> Result<()> {
+        if backend.all_finite(x)? {
+            return Ok(());
+        }
+        Err(Error::NonFinite {
             context: format!("{} forward", self.name),
             tensor: "input x".into(),
             shape: x.shape().clone(),
-        }
+        })
+    }
+
+    /// Keeps `x` for the backward in training mode (drops an older one otherwise).
+    fn keep_input(&mut self, x: &B::Tensor, mode: Mode) {
+        self.saved_x = match mode {
+            Mode::Train => Some(x.clone()),
+            Mode::Eval => None,
+        };
     }
 
     /// Whether the forward runs adapters on top of the base.
@@ -307,10 +319,7 @@ impl<B: LoraOps> LoraLinear<B> {
     /// with the layer's name.
     pub fn forward(&mut self, backend: &B, x: &B::Tensor, mode: Mode) -> Result<B::Tensor> {
         let y = self.run_forward(backend, x, mode)?;
-        self.saved_x = match mode {
-            Mode::Train => Some(x.clone()),
-            Mode::Eval => None,
-        };
+        self.keep_input(x, mode);
         Ok(y)
     }
 
@@ -331,14 +340,9 @@ impl<B: LoraOps> LoraLinear<B> {
             return Ok((pre, post));
         }
         self.check_input(x, "forward")?;
-        if !backend.all_finite(x)? {
-            return Err(self.non_finite_input(x));
-        }
+        self.check_finite(backend, x)?;
         let out = self.base.forward_act(backend, x, act)?;
-        self.saved_x = match mode {
-            Mode::Train => Some(x.clone()),
-            Mode::Eval => None,
-        };
+        self.keep_input(x, mode);
         Ok(out)
     }
 
@@ -370,8 +374,8 @@ impl<B: LoraOps> LoraLinear<B> {
                     adapter.forward(backend, base, x, &mut y, mode)?;
                 }
             }
-        } else if !backend.all_finite(x)? {
-            return Err(self.non_finite_input(x));
+        } else {
+            self.check_finite(backend, x)?;
         }
         Ok(y)
     }
@@ -398,9 +402,7 @@ impl<B: LoraOps> LoraLinear<B> {
                 ),
             ));
         }
-        if !backend.all_finite(x)? {
-            return Err(self.non_finite_input(x));
-        }
+        self.check_finite(backend, x)?;
         let mut y = self.base.forward(backend, x)?;
         let out_f = self.base.out_features();
         for (name, adapter) in self.adapters.iter_mut() {

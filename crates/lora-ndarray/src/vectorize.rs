@@ -1,8 +1,8 @@
 //! Elementwise kernels compiled for the CPU at hand. The crate builds for baseline x86-64
 //! (SSE2), where LLVM calls libm per exponential and vectorizes 4 lanes at best; each
-//! kernel here is also compiled with AVX2 and FMA enabled and picked at run time when the
-//! CPU has them (`vectorized_kernel!`). Both builds run the same operations in the same
-//! order (Rust never contracts a multiply and an add into an FMA on its own), so results
+//! kernel here is also compiled with AVX2 and FMA, and with AVX-512, and the widest the
+//! CPU has is picked at run time (`vectorized_kernel!`, through `sgemm::isa`). Every build
+//! runs the same operations in the same order (Rust never contracts a multiply and an add into an FMA on its own), so results
 //! do not depend on the CPU. The kernels are the exponential-heavy loops of softmax, SiLU,
 //! GELU and cross-entropy, as plain loops over [`exp`] for the vectorizer.
 #![allow(unsafe_code)]
@@ -21,13 +21,12 @@ macro_rules! vectorized_kernel {
                 fn avx512($($arg: $ty),*) -> $ret $body
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) -> $ret $body
-                if crate::sgemm::isa() == Some(crate::sgemm::Isa::Avx512) {
-                    // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (`isa` checked them).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    return unsafe { avx2($($arg),*) };
+                match crate::sgemm::isa() {
+                    // SAFETY: `isa` found AVX-512 F/BW/DQ/VL with AVX2 and FMA.
+                    Some(crate::sgemm::Isa::Avx512) => return unsafe { avx512($($arg),*) },
+                    // SAFETY: `isa` found AVX2 and FMA.
+                    Some(crate::sgemm::Isa::Avx2) => return unsafe { avx2($($arg),*) },
+                    None => {}
                 }
             }
             $body

@@ -69,7 +69,8 @@ pub(crate) fn gemm_plus_act_new(
     let mut data = pool::take_for_overwrite(m * n);
     let dst = SendPtr(data.as_mut_ptr());
     let mut post = act.map(|_| pool::take_for_overwrite(m * n));
-    let post_dst = post.as_mut().map(|p| SendPtr(p.as_mut_ptr()));
+    // The activation and where it writes, both present or both absent.
+    let finishing = act.zip(post.as_mut().map(|p| SendPtr(p.as_mut_ptr())));
     split_panels((m, n, k1 + k2), |r0, mr, c0, nc| {
         let rows = |(p, rs, cs): (ConstPtr, isize, isize)| {
             // SAFETY (this and `cols`): row r0 and column c0 lie inside the operands, whose
@@ -81,7 +82,7 @@ pub(crate) fn gemm_plus_act_new(
         };
         // Row r, columns c..c + len of this panel, finished: its activation into `post`.
         let finish = |r: usize, c: usize, len: usize| {
-            if let (Some(act), Some(post)) = (act, post_dst) {
+            if let Some((act, post)) = finishing {
                 let at = (r0 + r) * n + c0 + c;
                 // SAFETY: the stretch lies in this panel of the m x n output, which the
                 // kernel has written (it calls `finish` only then) and no other thread
@@ -105,7 +106,7 @@ pub(crate) fn gemm_plus_act_new(
                 scale2,
                 (rows(second_a), cols(second_b), k2),
                 bias.map(|b| b.get().add(c0)),
-                act.map(|_| &finish as &dyn Fn(usize, usize, usize)),
+                finishing.map(|_| &finish as &dyn Fn(usize, usize, usize)),
                 dst.get().offset(r0 as isize * n as isize + c0 as isize),
                 n,
             );

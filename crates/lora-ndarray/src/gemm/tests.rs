@@ -51,8 +51,9 @@ fn naive(
 #[test]
 fn every_path_and_transpose_matches_the_naive_product() {
     // Shapes chosen to hit: single-thread, row panels, column panels, one panel per thread,
-    // and on x86-64 CPUs with AVX2 the skinny kernels (a narrow output with and without packing its
-    // operand, token reductions into a narrow side, partial strips and odd widths).
+    // and on x86-64 CPUs with AVX2 the skinny kernels (a narrow output with and without
+    // packing its operand, token reductions into a narrow side, partial strips and odd
+    // widths).
     let shapes = [
         (3, 5, 4),
         (700, 8, 300),

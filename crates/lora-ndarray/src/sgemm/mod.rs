@@ -138,7 +138,9 @@ pub(crate) fn available() -> bool {
 /// fast as on the `gemm` crate (medians of 50-60 GFLOP/s either way at 64x128x32, four
 /// interleaved runs), without the crate's scratch allocation per call; so did wide
 /// products of depth 32-48, a rank-32 merge's `B A` say (4096x4096x32: 88-101 against
-/// 75-89 GFLOP/s, 1024x4096x48: 102-116 against 92-97, three alternating runs).
+/// 75-89 GFLOP/s, 1024x4096x48: 102-116 against 92-97, three alternating runs). These
+/// figures are the AVX2 tile's on the AMD VM; the AVX-512 tile uses the same thresholds,
+/// not re-measured.
 pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
     m.min(n) >= 64 && k >= 32
 }

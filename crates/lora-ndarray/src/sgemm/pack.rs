@@ -62,40 +62,10 @@ pub(super) unsafe fn pack_b(
     kc: usize,
     nc: usize,
     (b, rs, cs): Operand,
-    (out, depth, p0): PackDst<'_>,
+    dst: PackDst<'_>,
 ) {
-    for (panel, j0) in (0..nc).step_by(nr).enumerate() {
-        let cols = nr.min(nc - j0);
-        let at = panel * nr * depth + p0 * nr;
-        let dst = &mut out[at..at + nr * kc];
-        // SAFETY: columns j0..j0+cols and rows 0..kc of the block are addressable.
-        unsafe {
-            let src = b.offset(j0 as isize * cs);
-            if cols < nr {
-                // The last panel of a width that is no multiple of `nr` (512 on the
-                // 48-wide AVX-512 tile): zero columns past the edge, pack the rest below.
-                dst.fill(0.0);
-            }
-            if rs == 1 {
-                // `b` is a transposed row-major matrix (y = x Wᵀ): 8x8 transposes.
-                pack_transposed((cols, nr), kc, src, cs, dst);
-            } else if cs == 1 {
-                for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
-                    std::ptr::copy_nonoverlapping(
-                        src.offset(p as isize * rs),
-                        row.as_mut_ptr(),
-                        cols,
-                    );
-                }
-            } else {
-                for (p, row) in dst.chunks_exact_mut(nr).enumerate() {
-                    for (j, v) in row[..cols].iter_mut().enumerate() {
-                        *v = *src.offset(p as isize * rs + j as isize * cs);
-                    }
-                }
-            }
-        }
-    }
+    // SAFETY: forwarded; `b`'s columns are the vectors, its rows the depth steps.
+    unsafe { pack_panels(nr, nc, kc, (b, cs, rs), dst) }
 }
 
 /// Packs an `mc x kc` block of `a` into panels of `mr` rows, each `kc` columns of `mr`
@@ -108,34 +78,52 @@ pub(super) unsafe fn pack_a(
     mc: usize,
     kc: usize,
     (a, rs, cs): Operand,
+    dst: PackDst<'_>,
+) {
+    // SAFETY: forwarded; `a`'s rows are the vectors, its columns the depth steps.
+    unsafe { pack_panels(mr, mc, kc, (a, rs, cs), dst) }
+}
+
+/// Packs `count` vectors of `kc` depth steps (vector `i`, step `p` at
+/// `src + i·across + p·along`) into panels of `w` vectors, each `kc` groups of `w`
+/// contiguous values from depth step `p0` of panels `depth` steps deep; lanes past `count`
+/// are zero. `A`'s rows and `B`'s columns are packed alike, so each of the two layouts
+/// takes the same path for either operand: vectors contiguous along the depth (row-major
+/// `A`, a transposed `B` as in `y = x Wᵀ`) through 8 x 8 transposes, contiguous across it
+/// by copies.
+///
+/// # Safety
+/// The block's elements are addressable; `out` holds `depth x count` rounded up to panels.
+unsafe fn pack_panels(
+    w: usize,
+    count: usize,
+    kc: usize,
+    (src, across, along): Operand,
     (out, depth, p0): PackDst<'_>,
 ) {
-    for (panel, i0) in (0..mc).step_by(mr).enumerate() {
-        let rows = mr.min(mc - i0);
-        let at = panel * mr * depth + p0 * mr;
-        let dst = &mut out[at..at + mr * kc];
-        // SAFETY: rows i0..i0+rows and columns 0..kc of the block are addressable.
+    for (panel, i0) in (0..count).step_by(w).enumerate() {
+        let lanes = w.min(count - i0);
+        let at = panel * w * depth + p0 * w;
+        let dst = &mut out[at..at + w * kc];
+        // SAFETY: vectors i0..i0+lanes and steps 0..kc of the block are addressable.
         unsafe {
-            let src = a.offset(i0 as isize * rs);
-            if rows < mr {
-                // The last panel of a block whose rows are no multiple of `mr`.
+            let src = src.offset(i0 as isize * across);
+            if lanes < w {
+                // The last panel of a block that is no multiple of `w` wide (512 columns
+                // on the 48-wide AVX-512 tile): zero lanes past the edge, pack the rest.
                 dst.fill(0.0);
             }
-            if rs == 1 {
-                for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
-                    std::ptr::copy_nonoverlapping(
-                        src.offset(p as isize * cs),
-                        col.as_mut_ptr(),
-                        rows,
-                    );
+            if along == 1 {
+                pack_transposed((lanes, w), kc, src, across, dst);
+            } else if across == 1 {
+                for (p, group) in dst.chunks_exact_mut(w).enumerate() {
+                    let from = src.offset(p as isize * along);
+                    std::ptr::copy_nonoverlapping(from, group.as_mut_ptr(), lanes);
                 }
-            } else if cs == 1 {
-                // Row-major `a` (the common case): 8 x 8 transposes of the panel's rows.
-                pack_transposed((rows, mr), kc, src, rs, dst);
             } else {
-                for (p, col) in dst.chunks_exact_mut(mr).enumerate() {
-                    for (i, v) in col[..rows].iter_mut().enumerate() {
-                        *v = *src.offset(i as isize * rs + p as isize * cs);
+                for (p, group) in dst.chunks_exact_mut(w).enumerate() {
+                    for (i, v) in group[..lanes].iter_mut().enumerate() {
+                        *v = *src.offset(i as isize * across + p as isize * along);
                     }
                 }
             }

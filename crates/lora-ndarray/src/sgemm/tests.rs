@@ -31,10 +31,9 @@ unsafe fn product_on(
     segs: &[Segment],
     epilogue: Epilogue,
     finish: Finish<'_>,
-    c: &mut [f32],
+    c: *mut f32,
     ldc: usize,
 ) {
-    let c = c.as_mut_ptr();
     // SAFETY: forwarded to the caller's contract.
     unsafe {
         match isa {
@@ -111,7 +110,17 @@ fn blocked_kernels_match_the_naive_product_across_block_edges() {
                 for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 0.75)] {
                     let mut c = c0.clone();
                     // SAFETY: the operands and `c` hold exactly the shapes described.
-                    unsafe { product_on(isa, (m, n), &seg, (alpha, beta, None), None, &mut c, n) };
+                    unsafe {
+                        product_on(
+                            isa,
+                            (m, n),
+                            &seg,
+                            (alpha, beta, None),
+                            None,
+                            c.as_mut_ptr(),
+                            n,
+                        )
+                    };
                     for i in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k).map(|p| a.at(i, p) * b.at(p, j)).sum();
@@ -158,7 +167,7 @@ fn fused_second_product_and_bias_match_the_naive_sum() {
             let mut c = vec![f32::NAN; m * n];
             // `finish` doubles each finished stretch into `done`; each element once.
             let done = std::cell::RefCell::new(vec![f32::NAN; m * n]);
-            let out = c.as_ptr();
+            let out = c.as_mut_ptr();
             let finish = |r: usize, col: usize, len: usize| {
                 for j in col..col + len {
                     let mut done = done.borrow_mut();
@@ -169,7 +178,7 @@ fn fused_second_product_and_bias_match_the_naive_sum() {
             };
             let epilogue = (1.0, 0.0, Some(bias.as_ptr()));
             // SAFETY: the operands, the bias and `c` hold exactly the shapes described.
-            unsafe { product_on(isa, (m, n), &segs, epilogue, Some(&finish), &mut c, n) };
+            unsafe { product_on(isa, (m, n), &segs, epilogue, Some(&finish), out, n) };
             let done = done.into_inner();
             for (i, (d, v)) in done.iter().zip(&c).enumerate() {
                 assert_eq!(
@@ -204,7 +213,7 @@ fn beta_zero_never_reads_the_output() {
         }];
         let mut c = vec![f32::NAN; m * n];
         // SAFETY: the operands and `c` hold exactly the shapes described.
-        unsafe { product_on(isa, (m, n), &seg, (1.0, 0.0, None), None, &mut c, n) };
+        unsafe { product_on(isa, (m, n), &seg, (1.0, 0.0, None), None, c.as_mut_ptr(), n) };
         assert!(c.iter().all(|v| v.is_finite()), "{isa:?}");
     }
 }
