@@ -23,6 +23,19 @@ fn op(t: Transpose) -> cublasOperation_t {
 }
 
 impl Cuda {
+    /// `c = beta · c` for a product over an empty inner dimension, without cuBLAS: an
+    /// operand with no columns has a leading dimension of 0, which cuBLAS refuses
+    /// (`CUBLAS_STATUS_INVALID_VALUE`, seen on an H200). `beta == 0` writes zeros, as a
+    /// product with `beta == 0` never reads `c`.
+    fn scale_empty_product(&self, beta: f32, c: &mut CudaTensor) -> Result<()> {
+        *c = if beta == 0.0 {
+            self.zeros(c.shape().dims())?
+        } else {
+            self.affine(c, beta, 0.0)?
+        };
+        Ok(())
+    }
+
     /// Per-block partials of a reduction (`mode`: 0 sum, 1 max |x|, 2 non-finite count).
     fn reduce(&self, a: &CudaTensor, mode: i32) -> Result<Vec<f64>> {
         let n = a.numel();
@@ -120,6 +133,9 @@ impl Backend for Cuda {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        if k == 0 {
+            return self.scale_empty_product(beta, c);
+        }
         // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap the operands.
         let cfg = GemmConfig {
             transa: op(trans_b),
@@ -153,6 +169,9 @@ impl Backend for Cuda {
         let (batch, m, n, k) = check_bmm(a.shape(), trans_a, b.shape(), trans_b, c.shape())?;
         if batch == 0 || m == 0 || n == 0 {
             return Ok(());
+        }
+        if k == 0 {
+            return self.scale_empty_product(beta, c);
         }
         let (ad, bd) = (a.shape().dims(), b.shape().dims());
         let cfg = StridedBatchedConfig {
