@@ -219,3 +219,88 @@ fn layer_norm_and_its_backward() {
         .unwrap_err();
     assert!(e.to_string().contains("gamma"), "{e}");
 }
+
+/// `dx` of LayerNorm in f64 from its definition: `rstd·(g·dy - mean(g·dy) - x̂·mean(g·dy·x̂))`.
+fn layer_norm_backward64(x: &[f64], g: &[f64], dy: &[f64], eps: f64) -> Vec<f64> {
+    let n = g.len();
+    x.chunks(n)
+        .zip(dy.chunks(n))
+        .flat_map(|(r, d)| {
+            let mean = r.iter().sum::<f64>() / n as f64;
+            let var = r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let xhat: Vec<f64> = r.iter().map(|v| (v - mean) * rstd).collect();
+            let gd: Vec<f64> = d.iter().zip(g).map(|(d, g)| d * g).collect();
+            let m1 = gd.iter().sum::<f64>() / n as f64;
+            let m2 = gd.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n as f64;
+            (0..n)
+                .map(|i| rstd * (gd[i] - m1 - xhat[i] * m2))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `add_layer_norm` returns the f32 sum exactly and its LayerNorm against f64, and the
+/// backward from that sum matches the f64 formula: rows of 8 (shorter than a vector),
+/// 37 (whole vectors and a tail) and 384 (MiniLM's), the larger shapes over several
+/// threads. A residual of another shape and an empty last axis are errors naming them.
+#[test]
+fn add_layer_norm_and_the_backward_on_wide_rows() {
+    let b = backend();
+    let eps = 1e-12f32;
+    for (rows, n) in [(4, 8), (1000, 37), (100, 384)] {
+        let len = rows * n;
+        let xv: Vec<f32> = rand_vec(len, 30, 0).iter().map(|v| v * 3.0 + 1.0).collect();
+        let (rv, gv, bv, dv) = (
+            rand_vec(len, 31, 0),
+            rand_vec(n, 32, 0),
+            rand_vec(n, 33, 0),
+            rand_vec(len, 34, 0),
+        );
+        let (x, r) = (
+            b.from_host(&xv, &[rows, n]).unwrap(),
+            b.from_host(&rv, &[rows, n]).unwrap(),
+        );
+        let (g, bt) = (
+            b.from_host(&gv, &[n]).unwrap(),
+            b.from_host(&bv, &[n]).unwrap(),
+        );
+        let (sum, y, stats) = b.add_layer_norm(&x, &r, &g, &bt, eps).unwrap();
+        let sum_host: Vec<f32> = xv.iter().zip(&rv).map(|(a, c)| a + c).collect();
+        assert_eq!(host(&b, &sum), sum_host, "sum {rows}x{n}");
+        let want = layer_norm64(&to64(&sum_host), &to64(&gv), &to64(&bv), f64::from(eps));
+        assert_close(
+            &format!("add_layer_norm {rows}x{n}"),
+            &host(&b, &y),
+            &want,
+            1e-5,
+            1e-6,
+        );
+        let (y2, _) = b.layer_norm(&sum, &g, &bt, eps).unwrap();
+        assert_eq!(
+            host(&b, &y2),
+            host(&b, &y),
+            "layer_norm of the sum {rows}x{n}"
+        );
+        let dy = b.from_host(&dv, &[rows, n]).unwrap();
+        let dx = b.layer_norm_backward(&sum, &stats, &g, &dy).unwrap();
+        let want = layer_norm_backward64(&to64(&sum_host), &to64(&gv), &to64(&dv), f64::from(eps));
+        assert_close(
+            &format!("layer_norm backward {rows}x{n}"),
+            &host(&b, &dx),
+            &want,
+            1e-4,
+            1e-5,
+        );
+    }
+    let x = b.zeros(&[3, 4]).unwrap();
+    let g = b.zeros(&[4]).unwrap();
+    let e = b
+        .add_layer_norm(&x, &b.zeros(&[3, 5]).unwrap(), &g, &g, eps)
+        .unwrap_err();
+    assert!(e.to_string().contains("residual"), "{e}");
+    let empty = b.zeros(&[3, 0]).unwrap();
+    let none = b.zeros(&[0]).unwrap();
+    let e = b.layer_norm(&empty, &none, &none, eps).unwrap_err();
+    assert!(e.to_string().contains("layer_norm x"), "{e}");
+}

@@ -505,6 +505,11 @@ pub fn check_transformer_ops<B: FullBackend>(t: &B) {
     let (ln_t, st_t) = t.layer_norm(&x_t, &gm_t, &bt_t, 1e-12).unwrap();
     let (ln_r, st_r) = r.layer_norm(&x_r, &gm_r, &bt_r, 1e-12).unwrap();
     cmp("layer_norm", &ln_t, &ln_r);
+    let (sum_t, aln_t, ast_t) = t.add_layer_norm(&x_t, &g_t, &gm_t, &bt_t, 1e-12).unwrap();
+    let (sum_r, aln_r, ast_r) = r.add_layer_norm(&x_r, &g_r, &gm_r, &bt_r, 1e-12).unwrap();
+    cmp("add_layer_norm sum", &sum_t, &sum_r);
+    cmp("add_layer_norm", &aln_t, &aln_r);
+    cmp("add_layer_norm stats", &ast_t, &ast_r);
     cmp(
         "layer_norm backward",
         &t.layer_norm_backward(&x_t, &st_t, &gm_t, &g_t).unwrap(),

@@ -246,6 +246,22 @@ pub trait Backend: Clone + Debug + Send + Sync + 'static {
         eps: f32,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
 
+    /// `layer_norm(x + residual)`, a post-LayerNorm residual block (BERT's): returns the sum
+    /// (the backward's input), the output and the statistics. The default adds, then
+    /// normalizes; a backend may do both in one pass over each row.
+    fn add_layer_norm(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let sum = self.binary(BinaryOp::Add, x, residual)?;
+        let (out, stats) = self.layer_norm(&sum, gamma, beta, eps)?;
+        Ok((sum, out, stats))
+    }
+
     /// `dx` of [`Backend::layer_norm`] (gamma and beta are frozen: no gradient for them).
     fn layer_norm_backward(
         &self,
@@ -417,9 +433,13 @@ pub fn check_softmax_mask(x: &Shape, mask: Option<&Shape>) -> Result<(usize, usi
     Ok((batch, rows / batch.max(1), n))
 }
 
-/// Checks the operands of [`Backend::layer_norm`] and returns `(rows, n)`.
+/// Checks the operands of [`Backend::layer_norm`] and returns `(rows, n)`; a last axis of
+/// length 0 has no mean to normalize by and is rejected.
 pub fn check_layer_norm(x: &Shape, gamma: &Shape, beta: &Shape) -> Result<(usize, usize)> {
     let (rows, n) = x.as_matrix();
+    if n == 0 {
+        return Err(Error::shape("layer_norm x", "[..., n] with n > 0", x));
+    }
     for (what, p) in [("gamma", gamma), ("beta", beta)] {
         if p.dims() != [n] {
             return Err(Error::shape(

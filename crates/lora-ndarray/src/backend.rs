@@ -1,9 +1,8 @@
 //! The `ndarray` backend: the reference every other backend is checked against.
 
 use lora_core::backend::{
-    Product, check_assign_cols, check_col_range, check_host_len, check_layer_norm,
-    check_layer_norm_backward, check_permute, check_reshape, check_row_broadcast, check_rows,
-    check_same_shape, check_scatter_add, check_softmax_mask,
+    Product, check_assign_cols, check_col_range, check_host_len, check_permute, check_reshape,
+    check_row_broadcast, check_rows, check_same_shape, check_scatter_add, check_softmax_mask,
 };
 use lora_core::{Backend, BinaryOp, Error, OptimOps, Result, Tensor, Transpose, UnaryOp};
 use lora_quant::{QuantOps, QuantizedWeight, check_row_range, dequantize_rows_into};
@@ -11,6 +10,7 @@ use ndarray::Axis;
 use rayon::prelude::*;
 
 use crate::gemm::{self, bmm_into, gemm_into, gemm_new, gemm_plus_act_new, gemm_plus_new};
+use crate::norm;
 use crate::pool;
 use crate::tensor::NdTensor;
 use crate::vectorize;
@@ -278,42 +278,24 @@ impl Backend for NdArray {
         beta: &NdTensor,
         eps: f32,
     ) -> Result<(NdTensor, NdTensor)> {
-        let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), beta.shape())?;
-        let (src, g, b) = (x.as_slice(), gamma.as_slice(), beta.as_slice());
-        let mut out = pool::take_for_overwrite(src.len());
-        let mut stats = pool::take_for_overwrite(rows * 2);
-        let work = |(r, (o, st)): (usize, (&mut [f32], &mut [f32]))| {
-            let row = &src[r * n..(r + 1) * n];
-            // Two passes in f64: no cancellation in the variance.
-            let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-            let var = row
-                .iter()
-                .map(|&v| (f64::from(v) - mean).powi(2))
-                .sum::<f64>()
-                / n as f64;
-            let rstd = 1.0 / (var + f64::from(eps)).sqrt();
-            let (mean, rstd) = (mean as f32, rstd as f32);
-            for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(g).zip(b) {
-                *o = (v - mean) * rstd * g + b;
-            }
-            st[0] = mean;
-            st[1] = rstd;
-        };
-        if src.len() < PAR_MIN_ELEMS {
-            out.chunks_mut(n)
-                .zip(stats.chunks_mut(2))
-                .enumerate()
-                .for_each(work);
-        } else {
-            out.par_chunks_mut(n)
-                .zip(stats.par_chunks_mut(2))
-                .enumerate()
-                .for_each(work);
-        }
-        Ok((
-            NdTensor::from_vec(out, x.shape().dims())?,
-            NdTensor::from_vec(stats, &[rows, 2])?,
-        ))
+        let (_, out, stats) = norm::layer_norm(x, None, (gamma, beta), eps)?;
+        Ok((out, stats))
+    }
+
+    fn add_layer_norm(
+        &self,
+        x: &NdTensor,
+        residual: &NdTensor,
+        gamma: &NdTensor,
+        beta: &NdTensor,
+        eps: f32,
+    ) -> Result<(NdTensor, NdTensor, NdTensor)> {
+        let (sum, out, stats) = norm::layer_norm(x, Some(residual), (gamma, beta), eps)?;
+        let sum = sum.ok_or_else(|| Error::Backend {
+            backend: "ndarray",
+            reason: "add_layer_norm: the sum was not written".into(),
+        })?;
+        Ok((sum, out, stats))
     }
 
     fn layer_norm_backward(
@@ -323,37 +305,7 @@ impl Backend for NdArray {
         gamma: &NdTensor,
         dy: &NdTensor,
     ) -> Result<NdTensor> {
-        let (_, n) =
-            check_layer_norm_backward(x.shape(), stats.shape(), gamma.shape(), dy.shape())?;
-        let (src, st, g, gy) = (
-            x.as_slice(),
-            stats.as_slice(),
-            gamma.as_slice(),
-            dy.as_slice(),
-        );
-        let mut out = pool::take_for_overwrite(src.len());
-        // dx = rstd * (g*dy - mean(g*dy) - xhat * mean(g*dy*xhat))
-        let work = |(r, o): (usize, &mut [f32])| {
-            let (mean, rstd) = (st[2 * r], st[2 * r + 1]);
-            let (row, gr) = (&src[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n]);
-            let (mut s1, mut s2) = (0.0f32, 0.0f32);
-            for ((&v, &d), &gm) in row.iter().zip(gr).zip(g) {
-                let gd = gm * d;
-                s1 += gd;
-                s2 += gd * (v - mean) * rstd;
-            }
-            let (m1, m2) = (s1 / n as f32, s2 / n as f32);
-            for (((o, &v), &d), &gm) in o.iter_mut().zip(row).zip(gr).zip(g) {
-                let xhat = (v - mean) * rstd;
-                *o = rstd * (gm * d - m1 - xhat * m2);
-            }
-        };
-        if src.len() < PAR_MIN_ELEMS {
-            out.chunks_mut(n).enumerate().for_each(work);
-        } else {
-            out.par_chunks_mut(n).enumerate().for_each(work);
-        }
-        NdTensor::from_vec(out, x.shape().dims())
+        norm::layer_norm_backward(x, stats, gamma, dy)
     }
 
     fn binary(&self, op: BinaryOp, a: &NdTensor, b: &NdTensor) -> Result<NdTensor> {

@@ -13,6 +13,7 @@ mod decoder;
 mod fast_exp;
 mod gemm;
 mod lora_ops;
+mod norm;
 mod permute;
 pub mod pool;
 mod sgemm;

@@ -183,6 +183,86 @@ vectorized_kernel! {
     }
 }
 
+/// `Σ f(v)` over `v`, in eight f64 lanes (a fixed order on every CPU).
+#[inline(always)]
+fn lanes_f64(v: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            acc[j] += f(c[j]);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// LayerNorm of one row into `out`; returns `(mean, 1/sqrt(var + eps))`. Two passes in
+/// f64 (no cancellation in the variance), each over eight lanes: a single f64 sum is a
+/// chain of dependent adds, four cycles an element.
+#[inline(always)]
+fn layer_norm_row_body(row: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) -> (f32, f32) {
+    let n = row.len() as f64;
+    let mean = lanes_f64(row, f64::from) / n;
+    let var = lanes_f64(row, |v| (f64::from(v) - mean).powi(2)) / n;
+    let rstd = 1.0 / (var + f64::from(eps)).sqrt();
+    let (mean, rstd) = (mean as f32, rstd as f32);
+    for (((o, &v), &g), &b) in out.iter_mut().zip(row).zip(g).zip(b) {
+        *o = (v - mean) * rstd * g + b;
+    }
+    (mean, rstd)
+}
+
+vectorized_kernel! {
+    /// LayerNorm of one row (see [`layer_norm_row_body`]).
+    fn layer_norm_row(row: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) -> (f32, f32) {
+        layer_norm_row_body(row, g, b, eps, out)
+    }
+}
+
+vectorized_kernel! {
+    /// `sum = x + residual`, then the LayerNorm of `sum` into `out`, while the row is in L1.
+    fn add_layer_norm_row(
+        x: &[f32],
+        residual: &[f32],
+        sum: &mut [f32],
+        norm: (&[f32], &[f32], f32),
+        out: &mut [f32],
+    ) -> (f32, f32) {
+        sum.iter_mut().zip(x.iter().zip(residual)).for_each(|(s, (&a, &r))| *s = a + r);
+        layer_norm_row_body(sum, norm.0, norm.1, norm.2, out)
+    }
+}
+
+vectorized_kernel! {
+    /// `dx` of one LayerNorm row: `rstd·(g·dy - mean(g·dy) - x̂·mean(g·dy·x̂))`, the two
+    /// means over sixteen f32 lanes.
+    fn layer_norm_backward_row(row: &[f32], dy: &[f32], g: &[f32], stats: (f32, f32), out: &mut [f32]) -> () {
+        let (mean, rstd) = stats;
+        let (mut s1, mut s2) = ([0.0f32; 16], [0.0f32; 16]);
+        let n = row.len();
+        let (mut rows, mut dys, mut gs) = (row.chunks_exact(16), dy.chunks_exact(16), g.chunks_exact(16));
+        for ((r, d), gm) in (&mut rows).zip(&mut dys).zip(&mut gs) {
+            for j in 0..16 {
+                let gd = gm[j] * d[j];
+                s1[j] += gd;
+                s2[j] += gd * (r[j] - mean) * rstd;
+            }
+        }
+        for ((&v, &d), &gm) in rows.remainder().iter().zip(dys.remainder()).zip(gs.remainder()) {
+            let gd = gm * d;
+            s1[0] += gd;
+            s2[0] += gd * (v - mean) * rstd;
+        }
+        let m1 = s1.iter().sum::<f32>() / n as f32;
+        let m2 = s2.iter().sum::<f32>() / n as f32;
+        for (((o, &v), &d), &gm) in out.iter_mut().zip(row).zip(dy).zip(g) {
+            let xhat = (v - mean) * rstd;
+            *o = rstd * (gm * d - m1 - xhat * m2);
+        }
+    }
+}
+
 /// `kernel(a, b, out)` over equal-length slices into a new buffer, in chunks on several
 /// threads when large.
 pub(crate) fn par_kernel(

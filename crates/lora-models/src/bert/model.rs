@@ -354,13 +354,12 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         let ctx = self.merge_heads(b, &ctx, d)?;
         let layer = &mut self.layers[l];
         let attn = layer.attn_out.forward(b, &ctx, mode)?;
-        let h1_pre = b.binary(lora_core::BinaryOp::Add, &attn, x)?;
-        let (h1, st1) =
-            b.layer_norm(&h1_pre, &layer.attn_norm.gamma, &layer.attn_norm.beta, eps)?;
+        let (h1_pre, h1, st1) =
+            b.add_layer_norm(&attn, x, &layer.attn_norm.gamma, &layer.attn_norm.beta, eps)?;
         let (inter, hidden) = layer.intermediate.forward_activated(b, &h1, mode, act)?;
         let out = layer.output.forward(b, &hidden, mode)?;
-        let h2_pre = b.binary(lora_core::BinaryOp::Add, &out, &h1)?;
-        let (h2, st2) = b.layer_norm(&h2_pre, &layer.out_norm.gamma, &layer.out_norm.beta, eps)?;
+        let (h2_pre, h2, st2) =
+            b.add_layer_norm(&out, &h1, &layer.out_norm.gamma, &layer.out_norm.beta, eps)?;
         layer.cache = match mode {
             Mode::Train => Some(LayerCache {
                 q,
