@@ -7,8 +7,11 @@
 
 use std::cell::OnceCell;
 
-use lora::ops::{AttentionMask, DenseMask, attention_backward, attention_forward, dense_mask_host};
-use lora::{Backend, DecoderOps, FullBackend};
+use lora::ops::{
+    AttentionMask, DenseMask, attention_backward, attention_forward, attention_rows_backward,
+    attention_rows_forward, dense_mask_host,
+};
+use lora::{Backend, DecoderOps, FullBackend, Tensor as _};
 use lora_tests::{assert_close, backend_suite, central_differences, rand_vec, to64};
 
 /// One attention problem: `batch` sequences of `heads` query heads sharing `kv_heads`
@@ -222,6 +225,45 @@ fn check_backward_default<B: FullBackend>(b: &B, c: &Case) {
     }
 }
 
+/// `self_attention_rows` and its backward (q, k, v as the projections' rows) against the
+/// default over the item layout (split the heads, `self_attention`, merge).
+fn check_rows<B: FullBackend>(b: &B, c: &Case) {
+    let x = inputs(b, c, 10);
+    let (scale, m) = (0.3f32, mask(c, &x));
+    let (kv, d) = (c.kv(), c.d);
+    let q = b.from_host(&x.q.0, &[c.batch * c.t, c.heads * d]).unwrap();
+    let k = b
+        .from_host(&x.k.0, &[c.batch * kv, c.kv_heads * d])
+        .unwrap();
+    let v = b
+        .from_host(&x.v.0, &[c.batch * kv, c.kv_heads * d])
+        .unwrap();
+    let (out, saved) = b
+        .self_attention_rows(&q, &k, &v, &m, c.batch, scale)
+        .unwrap();
+    let (want, want_saved) = attention_rows_forward(b, &q, &k, &v, &m, c.batch, scale).unwrap();
+    assert_eq!(out.shape().dims(), q.shape().dims());
+    let want = to64(&b.to_host(&want).unwrap());
+    assert_close("rows forward", &b.to_host(&out).unwrap(), &want, 1e-5, 1e-6);
+    let g = b
+        .from_host(&rand_vec(q.shape_numel(), 10, 5), q.shape().dims())
+        .unwrap();
+    let got = b
+        .self_attention_rows_backward((&q, &k, &v), &saved, &m, c.batch, &g, scale)
+        .unwrap();
+    let want =
+        attention_rows_backward(b, (&q, &k, &v), &want_saved, &m, c.batch, &g, scale).unwrap();
+    for (name, g, w) in [
+        ("rows dq", got.0, want.0),
+        ("rows dk", got.1, want.1),
+        ("rows dv", got.2, want.2),
+    ] {
+        assert_eq!(g.shape().dims(), w.shape().dims(), "{name}");
+        let w = to64(&b.to_host(&w).unwrap());
+        assert_close(name, &b.to_host(&g).unwrap(), &w, 1e-5, 1e-6);
+    }
+}
+
 trait Numel {
     fn shape_numel(&self) -> usize;
 }
@@ -232,6 +274,14 @@ impl<T: lora::Tensor> Numel for T {
 }
 
 backend_suite! { all:
+    fn self_attention_over_rows_equals_the_split_heads(b) {
+        check_rows(b, &Case::new(2, 2, 5, 0, 4, 2));
+        check_rows(b, &Case::new(2, 1, 70, 100, 8, 30));
+        check_rows(b, &Case::new(2, 4, 130, 0, 16, 40).gqa(2));
+        check_rows(b, &Case::new(3, 2, 140, 0, 16, 40).bidirectional());
+        check_rows(b, &Case::new(2, 12, 20, 0, 32, 5).bidirectional());
+    }
+
     fn self_attention_equals_the_f64_reference(b) {
         // Padding that leaves the first queries of the last sequence blind.
         check_forward(b, &Case::new(2, 2, 5, 0, 4, 2));
@@ -282,6 +332,31 @@ fn mismatched_attention_shapes_are_errors() {
     let b = lora::NdArray::new();
     let c = Case::new(1, 2, 5, 0, 4, 0);
     let x = inputs(&b, &c, 1);
+    // Rows layout: q rows not a whole number of sequences, keys of three heads for two.
+    let q = b.from_host(&x.q.0, &[5, 8]).unwrap();
+    let k = b.from_host(&x.k.0, &[5, 8]).unwrap();
+    for (q, k, seqs, want) in [
+        (&q, &k, 2, "self_attention_rows q"),
+        (
+            &q,
+            &b.zeros(&[5, 12]).unwrap(),
+            1,
+            "self_attention_rows k / v",
+        ),
+        (
+            &q,
+            &b.zeros(&[4, 8]).unwrap(),
+            1,
+            "self_attention_rows k / v",
+        ),
+    ] {
+        let e = b
+            .self_attention_rows(q, k, k, &mask(&c, &x), seqs, 1.0)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
     let short_k = b.from_host(&[0.0; 2 * 4 * 4], &[2, 4, 4]).unwrap();
     let e = b
         .self_attention(&x.q.1, &short_k, &x.v.1, &mask(&c, &x), 1.0)

@@ -9,10 +9,17 @@
 //! it, as flash attention does: no `[items, t, kv]` tensor exists at any time. Same
 //! results as the default (`lora_core::ops::attention_forward`) within rounding, which the
 //! cross-backend suite checks.
+//!
+//! Both layouts run the same code ([`Layout`]): `[items, t, d]` items, or the projections'
+//! own rows (`[seqs * t, heads * d]`, `DecoderOps::self_attention_rows`), where each head
+//! is read in place with a row stride of `heads * d` and a task takes a whole sequence, so
+//! that no head split or merge is copied (four copies of `[tokens, hidden]` per layer).
 
 use std::cell::RefCell;
 
-use lora_core::ops::{AttentionMask, AttentionShape, check_attention};
+use lora_core::ops::{
+    AttentionMask, AttentionShape, RowsShape, check_attention, check_attention_rows,
+};
 use lora_core::{Error, Result, Tensor, Transpose};
 use rayon::prelude::*;
 
@@ -79,23 +86,115 @@ impl<'a> Visibility<'a> {
     }
 }
 
-/// `s = scale·q_block·k[:nk]ᵀ` into `rows` (`[q1 - q0, kv]`, only the first `nk` columns).
-#[allow(clippy::too_many_arguments)]
+/// `s = scale·q_block·k[:nk]ᵀ` into `rows` (`[q1 - q0, kv]`, only the first `nk` columns),
+/// the query item at `q` and its key item at `k` (offset, row stride).
 fn block_scores(
     (qs, ks): (&[f32], &[f32]),
-    (qi, ki): (usize, usize),
+    (q, k): (At, At),
     (q0, q1, nk, d, kv): (usize, usize, usize, usize, usize),
     scale: f32,
     rows: &mut [f32],
 ) -> Result<()> {
     gemm_serial(
         scale,
-        view(qs, qi + q0 * d, q1 - q0, d, d),
-        view(ks, ki, nk, d, d).t(),
+        view(qs, q.0 + q0 * q.1, q1 - q0, d, q.1),
+        view(ks, k.0, nk, d, k.1).t(),
         0.0,
         rows,
         kv,
     )
+}
+
+/// An item's matrix in a tensor: `(offset, row stride)`.
+type At = (usize, usize);
+
+/// Where the items' matrices lie (see the module docs).
+#[derive(Clone, Copy)]
+struct Layout {
+    /// The projections' rows (`[seqs * t, heads * d]`); else `[items, t, d]`.
+    rows: bool,
+    /// Query heads per sequence.
+    heads: usize,
+    /// Query heads per key/value head.
+    group: usize,
+    t: usize,
+    kv: usize,
+    d: usize,
+}
+
+impl Layout {
+    fn of_items(s: AttentionShape, heads: usize) -> Self {
+        let AttentionShape {
+            group, t, kv, d, ..
+        } = s;
+        Self {
+            rows: false,
+            heads,
+            group,
+            t,
+            kv,
+            d,
+        }
+    }
+
+    fn of_rows(s: RowsShape) -> Self {
+        Self {
+            rows: true,
+            heads: s.heads,
+            group: s.heads / s.kv_heads,
+            t: s.t,
+            kv: s.kv,
+            d: s.d,
+        }
+    }
+
+    /// Query item `i`'s `[t, d]` matrix in `q` (and in the output, `d_out`, `dq`).
+    fn query(&self, i: usize) -> At {
+        let Self { t, d, heads, .. } = *self;
+        match self.rows {
+            true => ((i / heads) * t * heads * d + (i % heads) * d, heads * d),
+            false => (i * t * d, d),
+        }
+    }
+
+    /// The `[kv, d]` matrix of the key/value item query item `i` reads (in `k`, `v`, `dk`,
+    /// `dv`).
+    fn key(&self, i: usize) -> At {
+        let Self {
+            kv,
+            d,
+            heads,
+            group,
+            ..
+        } = *self;
+        let kv_heads = heads / group;
+        match self.rows {
+            true => (
+                (i / heads) * kv * kv_heads * d + (i % heads) / group * d,
+                kv_heads * d,
+            ),
+            false => ((i / group) * kv * d, d),
+        }
+    }
+
+    /// Query items per forward task, whose outputs are one contiguous chunk: one item, or
+    /// a sequence's heads.
+    fn forward_items(&self) -> usize {
+        if self.rows { self.heads } else { 1 }
+    }
+
+    /// Query items per backward task: those sharing a key/value item, or a sequence's; their
+    /// `dq` is one chunk, and so are their `dk` and `dv` (of [`Layout::backward_kv_len`]).
+    fn backward_items(&self) -> usize {
+        if self.rows { self.heads } else { self.group }
+    }
+
+    fn backward_kv_len(&self) -> usize {
+        match self.rows {
+            true => self.kv * (self.heads / self.group) * self.d,
+            false => self.kv * self.d,
+        }
+    }
 }
 
 thread_local! {
@@ -128,49 +227,80 @@ pub(crate) fn forward(
     mask: &AttentionMask<'_, NdTensor>,
     scale: f32,
 ) -> Result<(NdTensor, NdTensor)> {
-    let AttentionShape {
-        items,
-        group,
-        t,
-        kv,
-        d,
-    } = check_attention(q, k, v, mask)?;
+    let shape = check_attention(q, k, v, mask)?;
+    let lay = Layout::of_items(shape, mask.heads.max(1));
+    let (out, lse) = forward_in(lay, shape.items, (q, k, v), mask, scale)?;
+    Ok((
+        NdTensor::from_vec(out, q.shape().dims())?,
+        NdTensor::from_vec(lse, &[shape.items * shape.t])?,
+    ))
+}
+
+/// Forward over the rows layout (`DecoderOps::self_attention_rows`); `lse` as [`forward`]'s.
+pub(crate) fn forward_rows(
+    q: &NdTensor,
+    k: &NdTensor,
+    v: &NdTensor,
+    mask: &AttentionMask<'_, NdTensor>,
+    seqs: usize,
+    scale: f32,
+) -> Result<(NdTensor, NdTensor)> {
+    let shape = check_attention_rows(q, k, v, mask, seqs)?;
+    let items = shape.seqs * shape.heads;
+    let (out, lse) = forward_in(Layout::of_rows(shape), items, (q, k, v), mask, scale)?;
+    Ok((
+        NdTensor::from_vec(out, q.shape().dims())?,
+        NdTensor::from_vec(lse, &[items * shape.t])?,
+    ))
+}
+
+/// The forward of `items` query items laid out as `lay` says: `(out, lse)`.
+fn forward_in(
+    lay: Layout,
+    items: usize,
+    (q, k, v): (&NdTensor, &NdTensor, &NdTensor),
+    mask: &AttentionMask<'_, NdTensor>,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let Layout { t, kv, d, .. } = lay;
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
     let mut out = pool::zeros(items * t * d);
     let mut lse = pool::zeros(items * t);
     let vis = Visibility::of(mask);
-    let item = |(i, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
-        let keep = vis.keep(i, kv);
-        let (qi, ki) = (i * t * d, (i / group) * kv * d);
+    let per = lay.forward_items();
+    let task = |(n, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
+        let base = lay.query(n * per).0;
         with_scratch(BLOCK.min(t) * kv, |p, _| {
-            for q0 in (0..t).step_by(BLOCK) {
-                let q1 = (q0 + BLOCK).min(t);
-                let nk = vis.keys(q1, kv);
-                let rows = &mut p[..(q1 - q0) * kv];
-                block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, rows)?;
-                for (r, row) in rows.chunks_mut(kv).enumerate() {
-                    l[q0 + r] = softmax_visible(row, keep, vis.seen(q0 + r, nk));
+            for u in 0..per {
+                let i = n * per + u;
+                let (keep, l) = (vis.keep(i, kv), &mut l[u * t..(u + 1) * t]);
+                let (qa, ka) = (lay.query(i), lay.key(i));
+                for q0 in (0..t).step_by(BLOCK) {
+                    let q1 = (q0 + BLOCK).min(t);
+                    let nk = vis.keys(q1, kv);
+                    let rows = &mut p[..(q1 - q0) * kv];
+                    block_scores((qs, ks), (qa, ka), (q0, q1, nk, d, kv), scale, rows)?;
+                    for (r, row) in rows.chunks_mut(kv).enumerate() {
+                        l[q0 + r] = softmax_visible(row, keep, vis.seen(q0 + r, nk));
+                    }
+                    gemm_serial(
+                        1.0,
+                        view(rows, 0, q1 - q0, nk, kv),
+                        view(vs, ka.0, nk, d, ka.1),
+                        0.0,
+                        &mut o[qa.0 - base + q0 * qa.1..],
+                        qa.1,
+                    )?;
                 }
-                gemm_serial(
-                    1.0,
-                    view(rows, 0, q1 - q0, nk, kv),
-                    view(vs, ki, nk, d, d),
-                    0.0,
-                    &mut o[q0 * d..q1 * d],
-                    d,
-                )?;
             }
             Ok(())
         })
     };
-    out.par_chunks_mut(t * d)
-        .zip(lse.par_chunks_mut(t.max(1)))
+    out.par_chunks_mut((per * t * d).max(1))
+        .zip(lse.par_chunks_mut((per * t).max(1)))
         .enumerate()
-        .try_for_each(item)?;
-    Ok((
-        NdTensor::from_vec(out, &[items, t, d])?,
-        NdTensor::from_vec(lse, &[items * t])?,
-    ))
+        .try_for_each(task)?;
+    Ok((out, lse))
 }
 
 /// In place: the softmax of `row` over the keys `j < seen` with `keep[j] != 0`, every
@@ -190,8 +320,8 @@ fn softmax_visible(row: &mut [f32], keep: &[u32], seen: usize) -> f32 {
     max + sum.ln() as f32
 }
 
-/// One key/value item's group of `dq`, and its `dk` and `dv`.
-type ItemGrads<'a> = (&'a mut [f32], (&'a mut [f32], &'a mut [f32]));
+/// One backward task's `dq`, and its `dk` and `dv`.
+type TaskGrads<'a> = (&'a mut [f32], (&'a mut [f32], &'a mut [f32]));
 
 /// Backward; returns `(dq, dk, dv)`. Each block's probabilities are recomputed from the
 /// forward's log-sum-exp over the same visible prefix of keys.
@@ -203,21 +333,50 @@ pub(crate) fn backward(
     scale: f32,
 ) -> Result<(NdTensor, NdTensor, NdTensor)> {
     let shape = check_attention(q, k, v, mask)?;
-    let AttentionShape {
+    let lay = Layout::of_items(shape, mask.heads.max(1));
+    backward_in(lay, shape.items, (q, k, v), (lse, d_out), mask, scale)
+}
+
+/// Backward over the rows layout (`DecoderOps::self_attention_rows_backward`).
+pub(crate) fn backward_rows(
+    (q, k, v): (&NdTensor, &NdTensor, &NdTensor),
+    lse: &NdTensor,
+    mask: &AttentionMask<'_, NdTensor>,
+    seqs: usize,
+    d_out: &NdTensor,
+    scale: f32,
+) -> Result<(NdTensor, NdTensor, NdTensor)> {
+    let shape = check_attention_rows(q, k, v, mask, seqs)?;
+    let items = shape.seqs * shape.heads;
+    backward_in(
+        Layout::of_rows(shape),
         items,
-        group,
-        t,
-        kv,
-        d,
-    } = shape;
+        (q, k, v),
+        (lse, d_out),
+        mask,
+        scale,
+    )
+}
+
+/// The backward of `items` query items laid out as `lay` says: `(dq, dk, dv)` shaped as
+/// `q`, `k`, `v`.
+fn backward_in(
+    lay: Layout,
+    items: usize,
+    (q, k, v): (&NdTensor, &NdTensor, &NdTensor),
+    (lse, d_out): (&NdTensor, &NdTensor),
+    mask: &AttentionMask<'_, NdTensor>,
+    scale: f32,
+) -> Result<(NdTensor, NdTensor, NdTensor)> {
+    let Layout { t, kv, .. } = lay;
     if lse.shape().dims() != [items * t] || d_out.shape().dims() != q.shape().dims() {
         return Err(Error::shape(
             "self_attention_backward saved log-sum-exp / d_out",
-            format!("[{}] and [{items}, {t}, {d}]", items * t),
+            format!("[{}] and {:?}", items * t, q.shape().dims()),
             lse.shape(),
         ));
     }
-    let (qs, ks, vs, ls, gs) = (
+    let slices = (
         q.as_slice(),
         k.as_slice(),
         v.as_slice(),
@@ -225,53 +384,61 @@ pub(crate) fn backward(
         d_out.as_slice(),
     );
     let vis = Visibility::of(mask);
-    let kv_items = shape.kv_items();
-    let mut dq = pool::zeros(items * t * d);
-    let mut dk = pool::zeros(kv_items * kv * d);
-    let mut dv = pool::zeros(kv_items * kv * d);
-    let kv_item = |(j, (dq_group, (dk, dv))): (usize, ItemGrads<'_>)| {
-        let ki = j * kv * d;
+    let mut dq = pool::zeros(q.numel());
+    let mut dk = pool::zeros(k.numel());
+    let mut dv = pool::zeros(v.numel());
+    let per = lay.backward_items();
+    let task = |(n, (dq, (dk, dv))): (usize, TaskGrads<'_>)| {
+        let (q_base, k_base) = (lay.query(n * per).0, lay.key(n * per).0);
         with_scratch(BLOCK.min(t) * kv, |p, ds| {
-            for (g, dq) in dq_group.chunks_mut(t * d).enumerate() {
-                let i = j * group + g;
+            for u in 0..per {
+                let i = n * per + u;
+                let (qa, ka) = (lay.query(i), lay.key(i));
                 query_item_backward(
-                    (qs, ks, vs, ls, gs),
-                    (i, ki, vis),
-                    (t, kv, d, scale),
+                    slices,
+                    (i, qa, ka, vis),
+                    (lay, scale),
                     (p, ds),
-                    (dq, dk, dv),
+                    (
+                        &mut dq[qa.0 - q_base..],
+                        &mut dk[ka.0 - k_base..],
+                        &mut dv[ka.0 - k_base..],
+                    ),
                 )?;
             }
             Ok(())
         })
     };
-    dq.par_chunks_mut(group * t * d)
-        .zip(dk.par_chunks_mut(kv * d).zip(dv.par_chunks_mut(kv * d)))
+    let kv_len = lay.backward_kv_len().max(1);
+    dq.par_chunks_mut((per * t * lay.d).max(1))
+        .zip(dk.par_chunks_mut(kv_len).zip(dv.par_chunks_mut(kv_len)))
         .enumerate()
-        .try_for_each(kv_item)?;
+        .try_for_each(task)?;
     Ok((
-        NdTensor::from_vec(dq, &[items, t, d])?,
-        NdTensor::from_vec(dk, &[kv_items, kv, d])?,
-        NdTensor::from_vec(dv, &[kv_items, kv, d])?,
+        NdTensor::from_vec(dq, q.shape().dims())?,
+        NdTensor::from_vec(dk, k.shape().dims())?,
+        NdTensor::from_vec(dv, v.shape().dims())?,
     ))
 }
 
-/// The backward of query item `i` (reading keys and values at `ki`): writes its `dq` and
-/// adds its share to the `dk`, `dv` of its key/value item. `p` and `ds` are scratch blocks.
+/// The backward of query item `i` (its matrices at `qa`, its key/value item's at `ka`):
+/// writes its `dq` and adds its share to the `dk`, `dv` of its key/value item, each slice
+/// starting at the item's first element. `p` and `ds` are scratch blocks.
 #[allow(clippy::type_complexity)]
 fn query_item_backward(
     (qs, ks, vs, ls, gs): (&[f32], &[f32], &[f32], &[f32], &[f32]),
-    (i, ki, vis): (usize, usize, Visibility<'_>),
-    (t, kv, d, scale): (usize, usize, usize, f32),
+    (i, qa, ka, vis): (usize, At, At, Visibility<'_>),
+    (lay, scale): (Layout, f32),
     (p, ds): (&mut [f32], &mut [f32]),
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
 ) -> Result<()> {
-    let (qi, keep) = (i * t * d, vis.keep(i, kv));
+    let Layout { t, kv, d, .. } = lay;
+    let keep = vis.keep(i, kv);
     for q0 in (0..t).step_by(BLOCK) {
         let q1 = (q0 + BLOCK).min(t);
         let (bq, nk) = (q1 - q0, vis.keys(q1, kv));
         let p = &mut p[..bq * kv];
-        block_scores((qs, ks), (qi, ki), (q0, q1, nk, d, kv), scale, p)?;
+        block_scores((qs, ks), (qa, ka), (q0, q1, nk, d, kv), scale, p)?;
         for (r, row) in p.chunks_mut(kv).enumerate() {
             let (seen, l) = (vis.seen(q0 + r, nk), ls[i * t + q0 + r]);
             for (j, s) in row[..nk].iter_mut().enumerate() {
@@ -282,12 +449,15 @@ fn query_item_backward(
             vectorize::exp_scale_in_place(&mut row[..nk], l, 1.0);
         }
         let p = view(p, 0, bq, nk, kv);
-        let g = view(gs, qi + q0 * d, bq, d, d);
+        let (q_block, g) = (
+            view(qs, qa.0 + q0 * qa.1, bq, d, qa.1),
+            view(gs, qa.0 + q0 * qa.1, bq, d, qa.1),
+        );
         // dv[:nk] += pᵀ·g
-        gemm_serial(1.0, p.t(), g, 1.0, dv, d)?;
+        gemm_serial(1.0, p.t(), g, 1.0, dv, ka.1)?;
         // dp = g·v[:nk]ᵀ, then ds = p ⊙ (dp - rowsum(p ⊙ dp)).
         let ds = &mut ds[..bq * kv];
-        gemm_serial(1.0, g, view(vs, ki, nk, d, d).t(), 0.0, ds, kv)?;
+        gemm_serial(1.0, g, view(vs, ka.0, nk, d, ka.1).t(), 0.0, ds, kv)?;
         for (r, row) in ds.chunks_mut(kv).enumerate() {
             let pr = &p.data[r * kv..r * kv + nk];
             let dot: f32 = pr.iter().zip(&row[..nk]).map(|(p, g)| p * g).sum();
@@ -301,12 +471,12 @@ fn query_item_backward(
         gemm_serial(
             scale,
             ds,
-            view(ks, ki, nk, d, d),
+            view(ks, ka.0, nk, d, ka.1),
             0.0,
-            &mut dq[q0 * d..q1 * d],
-            d,
+            &mut dq[q0 * qa.1..],
+            qa.1,
         )?;
-        gemm_serial(scale, ds.t(), view(qs, qi + q0 * d, bq, d, d), 1.0, dk, d)?;
+        gemm_serial(scale, ds.t(), q_block, 1.0, dk, ka.1)?;
     }
     Ok(())
 }

@@ -58,6 +58,30 @@ impl DecoderOps for NdArray {
         attention::backward(qkv, saved, mask, d_out, scale)
     }
 
+    fn self_attention_rows(
+        &self,
+        q: &NdTensor,
+        k: &NdTensor,
+        v: &NdTensor,
+        mask: &AttentionMask<'_, NdTensor>,
+        seqs: usize,
+        scale: f32,
+    ) -> Result<(NdTensor, NdTensor)> {
+        attention::forward_rows(q, k, v, mask, seqs, scale)
+    }
+
+    fn self_attention_rows_backward(
+        &self,
+        qkv: (&NdTensor, &NdTensor, &NdTensor),
+        saved: &NdTensor,
+        mask: &AttentionMask<'_, NdTensor>,
+        seqs: usize,
+        d_out: &NdTensor,
+        scale: f32,
+    ) -> Result<(NdTensor, NdTensor, NdTensor)> {
+        attention::backward_rows(qkv, saved, mask, seqs, d_out, scale)
+    }
+
     fn rms_norm(&self, x: &NdTensor, weight: &NdTensor, eps: f32) -> Result<(NdTensor, NdTensor)> {
         let (rows, n) = check_rms_norm(x, weight)?;
         let (src, w) = (x.as_slice(), weight.as_slice());

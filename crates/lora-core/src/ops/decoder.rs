@@ -6,6 +6,7 @@
 use crate::backend::{Backend, BinaryOp, Tensor, Transpose, UnaryOp};
 use crate::error::{Error, Result};
 use crate::ops::attention::{AttentionMask, attention_backward, attention_forward};
+use crate::ops::attention_rows::{attention_rows_backward, attention_rows_forward};
 use crate::ops::lora::TensorShapeExt;
 
 /// Decoder-LLM operations with default implementations over [`Backend`] primitives.
@@ -280,6 +281,36 @@ pub trait DecoderOps: Backend {
         scale: f32,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
         attention_backward(self, q, k, v, saved, d_out, scale)
+    }
+
+    /// [`DecoderOps::self_attention`] over the projections' own layout, `seqs` sequences:
+    /// `q` `[seqs * t, heads * d]`, `k` and `v` `[seqs * kv, kv_heads * d]`, the output
+    /// `[seqs * t, heads * d]` (see [`check_attention_rows`](crate::ops::check_attention_rows)); `saved` as
+    /// `self_attention`'s. The default ([`attention_rows_forward`]) splits the heads into
+    /// items and merges the output back; a backend may read each head in place.
+    fn self_attention_rows(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        mask: &AttentionMask<'_, Self::Tensor>,
+        seqs: usize,
+        scale: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        attention_rows_forward(self, q, k, v, mask, seqs, scale)
+    }
+
+    /// Backward of [`DecoderOps::self_attention_rows`]: `(dq, dk, dv)` in the rows layout.
+    fn self_attention_rows_backward(
+        &self,
+        qkv: (&Self::Tensor, &Self::Tensor, &Self::Tensor),
+        saved: &Self::Tensor,
+        mask: &AttentionMask<'_, Self::Tensor>,
+        seqs: usize,
+        d_out: &Self::Tensor,
+        scale: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        attention_rows_backward(self, qkv, saved, mask, seqs, d_out, scale)
     }
 
     /// `v` (`n` values) spread to a `[rows, cols]` matrix: each row `i` filled with

@@ -4,6 +4,7 @@
 //! cross-backend test suite.
 
 mod attention;
+mod attention_rows;
 mod decoder;
 mod lora;
 mod optim;
@@ -12,6 +13,9 @@ mod task_merge;
 pub use attention::{
     AttentionMask, AttentionShape, DenseMask, MASKED, attention_backward, attention_forward,
     check_attention, check_attention_backward, dense_mask_host,
+};
+pub use attention_rows::{
+    RowsShape, attention_rows_backward, attention_rows_forward, check_attention_rows,
 };
 pub use decoder::{
     DecoderOps, RowOrCol, check_cross_entropy, check_embedding_backward, check_rms_norm,

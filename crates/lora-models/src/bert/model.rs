@@ -308,22 +308,6 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         Ok(b.reshape(&h, &[dims.batch, dims.seq, self.config.hidden_size])?)
     }
 
-    /// `[B*T, H]` -> `[B*heads, T, d]`.
-    fn split_heads(&self, b: &B, t: &B::Tensor, d: Dims) -> Result<B::Tensor> {
-        let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
-        let t = b.reshape(t, &[d.batch, d.seq, nh, hd])?;
-        let t = b.permute(&t, &[0, 2, 1, 3])?;
-        Ok(b.reshape(&t, &[d.batch * nh, d.seq, hd])?)
-    }
-
-    /// `[B*heads, T, d]` -> `[B*T, H]`.
-    fn merge_heads(&self, b: &B, t: &B::Tensor, d: Dims) -> Result<B::Tensor> {
-        let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
-        let t = b.reshape(t, &[d.batch, nh, d.seq, hd])?;
-        let t = b.permute(&t, &[0, 2, 1, 3])?;
-        Ok(b.reshape(&t, &[d.batch * d.seq, nh * hd])?)
-    }
-
     fn layer_forward(
         &mut self,
         b: &B,
@@ -345,13 +329,9 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
                 layer.value.forward(b, x, mode)?,
             )
         };
-        let (q, k, v) = (
-            self.split_heads(b, &q, d)?,
-            self.split_heads(b, &k, d)?,
-            self.split_heads(b, &v, d)?,
-        );
-        let (ctx, attn_saved) = b.self_attention(&q, &k, &v, &mask.attention(nh), scale)?;
-        let ctx = self.merge_heads(b, &ctx, d)?;
+        // Heads read in place from the projections' rows: no split or merge is copied.
+        let (ctx, attn_saved) =
+            b.self_attention_rows(&q, &k, &v, &mask.attention(nh), d.batch, scale)?;
         let layer = &mut self.layers[l];
         let attn = layer.attn_out.forward(b, &ctx, mode)?;
         let (h1_pre, h1, st1) =
@@ -420,23 +400,18 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         let d_h1 = b.binary(Add, &layer.intermediate.backward(b, &d_inter)?, &d_h2_pre)?;
         let d_h1_pre = b.layer_norm_backward(&c.h1_pre, &c.st1, &layer.attn_norm.gamma, &d_h1)?;
         let d_ctx = layer.attn_out.backward(b, &d_h1_pre)?;
-        let d_ctx = self.split_heads(b, &d_ctx, d)?;
         let mask = self
             .mask
             .as_ref()
             .ok_or_else(|| Error::state("BertModel", "backward called without a forward"))?;
-        let (d_q, d_k, d_v) = b.self_attention_backward(
+        let (d_q, d_k, d_v) = b.self_attention_rows_backward(
             (&c.q, &c.k, &c.v),
             &c.attn_saved,
             &mask.attention(nh),
+            d.batch,
             &d_ctx,
             scale,
         )?;
-        let (d_q, d_k, d_v) = (
-            self.merge_heads(b, &d_q, d)?,
-            self.merge_heads(b, &d_k, d)?,
-            self.merge_heads(b, &d_v, d)?,
-        );
         let layer = &mut self.layers[l];
         let mut dx = layer.query.backward(b, &d_q)?;
         dx = b.binary(Add, &dx, &layer.key.backward(b, &d_k)?)?;
