@@ -205,6 +205,22 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Grows every pool thread's scratch to `len` floats before a call's tasks start: which
+/// threads run how many tasks depends on rayon's scheduling (a batch of four sequences is
+/// four tasks), so a thread that ran none in the warm-up steps would otherwise grow its
+/// scratch in a steady-state step.
+fn reserve_scratch(len: usize) {
+    rayon::broadcast(|_| {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let (a, b) = &mut *scratch;
+            for v in [a, b] {
+                v.reserve(len.saturating_sub(v.len()));
+            }
+        })
+    });
+}
+
 /// Runs `f` with this thread's two scratch buffers, each `len` zeros.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
     SCRATCH.with(|scratch| {
@@ -268,6 +284,7 @@ fn forward_in(
     let mut lse = pool::zeros(items * t);
     let vis = Visibility::of(mask);
     let per = lay.forward_items();
+    reserve_scratch(BLOCK.min(t) * kv);
     let task = |(n, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
         let base = lay.query(n * per).0;
         with_scratch(BLOCK.min(t) * kv, |p, _| {
@@ -388,6 +405,7 @@ fn backward_in(
     let mut dk = pool::zeros(k.numel());
     let mut dv = pool::zeros(v.numel());
     let per = lay.backward_items();
+    reserve_scratch(BLOCK.min(t) * kv);
     let task = |(n, (dq, (dk, dv))): (usize, TaskGrads<'_>)| {
         let (q_base, k_base) = (lay.query(n * per).0, lay.key(n * per).0);
         with_scratch(BLOCK.min(t) * kv, |p, ds| {
