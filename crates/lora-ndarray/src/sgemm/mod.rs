@@ -280,11 +280,17 @@ unsafe fn product<K: Kernel>(
         let depth = K::KC + extra;
         let b_need = depth * NC.min(n.div_ceil(K::NR) * K::NR);
         let a_need = depth * K::MC.min(m.div_ceil(K::MR) * K::MR);
+        // A thread's first product sizes its buffers for the largest block any product
+        // packs (about 0.5 + 7 MiB on the AVX-512 tile), not for this one: grown to each
+        // product's need, a buffer grew again whenever a thread first ran a larger shape,
+        // and which thread runs which panel is rayon's choice, so a steady-state training
+        // step could still allocate (tests/step_allocations.rs failed 1 run in 10 so).
+        let max_depth = K::KC + MAX_EXTRA_DEPTH;
         if b_pack.len() < b_need {
-            b_pack.resize(b_need, 0.0);
+            b_pack.resize(b_need.max(max_depth * NC), 0.0);
         }
         if a_pack.len() < a_need {
-            a_pack.resize(a_need, 0.0);
+            a_pack.resize(a_need.max(max_depth * K::MC), 0.0);
         }
         // SAFETY: forwarded to the caller's contract; the buffers now hold the blocks.
         unsafe { blocked::<K>(m, n, segs, epilogue, finish, c, ldc, (a_pack, b_pack)) }
