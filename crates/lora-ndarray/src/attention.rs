@@ -16,6 +16,7 @@
 //! that no head split or merge is copied (four copies of `[tokens, hidden]` per layer).
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use lora_core::ops::{
     AttentionMask, AttentionShape, RowsShape, check_attention, check_attention_rows,
@@ -210,6 +211,12 @@ thread_local! {
 /// four tasks), so a thread that ran none in the warm-up steps would otherwise grow its
 /// scratch in a steady-state step.
 fn reserve_scratch(len: usize) {
+    // Every pool thread already holds this much: skip the broadcast, which wakes every
+    // thread (a decoder generates with one small attention call per layer and token).
+    static RESERVED: AtomicUsize = AtomicUsize::new(0);
+    if RESERVED.load(Relaxed) >= len {
+        return;
+    }
     rayon::broadcast(|_| {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
@@ -219,6 +226,7 @@ fn reserve_scratch(len: usize) {
             }
         })
     });
+    RESERVED.fetch_max(len, Relaxed);
 }
 
 /// Runs `f` with this thread's two scratch buffers, each `len` zeros.
