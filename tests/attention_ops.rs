@@ -304,3 +304,61 @@ fn add_layer_norm_and_the_backward_on_wide_rows() {
     let e = b.layer_norm(&empty, &none, &none, eps).unwrap_err();
     assert!(e.to_string().contains("layer_norm x"), "{e}");
 }
+
+/// `all_finite` on what LayerNorm, the fused GELU product and attention over rows return
+/// (ndarray learns it inside those kernels and remembers it on the tensor) agrees with a
+/// look at every element on the host, with and without a NaN or an infinity in the input;
+/// and a write into a tensor forgets what was known (a NaN written into a tensor found
+/// finite is found).
+#[test]
+fn all_finite_of_kernel_outputs_matches_the_host() {
+    use lora::ops::AttentionMask;
+    use lora::{DecoderOps, UnaryOp};
+    let b = backend();
+    let host_finite = |t: &<lora::NdArray as Backend>::Tensor| {
+        host(&b, t).iter().all(|v| v.is_finite())
+    };
+    let (rows, n) = (96, 384);
+    for bad in [None, Some(f32::NAN), Some(f32::INFINITY)] {
+        let mut xv = rand_vec(rows * n, 40, 0);
+        if let Some(bad) = bad {
+            xv[rows * n / 2 + 7] = bad;
+        }
+        let x = b.from_host(&xv, &[rows, n]).unwrap();
+        let r = b.from_host(&rand_vec(rows * n, 41, 0), &[rows, n]).unwrap();
+        let g = b.from_host(&rand_vec(n, 42, 0), &[n]).unwrap();
+        let (_, y, _) = b.add_layer_norm(&x, &r, &g, &g, 1e-12).unwrap();
+        assert_eq!(b.all_finite(&y).unwrap(), host_finite(&y), "layer norm, {bad:?}");
+        let w = b.from_host(&rand_vec(256 * n, 43, 0), &[256, n]).unwrap();
+        let (_, post) = b
+            .matmul_plus_act(
+                ((&x, Transpose::No), (&w, Transpose::Yes)),
+                None,
+                None,
+                UnaryOp::Gelu,
+                &[rows, 256],
+            )
+            .unwrap();
+        assert_eq!(b.all_finite(&post).unwrap(), host_finite(&post), "gelu, {bad:?}");
+        // Two sequences of 48 tokens, 12 heads of 32.
+        let keep = vec![1u32; rows];
+        let dense = std::cell::OnceCell::new();
+        let mask = AttentionMask {
+            heads: 12,
+            causal: false,
+            past: 0,
+            keep: &keep,
+            dense: &dense,
+        };
+        let (ctx, _) = b.self_attention_rows(&r, &r, &x, &mask, 2, 0.2).unwrap();
+        assert_eq!(b.all_finite(&ctx).unwrap(), host_finite(&ctx), "attention, {bad:?}");
+    }
+    let mut t = b.from_host(&rand_vec(64, 44, 0), &[8, 8]).unwrap();
+    assert!(b.all_finite(&t).unwrap());
+    let shared = t.clone();
+    b.axpby(1.0, &b.from_host(&[f32::NAN; 64], &[8, 8]).unwrap(), 1.0, &mut t)
+        .unwrap();
+    assert!(!b.all_finite(&t).unwrap(), "a NaN written after a check");
+    assert!(b.all_finite(&shared).unwrap(), "the clone kept its own storage");
+}
+

@@ -16,7 +16,7 @@
 //! that no head split or merge is copied (four copies of `[tokens, hidden]` per layer).
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use lora_core::ops::{
     AttentionMask, AttentionShape, RowsShape, check_attention, check_attention_rows,
@@ -253,11 +253,10 @@ pub(crate) fn forward(
 ) -> Result<(NdTensor, NdTensor)> {
     let shape = check_attention(q, k, v, mask)?;
     let lay = Layout::of_items(shape, mask.heads.max(1));
-    let (out, lse) = forward_in(lay, shape.items, (q, k, v), mask, scale)?;
-    Ok((
-        NdTensor::from_vec(out, q.shape().dims())?,
-        NdTensor::from_vec(lse, &[shape.items * shape.t])?,
-    ))
+    let (out, lse, finite) = forward_in(lay, shape.items, (q, k, v), mask, scale)?;
+    let out = NdTensor::from_vec(out, q.shape().dims())?;
+    out.set_finite(finite);
+    Ok((out, NdTensor::from_vec(lse, &[shape.items * shape.t])?))
 }
 
 /// Forward over the rows layout (`DecoderOps::self_attention_rows`); `lse` as [`forward`]'s.
@@ -271,21 +270,21 @@ pub(crate) fn forward_rows(
 ) -> Result<(NdTensor, NdTensor)> {
     let shape = check_attention_rows(q, k, v, mask, seqs)?;
     let items = shape.seqs * shape.heads;
-    let (out, lse) = forward_in(Layout::of_rows(shape), items, (q, k, v), mask, scale)?;
-    Ok((
-        NdTensor::from_vec(out, q.shape().dims())?,
-        NdTensor::from_vec(lse, &[items * shape.t])?,
-    ))
+    let (out, lse, finite) = forward_in(Layout::of_rows(shape), items, (q, k, v), mask, scale)?;
+    let out = NdTensor::from_vec(out, q.shape().dims())?;
+    out.set_finite(finite);
+    Ok((out, NdTensor::from_vec(lse, &[items * shape.t])?))
 }
 
-/// The forward of `items` query items laid out as `lay` says: `(out, lse)`.
+/// The forward of `items` query items laid out as `lay` says: `(out, lse, whether out is
+/// all finite)`.
 fn forward_in(
     lay: Layout,
     items: usize,
     (q, k, v): (&NdTensor, &NdTensor, &NdTensor),
     mask: &AttentionMask<'_, NdTensor>,
     scale: f32,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<(Vec<f32>, Vec<f32>, bool)> {
     let Layout { t, kv, d, .. } = lay;
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
     let mut out = pool::zeros(items * t * d);
@@ -293,6 +292,7 @@ fn forward_in(
     let vis = Visibility::of(mask);
     let per = lay.forward_items();
     reserve_scratch(BLOCK.min(t) * kv);
+    let bad = AtomicBool::new(false);
     let task = |(n, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
         let base = lay.query(n * per).0;
         with_scratch(BLOCK.min(t) * kv, |p, _| {
@@ -318,6 +318,11 @@ fn forward_in(
                     )?;
                 }
             }
+            // The task's output is in L2: its finiteness costs no pass over memory (the
+            // output projection checks its input; see `NdTensor`).
+            if !vectorize::all_finite(o) {
+                bad.store(true, Relaxed);
+            }
             Ok(())
         })
     };
@@ -325,7 +330,7 @@ fn forward_in(
         .zip(lse.par_chunks_mut((per * t).max(1)))
         .enumerate()
         .try_for_each(task)?;
-    Ok((out, lse))
+    Ok((out, lse, !bad.into_inner()))
 }
 
 /// In place: the softmax of `row` over the keys `j < seen` with `keep[j] != 0`, every

@@ -92,11 +92,6 @@ fn sum_axis(a: &NdTensor, axis: usize) -> Result<NdTensor> {
     Ok(NdTensor::from_array(m.sum_axis(Axis(axis)).into_dyn()))
 }
 
-/// No short-circuit inside a chunk, so the loop vectorizes.
-fn all_finite(s: &[f32]) -> bool {
-    s.iter().fold(true, |ok, v| ok & v.is_finite())
-}
-
 impl Backend for NdArray {
     type Tensor = NdTensor;
 
@@ -448,12 +443,19 @@ impl Backend for NdArray {
     }
 
     fn all_finite(&self, a: &NdTensor) -> Result<bool> {
+        // Known when a kernel wrote it (LayerNorm, the fused GELU, attention) or an earlier
+        // check looked (BERT's query, key and value check the same input).
+        if let Some(known) = a.known_finite() {
+            return Ok(known);
+        }
         let s = a.as_slice();
-        Ok(if s.len() < PAR_MIN_ELEMS {
-            all_finite(s)
+        let finite = if s.len() < PAR_MIN_ELEMS {
+            vectorize::all_finite(s)
         } else {
-            s.par_chunks(PAR_CHUNK).all(all_finite)
-        })
+            s.par_chunks(PAR_CHUNK).all(vectorize::all_finite)
+        };
+        a.set_finite(finite);
+        Ok(finite)
     }
 }
 

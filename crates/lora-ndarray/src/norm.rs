@@ -3,6 +3,8 @@
 //! a post-LayerNorm block's residual add fused into the forward (`add_layer_norm`: the sum
 //! is written and normalized while its row is in L1, instead of in a pass of its own).
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
 use lora_core::backend::{check_layer_norm, check_layer_norm_backward, check_same_shape};
 use lora_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -32,6 +34,7 @@ pub(crate) fn layer_norm(
     let mut stats = pool::take_for_overwrite(rows * 2);
     let mut sum = residual.map(|_| pool::take_for_overwrite(src.len()));
     let res = residual.map(NdTensor::as_slice);
+    let bad = AtomicBool::new(false);
     let work = |r: usize, o: &mut [f32], st: &mut [f32], s: Option<&mut [f32]>| {
         let row = &src[r * n..(r + 1) * n];
         let (mean, rstd) = match (res, s) {
@@ -42,6 +45,10 @@ pub(crate) fn layer_norm(
         };
         st[0] = mean;
         st[1] = rstd;
+        // The row is in L1: whether it is finite costs no pass over memory (see `NdTensor`).
+        if !vectorize::all_finite(o) {
+            bad.store(true, Relaxed);
+        }
     };
     match (sum.as_mut(), src.len() < PAR_MIN_ELEMS) {
         (Some(s), true) => {
@@ -71,9 +78,11 @@ pub(crate) fn layer_norm(
             .for_each(|(r, (o, st))| work(r, o, st, None)),
     }
     let dims = x.shape().dims();
+    let out = NdTensor::from_vec(out, dims)?;
+    out.set_finite(!bad.into_inner());
     Ok((
         sum.map(|s| NdTensor::from_vec(s, dims)).transpose()?,
-        NdTensor::from_vec(out, dims)?,
+        out,
         NdTensor::from_vec(stats, &[rows, 2])?,
     ))
 }

@@ -112,6 +112,31 @@ vectorized_kernel! {
     }
 }
 
+/// Adding 2^23 to an exponent field carries into the sign bit only when the field is all
+/// ones: a NaN or an infinity.
+#[inline(always)]
+fn non_finite_bit(v: f32) -> u32 {
+    (v.to_bits() & 0x7f80_0000).wrapping_add(0x0080_0000)
+}
+
+vectorized_kernel! {
+    /// Whether every value is finite: [`non_finite_bit`] OR-ed over sixteen lanes, with no
+    /// branch, so that the loop vectorizes. Over memory it runs at the bandwidth, as a
+    /// plain loop does; over values a kernel has just written (in L1 or L2) it is several
+    /// times faster.
+    fn all_finite(x: &[f32]) -> bool {
+        let mut acc = [0u32; 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for j in 0..16 {
+                acc[j] |= non_finite_bit(c[j]);
+            }
+        }
+        let tail = chunks.remainder().iter().fold(0, |a, &v| a | non_finite_bit(v));
+        acc.iter().fold(tail, |a, &v| a | v) & 0x8000_0000 == 0
+    }
+}
+
 /// `1 / (1 + e^-x)`.
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
@@ -142,6 +167,13 @@ vectorized_kernel! {
 /// sixth of a BERT forward).
 #[inline(always)]
 fn erf(x: f32) -> f32 {
+    erf_with_exp(x, exp(-x.abs() * x.abs()))
+}
+
+/// [`erf`] given `e = exp(-x²)` (computed as `exp(-|x|·|x|)`), for a caller that needs the
+/// same exponential itself (GELU's backward: the normal density is `e` at `x / √2`).
+#[inline(always)]
+fn erf_with_exp(x: f32, e: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -153,7 +185,7 @@ fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + P * a);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let y = 1.0 - poly * exp(-a * a);
+    let y = 1.0 - poly * e;
     y.copysign(x)
 }
 
@@ -177,8 +209,11 @@ vectorized_kernel! {
         // 1/√(2π)
         const INV_SQRT_2PI: f32 = 0.398_942_3;
         out.iter_mut().zip(x.iter().zip(dy)).for_each(|(o, (&x, &g))| {
-            let pdf = exp(-0.5 * x * x) * INV_SQRT_2PI;
-            *o = g * (normal_cdf(x) + x * pdf);
+            // One exponential for both terms: e^(-x²/2) is erf's e^(-a²) at a = x/√2.
+            let a = x * std::f32::consts::FRAC_1_SQRT_2;
+            let e = exp(-a.abs() * a.abs());
+            let cdf = 0.5 * (1.0 + erf_with_exp(a, e));
+            *o = g * (cdf + x * (e * INV_SQRT_2PI));
         });
     }
 }
@@ -346,5 +381,25 @@ mod tests {
         // Nothing kept: -inf.
         let mut none = vec![1.0f32; 10];
         assert_eq!(mask_and_max(&mut none, &[0; 10]), f32::NEG_INFINITY);
+    }
+
+    /// Every non-finite value (NaN, ±inf) at every position of slices of every length up to
+    /// 40 (whole 16-lane chunks and tails) is found; the largest finite values, subnormals
+    /// and zeros are not mistaken for one.
+    #[test]
+    fn all_finite_finds_every_non_finite_value() {
+        let finite = [f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, -0.0, 1.5];
+        for len in 0..=40 {
+            let mut x: Vec<f32> = (0..len).map(|i| finite[i % finite.len()]).collect();
+            assert!(all_finite(&x), "len {len}");
+            for at in 0..len {
+                for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let keep = x[at];
+                    x[at] = bad;
+                    assert!(!all_finite(&x), "{bad} at {at} of {len}");
+                    x[at] = keep;
+                }
+            }
+        }
     }
 }

@@ -71,6 +71,7 @@ pub(crate) fn gemm_plus_act_new(
     let mut post = act.map(|_| pool::take_for_overwrite(m * n));
     // The activation and where it writes, both present or both absent.
     let finishing = act.zip(post.as_mut().map(|p| SendPtr(p.as_mut_ptr())));
+    let post_bad = std::sync::atomic::AtomicBool::new(false);
     split_panels((m, n, k1 + k2), |r0, mr, c0, nc| {
         let rows = |(p, rs, cs): (ConstPtr, isize, isize)| {
             // SAFETY (this and `cols`): row r0 and column c0 lie inside the operands, whose
@@ -94,6 +95,10 @@ pub(crate) fn gemm_plus_act_new(
                     )
                 };
                 act(x, x, out);
+                // In L1 now: the activation's finiteness costs no pass over memory.
+                if !crate::vectorize::all_finite(out) {
+                    post_bad.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         };
         // SAFETY: as above for the operands; the bias holds n values (checked), and
@@ -113,5 +118,8 @@ pub(crate) fn gemm_plus_act_new(
         }
     });
     let post = post.map(|p| NdTensor::from_vec(p, shape)).transpose()?;
+    if let Some(p) = &post {
+        p.set_finite(!post_bad.into_inner());
+    }
     Ok(Some((NdTensor::from_vec(data, shape)?, post)))
 }
