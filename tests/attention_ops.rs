@@ -315,9 +315,8 @@ fn all_finite_of_kernel_outputs_matches_the_host() {
     use lora::ops::AttentionMask;
     use lora::{DecoderOps, UnaryOp};
     let b = backend();
-    let host_finite = |t: &<lora::NdArray as Backend>::Tensor| {
-        host(&b, t).iter().all(|v| v.is_finite())
-    };
+    let host_finite =
+        |t: &<lora::NdArray as Backend>::Tensor| host(&b, t).iter().all(|v| v.is_finite());
     let (rows, n) = (96, 384);
     for bad in [None, Some(f32::NAN), Some(f32::INFINITY)] {
         let mut xv = rand_vec(rows * n, 40, 0);
@@ -328,7 +327,11 @@ fn all_finite_of_kernel_outputs_matches_the_host() {
         let r = b.from_host(&rand_vec(rows * n, 41, 0), &[rows, n]).unwrap();
         let g = b.from_host(&rand_vec(n, 42, 0), &[n]).unwrap();
         let (_, y, _) = b.add_layer_norm(&x, &r, &g, &g, 1e-12).unwrap();
-        assert_eq!(b.all_finite(&y).unwrap(), host_finite(&y), "layer norm, {bad:?}");
+        assert_eq!(
+            b.all_finite(&y).unwrap(),
+            host_finite(&y),
+            "layer norm, {bad:?}"
+        );
         let w = b.from_host(&rand_vec(256 * n, 43, 0), &[256, n]).unwrap();
         let (_, post) = b
             .matmul_plus_act(
@@ -339,7 +342,11 @@ fn all_finite_of_kernel_outputs_matches_the_host() {
                 &[rows, 256],
             )
             .unwrap();
-        assert_eq!(b.all_finite(&post).unwrap(), host_finite(&post), "gelu, {bad:?}");
+        assert_eq!(
+            b.all_finite(&post).unwrap(),
+            host_finite(&post),
+            "gelu, {bad:?}"
+        );
         // Two sequences of 48 tokens, 12 heads of 32.
         let keep = vec![1u32; rows];
         let dense = std::cell::OnceCell::new();
@@ -351,14 +358,25 @@ fn all_finite_of_kernel_outputs_matches_the_host() {
             dense: &dense,
         };
         let (ctx, _) = b.self_attention_rows(&r, &r, &x, &mask, 2, 0.2).unwrap();
-        assert_eq!(b.all_finite(&ctx).unwrap(), host_finite(&ctx), "attention, {bad:?}");
+        assert_eq!(
+            b.all_finite(&ctx).unwrap(),
+            host_finite(&ctx),
+            "attention, {bad:?}"
+        );
     }
     let mut t = b.from_host(&rand_vec(64, 44, 0), &[8, 8]).unwrap();
     assert!(b.all_finite(&t).unwrap());
     let shared = t.clone();
-    b.axpby(1.0, &b.from_host(&[f32::NAN; 64], &[8, 8]).unwrap(), 1.0, &mut t)
-        .unwrap();
+    b.axpby(
+        1.0,
+        &b.from_host(&[f32::NAN; 64], &[8, 8]).unwrap(),
+        1.0,
+        &mut t,
+    )
+    .unwrap();
     assert!(!b.all_finite(&t).unwrap(), "a NaN written after a check");
-    assert!(b.all_finite(&shared).unwrap(), "the clone kept its own storage");
+    assert!(
+        b.all_finite(&shared).unwrap(),
+        "the clone kept its own storage"
+    );
 }
-

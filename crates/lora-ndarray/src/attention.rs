@@ -472,11 +472,9 @@ fn query_item_backward(
         block_scores((qs, ks), (qa, ka), (q0, q1, nk, d, kv), scale, p)?;
         for (r, row) in p.chunks_mut(kv).enumerate() {
             let (seen, l) = (vis.seen(q0 + r, nk), ls[i * t + q0 + r]);
-            for (j, s) in row[..nk].iter_mut().enumerate() {
-                if j >= seen || keep[j] == 0 {
-                    *s = f32::NEG_INFINITY;
-                }
-            }
+            // Keys past the query's last visible one, and padding, to -inf (weight 0).
+            vectorize::mask_and_max(&mut row[..seen], keep);
+            row[seen..nk].fill(f32::NEG_INFINITY);
             vectorize::exp_scale_in_place(&mut row[..nk], l, 1.0);
         }
         let p = view(p, 0, bq, nk, kv);
@@ -490,12 +488,7 @@ fn query_item_backward(
         let ds = &mut ds[..bq * kv];
         gemm_serial(1.0, g, view(vs, ka.0, nk, d, ka.1).t(), 0.0, ds, kv)?;
         for (r, row) in ds.chunks_mut(kv).enumerate() {
-            let pr = &p.data[r * kv..r * kv + nk];
-            let dot: f32 = pr.iter().zip(&row[..nk]).map(|(p, g)| p * g).sum();
-            row[..nk]
-                .iter_mut()
-                .zip(pr)
-                .for_each(|(g, p)| *g = p * (*g - dot));
+            vectorize::softmax_backward_row(&p.data[r * kv..r * kv + nk], &mut row[..nk]);
         }
         let ds = view(ds, 0, bq, nk, kv);
         // dq = scale·ds·k[:nk]; dk[:nk] += scale·dsᵀ·q

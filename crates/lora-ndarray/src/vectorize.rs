@@ -137,6 +137,25 @@ vectorized_kernel! {
     }
 }
 
+vectorized_kernel! {
+    /// Softmax's backward on one row, in place: `g[j] = p[j]·(g[j] - Σ p·g)`, the sum over
+    /// sixteen f32 lanes (one sequential f32 sum is a chain of dependent adds).
+    fn softmax_backward_row(p: &[f32], g: &mut [f32]) -> () {
+        let n = p.len().min(g.len());
+        let (p, g) = (&p[..n], &mut g[..n]);
+        let mut acc = [0.0f32; 16];
+        let (mut ps, mut gs) = (p.chunks_exact(16), g.chunks_exact(16));
+        for (pc, gc) in (&mut ps).zip(&mut gs) {
+            for j in 0..16 {
+                acc[j] += pc[j] * gc[j];
+            }
+        }
+        let tail: f32 = ps.remainder().iter().zip(gs.remainder()).map(|(a, b)| a * b).sum();
+        let dot = acc.iter().sum::<f32>() + tail;
+        g.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
+    }
+}
+
 /// `1 / (1 + e^-x)`.
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
