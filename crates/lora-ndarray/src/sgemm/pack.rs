@@ -116,11 +116,13 @@ unsafe fn pack_panels(
             if along == 1 {
                 pack_transposed((lanes, w), kc, src, across, dst);
             } else if across == 1 {
-                // A whole tile's width is a fixed-size copy: through `copy_nonoverlapping`
-                // with a run-time length, each 192-byte group of the 48-wide tile was a
-                // call to `memmove` (3% of a MiniLM training step).
+                // A whole tile's width (or 32: the last panel of 128 attention keys) is a
+                // fixed-size copy: through `copy_nonoverlapping` with a run-time length,
+                // each 192-byte group of the 48-wide tile was a call to `memmove` (3% of a
+                // MiniLM training step).
                 match lanes {
                     48 => copy_groups::<48>(src, along, dst, w),
+                    32 => copy_groups::<32>(src, along, dst, w),
                     16 => copy_groups::<16>(src, along, dst, w),
                     8 => copy_groups::<8>(src, along, dst, w),
                     6 => copy_groups::<6>(src, along, dst, w),
