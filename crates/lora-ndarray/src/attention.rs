@@ -75,7 +75,11 @@ impl<'a> Visibility<'a> {
 
     /// Queries per block.
     fn block(&self) -> usize {
-        if self.causal { CAUSAL_BLOCK } else { FULL_BLOCK }
+        if self.causal {
+            CAUSAL_BLOCK
+        } else {
+            FULL_BLOCK
+        }
     }
 
     /// Keys visible to the query block `q0..q1`: a prefix of the `kv` keys (all of them

@@ -72,6 +72,10 @@ fn every_path_and_transpose_matches_the_naive_product() {
         (1001, 8, 37),
         // Our kernel at attention's depth of 32 (both output sides 64 or more).
         (100, 70, 32),
+        // Attention's `p·v` at MiniLM's head size (AVX-512: twelve rows of two vectors),
+        // and a width one past two vectors with a row tail.
+        (128, 32, 128),
+        (45, 33, 20),
         (1, 1, 1),
         (17, 0, 9),
     ];
