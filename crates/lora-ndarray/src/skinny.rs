@@ -34,8 +34,9 @@ thread_local! {
 
 use crate::sgemm::Operand;
 
-/// Runs `c = alpha · a b` (`beta == 0`: `c` is only written) on a skinny kernel when the
-/// shape and strides fit one; returns whether it did.
+/// Runs `c = alpha · a b + beta · c` on a skinny kernel when the shape, strides and `beta`
+/// fit one (the AVX2 kernels take `beta == 0` only: `c` is only written); returns whether
+/// it did.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; every element the shapes and strides reach lies in live
@@ -46,13 +47,33 @@ pub(crate) unsafe fn try_run(
     alpha: f32,
     a: Operand,
     b: Operand,
-    c: *mut f32,
-    ldc: usize,
+    beta: f32,
+    (c, ldc): (*mut f32, usize),
 ) -> bool {
     let ((pa, a_rs, a_cs), (pb, b_rs, b_cs)) = (a, b);
+    let avx512 = crate::sgemm::isa() == Some(crate::sgemm::Isa::Avx512);
     // SAFETY (all arms): forwarded to the caller's contract; each kernel reads exactly the
     // elements of the product's operands and writes the m x n output.
     unsafe {
+        // `a` row-major, or small enough to stay in L2 when read across its rows (attention's
+        // `pᵀ·g`): a LoRA reduction over thousands of tokens read that way takes a cache
+        // line per token and row block (LoRA layer fwd+bwd 97 -> 101 ms at 512x4096x4096
+        // r16), which `token_reduction` streams instead.
+        let a_fits = a_cs == 1 || m * k <= 1 << 16;
+        if avx512 && a_fits && n > 8 && n < NARROW && b_cs == 1 && k >= 8 {
+            wide_output(
+                (m, n, k),
+                alpha,
+                (pa, a_rs, a_cs),
+                (pb, b_rs),
+                beta,
+                (c, ldc),
+            );
+            return true;
+        }
+        if beta != 0.0 {
+            return false;
+        }
         if n < NARROW && a_cs == 1 && k >= 8 {
             narrow_output((m, n, k), alpha, (pa, a_rs), (pb, b_rs, b_cs), c, ldc);
             return true;
@@ -114,22 +135,17 @@ unsafe fn narrow_output(
         // the AVX2 tile, and one pass over `a` for 32 columns instead of two (a MiniLM
         // attention's `p·v` and `ds·k`).
         if width > 8 && crate::sgemm::isa() == Some(crate::sgemm::Isa::Avx512) {
-            let whole = m / 12 * 12;
-            for i in (0..whole).step_by(12) {
-                let (a, c) = at(i);
-                // SAFETY: twelve rows from i, inside the extents; the CPU has AVX-512F.
-                unsafe {
-                    match width > 16 {
-                        true => wide_rows::<12, 2>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)),
-                        false => wide_rows::<12, 1>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)),
-                    }
-                }
-            }
-            for i in whole..m {
-                let (a, c) = at(i);
-                // SAFETY: row i, inside the extents.
-                unsafe { wide_rows::<1, 2>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)) };
-            }
+            // SAFETY: as above; `y` is now `[k, ldy]` row-major, the CPU has AVX-512F.
+            unsafe {
+                wide_output(
+                    (m, n, k),
+                    alpha,
+                    (a, lda, 1),
+                    (y, ldy as isize),
+                    0.0,
+                    (c, ldc),
+                )
+            };
             return;
         }
         let rows = if width == 8 { 8 } else { 4 };
@@ -204,18 +220,62 @@ unsafe fn rows_kernel<const R: usize, const V: usize>(
     }
 }
 
-/// [`rows_kernel`] on AVX-512: `R` rows of [`narrow_output`], `16·V` columns at a time,
-/// the columns past `n` masked off in the loads and stores.
+/// `c[m, n] = alpha · a[m, k] · y[k, n] + beta · c` on AVX-512 for `8 < n < NARROW`: `a`
+/// with any strides (attention's `pᵀ·g` reads `p` transposed), `y` row-major with row
+/// stride `ldy`, neither packed. Twelve rows of one or two 16-lane vectors at a time
+/// ([`wide_rows`]): twice the lanes per FMA of the AVX2 kernels, one pass over `a` for 32
+/// columns instead of two, masked edges instead of a copy per row (a MiniLM attention's
+/// `p·v`, `ds·k`, `pᵀ·g` and `dsᵀ·q`; the last two went to the `gemm` crate, which packs).
 ///
 /// # Safety
-/// As [`rows_kernel`], and the CPU has AVX-512F.
+/// As [`try_run`], and the CPU has AVX-512F.
+unsafe fn wide_output(
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: Operand,
+    y: (*const f32, isize),
+    beta: f32,
+    (c, ldc): (*mut f32, usize),
+) {
+    let (pa, a_rs, a_cs) = a;
+    // SAFETY (every call): rows i.. of a and c lie inside the m x k and m x n extents.
+    let at = |i: usize| unsafe { ((pa.offset(i as isize * a_rs), a_rs, a_cs), c.add(i * ldc)) };
+    let whole = m / 12 * 12;
+    unsafe {
+        for i in (0..whole).step_by(12) {
+            let (a, c) = at(i);
+            match n > 16 {
+                true => wide_rows::<12, 2>((n, k), alpha, a, y, beta, (c, ldc)),
+                false => wide_rows::<12, 1>((n, k), alpha, a, y, beta, (c, ldc)),
+            }
+        }
+        // The rest four rows at a time (eight accumulators in flight), then one: 128 keys
+        // leave eight, which one row at a time ran at a quarter of the speed.
+        let fours = whole + (m - whole) / 4 * 4;
+        for i in (whole..fours).step_by(4) {
+            let (a, c) = at(i);
+            wide_rows::<4, 2>((n, k), alpha, a, y, beta, (c, ldc));
+        }
+        for i in fours..m {
+            let (a, c) = at(i);
+            wide_rows::<1, 2>((n, k), alpha, a, y, beta, (c, ldc));
+        }
+    }
+}
+
+/// `R` rows of [`wide_output`], `16·V` columns at a time, the columns past `n` masked off
+/// in the loads and stores; `beta == 0` never reads `c`.
+///
+/// # Safety
+/// As [`wide_output`] for rows `0..R`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn wide_rows<const R: usize, const V: usize>(
     (n, k): (usize, usize),
     alpha: f32,
-    (a, lda): (*const f32, isize),
-    (y, ldy): (*const f32, usize),
+    (a, a_rs, a_cs): Operand,
+    (y, ldy): (*const f32, isize),
+    beta: f32,
     (c, ldc): (*mut f32, usize),
 ) {
     let mut j0 = 0;
@@ -227,24 +287,29 @@ unsafe fn wide_rows<const R: usize, const V: usize>(
         });
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         // SAFETY: p < k, and the masked loads touch only columns j0..j0 + cols of y's
-        // k x ldy block (masked-off lanes are never read); a's R x k rows are in range.
+        // k rows (masked-off lanes are never read); a's R x k elements are in range.
         unsafe {
             for p in 0..k {
-                let yp = y.add(p * ldy + j0);
+                let yp = y.offset(p as isize * ldy + j0 as isize);
                 let yv: [__m512; V] =
                     std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], yp.add(16 * v)));
+                let ap = a.offset(p as isize * a_cs);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.offset(r as isize * lda + p as isize));
+                    let av = _mm512_set1_ps(*ap.offset(r as isize * a_rs));
                     for (acc, yv) in acc.iter_mut().zip(&yv) {
                         *acc = _mm512_fmadd_ps(av, *yv, *acc);
                     }
                 }
             }
-            let va = _mm512_set1_ps(alpha);
+            let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
             for (r, acc) in acc.iter().enumerate() {
                 for (v, acc) in acc.iter().enumerate() {
                     let at = c.add(r * ldc + j0 + 16 * v);
-                    _mm512_mask_storeu_ps(at, masks[v], _mm512_mul_ps(*acc, va));
+                    let mut out = _mm512_mul_ps(*acc, va);
+                    if beta != 0.0 {
+                        out = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(masks[v], at), out);
+                    }
+                    _mm512_mask_storeu_ps(at, masks[v], out);
                 }
             }
         }
@@ -256,8 +321,9 @@ unsafe fn wide_rows<const R: usize, const V: usize>(
 unsafe fn wide_rows<const R: usize, const V: usize>(
     _: (usize, usize),
     _: f32,
+    _: Operand,
     _: (*const f32, isize),
-    _: (*const f32, usize),
+    _: f32,
     _: (*mut f32, usize),
 ) {
     unreachable!("skinny kernels are only dispatched to on x86-64")

@@ -89,7 +89,6 @@ unsafe fn raw_gemm(
     let serial = matches!(par, Parallelism::None);
     // SAFETY: forwarded to the caller's contract; `available` checked the CPU (AVX2+FMA).
     if serial
-        && beta == 0.0
         && sgemm::available()
         && unsafe {
             skinny::try_run(
@@ -97,8 +96,8 @@ unsafe fn raw_gemm(
                 alpha,
                 (a, a_rs, a_cs),
                 (b, b_rs, b_cs),
-                c,
-                c_rs as usize,
+                beta,
+                (c, c_rs as usize),
             )
         }
     {
