@@ -273,8 +273,7 @@ impl Backend for NdArray {
         beta: &NdTensor,
         eps: f32,
     ) -> Result<(NdTensor, NdTensor)> {
-        let (_, out, stats) = norm::layer_norm(x, None, (gamma, beta), eps)?;
-        Ok((out, stats))
+        norm::layer_norm(x, gamma, beta, eps)
     }
 
     fn add_layer_norm(
@@ -285,12 +284,7 @@ impl Backend for NdArray {
         beta: &NdTensor,
         eps: f32,
     ) -> Result<(NdTensor, NdTensor, NdTensor)> {
-        let (sum, out, stats) = norm::layer_norm(x, Some(residual), (gamma, beta), eps)?;
-        let sum = sum.ok_or_else(|| Error::Backend {
-            backend: "ndarray",
-            reason: "add_layer_norm: the sum was not written".into(),
-        })?;
-        Ok((sum, out, stats))
+        norm::add_layer_norm(x, residual, (gamma, beta), eps)
     }
 
     fn layer_norm_backward(

@@ -14,26 +14,41 @@ use crate::pool;
 use crate::tensor::NdTensor;
 use crate::vectorize;
 
-/// `(sum, out, stats)`: `x + residual` when a residual is given, `layer_norm` of it, and the
-/// per-row `(mean, 1/sqrt(var + eps))`.
-pub(crate) type Normed = (Option<NdTensor>, NdTensor, NdTensor);
-
-/// `layer_norm(x [+ residual])` (see `Backend::layer_norm` and `Backend::add_layer_norm`).
+/// `layer_norm(x)`: `(out, stats)`, the per-row `(mean, 1/sqrt(var + eps))` in `stats`.
 pub(crate) fn layer_norm(
     x: &NdTensor,
-    residual: Option<&NdTensor>,
+    gamma: &NdTensor,
+    beta: &NdTensor,
+    eps: f32,
+) -> Result<(NdTensor, NdTensor)> {
+    normalize(x, None, (gamma, beta), eps)
+}
+
+/// `layer_norm(x + residual)`: `(sum, out, stats)`.
+pub(crate) fn add_layer_norm(
+    x: &NdTensor,
+    residual: &NdTensor,
     (gamma, beta): (&NdTensor, &NdTensor),
     eps: f32,
-) -> Result<Normed> {
+) -> Result<(NdTensor, NdTensor, NdTensor)> {
+    check_same_shape("add_layer_norm residual", x.shape(), residual.shape())?;
+    let mut sum = pool::take_for_overwrite(x.numel());
+    let (out, stats) = normalize(x, Some((residual, &mut sum)), (gamma, beta), eps)?;
+    Ok((NdTensor::from_vec(sum, x.shape().dims())?, out, stats))
+}
+
+/// LayerNorm of `x`, or of `x + residual` written into the sum buffer on the way.
+fn normalize(
+    x: &NdTensor,
+    residual: Option<(&NdTensor, &mut Vec<f32>)>,
+    (gamma, beta): (&NdTensor, &NdTensor),
+    eps: f32,
+) -> Result<(NdTensor, NdTensor)> {
     let (rows, n) = check_layer_norm(x.shape(), gamma.shape(), beta.shape())?;
-    if let Some(r) = residual {
-        check_same_shape("add_layer_norm residual", x.shape(), r.shape())?;
-    }
     let (src, norm) = (x.as_slice(), (gamma.as_slice(), beta.as_slice(), eps));
     let mut out = pool::take_for_overwrite(src.len());
     let mut stats = pool::take_for_overwrite(rows * 2);
-    let mut sum = residual.map(|_| pool::take_for_overwrite(src.len()));
-    let res = residual.map(NdTensor::as_slice);
+    let (res, mut sum) = residual.map(|(r, s)| (r.as_slice(), s)).unzip();
     let bad = AtomicBool::new(false);
     let work = |r: usize, o: &mut [f32], st: &mut [f32], s: Option<&mut [f32]>| {
         let row = &src[r * n..(r + 1) * n];
@@ -77,17 +92,12 @@ pub(crate) fn layer_norm(
             .enumerate()
             .for_each(|(r, (o, st))| work(r, o, st, None)),
     }
-    let dims = x.shape().dims();
-    let out = NdTensor::from_vec(out, dims)?;
+    let out = NdTensor::from_vec(out, x.shape().dims())?;
     out.set_finite(!bad.into_inner());
-    Ok((
-        sum.map(|s| NdTensor::from_vec(s, dims)).transpose()?,
-        out,
-        NdTensor::from_vec(stats, &[rows, 2])?,
-    ))
+    Ok((out, NdTensor::from_vec(stats, &[rows, 2])?))
 }
 
-/// `dx` of [`layer_norm`] from its input `x` (the sum, for `add_layer_norm`).
+/// `dx` of [`layer_norm`] from its input `x` (the sum, for [`add_layer_norm`]).
 pub(crate) fn layer_norm_backward(
     x: &NdTensor,
     stats: &NdTensor,

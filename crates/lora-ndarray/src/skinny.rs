@@ -1,5 +1,5 @@
-//! Products with one narrow side (LoRA's rank r, attention's head size) on AVX2+FMA,
-//! without packing the wide operand.
+//! Products with one narrow side (LoRA's rank r, attention's head size) on AVX2+FMA and
+//! AVX-512, without packing the wide operand.
 //!
 //! LoRA adds four such products to each layer's step: `x Aᵀ` and `dy B` (`[tokens, r]`
 //! outputs over a wide depth) and `dyᵀ H`, `(dy B)ᵀ x` (reductions over the tokens into
@@ -16,6 +16,9 @@
 //! * [`token_reduction`]: `c = alpha · Σ_t s[t, 0..ns]ᵀ ⊗ l[t, 0..nl]` with `ns < 64`:
 //!   eight rows of `l` at a time, streamed in order into `ns x 256`-or-so accumulators that
 //!   stay in L1.
+//! * [`wide_output`] (AVX-512 CPUs, `8 < n < 64`): twelve rows of one or two 16-lane
+//!   vectors, `a` with any strides, `y` unpacked, with `beta`; attention's narrow products
+//!   at head size 32 and rank-16 outputs.
 //!
 //! Results differ from the general kernels' only by summation order (all use FMA).
 #![allow(unsafe_code)]
@@ -125,17 +128,11 @@ unsafe fn narrow_output(
             }
             (pack.as_ptr(), width)
         };
-        // SAFETY: rows i..i+R of a and c lie inside the m x k and m x n extents.
-        let at = |i: usize| unsafe { (a.offset(i as isize * lda), c.add(i * ldc)) };
-        // Eight independent accumulators keep both FMA pipes busy through the FMA latency:
-        // eight rows of one vector when the output is at most 8 wide (rank 8), else four
-        // rows of two vectors.
-        // On AVX-512 CPUs, outputs wider than 8 (attention's head size 32, rank 16) take
-        // twelve rows of one or two 16-lane vectors at a time: twice the lanes per FMA of
-        // the AVX2 tile, and one pass over `a` for 32 columns instead of two (a MiniLM
-        // attention's `p·v` and `ds·k`).
+        // On AVX-512 CPUs an output wider than 8 (rank 16 through a strided `y`) goes to
+        // `wide_output` once `y` is packed.
         if width > 8 && crate::sgemm::isa() == Some(crate::sgemm::Isa::Avx512) {
-            // SAFETY: as above; `y` is now `[k, ldy]` row-major, the CPU has AVX-512F.
+            // SAFETY: forwarded to the caller's contract; `y` is now `[k, ldy]` row-major and
+            // the CPU has AVX-512F.
             unsafe {
                 wide_output(
                     (m, n, k),
@@ -148,6 +145,11 @@ unsafe fn narrow_output(
             };
             return;
         }
+        // SAFETY: rows i..i+R of a and c lie inside the m x k and m x n extents.
+        let at = |i: usize| unsafe { (a.offset(i as isize * lda), c.add(i * ldc)) };
+        // Eight independent accumulators keep both FMA pipes busy through the FMA latency:
+        // eight rows of one vector when the output is at most 8 wide (rank 8), else four
+        // rows of two vectors.
         let rows = if width == 8 { 8 } else { 4 };
         let whole = m / rows * rows;
         for i in (0..whole).step_by(rows) {
