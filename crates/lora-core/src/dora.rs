@@ -14,14 +14,14 @@
 //! inference it is computed once and kept until the adapter or the base changes.
 
 use crate::adapter::{
-    Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad, backward_through_base, draw_dropout_mask,
-    forward_through_base, replace_checked,
+    Adapter, LoraAdapter, LoraSpec, Mode, ParamGrad, draw_dropout_mask, replace_checked,
 };
 use crate::backend::{BinaryOp, Tensor, Transpose, UnaryOp};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops::LoraOps;
 use crate::rng::{self, RngState};
+use crate::through_base::{backward_through_base, forward_through_base};
 
 /// `t ⊙ v` with `v` (`[rows]`) broadcast along the rows of `t` (`[rows, cols]`).
 fn scale_rows<B: LoraOps>(b: &B, t: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {

@@ -31,6 +31,7 @@ pub mod ops;
 pub mod optim;
 pub mod rng;
 pub mod shape;
+mod through_base;
 mod trainable_tokens;
 
 pub use adapter::{Adapter, LoraAdapter, LoraInit, LoraSpec, Mode, ParamGrad};

@@ -90,6 +90,11 @@ pub trait Linear<B: Backend>: Debug + Send + Sync {
     fn as_dense_mut(&mut self) -> Option<&mut DenseLinear<B>> {
         None
     }
+    /// The dense layer behind this one, read-only: an adapter's backward through a dense
+    /// base can run as one fused operation ([`crate::LoraOps::lora_dense_backward`]).
+    fn as_dense(&self) -> Option<&DenseLinear<B>> {
+        None
+    }
 }
 
 /// A rank-`r` term `scale · u · op(v)` that an adapter adds to a layer's output (`v`
@@ -243,6 +248,13 @@ impl<B: Backend> DenseLinear<B> {
         self.weight.shape().dims()[0]
     }
 
+    /// The weight, once `dy` has this layer's output features (the check
+    /// [`Linear::backward`] makes, with the same error).
+    pub(crate) fn weight_for_input_grad(&self, dy: &B::Tensor) -> Result<&B::Tensor> {
+        self.check_features("backward gradient dy", dy, self.out())?;
+        Ok(&self.weight)
+    }
+
     fn inp(&self) -> usize {
         self.weight.shape().dims()[1]
     }
@@ -323,6 +335,10 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
     }
 
     fn as_dense_mut(&mut self) -> Option<&mut DenseLinear<B>> {
+        Some(self)
+    }
+
+    fn as_dense(&self) -> Option<&DenseLinear<B>> {
         Some(self)
     }
 }

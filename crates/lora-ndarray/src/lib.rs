@@ -19,6 +19,7 @@ pub mod pool;
 mod sgemm;
 mod skinny;
 mod tensor;
+mod token_reduction;
 mod vectorize;
 
 pub use backend::NdArray;

@@ -2,7 +2,7 @@
 //! backward terms in one pass each (the defaults in `lora_core::ops::LoraOps` take several).
 
 use lora_core::backend::check_row_broadcast;
-use lora_core::{LoraOps, Result, Tensor};
+use lora_core::{LoraGrads, LoraOps, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::backend::NdArray;
@@ -10,6 +10,17 @@ use crate::pool;
 use crate::tensor::NdTensor;
 
 impl LoraOps for NdArray {
+    fn lora_dense_backward(
+        &self,
+        dy: &NdTensor,
+        w: &NdTensor,
+        adapter: (&NdTensor, &NdTensor, f32),
+        saved: (&NdTensor, &NdTensor),
+        dx_shape: &[usize],
+    ) -> Result<Option<(NdTensor, LoraGrads<NdTensor>)>> {
+        crate::gemm::lora_dense_backward(dy, w, adapter, saved, dx_shape)
+    }
+
     fn scale_features(&self, t: &NdTensor, v: &NdTensor) -> Result<NdTensor> {
         let cols = check_row_broadcast(t.shape(), v.shape())?;
         let (src, scale) = (t.as_slice(), v.as_slice());

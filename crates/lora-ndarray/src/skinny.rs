@@ -13,9 +13,8 @@
 //!   at a time when `n <= 8` (four otherwise), each element broadcast against the `n`-wide
 //!   row of `y` (packed once per call when it is not already `[k, n]` row-major with `n` a
 //!   multiple of 8).
-//! * [`token_reduction`]: `c = alpha · Σ_t s[t, 0..ns]ᵀ ⊗ l[t, 0..nl]` with `ns < 64`:
-//!   eight rows of `l` at a time, streamed in order into `ns x 256`-or-so accumulators that
-//!   stay in L1.
+//! * [`token_reduction`]: `c = alpha · Σ_t s[t, 0..ns]ᵀ ⊗ l[t, 0..nl]` with `ns < 64`
+//!   (`token_reduction.rs`).
 //! * [`wide_output`] (AVX-512 CPUs, `8 < n < 64`): twelve rows of one or two 16-lane
 //!   vectors, `a` with any strides, `y` unpacked, with `beta`; attention's narrow products
 //!   at head size 32 and rank-16 outputs.
@@ -36,10 +35,11 @@ thread_local! {
 }
 
 use crate::sgemm::Operand;
+use crate::token_reduction::token_reduction;
 
 /// Runs `c = alpha · a b + beta · c` on a skinny kernel when the shape, strides and `beta`
-/// fit one (the AVX2 kernels take `beta == 0` only: `c` is only written); returns whether
-/// it did.
+/// fit one (the token reductions take `beta == 0` only: `c` is only written); returns
+/// whether it did.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; every element the shapes and strides reach lies in live
@@ -74,12 +74,19 @@ pub(crate) unsafe fn try_run(
             );
             return true;
         }
+        if n < NARROW && a_cs == 1 && k >= 8 {
+            narrow_output(
+                (m, n, k),
+                alpha,
+                (pa, a_rs),
+                (pb, b_rs, b_cs),
+                beta,
+                (c, ldc),
+            );
+            return true;
+        }
         if beta != 0.0 {
             return false;
-        }
-        if n < NARROW && a_cs == 1 && k >= 8 {
-            narrow_output((m, n, k), alpha, (pa, a_rs), (pb, b_rs, b_cs), c, ldc);
-            return true;
         }
         // a = Uᵀ with U `[k, m]` row-major, b = V `[k, n]` row-major: sums over k.
         if a_rs == 1 && b_cs == 1 && k >= 8 {
@@ -98,8 +105,8 @@ pub(crate) unsafe fn try_run(
     false
 }
 
-/// `c[m, n] = alpha · a[m, k] · y[k, n]` with `a` row-major (row stride `lda`) and `y` any
-/// strides, `n < NARROW`.
+/// `c[m, n] = alpha · a[m, k] · y[k, n] + beta · c` with `a` row-major (row stride `lda`)
+/// and `y` any strides, `n < NARROW`; `beta == 0` never reads `c`.
 ///
 /// # Safety
 /// As [`try_run`].
@@ -108,8 +115,8 @@ unsafe fn narrow_output(
     alpha: f32,
     (a, lda): (*const f32, isize),
     (y, y_rs, y_cs): Operand,
-    c: *mut f32,
-    ldc: usize,
+    beta: f32,
+    (c, ldc): (*mut f32, usize),
 ) {
     let width = n.div_ceil(8) * 8;
     NARROW_PACK.with(|pack| {
@@ -139,7 +146,7 @@ unsafe fn narrow_output(
                     alpha,
                     (a, lda, 1),
                     (y, ldy as isize),
-                    0.0,
+                    beta,
                     (c, ldc),
                 )
             };
@@ -157,15 +164,15 @@ unsafe fn narrow_output(
             // SAFETY: `rows` rows from i, inside the extents (i + rows <= m).
             unsafe {
                 match rows {
-                    8 => rows_kernel::<8, 1>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)),
-                    _ => rows_kernel::<4, 2>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)),
+                    8 => rows_kernel::<8, 1>((n, k), (alpha, beta), (a, lda), (y, ldy), (c, ldc)),
+                    _ => rows_kernel::<4, 2>((n, k), (alpha, beta), (a, lda), (y, ldy), (c, ldc)),
                 }
             };
         }
         for i in whole..m {
             let (a, c) = at(i);
             // SAFETY: row i, inside the extents.
-            unsafe { rows_kernel::<1, 2>((n, k), alpha, (a, lda), (y, ldy), (c, ldc)) };
+            unsafe { rows_kernel::<1, 2>((n, k), (alpha, beta), (a, lda), (y, ldy), (c, ldc)) };
         }
     });
 }
@@ -178,7 +185,7 @@ unsafe fn narrow_output(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_kernel<const R: usize, const V: usize>(
     (n, k): (usize, usize),
-    alpha: f32,
+    (alpha, beta): (f32, f32),
     (a, lda): (*const f32, isize),
     (y, ldy): (*const f32, usize),
     (c, ldc): (*mut f32, usize),
@@ -215,7 +222,13 @@ unsafe fn rows_kernel<const R: usize, const V: usize>(
                 for (v, acc) in acc.iter().enumerate() {
                     _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * v), _mm256_mul_ps(*acc, va));
                 }
-                std::ptr::copy_nonoverlapping(lanes.as_ptr(), c.add(r * ldc + j0), cols);
+                let row = c.add(r * ldc + j0);
+                if beta != 0.0 {
+                    for (i, lane) in lanes[..cols].iter_mut().enumerate() {
+                        *lane += beta * *row.add(i);
+                    }
+                }
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), row, cols);
             }
         }
         j0 += 8 * V;
@@ -331,216 +344,13 @@ unsafe fn wide_rows<const R: usize, const V: usize>(
     unreachable!("skinny kernels are only dispatched to on x86-64")
 }
 
-/// `c(j, q) = alpha · Σ_t s[t, j] l[t, q]` for `j < ns < NARROW`, `q < nl`, over `k`
-/// tokens; `s` and `l` row-major (row strides given), `c(j, q)` at `c + j·c_js + q·c_qs`.
-///
-/// Streams `l` a row at a time (eight tokens per pass, each row's columns contiguous, so
-/// the hardware prefetchers follow) into `ns x qb` accumulators that stay in L1, one
-/// block of columns after another. (An 8-column strip per pass over all tokens, the
-/// previous design, read one cache line per token and strip: latency-bound once `l`
-/// left the L2, 1.4-1.6x slower on the LoRA layer's `[2048, 384]` inputs.)
-///
-/// # Safety
-/// As [`try_run`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn token_reduction(
-    (ns, nl, k): (usize, usize, usize),
-    alpha: f32,
-    (s, lds): (*const f32, isize),
-    (l, ldl): (*const f32, isize),
-    (c, c_js, c_qs): (*mut f32, usize, usize),
-) {
-    // Columns per block: the ns x qb accumulators fill at most half the 32 KiB L1.
-    let qb = (ACC_FLOATS / ns / 8 * 8).clamp(8, nl.div_ceil(8) * 8);
-    ACC.with(|acc| {
-        let mut acc = acc.borrow_mut();
-        if acc.len() < ns * qb {
-            acc.resize(ns * qb, 0.0);
-        }
-        let acc = &mut acc[..ns * qb];
-        for q0 in (0..nl).step_by(qb) {
-            let w = qb.min(nl - q0);
-            acc.fill(0.0);
-            let block = Block {
-                acc: acc.as_mut_ptr(),
-                ld: qb,
-                ns,
-                cols: w,
-            };
-            let whole = k / 8 * 8;
-            // SAFETY: tokens t..t+8 (or t) are below k, columns q0..q0+w inside l; the
-            // accumulators hold ns rows of qb >= w values.
-            unsafe {
-                let rows = |t: usize| {
-                    (
-                        s.offset(t as isize * lds),
-                        l.add(q0).offset(t as isize * ldl),
-                    )
-                };
-                for t in (0..whole).step_by(8) {
-                    let (s, l) = rows(t);
-                    accumulate::<8>(&block, s, lds, l, ldl);
-                }
-                for t in whole..k {
-                    let (s, l) = rows(t);
-                    accumulate::<1>(&block, s, lds, l, ldl);
-                }
-            }
-            // SAFETY: c(j, q0 + q) lies in the output for j < ns, q < w.
-            unsafe { store_block(acc, qb, (ns, w), alpha, (c.add(q0 * c_qs), c_js, c_qs)) };
-        }
-    });
-}
-
-/// `c(j, q) = alpha · acc[j, q]` for `j < ns`, `q < w` (`acc` row stride `ld`), walking
-/// `c` in its memory order (`c(j, q)` at `c + j·c_js + q·c_qs`).
-///
-/// # Safety
-/// Every `c(j, q)` is addressable and touched by no one else.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn store_block(
-    acc: &[f32],
-    ld: usize,
-    (ns, w): (usize, usize),
-    alpha: f32,
-    (c, c_js, c_qs): (*mut f32, usize, usize),
-) {
-    let put = |j: usize, q: usize| {
-        // SAFETY: forwarded to the caller's contract (j < ns, q < w).
-        unsafe { *c.add(j * c_js + q * c_qs) = alpha * acc[j * ld + q] };
-    };
-    if c_qs == 1 {
-        (0..ns).for_each(|j| (0..w).for_each(|q| put(j, q)));
-    } else {
-        (0..w).for_each(|q| (0..ns).for_each(|j| put(j, q)));
-    }
-}
-
-/// Floats of [`token_reduction`]'s accumulator block (16 KiB).
-const ACC_FLOATS: usize = 4096;
-
-thread_local! {
-    /// [`token_reduction`]'s accumulators, reused across calls.
-    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A block of [`token_reduction`]'s accumulators: `ns` rows of `cols` values (row stride
-/// `ld`, a multiple of 8 at least `cols` rounded up to 8).
-struct Block {
-    acc: *mut f32,
-    ld: usize,
-    ns: usize,
-    cols: usize,
-}
-
-/// `acc[j, q] += Σ_{i<T} s_i[j] · l_i[q]` for the `T` tokens whose rows of `s` start at
-/// `s` (stride `lds`) and of `l` at `l` (stride `ldl`, the block's first column): the `T`
-/// row vectors stay in registers while every accumulator row takes `T` FMAs.
-///
-/// # Safety
-/// The `T` rows of `s` hold `ns` values and of `l` `cols` values; `acc` as [`Block`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn accumulate<const T: usize>(
-    block: &Block,
-    s: *const f32,
-    lds: isize,
-    l: *const f32,
-    ldl: isize,
-) {
-    let full = block.cols / 8 * 8;
-    // SAFETY: loads stay in the T rows' `cols` values (a masked load for the last partial
-    // vector); stores in the accumulators' ns x ld block.
-    unsafe {
-        // Four accumulator rows at once: their FMA chains (T long each) interleave, so the
-        // FMA latency is hidden without relying on the out-of-order window.
-        let step = |q: usize, rows: [__m256; T]| {
-            let whole = block.ns / 4 * 4;
-            for j0 in (0..whole).step_by(4) {
-                accumulate_rows::<T, 4>(block, (s, lds), j0, q, &rows);
-            }
-            for j in whole..block.ns {
-                accumulate_rows::<T, 1>(block, (s, lds), j, q, &rows);
-            }
-        };
-        for q in (0..full).step_by(8) {
-            step(
-                q,
-                std::array::from_fn(|i| _mm256_loadu_ps(l.offset(i as isize * ldl).add(q))),
-            );
-        }
-        if full < block.cols {
-            let mask = tail_mask(block.cols - full);
-            step(
-                full,
-                std::array::from_fn(|i| {
-                    _mm256_maskload_ps(l.offset(i as isize * ldl).add(full), mask)
-                }),
-            );
-        }
-    }
-}
-
-/// Accumulator rows `j0..j0 + J`, columns `q..q + 8`, take `Σ_i s_i[j] · rows[i]`.
-///
-/// # Safety
-/// As [`accumulate`], with `j0 + J <= ns` and `q + 8 <= ld`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn accumulate_rows<const T: usize, const J: usize>(
-    block: &Block,
-    (s, lds): (*const f32, isize),
-    j0: usize,
-    q: usize,
-    rows: &[__m256; T],
-) {
-    // SAFETY: forwarded to the caller's contract.
-    unsafe {
-        let dst: [*mut f32; J] = std::array::from_fn(|j| block.acc.add((j0 + j) * block.ld + q));
-        let mut v: [__m256; J] = std::array::from_fn(|j| _mm256_loadu_ps(dst[j]));
-        for (i, row) in rows.iter().enumerate() {
-            let si = s.offset(i as isize * lds).add(j0);
-            for (j, v) in v.iter_mut().enumerate() {
-                *v = _mm256_fmadd_ps(_mm256_broadcast_ss(&*si.add(j)), *row, *v);
-            }
-        }
-        for (j, v) in v.iter().enumerate() {
-            _mm256_storeu_ps(dst[j], *v);
-        }
-    }
-}
-
-/// A load mask of the first `n < 8` lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn tail_mask(n: usize) -> __m256i {
-    let lanes: [i32; 8] = std::array::from_fn(|i| if i < n { -1 } else { 0 });
-    // SAFETY: 8 readable i32 values.
-    unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
-}
-
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn rows_kernel<const R: usize, const V: usize>(
     _: (usize, usize),
-    _: f32,
+    _: (f32, f32),
     _: (*const f32, isize),
     _: (*const f32, usize),
     _: (*mut f32, usize),
-) {
-    unreachable!("skinny kernels are only dispatched to on x86-64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn token_reduction(
-    _: (usize, usize, usize),
-    _: f32,
-    _: (*const f32, isize),
-    _: (*const f32, isize),
-    _: (*mut f32, usize, usize),
 ) {
     unreachable!("skinny kernels are only dispatched to on x86-64")
 }

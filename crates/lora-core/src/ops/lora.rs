@@ -185,6 +185,25 @@ pub trait LoraOps: Backend {
         Ok(LoraGrads { d_a, d_b })
     }
 
+    /// LoRA's backward through a dense frozen weight `w` (`[out, in]`) without dropout, as
+    /// one operation: `dx = dy w + s·(dy B) A` (of shape `dx_shape`), `dA = s·(dy B)ᵀ x`
+    /// and `dB = s·dyᵀ H`; `saved` is `(x, H)`, `H = x Aᵀ` from the forward. The point is reading `dy`
+    /// once: a backend computes `dy B` and `dyᵀ H` from each block of `dy` its base
+    /// product has just packed. `None` (the default, and a backend's answer for shapes it
+    /// does not fuse): the caller composes `matmul`s and the base's input gradient.
+    #[allow(clippy::type_complexity)]
+    fn lora_dense_backward(
+        &self,
+        dy: &Self::Tensor,
+        w: &Self::Tensor,
+        adapter: (&Self::Tensor, &Self::Tensor, f32),
+        saved: (&Self::Tensor, &Self::Tensor),
+        dx_shape: &[usize],
+    ) -> Result<Option<(Self::Tensor, LoraGrads<Self::Tensor>)>> {
+        let _ = (dy, w, adapter, saved, dx_shape);
+        Ok(None)
+    }
+
     /// `delta_W = s · B A`, `[out, in]` (or its transpose `s · Aᵀ Bᵀ`, `[in, out]`, for
     /// `fan_in_fan_out` bases such as GPT-2's `Conv1D`, which store `[in, out]`): only for
     /// merging and inspection, never in training.

@@ -18,9 +18,11 @@ use rayon::prelude::*;
 
 use crate::pool;
 
+mod lora_backward;
 mod plus;
 use crate::tensor::NdTensor;
 use crate::{sgemm, skinny};
+pub(crate) use lora_backward::lora_dense_backward;
 pub(crate) use plus::{Activation, gemm_plus_act_new, gemm_plus_new};
 
 /// Below this many multiply-adds a product runs on one thread.

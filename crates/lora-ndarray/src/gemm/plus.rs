@@ -111,7 +111,10 @@ pub(crate) fn gemm_plus_act_new(
                 scale2,
                 (rows(second_a), cols(second_b), k2),
                 bias.map(|b| b.get().add(c0)),
-                finishing.map(|_| &finish as &dyn Fn(usize, usize, usize)),
+                (
+                    finishing.map(|_| &finish as &dyn Fn(usize, usize, usize)),
+                    None,
+                ),
                 dst.get().offset(r0 as isize * n as isize + c0 as isize),
                 n,
             );

@@ -70,6 +70,10 @@ fn every_path_and_transpose_matches_the_naive_product() {
         (16, 1100, 203),
         (1100, 16, 203),
         (1001, 8, 37),
+        // Odd ranks (one partial rank group) over more tokens than one AVX-512 block, with
+        // a partial last column vector.
+        (5, 70, 150),
+        (70, 3, 150),
         // Our kernel at attention's depth of 32 (both output sides 64 or more).
         (100, 70, 32),
         // Attention's `p·v` at MiniLM's head size (AVX-512: twelve rows of two vectors),
@@ -135,4 +139,116 @@ fn mismatched_inner_dimension_is_an_error_naming_shapes() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("[5, 2]") && err.contains("[4, 3]"), "{err}");
+}
+
+/// The fused LoRA backward (one product over `dy` with `dy B` and `dyᵀ H` from its packed
+/// blocks) against the three products it replaces, on the f64 reference: several depth
+/// slices of `dy` (out = 1100 on either tile), a last slice under 8 columns (out = 515:
+/// the hook's element-wise fallback), ranks 1, 5, 8, 16 and 33, one band and one per
+/// thread, and a 3-D `dy`.
+#[test]
+fn fused_lora_backward_matches_the_composed_products() {
+    let cases: [(&[usize], usize, usize); 7] = [
+        (&[300, 1100], 96, 8),
+        (&[2, 150, 515], 70, 5),
+        (&[700, 384], 384, 16),
+        (&[64, 64], 64, 1),
+        (&[330, 200], 300, 33),
+        (&[1030, 96], 160, 8),
+        (&[90, 40], 100, 4),
+    ];
+    for (dy_shape, inp, r) in cases {
+        let out = *dy_shape.last().unwrap_or(&0);
+        let m: usize = dy_shape.iter().product::<usize>() / out;
+        let dy = rand(dy_shape, 11);
+        let w = rand(&[out, inp], 12);
+        let (a, b) = (rand(&[r, inp], 13), rand(&[out, r], 14));
+        let (x, h) = (rand(&[m, inp], 15), rand(&[m, r], 16));
+        let s = 0.75;
+        let mut dx_shape = dy_shape.to_vec();
+        *dx_shape.last_mut().unwrap_or(&mut 0) = inp;
+        let Some((dx, grads)) = lora_dense_backward(&dy, &w, (&a, &b, s), (&x, &h), &dx_shape)
+            .unwrap_or_else(|e| panic!("{e}"))
+        else {
+            // No kernel of ours here (or not fused for this shape): nothing to compare.
+            let threads = rayon::current_num_threads();
+            assert!(
+                !sgemm::available()
+                    || !sgemm::suits(m, inp, out)
+                    || !sgemm::prefers_row_panels(m, inp, threads),
+                "{dy_shape:?}: not fused"
+            );
+            continue;
+        };
+        assert_eq!(dx.shape().dims(), &dx_shape[..]);
+        let dy2 = dy.reshaped(&[m, out]).unwrap_or_else(|e| panic!("{e}"));
+        let zeros = |sh: &[usize]| {
+            NdTensor::from_vec(vec![0.0; sh.iter().product()], sh).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let g = naive(
+            1.0,
+            &dy2,
+            Transpose::No,
+            &b,
+            Transpose::No,
+            0.0,
+            &zeros(&[m, r]),
+        );
+        let g = NdTensor::from_vec(g, &[m, r]).unwrap_or_else(|e| panic!("{e}"));
+        let base = naive(
+            1.0,
+            &dy2,
+            Transpose::No,
+            &w,
+            Transpose::No,
+            0.0,
+            &zeros(&[m, inp]),
+        );
+        let base = NdTensor::from_vec(base, &[m, inp]).unwrap_or_else(|e| panic!("{e}"));
+        let want_dx = naive(s, &g, Transpose::No, &a, Transpose::No, 1.0, &base);
+        let want_da = naive(
+            s,
+            &g,
+            Transpose::Yes,
+            &x,
+            Transpose::No,
+            0.0,
+            &zeros(&[r, inp]),
+        );
+        let want_db = naive(
+            s,
+            &dy2,
+            Transpose::Yes,
+            &h,
+            Transpose::No,
+            0.0,
+            &zeros(&[out, r]),
+        );
+        for (what, got, want, depth) in [
+            ("dx", dx.as_slice(), &want_dx, out),
+            ("dA", grads.d_a.as_slice(), &want_da, m * out),
+            ("dB", grads.d_b.as_slice(), &want_db, m),
+        ] {
+            assert_eq!(got.len(), want.len(), "{dy_shape:?} {what}");
+            for (i, (got, want)) in got.iter().zip(want).enumerate() {
+                let tol = 2e-5 * (depth as f32).sqrt() * (1.0 + want.abs());
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{dy_shape:?} x {inp} r{r} {what}[{i}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_lora_backward_names_a_mismatched_adapter() {
+    let (dy, w) = (rand(&[100, 96], 1), rand(&[96, 80], 2));
+    let (a, b) = (rand(&[8, 81], 3), rand(&[96, 8], 4));
+    let (x, h) = (rand(&[100, 80], 5), rand(&[100, 8], 6));
+    let err = lora_dense_backward(&dy, &w, (&a, &b, 1.0), (&x, &h), &[100, 80])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("lora_A") && err.contains("81"), "{err}");
 }

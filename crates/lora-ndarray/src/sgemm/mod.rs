@@ -84,6 +84,14 @@ type Epilogue = (f32, f32, Option<*const f32>);
 /// [`sgemm_plus`] applies an activation with it (a BERT feed-forward's GELU).
 pub(crate) type Finish<'a> = Option<&'a dyn Fn(usize, usize, usize)>;
 
+/// Called as `hook(row, rows, col, depth)` once per block of `A` the kernel packs: rows
+/// `row..row + rows`, depth steps (columns of `A`) `col..col + depth`, right after packing
+/// them (the block is in L2), and for a product over a second segment before that
+/// segment's block is packed. Blocks come in depth order for each row block, each once.
+/// A fused LoRA backward computes `dy B` and `dyᵀ H` from the blocks of `dy` here, so
+/// the second segment (`dy B`) is complete when it is packed.
+pub(crate) type BlockHook<'a> = Option<&'a dyn Fn(usize, usize, usize, usize)>;
+
 /// Columns of the output [`Finish`] is called on at once: whole tiles adding up to at
 /// least this many (a block of `MC` rows by about 256 columns is in L2).
 const FINISH_COLS: usize = 256;
@@ -193,8 +201,10 @@ pub(crate) unsafe fn sgemm(
     // SAFETY: forwarded to the caller's contract; `isa` checked the CPU.
     unsafe {
         match isa() {
-            Some(Isa::Avx512) => product::<avx512::Avx512>(m, n, &only, epilogue, None, c, ldc),
-            _ => product::<avx2::Avx2>(m, n, &only, epilogue, None, c, ldc),
+            Some(Isa::Avx512) => {
+                product::<avx512::Avx512>(m, n, &only, epilogue, (None, None), c, ldc)
+            }
+            _ => product::<avx2::Avx2>(m, n, &only, epilogue, (None, None), c, ldc),
         }
     }
 }
@@ -208,11 +218,13 @@ pub(crate) const MAX_EXTRA_DEPTH: usize = 64;
 /// A LoRA term `s·(x Aᵀ) Bᵀ` on top of the frozen `x Wᵀ` so costs `k2 / k1` more
 /// multiply-adds and no second pass over the output (which a separate `beta = 1` product
 /// makes: a read and a write of every element of `c`); the bias neither. `finish` sees
-/// each stretch of `c` once it is complete (see [`Finish`]).
+/// each stretch of `c` once it is complete (see [`Finish`]); `hook` each packed block of
+/// `a1` (see [`BlockHook`]).
 ///
 /// # Safety
 /// As [`sgemm`], for both operand pairs (the second is not read when `k2 == 0`); `k1 > 0`,
-/// `k2 <= MAX_EXTRA_DEPTH`, and `bias` addresses `n` values.
+/// `k2 <= MAX_EXTRA_DEPTH`, and `bias` addresses `n` values. Where `hook` writes `a2`'s
+/// rows, it has written each row block before the kernel packs it (see [`BlockHook`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm_plus(
     (m, n): (usize, usize),
@@ -220,7 +232,7 @@ pub(crate) unsafe fn sgemm_plus(
     scale2: f32,
     (a2, b2, k2): (Operand, Operand, usize),
     bias: Option<*const f32>,
-    finish: Finish<'_>,
+    (finish, hook): (Finish<'_>, BlockHook<'_>),
     c: *mut f32,
     ldc: usize,
 ) {
@@ -243,8 +255,10 @@ pub(crate) unsafe fn sgemm_plus(
     // SAFETY: forwarded to the caller's contract; `isa` checked the CPU.
     unsafe {
         match isa() {
-            Some(Isa::Avx512) => product::<avx512::Avx512>(m, n, &segs, epilogue, finish, c, ldc),
-            _ => product::<avx2::Avx2>(m, n, &segs, epilogue, finish, c, ldc),
+            Some(Isa::Avx512) => {
+                product::<avx512::Avx512>(m, n, &segs, epilogue, (finish, hook), c, ldc)
+            }
+            _ => product::<avx2::Avx2>(m, n, &segs, epilogue, (finish, hook), c, ldc),
         }
     }
 }
@@ -269,7 +283,7 @@ unsafe fn product<K: Kernel>(
     n: usize,
     segs: &[Segment],
     epilogue: Epilogue,
-    finish: Finish<'_>,
+    calls: (Finish<'_>, BlockHook<'_>),
     c: *mut f32,
     ldc: usize,
 ) {
@@ -293,7 +307,7 @@ unsafe fn product<K: Kernel>(
             a_pack.resize(a_need.max(max_depth * K::MC), 0.0);
         }
         // SAFETY: forwarded to the caller's contract; the buffers now hold the blocks.
-        unsafe { blocked::<K>(m, n, segs, epilogue, finish, c, ldc, (a_pack, b_pack)) }
+        unsafe { blocked::<K>(m, n, segs, epilogue, calls, c, ldc, (a_pack, b_pack)) }
     })
 }
 
@@ -303,7 +317,8 @@ type Packs<'a> = (&'a mut [f32], &'a mut [f32]);
 /// The three blocking loops around the register tile, over the depth of `segs[0]` in
 /// slices of `KC`; the depth of a second segment joins the last slice. The first slice
 /// applies `beta` and adds the bias (`n` values, if any) as it stores each tile; the last
-/// one calls `finish` on the finished stretches.
+/// one calls `finish` on the finished stretches. `hook` sees each packed block of `A`
+/// during the first column block (`jc == 0`).
 ///
 /// # Safety
 /// As [`sgemm`] for every segment, the CPU runs `K`, and the pack buffers hold `KC + k2`
@@ -314,7 +329,7 @@ unsafe fn blocked<K: Kernel>(
     n: usize,
     segs: &[Segment],
     (alpha, beta, bias): Epilogue,
-    finish: Finish<'_>,
+    (finish, hook): (Finish<'_>, BlockHook<'_>),
     c: *mut f32,
     ldc: usize,
     (a_pack, b_pack): Packs<'_>,
@@ -341,6 +356,9 @@ unsafe fn blocked<K: Kernel>(
                 let mc = K::MC.min(m - ic);
                 unsafe {
                     pack_a(mr, mc, kc1, main.a.at(ic, pc), (&mut *a_pack, kc, 0));
+                    if let Some(hook) = hook.filter(|_| jc == 0) {
+                        hook(ic, mc, pc, kc1);
+                    }
                     if let Some(s) = tail {
                         pack_a(mr, mc, s.k, s.a.at(ic, 0), (&mut *a_pack, kc, kc1));
                         scale_packed(mr, a_pack, mc, kc, kc1, s.scale);

@@ -30,15 +30,15 @@ unsafe fn product_on(
     (m, n): (usize, usize),
     segs: &[Segment],
     epilogue: Epilogue,
-    finish: Finish<'_>,
+    calls: (Finish<'_>, BlockHook<'_>),
     c: *mut f32,
     ldc: usize,
 ) {
     // SAFETY: forwarded to the caller's contract.
     unsafe {
         match isa {
-            Isa::Avx512 => product::<avx512::Avx512>(m, n, segs, epilogue, finish, c, ldc),
-            Isa::Avx2 => product::<avx2::Avx2>(m, n, segs, epilogue, finish, c, ldc),
+            Isa::Avx512 => product::<avx512::Avx512>(m, n, segs, epilogue, calls, c, ldc),
+            Isa::Avx2 => product::<avx2::Avx2>(m, n, segs, epilogue, calls, c, ldc),
         }
     }
 }
@@ -116,7 +116,7 @@ fn blocked_kernels_match_the_naive_product_across_block_edges() {
                             (m, n),
                             &seg,
                             (alpha, beta, None),
-                            None,
+                            (None, None),
                             c.as_mut_ptr(),
                             n,
                         )
@@ -142,13 +142,40 @@ fn blocked_kernels_match_the_naive_product_across_block_edges() {
 
 /// `a1 b1 + s · a2 b2 + bias` in one product (LoRA's fused forward), with the second
 /// depth joining a first that spans one slice or several; `finish` sees every element
-/// once, complete.
+/// once, complete. `a2` starts as NaN and the block hook writes each row block of it
+/// when it sees that block's last depth slice of `a1` (as the fused LoRA backward writes
+/// `dy B`): the hook sees every block of `a1` once, in depth order, before the kernel
+/// packs `a2`'s rows.
 #[test]
 fn fused_second_product_and_bias_match_the_naive_sum() {
     for isa in kernels_here() {
         for &(m, n, k1, k2) in &[(70, 100, 40, 8), (250, 700, 300, 16), (13, 3100, 520, 64)] {
             let (a1, b1) = (Mat::new(m, k1, false, 4), Mat::new(k1, n, true, 5));
             let (a2, b2) = (Mat::new(m, k2, false, 6), Mat::new(k2, n, true, 7));
+            let mut a2_live = Mat {
+                data: vec![f32::NAN; m * k2],
+                ..Mat::new(m, k2, false, 6)
+            };
+            let a2_rows = a2_live.data.as_mut_ptr();
+            // Depth steps of `a1` the hook has seen, per row.
+            let seen = std::cell::RefCell::new(vec![0usize; m]);
+            let hook = |row: usize, rows: usize, col: usize, depth: usize| {
+                let mut seen = seen.borrow_mut();
+                for r in row..row + rows {
+                    assert_eq!(
+                        seen[r], col,
+                        "{isa:?} {m}x{n}: row {r}'s blocks out of order"
+                    );
+                    seen[r] = col + depth;
+                    if col + depth == k1 {
+                        for p in 0..k2 {
+                            // SAFETY: (r, p) lies in a2's m x k2 buffer, which the kernel
+                            // has not read yet (the point of the test).
+                            unsafe { *a2_rows.add(r * k2 + p) = a2.data[r * k2 + p] };
+                        }
+                    }
+                }
+            };
             let bias = rand(n, 8);
             let segs = [
                 Segment {
@@ -158,7 +185,7 @@ fn fused_second_product_and_bias_match_the_naive_sum() {
                     scale: 1.0,
                 },
                 Segment {
-                    a: a2.operand(),
+                    a: a2_live.operand(),
                     b: b2.operand(),
                     k: k2,
                     scale: 0.25,
@@ -178,7 +205,21 @@ fn fused_second_product_and_bias_match_the_naive_sum() {
             };
             let epilogue = (1.0, 0.0, Some(bias.as_ptr()));
             // SAFETY: the operands, the bias and `c` hold exactly the shapes described.
-            unsafe { product_on(isa, (m, n), &segs, epilogue, Some(&finish), out, n) };
+            unsafe {
+                product_on(
+                    isa,
+                    (m, n),
+                    &segs,
+                    epilogue,
+                    (Some(&finish), Some(&hook)),
+                    out,
+                    n,
+                )
+            };
+            assert!(
+                seen.into_inner().iter().all(|&d| d == k1),
+                "{isa:?}: unseen blocks"
+            );
             let done = done.into_inner();
             for (i, (d, v)) in done.iter().zip(&c).enumerate() {
                 assert_eq!(
@@ -213,7 +254,17 @@ fn beta_zero_never_reads_the_output() {
         }];
         let mut c = vec![f32::NAN; m * n];
         // SAFETY: the operands and `c` hold exactly the shapes described.
-        unsafe { product_on(isa, (m, n), &seg, (1.0, 0.0, None), None, c.as_mut_ptr(), n) };
+        unsafe {
+            product_on(
+                isa,
+                (m, n),
+                &seg,
+                (1.0, 0.0, None),
+                (None, None),
+                c.as_mut_ptr(),
+                n,
+            )
+        };
         assert!(c.iter().all(|v| v.is_finite()), "{isa:?}");
     }
 }

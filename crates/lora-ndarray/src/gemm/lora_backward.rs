@@ -1,0 +1,185 @@
+//! `LoraOps::lora_dense_backward` on our blocked kernel: LoRA's whole backward through a
+//! dense frozen weight with one read of `dy` from memory.
+//!
+//! Composed from products, the backward reads `dy` (`[tokens, out]`, the largest operand)
+//! three times: for the base's `dx = dy W`, for `dB = s·dyᵀ H` and for `g = dy B`. Here
+//! the input gradient's product packs `dy` block by block (rows `MC` at a time, columns
+//! `KC` at a time, each block then in L2), and a [`BlockHook`](sgemm::BlockHook) computes both of LoRA's
+//! projections from the block just packed: `g`'s rows (a narrow product added slice by
+//! slice) and each thread's partial `dyᵀ H` (a token reduction). `g` is complete for a
+//! row block when its last slice has been seen, which is when the kernel packs it as the
+//! product's second segment, so `dx = dy W + s·g A` still comes out of the same product.
+//! Each thread takes a band of rows (tokens); the partial `dB`s are summed at the end.
+#![allow(unsafe_code)]
+
+use lora_core::backend::{Transpose, check_gemm};
+use lora_core::{Error, LoraGrads, Result, Tensor};
+use rayon::prelude::*;
+
+use super::{ConstPtr, PARALLEL_MIN_WORK, SendPtr, gemm_new};
+use crate::sgemm;
+use crate::tensor::NdTensor;
+use crate::{pool, skinny, token_reduction};
+
+/// `(dx, dA, dB)` of LoRA `(a, b, s)` over the dense weight `w` (`[out, in]`) for the
+/// output gradient `dy` (`[.., out]`), the input `x` and `h = x Aᵀ`; `dx` of shape
+/// `dx_shape`. `None` where the fused product does not apply: no kernel of ours on this
+/// CPU, a product too small or too shallow for it, a rank of 64 or more, or a shape our
+/// kernel threads by columns (each thread would pack all of `dy`).
+pub(crate) fn lora_dense_backward(
+    dy: &NdTensor,
+    w: &NdTensor,
+    (a, b, s): (&NdTensor, &NdTensor, f32),
+    (x, h): (&NdTensor, &NdTensor),
+    dx_shape: &[usize],
+) -> Result<Option<(NdTensor, LoraGrads<NdTensor>)>> {
+    let c_shape = lora_core::Shape::new(dx_shape);
+    let (m, inp, out) = check_gemm(
+        dy.shape(),
+        Transpose::No,
+        w.shape(),
+        Transpose::No,
+        &c_shape,
+    )?;
+    let r = a.shape().as_matrix().0;
+    let expect = |what: &str, t: &NdTensor, want: [usize; 2]| -> Result<()> {
+        match t.shape().as_matrix() == (want[0], want[1]) {
+            true => Ok(()),
+            false => Err(Error::shape(
+                format!("fused LoRA backward {what}"),
+                format!("{want:?}"),
+                t.shape(),
+            )),
+        }
+    };
+    expect("lora_A", a, [r, inp])?;
+    expect("lora_B", b, [out, r])?;
+    expect("input x", x, [m, inp])?;
+    expect("saved projection x Aᵀ", h, [m, r])?;
+    let threads = rayon::current_num_threads();
+    let bands = match m * inp * out < PARALLEL_MIN_WORK {
+        true => 1,
+        false => threads,
+    };
+    let fused = sgemm::available()
+        && sgemm::suits(m, inp, out)
+        && r > 0
+        && r < skinny::NARROW
+        && r <= sgemm::MAX_EXTRA_DEPTH
+        && (bands == 1 || sgemm::prefers_row_panels(m, inp, bands));
+    if !fused {
+        return Ok(None);
+    }
+    // Row stride of each band's partial dBᵀ ([r, out]): whole 16-lane vectors.
+    let ld = out.div_ceil(16) * 16;
+    let mut partials = pool::zeros(bands * r * ld);
+    // Stale values from the pool: every element of `dx` and `g` is written before it is
+    // read (`g`'s rows by their first slice, with beta = 0).
+    let mut dx = pool::take_for_overwrite(m * inp);
+    let mut g = pool::take_for_overwrite(m * r);
+    let (dst, g_ptr, part) = (
+        SendPtr(dx.as_mut_ptr()),
+        SendPtr(g.as_mut_ptr()),
+        SendPtr(partials.as_mut_ptr()),
+    );
+    let src = |t: &NdTensor| ConstPtr(t.as_slice().as_ptr());
+    let (dy_p, w_p, a_p, b_p, h_p) = (src(dy), src(w), src(a), src(b), src(h));
+    let per = m.div_ceil(bands);
+    (0..m.div_ceil(per)).into_par_iter().for_each(|band| {
+        let (r0, rows) = (band * per, per.min(m - band * per));
+        // SAFETY (whole band): `check_gemm` and the checks above matched every operand to
+        // (m, inp, out, r); this band reads rows r0..r0 + rows of dy, h and g, writes
+        // those rows of dx and g and its own partial, disjoint from other bands'.
+        unsafe {
+            let dy_band = dy_p.get().add(r0 * out);
+            let g_band = g_ptr.get().add(r0 * r);
+            let partial = part.get().add(band * r * ld);
+            // Rows ic..ic + mc, columns pc..pc + kc of dy, just packed.
+            let hook = |ic: usize, mc: usize, pc: usize, kc: usize| {
+                let block = dy_band.add(ic * out + pc);
+                let g_rows = g_band.add(ic * r);
+                let beta = if pc == 0 { 0.0 } else { 1.0 };
+                let b_rows = (b_p.get().add(pc * r), r as isize, 1);
+                let done = skinny::try_run(
+                    (mc, r, kc),
+                    1.0,
+                    (block, out as isize, 1),
+                    b_rows,
+                    beta,
+                    (g_rows, r),
+                );
+                if !done {
+                    // A slice shallower than the skinny kernels take (under 8 columns).
+                    narrow_product((mc, r, kc), (block, out), b_rows.0, beta, g_rows);
+                }
+                token_reduction::accumulate(
+                    (r, kc, mc),
+                    (h_p.get().add((r0 + ic) * r), r as isize),
+                    (block, out as isize),
+                    (partial.add(pc), ld),
+                );
+            };
+            sgemm::sgemm_plus(
+                (rows, inp),
+                (
+                    (dy_band, out as isize, 1),
+                    (w_p.get(), inp as isize, 1),
+                    out,
+                ),
+                s,
+                ((g_band, r as isize, 1), (a_p.get(), inp as isize, 1), r),
+                None,
+                (None, Some(&hook as &dyn Fn(usize, usize, usize, usize))),
+                dst.get().add(r0 * inp),
+                inp,
+            );
+        }
+    });
+    // dB[q, j] = s · Σ_bands partial[j, q].
+    let mut d_b = pool::take_for_overwrite(out * r);
+    for (q, row) in d_b.chunks_exact_mut(r).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = s * partials[j * ld + q..]
+                .iter()
+                .step_by(r * ld)
+                .take(bands)
+                .sum::<f32>();
+        }
+    }
+    pool::give(partials);
+    // `g` goes back to the pool when dropped.
+    let g = NdTensor::from_vec(g, &[m, r])?;
+    let d_a = gemm_new(s, (&g, Transpose::Yes), (x, Transpose::No), &[r, inp])?;
+    let grads = LoraGrads {
+        d_a,
+        d_b: NdTensor::from_vec(d_b, &[out, r])?,
+    };
+    Ok(Some((NdTensor::from_vec(dx, dx_shape)?, grads)))
+}
+
+/// `c = a y + beta · c` for `a` (`mc x kc`, row stride `lda`), `y` (`kc x r` row-major)
+/// and `c` (`mc x r` row-major), element by element: the slices the skinny kernels do not
+/// take.
+///
+/// # Safety
+/// The three operands are addressable over those extents; `c` is touched by no one else.
+unsafe fn narrow_product(
+    (mc, r, kc): (usize, usize, usize),
+    (a, lda): (*const f32, usize),
+    y: *const f32,
+    beta: f32,
+    c: *mut f32,
+) {
+    for i in 0..mc {
+        for j in 0..r {
+            // SAFETY: forwarded to the caller's contract.
+            unsafe {
+                let dot: f32 = (0..kc)
+                    .map(|p| *a.add(i * lda + p) * *y.add(p * r + j))
+                    .sum();
+                let at = c.add(i * r + j);
+                *at = if beta == 0.0 { dot } else { dot + beta * *at };
+            }
+        }
+    }
+}
