@@ -8,15 +8,19 @@
 //! projections from the block just packed: `g`'s rows (a narrow product added slice by
 //! slice) and each thread's partial `dyᵀ H` (a token reduction). `g` is complete for a
 //! row block when its last slice has been seen, which is when the kernel packs it as the
-//! product's second segment, so `dx = dy W + s·g A` still comes out of the same product.
-//! Each thread takes a band of rows (tokens); the partial `dB`s are summed at the end.
+//! product's second segment, so `dx = dy W + s·g A` still comes out of the same product;
+//! the same call adds the block's `gᵀ x` to the thread's partial `dA`, reading those rows
+//! of `x` whole (a separate `gᵀ x` product split the columns of `x` between threads and
+//! read it a few hundred bytes per row: 10% of the layer's backward at 2048x384x384 r8).
+//! Each thread takes a band of rows (tokens); the partial `dA`s and `dB`s are summed at
+//! the end.
 #![allow(unsafe_code)]
 
 use lora_core::backend::{Transpose, check_gemm};
 use lora_core::{Error, LoraGrads, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{ConstPtr, PARALLEL_MIN_WORK, SendPtr, gemm_new};
+use super::{ConstPtr, PARALLEL_MIN_WORK, SendPtr};
 use crate::sgemm;
 use crate::tensor::NdTensor;
 use crate::{pool, skinny, token_reduction};
@@ -70,9 +74,11 @@ pub(crate) fn lora_dense_backward(
     if !fused {
         return Ok(None);
     }
-    // Row stride of each band's partial dBᵀ ([r, out]): whole 16-lane vectors.
-    let ld = out.div_ceil(16) * 16;
-    let mut partials = pool::zeros(bands * r * ld);
+    // Row strides of each band's partial dBᵀ ([r, out]) and dA ([r, inp]): whole 16-lane
+    // vectors. A band's partials lie together: dBᵀ, then dA.
+    let (ld, ld_a) = (out.div_ceil(16) * 16, inp.div_ceil(16) * 16);
+    let band_len = r * (ld + ld_a);
+    let mut partials = pool::zeros(bands * band_len);
     // Stale values from the pool: every element of `dx` and `g` is written before it is
     // read (`g`'s rows by their first slice, with beta = 0).
     let mut dx = pool::take_for_overwrite(m * inp);
@@ -83,7 +89,7 @@ pub(crate) fn lora_dense_backward(
         SendPtr(partials.as_mut_ptr()),
     );
     let src = |t: &NdTensor| ConstPtr(t.as_slice().as_ptr());
-    let (dy_p, w_p, a_p, b_p, h_p) = (src(dy), src(w), src(a), src(b), src(h));
+    let (dy_p, w_p, a_p, b_p, h_p, x_p) = (src(dy), src(w), src(a), src(b), src(h), src(x));
     let per = m.div_ceil(bands);
     (0..m.div_ceil(per)).into_par_iter().for_each(|band| {
         let (r0, rows) = (band * per, per.min(m - band * per));
@@ -93,7 +99,8 @@ pub(crate) fn lora_dense_backward(
         unsafe {
             let dy_band = dy_p.get().add(r0 * out);
             let g_band = g_ptr.get().add(r0 * r);
-            let partial = part.get().add(band * r * ld);
+            let partial = part.get().add(band * band_len);
+            let partial_a = partial.add(r * ld);
             // Rows ic..ic + mc, columns pc..pc + kc of dy, just packed.
             let hook = |ic: usize, mc: usize, pc: usize, kc: usize| {
                 let block = dy_band.add(ic * out + pc);
@@ -118,6 +125,15 @@ pub(crate) fn lora_dense_backward(
                     (block, out as isize),
                     (partial.add(pc), ld),
                 );
+                if pc + kc == out {
+                    // g's rows ic..ic + mc are complete: their part of gᵀ x.
+                    token_reduction::accumulate(
+                        (r, inp, mc),
+                        (g_rows, r as isize),
+                        (x_p.get().add((r0 + ic) * inp), inp as isize),
+                        (partial_a, ld_a),
+                    );
+                }
             };
             sgemm::sgemm_plus(
                 (rows, inp),
@@ -135,23 +151,30 @@ pub(crate) fn lora_dense_backward(
             );
         }
     });
-    // dB[q, j] = s · Σ_bands partial[j, q].
+    // dB[q, j] = s · Σ_bands partial[j, q]; dA[j, p] = s · Σ_bands partial_a[j, p].
+    let band_sum = |at: usize| -> f32 {
+        s * partials[at..]
+            .iter()
+            .step_by(band_len)
+            .take(bands)
+            .sum::<f32>()
+    };
     let mut d_b = pool::take_for_overwrite(out * r);
     for (q, row) in d_b.chunks_exact_mut(r).enumerate() {
         for (j, v) in row.iter_mut().enumerate() {
-            *v = s * partials[j * ld + q..]
-                .iter()
-                .step_by(r * ld)
-                .take(bands)
-                .sum::<f32>();
+            *v = band_sum(j * ld + q);
+        }
+    }
+    let mut d_a = pool::take_for_overwrite(r * inp);
+    for (j, row) in d_a.chunks_exact_mut(inp).enumerate() {
+        for (p, v) in row.iter_mut().enumerate() {
+            *v = band_sum(r * ld + j * ld_a + p);
         }
     }
     pool::give(partials);
-    // `g` goes back to the pool when dropped.
-    let g = NdTensor::from_vec(g, &[m, r])?;
-    let d_a = gemm_new(s, (&g, Transpose::Yes), (x, Transpose::No), &[r, inp])?;
+    pool::give(g);
     let grads = LoraGrads {
-        d_a,
+        d_a: NdTensor::from_vec(d_a, &[r, inp])?,
         d_b: NdTensor::from_vec(d_b, &[out, r])?,
     };
     Ok(Some((NdTensor::from_vec(dx, dx_shape)?, grads)))
