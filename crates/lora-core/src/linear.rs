@@ -248,6 +248,16 @@ impl<B: Backend> DenseLinear<B> {
         self.weight.shape().dims()[0]
     }
 
+    /// The weight and bias, once `x` has this layer's input features (the check
+    /// [`Linear::forward`] makes, with the same error).
+    pub(crate) fn weight_for_forward(
+        &self,
+        x: &B::Tensor,
+    ) -> Result<(&B::Tensor, Option<&B::Tensor>)> {
+        self.check_features("forward input x", x, self.inp())?;
+        Ok((&self.weight, self.bias.as_ref()))
+    }
+
     /// The weight, once `dy` has this layer's output features (the check
     /// [`Linear::backward`] makes, with the same error).
     pub(crate) fn weight_for_input_grad(&self, dy: &B::Tensor) -> Result<&B::Tensor> {

@@ -12,6 +12,8 @@ use crate::ops::{LoraGrads, LoraOps};
 /// A low-rank adapter's forward with its term handed to the base's product: `h = x_lora Aᵀ`
 /// (`x_lora` is `x`, or `x` under the dropout mask), which `check` accepts or rejects,
 /// then `base(x) + s·h Bᵀ` in one [`Linear::forward_plus`]. Returns the output and `h`.
+/// Without dropout, a dense base on a backend that fuses it
+/// ([`LoraOps::lora_dense_forward`]) takes both in one product over `x`.
 pub(crate) fn forward_through_base<B: LoraOps>(
     backend: &B,
     base: &dyn Linear<B>,
@@ -19,6 +21,15 @@ pub(crate) fn forward_through_base<B: LoraOps>(
     (x, x_lora): (&B::Tensor, &B::Tensor),
     check: impl FnOnce(&B::Tensor) -> Result<()>,
 ) -> Result<(B::Tensor, B::Tensor)> {
+    // Without dropout (`x_lora` is `x`) a dense base can take the whole forward.
+    if let Some(dense) = base.as_dense().filter(|_| std::ptr::eq(x, x_lora)) {
+        let weights = dense.weight_for_forward(x)?;
+        let y_shape = x.shape().with_last(dense.out_features());
+        if let Some((y, h)) = backend.lora_dense_forward(x, weights, (a, b, s), y_shape.dims())? {
+            check(&h)?;
+            return Ok((y, h));
+        }
+    }
     let (rows, r) = (x_lora.shape().as_matrix().0, a.shape().as_matrix().0);
     let h = backend.matmul(
         1.0,

@@ -10,6 +10,16 @@ use crate::pool;
 use crate::tensor::NdTensor;
 
 impl LoraOps for NdArray {
+    fn lora_dense_forward(
+        &self,
+        x: &NdTensor,
+        base: (&NdTensor, Option<&NdTensor>),
+        adapter: (&NdTensor, &NdTensor, f32),
+        y_shape: &[usize],
+    ) -> Result<Option<(NdTensor, NdTensor)>> {
+        crate::gemm::lora_dense_forward(x, base, adapter, y_shape)
+    }
+
     fn lora_dense_backward(
         &self,
         dy: &NdTensor,

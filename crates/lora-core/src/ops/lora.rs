@@ -185,6 +185,24 @@ pub trait LoraOps: Backend {
         Ok(LoraGrads { d_a, d_b })
     }
 
+    /// LoRA's training forward through a dense frozen weight `w` (`[out, in]`) and `bias`
+    /// without dropout, as one operation: `H = x Aᵀ` and `y = x wᵀ + s·H Bᵀ + bias` (of
+    /// shape `y_shape`), returned as `(y, H)`. The point is reading `x` once: a backend
+    /// computes `H` from each block of `x` its base product has just packed. `None` (the
+    /// default, and a backend's answer for shapes it does not fuse): the caller composes
+    /// `matmul`s and the base's `forward_plus`.
+    #[allow(clippy::type_complexity)]
+    fn lora_dense_forward(
+        &self,
+        x: &Self::Tensor,
+        base: (&Self::Tensor, Option<&Self::Tensor>),
+        adapter: (&Self::Tensor, &Self::Tensor, f32),
+        y_shape: &[usize],
+    ) -> Result<Option<(Self::Tensor, Self::Tensor)>> {
+        let _ = (x, base, adapter, y_shape);
+        Ok(None)
+    }
+
     /// LoRA's backward through a dense frozen weight `w` (`[out, in]`) without dropout, as
     /// one operation: `dx = dy w + s·(dy B) A` (of shape `dx_shape`), `dA = s·(dy B)ᵀ x`
     /// and `dB = s·dyᵀ H`; `saved` is `(x, H)`, `H = x Aᵀ` from the forward. The point is reading `dy`

@@ -27,9 +27,7 @@ use crate::{pool, skinny, token_reduction};
 
 /// `(dx, dA, dB)` of LoRA `(a, b, s)` over the dense weight `w` (`[out, in]`) for the
 /// output gradient `dy` (`[.., out]`), the input `x` and `h = x Aᵀ`; `dx` of shape
-/// `dx_shape`. `None` where the fused product does not apply: no kernel of ours on this
-/// CPU, a product too small or too shallow for it, a rank of 64 or more, or a shape our
-/// kernel threads by columns (each thread would pack all of `dy`).
+/// `dx_shape`. `None` where the fused product does not apply ([`row_bands`]).
 pub(crate) fn lora_dense_backward(
     dy: &NdTensor,
     w: &NdTensor,
@@ -46,34 +44,14 @@ pub(crate) fn lora_dense_backward(
         &c_shape,
     )?;
     let r = a.shape().as_matrix().0;
-    let expect = |what: &str, t: &NdTensor, want: [usize; 2]| -> Result<()> {
-        match t.shape().as_matrix() == (want[0], want[1]) {
-            true => Ok(()),
-            false => Err(Error::shape(
-                format!("fused LoRA backward {what}"),
-                format!("{want:?}"),
-                t.shape(),
-            )),
-        }
-    };
-    expect("lora_A", a, [r, inp])?;
-    expect("lora_B", b, [out, r])?;
-    expect("input x", x, [m, inp])?;
-    expect("saved projection x Aᵀ", h, [m, r])?;
-    let threads = rayon::current_num_threads();
-    let bands = match m * inp * out < PARALLEL_MIN_WORK {
-        true => 1,
-        false => threads,
-    };
-    let fused = sgemm::available()
-        && sgemm::suits(m, inp, out)
-        && r > 0
-        && r < skinny::NARROW
-        && r <= sgemm::MAX_EXTRA_DEPTH
-        && (bands == 1 || sgemm::prefers_row_panels(m, inp, bands));
-    if !fused {
+    let what = "fused LoRA backward";
+    expect_matrix(what, "lora_A", a, [r, inp])?;
+    expect_matrix(what, "lora_B", b, [out, r])?;
+    expect_matrix(what, "input x", x, [m, inp])?;
+    expect_matrix(what, "saved projection x Aᵀ", h, [m, r])?;
+    let Some(bands) = row_bands((m, inp, out), r) else {
         return Ok(None);
-    }
+    };
     // Row strides of each band's partial dBᵀ ([r, out]) and dA ([r, inp]): whole 16-lane
     // vectors. A band's partials lie together: dBᵀ, then dA.
     let (ld, ld_a) = (out.div_ceil(16) * 16, inp.div_ceil(16) * 16);
@@ -117,7 +95,7 @@ pub(crate) fn lora_dense_backward(
                 );
                 if !done {
                     // A slice shallower than the skinny kernels take (under 8 columns).
-                    narrow_product((mc, r, kc), (block, out), b_rows.0, beta, g_rows);
+                    narrow_product((mc, r, kc), (block, out), (b_rows.0, r, 1), beta, g_rows);
                 }
                 token_reduction::accumulate(
                     (r, kc, mc),
@@ -180,16 +158,47 @@ pub(crate) fn lora_dense_backward(
     Ok(Some((NdTensor::from_vec(dx, dx_shape)?, grads)))
 }
 
-/// `c = a y + beta · c` for `a` (`mc x kc`, row stride `lda`), `y` (`kc x r` row-major)
-/// and `c` (`mc x r` row-major), element by element: the slices the skinny kernels do not
-/// take.
+/// An error naming `what` of operation `op` unless `t`'s matrix view is `want`.
+pub(super) fn expect_matrix(op: &str, what: &str, t: &NdTensor, want: [usize; 2]) -> Result<()> {
+    match t.shape().as_matrix() == (want[0], want[1]) {
+        true => Ok(()),
+        false => Err(Error::shape(
+            format!("{op} {what}"),
+            format!("{want:?}"),
+            t.shape(),
+        )),
+    }
+}
+
+/// How many bands of rows (one per thread, or one for a small product) a fused LoRA
+/// product over `m x n x k` with a rank-`r` second segment runs in; `None` where it is
+/// not fused: no kernel of ours on this CPU, a product too small or shallow for it, a
+/// rank of 64 or more, or a shape our kernel threads by columns (each thread would pack
+/// all of the row operand, and the hooks would run twice).
+pub(super) fn row_bands((m, n, k): (usize, usize, usize), r: usize) -> Option<usize> {
+    let bands = match m * n * k < PARALLEL_MIN_WORK {
+        true => 1,
+        false => rayon::current_num_threads(),
+    };
+    let fused = sgemm::available()
+        && sgemm::suits(m, n, k)
+        && r > 0
+        && r < skinny::NARROW
+        && r <= sgemm::MAX_EXTRA_DEPTH
+        && (bands == 1 || sgemm::prefers_row_panels(m, n, bands));
+    fused.then_some(bands)
+}
+
+/// `c = a y + beta · c` for `a` (`mc x kc`, row stride `lda`), `y` (`kc x r`, row and
+/// column strides given) and `c` (`mc x r` row-major), element by element: the slices the
+/// skinny kernels do not take.
 ///
 /// # Safety
 /// The three operands are addressable over those extents; `c` is touched by no one else.
-unsafe fn narrow_product(
+pub(super) unsafe fn narrow_product(
     (mc, r, kc): (usize, usize, usize),
     (a, lda): (*const f32, usize),
-    y: *const f32,
+    (y, y_rs, y_cs): (*const f32, usize, usize),
     beta: f32,
     c: *mut f32,
 ) {
@@ -198,7 +207,7 @@ unsafe fn narrow_product(
             // SAFETY: forwarded to the caller's contract.
             unsafe {
                 let dot: f32 = (0..kc)
-                    .map(|p| *a.add(i * lda + p) * *y.add(p * r + j))
+                    .map(|p| *a.add(i * lda + p) * *y.add(p * y_rs + j * y_cs))
                     .sum();
                 let at = c.add(i * r + j);
                 *at = if beta == 0.0 { dot } else { dot + beta * *at };

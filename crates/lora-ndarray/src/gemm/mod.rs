@@ -19,10 +19,12 @@ use rayon::prelude::*;
 use crate::pool;
 
 mod lora_backward;
+mod lora_forward;
 mod plus;
 use crate::tensor::NdTensor;
 use crate::{sgemm, skinny};
 pub(crate) use lora_backward::lora_dense_backward;
+pub(crate) use lora_forward::lora_dense_forward;
 pub(crate) use plus::{Activation, gemm_plus_act_new, gemm_plus_new};
 
 /// Below this many multiply-adds a product runs on one thread.

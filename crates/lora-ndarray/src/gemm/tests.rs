@@ -252,3 +252,82 @@ fn fused_lora_backward_names_a_mismatched_adapter() {
         .unwrap_or_default();
     assert!(err.contains("lora_A") && err.contains("81"), "{err}");
 }
+
+/// The fused LoRA forward (`x Aᵀ` from each block of `x` the base product packs) against
+/// the f64 reference: several depth slices of `x` (in = 1100), a last slice under 8
+/// columns (in = 515), ranks 1 to 33, with and without a bias, a 3-D `x`.
+#[test]
+fn fused_lora_forward_matches_the_composed_products() {
+    let cases: [(&[usize], usize, usize); 6] = [
+        (&[300, 1100], 96, 8),
+        (&[2, 150, 515], 70, 5),
+        (&[700, 384], 384, 16),
+        (&[64, 64], 64, 1),
+        (&[330, 300], 200, 33),
+        (&[90, 100], 40, 4),
+    ];
+    for (i, (x_shape, out, r)) in cases.into_iter().enumerate() {
+        let inp = *x_shape.last().unwrap_or(&0);
+        let m: usize = x_shape.iter().product::<usize>() / inp;
+        let x = rand(x_shape, 21);
+        let w = rand(&[out, inp], 22);
+        let bias = (i % 2 == 0).then(|| rand(&[out], 23));
+        let (a, b) = (rand(&[r, inp], 24), rand(&[out, r], 25));
+        let s = 1.5;
+        let mut y_shape = x_shape.to_vec();
+        *y_shape.last_mut().unwrap_or(&mut 0) = out;
+        let Some((y, h)) = lora_dense_forward(&x, (&w, bias.as_ref()), (&a, &b, s), &y_shape)
+            .unwrap_or_else(|e| panic!("{e}"))
+        else {
+            let threads = rayon::current_num_threads();
+            assert!(
+                !sgemm::available()
+                    || !sgemm::suits(m, out, inp)
+                    || !sgemm::prefers_row_panels(m, out, threads),
+                "{x_shape:?}: not fused"
+            );
+            continue;
+        };
+        assert_eq!(y.shape().dims(), &y_shape[..]);
+        let x2 = x.reshaped(&[m, inp]).unwrap_or_else(|e| panic!("{e}"));
+        let zeros = |sh: &[usize]| {
+            NdTensor::from_vec(vec![0.0; sh.iter().product()], sh).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let want_h = naive(
+            1.0,
+            &x2,
+            Transpose::No,
+            &a,
+            Transpose::Yes,
+            0.0,
+            &zeros(&[m, r]),
+        );
+        let h_ref = NdTensor::from_vec(want_h.clone(), &[m, r]).unwrap_or_else(|e| panic!("{e}"));
+        let base = naive(
+            1.0,
+            &x2,
+            Transpose::No,
+            &w,
+            Transpose::Yes,
+            0.0,
+            &zeros(&[m, out]),
+        );
+        let base = NdTensor::from_vec(base, &[m, out]).unwrap_or_else(|e| panic!("{e}"));
+        let mut want_y = naive(s, &h_ref, Transpose::No, &b, Transpose::Yes, 1.0, &base);
+        if let Some(bias) = &bias {
+            for (k, v) in want_y.iter_mut().enumerate() {
+                *v += bias.as_slice()[k % out];
+            }
+        }
+        for (what, got, want) in [("y", y.as_slice(), &want_y), ("H", h.as_slice(), &want_h)] {
+            assert_eq!(got.len(), want.len(), "{x_shape:?} {what}");
+            for (k, (got, want)) in got.iter().zip(want).enumerate() {
+                let tol = 2e-5 * (inp as f32).sqrt() * (1.0 + want.abs());
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{x_shape:?} x {out} r{r} {what}[{k}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+}

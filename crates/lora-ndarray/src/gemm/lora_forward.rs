@@ -1,0 +1,100 @@
+//! `LoraOps::lora_dense_forward` on our blocked kernel: a LoRA layer's training forward
+//! through a dense frozen weight with one read of `x` from memory.
+//!
+//! Composed, the forward reads `x` twice: for `H = x Aᵀ`, then for the base product
+//! `x Wᵀ` (which takes `s·H Bᵀ` and the bias in the same pass, `gemm_plus_new`). Here the
+//! base product packs `x` block by block and a [`BlockHook`](crate::sgemm::BlockHook)
+//! adds each block's `x Aᵀ` to `H`'s rows while the block is in L2; `H`'s rows are
+//! complete when the kernel packs them as the product's second segment. Each thread
+//! takes a band of rows (tokens), as in the fused backward (`lora_backward.rs`).
+#![allow(unsafe_code)]
+
+use lora_core::backend::{Transpose, check_gemm, check_row_broadcast};
+use lora_core::{Result, Tensor};
+use rayon::prelude::*;
+
+use super::lora_backward::{expect_matrix, narrow_product, row_bands};
+use super::{ConstPtr, SendPtr};
+use crate::tensor::NdTensor;
+use crate::{pool, sgemm, skinny};
+
+/// `(y, H)` of LoRA `(a, b, s)` over the dense weight `w` (`[out, in]`) and `bias` for
+/// the input `x` (`[.., in]`): `H = x Aᵀ` (`[rows, r]`) and `y = x Wᵀ + s·H Bᵀ + bias`
+/// of shape `y_shape`. `None` where the fused product does not apply (`row_bands`).
+pub(crate) fn lora_dense_forward(
+    x: &NdTensor,
+    (w, bias): (&NdTensor, Option<&NdTensor>),
+    (a, b, s): (&NdTensor, &NdTensor, f32),
+    y_shape: &[usize],
+) -> Result<Option<(NdTensor, NdTensor)>> {
+    let c_shape = lora_core::Shape::new(y_shape);
+    let (m, out, inp) = check_gemm(
+        x.shape(),
+        Transpose::No,
+        w.shape(),
+        Transpose::Yes,
+        &c_shape,
+    )?;
+    let r = a.shape().as_matrix().0;
+    let what = "fused LoRA forward";
+    expect_matrix(what, "lora_A", a, [r, inp])?;
+    expect_matrix(what, "lora_B", b, [out, r])?;
+    if let Some(bias) = bias {
+        check_row_broadcast(&c_shape, bias.shape())?;
+    }
+    let Some(bands) = row_bands((m, out, inp), r) else {
+        return Ok(None);
+    };
+    // Stale values from the pool: the kernel writes every element of `y`, and each row of
+    // `H` is written by its first depth slice (beta = 0) before anything reads it.
+    let mut y = pool::take_for_overwrite(m * out);
+    let mut h = pool::take_for_overwrite(m * r);
+    let (dst, h_ptr) = (SendPtr(y.as_mut_ptr()), SendPtr(h.as_mut_ptr()));
+    let src = |t: &NdTensor| ConstPtr(t.as_slice().as_ptr());
+    let (x_p, w_p, a_p, b_p) = (src(x), src(w), src(a), src(b));
+    let bias = bias.map(src);
+    let per = m.div_ceil(bands);
+    (0..m.div_ceil(per)).into_par_iter().for_each(|band| {
+        let (r0, rows) = (band * per, per.min(m - band * per));
+        // SAFETY (whole band): `check_gemm` and the checks above matched every operand to
+        // (m, out, inp, r); this band reads rows r0..r0 + rows of x and H and writes those
+        // rows of y and H, disjoint from other bands'.
+        unsafe {
+            let x_band = x_p.get().add(r0 * inp);
+            let h_band = h_ptr.get().add(r0 * r);
+            // Rows ic..ic + mc, columns pc..pc + kc of x, just packed: their x Aᵀ.
+            let hook = |ic: usize, mc: usize, pc: usize, kc: usize| {
+                let block = x_band.add(ic * inp + pc);
+                let h_rows = h_band.add(ic * r);
+                let beta = if pc == 0 { 0.0 } else { 1.0 };
+                // Aᵀ's rows pc..pc + kc: A read across its rows (A is [r, in]).
+                let a_t = (a_p.get().add(pc), 1, inp as isize);
+                let done = skinny::try_run(
+                    (mc, r, kc),
+                    1.0,
+                    (block, inp as isize, 1),
+                    a_t,
+                    beta,
+                    (h_rows, r),
+                );
+                if !done {
+                    narrow_product((mc, r, kc), (block, inp), (a_t.0, 1, inp), beta, h_rows);
+                }
+            };
+            sgemm::sgemm_plus(
+                (rows, out),
+                ((x_band, inp as isize, 1), (w_p.get(), 1, inp as isize), inp),
+                s,
+                ((h_band, r as isize, 1), (b_p.get(), 1, r as isize), r),
+                bias.map(|b| b.get()),
+                (None, Some(&hook as &dyn Fn(usize, usize, usize, usize))),
+                dst.get().add(r0 * out),
+                out,
+            );
+        }
+    });
+    Ok(Some((
+        NdTensor::from_vec(y, y_shape)?,
+        NdTensor::from_vec(h, &[m, r])?,
+    )))
+}
