@@ -136,6 +136,11 @@ pub fn run(backends: &[&str]) -> Result<()> {
             _ => Vec::new(),
         };
         summary.add(format!("backend {name}"), count(&lines));
+        if name == "ndarray" {
+            if let Some(lines) = ndarray_avx2_tests(&minilm)? {
+                summary.add("backend ndarray, AVX2 kernels".into(), count(&lines));
+            }
+        }
     }
     if backends.contains(&"ndarray") {
         python_interop(&mut summary)?;
@@ -210,6 +215,45 @@ fn ndarray_tests(minilm: &Path) -> Result<Vec<String>> {
             .env("LORA_RS_REQUIRE_MODELS", "1")
             .env("LORA_RS_MINILM", minilm),
     )
+}
+
+/// The suites that run the ndarray backend's kernels hardest, run again with them capped
+/// at AVX2 on CPUs with AVX-512 (`LORA_NDARRAY_ISA=avx2`), with the workspace's unit
+/// tests: each kind of CPU then checks both sets of kernels (the AVX2 ones are all that run
+/// on the AMD machines, the AVX-512 ones all that run on the Xeons). `None` without
+/// AVX-512 (the first run already used AVX2).
+fn ndarray_avx2_tests(minilm: &Path) -> Result<Option<Vec<String>>> {
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    if !avx512 {
+        return Ok(None);
+    }
+    let suites = [
+        "gradients",
+        "lora_layer",
+        "dora",
+        "bert",
+        "decoder",
+        "decoder_ops",
+        "attention_op",
+        "attention_ops",
+        "properties",
+        "step_allocations",
+    ];
+    run_capture(
+        "cargo test (ndarray kernels capped at AVX2: unit tests and kernel suites)",
+        cargo()
+            .args(["test", "--no-fail-fast"])
+            .args(workspace_flags(false))
+            .arg("--lib")
+            .args(suites.iter().flat_map(|t| ["--test", *t]))
+            .env("LORA_NDARRAY_ISA", "avx2")
+            .env("LORA_RS_REQUIRE_MODELS", "1")
+            .env("LORA_RS_MINILM", minilm),
+    )
+    .map(Some)
 }
 
 /// CUDA: the cross-backend suite against ndarray; without a driver or a GPU every test

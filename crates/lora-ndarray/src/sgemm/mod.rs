@@ -106,30 +106,42 @@ pub(crate) enum Isa {
 }
 
 /// The widest instruction set our kernels use on this CPU: `None` off x86-64 or without
-/// AVX2 and FMA (then the `gemm` crate runs every product).
+/// AVX2 and FMA (then the `gemm` crate runs every product). `LORA_NDARRAY_ISA=avx2` (or
+/// `none`) caps it, read once per process: `cargo xtask test` runs the AVX2 kernels'
+/// tests that way on AVX-512 CPUs, so either machine checks both sets.
 pub(crate) fn isa() -> Option<Isa> {
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
     *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            // The subsets every AVX-512 Xeon (Skylake-SP on) and AMD Zen 4 have; the
-            // elementwise kernels (`vectorize.rs`) are compiled for all four.
-            let avx512 = is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512dq")
-                && is_x86_feature_detected!("avx512vl");
-            match (avx2, avx512) {
-                (true, true) => Some(Isa::Avx512),
-                (true, false) => Some(Isa::Avx2),
-                (false, _) => None,
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            None
+        let detected = detect_isa();
+        match std::env::var("LORA_NDARRAY_ISA").as_deref() {
+            Ok("none") => None,
+            Ok("avx2") => detected.map(|_| Isa::Avx2),
+            _ => detected,
         }
     })
+}
+
+/// The widest instruction set of this CPU that our kernels have.
+fn detect_isa() -> Option<Isa> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        // The subsets every AVX-512 Xeon (Skylake-SP on) and AMD Zen 4 have; the
+        // elementwise kernels (`vectorize.rs`) are compiled for all four.
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl");
+        match (avx2, avx512) {
+            (true, true) => Some(Isa::Avx512),
+            (true, false) => Some(Isa::Avx2),
+            (false, _) => None,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
 }
 
 /// Whether our kernels (this one and the skinny ones, which use AVX2 on every such CPU)
