@@ -136,10 +136,10 @@ pub fn run(backends: &[&str]) -> Result<()> {
             _ => Vec::new(),
         };
         summary.add(format!("backend {name}"), count(&lines));
-        if name == "ndarray" {
-            if let Some(lines) = ndarray_avx2_tests(&minilm)? {
-                summary.add("backend ndarray, AVX2 kernels".into(), count(&lines));
-            }
+        if name == "ndarray"
+            && let Some(lines) = ndarray_avx2_tests(&minilm)?
+        {
+            summary.add("backend ndarray, AVX2 kernels".into(), count(&lines));
         }
     }
     if backends.contains(&"ndarray") {
