@@ -319,3 +319,43 @@ fn forward_activated_is_forward_then_the_activation() {
         assert!(err.to_string().contains("intermediate"), "{what}: {err}");
     }
 }
+
+/// `backward_accumulate` adds exactly what `backward` returns: a frozen layer with no
+/// adapter (its product accumulates, `beta = 1`, at a size our kernel takes and one it
+/// does not) and one with a LoRA adapter (backward, then an add); a sum shaped unlike the
+/// input is an error naming both shapes.
+#[test]
+fn backward_accumulate_adds_the_input_gradient() {
+    let b = backend();
+    for (rows, inp, out, adapter) in [(130, 96, 80, false), (5, 7, 3, false), (130, 96, 80, true)] {
+        let x = rand_tensor(&[rows, inp], 31, 1);
+        let dy = rand_tensor(&[rows, out], 31, 2);
+        let acc0 = rand_tensor(&[rows, inp], 31, 3);
+        let mut l = LoraLinear::new("layer", base(out, inp, 5));
+        if adapter {
+            l.inject_lora(&b, &spec(4, 8.0, 0.0, LoraInit::Random))
+                .unwrap();
+        }
+        l.forward(&b, &x, Mode::Train).unwrap();
+        let dx = host(&b, &l.backward(&b, &dy).unwrap());
+        l.forward(&b, &x, Mode::Train).unwrap();
+        let mut acc = acc0.clone();
+        l.backward_accumulate(&b, &dy, &mut acc).unwrap();
+        let want: Vec<f64> = host(&b, &acc0)
+            .iter()
+            .zip(&dx)
+            .map(|(a, d)| f64::from(*a) + f64::from(*d))
+            .collect();
+        let what = format!("{rows}x{inp}x{out} adapter={adapter}");
+        assert_close(&what, &host(&b, &acc), &want, 1e-5, 1e-5);
+    }
+    let mut l = LoraLinear::new("layer", base(8, 6, 5));
+    l.forward(&b, &rand_tensor(&[4, 6], 1, 1), Mode::Train)
+        .unwrap();
+    let mut wrong = rand_tensor(&[4, 7], 1, 2);
+    let err = l
+        .backward_accumulate(&b, &rand_tensor(&[4, 8], 1, 3), &mut wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[4, 7]") && err.contains("[4, 6]"), "{err}");
+}

@@ -7,6 +7,8 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops::LoraOps;
 
+#[path = "lora_linear_accumulate.rs"]
+mod accumulate;
 #[path = "lora_linear_merge.rs"]
 mod merge;
 

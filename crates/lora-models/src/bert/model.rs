@@ -383,7 +383,6 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
     }
 
     fn layer_backward(&mut self, b: &B, l: usize, d_out: &B::Tensor, d: Dims) -> Result<B::Tensor> {
-        use lora_core::BinaryOp::Add;
         let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
         let scale = 1.0 / (hd as f32).sqrt();
         let act = self.act;
@@ -397,7 +396,11 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         let d_h2_pre = b.layer_norm_backward(&c.h2_pre, &c.st2, &layer.out_norm.gamma, d_out)?;
         let d_hidden = layer.output.backward(b, &d_h2_pre)?;
         let d_inter = b.unary_backward(act, &c.inter, &d_hidden)?;
-        let d_h1 = b.binary(Add, &layer.intermediate.backward(b, &d_inter)?, &d_h2_pre)?;
+        // The residual's gradient plus the feed-forward's: summed inside its product.
+        let mut d_h1 = d_h2_pre;
+        layer
+            .intermediate
+            .backward_accumulate(b, &d_inter, &mut d_h1)?;
         let d_h1_pre = b.layer_norm_backward(&c.h1_pre, &c.st1, &layer.attn_norm.gamma, &d_h1)?;
         let d_ctx = layer.attn_out.backward(b, &d_h1_pre)?;
         let mask = self
@@ -413,10 +416,13 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
             scale,
         )?;
         let layer = &mut self.layers[l];
-        let mut dx = layer.query.backward(b, &d_q)?;
-        dx = b.binary(Add, &dx, &layer.key.backward(b, &d_k)?)?;
-        dx = b.binary(Add, &dx, &layer.value.backward(b, &d_v)?)?;
-        Ok(b.binary(Add, &dx, &d_h1_pre)?)
+        // The residual's gradient plus the three projections' (a frozen one adds inside
+        // its product; one with an adapter adds its result).
+        let mut dx = d_h1_pre;
+        layer.query.backward_accumulate(b, &d_q, &mut dx)?;
+        layer.key.backward_accumulate(b, &d_k, &mut dx)?;
+        layer.value.backward_accumulate(b, &d_v, &mut dx)?;
+        Ok(dx)
     }
 
     /// The pooler output `tanh(W h[:, 0] + b)` (`[batch, hidden]`) from a last hidden

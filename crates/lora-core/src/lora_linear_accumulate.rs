@@ -1,0 +1,52 @@
+//! The input gradient added into a running sum (`acc += dL/dx`), a child module of
+//! `lora_linear`: where several layers read one input (attention's query, key and value
+//! projections, a residual branch), their input gradients are summed.
+
+use super::LoraLinear;
+use crate::backend::{Tensor, Transpose};
+use crate::error::{Error, Result};
+use crate::ops::LoraOps;
+
+impl<B: LoraOps> LoraLinear<B> {
+    /// [`backward`](Self::backward), adding the input gradient into `acc` (shaped like
+    /// the forward's input) instead of returning it. A frozen dense layer with no adapter
+    /// running accumulates inside its product (`acc = dy W + acc`, one GEMM with
+    /// `beta = 1`), which saves the separate add's pass over `acc`; otherwise this is the
+    /// backward followed by that add.
+    pub fn backward_accumulate(
+        &mut self,
+        backend: &B,
+        dy: &B::Tensor,
+        acc: &mut B::Tensor,
+    ) -> Result<()> {
+        let dense = self.base.as_dense().filter(|_| !self.adapters_run());
+        let Some(dense) = dense else {
+            let dx = self.backward(backend, dy)?;
+            return backend.axpby(1.0, &dx, 1.0, acc);
+        };
+        self.trainable_required()?;
+        let x = self.saved_x.take().ok_or_else(|| {
+            Error::state(
+                &self.name,
+                "backward called without a forward in training mode",
+            )
+        })?;
+        let expected = x.shape().with_last(self.base.out_features());
+        if dy.shape() != &expected {
+            return Err(Error::shape(
+                format!("{} backward gradient dy", self.name),
+                format!("{expected}"),
+                dy.shape(),
+            ));
+        }
+        if acc.shape() != x.shape() {
+            return Err(Error::shape(
+                format!("{} input gradient sum", self.name),
+                format!("{}", x.shape()),
+                acc.shape(),
+            ));
+        }
+        let w = dense.weight_for_input_grad(dy)?;
+        backend.gemm(1.0, dy, Transpose::No, w, Transpose::No, 1.0, acc)
+    }
+}
