@@ -45,7 +45,7 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         drop((d_act, gate, up));
         let mut dx2 = self.up_proj.backward(b, &d_up)?;
         drop(d_up);
-        b.axpby(1.0, &self.gate_proj.backward(b, &d_gate)?, 1.0, &mut dx2)?;
+        self.gate_proj.backward_accumulate(b, &d_gate, &mut dx2)?;
         drop(d_gate);
         let mut d_h1 = d_out.clone();
         let d_norm2 = b.rms_norm_backward(&h1, &self.post_norm, &inv_rms2, &dx2)?;
@@ -92,8 +92,9 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let d_q = b.reshape(&d_q, &[bs * t, nh * hd])?;
         let d_k = b.reshape(&d_k, &[bs * t, nkv * hd])?;
         let mut dx = self.q_proj.backward(b, &d_q)?;
-        b.axpby(1.0, &self.k_proj.backward(b, &d_k)?, 1.0, &mut dx)?;
-        b.axpby(1.0, &self.v_proj.backward(b, &d_v)?, 1.0, &mut dx)?;
+        // The three projections' input gradients summed inside their products.
+        self.k_proj.backward_accumulate(b, &d_k, &mut dx)?;
+        self.v_proj.backward_accumulate(b, &d_v, &mut dx)?;
         Ok(dx)
     }
 }
