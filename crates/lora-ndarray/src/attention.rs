@@ -304,13 +304,18 @@ fn forward_in(
 ) -> Result<(Vec<f32>, Vec<f32>, bool)> {
     let Layout { t, kv, d, .. } = lay;
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
-    let mut out = pool::zeros(items * t * d);
-    let mut lse = pool::zeros(items * t);
+    // Zeroed by each task, on its own slices, as it starts: the zeros are then in cache for
+    // the task's writes (a zero-fill of the whole output first streamed it through memory
+    // once more).
+    let mut out = pool::take_for_overwrite(items * t * d);
+    let mut lse = pool::take_for_overwrite(items * t);
     let vis = Visibility::of(mask);
     let per = lay.forward_items();
     reserve_scratch(vis.block().min(t) * kv);
     let bad = AtomicBool::new(false);
     let task = |(n, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
+        o.fill(0.0);
+        l.fill(0.0);
         let base = lay.query(n * per).0;
         with_scratch(vis.block().min(t) * kv, |p, _| {
             for u in 0..per {
@@ -431,12 +436,16 @@ fn backward_in(
         d_out.as_slice(),
     );
     let vis = Visibility::of(mask);
-    let mut dq = pool::zeros(q.numel());
-    let mut dk = pool::zeros(k.numel());
-    let mut dv = pool::zeros(v.numel());
+    // Zeroed by each task on its own slices (see `forward_in`).
+    let mut dq = pool::take_for_overwrite(q.numel());
+    let mut dk = pool::take_for_overwrite(k.numel());
+    let mut dv = pool::take_for_overwrite(v.numel());
     let per = lay.backward_items();
     reserve_scratch(vis.block().min(t) * kv);
     let task = |(n, (dq, (dk, dv))): (usize, TaskGrads<'_>)| {
+        dq.fill(0.0);
+        dk.fill(0.0);
+        dv.fill(0.0);
         let (q_base, k_base) = (lay.query(n * per).0, lay.key(n * per).0);
         with_scratch(vis.block().min(t) * kv, |p, ds| {
             for u in 0..per {
