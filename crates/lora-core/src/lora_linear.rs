@@ -430,13 +430,31 @@ impl<B: LoraOps> LoraLinear<B> {
     /// and adapter parts accumulated in one tensor).
     pub fn backward(&mut self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
         self.trainable_required()?;
-        let x = self.saved_x.take().ok_or_else(|| {
+        let x = self.take_saved_input()?;
+        self.backward_with_input(backend, &x, dy)
+    }
+
+    /// The input the last training forward kept, taken for the backward.
+    fn take_saved_input(&mut self) -> Result<B::Tensor> {
+        self.saved_x.take().ok_or_else(|| {
             Error::state(
                 &self.name,
                 "backward called without a forward in training mode",
             )
-        })?;
-        self.backward_with_input(backend, &x, dy)
+        })
+    }
+
+    /// An error naming the layer unless `dy` has the shape of this layer's output for `x`.
+    fn check_output_grad(&self, x: &B::Tensor, dy: &B::Tensor) -> Result<()> {
+        let expected = x.shape().with_last(self.base.out_features());
+        if dy.shape() != &expected {
+            return Err(Error::shape(
+                format!("{} backward gradient dy", self.name),
+                format!("{expected}"),
+                dy.shape(),
+            ));
+        }
+        Ok(())
     }
 
     /// The backward after [`forward_discarding_input`](Self::forward_discarding_input):
@@ -448,14 +466,7 @@ impl<B: LoraOps> LoraLinear<B> {
         dy: &B::Tensor,
     ) -> Result<B::Tensor> {
         self.trainable_required()?;
-        let expected = x.shape().with_last(self.base.out_features());
-        if dy.shape() != &expected {
-            return Err(Error::shape(
-                format!("{} backward gradient dy", self.name),
-                format!("{expected}"),
-                dy.shape(),
-            ));
-        }
+        self.check_output_grad(x, dy)?;
         let run = self.adapters_run();
         // DoRA rescales the base output: the base then sees `dy ⊙ scale`.
         let mut dy_base: Option<B::Tensor> = None;

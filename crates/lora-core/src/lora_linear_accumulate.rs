@@ -19,26 +19,13 @@ impl<B: LoraOps> LoraLinear<B> {
         dy: &B::Tensor,
         acc: &mut B::Tensor,
     ) -> Result<()> {
-        let dense = self.base.as_dense().filter(|_| !self.adapters_run());
-        let Some(dense) = dense else {
+        if self.adapters_run() || self.base.as_dense().is_none() {
             let dx = self.backward(backend, dy)?;
             return backend.axpby(1.0, &dx, 1.0, acc);
-        };
-        self.trainable_required()?;
-        let x = self.saved_x.take().ok_or_else(|| {
-            Error::state(
-                &self.name,
-                "backward called without a forward in training mode",
-            )
-        })?;
-        let expected = x.shape().with_last(self.base.out_features());
-        if dy.shape() != &expected {
-            return Err(Error::shape(
-                format!("{} backward gradient dy", self.name),
-                format!("{expected}"),
-                dy.shape(),
-            ));
         }
+        self.trainable_required()?;
+        let x = self.take_saved_input()?;
+        self.check_output_grad(&x, dy)?;
         if acc.shape() != x.shape() {
             return Err(Error::shape(
                 format!("{} input gradient sum", self.name),
@@ -46,6 +33,9 @@ impl<B: LoraOps> LoraLinear<B> {
                 acc.shape(),
             ));
         }
+        let Some(dense) = self.base.as_dense() else {
+            return Err(Error::state(&self.name, "the base is no longer dense"));
+        };
         let w = dense.weight_for_input_grad(dy)?;
         backend.gemm(1.0, dy, Transpose::No, w, Transpose::No, 1.0, acc)
     }

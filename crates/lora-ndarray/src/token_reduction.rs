@@ -96,23 +96,14 @@ unsafe fn accumulate_avx2(
     let whole = k / 8 * 8;
     // SAFETY: tokens t..t+8 (or t) are below k; `acc` as the caller guarantees.
     unsafe {
+        let rows = |t: usize| (s.offset(t as isize * lds), l.offset(t as isize * ldl));
         for t in (0..whole).step_by(8) {
-            accumulate_tokens::<8>(
-                &block,
-                s.offset(t as isize * lds),
-                lds,
-                l.offset(t as isize * ldl),
-                ldl,
-            );
+            let (s, l) = rows(t);
+            accumulate_tokens::<8>(&block, s, lds, l, ldl);
         }
         for t in whole..k {
-            accumulate_tokens::<1>(
-                &block,
-                s.offset(t as isize * lds),
-                lds,
-                l.offset(t as isize * ldl),
-                ldl,
-            );
+            let (s, l) = rows(t);
+            accumulate_tokens::<1>(&block, s, lds, l, ldl);
         }
     }
 }
@@ -241,31 +232,16 @@ unsafe fn reduce_avx2(
         for q0 in (0..nl).step_by(qb) {
             let w = qb.min(nl - q0);
             acc.fill(0.0);
-            let block = Block {
-                acc: acc.as_mut_ptr(),
-                ld: qb,
-                ns,
-                cols: w,
-            };
-            let whole = k / 8 * 8;
-            // SAFETY: tokens t..t+8 (or t) are below k, columns q0..q0+w inside l; the
-            // accumulators hold ns rows of qb >= w values.
+            // SAFETY: columns q0..q0 + w lie inside l; the accumulators hold ns rows of
+            // qb >= w values.
             unsafe {
-                let rows = |t: usize| {
-                    (
-                        s.offset(t as isize * lds),
-                        l.add(q0).offset(t as isize * ldl),
-                    )
-                };
-                for t in (0..whole).step_by(8) {
-                    let (s, l) = rows(t);
-                    accumulate_tokens::<8>(&block, s, lds, l, ldl);
-                }
-                for t in whole..k {
-                    let (s, l) = rows(t);
-                    accumulate_tokens::<1>(&block, s, lds, l, ldl);
-                }
-            }
+                accumulate_avx2(
+                    (ns, w, k),
+                    (s, lds),
+                    (l.add(q0), ldl),
+                    (acc.as_mut_ptr(), qb),
+                )
+            };
             // SAFETY: c(j, q0 + q) lies in the output for j < ns, q < w.
             unsafe { store_block(acc, qb, (ns, w), alpha, (c.add(q0 * c_qs), c_js, c_qs)) };
         }
