@@ -43,10 +43,8 @@ pub(crate) fn lora_dense_backward(
         Transpose::No,
         &c_shape,
     )?;
-    let r = a.shape().as_matrix().0;
     let what = "fused LoRA backward";
-    expect_matrix(what, "lora_A", a, [r, inp])?;
-    expect_matrix(what, "lora_B", b, [out, r])?;
+    let r = adapter_rank(what, (a, b), (inp, out))?;
     expect_matrix(what, "input x", x, [m, inp])?;
     expect_matrix(what, "saved projection x Aᵀ", h, [m, r])?;
     let Some(bands) = row_bands((m, inp, out), r) else {
@@ -156,6 +154,19 @@ pub(crate) fn lora_dense_backward(
         d_b: NdTensor::from_vec(d_b, &[out, r])?,
     };
     Ok(Some((NdTensor::from_vec(dx, dx_shape)?, grads)))
+}
+
+/// The rank of LoRA `(a, b)` on a layer of `inp` inputs and `out` outputs, or an error
+/// naming the operation `op` and the factor of the wrong shape.
+pub(super) fn adapter_rank(
+    op: &str,
+    (a, b): (&NdTensor, &NdTensor),
+    (inp, out): (usize, usize),
+) -> Result<usize> {
+    let r = a.shape().as_matrix().0;
+    expect_matrix(op, "lora_A", a, [r, inp])?;
+    expect_matrix(op, "lora_B", b, [out, r])?;
+    Ok(r)
 }
 
 /// An error naming `what` of operation `op` unless `t`'s matrix view is `want`.

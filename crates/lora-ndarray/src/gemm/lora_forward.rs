@@ -13,7 +13,7 @@ use lora_core::backend::{Transpose, check_gemm, check_row_broadcast};
 use lora_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::lora_backward::{expect_matrix, narrow_product, row_bands};
+use super::lora_backward::{adapter_rank, narrow_product, row_bands};
 use super::{ConstPtr, SendPtr};
 use crate::tensor::NdTensor;
 use crate::{pool, sgemm, skinny};
@@ -35,10 +35,7 @@ pub(crate) fn lora_dense_forward(
         Transpose::Yes,
         &c_shape,
     )?;
-    let r = a.shape().as_matrix().0;
-    let what = "fused LoRA forward";
-    expect_matrix(what, "lora_A", a, [r, inp])?;
-    expect_matrix(what, "lora_B", b, [out, r])?;
+    let r = adapter_rank("fused LoRA forward", (a, b), (inp, out))?;
     if let Some(bias) = bias {
         check_row_broadcast(&c_shape, bias.shape())?;
     }
