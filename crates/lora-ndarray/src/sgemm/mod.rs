@@ -107,7 +107,8 @@ pub(crate) enum Isa {
 
 /// The widest instruction set our kernels use on this CPU: `None` off x86-64 or without
 /// AVX2 and FMA (then the `gemm` crate runs every product). `LORA_NDARRAY_ISA=avx2` (or
-/// `none`) caps it, read once per process: `cargo xtask test` runs the AVX2 kernels'
+/// `none`) caps it (`avx512`: no cap; another value is ignored with a message), read once
+/// per process: `cargo xtask test` runs the AVX2 kernels'
 /// tests that way on AVX-512 CPUs, so either machine checks both sets.
 pub(crate) fn isa() -> Option<Isa> {
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
@@ -116,7 +117,13 @@ pub(crate) fn isa() -> Option<Isa> {
         match std::env::var("LORA_NDARRAY_ISA").as_deref() {
             Ok("none") => None,
             Ok("avx2") => detected.map(|_| Isa::Avx2),
-            _ => detected,
+            Ok("avx512") | Err(_) => detected,
+            Ok(other) => {
+                eprintln!(
+                    "lora-ndarray: LORA_NDARRAY_ISA={other:?} is not avx512, avx2 or none; ignored"
+                );
+                detected
+            }
         }
     })
 }
