@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lora::rng::{self, RngState};
-use lora::{Backend, DenseLinear, LoraInit, LoraLinear, LoraSpec, Mode, NdArray, Tensor};
+use lora::{Backend, DenseLinear, Linear, LoraInit, LoraLinear, LoraSpec, Mode, NdArray, Tensor};
 use lora_tests::{HostLora, assert_close, backend, host, rand_tensor, to64};
 
 fn base(out: usize, inp: usize, seed: u64) -> Box<DenseLinear<NdArray>> {
@@ -358,4 +358,13 @@ fn backward_accumulate_adds_the_input_gradient() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("[4, 7]") && err.contains("[4, 6]"), "{err}");
+    // The dense base's own check, for callers of `Linear::backward_add` directly.
+    let err = base(8, 6, 5)
+        .backward_add(&b, &rand_tensor(&[4, 8], 1, 3), &mut wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("input gradient sum") && err.contains("[4, 6]"),
+        "{err}"
+    );
 }

@@ -48,6 +48,13 @@ pub trait Linear<B: Backend>: Debug + Send + Sync {
         let post = backend.unary(act, &pre)?;
         Ok((pre, post))
     }
+    /// `acc += backward(dy)`: the input gradient added into a running sum (`acc` shaped as
+    /// the input gradient). The default computes it, then adds; a dense layer accumulates
+    /// inside its product (`beta = 1`), without the add's pass over `acc`.
+    fn backward_add(&self, backend: &B, dy: &B::Tensor, acc: &mut B::Tensor) -> Result<()> {
+        let dx = self.backward(backend, dy)?;
+        backend.axpby(1.0, &dx, 1.0, acc)
+    }
     /// `backward(dy) + s·g a` for a low-rank term (`g`: `[rows, r]`, `a`: `[r, in]`; a LoRA
     /// adapter's `dy B` and `A`), as [`forward_plus`](Linear::forward_plus).
     fn backward_plus(
@@ -285,6 +292,27 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
 
     fn backward(&self, backend: &B, dy: &B::Tensor) -> Result<B::Tensor> {
         self.input_grad(backend, dy, None)
+    }
+
+    fn backward_add(&self, backend: &B, dy: &B::Tensor, acc: &mut B::Tensor) -> Result<()> {
+        self.check_features("backward gradient dy", dy, self.out())?;
+        let dx_shape = dy.shape().with_last(self.inp());
+        if acc.shape() != &dx_shape {
+            return Err(Error::shape(
+                format!("linear [{}, {}] input gradient sum", self.out(), self.inp()),
+                format!("{dx_shape}"),
+                acc.shape(),
+            ));
+        }
+        backend.gemm(
+            1.0,
+            dy,
+            Transpose::No,
+            &self.weight,
+            Transpose::No,
+            1.0,
+            acc,
+        )
     }
 
     fn forward_plus(&self, backend: &B, x: &B::Tensor, term: LowRank<'_, B>) -> Result<B::Tensor> {

@@ -3,23 +3,23 @@
 //! projections, a residual branch), their input gradients are summed.
 
 use super::LoraLinear;
-use crate::backend::{Tensor, Transpose};
+use crate::backend::Tensor;
 use crate::error::{Error, Result};
 use crate::ops::LoraOps;
 
 impl<B: LoraOps> LoraLinear<B> {
     /// [`backward`](Self::backward), adding the input gradient into `acc` (shaped like
-    /// the forward's input) instead of returning it. A frozen dense layer with no adapter
-    /// running accumulates inside its product (`acc = dy W + acc`, one GEMM with
-    /// `beta = 1`), which saves the separate add's pass over `acc`; otherwise this is the
-    /// backward followed by that add.
+    /// the forward's input) instead of returning it. With no adapter running, the base
+    /// adds it ([`Linear::backward_add`](crate::Linear::backward_add): a dense base
+    /// inside its product, `beta = 1`, which saves the separate add's pass over `acc`);
+    /// otherwise this is the backward, then the add.
     pub fn backward_accumulate(
         &mut self,
         backend: &B,
         dy: &B::Tensor,
         acc: &mut B::Tensor,
     ) -> Result<()> {
-        if self.adapters_run() || self.base.as_dense().is_none() {
+        if self.adapters_run() {
             let dx = self.backward(backend, dy)?;
             return backend.axpby(1.0, &dx, 1.0, acc);
         }
@@ -33,10 +33,6 @@ impl<B: LoraOps> LoraLinear<B> {
                 acc.shape(),
             ));
         }
-        let Some(dense) = self.base.as_dense() else {
-            return Err(Error::state(&self.name, "the base is no longer dense"));
-        };
-        let w = dense.weight_for_input_grad(dy)?;
-        backend.gemm(1.0, dy, Transpose::No, w, Transpose::No, 1.0, acc)
+        self.base.backward_add(backend, dy, acc)
     }
 }

@@ -4,7 +4,7 @@
 //! into `[seqs * heads, t, d]` items, run [`DecoderOps::self_attention`] and merge them
 //! back; a backend that reads each head in place (ndarray) skips the four copies.
 
-use crate::backend::Tensor;
+use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::attention::AttentionMask;
 use crate::ops::decoder::DecoderOps;
@@ -85,13 +85,24 @@ pub fn check_attention_rows<T: Tensor>(
     })
 }
 
+/// `x` seen as `dims` (`[a, b, c, d]`), its two middle axes swapped (`[a, c, b, d]`),
+/// reshaped to `out`: attention's head split and merge (here, and the decoder's
+/// `[batch * heads, seq * d]` layout).
+pub fn swap_middle_axes<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    dims: [usize; 4],
+    out: &[usize],
+) -> Result<B::Tensor> {
+    let x = b.permute(&b.reshape(x, &dims)?, &[0, 2, 1, 3])?;
+    b.reshape(&x, out)
+}
+
 /// `[seqs * n, h * d]` -> `[seqs * h, n, d]`.
 fn split_heads<B: DecoderOps>(b: &B, x: &B::Tensor, seqs: usize, h: usize) -> Result<B::Tensor> {
     let (rows, cols) = x.shape().as_matrix();
     let (n, d) = (rows / seqs.max(1), cols / h.max(1));
-    let x = b.reshape(x, &[seqs, n, h, d])?;
-    let x = b.permute(&x, &[0, 2, 1, 3])?;
-    b.reshape(&x, &[seqs * h, n, d])
+    swap_middle_axes(b, x, [seqs, n, h, d], &[seqs * h, n, d])
 }
 
 /// `[seqs * h, n, d]` -> `[seqs * n, h * d]`.
@@ -104,9 +115,7 @@ fn merge_heads<B: DecoderOps>(b: &B, x: &B::Tensor, seqs: usize) -> Result<B::Te
         ));
     };
     let h = items / seqs.max(1);
-    let x = b.reshape(x, &[seqs, h, n, d])?;
-    let x = b.permute(&x, &[0, 2, 1, 3])?;
-    b.reshape(&x, &[seqs * n, h * d])
+    swap_middle_axes(b, x, [seqs, h, n, d], &[seqs * n, h * d])
 }
 
 /// Default [`DecoderOps::self_attention_rows`]: split, attend, merge.

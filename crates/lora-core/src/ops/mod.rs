@@ -16,6 +16,7 @@ pub use attention::{
 };
 pub use attention_rows::{
     RowsShape, attention_rows_backward, attention_rows_forward, check_attention_rows,
+    swap_middle_axes,
 };
 pub use decoder::{
     DecoderOps, RowOrCol, check_cross_entropy, check_embedding_backward, check_rms_norm,

@@ -4,7 +4,7 @@
 
 use std::cell::OnceCell;
 
-use lora_core::ops::DenseMask;
+use lora_core::ops::{DenseMask, swap_middle_axes};
 use lora_core::{AttentionMask, BinaryOp, DecoderOps, LoraLinear, LoraOps, Mode};
 
 use super::config::DecoderConfig;
@@ -247,7 +247,12 @@ pub(crate) fn heads_last<B: LoraOps>(
     heads: usize,
     hd: usize,
 ) -> Result<B::Tensor> {
-    swap_middle(b, x, [bs, heads, t, hd], [bs * t, heads * hd])
+    Ok(swap_middle_axes(
+        b,
+        x,
+        [bs, heads, t, hd],
+        &[bs * t, heads * hd],
+    )?)
 }
 
 /// `[batch * seq * heads, hd]` (token-major) -> `[batch * heads, seq * hd]`.
@@ -259,16 +264,10 @@ pub(crate) fn heads_first<B: LoraOps>(
     heads: usize,
     hd: usize,
 ) -> Result<B::Tensor> {
-    swap_middle(b, x, [bs, t, heads, hd], [bs * heads, t * hd])
-}
-
-/// `x` seen as `dims`, its two middle axes swapped, returned as the matrix `out`.
-fn swap_middle<B: LoraOps>(
-    b: &B,
-    x: &B::Tensor,
-    dims: [usize; 4],
-    out: [usize; 2],
-) -> Result<B::Tensor> {
-    let x = b.permute(&b.reshape(x, &dims)?, &[0, 2, 1, 3])?;
-    Ok(b.reshape(&x, &out)?)
+    Ok(swap_middle_axes(
+        b,
+        x,
+        [bs, t, heads, hd],
+        &[bs * heads, t * hd],
+    )?)
 }

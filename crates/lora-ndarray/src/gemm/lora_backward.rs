@@ -66,9 +66,7 @@ pub(crate) fn lora_dense_backward(
     );
     let src = |t: &NdTensor| ConstPtr(t.as_slice().as_ptr());
     let (dy_p, w_p, a_p, b_p, h_p, x_p) = (src(dy), src(w), src(a), src(b), src(h), src(x));
-    let per = m.div_ceil(bands);
-    (0..m.div_ceil(per)).into_par_iter().for_each(|band| {
-        let (r0, rows) = (band * per, per.min(m - band * per));
+    for_each_band(m, bands, |band, r0, rows| {
         // SAFETY (whole band): `check_gemm` and the checks above matched every operand to
         // (m, inp, out, r); this band reads rows r0..r0 + rows of dy, h and g, writes
         // those rows of dx and g and its own partial, disjoint from other bands'.
@@ -154,6 +152,15 @@ pub(crate) fn lora_dense_backward(
         d_b: NdTensor::from_vec(d_b, &[out, r])?,
     };
     Ok(Some((NdTensor::from_vec(dx, dx_shape)?, grads)))
+}
+
+/// Runs `run(band, r0, rows)` in parallel over `bands` bands of rows covering `0..m`
+/// (rows `r0..r0 + rows`; the last band may be shorter).
+pub(super) fn for_each_band(m: usize, bands: usize, run: impl Fn(usize, usize, usize) + Sync) {
+    let per = m.div_ceil(bands.max(1));
+    (0..m.div_ceil(per.max(1)))
+        .into_par_iter()
+        .for_each(|band| run(band, band * per, per.min(m - band * per)));
 }
 
 /// The rank of LoRA `(a, b)` on a layer of `inp` inputs and `out` outputs, or an error

@@ -11,9 +11,8 @@
 
 use lora_core::backend::{Transpose, check_gemm, check_row_broadcast};
 use lora_core::{Result, Tensor};
-use rayon::prelude::*;
 
-use super::lora_backward::{adapter_rank, narrow_product, row_bands};
+use super::lora_backward::{adapter_rank, for_each_band, narrow_product, row_bands};
 use super::{ConstPtr, SendPtr};
 use crate::tensor::NdTensor;
 use crate::{pool, sgemm, skinny};
@@ -50,9 +49,7 @@ pub(crate) fn lora_dense_forward(
     let src = |t: &NdTensor| ConstPtr(t.as_slice().as_ptr());
     let (x_p, w_p, a_p, b_p) = (src(x), src(w), src(a), src(b));
     let bias = bias.map(src);
-    let per = m.div_ceil(bands);
-    (0..m.div_ceil(per)).into_par_iter().for_each(|band| {
-        let (r0, rows) = (band * per, per.min(m - band * per));
+    for_each_band(m, bands, |_, r0, rows| {
         // SAFETY (whole band): `check_gemm` and the checks above matched every operand to
         // (m, out, inp, r); this band reads rows r0..r0 + rows of x and H and writes those
         // rows of y and H, disjoint from other bands'.
