@@ -21,7 +21,7 @@ use lora_core::{Error, LoraGrads, Result, Tensor};
 use rayon::prelude::*;
 
 use super::{ConstPtr, PARALLEL_MIN_WORK, SendPtr};
-use crate::sgemm;
+use crate::sgemm::{self, Operand};
 use crate::tensor::NdTensor;
 use crate::{pool, skinny, token_reduction};
 
@@ -79,20 +79,8 @@ pub(crate) fn lora_dense_backward(
             let hook = |ic: usize, mc: usize, pc: usize, kc: usize| {
                 let block = dy_band.add(ic * out + pc);
                 let g_rows = g_band.add(ic * r);
-                let beta = if pc == 0 { 0.0 } else { 1.0 };
                 let b_rows = (b_p.get().add(pc * r), r as isize, 1);
-                let done = skinny::try_run(
-                    (mc, r, kc),
-                    1.0,
-                    (block, out as isize, 1),
-                    b_rows,
-                    beta,
-                    (g_rows, r),
-                );
-                if !done {
-                    // A slice shallower than the skinny kernels take (under 8 columns).
-                    narrow_product((mc, r, kc), (block, out), (b_rows.0, r, 1), beta, g_rows);
-                }
+                slice_product((mc, r, kc), (block, out), b_rows, pc == 0, g_rows);
                 token_reduction::accumulate(
                     (r, kc, mc),
                     (h_p.get().add((r0 + ic) * r), r as isize),
@@ -207,28 +195,45 @@ pub(super) fn row_bands((m, n, k): (usize, usize, usize), r: usize) -> Option<us
     fused.then_some(bands)
 }
 
-/// `c = a y + beta · c` for `a` (`mc x kc`, row stride `lda`), `y` (`kc x r`, row and
-/// column strides given) and `c` (`mc x r` row-major), element by element: the slices the
-/// skinny kernels do not take.
+/// One depth slice of a hook's narrow product: `c = a y` for the first slice (`first`),
+/// `c += a y` after, with `a` (`mc x kc`, row stride `lda`), `y` (`kc x r`, any strides)
+/// and `c` (`mc x r` row-major). On the skinny kernels; element by element for a slice
+/// shallower than they take (under 8 deep).
 ///
 /// # Safety
-/// The three operands are addressable over those extents; `c` is touched by no one else.
-pub(super) unsafe fn narrow_product(
+/// The three operands are addressable over those extents; `c` is touched by no one else;
+/// the CPU runs our kernels.
+pub(super) unsafe fn slice_product(
     (mc, r, kc): (usize, usize, usize),
     (a, lda): (*const f32, usize),
-    (y, y_rs, y_cs): (*const f32, usize, usize),
-    beta: f32,
+    (y, y_rs, y_cs): Operand,
+    first: bool,
     c: *mut f32,
 ) {
+    let beta = if first { 0.0 } else { 1.0 };
+    // SAFETY: forwarded to the caller's contract.
+    let done = unsafe {
+        skinny::try_run(
+            (mc, r, kc),
+            1.0,
+            (a, lda as isize, 1),
+            (y, y_rs, y_cs),
+            beta,
+            (c, r),
+        )
+    };
+    if done {
+        return;
+    }
     for i in 0..mc {
         for j in 0..r {
             // SAFETY: forwarded to the caller's contract.
             unsafe {
                 let dot: f32 = (0..kc)
-                    .map(|p| *a.add(i * lda + p) * *y.add(p * y_rs + j * y_cs))
+                    .map(|p| *a.add(i * lda + p) * *y.offset(p as isize * y_rs + j as isize * y_cs))
                     .sum();
                 let at = c.add(i * r + j);
-                *at = if beta == 0.0 { dot } else { dot + beta * *at };
+                *at = if first { dot } else { dot + *at };
             }
         }
     }

@@ -12,10 +12,10 @@
 use lora_core::backend::{Transpose, check_gemm, check_row_broadcast};
 use lora_core::{Result, Tensor};
 
-use super::lora_backward::{adapter_rank, for_each_band, narrow_product, row_bands};
+use super::lora_backward::{adapter_rank, for_each_band, row_bands, slice_product};
 use super::{ConstPtr, SendPtr};
 use crate::tensor::NdTensor;
-use crate::{pool, sgemm, skinny};
+use crate::{pool, sgemm};
 
 /// `(y, H)` of LoRA `(a, b, s)` over the dense weight `w` (`[out, in]`) and `bias` for
 /// the input `x` (`[.., in]`): `H = x Aᵀ` (`[rows, r]`) and `y = x Wᵀ + s·H Bᵀ + bias`
@@ -60,20 +60,9 @@ pub(crate) fn lora_dense_forward(
             let hook = |ic: usize, mc: usize, pc: usize, kc: usize| {
                 let block = x_band.add(ic * inp + pc);
                 let h_rows = h_band.add(ic * r);
-                let beta = if pc == 0 { 0.0 } else { 1.0 };
                 // Aᵀ's rows pc..pc + kc: A read across its rows (A is [r, in]).
                 let a_t = (a_p.get().add(pc), 1, inp as isize);
-                let done = skinny::try_run(
-                    (mc, r, kc),
-                    1.0,
-                    (block, inp as isize, 1),
-                    a_t,
-                    beta,
-                    (h_rows, r),
-                );
-                if !done {
-                    narrow_product((mc, r, kc), (block, inp), (a_t.0, 1, inp), beta, h_rows);
-                }
+                slice_product((mc, r, kc), (block, inp), a_t, pc == 0, h_rows);
             };
             sgemm::sgemm_plus(
                 (rows, out),
