@@ -4,7 +4,9 @@ For each (tokens, in, out, r): a frozen nn.Linear and the same layer wrapped by 
 LoRA (r, lora_alpha = 2r, dropout 0), timed *alternately* in one loop (frozen, then LoRA),
 forward+backward with the input requiring grad (so dx is computed, as in ours) and
 forward alone under no_grad. Writes {"<op>/<shape>": {"ratio", "frozen_s", "lora_s"}}
-(medians) to the path given as argv[1]. Threads: torch.set_num_threads(os.cpu_count()).
+(medians) to the path given as argv[1], and under "matmul" the median time of
+torch.mm on each product of benches/gemm.rs ({"<m>x<n>x<k>[_xWt]": {"median_s"}}, CPU
+runs only): PyTorch's own BLAS on this machine, next to our kernels in the GEMM table. Threads: torch.set_num_threads(os.cpu_count()).
 With LORA_BENCH_DEVICE=cuda (the GPU bundle's run.sh) it runs the GPU shapes on the GPU,
 synchronizing before each clock read.
 
@@ -34,6 +36,22 @@ class One(torch.nn.Module):
     def forward(self, x):
         return self.proj(x)
 
+
+# benches/gemm.rs's products (m, n, k, second operand stored [n, k] and read transposed, as
+# a linear layer's forward reads its weight); the n = 32000 ones are skipped in --quick runs,
+# as there.
+GEMM_SHAPES = [
+    (2048, 2048, 2048, False),
+    (512, 4096, 4096, False),
+    (2048, 384, 384, False),
+    (2048, 16, 4096, False),
+    (2048, 4096, 16, False),
+    (16, 4096, 2048, False),
+    (1024, 2816, 1024, True),
+    (1024, 1024, 2816, False),
+    (1024, 32000, 1024, True),
+    (1024, 1024, 32000, False),
+]
 
 DEVICE = os.environ.get("LORA_BENCH_DEVICE", "cpu")
 GPU_SHAPES = [(4096, 4096, 4096, 16), (4096, 4096, 11008, 16)]
@@ -67,6 +85,29 @@ def paired(frozen, lora, seconds):
         "frozen_s": statistics.median(fs),
         "lora_s": statistics.median(ls),
     }
+
+
+def matmul_medians(seconds, quick):
+    """Median seconds of torch.mm into a preallocated output (as ours writes into one)."""
+    out = {}
+    for m, n, k, transposed in GEMM_SHAPES:
+        if quick and n == 32000:
+            continue
+        a = torch.randn(m, k)
+        b = torch.randn(n, k).t() if transposed else torch.randn(k, n)
+        c = torch.empty(m, n)
+        for _ in range(2):
+            torch.mm(a, b, out=c)
+        times = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or len(times) < 5:
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            times.append(time.perf_counter() - t0)
+        key = f"{m}x{n}x{k}" + ("_xWt" if transposed else "")
+        out[key] = {"median_s": statistics.median(times)}
+        print("torch.mm", key, out[key], flush=True)
+    return out
 
 
 def main():
@@ -113,6 +154,9 @@ def main():
         results[f"fwd_bwd_step/{shape}"] = paired(fb(frozen), fb_step, seconds)
         results[f"fwd/{shape}"] = paired(fwd(frozen), fwd(lora), seconds)
         print(shape, results[f"fwd_bwd/{shape}"], flush=True)
+    if DEVICE == "cpu":
+        quick = bool(os.environ.get("LORA_BENCH_QUICK"))
+        results["matmul"] = matmul_medians(seconds / 3, quick)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 

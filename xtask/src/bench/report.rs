@@ -104,6 +104,7 @@ pub(super) fn report(target: &Path, quick: bool) -> Result<()> {
     ];
     let mut rows: Vec<Row> = families.iter().flat_map(torch_rows).collect();
     criterion_rows(fma.gflops, &families, &mut rows);
+    torch_gemm_rows(target, fma.gflops, &mut rows);
     paired_rows(target, &mut rows);
     merge_rows(target, &mut rows);
     quant_rows(target, &mut rows);
@@ -188,7 +189,6 @@ fn criterion_rows(peak: Option<f64>, families: &[ModelFamily<'_>], rows: &mut Ve
             continue;
         };
         let (op, shape) = function.split_once('/').unwrap_or((function, ""));
-        let mut extra = BTreeMap::new();
         let backend = match (group, op) {
             ("gemm", "matrixmultiply") => "matrixmultiply (its threading)",
             ("gemm", "gemm_crate") => "gemm crate (its rayon threading)",
@@ -196,17 +196,10 @@ fn criterion_rows(peak: Option<f64>, families: &[ModelFamily<'_>], rows: &mut Ve
             ("gemm", "ndarray_backend_xWt") => "ndarray, x·Wᵀ",
             _ => "ndarray",
         };
-        if group == "gemm" {
-            let dims: Vec<f64> = shape.split('x').filter_map(|d| d.parse().ok()).collect();
-            let gflops = 2.0 * dims.iter().product::<f64>() / median_ns;
-            extra.insert("gflops", json!((gflops * 10.0).round() / 10.0));
-            if let Some(p) = peak {
-                extra.insert(
-                    "fraction_of_fma_peak",
-                    json!((gflops / p * 1000.0).round() / 1000.0),
-                );
-            }
-        }
+        let extra = match group {
+            "gemm" => gemm_rate(shape, median_ns, peak),
+            _ => BTreeMap::new(),
+        };
         if group.starts_with("lora_linear") || group.starts_with("quant_") {
             continue; // from paired.json / quant.json: the interleaved figures
         }
@@ -227,6 +220,43 @@ fn criterion_rows(peak: Option<f64>, families: &[ModelFamily<'_>], rows: &mut Ve
             extra,
         });
     }
+}
+
+/// PyTorch's `torch.mm` on the GEMM bench's products (`pytorch.json`'s `"matmul"`), as
+/// GFLOP/s and the fraction of the FMA peak, like ours.
+fn torch_gemm_rows(target: &Path, peak: Option<f64>, rows: &mut Vec<Row>) {
+    let torch = read_json(&target.join("bench/pytorch.json")).unwrap_or(json!({}));
+    for (key, v) in torch["matmul"].as_object().into_iter().flatten() {
+        let Some(median_s) = v["median_s"].as_f64() else {
+            continue;
+        };
+        let (shape, backend) = match key.strip_suffix("_xWt") {
+            Some(shape) => (shape, "PyTorch torch.mm (its BLAS and threading), x·Wᵀ"),
+            None => (key.as_str(), "PyTorch torch.mm (its BLAS and threading)"),
+        };
+        rows.push(Row {
+            backend: backend.into(),
+            op: "gemm".into(),
+            shape: shape.into(),
+            median_s,
+            extra: gemm_rate(shape, median_s * 1e9, peak),
+        });
+    }
+}
+
+/// GFLOP/s of an `m x n x k` product taking `median_ns`, and its fraction of `peak`.
+fn gemm_rate(shape: &str, median_ns: f64, peak: Option<f64>) -> BTreeMap<&'static str, Value> {
+    let mut extra = BTreeMap::new();
+    let dims: Vec<f64> = shape.split('x').filter_map(|d| d.parse().ok()).collect();
+    let gflops = 2.0 * dims.iter().product::<f64>() / median_ns;
+    extra.insert("gflops", json!((gflops * 10.0).round() / 10.0));
+    if let Some(p) = peak {
+        extra.insert(
+            "fraction_of_fma_peak",
+            json!((gflops / p * 1000.0).round() / 1000.0),
+        );
+    }
+    extra
 }
 
 /// One whole-model bench: `"<backend>/<op>/<shape>"`, against PyTorch + PEFT's time for
