@@ -391,19 +391,15 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
         mode: Mode,
     ) -> Result<Option<B::Tensor>> {
         let mask = draw_dropout_mask(backend, &mut self.dropout_rng, self.dropout, x, mode)?;
-        let dropped;
-        let x_lora = match &mask {
-            Some(m) => {
-                dropped = backend.binary(BinaryOp::Mul, x, m)?;
-                &dropped
-            }
-            None => x,
+        let dropped = match &mask {
+            Some(m) => Some(backend.binary(BinaryOp::Mul, x, m)?),
+            None => None,
         };
         let (y, h) = forward_through_base(
             backend,
             base,
             (&self.a, &self.b, self.scaling),
-            (x, x_lora),
+            (x, dropped.as_ref()),
             |h| self.check_projection(backend, x, h),
         )?;
         self.saved = match mode {

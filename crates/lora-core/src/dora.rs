@@ -309,7 +309,7 @@ impl<B: LoraOps> Adapter<B> for DoraAdapter<B> {
             backend,
             base,
             (&self.a, &self.b, self.scaling),
-            (x, x),
+            (x, None),
             |h| self.check_projection(backend, h),
         )?;
         let u = backend.dora_output(&mut y, base.bias(), &scale)?;

@@ -295,7 +295,7 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
     }
 
     fn backward_add(&self, backend: &B, dy: &B::Tensor, acc: &mut B::Tensor) -> Result<()> {
-        self.check_features("backward gradient dy", dy, self.out())?;
+        let weight = self.weight_for_input_grad(dy)?;
         let dx_shape = dy.shape().with_last(self.inp());
         if acc.shape() != &dx_shape {
             return Err(Error::shape(
@@ -304,15 +304,7 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
                 acc.shape(),
             ));
         }
-        backend.gemm(
-            1.0,
-            dy,
-            Transpose::No,
-            &self.weight,
-            Transpose::No,
-            1.0,
-            acc,
-        )
+        backend.gemm(1.0, dy, Transpose::No, weight, Transpose::No, 1.0, acc)
     }
 
     fn forward_plus(&self, backend: &B, x: &B::Tensor, term: LowRank<'_, B>) -> Result<B::Tensor> {

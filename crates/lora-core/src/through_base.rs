@@ -10,19 +10,19 @@ use crate::linear::{Linear, LowRank};
 use crate::ops::{LoraGrads, LoraOps};
 
 /// A low-rank adapter's forward with its term handed to the base's product: `h = x_lora Aᵀ`
-/// (`x_lora` is `x`, or `x` under the dropout mask), which `check` accepts or rejects,
-/// then `base(x) + s·h Bᵀ` in one [`Linear::forward_plus`]. Returns the output and `h`.
-/// Without dropout, a dense base on a backend that fuses it
+/// (`x_lora` is `x`, or `dropped`, `x` under the dropout mask), which `check` accepts or
+/// rejects, then `base(x) + s·h Bᵀ` in one [`Linear::forward_plus`]. Returns the output
+/// and `h`. Without dropout, a dense base on a backend that fuses it
 /// ([`LoraOps::lora_dense_forward`]) takes both in one product over `x`.
 pub(crate) fn forward_through_base<B: LoraOps>(
     backend: &B,
     base: &dyn Linear<B>,
     (a, b, s): (&B::Tensor, &B::Tensor, f32),
-    (x, x_lora): (&B::Tensor, &B::Tensor),
+    (x, dropped): (&B::Tensor, Option<&B::Tensor>),
     check: impl FnOnce(&B::Tensor) -> Result<()>,
 ) -> Result<(B::Tensor, B::Tensor)> {
-    // Without dropout (`x_lora` is `x`) a dense base can take the whole forward.
-    if let Some(dense) = base.as_dense().filter(|_| std::ptr::eq(x, x_lora)) {
+    // Without dropout a dense base can take the whole forward.
+    if let Some(dense) = base.as_dense().filter(|_| dropped.is_none()) {
         let weights = dense.weight_for_forward(x)?;
         let y_shape = x.shape().with_last(dense.out_features());
         if let Some((y, h)) = backend.lora_dense_forward(x, weights, (a, b, s), y_shape.dims())? {
@@ -30,6 +30,7 @@ pub(crate) fn forward_through_base<B: LoraOps>(
             return Ok((y, h));
         }
     }
+    let x_lora = dropped.unwrap_or(x);
     let (rows, r) = (x_lora.shape().as_matrix().0, a.shape().as_matrix().0);
     let h = backend.matmul(
         1.0,

@@ -205,9 +205,9 @@ pub trait LoraOps: Backend {
 
     /// LoRA's backward through a dense frozen weight `w` (`[out, in]`) without dropout, as
     /// one operation: `dx = dy w + s·(dy B) A` (of shape `dx_shape`), `dA = s·(dy B)ᵀ x`
-    /// and `dB = s·dyᵀ H`; `saved` is `(x, H)`, `H = x Aᵀ` from the forward. The point is reading `dy`
-    /// once: a backend computes `dy B` and `dyᵀ H` from each block of `dy` its base
-    /// product has just packed. `None` (the default, and a backend's answer for shapes it
+    /// and `dB = s·dyᵀ H`; `saved` is `(x, H)`, `H = x Aᵀ` from the forward. The point is
+    /// reading `dy` once: a backend computes `dy B` and `dyᵀ H` from each block of `dy`
+    /// its base product has just packed. `None` (the default, and a backend's answer for shapes it
     /// does not fuse): the caller composes `matmul`s and the base's input gradient.
     #[allow(clippy::type_complexity)]
     fn lora_dense_backward(

@@ -141,6 +141,41 @@ fn mismatched_inner_dimension_is_an_error_naming_shapes() {
     assert!(err.contains("[5, 2]") && err.contains("[4, 3]"), "{err}");
 }
 
+/// `alpha · op(a) op(b)` on the f64 reference, as a new `[m, n]` tensor.
+fn reference(
+    alpha: f32,
+    (a, ta): (&NdTensor, Transpose),
+    (b, tb): (&NdTensor, Transpose),
+) -> NdTensor {
+    let (m, n) = (
+        ta.apply(a.shape().as_matrix()).0,
+        tb.apply(b.shape().as_matrix()).1,
+    );
+    let unread = NdTensor::from_vec(vec![0.0; m * n], &[m, n]).unwrap_or_else(|e| panic!("{e}"));
+    let c = naive(alpha, a, ta, b, tb, 0.0, &unread);
+    NdTensor::from_vec(c, &[m, n]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every element of `got` within `2e-5 · √depth · (1 + |want|)` of `want` (f32 sums of
+/// `depth` terms).
+fn assert_near(what: &str, got: &[f32], want: &[f32], depth: usize) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (got, want)) in got.iter().zip(want).enumerate() {
+        let tol = 2e-5 * (depth as f32).sqrt() * (1.0 + want.abs());
+        assert!((got - want).abs() <= tol, "{what}[{i}]: {got} vs {want}");
+    }
+}
+
+/// A fused LoRA product over `m x n x k` returned `None`: only where it does not apply on
+/// this machine (no kernel of ours, a shape it does not take, or one split by columns).
+fn assert_not_fusable((m, n, k): (usize, usize, usize), what: &str) {
+    let threads = rayon::current_num_threads();
+    assert!(
+        !sgemm::available() || !sgemm::suits(m, n, k) || !sgemm::prefers_row_panels(m, n, threads),
+        "{what}: not fused"
+    );
+}
+
 /// The fused LoRA backward (one product over `dy` with `dy B` and `dyᵀ H` from its packed
 /// blocks) against the three products it replaces, on the f64 reference: several depth
 /// slices of `dy` (out = 1100 on either tile), a last slice under 8 columns (out = 515:
@@ -170,73 +205,27 @@ fn fused_lora_backward_matches_the_composed_products() {
         let Some((dx, grads)) = lora_dense_backward(&dy, &w, (&a, &b, s), (&x, &h), &dx_shape)
             .unwrap_or_else(|e| panic!("{e}"))
         else {
-            // No kernel of ours here (or not fused for this shape): nothing to compare.
-            let threads = rayon::current_num_threads();
-            assert!(
-                !sgemm::available()
-                    || !sgemm::suits(m, inp, out)
-                    || !sgemm::prefers_row_panels(m, inp, threads),
-                "{dy_shape:?}: not fused"
-            );
+            assert_not_fusable((m, inp, out), &format!("{dy_shape:?}"));
             continue;
         };
         assert_eq!(dx.shape().dims(), &dx_shape[..]);
         let dy2 = dy.reshaped(&[m, out]).unwrap_or_else(|e| panic!("{e}"));
-        let zeros = |sh: &[usize]| {
-            NdTensor::from_vec(vec![0.0; sh.iter().product()], sh).unwrap_or_else(|e| panic!("{e}"))
-        };
-        let g = naive(
-            1.0,
-            &dy2,
-            Transpose::No,
-            &b,
-            Transpose::No,
-            0.0,
-            &zeros(&[m, r]),
-        );
-        let g = NdTensor::from_vec(g, &[m, r]).unwrap_or_else(|e| panic!("{e}"));
-        let base = naive(
-            1.0,
-            &dy2,
-            Transpose::No,
-            &w,
-            Transpose::No,
-            0.0,
-            &zeros(&[m, inp]),
-        );
-        let base = NdTensor::from_vec(base, &[m, inp]).unwrap_or_else(|e| panic!("{e}"));
+        let g = reference(1.0, (&dy2, Transpose::No), (&b, Transpose::No));
+        let base = reference(1.0, (&dy2, Transpose::No), (&w, Transpose::No));
         let want_dx = naive(s, &g, Transpose::No, &a, Transpose::No, 1.0, &base);
-        let want_da = naive(
-            s,
-            &g,
-            Transpose::Yes,
-            &x,
-            Transpose::No,
-            0.0,
-            &zeros(&[r, inp]),
-        );
-        let want_db = naive(
-            s,
-            &dy2,
-            Transpose::Yes,
-            &h,
-            Transpose::No,
-            0.0,
-            &zeros(&[out, r]),
-        );
+        let want_da = reference(s, (&g, Transpose::Yes), (&x, Transpose::No));
+        let want_db = reference(s, (&dy2, Transpose::Yes), (&h, Transpose::No));
         for (what, got, want, depth) in [
-            ("dx", dx.as_slice(), &want_dx, out),
-            ("dA", grads.d_a.as_slice(), &want_da, m * out),
-            ("dB", grads.d_b.as_slice(), &want_db, m),
+            ("dx", dx.as_slice(), &want_dx[..], out),
+            ("dA", grads.d_a.as_slice(), want_da.as_slice(), m * out),
+            ("dB", grads.d_b.as_slice(), want_db.as_slice(), m),
         ] {
-            assert_eq!(got.len(), want.len(), "{dy_shape:?} {what}");
-            for (i, (got, want)) in got.iter().zip(want).enumerate() {
-                let tol = 2e-5 * (depth as f32).sqrt() * (1.0 + want.abs());
-                assert!(
-                    (got - want).abs() <= tol,
-                    "{dy_shape:?} x {inp} r{r} {what}[{i}]: {got} vs {want}"
-                );
-            }
+            assert_near(
+                &format!("{dy_shape:?} x {inp} r{r} {what}"),
+                got,
+                want,
+                depth,
+            );
         }
     }
 }
@@ -279,55 +268,24 @@ fn fused_lora_forward_matches_the_composed_products() {
         let Some((y, h)) = lora_dense_forward(&x, (&w, bias.as_ref()), (&a, &b, s), &y_shape)
             .unwrap_or_else(|e| panic!("{e}"))
         else {
-            let threads = rayon::current_num_threads();
-            assert!(
-                !sgemm::available()
-                    || !sgemm::suits(m, out, inp)
-                    || !sgemm::prefers_row_panels(m, out, threads),
-                "{x_shape:?}: not fused"
-            );
+            assert_not_fusable((m, out, inp), &format!("{x_shape:?}"));
             continue;
         };
         assert_eq!(y.shape().dims(), &y_shape[..]);
         let x2 = x.reshaped(&[m, inp]).unwrap_or_else(|e| panic!("{e}"));
-        let zeros = |sh: &[usize]| {
-            NdTensor::from_vec(vec![0.0; sh.iter().product()], sh).unwrap_or_else(|e| panic!("{e}"))
-        };
-        let want_h = naive(
-            1.0,
-            &x2,
-            Transpose::No,
-            &a,
-            Transpose::Yes,
-            0.0,
-            &zeros(&[m, r]),
-        );
-        let h_ref = NdTensor::from_vec(want_h.clone(), &[m, r]).unwrap_or_else(|e| panic!("{e}"));
-        let base = naive(
-            1.0,
-            &x2,
-            Transpose::No,
-            &w,
-            Transpose::Yes,
-            0.0,
-            &zeros(&[m, out]),
-        );
-        let base = NdTensor::from_vec(base, &[m, out]).unwrap_or_else(|e| panic!("{e}"));
-        let mut want_y = naive(s, &h_ref, Transpose::No, &b, Transpose::Yes, 1.0, &base);
+        let want_h = reference(1.0, (&x2, Transpose::No), (&a, Transpose::Yes));
+        let base = reference(1.0, (&x2, Transpose::No), (&w, Transpose::Yes));
+        let mut want_y = naive(s, &want_h, Transpose::No, &b, Transpose::Yes, 1.0, &base);
         if let Some(bias) = &bias {
             for (k, v) in want_y.iter_mut().enumerate() {
                 *v += bias.as_slice()[k % out];
             }
         }
-        for (what, got, want) in [("y", y.as_slice(), &want_y), ("H", h.as_slice(), &want_h)] {
-            assert_eq!(got.len(), want.len(), "{x_shape:?} {what}");
-            for (k, (got, want)) in got.iter().zip(want).enumerate() {
-                let tol = 2e-5 * (inp as f32).sqrt() * (1.0 + want.abs());
-                assert!(
-                    (got - want).abs() <= tol,
-                    "{x_shape:?} x {out} r{r} {what}[{k}]: {got} vs {want}"
-                );
-            }
+        for (what, got, want) in [
+            ("y", y.as_slice(), &want_y[..]),
+            ("H", h.as_slice(), want_h.as_slice()),
+        ] {
+            assert_near(&format!("{x_shape:?} x {out} r{r} {what}"), got, want, inp);
         }
     }
 }

@@ -108,8 +108,8 @@ pub(crate) enum Isa {
 /// The widest instruction set our kernels use on this CPU: `None` off x86-64 or without
 /// AVX2 and FMA (then the `gemm` crate runs every product). `LORA_NDARRAY_ISA=avx2` (or
 /// `none`) caps it (`avx512`: no cap; another value is ignored with a message), read once
-/// per process: `cargo xtask test` runs the AVX2 kernels'
-/// tests that way on AVX-512 CPUs, so either machine checks both sets.
+/// per process: `cargo xtask test` runs the AVX2 kernels' tests that way on AVX-512 CPUs,
+/// so either machine checks both sets.
 pub(crate) fn isa() -> Option<Isa> {
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
     *ISA.get_or_init(|| {
