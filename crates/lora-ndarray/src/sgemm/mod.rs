@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use pack::{At, pack_a, pack_b, scale_packed};
+use pack_buffer::PackBuffer;
 
 /// A register tile's depth loop over `$kc` packed steps: `$step!(u)` for the steps
 /// `u = 0..4` of each group of four (unrolled), then one at a time, with the panel
@@ -49,6 +50,7 @@ macro_rules! depth_loop {
 mod avx2;
 mod avx512;
 mod pack;
+mod pack_buffer;
 
 /// Columns of `B` packed at once: `KC` x 3072 floats (3 MiB on the AVX2 tile, 6 MiB on the
 /// AVX-512 one), in the shared L3.
@@ -187,7 +189,8 @@ pub(crate) fn prefers_row_panels(m: usize, n: usize, threads: usize) -> bool {
 thread_local! {
     /// Per-thread packing buffers (`A` block, `B` block), reused across calls so a
     /// training step allocates nothing here after the first product.
-    static PACKS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static PACKS: RefCell<(PackBuffer, PackBuffer)> =
+        const { RefCell::new((PackBuffer::new(), PackBuffer::new())) };
 }
 
 /// An operand: base pointer, row stride and column stride (elements).
@@ -319,12 +322,8 @@ unsafe fn product<K: Kernel>(
         // and which thread runs which panel is rayon's choice, so a steady-state training
         // step could still allocate (tests/step_allocations.rs failed 1 run in 10 so).
         let max_depth = K::KC + MAX_EXTRA_DEPTH;
-        if b_pack.len() < b_need {
-            b_pack.resize(b_need.max(max_depth * NC), 0.0);
-        }
-        if a_pack.len() < a_need {
-            a_pack.resize(a_need.max(max_depth * K::MC), 0.0);
-        }
+        let b_pack = b_pack.grown(b_need, max_depth * NC);
+        let a_pack = a_pack.grown(a_need, max_depth * K::MC);
         // SAFETY: forwarded to the caller's contract; the buffers now hold the blocks.
         unsafe { blocked::<K>(m, n, segs, epilogue, calls, c, ldc, (a_pack, b_pack)) }
     })
