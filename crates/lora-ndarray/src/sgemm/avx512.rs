@@ -61,7 +61,7 @@ unsafe fn tile_kernel(
     debug_assert!(tile.rows <= MR && tile.cols <= NR);
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     let (mut ap, mut bp) = (a_panel.as_ptr(), b_panel.as_ptr());
-    tile.prefetch();
+    let lines = tile.lines_for_depth(kc);
     // SAFETY: `ap` and `bp` advance by MR and NR per step over `kc` steps, inside the
     // panels (checked above); the masked loads and stores touch only the tile's
     // `rows x cols` elements and the bias's `cols` values.
@@ -78,7 +78,9 @@ unsafe fn tile_kernel(
                 }
             }};
         }
-        depth_loop!(kc, ap, bp, MR, NR, step);
+        depth_loop!(kc, ap, bp, MR, NR, step, |g| if let Some(lines) = &lines {
+            lines.prefetch(g)
+        });
         // Lane masks of the tile's column vectors (all ones on a full tile).
         let lanes = |from: usize| -> __mmask16 {
             let n = tile.cols.saturating_sub(from).min(16);
