@@ -239,6 +239,7 @@ fn ndarray_avx2_tests(minilm: &Path) -> Result<Option<Vec<String>>> {
         "decoder_ops",
         "attention_op",
         "attention_ops",
+        "fresh_tensor_ops",
         "properties",
         "step_allocations",
     ];

@@ -2,9 +2,13 @@
 //! (SSE2), where LLVM calls libm per exponential and vectorizes 4 lanes at best; each
 //! kernel here is also compiled with AVX2 and FMA, and with AVX-512, and the widest the
 //! CPU has is picked at run time (`vectorized_kernel!`, through `sgemm::isa`). Every build
-//! runs the same operations in the same order (Rust never contracts a multiply and an add into an FMA on its own), so results
-//! do not depend on the CPU. The kernels are the exponential-heavy loops of softmax, SiLU,
-//! GELU and cross-entropy, as plain loops over [`exp`] for the vectorizer.
+//! runs the same operations in the same order, so results do not depend on the CPU: Rust
+//! never contracts a multiply and an add into an FMA on its own, and where the kernels
+//! fuse them (`mul_add`, in `exp` and GELU's polynomial) the builds without the FMA
+//! instruction call libm's `fmaf`, which rounds once as the instruction does (correct but
+//! slow: only CPUs without AVX2 take that path). The kernels are the exponential-heavy
+//! loops of softmax, SiLU, GELU and cross-entropy, as plain loops over [`exp`] for the
+//! vectorizer.
 #![allow(unsafe_code)]
 
 use crate::fast_exp::exp;
@@ -30,6 +34,24 @@ macro_rules! vectorized_kernel {
                 }
             }
             $body
+        }
+
+        /// Each build of the kernel on its own, for the tests that check they agree.
+        #[cfg(test)]
+        #[allow(dead_code)]
+        pub(crate) mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            pub(crate) fn plain($($arg: $ty),*) -> $ret $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            pub(crate) fn avx2($($arg: $ty),*) -> $ret $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            pub(crate) fn avx512($($arg: $ty),*) -> $ret $body
         }
     };
 }
@@ -202,16 +224,19 @@ fn erf_with_exp(x: f32, e: f32) -> f32 {
         1.061_405_4,
     ];
     let a = x.abs();
-    let t = 1.0 / (1.0 + P * a);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let y = 1.0 - poly * e;
+    let t = 1.0 / P.mul_add(a, 1.0);
+    let poly = t * t.mul_add(
+        t.mul_add(t.mul_add(t.mul_add(A[4], A[3]), A[2]), A[1]),
+        A[0],
+    );
+    let y = (-poly).mul_add(e, 1.0);
     y.copysign(x)
 }
 
 /// The standard normal CDF `Φ(x) = (1 + erf(x / √2)) / 2`.
 #[inline(always)]
 fn normal_cdf(x: f32) -> f32 {
-    0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    erf(x * std::f32::consts::FRAC_1_SQRT_2).mul_add(0.5, 0.5)
 }
 
 vectorized_kernel! {
@@ -231,8 +256,8 @@ vectorized_kernel! {
             // One exponential for both terms: e^(-x²/2) is erf's e^(-a²) at a = x/√2.
             let a = x * std::f32::consts::FRAC_1_SQRT_2;
             let e = exp(-a.abs() * a.abs());
-            let cdf = 0.5 * (1.0 + erf_with_exp(a, e));
-            *o = g * (cdf + x * (e * INV_SQRT_2PI));
+            let cdf = erf_with_exp(a, e).mul_add(0.5, 0.5);
+            *o = g * x.mul_add(e * INV_SQRT_2PI, cdf);
         });
     }
 }
@@ -377,6 +402,75 @@ mod tests {
         // NaN propagates.
         gelu(&[f32::NAN], &[0.0], &mut y[..1]);
         assert!(y[0].is_nan());
+    }
+
+    /// The plain, AVX2 and AVX-512 builds of the exponential-based kernels give the same
+    /// bits (the fused multiply-adds round once in each), on values across `exp`'s range,
+    /// at lengths that leave vector tails.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn every_build_of_the_exponential_kernels_gives_the_same_bits() {
+        let x: Vec<f32> = (0..4099)
+            .map(|i| ((i as f32) * 0.618_034).sin() * 12.0 + (i % 7) as f32 * 1e-3)
+            .collect();
+        let dy: Vec<f32> = x.iter().map(|v| 1.0 - v * 0.1).collect();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        type Pair = fn(&[f32], &[f32], &mut [f32]);
+        let run = |f: Pair| {
+            let mut out = vec![0.0; x.len()];
+            f(&x, &dy, &mut out);
+            bits(&out)
+        };
+        let have_avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let have_avx512 = have_avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl");
+        // SAFETY (each build's call): only made below where the CPU has its features.
+        macro_rules! builds {
+            ($k:ident) => {
+                (
+                    stringify!($k),
+                    $k::plain as Pair,
+                    (|a, b, c| unsafe { $k::avx2(a, b, c) }) as Pair,
+                    (|a, b, c| unsafe { $k::avx512(a, b, c) }) as Pair,
+                )
+            };
+        }
+        let kernels = [
+            builds!(gelu),
+            builds!(gelu_backward),
+            builds!(silu),
+            builds!(silu_backward),
+        ];
+        for (name, plain, avx2, avx512) in kernels {
+            let want = run(plain);
+            if have_avx2 {
+                assert_eq!(run(avx2), want, "{name}: AVX2 build");
+            }
+            if have_avx512 {
+                assert_eq!(run(avx512), want, "{name}: AVX-512 build");
+            }
+        }
+        let exps = |f: fn(&mut [f32], f32, f32)| {
+            let mut v = x.clone();
+            f(&mut v, 0.5, 0.25);
+            bits(&v)
+        };
+        let want = exps(exp_scale_in_place::plain);
+        if have_avx2 {
+            assert_eq!(
+                exps(|v, s, k| unsafe { exp_scale_in_place::avx2(v, s, k) }),
+                want
+            );
+        }
+        if have_avx512 {
+            assert_eq!(
+                exps(|v, s, k| unsafe { exp_scale_in_place::avx512(v, s, k) }),
+                want
+            );
+        }
     }
 
     #[test]
