@@ -11,6 +11,7 @@ mod attention;
 mod backend;
 mod decoder;
 mod fast_exp;
+mod few_rows;
 mod gemm;
 mod lora_ops;
 mod norm;

@@ -34,6 +34,7 @@ thread_local! {
     static NARROW_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+use crate::few_rows::{FEW_ROWS, few_rows_times_wt};
 use crate::sgemm::Operand;
 use crate::token_reduction::token_reduction;
 
@@ -62,6 +63,20 @@ pub(crate) unsafe fn try_run(
         // `pᵀ·g`): a LoRA reduction over thousands of tokens read that way takes a cache
         // line per token and row block (LoRA layer fwd+bwd 97 -> 101 ms at 512x4096x4096
         // r16), which `token_reduction` streams instead.
+        // A few rows against a weight stored `[out, in]` (generation's one token per
+        // sequence): dot products along the depth.
+        if m <= FEW_ROWS && n >= NARROW && a_cs == 1 && a_rs >= 0 && b_rs == 1 && b_cs > 0 {
+            few_rows_times_wt(
+                (m, n, k),
+                alpha,
+                (pa, a_rs as usize),
+                (pb, b_cs as usize),
+                beta,
+                (c, ldc),
+                avx512,
+            );
+            return true;
+        }
         let a_fits = a_cs == 1 || m * k <= 1 << 16;
         if avx512 && a_fits && n > 8 && n < NARROW && b_cs == 1 && k >= 8 {
             wide_output(

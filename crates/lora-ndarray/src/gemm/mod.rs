@@ -21,6 +21,8 @@ use crate::pool;
 mod lora_backward;
 mod lora_forward;
 mod plus;
+use crate::few_rows::FEW_ROWS;
+use crate::skinny::NARROW;
 use crate::tensor::NdTensor;
 use crate::{sgemm, skinny};
 pub(crate) use lora_backward::lora_dense_backward;
@@ -29,6 +31,11 @@ pub(crate) use plus::{Activation, gemm_plus_act_new, gemm_plus_new};
 
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
+/// From this many weights (512 KiB of f32) a product of at most `FEW_ROWS` rows splits its
+/// columns between threads (see `few_rows.rs`): a decoder's generation, whose projections
+/// are 131-721 thousand weights, ran 333-342 → 276-282 ms in three alternating pairs on
+/// the Xeon VM with the `gemm` crate's kernel split that way (docs/performance.md, stop 30).
+const FEW_ROWS_PARALLEL_MIN_WEIGHTS: usize = 1 << 17;
 /// At or above this many multiply-adds, with both output sides large, the output is cut
 /// into one panel per thread; between the two, into two panels per thread. (`gemm`'s own
 /// rayon blocking measured slower than either on 2 cores: median 96 against 113 GFLOP/s
@@ -253,8 +260,19 @@ unsafe fn gemm_to(
 fn split_panels((m, n, k): (usize, usize, usize), run: impl Fn(usize, usize, usize, usize) + Sync) {
     let work = m * n * k;
     let threads = rayon::current_num_threads();
-    if threads <= 1 || work < PARALLEL_MIN_WORK {
+    // A few rows against a large weight: bound by streaming the weight, which two cores
+    // do faster than one even well below PARALLEL_MIN_WORK.
+    let few_rows_wide =
+        m <= FEW_ROWS && n * k >= FEW_ROWS_PARALLEL_MIN_WEIGHTS && n >= NARROW * threads;
+    if threads <= 1 || (work < PARALLEL_MIN_WORK && !few_rows_wide) {
         run(0, m, 0, n);
+    } else if few_rows_wide {
+        // One panel per thread, whole cache lines of the output each.
+        let per = n.div_ceil(threads).div_ceil(16) * 16;
+        (0..n.div_ceil(per)).into_par_iter().for_each(|p| {
+            let c0 = p * per;
+            run(0, m, c0, per.min(n - c0));
+        });
     } else if work >= WHOLE_PANELS_MIN_WORK && m.min(n) >= WHOLE_PANELS_MIN_SIDE {
         // One panel per thread, no synchronisation between them. On our kernel, the split
         // that packs less; on the `gemm` crate, row panels unless the rows are too few
