@@ -64,8 +64,8 @@ pub(crate) unsafe fn try_run(
         // line per token and row block (LoRA layer fwd+bwd 97 -> 101 ms at 512x4096x4096
         // r16), which `token_reduction` streams instead.
         // A few rows against a weight stored `[out, in]` (generation's one token per
-        // sequence): dot products along the depth.
-        if m <= FEW_ROWS && n >= NARROW && a_cs == 1 && a_rs >= 0 && b_rs == 1 && b_cs > 0 {
+        // sequence, LoRA's `x Aᵀ` included): dot products along the depth, nothing packed.
+        if m <= FEW_ROWS && a_cs == 1 && a_rs >= 0 && b_rs == 1 && b_cs > 0 {
             few_rows_times_wt(
                 (m, n, k),
                 alpha,
