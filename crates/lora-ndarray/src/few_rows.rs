@@ -21,7 +21,7 @@ pub(crate) const FEW_ROWS: usize = 4;
 /// Rows of `W` (output columns) read side by side.
 const COLS: usize = 4;
 
-/// `c = alpha · a Wᵀ + beta · c` for `m <= FEW_ROWS` rows: `a` row-major (row stride
+/// `c = alpha · a Wᵀ + beta · c` for `1 <= m <= FEW_ROWS` rows (panics otherwise): `a` row-major (row stride
 /// `lda`), `W` `[n, k]` row-major (row stride `ldw`), `c` row stride `ldc`; `beta == 0`
 /// never reads `c`.
 ///
@@ -38,7 +38,6 @@ pub(crate) unsafe fn few_rows_times_wt(
     (c, ldc): (*mut f32, usize),
     avx512: bool,
 ) {
-    debug_assert!((1..=FEW_ROWS).contains(&m));
     macro_rules! rows {
         ($m:literal) => {
             // SAFETY: forwarded to the caller's contract.
@@ -54,7 +53,8 @@ pub(crate) unsafe fn few_rows_times_wt(
         1 => rows!(1),
         2 => rows!(2),
         3 => rows!(3),
-        _ => rows!(4),
+        4 => rows!(4),
+        _ => unreachable!("few_rows_times_wt takes 1 to {FEW_ROWS} rows, not {m}"),
     }
 }
 

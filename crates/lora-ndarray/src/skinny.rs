@@ -19,6 +19,10 @@
 //!   vectors, `a` with any strides, `y` unpacked, with `beta`; attention's narrow products
 //!   at head size 32 and rank-16 outputs.
 //!
+//! [`try_run`] also sends products of at most four rows against a weight stored
+//! `[out, in]` (generation's one token per sequence) to the dot-product kernel of
+//! `few_rows.rs`, whatever their width.
+//!
 //! Results differ from the general kernels' only by summation order (all use FMA).
 #![allow(unsafe_code)]
 
@@ -59,13 +63,9 @@ pub(crate) unsafe fn try_run(
     // SAFETY (all arms): forwarded to the caller's contract; each kernel reads exactly the
     // elements of the product's operands and writes the m x n output.
     unsafe {
-        // `a` row-major, or small enough to stay in L2 when read across its rows (attention's
-        // `pᵀ·g`): a LoRA reduction over thousands of tokens read that way takes a cache
-        // line per token and row block (LoRA layer fwd+bwd 97 -> 101 ms at 512x4096x4096
-        // r16), which `token_reduction` streams instead.
         // A few rows against a weight stored `[out, in]` (generation's one token per
         // sequence, LoRA's `x Aᵀ` included): dot products along the depth, nothing packed.
-        if m <= FEW_ROWS && a_cs == 1 && a_rs >= 0 && b_rs == 1 && b_cs > 0 {
+        if (1..=FEW_ROWS).contains(&m) && a_cs == 1 && a_rs >= 0 && b_rs == 1 && b_cs > 0 {
             few_rows_times_wt(
                 (m, n, k),
                 alpha,
@@ -77,6 +77,10 @@ pub(crate) unsafe fn try_run(
             );
             return true;
         }
+        // `a` row-major, or small enough to stay in L2 when read across its rows (attention's
+        // `pᵀ·g`): a LoRA reduction over thousands of tokens read that way takes a cache
+        // line per token and row block (LoRA layer fwd+bwd 97 -> 101 ms at 512x4096x4096
+        // r16), which `token_reduction` streams instead.
         let a_fits = a_cs == 1 || m * k <= 1 << 16;
         if avx512 && a_fits && n > 8 && n < NARROW && b_cs == 1 && k >= 8 {
             wide_output(

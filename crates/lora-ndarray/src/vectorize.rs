@@ -427,7 +427,8 @@ mod tests {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("avx512vl");
-        // SAFETY (each build's call): only made below where the CPU has its features.
+        // SAFETY (each build's call in `builds!`): only made below where the CPU has the
+        // build's features (`have_avx2`, `have_avx512`).
         macro_rules! builds {
             ($k:ident) => {
                 (
@@ -461,12 +462,14 @@ mod tests {
         let want = exps(exp_scale_in_place::plain);
         if have_avx2 {
             assert_eq!(
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
                 exps(|v, s, k| unsafe { exp_scale_in_place::avx2(v, s, k) }),
                 want
             );
         }
         if have_avx512 {
             assert_eq!(
+                // SAFETY: the CPU has the AVX-512 subsets and AVX2 (checked above).
                 exps(|v, s, k| unsafe { exp_scale_in_place::avx512(v, s, k) }),
                 want
             );

@@ -197,8 +197,9 @@ pub(super) fn row_bands((m, n, k): (usize, usize, usize), r: usize) -> Option<us
 
 /// One depth slice of a hook's narrow product: `c = a y` for the first slice (`first`),
 /// `c += a y` after, with `a` (`mc x kc`, row stride `lda`), `y` (`kc x r`, any strides)
-/// and `c` (`mc x r` row-major). On the skinny kernels; element by element for a slice
-/// shallower than they take (under 8 deep).
+/// and `c` (`mc x r` row-major). On the skinny kernels (the few-rows one at any depth for
+/// `mc <= 4`); element by element for a slice shallower than the others take (under 8
+/// deep).
 ///
 /// # Safety
 /// The three operands are addressable over those extents; `c` is touched by no one else;

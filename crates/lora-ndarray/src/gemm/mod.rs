@@ -29,11 +29,12 @@ pub(crate) use lora_backward::lora_dense_backward;
 pub(crate) use lora_forward::lora_dense_forward;
 pub(crate) use plus::{Activation, gemm_plus_act_new, gemm_plus_new};
 
-/// Below this many multiply-adds a product runs on one thread.
+/// Below this many multiply-adds a product runs on one thread (but for a few rows against
+/// a large weight, `FEW_ROWS_PARALLEL_MIN_WEIGHTS`).
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// From this many weights (512 KiB of f32) a product of at most `FEW_ROWS` rows splits its
 /// columns between threads (see `few_rows.rs`): a decoder's generation, whose projections
-/// are 131-721 thousand weights, ran 333-342 → 276-282 ms in three alternating pairs on
+/// are 131-721 thousand weights, ran 337-352 → 291-295 ms in three alternating pairs on
 /// the Xeon VM with the `gemm` crate's kernel split that way (docs/performance.md, stop 30).
 const FEW_ROWS_PARALLEL_MIN_WEIGHTS: usize = 1 << 17;
 /// At or above this many multiply-adds, with both output sides large, the output is cut
@@ -267,7 +268,7 @@ fn split_panels((m, n, k): (usize, usize, usize), run: impl Fn(usize, usize, usi
     if threads <= 1 || (work < PARALLEL_MIN_WORK && !few_rows_wide) {
         run(0, m, 0, n);
     } else if few_rows_wide {
-        // One panel per thread, whole cache lines of the output each.
+        // One panel per thread, a multiple of 16 columns wide.
         let per = n.div_ceil(threads).div_ceil(16) * 16;
         (0..n.div_ceil(per)).into_par_iter().for_each(|p| {
             let c0 = p * per;

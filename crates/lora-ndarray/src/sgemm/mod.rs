@@ -456,7 +456,7 @@ impl Tile {
             last: size_of::<f32>() * (self.cols - 1),
             rows: self.rows,
         };
-        debug_assert!(lines.last < TileLines::PER_ROW * 64);
+        debug_assert!(lines.last < (TileLines::PER_ROW - 1) * 64);
         match kc / 4 >= lines.rows * TileLines::PER_ROW {
             true => Some(lines),
             false => {
@@ -467,9 +467,9 @@ impl Tile {
     }
 }
 
-/// The cache lines of a [`Tile`] at most 64 values wide, numbered row by row, four to a
-/// row (a row's lines at byte 0, 64, 128 and the line of its last value; narrower rows
-/// repeat their last line).
+/// The cache lines of a [`Tile`] at most 48 values wide, numbered row by row, four to a
+/// row: a row's lines at byte 0, 64 and 128 (or its last value, if before) and the line of
+/// its last value (an unaligned 48-wide row spans four lines; narrower rows repeat one).
 struct TileLines {
     c: *const i8,
     row_bytes: usize,
