@@ -38,6 +38,7 @@ pub(crate) unsafe fn few_rows_times_wt(
     (c, ldc): (*mut f32, usize),
     avx512: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
     macro_rules! rows {
         ($m:literal) => {
             // SAFETY: forwarded to the caller's contract.
@@ -48,6 +49,13 @@ pub(crate) unsafe fn few_rows_times_wt(
                 }
             }
         };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    macro_rules! rows {
+        ($m:literal) => {{
+            let _ = (n, k, alpha, a, lda, w, ldw, beta, c, ldc, avx512);
+            unreachable!("our kernels are only dispatched to on x86-64")
+        }};
     }
     match m {
         1 => rows!(1),
@@ -170,30 +178,6 @@ unsafe fn dots_avx2<const M: usize>(
             }
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dots_avx512<const M: usize>(
-    _: (usize, usize),
-    _: f32,
-    _: (*const f32, usize),
-    _: (*const f32, usize),
-    _: f32,
-    _: (*mut f32, usize),
-) {
-    unreachable!("our kernels are only dispatched to on x86-64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dots_avx2<const M: usize>(
-    _: (usize, usize),
-    _: f32,
-    _: (*const f32, usize),
-    _: (*const f32, usize),
-    _: f32,
-    _: (*mut f32, usize),
-) {
-    unreachable!("our kernels are only dispatched to on x86-64")
 }
 
 #[cfg(test)]
