@@ -3,7 +3,7 @@
 //! row of `W` (streamed once). Generation runs one token per sequence through every
 //! projection this way, so its speed is how fast the weights stream in.
 //!
-//! The `gemm` crate ran these through its general path (63% of a decoder's generation in
+//! The `gemm` crate ran these through its general path (64% of a decoder's generation in
 //! the profile, single-threaded below a million multiply-adds). Here four rows of `W` are
 //! read side by side against the `m` rows of `a`, in 16-lane (AVX-512) or 8-lane (AVX2)
 //! chunks along the depth; the caller splits the columns between threads

@@ -431,8 +431,8 @@ impl Tile {
     /// core's caches (a block of `c` outgrows L2), so that the stores after the depth loop
     /// do not wait on misses. Measured on the AMD VM, interleaved in one process: 8-20%
     /// more GFLOP/s on the large products (docs/performance.md). The AVX2 tile's twelve
-    /// lines go at once; spread as the AVX-512 tile's are, its products on the Xeon VM
-    /// ran 1-3% slower (not measured on AMD).
+    /// lines go at once: spread as the AVX-512 tile's are, its products on the Xeon VM
+    /// gained nothing (10 of 12 timings 0.4-3% slower, within noise; AMD not measured).
     fn prefetch(&self) {
         let last = size_of::<f32>() * (self.cols - 1);
         for i in 0..self.rows {
