@@ -13,7 +13,7 @@
 //!   at a time when `n <= 8` (four otherwise), each element broadcast against the `n`-wide
 //!   row of `y` (packed once per call when it is not already `[k, n]` row-major with `n` a
 //!   multiple of 8).
-//! * [`token_reduction`]: `c = alpha · Σ_t s[t, 0..ns]ᵀ ⊗ l[t, 0..nl]` with `ns < 64`
+//! * [`token_reduction`]: `c = alpha · Σ_t s[t, 0..ns]ᵀ ⊗ l[t, 0..nl] + beta · c`, `ns < 64`
 //!   (`token_reduction.rs`).
 //! * [`wide_output`] (AVX-512 CPUs, `8 < n < 64`): twelve rows of one or two 16-lane
 //!   vectors, `a` with any strides, `y` unpacked, with `beta`; attention's narrow products
@@ -42,9 +42,8 @@ use crate::few_rows::{FEW_ROWS, few_rows_times_wt};
 use crate::sgemm::Operand;
 use crate::token_reduction::token_reduction;
 
-/// Runs `c = alpha · a b + beta · c` on a skinny kernel when the shape, strides and `beta`
-/// fit one (the token reductions take `beta == 0` only: `c` is only written); returns
-/// whether it did.
+/// Runs `c = alpha · a b + beta · c` on a skinny kernel when the shape and strides fit
+/// one; returns whether it did.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; every element the shapes and strides reach lies in live
@@ -104,19 +103,28 @@ pub(crate) unsafe fn try_run(
             );
             return true;
         }
-        if beta != 0.0 {
-            return false;
-        }
         // a = Uᵀ with U `[k, m]` row-major, b = V `[k, n]` row-major: sums over k.
         if a_rs == 1 && b_cs == 1 && k >= 8 {
             if m < NARROW {
                 // c[j, q] = Σ_t U[t, j] V[t, q]: U is the narrow side.
-                token_reduction((m, n, k), alpha, (pa, a_cs), (pb, b_rs), (c, ldc, 1));
+                token_reduction(
+                    (m, n, k),
+                    (alpha, beta),
+                    (pa, a_cs),
+                    (pb, b_rs),
+                    (c, ldc, 1),
+                );
                 return true;
             }
             if n < NARROW {
                 // c[q, j] = Σ_t V[t, j] U[t, q]: V is the narrow side, stored transposed.
-                token_reduction((n, m, k), alpha, (pb, b_rs), (pa, a_cs), (c, 1, ldc));
+                token_reduction(
+                    (n, m, k),
+                    (alpha, beta),
+                    (pb, b_rs),
+                    (pa, a_cs),
+                    (c, 1, ldc),
+                );
                 return true;
             }
         }

@@ -18,8 +18,9 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-/// `c(j, q) = alpha · Σ_t s[t, j] l[t, q]` for `j < ns < 64`, `q < nl`, over `k`
-/// tokens; `s` and `l` row-major (row strides given), `c(j, q)` at `c + j·c_js + q·c_qs`.
+/// `c(j, q) = alpha · Σ_t s[t, j] l[t, q] + beta · c(j, q)` for `j < ns < 64`, `q < nl`,
+/// over `k` tokens; `s` and `l` row-major (row strides given), `c(j, q)` at
+/// `c + j·c_js + q·c_qs`; `beta == 0` never reads `c`.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; the `k` rows of `s` (`ns` values) and `l` (`nl` values) are
@@ -27,7 +28,7 @@ use std::cell::RefCell;
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn token_reduction(
     (ns, nl, k): (usize, usize, usize),
-    alpha: f32,
+    (alpha, beta): (f32, f32),
     s: (*const f32, isize),
     l: (*const f32, isize),
     c: (*mut f32, usize, usize),
@@ -45,11 +46,11 @@ pub(crate) unsafe fn token_reduction(
             acc.fill(0.0);
             unsafe {
                 accumulate_avx512((ns, nl, k), s, l, (acc.as_mut_ptr(), ld));
-                store_block(acc, ld, (ns, nl), alpha, c);
+                store_block(acc, ld, (ns, nl), (alpha, beta), c);
             }
         });
     } else {
-        unsafe { reduce_avx2((ns, nl, k), alpha, s, l, c) };
+        unsafe { reduce_avx2((ns, nl, k), (alpha, beta), s, l, c) };
     }
 }
 
@@ -216,7 +217,7 @@ unsafe fn reduce_tile<const R: usize>(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn reduce_avx2(
     (ns, nl, k): (usize, usize, usize),
-    alpha: f32,
+    alphas: (f32, f32),
     (s, lds): (*const f32, isize),
     (l, ldl): (*const f32, isize),
     (c, c_js, c_qs): (*mut f32, usize, usize),
@@ -243,13 +244,14 @@ unsafe fn reduce_avx2(
                 )
             };
             // SAFETY: c(j, q0 + q) lies in the output for j < ns, q < w.
-            unsafe { store_block(acc, qb, (ns, w), alpha, (c.add(q0 * c_qs), c_js, c_qs)) };
+            unsafe { store_block(acc, qb, (ns, w), alphas, (c.add(q0 * c_qs), c_js, c_qs)) };
         }
     });
 }
 
-/// `c(j, q) = alpha · acc[j, q]` for `j < ns`, `q < w` (`acc` row stride `ld`), walking
-/// `c` in its memory order (`c(j, q)` at `c + j·c_js + q·c_qs`).
+/// `c(j, q) = alpha · acc[j, q] + beta · c(j, q)` for `j < ns`, `q < w` (`acc` row stride
+/// `ld`), walking `c` in its memory order (`c(j, q)` at `c + j·c_js + q·c_qs`); `beta == 0`
+/// never reads `c` (it may hold anything, NaN included).
 ///
 /// # Safety
 /// Every `c(j, q)` is addressable and touched by no one else.
@@ -259,12 +261,18 @@ unsafe fn store_block(
     acc: &[f32],
     ld: usize,
     (ns, w): (usize, usize),
-    alpha: f32,
+    (alpha, beta): (f32, f32),
     (c, c_js, c_qs): (*mut f32, usize, usize),
 ) {
     let put = |j: usize, q: usize| {
         // SAFETY: forwarded to the caller's contract (j < ns, q < w).
-        unsafe { *c.add(j * c_js + q * c_qs) = alpha * acc[j * ld + q] };
+        unsafe {
+            let c = c.add(j * c_js + q * c_qs);
+            *c = match beta {
+                0.0 => alpha * acc[j * ld + q],
+                _ => alpha * acc[j * ld + q] + beta * *c,
+            };
+        }
     };
     if c_qs == 1 {
         (0..ns).for_each(|j| (0..w).for_each(|q| put(j, q)));
@@ -381,7 +389,7 @@ fn tail_mask(n: usize) -> __m256i {
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) unsafe fn token_reduction(
     _: (usize, usize, usize),
-    _: f32,
+    _: (f32, f32),
     _: (*const f32, isize),
     _: (*const f32, isize),
     _: (*mut f32, usize, usize),

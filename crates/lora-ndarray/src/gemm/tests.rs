@@ -121,12 +121,26 @@ fn every_path_and_transpose_matches_the_naive_product() {
 
 #[test]
 fn beta_zero_ignores_nan_in_output() {
-    let a = rand(&[4, 3], 1);
-    let b = rand(&[3, 2], 2);
-    let mut c = NdTensor::from_vec(vec![f32::NAN; 8], &[4, 2]).unwrap_or_else(|e| panic!("{e}"));
-    gemm_into(1.0, &a, Transpose::No, &b, Transpose::No, 0.0, &mut c)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(c.as_slice().iter().all(|v| v.is_finite()));
+    // A small product, and token reductions into either narrow side (`aᵀ b` over 20
+    // tokens), which write their output block by block from an accumulator.
+    for (m, n, k, ta) in [
+        (4, 2, 3, Transpose::No),
+        (5, 70, 20, Transpose::Yes),
+        (70, 5, 20, Transpose::Yes),
+    ] {
+        let a = match ta {
+            Transpose::No => rand(&[m, k], 1),
+            Transpose::Yes => rand(&[k, m], 1),
+        };
+        let b = rand(&[k, n], 2);
+        let mut c =
+            NdTensor::from_vec(vec![f32::NAN; m * n], &[m, n]).unwrap_or_else(|e| panic!("{e}"));
+        gemm_into(1.0, &a, ta, &b, Transpose::No, 0.0, &mut c).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            c.as_slice().iter().all(|v| v.is_finite()),
+            "{m}x{n}x{k} {ta:?}: a NaN in the output leaked through beta = 0"
+        );
+    }
 }
 
 #[test]
