@@ -6,12 +6,14 @@
 //!
 //! * take every output buffer from the backend's pool (`ndarray_pool::stats().allocated`
 //!   stays unchanged), and
-//! * make no allocation of 8 KiB or more anywhere except inside the `gemm` crate, whose
-//!   kernels allocate their own packing scratch per call (on AVX-512 CPUs, where every
-//!   product runs on it). Each large allocation's backtrace is checked for that. On
-//!   AVX2-only CPUs, where our own kernels run every product but attention's small
-//!   `n = 32` updates (which stay within the crate's stack scratch), none at all: this
-//!   failed with 864 per MiniLM step (6.9 MiB) while depth-32 products went to the crate.
+//! * make no allocation of 8 KiB or more on an x86-64 CPU with AVX2 and FMA, where our own
+//!   kernels run the products (all but the tiny Llama's head-size-16 attention scores,
+//!   which the `gemm` crate runs without packing). Elsewhere every product runs on the
+//!   crate, whose kernels allocate their own packing scratch on a thread's first call, so
+//!   each large allocation's backtrace is checked to come from it. This failed with 864 allocations
+//!   per MiniLM step (6.9 MiB) while depth-32 products went to the crate, and in about
+//!   one run in ten on the AVX2 kernels under load (one 2 MiB scratch, on a pool thread's
+//!   first such call) while attention's `dv += pᵀ g` (`beta = 1`) went there.
 //!
 //! Small allocations (reference counts of tensors, shape vectors, per-step vectors of
 //! parameters) are counted and printed, not asserted: the allocator serves them from
