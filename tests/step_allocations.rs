@@ -7,8 +7,9 @@
 //! * take every output buffer from the backend's pool (`ndarray_pool::stats().allocated`
 //!   stays unchanged), and
 //! * make no allocation of 8 KiB or more on an x86-64 CPU with AVX2 and FMA, where our own
-//!   kernels run the products (all but the tiny Llama's head-size-16 attention scores,
-//!   which the `gemm` crate runs without packing). Elsewhere every product runs on the
+//!   kernels run the products (all but the tiny Llama's depth-16 attention products
+//!   `q kᵀ` and `g vᵀ`, which go to the `gemm` crate and allocated nothing in 40 runs
+//!   under load). Elsewhere every product runs on the
 //!   crate, whose kernels allocate their own packing scratch on a thread's first call, so
 //!   each large allocation's backtrace is checked to come from it. This failed with 864 allocations
 //!   per MiniLM step (6.9 MiB) while depth-32 products went to the crate, and in about
