@@ -195,13 +195,19 @@ unsafe fn pack_transposed(
                     false => _mm256_setzero_ps(),
                 });
                 for (q, v) in transpose8(rows).into_iter().enumerate() {
-                    let dst = out.as_mut_ptr().add((p + q) * ld + g);
-                    if n == 8 {
+                    let at = (p + q) * ld + g;
+                    let dst = out.as_mut_ptr().add(at);
+                    // Lanes past `n` hold zeros (from the zero rows). All eight may be
+                    // stored where they land on this group's padding (`g + 8 <= ld`), or
+                    // on the next depth steps' first lanes when the panel is one group
+                    // wide (`ld <= 8`, the AVX2 tile's 6 rows): later stores in this loop
+                    // write those. Else only `n` lanes, masked: a copy of `n` values was a
+                    // `memmove` call per depth step, 6.6% of a MiniLM training step on the
+                    // AVX2 kernels.
+                    if g + 8 <= ld || (ld <= 8 && at + 8 <= out.len()) {
                         _mm256_storeu_ps(dst, v);
                     } else {
-                        let mut lanes = [0.0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
+                        _mm256_maskstore_ps(dst, tail_mask(n), v);
                     }
                 }
             }
@@ -212,6 +218,16 @@ unsafe fn pack_transposed(
             }
         }
     }
+}
+
+/// The mask of an 8-lane store's first `n` lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn tail_mask(n: usize) -> __m256i {
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
 }
 
 #[cfg(not(target_arch = "x86_64"))]
