@@ -119,10 +119,16 @@ pub fn rand(b: &NdArray, shape: &[usize], stream: u64) -> NdTensor {
     b.from_host(&v, shape).unwrap()
 }
 
-/// The widest f32 FMA this CPU runs: 16 lanes with AVX-512F, 8 with AVX2+FMA.
+/// The widest f32 FMA this CPU runs: 16 lanes with AVX-512F, 8 with AVX2+FMA; capped
+/// as our kernels are by `LORA_NDARRAY_ISA=avx2` (or `none`), so that the peak a capped
+/// run reports is the one its products can reach.
 #[cfg(target_arch = "x86_64")]
 fn fma_lanes() -> Option<usize> {
-    if std::is_x86_feature_detected!("avx512f") {
+    let cap = std::env::var("LORA_NDARRAY_ISA").unwrap_or_default();
+    if cap == "none" {
+        return None;
+    }
+    if std::is_x86_feature_detected!("avx512f") && cap != "avx2" {
         Some(16)
     } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         Some(8)

@@ -4,7 +4,9 @@
 //!   docs; prints per backend what ran and what was skipped and why.
 //! * `cargo xtask bench [--backend ...] [--quick]`: criterion benchmarks, then
 //!   `target/bench/report.json` and `docs/benchmarks.md`; `--report-only` rebuilds the
-//!   report from the last run's measurements.
+//!   report from the last run's measurements. `--isa avx2` caps our kernels and PyTorch's
+//!   at AVX2 on an AVX-512 CPU (the path AMD machines run) and writes
+//!   `docs/benchmarks-avx2.md` instead.
 //! * `cargo xtask soak [--quick]`: thousands of training steps and hundreds of merges in
 //!   one process, and `lora train` for 2000 steps, reporting whether the resident set grows.
 //! * `cargo xtask fuzz [--seconds N] [--target NAME]`: AFL++ over every loader (installs
@@ -40,7 +42,7 @@ pub fn select_backends(arg: Option<&str>) -> Result<Vec<&'static str>> {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <test|bench|soak|fuzz|fixtures|fetch-model minilm|fetch-data vader|gpu-bundle DIR> [--backend ndarray|tch|cuda|all] [--quick] [--report-only] [--seconds N] [--target NAME]"
+    "usage: cargo xtask <test|bench|soak|fuzz|fixtures|fetch-model minilm|fetch-data vader|gpu-bundle DIR> [--backend ndarray|tch|cuda|all] [--quick] [--report-only] [--isa avx2] [--seconds N] [--target NAME]"
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +64,7 @@ fn run(args: &[String]) -> Result<()> {
     let mut backend = None;
     let mut quick = false;
     let mut report_only = false;
+    let mut isa_cap = None;
     let mut seconds = 60u64;
     let mut fuzz_target = None;
     let skip = if matches!(task.as_str(), "fetch-model" | "fetch-data" | "gpu-bundle") {
@@ -75,6 +78,10 @@ fn run(args: &[String]) -> Result<()> {
             "--backend" => backend = it.next().map(String::as_str),
             "--quick" => quick = true,
             "--report-only" => report_only = true,
+            "--isa" => match it.next().map(String::as_str) {
+                Some("avx2") => isa_cap = Some(bench::IsaCap::Avx2),
+                other => bail!("--isa takes avx2 (got {other:?})\n{}", usage()),
+            },
             "--seconds" => {
                 seconds = it
                     .next()
@@ -92,8 +99,8 @@ fn run(args: &[String]) -> Result<()> {
     let backends = select_backends(backend)?;
     match task.as_str() {
         "test" => test::run(&backends),
-        "bench" if report_only => bench::report_only(quick),
-        "bench" => bench::run(&backends, quick),
+        "bench" if report_only => bench::report_only(quick, isa_cap),
+        "bench" => bench::run(&backends, quick, isa_cap),
         "fixtures" => venv::regenerate_fixtures(),
         "soak" => soak::run_soak(quick),
         "fuzz" => fuzz::run(seconds, fuzz_target),

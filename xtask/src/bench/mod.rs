@@ -16,8 +16,42 @@ use serde_json::json;
 
 use crate::cmd::{cargo, root, run as run_cmd};
 
+/// `--isa`: the widest instruction set the benchmarked code may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IsaCap {
+    /// AVX2 + FMA on a CPU that has AVX-512: our kernels (`LORA_NDARRAY_ISA`), the FMA
+    /// peak, and PyTorch's own kernels, MKL and oneDNN all kept to AVX2, so an Intel
+    /// machine measures the code paths an AMD EPYC runs against the same baseline.
+    Avx2,
+}
+
+impl IsaCap {
+    /// The variables that cap our benches and the Python baselines alike.
+    fn env(cap: Option<Self>) -> Vec<(&'static str, &'static str)> {
+        match cap {
+            None => Vec::new(),
+            Some(Self::Avx2) => vec![
+                ("LORA_NDARRAY_ISA", "avx2"),
+                ("ATEN_CPU_CAPABILITY", "avx2"),
+                ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+                ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+            ],
+        }
+    }
+
+    /// The report's file names under `docs/` and `target/bench/`: `benchmarks.md` and
+    /// `report.json`, or with a `-avx2` suffix.
+    pub(super) fn suffix(cap: Option<Self>) -> &'static str {
+        match cap {
+            None => "",
+            Some(Self::Avx2) => "-avx2",
+        }
+    }
+}
+
 /// Runs the benches and writes the report.
-pub fn run(backends: &[&str], quick: bool) -> Result<()> {
+pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
+    let cap_env = IsaCap::env(cap);
     for (name, missing) in crate::BACKENDS {
         if let (true, Some(why)) = (backends.contains(&name), missing) {
             println!("backend {name}: skipped ({why})");
@@ -46,6 +80,7 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
     if quick {
         cmd.env("LORA_BENCH_QUICK", "1");
     }
+    cmd.envs(cap_env.iter().copied());
     run_cmd(
         &format!(
             "cargo bench -p lora-benches{}",
@@ -53,18 +88,18 @@ pub fn run(backends: &[&str], quick: bool) -> Result<()> {
         ),
         &mut cmd,
     )?;
-    python_baselines(&target, quick)?;
+    python_baselines(&target, quick, &cap_env)?;
     merge_bench(&target, quick)?;
     memory::demo_memory(&target)?;
     memory::train_memory(&target)?;
     memory::decoder_memory(&target, quick)?;
     memory::bert_memory(&target)?;
-    report::report(&target, quick)
+    report::report(&target, quick, cap)
 }
 
 /// The Python baselines, minutes apart from our benches on the same machine:
 /// `target/bench/pytorch.json`, `bert_pytorch.json`, `decoder_pytorch.json` and `bnb.json`.
-fn python_baselines(target: &Path, quick: bool) -> Result<()> {
+fn python_baselines(target: &Path, quick: bool, cap_env: &[(&str, &str)]) -> Result<()> {
     // The PyTorch + PEFT baseline, minutes apart on the same machine.
     let python = crate::venv::ensure_venv()?;
     let _ = std::fs::remove_file(target.join("bench/pytorch.json"));
@@ -74,6 +109,7 @@ fn python_baselines(target: &Path, quick: bool) -> Result<()> {
             .arg(root().join("benches/python/peft_linear.py"))
             .arg(target.join("bench/pytorch.json"))
             .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
+            .envs(cap_env.iter().copied())
             .envs(quick.then_some(("LORA_BENCH_QUICK", "1"))),
     )?;
     // PyTorch + PEFT on all-MiniLM-L6-v2 (encoder forward, LoRA training step).
@@ -84,7 +120,8 @@ fn python_baselines(target: &Path, quick: bool) -> Result<()> {
             .arg(root().join("benches/python/bert_minilm.py"))
             .arg(crate::venv::fetch_minilm()?)
             .arg(target.join("bench/bert_pytorch.json"))
-            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
+            .envs(cap_env.iter().copied()),
     )?;
     // PyTorch + PEFT on the random Llama (training step, generation).
     let _ = std::fs::remove_file(target.join("bench/decoder_pytorch.json"));
@@ -94,6 +131,7 @@ fn python_baselines(target: &Path, quick: bool) -> Result<()> {
             .arg(root().join("benches/python/decoder_llama.py"))
             .arg(target.join("bench/decoder_pytorch.json"))
             .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
+            .envs(cap_env.iter().copied())
             .envs(quick.then_some(("LORA_BENCH_QUICK", "1"))),
     )?;
     // bitsandbytes + PEFT for the quantized-base workloads.
@@ -103,7 +141,8 @@ fn python_baselines(target: &Path, quick: bool) -> Result<()> {
         std::process::Command::new(crate::venv::ensure_venv()?)
             .arg(root().join("benches/python/bnb_quant.py"))
             .arg(target.join("bench/bnb.json"))
-            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" }),
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
+            .envs(cap_env.iter().copied()),
     )?;
     Ok(())
 }
@@ -177,6 +216,6 @@ fn merge_bench(target: &Path, quick: bool) -> Result<()> {
 }
 
 /// Rebuilds the report and chart from the last run's files under `target/`.
-pub fn report_only(quick: bool) -> Result<()> {
-    report::report(&root().join("target"), quick)
+pub fn report_only(quick: bool, cap: Option<IsaCap>) -> Result<()> {
+    report::report(&root().join("target"), quick, cap)
 }

@@ -81,7 +81,7 @@ pub(super) fn machine() -> String {
 
 /// Reads every measurement under `target/`, writes `target/bench/report.json`, then
 /// `docs/benchmarks.md` and `docs/benchmarks.png`.
-pub(super) fn report(target: &Path, quick: bool) -> Result<()> {
+pub(super) fn report(target: &Path, quick: bool, cap: Option<super::IsaCap>) -> Result<()> {
     let fma = read_json(&target.join("bench/fma_peak.json"))
         .map(|v| FmaPeak {
             gflops: v["fma_peak_gflops"].as_f64(),
@@ -110,11 +110,18 @@ pub(super) fn report(target: &Path, quick: bool) -> Result<()> {
     quant_rows(target, &mut rows);
     memory_rows(target, &mut rows);
     rows.sort_by(|a, b| (&a.op, &a.shape, &a.backend).cmp(&(&b.op, &b.shape, &b.backend)));
-    write_report(target, &rows, &fma, quick)
+    write_report(target, &rows, &fma, quick, cap)
 }
 
 /// `target/bench/report.json`, `docs/benchmarks.md` and `docs/benchmarks.png` from the rows.
-fn write_report(target: &Path, rows: &[Row], fma: &FmaPeak, quick: bool) -> Result<()> {
+fn write_report(
+    target: &Path,
+    rows: &[Row],
+    fma: &FmaPeak,
+    quick: bool,
+    cap: Option<super::IsaCap>,
+) -> Result<()> {
+    let suffix = super::IsaCap::suffix(cap);
     let json_rows: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -129,22 +136,25 @@ fn write_report(target: &Path, rows: &[Row], fma: &FmaPeak, quick: bool) -> Resu
     let report = json!({
         "machine": machine(),
         "quick": quick,
+        "isa_cap": cap.map(|c| format!("{c:?}")),
         "fma_peak_gflops": fma.gflops,
         "fma_isa": fma.isa,
         "rows": json_rows,
     });
     let dir = target.join("bench");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    println!("wrote {}", dir.join("report.json").display());
+    let json = dir.join(format!("report{suffix}.json"));
+    std::fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")?;
+    println!("wrote {}", json.display());
     let docs = root().join("docs");
-    super::markdown::write_markdown(&docs.join("benchmarks.md"), rows, fma, quick)?;
-    crate::chart::draw(&docs.join("benchmarks.png"), &rows_for_chart(rows))
-        .context("drawing docs/benchmarks.png")?;
-    println!("wrote docs/benchmarks.md and docs/benchmarks.png");
+    let (md, png) = (
+        format!("benchmarks{suffix}.md"),
+        format!("benchmarks{suffix}.png"),
+    );
+    super::markdown::write_markdown(&docs.join(&md), rows, fma, (quick, cap), &png)?;
+    crate::chart::draw(&docs.join(&png), &rows_for_chart(rows))
+        .with_context(|| format!("drawing docs/{png}"))?;
+    println!("wrote docs/{md} and docs/{png}");
     Ok(())
 }
 
