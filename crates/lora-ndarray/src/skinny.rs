@@ -148,9 +148,11 @@ unsafe fn narrow_output(
     let width = n.div_ceil(8) * 8;
     NARROW_PACK.with(|pack| {
         let mut pack = pack.borrow_mut();
-        // `y` as it is when already `[k, width]` row-major, else packed with zero columns.
-        let (y, ldy) = if y_cs == 1 && y_rs == width as isize {
-            (y, width)
+        // `y` in place when its rows are contiguous and whole vectors wide (attention's
+        // values at a head size of 32, a row stride of the hidden size), else packed
+        // `[k, width]` with zero columns.
+        let (y, ldy) = if y_cs == 1 && y_rs >= 0 && n == width {
+            (y, y_rs as usize)
         } else {
             pack.clear();
             pack.resize(k * width, 0.0);
@@ -207,7 +209,8 @@ unsafe fn narrow_output(
 /// `R` rows of [`narrow_output`], `8·V` columns (`V` vectors, one or two) at a time.
 ///
 /// # Safety
-/// As [`try_run`]; `y` is `[k, ldy]` row-major with `ldy >= n` a multiple of 8.
+/// As [`try_run`]; `y` is row-major with row stride `ldy`, each row readable up to `n`
+/// rounded up to a multiple of 8 (zero past `n`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_kernel<const R: usize, const V: usize>(
@@ -217,13 +220,14 @@ unsafe fn rows_kernel<const R: usize, const V: usize>(
     (y, ldy): (*const f32, usize),
     (c, ldc): (*mut f32, usize),
 ) {
+    let width = n.div_ceil(8) * 8;
     let mut j0 = 0;
     while j0 < n {
         // Vectors of this column block inside the padded width (the last may have one).
-        let vecs = (ldy - j0).div_ceil(8).min(V);
+        let vecs = (width - j0).div_ceil(8).min(V);
         let mut acc = [[_mm256_setzero_ps(); V]; R];
-        // SAFETY: p < k and j0 + 8·vecs <= ldy keep every load inside a's R x k rows and
-        // y's k x ldy block.
+        // SAFETY: p < k and j0 + 8·vecs <= width keep every load inside a's R x k rows and
+        // y's k rows of `width` readable values.
         unsafe {
             for p in 0..k {
                 let yp = y.add(p * ldy + j0);
@@ -240,26 +244,47 @@ unsafe fn rows_kernel<const R: usize, const V: usize>(
             }
         }
         let cols = (n - j0).min(8 * V);
-        let va = _mm256_set1_ps(alpha);
+        let (va, vb) = (_mm256_set1_ps(alpha), _mm256_set1_ps(beta));
         for (r, acc) in acc.iter().enumerate() {
-            let mut lanes = [0.0f32; 16];
-            // SAFETY: up to 16 floats of `lanes`; row r, columns j0..j0+cols of c are in
-            // range.
+            // SAFETY: row r, columns j0..j0 + cols of c are in range; each vector's store
+            // (and load, with beta) is masked to the columns below `cols`. A copy of `cols`
+            // values per row was a `memmove` call.
             unsafe {
-                for (v, acc) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * v), _mm256_mul_ps(*acc, va));
-                }
                 let row = c.add(r * ldc + j0);
-                if beta != 0.0 {
-                    for (i, lane) in lanes[..cols].iter_mut().enumerate() {
-                        *lane += beta * *row.add(i);
+                for (v, acc) in acc.iter().enumerate().take(vecs) {
+                    let (at, left) = (row.add(8 * v), cols - 8 * v);
+                    let scaled = _mm256_mul_ps(*acc, va);
+                    // Whole vectors unmasked (a masked store is slow on some AMD cores).
+                    if left >= 8 {
+                        let out = match beta {
+                            0.0 => scaled,
+                            _ => _mm256_fmadd_ps(vb, _mm256_loadu_ps(at), scaled),
+                        };
+                        _mm256_storeu_ps(at, out);
+                    } else {
+                        let mask = tail_mask(left);
+                        let out = match beta {
+                            0.0 => scaled,
+                            _ => _mm256_fmadd_ps(vb, _mm256_maskload_ps(at, mask), scaled),
+                        };
+                        _mm256_maskstore_ps(at, mask, out);
                     }
                 }
-                std::ptr::copy_nonoverlapping(lanes.as_ptr(), row, cols);
             }
         }
         j0 += 8 * V;
     }
+}
+
+/// The mask of an 8-lane load or store's first `min(n, 8)` lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn tail_mask(n: usize) -> __m256i {
+    let n = n.min(8) as i32;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
 }
 
 /// `c[m, n] = alpha · a[m, k] · y[k, n] + beta · c` on AVX-512 for `8 < n < NARROW`: `a`
