@@ -450,7 +450,7 @@ fn gemm_section(md: &mut String, rows: &[Row], fma: &FmaPeak, cap: Option<super:
     md.push_str("\n## Matrix multiplication\n\n");
     md.push_str(&format!("`ndarray` is our backend (our kernels: a 6 x 16 AVX2 tile or an 8 x 48 AVX-512 one, the skinny kernels for LoRA's rank-r products, the `gemm` crate for shallow products; our panel threading); the `gemm` crate with its own rayon threading and `matrixmultiply` (ndarray's own `dot` with its threading feature) are the alternatives measured in the same run, and PyTorch's `torch.mm` (its own BLAS and threads, `benches/python/peft_linear.py`) shows what the vendor library reaches on this machine. `x·Wᵀ` rows read the second operand transposed, as a linear layer's forward does; the last four shapes are the decoder benchmark's largest products. Goal: 85% of the measured FMA peak{} on large shapes.\n\n", fma.isa.as_deref().map_or(String::new(), |isa| format!(" ({isa})"))));
     if cap.is_some() {
-        md.push_str("The `gemm` crate picks its kernels from the CPU's features alone, so its rows run AVX-512 even in this capped run: above the AVX2 peak, and no baseline here.\n\n");
+        md.push_str("The `gemm` crate picks its kernels from the CPU's features alone, so its rows run AVX-512 even in this capped run: above the AVX2 peak, and no baseline here. So do `ndarray`'s products shallower than 32, which our backend hands to that crate (2048x4096x16 here).\n\n");
     }
     md.push_str("| engine | m x n x k | median | GFLOP/s | of FMA peak |\n|---|---|---|---|---|\n");
     for r in rows.iter().filter(|r| r.op == "gemm") {
