@@ -137,8 +137,9 @@ fn fma_lanes() -> Option<usize> {
     }
 }
 
-/// The vector ISA the FMA peak (and the `gemm` crate's kernels, which pick the same way at
-/// run time) use on this CPU: `"avx512f"`, `"avx2+fma"` or `None`.
+/// The vector ISA the FMA peak uses on this CPU: `"avx512f"`, `"avx2+fma"` or `None`.
+/// Uncapped, the `gemm` crate's kernels pick the same way at run time; they ignore
+/// `LORA_NDARRAY_ISA`.
 pub fn fma_isa() -> Option<&'static str> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -152,8 +153,9 @@ pub fn fma_isa() -> Option<&'static str> {
 
 /// Measured f32 FMA peak of this machine in GFLOP/s: every hardware thread runs twelve
 /// independent chains of fused multiply-adds at the widest width the CPU has (16-lane
-/// AVX-512 where present, so that a GEMM running AVX-512 kernels is measured against the
-/// right ceiling; else 8-lane AVX2), and the best of three runs of about 0.3 s counts.
+/// AVX-512 where present and not capped by `LORA_NDARRAY_ISA`, so that a GEMM running
+/// AVX-512 kernels is measured against the right ceiling; else 8-lane AVX2), and the best
+/// of three runs of about 0.3 s counts.
 /// Twelve chains keep two FMA ports busy with a latency up to six cycles and still fit the
 /// sixteen AVX2 registers. (Eight chains and one 70 ms run read 102 GFLOP/s on the 2-core
 /// AMD EPYC, where GEMMs reached 145 and a C loop with twelve chains 195.)

@@ -11,8 +11,8 @@
 //!
 //! * [`narrow_output`]: `c[m, n] = alpha · a[m, k] · y[k, n]`, `n < 64`: eight rows of `a`
 //!   at a time when `n <= 8` (four otherwise), each element broadcast against the `n`-wide
-//!   row of `y` (packed once per call when it is not already `[k, n]` row-major with `n` a
-//!   multiple of 8).
+//!   row of `y` (read in place when its rows are contiguous and `n` is a multiple of 8, at
+//!   any row stride; else packed once per call).
 //! * [`token_reduction`]: `c = alpha · Σ_t s[t, 0..ns]ᵀ ⊗ l[t, 0..nl] + beta · c`, `ns < 64`
 //!   (`token_reduction.rs`).
 //! * [`wide_output`] (AVX-512 CPUs, `8 < n < 64`): twelve rows of one or two 16-lane
@@ -165,7 +165,8 @@ unsafe fn narrow_output(
             (pack.as_ptr(), width)
         };
         // On AVX-512 CPUs an output wider than 8 (rank 16 through a strided `y`) goes to
-        // `wide_output` once `y` is packed.
+        // `wide_output` with `y` packed (or in place: unreached from `try_run`, which sends
+        // a contiguous `y` there first).
         if width > 8 && crate::sgemm::isa() == Some(crate::sgemm::Isa::Avx512) {
             // SAFETY: forwarded to the caller's contract; `y` is now `[k, ldy]` row-major and
             // the CPU has AVX-512F.

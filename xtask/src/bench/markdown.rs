@@ -71,11 +71,13 @@ fn header(
     ));
     if cap == Some(super::IsaCap::Avx2) {
         md.push_str(
-            "- Instruction set: **capped at AVX2** on a CPU with AVX-512 (`--isa avx2`): our \
-             kernels with `LORA_NDARRAY_ISA=avx2`, the FMA peak with 8 lanes, PyTorch with \
+            "- Instruction set: **capped at AVX2** (`--isa avx2`): our benches with \
+             `LORA_NDARRAY_ISA=avx2`, the FMA peak with 8 lanes, PyTorch with \
              `ATEN_CPU_CAPABILITY=avx2`, `MKL_ENABLE_INSTRUCTIONS=AVX2` and \
-             `ONEDNN_MAX_CPU_ISA=AVX2`: the code paths an AVX2-only CPU (AMD EPYC) runs, on \
-             this machine's cores and caches\n",
+             `ONEDNN_MAX_CPU_ISA=AVX2`: on a CPU with AVX-512, the code paths an AVX2-only \
+             CPU (AMD EPYC) runs, on this machine's cores and caches. The merge and memory \
+             rows run uncapped: their peak RSS does not depend on the instruction set, their \
+             process times do\n",
         );
     }
     md.push_str("- Allocator: mimalloc (as in the `lora` binary)\n\n");

@@ -39,8 +39,10 @@ impl IsaCap {
         }
     }
 
-    /// The report's file names under `docs/` and `target/bench/`: `benchmarks.md` and
-    /// `report.json`, or with a `-avx2` suffix.
+    /// The suffix of the report's own files (`target/bench/report.json`,
+    /// `docs/benchmarks.md` and `.png`): none, or `-avx2`. The measurements it is made
+    /// from (`target/bench/*.json`, criterion's estimates) are the last run's either way;
+    /// `report` checks they match the cap.
     pub(super) fn suffix(cap: Option<Self>) -> &'static str {
         match cap {
             None => "",

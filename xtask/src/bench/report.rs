@@ -80,7 +80,8 @@ pub(super) fn machine() -> String {
 }
 
 /// Reads every measurement under `target/`, writes `target/bench/report.json`, then
-/// `docs/benchmarks.md` and `docs/benchmarks.png`.
+/// `docs/benchmarks.md` and `docs/benchmarks.png` (with `cap`: `report-avx2.json`,
+/// `benchmarks-avx2.md` and `.png`).
 pub(super) fn report(target: &Path, quick: bool, cap: Option<super::IsaCap>) -> Result<()> {
     let fma = read_json(&target.join("bench/fma_peak.json"))
         .map(|v| FmaPeak {
@@ -88,6 +89,7 @@ pub(super) fn report(target: &Path, quick: bool, cap: Option<super::IsaCap>) -> 
             isa: v["isa"].as_str().map(String::from),
         })
         .unwrap_or_default();
+    check_cap(&fma, cap)?;
     let bert_torch = read_json(&target.join("bench/bert_pytorch.json")).unwrap_or(json!({}));
     let decoder_torch = read_json(&target.join("bench/decoder_pytorch.json")).unwrap_or(json!({}));
     let families = [
@@ -113,7 +115,32 @@ pub(super) fn report(target: &Path, quick: bool, cap: Option<super::IsaCap>) -> 
     write_report(target, &rows, &fma, quick, cap)
 }
 
-/// `target/bench/report.json`, `docs/benchmarks.md` and `docs/benchmarks.png` from the rows.
+/// Refuses to label the last run's measurements with the wrong instruction set: a run
+/// capped at AVX2 on a CPU with AVX-512 took its FMA peak with 8 lanes (`avx2+fma`), an
+/// uncapped one there with 16.
+fn check_cap(fma: &FmaPeak, cap: Option<super::IsaCap>) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    let Some(isa) = fma.isa.as_deref().filter(|_| avx512) else {
+        return Ok(());
+    };
+    match (cap.is_some(), isa == "avx2+fma") {
+        (true, false) => anyhow::bail!(
+            "the measurements under target/bench come from a run that was not capped at AVX2 \
+             (FMA peak on {isa}): run `cargo xtask bench --isa avx2`, or drop --isa"
+        ),
+        (false, true) => anyhow::bail!(
+            "the measurements under target/bench come from a run capped at AVX2: add \
+             --isa avx2, or run `cargo xtask bench` again"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// `target/bench/report.json`, `docs/benchmarks.md` and `docs/benchmarks.png` from the rows
+/// (suffixed `-avx2` with a cap).
 fn write_report(
     target: &Path,
     rows: &[Row],

@@ -242,8 +242,8 @@ pub(super) unsafe fn slice_product(
     // transposed): dot products of four rows of `a` against four columns of `y` at a time
     // in 16-lane chunks, where `narrow_output` broadcasts every element of `a` into 8-lane
     // FMAs (nine loads per eight FMAs at rank 8). LoRA fwd+bwd over the frozen layer on
-    // the Xeon, three interleaved runs: 2048x384x1536 r8 1.085-1.089 -> 1.070-1.081,
-    // 2048x384x384 r8 1.111-1.121 -> 1.101-1.116. The 8-lane dots lost to `narrow_output`
+    // the Xeon, five interleaved pairs: 2048x384x1536 r8 1.085-1.104 -> 1.070-1.084,
+    // 2048x384x384 r8 1.111-1.131 -> 1.101-1.116. The 8-lane dots lost to `narrow_output`
     // there (1.092 -> 1.116-1.132 at 1536, 1.053-1.058 -> 1.095 at 384).
     if dots_on_this_cpu() && y_rs == 1 && y_cs > 0 && kc >= 16 {
         for i in (0..mc).step_by(FEW_ROWS) {

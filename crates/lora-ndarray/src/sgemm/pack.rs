@@ -170,10 +170,11 @@ unsafe fn copy_groups<const N: usize>(src: *const f32, along: isize, dst: &mut [
 
 /// Packs `w` vectors that run contiguously along `k` (vector `i` starts at `src + i·stride`:
 /// the rows of a row-major `a`, or the columns of a transposed `b`) into `kc` groups of
-/// `ld >= w` values (the first `w` written), 8 x 8 blocks at a time through registers.
+/// `ld >= w` values, 8 x 8 blocks at a time through registers. Lanes `w..ld` of a group
+/// may be written with zeros (the panel's padding, which the caller zero-fills anyway).
 ///
 /// # Safety
-/// The `w` vectors of `kc` values are addressable; `out` holds `kc x ld`.
+/// The `w` vectors of `kc` values are addressable; `out` is exactly `kc x ld`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pack_transposed(
@@ -183,9 +184,11 @@ unsafe fn pack_transposed(
     stride: isize,
     out: &mut [f32],
 ) {
+    debug_assert_eq!(out.len(), kc * ld);
     let full = kc / 8 * 8;
     // SAFETY: every load reads values p..p+8 of one of the w vectors; every store writes
-    // the first `n` lanes of group `g` of column p+q inside `out` (kc x ld).
+    // group `g` of depth step p+q inside `out` (kc x ld), its first `n` lanes with values
+    // and at most its other lanes with zeros, as the comment on the stores says.
     unsafe {
         for p in (0..full).step_by(8) {
             for g in (0..w).step_by(8) {
@@ -199,12 +202,13 @@ unsafe fn pack_transposed(
                     let dst = out.as_mut_ptr().add(at);
                     // Lanes past `n` hold zeros (from the zero rows). All eight may be
                     // stored where they land on this group's padding (`g + 8 <= ld`), or
-                    // on the next depth steps' first lanes when the panel is one group
-                    // wide (`ld <= 8`, the AVX2 tile's 6 rows): later stores in this loop
-                    // write those. Else only `n` lanes, masked: a copy of `n` values was a
-                    // `memmove` call per depth step, 6.6% of a MiniLM training step on the
-                    // AVX2 kernels.
-                    if g + 8 <= ld || (ld <= 8 && at + 8 <= out.len()) {
+                    // on the next depth step's first lanes when the panel is one group
+                    // wide (`ld <= 8`, the AVX2 tile's 6 rows): a later store (the next
+                    // `q`, the next block of 8, or the scalar tail) writes those, or they
+                    // are padding and zero is right. Never past `out`'s last step: there,
+                    // only `n` lanes, masked. (A copy of `n` values was a `memmove` call
+                    // per depth step, 6.6% of a MiniLM training step on the AVX2 kernels.)
+                    if g + 8 <= ld || (ld <= 8 && at + 8 <= kc * ld) {
                         _mm256_storeu_ps(dst, v);
                     } else {
                         _mm256_maskstore_ps(dst, tail_mask(n), v);
