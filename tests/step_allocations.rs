@@ -6,15 +6,16 @@
 //!
 //! * take every output buffer from the backend's pool (`ndarray_pool::stats().allocated`
 //!   stays unchanged), and
-//! * make no allocation of 8 KiB or more on an x86-64 CPU with AVX2 and FMA, where our own
-//!   kernels run the products (all but the tiny Llama's depth-16 attention products
-//!   `q kᵀ` and `g vᵀ`, which go to the `gemm` crate and allocated nothing in 40 runs
-//!   under load). Elsewhere every product runs on the
-//!   crate, whose kernels allocate their own packing scratch on a thread's first call, so
-//!   each large allocation's backtrace is checked to come from it. This failed with 864 allocations
-//!   per MiniLM step (6.9 MiB) while depth-32 products went to the crate, and in about
-//!   one run in ten on the AVX2 kernels under load (one 2 MiB scratch, on a pool thread's
-//!   first such call) while attention's `dv += pᵀ g` (`beta = 1`) went there.
+//! * make no allocation of 8 KiB or more on an x86-64 CPU with AVX2 and FMA, where our
+//!   own kernels run the products: all but the tiny Llama's depth-16 attention products
+//!   `q kᵀ` and `g vᵀ`, which go to the `gemm` crate (they allocated nothing in 40 runs
+//!   under load on the Xeon VM, where the crate runs AVX-512; its AVX2 path on an AMD CPU
+//!   was not checked). Elsewhere every product runs on the crate, whose kernels allocate
+//!   their own packing scratch on a thread's first call, so each large allocation's
+//!   backtrace is checked to come from it. This failed with 864 allocations per MiniLM
+//!   step (6.9 MiB) while depth-32 products went to the crate, and in about one run in
+//!   ten on the AVX2 kernels under load (one 2 MiB scratch, on a pool thread's first such
+//!   call) while attention's `dv += pᵀ g` (`beta = 1`) went there.
 //!
 //! Small allocations (reference counts of tensors, shape vectors, per-step vectors of
 //! parameters) are counted and printed, not asserted: the allocator serves them from

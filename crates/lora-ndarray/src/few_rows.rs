@@ -1,7 +1,10 @@
 //! Products of a few rows against a weight stored `[out, in]`: `c[m, n] = alpha · a[m, k] ·
-//! Wᵀ + beta · c` with `m <= 4`, each output a dot product of a row of `a` (in L1) and a
-//! row of `W` (streamed once). Generation runs one token per sequence through every
-//! projection this way, so its speed is how fast the weights stream in.
+//! Wᵀ + beta · c`, four rows of `a` at a time, each output a dot product of a row of `a`
+//! (in L1) and a row of `W`. Generation runs one token per sequence (at most four rows)
+//! through every projection this way, streaming `W` once, so its speed is how fast the
+//! weights stream in; on AVX-512 the fused LoRA layer runs its rank-r slices here too
+//! (`gemm/lora_backward.rs`, `slice_product`), where `W` is `Aᵀ` or `Bᵀ`, small enough to
+//! stay in L1 across the groups of rows.
 //!
 //! The `gemm` crate ran these through its general path (64% of a decoder's generation in
 //! the profile, single-threaded below a million multiply-adds). Here four rows of `W` are
@@ -15,15 +18,16 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// The most rows of `a` these kernels take.
+/// Rows of `a` per register tile, and the most rows `skinny::try_run` sends here.
 pub(crate) const FEW_ROWS: usize = 4;
 
 /// Rows of `W` (output columns) read side by side.
 const COLS: usize = 4;
 
-/// `c = alpha · a Wᵀ + beta · c` for `1 <= m <= FEW_ROWS` rows (panics otherwise): `a` row-major (row stride
-/// `lda`), `W` `[n, k]` row-major (row stride `ldw`), `c` row stride `ldc`; `beta == 0`
-/// never reads `c`.
+/// `c = alpha · a Wᵀ + beta · c` for `m` rows, [`FEW_ROWS`] at a time: `a` row-major (row
+/// stride `lda`), `W` `[n, k]` row-major (row stride `ldw`), `c` row stride `ldc`;
+/// `beta == 0` never reads `c`. Each group of rows reads `W` once more: meant for a few
+/// rows (generation), or a narrow `W` that stays in L1 (LoRA's rank-r slices).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA (and AVX-512F where `avx512`); `a`'s `m x k`, `W`'s `n x k`
@@ -38,31 +42,36 @@ pub(crate) unsafe fn few_rows_times_wt(
     (c, ldc): (*mut f32, usize),
     avx512: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    macro_rules! rows {
-        ($m:literal) => {
-            // SAFETY: forwarded to the caller's contract.
-            unsafe {
-                match avx512 {
-                    true => dots_avx512::<$m>((n, k), alpha, (a, lda), (w, ldw), beta, (c, ldc)),
-                    false => dots_avx2::<$m>((n, k), alpha, (a, lda), (w, ldw), beta, (c, ldc)),
+    for i0 in (0..m).step_by(FEW_ROWS) {
+        // SAFETY: rows i0.. of a and c lie inside the m x k and m x n extents.
+        let (a, c) = unsafe { (a.add(i0 * lda), c.add(i0 * ldc)) };
+        #[cfg(target_arch = "x86_64")]
+        macro_rules! rows {
+            ($m:literal) => {
+                // SAFETY: forwarded to the caller's contract.
+                unsafe {
+                    match avx512 {
+                        true => {
+                            dots_avx512::<$m>((n, k), alpha, (a, lda), (w, ldw), beta, (c, ldc))
+                        }
+                        false => dots_avx2::<$m>((n, k), alpha, (a, lda), (w, ldw), beta, (c, ldc)),
+                    }
                 }
-            }
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    macro_rules! rows {
-        ($m:literal) => {{
-            let _ = (n, k, alpha, a, lda, w, ldw, beta, c, ldc, avx512);
-            unreachable!("our kernels are only dispatched to on x86-64")
-        }};
-    }
-    match m {
-        1 => rows!(1),
-        2 => rows!(2),
-        3 => rows!(3),
-        4 => rows!(4),
-        _ => unreachable!("few_rows_times_wt takes 1 to {FEW_ROWS} rows, not {m}"),
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        macro_rules! rows {
+            ($m:literal) => {{
+                let _ = (n, k, alpha, a, lda, w, ldw, beta, c, ldc, avx512);
+                unreachable!("our kernels are only dispatched to on x86-64")
+            }};
+        }
+        match (m - i0).min(FEW_ROWS) {
+            1 => rows!(1),
+            2 => rows!(2),
+            3 => rows!(3),
+            _ => rows!(4),
+        }
     }
 }
 
@@ -184,7 +193,8 @@ unsafe fn dots_avx2<const M: usize>(
 mod tests {
     use super::*;
 
-    /// Every row count, column counts with and without a partial group of four, depths
+    /// Every row count (and more than one group of rows), column counts with and without a
+    /// partial group of four, depths
     /// with and without a partial vector (1, 15, 17, 40, 513), `beta` 0 and not, on each
     /// kernel the CPU has, against f64 sums.
     #[test]
@@ -200,7 +210,7 @@ mod tests {
             if !present {
                 continue;
             }
-            for m in 1..=FEW_ROWS {
+            for m in 1..=FEW_ROWS + 3 {
                 for n in [1, 4, 67] {
                     for k in [1, 15, 17, 40, 513] {
                         let (lda, ldw, ldc) = (k + 3, k + 5, n + 2);

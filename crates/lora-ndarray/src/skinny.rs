@@ -263,7 +263,7 @@ unsafe fn rows_kernel<const R: usize, const V: usize>(
                         };
                         _mm256_storeu_ps(at, out);
                     } else {
-                        let mask = tail_mask(left);
+                        let mask = crate::sgemm::first_lanes(left);
                         let out = match beta {
                             0.0 => scaled,
                             _ => _mm256_fmadd_ps(vb, _mm256_maskload_ps(at, mask), scaled),
@@ -275,17 +275,6 @@ unsafe fn rows_kernel<const R: usize, const V: usize>(
         }
         j0 += 8 * V;
     }
-}
-
-/// The mask of an 8-lane load or store's first `min(n, 8)` lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn tail_mask(n: usize) -> __m256i {
-    let n = n.min(8) as i32;
-    _mm256_cmpgt_epi32(
-        _mm256_set1_epi32(n),
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-    )
 }
 
 /// `c[m, n] = alpha · a[m, k] · y[k, n] + beta · c` on AVX-512 for `8 < n < NARROW`: `a`

@@ -217,7 +217,7 @@ unsafe fn reduce_tile<const R: usize>(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn reduce_avx2(
     (ns, nl, k): (usize, usize, usize),
-    alphas: (f32, f32),
+    alpha_beta: (f32, f32),
     (s, lds): (*const f32, isize),
     (l, ldl): (*const f32, isize),
     (c, c_js, c_qs): (*mut f32, usize, usize),
@@ -244,7 +244,7 @@ unsafe fn reduce_avx2(
                 )
             };
             // SAFETY: c(j, q0 + q) lies in the output for j < ns, q < w.
-            unsafe { store_block(acc, qb, (ns, w), alphas, (c.add(q0 * c_qs), c_js, c_qs)) };
+            unsafe { store_block(acc, qb, (ns, w), alpha_beta, (c.add(q0 * c_qs), c_js, c_qs)) };
         }
     });
 }
@@ -336,7 +336,7 @@ unsafe fn accumulate_tokens<const T: usize>(
             );
         }
         if full < block.cols {
-            let mask = tail_mask(block.cols - full);
+            let mask = crate::sgemm::first_lanes(block.cols - full);
             step(
                 full,
                 std::array::from_fn(|i| {
@@ -375,15 +375,6 @@ unsafe fn accumulate_rows<const T: usize, const J: usize>(
             _mm256_storeu_ps(dst[j], *v);
         }
     }
-}
-
-/// A load mask of the first `n < 8` lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn tail_mask(n: usize) -> __m256i {
-    let lanes: [i32; 8] = std::array::from_fn(|i| if i < n { -1 } else { 0 });
-    // SAFETY: 8 readable i32 values.
-    unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]

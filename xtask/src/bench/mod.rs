@@ -102,49 +102,42 @@ pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
 /// The Python baselines, minutes apart from our benches on the same machine:
 /// `target/bench/pytorch.json`, `bert_pytorch.json`, `decoder_pytorch.json` and `bnb.json`.
 fn python_baselines(target: &Path, quick: bool, cap_env: &[(&str, &str)]) -> Result<()> {
-    // The PyTorch + PEFT baseline, minutes apart on the same machine.
     let python = crate::venv::ensure_venv()?;
-    let _ = std::fs::remove_file(target.join("bench/pytorch.json"));
+    // Each script under benches/python with its run length, the run's instruction-set cap,
+    // and its output (removed first, so that a failed run leaves no stale figures).
+    let script = |name: &str, out: &str| {
+        let _ = std::fs::remove_file(target.join("bench").join(out));
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg(root().join("benches/python").join(name))
+            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
+            .envs(cap_env.iter().copied());
+        cmd
+    };
+    let quick_env = quick.then_some(("LORA_BENCH_QUICK", "1"));
     run_cmd(
         "PyTorch + PEFT baseline (benches/python/peft_linear.py)",
-        std::process::Command::new(python)
-            .arg(root().join("benches/python/peft_linear.py"))
+        script("peft_linear.py", "pytorch.json")
             .arg(target.join("bench/pytorch.json"))
-            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
-            .envs(cap_env.iter().copied())
-            .envs(quick.then_some(("LORA_BENCH_QUICK", "1"))),
+            .envs(quick_env),
     )?;
     // PyTorch + PEFT on all-MiniLM-L6-v2 (encoder forward, LoRA training step).
-    let _ = std::fs::remove_file(target.join("bench/bert_pytorch.json"));
     run_cmd(
         "PyTorch + PEFT on all-MiniLM-L6-v2 (benches/python/bert_minilm.py)",
-        std::process::Command::new(crate::venv::ensure_venv()?)
-            .arg(root().join("benches/python/bert_minilm.py"))
+        script("bert_minilm.py", "bert_pytorch.json")
             .arg(crate::venv::fetch_minilm()?)
-            .arg(target.join("bench/bert_pytorch.json"))
-            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
-            .envs(cap_env.iter().copied()),
+            .arg(target.join("bench/bert_pytorch.json")),
     )?;
     // PyTorch + PEFT on the random Llama (training step, generation).
-    let _ = std::fs::remove_file(target.join("bench/decoder_pytorch.json"));
     run_cmd(
         "PyTorch + PEFT on a random Llama (benches/python/decoder_llama.py)",
-        std::process::Command::new(crate::venv::ensure_venv()?)
-            .arg(root().join("benches/python/decoder_llama.py"))
+        script("decoder_llama.py", "decoder_pytorch.json")
             .arg(target.join("bench/decoder_pytorch.json"))
-            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
-            .envs(cap_env.iter().copied())
-            .envs(quick.then_some(("LORA_BENCH_QUICK", "1"))),
+            .envs(quick_env),
     )?;
     // bitsandbytes + PEFT for the quantized-base workloads.
-    let _ = std::fs::remove_file(target.join("bench/bnb.json"));
     run_cmd(
         "bitsandbytes + PEFT baseline (benches/python/bnb_quant.py)",
-        std::process::Command::new(crate::venv::ensure_venv()?)
-            .arg(root().join("benches/python/bnb_quant.py"))
-            .arg(target.join("bench/bnb.json"))
-            .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
-            .envs(cap_env.iter().copied()),
+        script("bnb_quant.py", "bnb.json").arg(target.join("bench/bnb.json")),
     )?;
     Ok(())
 }

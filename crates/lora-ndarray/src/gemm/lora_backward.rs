@@ -21,7 +21,7 @@ use lora_core::{Error, LoraGrads, Result, Tensor};
 use rayon::prelude::*;
 
 use super::{ConstPtr, PARALLEL_MIN_WORK, SendPtr};
-use crate::few_rows::{FEW_ROWS, few_rows_times_wt};
+use crate::few_rows::few_rows_times_wt;
 use crate::sgemm::{self, Operand};
 use crate::tensor::NdTensor;
 use crate::{pool, skinny, token_reduction};
@@ -224,7 +224,7 @@ fn dots_on_this_cpu() -> bool {
 /// One depth slice of a hook's narrow product: `c = a y` for the first slice (`first`),
 /// `c += a y` after, with `a` (`mc x kc`, row stride `lda`), `y` (`kc x r`, any strides)
 /// and `c` (`mc x r` row-major). On AVX-512 with `y` contiguous along the depth, dot
-/// products four rows at a time (`few_rows.rs`); else on the skinny kernels; element by
+/// products (`few_rows.rs`); else on the skinny kernels; element by
 /// element for a slice shallower than the others take (under 8 deep).
 ///
 /// # Safety
@@ -246,21 +246,19 @@ pub(super) unsafe fn slice_product(
     // 2048x384x384 r8 1.111-1.131 -> 1.101-1.116. The 8-lane dots lost to `narrow_output`
     // there (1.092 -> 1.116-1.132 at 1536, 1.053-1.058 -> 1.095 at 384).
     if dots_on_this_cpu() && y_rs == 1 && y_cs > 0 && kc >= 16 {
-        for i in (0..mc).step_by(FEW_ROWS) {
-            // SAFETY: rows i.. of a and c inside the mc x kc and mc x r extents; the r rows
-            // of y's transpose are kc long (forwarded to the caller's contract).
-            unsafe {
-                few_rows_times_wt(
-                    (FEW_ROWS.min(mc - i), r, kc),
-                    1.0,
-                    (a.add(i * lda), lda),
-                    (y, y_cs as usize),
-                    beta,
-                    (c.add(i * r), r),
-                    true,
-                )
-            };
-        }
+        // SAFETY: the r rows of y's transpose are kc long; the rest is forwarded to the
+        // caller's contract.
+        unsafe {
+            few_rows_times_wt(
+                (mc, r, kc),
+                1.0,
+                (a, lda),
+                (y, y_cs as usize),
+                beta,
+                (c, r),
+                true,
+            )
+        };
         return;
     }
     // SAFETY: forwarded to the caller's contract.

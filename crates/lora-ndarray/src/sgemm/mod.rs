@@ -135,6 +135,19 @@ pub(crate) fn isa() -> Option<Isa> {
     })
 }
 
+/// The mask of an 8-lane AVX2 load or store (`maskload`, `maskstore`) that takes the first
+/// `min(n, 8)` lanes: the tails of the packing, the skinny kernels and the token
+/// reductions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) fn first_lanes(n: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::{_mm256_cmpgt_epi32, _mm256_set1_epi32, _mm256_setr_epi32};
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n.min(8) as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
 /// The widest instruction set of this CPU that our kernels have.
 fn detect_isa() -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]

@@ -211,7 +211,7 @@ unsafe fn pack_transposed(
                     if g + 8 <= ld || (ld <= 8 && at + 8 <= kc * ld) {
                         _mm256_storeu_ps(dst, v);
                     } else {
-                        _mm256_maskstore_ps(dst, tail_mask(n), v);
+                        _mm256_maskstore_ps(dst, super::first_lanes(n), v);
                     }
                 }
             }
@@ -222,16 +222,6 @@ unsafe fn pack_transposed(
             }
         }
     }
-}
-
-/// The mask of an 8-lane store's first `n` lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn tail_mask(n: usize) -> __m256i {
-    _mm256_cmpgt_epi32(
-        _mm256_set1_epi32(n as i32),
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-    )
 }
 
 #[cfg(not(target_arch = "x86_64"))]
