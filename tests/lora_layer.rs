@@ -368,3 +368,91 @@ fn backward_accumulate_adds_the_input_gradient() {
         "{err}"
     );
 }
+
+/// `backward_params` (the first layer over frozen embeddings) leaves the gradients of the
+/// f64 reference, with and without dropout, and consumes the saved input like `backward`;
+/// DoRA, which has no such path, falls back to the full backward with its gradients; a
+/// layer without adapters has nothing to do; a `dy` of the wrong shape is an error naming
+/// the layer.
+#[test]
+fn backward_params_gives_the_adapter_gradients_alone() {
+    let b = backend();
+    let (n, inp, out, r) = (70, 96, 80, 4);
+    let (x, g) = (rand_tensor(&[n, inp], 9, 1), rand_tensor(&[n, out], 9, 2));
+    for dropout in [0.0, 0.3] {
+        let name = "encoder.layer.0.attention.self.query";
+        let mut l = LoraLinear::new(name, base(out, inp, 8));
+        l.inject_lora(&b, &spec(r, 8.0, dropout, LoraInit::Random))
+            .unwrap();
+        let mut mask = vec![1.0; n * inp];
+        if dropout > 0.0 {
+            let stream = RngState::new(77, rng::stream_id(name, "dropout"));
+            rng::dropout_mask(stream, dropout, &mut mask);
+        }
+        let ad = l.adapter().unwrap();
+        let h = HostLora {
+            n,
+            inp,
+            out,
+            r,
+            x: to64(&host(&b, &x)),
+            w: to64(&host(&b, &l.base().weight(&b).unwrap())),
+            bias: to64(&host(&b, l.base().bias().unwrap())),
+            a: to64(&host(&b, ad.tensors()[0].1)),
+            b: to64(&host(&b, ad.tensors()[1].1)),
+            s: 2.0,
+            mask: to64(&mask),
+        };
+        l.forward(&b, &x, Mode::Train).unwrap();
+        l.backward_params(&b, &g).unwrap();
+        let (_, want_da, want_db) = h.backward(&to64(&host(&b, &g)));
+        let pg = l.params_and_grads();
+        let what = format!("dropout {dropout}");
+        assert_close(
+            &format!("dA, {what}"),
+            &host(&b, pg[0].grad),
+            &want_da,
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("dB, {what}"),
+            &host(&b, pg[1].grad),
+            &want_db,
+            1e-5,
+            1e-5,
+        );
+        let err = l.backward_params(&b, &g).unwrap_err().to_string();
+        assert!(
+            err.contains(name) && err.contains("without a forward"),
+            "{err}"
+        );
+    }
+
+    let mut dora = LoraLinear::new("dora", base(out, inp, 8));
+    dora.add_dora(&b, "default", &spec(r, 8.0, 0.0, LoraInit::Random))
+        .unwrap();
+    dora.forward(&b, &x, Mode::Train).unwrap();
+    dora.backward(&b, &g).unwrap();
+    let full: Vec<Vec<f32>> = (dora.params_and_grads().iter())
+        .map(|p| host(&b, p.grad))
+        .collect();
+    dora.forward(&b, &x, Mode::Train).unwrap();
+    dora.backward_params(&b, &g).unwrap();
+    let alone: Vec<Vec<f32>> = (dora.params_and_grads().iter())
+        .map(|p| host(&b, p.grad))
+        .collect();
+    assert_eq!((full.len(), alone), (3, full));
+
+    let mut frozen = LoraLinear::new("frozen", base(out, inp, 8));
+    frozen.forward(&b, &x, Mode::Train).unwrap();
+    frozen.backward_params(&b, &g).unwrap();
+    frozen.forward(&b, &x, Mode::Train).unwrap();
+    let err = (frozen.backward_params(&b, &rand_tensor(&[n, inp], 9, 3)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("frozen") && err.contains(&format!("[{n}, {out}]")),
+        "{err}"
+    );
+}

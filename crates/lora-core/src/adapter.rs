@@ -80,6 +80,14 @@ pub trait Adapter<B: LoraOps>: Debug + Send + Sync {
         let _ = (backend, base, x, dy);
         Ok(None)
     }
+    /// The parameter gradients alone, for a layer whose input gradient nothing needs
+    /// ([`LoraLinear::backward_params`](crate::LoraLinear::backward_params)): `false` where
+    /// the adapter cannot, with nothing consumed (the layer then runs the full backward
+    /// and drops the input gradient).
+    fn backward_params(&mut self, backend: &B, x: &B::Tensor, dy: &B::Tensor) -> Result<bool> {
+        let _ = (backend, x, dy);
+        Ok(false)
+    }
     /// The frozen base layer was replaced or its weight changed (merge, unmerge,
     /// quantization): drop whatever was derived from it.
     fn base_changed(&mut self) {}
@@ -336,6 +344,16 @@ impl<B: LoraOps> LoraAdapter<B> {
         self.grads.as_ref()
     }
 
+    /// What the last training forward kept, taken for the backward.
+    fn take_saved(&mut self) -> Result<Saved<B::Tensor>> {
+        self.saved.take().ok_or_else(|| {
+            Error::state(
+                format!("LoRA on {}", self.layer),
+                "backward called without a forward in training mode",
+            )
+        })
+    }
+
     /// NaN or inf anywhere in a row of x makes that row of H = (x ⊙ M) Aᵀ non-finite
     /// (IEEE: NaN·0 = NaN, inf·0 = NaN), so checking the [n, r] H detects bad input at
     /// 1/(in/r) of the cost of scanning x; x itself is scanned only to word the error.
@@ -441,12 +459,7 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
         dy: &B::Tensor,
         dx: &mut B::Tensor,
     ) -> Result<()> {
-        let saved = self.saved.take().ok_or_else(|| {
-            Error::state(
-                format!("LoRA on {}", self.layer),
-                "backward called without a forward in training mode",
-            )
-        })?;
+        let saved = self.take_saved()?;
         let grads = backend.lora_backward(
             x,
             &self.a,
@@ -459,6 +472,21 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
         )?;
         self.grads = Some(grads);
         Ok(())
+    }
+
+    fn backward_params(&mut self, backend: &B, x: &B::Tensor, dy: &B::Tensor) -> Result<bool> {
+        let saved = self.take_saved()?;
+        let (grads, _) = backend.lora_grads(
+            x,
+            &self.a,
+            &self.b,
+            self.scaling,
+            saved.mask.as_ref(),
+            &saved.h,
+            dy,
+        )?;
+        self.grads = Some(grads);
+        Ok(true)
     }
 
     fn delta_weight(&self, backend: &B) -> Result<B::Tensor> {

@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops::LoraOps;
 
-#[path = "lora_linear_accumulate.rs"]
-mod accumulate;
+#[path = "lora_linear_input_grad.rs"]
+mod input_grad;
 #[path = "lora_linear_merge.rs"]
 mod merge;
 

@@ -118,6 +118,52 @@ pub trait LoraOps: Backend {
         Ok(h)
     }
 
+    /// Computes `dA` and `dB` alone, for a layer whose input gradient nothing needs (the
+    /// first layer over frozen embeddings, where PyTorch's autograd skips it too). Also
+    /// returns `G B` (`[n, r]`), from which the input gradient's LoRA part follows.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_grads(
+        &self,
+        x: &Self::Tensor,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        scaling: f32,
+        mask: Option<&Self::Tensor>,
+        h: &Self::Tensor,
+        dy: &Self::Tensor,
+    ) -> Result<(LoraGrads<Self::Tensor>, Self::Tensor)> {
+        let (n, _) = x.shape_matrix();
+        let (r, in_f) = a.shape_matrix();
+        let out_f = b.shape_matrix().0;
+
+        let mut d_b = self.zeros(&[out_f, r])?;
+        self.gemm(scaling, dy, Transpose::Yes, h, Transpose::No, 0.0, &mut d_b)?;
+
+        // G B: the output gradient projected into the rank-r space.
+        let mut g_b = self.zeros(&[n, r])?;
+        self.gemm(1.0, dy, Transpose::No, b, Transpose::No, 0.0, &mut g_b)?;
+
+        let dropped;
+        let x_lora = match mask {
+            Some(m) => {
+                dropped = self.binary(BinaryOp::Mul, x, m)?;
+                &dropped
+            }
+            None => x,
+        };
+        let mut d_a = self.zeros(&[r, in_f])?;
+        self.gemm(
+            scaling,
+            &g_b,
+            Transpose::Yes,
+            x_lora,
+            Transpose::No,
+            0.0,
+            &mut d_a,
+        )?;
+        Ok((LoraGrads { d_a, d_b }, g_b))
+    }
+
     /// Computes `dA`, `dB` and accumulates the LoRA part of the input gradient into `dx`
     /// (which already holds the base layer's `dy W`).
     #[allow(clippy::too_many_arguments)]
@@ -132,30 +178,9 @@ pub trait LoraOps: Backend {
         dy: &Self::Tensor,
         dx: &mut Self::Tensor,
     ) -> Result<LoraGrads<Self::Tensor>> {
-        let (n, _) = x.shape_matrix();
-        let (r, in_f) = a.shape_matrix();
-        let out_f = b.shape_matrix().0;
-
-        let mut d_b = self.zeros(&[out_f, r])?;
-        self.gemm(scaling, dy, Transpose::Yes, h, Transpose::No, 0.0, &mut d_b)?;
-
-        // G B: the output gradient projected into the rank-r space.
-        let mut g_b = self.zeros(&[n, r])?;
-        self.gemm(1.0, dy, Transpose::No, b, Transpose::No, 0.0, &mut g_b)?;
-
-        let mut d_a = self.zeros(&[r, in_f])?;
+        let (grads, g_b) = self.lora_grads(x, a, b, scaling, mask, h, dy)?;
         match mask {
             Some(m) => {
-                let x_lora = self.binary(BinaryOp::Mul, x, m)?;
-                self.gemm(
-                    scaling,
-                    &g_b,
-                    Transpose::Yes,
-                    &x_lora,
-                    Transpose::No,
-                    0.0,
-                    &mut d_a,
-                )?;
                 let mut dx_lora = self.zeros(dx.shape_dims())?;
                 self.gemm(
                     scaling,
@@ -169,20 +194,9 @@ pub trait LoraOps: Backend {
                 let dx_lora = self.binary(BinaryOp::Mul, &dx_lora, m)?;
                 self.axpby(1.0, &dx_lora, 1.0, dx)?;
             }
-            None => {
-                self.gemm(
-                    scaling,
-                    &g_b,
-                    Transpose::Yes,
-                    x,
-                    Transpose::No,
-                    0.0,
-                    &mut d_a,
-                )?;
-                self.gemm(scaling, &g_b, Transpose::No, a, Transpose::No, 1.0, dx)?;
-            }
+            None => self.gemm(scaling, &g_b, Transpose::No, a, Transpose::No, 1.0, dx)?,
         }
-        Ok(LoraGrads { d_a, d_b })
+        Ok(grads)
     }
 
     /// LoRA's training forward through a dense frozen weight `w` (`[out, in]`) and `bias`

@@ -79,6 +79,13 @@ impl<B: LoraOps + DecoderOps> Embeddings<B> {
         Ok(y)
     }
 
+    /// Whether the backward needs the gradient of the embeddings' output: only when the
+    /// word table has adapters that the last training forward ran. Without, the first
+    /// layer skips its input gradient.
+    pub fn needs_grad(&self) -> bool {
+        self.saved.is_some()
+    }
+
     /// Backward from the gradient of the embeddings' output (the first layer's input):
     /// through the norm into the word table's adapters. Nothing to do without adapters.
     pub fn backward(&mut self, b: &B, d_out: &B::Tensor) -> Result<()> {

@@ -377,12 +377,26 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         }
         let mut g = b.reshape(d_hidden, &[d.batch * d.seq, h])?;
         for l in (0..self.layers.len()).rev() {
-            g = self.layer_backward(b, l, &g, d)?;
+            // The first layer's input gradient only feeds the word table's adapters.
+            let input_grad = l > 0 || self.embeddings.needs_grad();
+            match self.layer_backward(b, l, &g, d, input_grad)? {
+                Some(dx) => g = dx,
+                None => return Ok(()),
+            }
         }
         self.embeddings.backward(b, &g)
     }
 
-    fn layer_backward(&mut self, b: &B, l: usize, d_out: &B::Tensor, d: Dims) -> Result<B::Tensor> {
+    /// The backward of layer `l`: its adapters' gradients, and the gradient of its input
+    /// when `input_grad` asks for it (else `None`, its three projections' `dy W` skipped).
+    fn layer_backward(
+        &mut self,
+        b: &B,
+        l: usize,
+        d_out: &B::Tensor,
+        d: Dims,
+        input_grad: bool,
+    ) -> Result<Option<B::Tensor>> {
         let (nh, hd) = (self.config.num_attention_heads, self.config.head_dim());
         let scale = 1.0 / (hd as f32).sqrt();
         let act = self.act;
@@ -416,13 +430,19 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
             scale,
         )?;
         let layer = &mut self.layers[l];
+        if !input_grad {
+            layer.query.backward_params(b, &d_q)?;
+            layer.key.backward_params(b, &d_k)?;
+            layer.value.backward_params(b, &d_v)?;
+            return Ok(None);
+        }
         // The residual's gradient plus the three projections' (a frozen one adds inside
         // its product; one with an adapter adds its result).
         let mut dx = d_h1_pre;
         layer.query.backward_accumulate(b, &d_q, &mut dx)?;
         layer.key.backward_accumulate(b, &d_k, &mut dx)?;
         layer.value.backward_accumulate(b, &d_v, &mut dx)?;
-        Ok(dx)
+        Ok(Some(dx))
     }
 
     /// The pooler output `tanh(W h[:, 0] + b)` (`[batch, hidden]`) from a last hidden

@@ -11,15 +11,17 @@ use super::layer::{
 use crate::error::Result;
 
 impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
-    /// `d_out` is `[batch * seq, hidden]`; returns the gradient of the layer input.
+    /// `d_out` is `[batch * seq, hidden]`; returns the gradient of the layer input when
+    /// `input_grad` asks for it (else `None`, with the attention projections' `dy W` and
+    /// the input norm's backward skipped: the first layer over a frozen embedding table).
     pub fn backward(
         &mut self,
         b: &B,
         c: &DecoderConfig,
         name: &str,
         att: &AttentionInputs<B::Tensor>,
-        d_out: &B::Tensor,
-    ) -> Result<B::Tensor> {
+        (d_out, input_grad): (&B::Tensor, bool),
+    ) -> Result<Option<B::Tensor>> {
         let cache = self.cache.take().ok_or_else(|| {
             Error::state(name, "backward called without a forward in training mode")
         })?;
@@ -51,22 +53,25 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         let d_norm2 = b.rms_norm_backward(&h1, &self.post_norm, &inv_rms2, &dx2)?;
         b.axpby(1.0, &d_norm2, 1.0, &mut d_h1)?;
         // Attention: h1 = h + o_proj(attn(norm(h))).
-        let dx1 = self.attention_backward(b, c, att, attention, &d_h1)?;
+        let Some(dx1) = self.attention_backward(b, c, att, attention, (&d_h1, input_grad))? else {
+            return Ok(None);
+        };
         let mut d_h = d_h1;
         let d_norm1 = b.rms_norm_backward(&h, &self.input_norm, &inv_rms1, &dx1)?;
         b.axpby(1.0, &d_norm1, 1.0, &mut d_h)?;
-        Ok(d_h)
+        Ok(Some(d_h))
     }
 
-    /// From the gradient of `o_proj`'s output to the gradient of the normed input `x`.
+    /// From the gradient of `o_proj`'s output to the gradient of the normed input `x`
+    /// (`None` unless `input_grad`: the projections' adapters' gradients only).
     fn attention_backward(
         &mut self,
         b: &B,
         c: &DecoderConfig,
         att: &AttentionInputs<B::Tensor>,
         cache: AttentionSaved<B::Tensor>,
-        d_attn: &B::Tensor,
-    ) -> Result<B::Tensor> {
+        (d_attn, input_grad): (&B::Tensor, bool),
+    ) -> Result<Option<B::Tensor>> {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (bs, t) = (att.batch, att.seq);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -91,10 +96,16 @@ impl<B: LoraOps + DecoderOps> DecoderLayer<B> {
         }
         let d_q = b.reshape(&d_q, &[bs * t, nh * hd])?;
         let d_k = b.reshape(&d_k, &[bs * t, nkv * hd])?;
+        if !input_grad {
+            self.q_proj.backward_params(b, &d_q)?;
+            self.k_proj.backward_params(b, &d_k)?;
+            self.v_proj.backward_params(b, &d_v)?;
+            return Ok(None);
+        }
         let mut dx = self.q_proj.backward(b, &d_q)?;
         // The three projections' input gradients summed inside their products.
         self.k_proj.backward_accumulate(b, &d_k, &mut dx)?;
         self.v_proj.backward_accumulate(b, &d_v, &mut dx)?;
-        Ok(dx)
+        Ok(Some(dx))
     }
 }

@@ -326,16 +326,26 @@ impl<B: LoraOps + DecoderOps> DecoderModel<B> {
         };
         let mut g = b.rms_norm_backward(&st.h_last, &self.norm, &st.inv_rms, &d_norm)?;
         let config = self.config.clone();
+        // The first layer's input gradient feeds only the table's adapters and its gradient.
+        let embedding = st.embedding.filter(|_| self.embedding_grad);
+        let table_grad = self.embed_tokens.has_adapters() || embedding.is_some();
         for (l, layer) in self.layers.iter_mut().enumerate().rev() {
             if let Some(inputs) = &st.layer_inputs {
                 layer.forward(b, &config, &inputs[l], &st.att, None, Mode::Train)?;
             }
-            g = layer.backward(b, &config, &format!("model.layers.{l}"), &st.att, &g)?;
+            let name = format!("model.layers.{l}");
+            match layer.backward(b, &config, &name, &st.att, (&g, l > 0 || table_grad))? {
+                Some(dx) => g = dx,
+                None => {
+                    self.embed_tokens_grad = None;
+                    return Ok(());
+                }
+            }
         }
         if self.embed_tokens.has_adapters() {
             self.embed_tokens.backward(b, &g)?;
         }
-        self.embed_tokens_grad = match st.embedding.filter(|_| self.embedding_grad) {
+        self.embed_tokens_grad = match embedding {
             Some((ids, tied_input)) => {
                 // As `nn.Embedding(padding_idx=pad_token_id)`: padding tokens add nothing.
                 let pad = self.config.pad_token_id.map(|p| p as usize);
