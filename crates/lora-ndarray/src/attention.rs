@@ -304,9 +304,9 @@ fn forward_in(
 ) -> Result<(Vec<f32>, Vec<f32>, bool)> {
     let Layout { t, kv, d, .. } = lay;
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
-    // Zeroed by each task, on its own slices, as it starts: the zeros are then in cache for
-    // the task's writes (a zero-fill of the whole output first streamed it through memory
-    // once more).
+    // Every element is written by its task: each query block's output rows by a product
+    // with `beta = 0` (zeros where no key is visible), its log-sum-exps one per row, so
+    // nothing is zero-filled first.
     let mut out = pool::take_for_overwrite(items * t * d);
     let mut lse = pool::take_for_overwrite(items * t);
     let vis = Visibility::of(mask);
@@ -314,8 +314,6 @@ fn forward_in(
     reserve_scratch(vis.block().min(t) * kv);
     let bad = AtomicBool::new(false);
     let task = |(n, (o, l)): (usize, (&mut [f32], &mut [f32]))| -> Result<()> {
-        o.fill(0.0);
-        l.fill(0.0);
         let base = lay.query(n * per).0;
         with_scratch(vis.block().min(t) * kv, |p, _| {
             for u in 0..per {
@@ -436,14 +434,14 @@ fn backward_in(
         d_out.as_slice(),
     );
     let vis = Visibility::of(mask);
-    // Zeroed by each task on its own slices (see `forward_in`).
+    // `dq` is written whole by its task's products (`beta = 0`, see `forward_in`); `dk` and
+    // `dv` sum over query blocks and items, so each task zeroes its slices first.
     let mut dq = pool::take_for_overwrite(q.numel());
     let mut dk = pool::take_for_overwrite(k.numel());
     let mut dv = pool::take_for_overwrite(v.numel());
     let per = lay.backward_items();
     reserve_scratch(vis.block().min(t) * kv);
     let task = |(n, (dq, (dk, dv))): (usize, TaskGrads<'_>)| {
-        dq.fill(0.0);
         dk.fill(0.0);
         dv.fill(0.0);
         let (q_base, k_base) = (lay.query(n * per).0, lay.key(n * per).0);

@@ -139,8 +139,19 @@ impl Pool {
 }
 
 /// A buffer of `len` elements whose values are unspecified (stale floats from an earlier
-/// tensor): for outputs the caller overwrites completely.
+/// tensor): for outputs the caller overwrites completely. Debug builds (every `cargo test`)
+/// fill it with NaN, so that a kernel that leaves an element unwritten fails its parity
+/// tests instead of passing on stale values that happened to be right.
 pub(crate) fn take_for_overwrite(len: usize) -> Vec<f32> {
+    let mut buf = take_stale(len);
+    if cfg!(debug_assertions) {
+        buf.fill(f32::NAN);
+    }
+    buf
+}
+
+/// [`take_for_overwrite`]'s buffer, stale values as found.
+fn take_stale(len: usize) -> Vec<f32> {
     if len < MIN_POOLED_ELEMS {
         return vec![0.0; len];
     }

@@ -437,8 +437,12 @@ pub(crate) fn gemm_serial(
         return Ok(());
     }
     if k == 0 {
+        // `beta = 0` never reads `c` (it may hold anything, NaN included), as below.
         for row in c.chunks_mut(ldc.max(1)).take(m) {
-            row[..n].iter_mut().for_each(|v| *v *= beta);
+            match beta == 0.0 {
+                true => row[..n].fill(0.0),
+                false => row[..n].iter_mut().for_each(|v| *v *= beta),
+            }
         }
         return Ok(());
     }

@@ -141,6 +141,21 @@ fn beta_zero_ignores_nan_in_output() {
             "{m}x{n}x{k} {ta:?}: a NaN in the output leaked through beta = 0"
         );
     }
+    // `gemm_serial` with no depth (attention's query block that sees no key) writes zeros.
+    let (a, b) = (vec![0.0; 0], vec![0.0; 0]);
+    let mut c = vec![f32::NAN; 3 * 5];
+    let view = |data, rows, cols| View {
+        data,
+        rows,
+        cols,
+        ld: cols,
+        trans: Transpose::No,
+    };
+    gemm_serial(1.0, view(&a, 2, 0), view(&b, 0, 4), 0.0, &mut c, 5)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c[..4], [0.0; 4]);
+    assert_eq!(c[5..9], [0.0; 4]);
+    assert!(c[4].is_nan() && c[9..].iter().all(|v| v.is_nan()), "{c:?}");
 }
 
 #[test]
