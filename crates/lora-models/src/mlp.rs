@@ -177,13 +177,17 @@ impl<B: LoraOps> Model<B> for Mlp<B> {
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> Result<()> {
         let last = self.layers.len() - 1;
         let mut g = dy.clone();
-        for i in (0..self.layers.len()).rev() {
+        for i in (1..self.layers.len()).rev() {
             if i < last {
                 g = self.activation_backward(backend, i, &g)?;
             }
             g = self.layers[i].backward(backend, &g)?;
         }
-        Ok(())
+        // The model's input is data: the first layer's input gradient is never used.
+        if last > 0 {
+            g = self.activation_backward(backend, 0, &g)?;
+        }
+        self.layers[0].backward_params(backend, &g)
     }
 
     fn linears(&self) -> Vec<&LoraLinear<B>> {
