@@ -95,18 +95,36 @@ fn check_adapter_gradients<B: lora::FullBackend>(b: &B, name: &str) {
         "{name} loss {loss} vs {want_loss}"
     );
     let want = lora::io::read_safetensors(&dir(name).join("adapter_grads.safetensors")).unwrap();
-    let grads = adapter_grads(b, &mut model);
-    for (module, tensor, g) in &grads {
-        let key = format!("base_model.model.{module}.{tensor}.weight");
-        let w = want
-            .get(&key)
-            .unwrap_or_else(|| panic!("fixture has no {key}"));
-        assert_close_scaled(&format!("{name} {key}"), g, &to64(&w.data), 1e-4, 1e-5);
-    }
-    assert_eq!(
-        grads.len(),
-        want.len(),
-        "{name}: every adapter tensor checked"
+    let check = |grads: Vec<(String, &str, Vec<f32>)>, path: &str| {
+        for (module, tensor, g) in &grads {
+            let key = format!("base_model.model.{module}.{tensor}.weight");
+            let w = want
+                .get(&key)
+                .unwrap_or_else(|| panic!("fixture has no {key}"));
+            assert_close_scaled(
+                &format!("{name} {path} {key}"),
+                g,
+                &to64(&w.data),
+                1e-4,
+                1e-5,
+            );
+        }
+        assert_eq!(
+            grads.len(),
+            want.len(),
+            "{name}: every adapter tensor checked"
+        );
+    };
+    check(adapter_grads(b, &mut model), "");
+    // Without the table's gradient the first layer skips its input gradient
+    // (`LoraLinear::backward_params`): the adapters' gradients stay autograd's.
+    let mut model = DecoderModel::from_pretrained(b, &dir(name)).unwrap();
+    lora::peft::load_pretrained(&dir(name).join("adapter"), &mut model, b).unwrap();
+    train_backward(b, &mut model, &tb, &io.ints["labels"].1);
+    assert!(model.embedding_grad().is_none());
+    check(
+        adapter_grads(b, &mut model),
+        "(first layer's input gradient skipped)",
     );
 }
 

@@ -429,20 +429,42 @@ fn backward_params_gives_the_adapter_gradients_alone() {
         );
     }
 
+    // The full backward's gradients, then `backward_params`'s.
+    let full_and_alone = |l: &mut LoraLinear<NdArray>| {
+        let mut run = |alone: bool| {
+            l.forward(&b, &x, Mode::Train).unwrap();
+            match alone {
+                true => l.backward_params(&b, &g).unwrap(),
+                false => drop(l.backward(&b, &g).unwrap()),
+            }
+            (l.params_and_grads().iter())
+                .map(|p| host(&b, p.grad))
+                .collect::<Vec<_>>()
+        };
+        (run(false), run(true))
+    };
     let mut dora = LoraLinear::new("dora", base(out, inp, 8));
     dora.add_dora(&b, "default", &spec(r, 8.0, 0.0, LoraInit::Random))
         .unwrap();
-    dora.forward(&b, &x, Mode::Train).unwrap();
-    dora.backward(&b, &g).unwrap();
-    let full: Vec<Vec<f32>> = (dora.params_and_grads().iter())
-        .map(|p| host(&b, p.grad))
-        .collect();
-    dora.forward(&b, &x, Mode::Train).unwrap();
-    dora.backward_params(&b, &g).unwrap();
-    let alone: Vec<Vec<f32>> = (dora.params_and_grads().iter())
-        .map(|p| host(&b, p.grad))
-        .collect();
+    let (full, alone) = full_and_alone(&mut dora);
     assert_eq!((full.len(), alone), (3, full));
+    // Two adapters running: the full backward too.
+    let mut two = LoraLinear::new("two", base(out, inp, 8));
+    two.inject_lora(&b, &spec(r, 8.0, 0.0, LoraInit::Random))
+        .unwrap();
+    let other = LoraSpec {
+        seed: 78,
+        ..spec(r, 8.0, 0.0, LoraInit::Random)
+    };
+    two.add_lora(&b, "other", &other).unwrap();
+    two.set_active_adapters(&["default", "other"]).unwrap();
+    let (full, alone) = full_and_alone(&mut two);
+    assert_eq!((full.len(), alone), (4, full));
+    // Merged adapters get no gradient: an error, as from `backward`.
+    two.merge(&b, false).unwrap();
+    two.forward(&b, &x, Mode::Train).unwrap();
+    let err = two.backward_params(&b, &g).unwrap_err().to_string();
+    assert!(err.contains("two") && err.contains("merged"), "{err}");
 
     let mut frozen = LoraLinear::new("frozen", base(out, inp, 8));
     frozen.forward(&b, &x, Mode::Train).unwrap();

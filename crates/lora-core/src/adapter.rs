@@ -476,7 +476,7 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
 
     fn backward_params(&mut self, backend: &B, x: &B::Tensor, dy: &B::Tensor) -> Result<bool> {
         let saved = self.take_saved()?;
-        let (grads, _) = backend.lora_grads(
+        let grads = backend.lora_grads(
             x,
             &self.a,
             &self.b,

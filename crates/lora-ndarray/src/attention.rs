@@ -346,10 +346,18 @@ fn forward_in(
             Ok(())
         })
     };
-    out.par_chunks_mut((per * t * d).max(1))
-        .zip(lse.par_chunks_mut((per * t).max(1)))
-        .enumerate()
-        .try_for_each(task)?;
+    if d == 0 {
+        // No output to split (its chunks would be none), but the log-sum-exps still are
+        // written: each task gets an empty output.
+        lse.par_chunks_mut((per * t).max(1))
+            .enumerate()
+            .try_for_each(|(n, l)| task((n, (&mut [], l))))?;
+    } else {
+        out.par_chunks_mut(per * t * d)
+            .zip(lse.par_chunks_mut((per * t).max(1)))
+            .enumerate()
+            .try_for_each(task)?;
+    }
     Ok((out, lse, !bad.into_inner()))
 }
 

@@ -139,9 +139,10 @@ impl Pool {
 }
 
 /// A buffer of `len` elements whose values are unspecified (stale floats from an earlier
-/// tensor): for outputs the caller overwrites completely. Debug builds (every `cargo test`)
-/// fill it with NaN, so that a kernel that leaves an element unwritten fails its parity
-/// tests instead of passing on stale values that happened to be right.
+/// tensor): for outputs the caller overwrites completely. Builds with debug assertions
+/// (`cargo test` without `--release`) fill it with NaN, so that a kernel that leaves an
+/// element unwritten fails its parity tests instead of passing on stale values that
+/// happened to be right.
 pub(crate) fn take_for_overwrite(len: usize) -> Vec<f32> {
     let mut buf = take_stale(len);
     if cfg!(debug_assertions) {
@@ -183,14 +184,14 @@ fn take_stale(len: usize) -> Vec<f32> {
 
 /// A buffer of `len` zeros.
 pub(crate) fn zeros(len: usize) -> Vec<f32> {
-    let mut buf = take_for_overwrite(len);
+    let mut buf = take_stale(len);
     buf.fill(0.0);
     buf
 }
 
 /// A buffer holding a copy of `src`.
 pub(crate) fn copy_of(src: &[f32]) -> Vec<f32> {
-    let mut buf = take_for_overwrite(src.len());
+    let mut buf = take_stale(src.len());
     buf.copy_from_slice(src);
     buf
 }

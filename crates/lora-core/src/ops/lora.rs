@@ -119,8 +119,7 @@ pub trait LoraOps: Backend {
     }
 
     /// Computes `dA` and `dB` alone, for a layer whose input gradient nothing needs (the
-    /// first layer over frozen embeddings, where PyTorch's autograd skips it too). Also
-    /// returns `G B` (`[n, r]`), from which the input gradient's LoRA part follows.
+    /// first layer over frozen embeddings, where PyTorch's autograd skips it too).
     #[allow(clippy::too_many_arguments)]
     fn lora_grads(
         &self,
@@ -131,37 +130,8 @@ pub trait LoraOps: Backend {
         mask: Option<&Self::Tensor>,
         h: &Self::Tensor,
         dy: &Self::Tensor,
-    ) -> Result<(LoraGrads<Self::Tensor>, Self::Tensor)> {
-        let (n, _) = x.shape_matrix();
-        let (r, in_f) = a.shape_matrix();
-        let out_f = b.shape_matrix().0;
-
-        let mut d_b = self.zeros(&[out_f, r])?;
-        self.gemm(scaling, dy, Transpose::Yes, h, Transpose::No, 0.0, &mut d_b)?;
-
-        // G B: the output gradient projected into the rank-r space.
-        let mut g_b = self.zeros(&[n, r])?;
-        self.gemm(1.0, dy, Transpose::No, b, Transpose::No, 0.0, &mut g_b)?;
-
-        let dropped;
-        let x_lora = match mask {
-            Some(m) => {
-                dropped = self.binary(BinaryOp::Mul, x, m)?;
-                &dropped
-            }
-            None => x,
-        };
-        let mut d_a = self.zeros(&[r, in_f])?;
-        self.gemm(
-            scaling,
-            &g_b,
-            Transpose::Yes,
-            x_lora,
-            Transpose::No,
-            0.0,
-            &mut d_a,
-        )?;
-        Ok((LoraGrads { d_a, d_b }, g_b))
+    ) -> Result<LoraGrads<Self::Tensor>> {
+        Ok(grads_and_projection(self, x, (a, b, scaling), mask, h, dy)?.0)
     }
 
     /// Computes `dA`, `dB` and accumulates the LoRA part of the input gradient into `dx`
@@ -178,7 +148,7 @@ pub trait LoraOps: Backend {
         dy: &Self::Tensor,
         dx: &mut Self::Tensor,
     ) -> Result<LoraGrads<Self::Tensor>> {
-        let (grads, g_b) = self.lora_grads(x, a, b, scaling, mask, h, dy)?;
+        let (grads, g_b) = grads_and_projection(self, x, (a, b, scaling), mask, h, dy)?;
         match mask {
             Some(m) => {
                 let mut dx_lora = self.zeros(dx.shape_dims())?;
@@ -406,4 +376,46 @@ impl<T: crate::backend::Tensor> TensorShapeExt for T {
     fn shape_dims(&self) -> &[usize] {
         self.shape().dims()
     }
+}
+
+/// `dA`, `dB` and `G B` (`[n, r]`, the output gradient projected into the rank-r space,
+/// from which the input gradient's LoRA part follows): the work
+/// [`LoraOps::lora_grads`] and [`LoraOps::lora_backward`]'s defaults share.
+fn grads_and_projection<B: LoraOps + ?Sized>(
+    backend: &B,
+    x: &B::Tensor,
+    (a, b, scaling): (&B::Tensor, &B::Tensor, f32),
+    mask: Option<&B::Tensor>,
+    h: &B::Tensor,
+    dy: &B::Tensor,
+) -> Result<(LoraGrads<B::Tensor>, B::Tensor)> {
+    let (n, _) = x.shape_matrix();
+    let (r, in_f) = a.shape_matrix();
+    let out_f = b.shape_matrix().0;
+
+    let mut d_b = backend.zeros(&[out_f, r])?;
+    backend.gemm(scaling, dy, Transpose::Yes, h, Transpose::No, 0.0, &mut d_b)?;
+
+    let mut g_b = backend.zeros(&[n, r])?;
+    backend.gemm(1.0, dy, Transpose::No, b, Transpose::No, 0.0, &mut g_b)?;
+
+    let dropped;
+    let x_lora = match mask {
+        Some(m) => {
+            dropped = backend.binary(BinaryOp::Mul, x, m)?;
+            &dropped
+        }
+        None => x,
+    };
+    let mut d_a = backend.zeros(&[r, in_f])?;
+    backend.gemm(
+        scaling,
+        &g_b,
+        Transpose::Yes,
+        x_lora,
+        Transpose::No,
+        0.0,
+        &mut d_a,
+    )?;
+    Ok((LoraGrads { d_a, d_b }, g_b))
 }

@@ -80,9 +80,9 @@ impl<B: LoraOps + DecoderOps> Embeddings<B> {
     }
 
     /// Whether the backward needs the gradient of the embeddings' output: only when the
-    /// word table has adapters that the last training forward ran. Without, the first
-    /// layer skips its input gradient.
-    pub fn needs_grad(&self) -> bool {
+    /// word table has adapters (the last training forward then kept what their backward
+    /// reads). Without, the first layer skips its input gradient.
+    pub fn needs_output_grad(&self) -> bool {
         self.saved.is_some()
     }
 

@@ -378,7 +378,7 @@ impl<B: LoraOps + DecoderOps> BertModel<B> {
         let mut g = b.reshape(d_hidden, &[d.batch * d.seq, h])?;
         for l in (0..self.layers.len()).rev() {
             // The first layer's input gradient only feeds the word table's adapters.
-            let input_grad = l > 0 || self.embeddings.needs_grad();
+            let input_grad = l > 0 || self.embeddings.needs_output_grad();
             match self.layer_backward(b, l, &g, d, input_grad)? {
                 Some(dx) => g = dx,
                 None => return Ok(()),

@@ -438,10 +438,11 @@ pub(crate) fn gemm_serial(
     }
     if k == 0 {
         // `beta = 0` never reads `c` (it may hold anything, NaN included), as below.
-        for row in c.chunks_mut(ldc.max(1)).take(m) {
+        for i in 0..m {
+            let row = &mut c[i * ldc..i * ldc + n];
             match beta == 0.0 {
-                true => row[..n].fill(0.0),
-                false => row[..n].iter_mut().for_each(|v| *v *= beta),
+                true => row.fill(0.0),
+                false => row.iter_mut().for_each(|v| *v *= beta),
             }
         }
         return Ok(());
