@@ -27,6 +27,33 @@ fn spec(r: usize, alpha: f32, dropout: f32, init: LoraInit) -> LoraSpec {
     }
 }
 
+/// The f64 reference of layer `l` (a base with a bias, its default adapter) for input
+/// `x`, scaling `s` and dropout mask `mask` (`[n, in]`).
+fn host_lora(
+    l: &LoraLinear<NdArray>,
+    x: &<NdArray as Backend>::Tensor,
+    s: f64,
+    mask: &[f32],
+) -> HostLora {
+    let b = backend();
+    let ad = l.adapter().unwrap();
+    let (a, bt) = (ad.tensors()[0].1, ad.tensors()[1].1);
+    let ((n, inp), (out, r)) = (x.shape().as_matrix(), bt.shape().as_matrix());
+    HostLora {
+        n,
+        inp,
+        out,
+        r,
+        x: to64(&host(&b, x)),
+        w: to64(&host(&b, &l.base().weight(&b).unwrap())),
+        bias: to64(&host(&b, l.base().bias().unwrap())),
+        a: to64(&host(&b, a)),
+        b: to64(&host(&b, bt)),
+        s,
+        mask: to64(mask),
+    }
+}
+
 #[test]
 fn fresh_adapter_is_bit_identical_to_the_base_in_both_modes() {
     let b = backend();
@@ -65,20 +92,7 @@ fn forward_matches_reference_with_dropout_only_in_training() {
     let sp = spec(r, 6.0, p, LoraInit::Random);
     l.inject_lora(&b, &sp).unwrap();
     let x = rand_tensor(&[n, inp], 5, 5);
-    let ad = l.adapter().unwrap();
-    let mut h = HostLora {
-        n,
-        inp,
-        out,
-        r,
-        x: to64(&host(&b, &x)),
-        w: to64(&host(&b, &l.base().weight(&b).unwrap())),
-        bias: to64(&host(&b, l.base().bias().unwrap())),
-        a: to64(&host(&b, ad.tensors()[0].1)),
-        b: to64(&host(&b, ad.tensors()[1].1)),
-        s: 2.0,
-        mask: vec![1.0; n * inp],
-    };
+    let mut h = host_lora(&l, &x, 2.0, &vec![1.0; n * inp]);
     let eval = host(&b, &l.forward(&b, &x, Mode::Eval).unwrap());
     assert_close("eval forward", &eval, &h.forward(), 1e-5, 1e-5);
 
@@ -389,20 +403,7 @@ fn backward_params_gives_the_adapter_gradients_alone() {
             let stream = RngState::new(77, rng::stream_id(name, "dropout"));
             rng::dropout_mask(stream, dropout, &mut mask);
         }
-        let ad = l.adapter().unwrap();
-        let h = HostLora {
-            n,
-            inp,
-            out,
-            r,
-            x: to64(&host(&b, &x)),
-            w: to64(&host(&b, &l.base().weight(&b).unwrap())),
-            bias: to64(&host(&b, l.base().bias().unwrap())),
-            a: to64(&host(&b, ad.tensors()[0].1)),
-            b: to64(&host(&b, ad.tensors()[1].1)),
-            s: 2.0,
-            mask: to64(&mask),
-        };
+        let h = host_lora(&l, &x, 2.0, &mask);
         l.forward(&b, &x, Mode::Train).unwrap();
         l.backward_params(&b, &g).unwrap();
         let (_, want_da, want_db) = h.backward(&to64(&host(&b, &g)));

@@ -381,7 +381,7 @@ impl<T: crate::backend::Tensor> TensorShapeExt for T {
 /// `dA`, `dB` and `G B` (`[n, r]`, the output gradient projected into the rank-r space,
 /// from which the input gradient's LoRA part follows): the work
 /// [`LoraOps::lora_grads`] and [`LoraOps::lora_backward`]'s defaults share.
-fn grads_and_projection<B: LoraOps + ?Sized>(
+fn grads_and_projection<B: LoraOps>(
     backend: &B,
     x: &B::Tensor,
     (a, b, scaling): (&B::Tensor, &B::Tensor, f32),
