@@ -344,6 +344,30 @@ impl<B: LoraOps> LoraAdapter<B> {
         self.grads.as_ref()
     }
 
+    /// The unfused backward: `dA` and `dB` from what the forward kept, and the adapter's
+    /// part of the input gradient added to `dx` when there is one to add to.
+    fn backward_into(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        dx: Option<&mut B::Tensor>,
+    ) -> Result<()> {
+        let saved = self.take_saved()?;
+        let (a, b, s, mask, h) = (
+            &self.a,
+            &self.b,
+            self.scaling,
+            saved.mask.as_ref(),
+            &saved.h,
+        );
+        self.grads = Some(match dx {
+            Some(dx) => backend.lora_backward(x, a, b, s, mask, h, dy, dx)?,
+            None => backend.lora_grads(x, a, b, s, mask, h, dy)?,
+        });
+        Ok(())
+    }
+
     /// What the last training forward kept, taken for the backward.
     fn take_saved(&mut self) -> Result<Saved<B::Tensor>> {
         self.saved.take().ok_or_else(|| {
@@ -459,33 +483,11 @@ impl<B: LoraOps> Adapter<B> for LoraAdapter<B> {
         dy: &B::Tensor,
         dx: &mut B::Tensor,
     ) -> Result<()> {
-        let saved = self.take_saved()?;
-        let grads = backend.lora_backward(
-            x,
-            &self.a,
-            &self.b,
-            self.scaling,
-            saved.mask.as_ref(),
-            &saved.h,
-            dy,
-            dx,
-        )?;
-        self.grads = Some(grads);
-        Ok(())
+        self.backward_into(backend, x, dy, Some(dx))
     }
 
     fn backward_params(&mut self, backend: &B, x: &B::Tensor, dy: &B::Tensor) -> Result<bool> {
-        let saved = self.take_saved()?;
-        let grads = backend.lora_grads(
-            x,
-            &self.a,
-            &self.b,
-            self.scaling,
-            saved.mask.as_ref(),
-            &saved.h,
-            dy,
-        )?;
-        self.grads = Some(grads);
+        self.backward_into(backend, x, dy, None)?;
         Ok(true)
     }
 
