@@ -306,7 +306,9 @@ fn forward_in(
     let (qs, ks, vs) = (q.as_slice(), k.as_slice(), v.as_slice());
     // Every element is written by its task: each query block's output rows by a product
     // with `beta = 0` (zeros where no key is visible), its log-sum-exps one per row, so
-    // nothing is zero-filled first.
+    // nothing is zero-filled first. (At head size 0 there is no output to split into
+    // tasks; the log-sum-exps are then left unwritten, and nothing reads them: the
+    // backward's gradients are empty too.)
     let mut out = pool::take_for_overwrite(items * t * d);
     let mut lse = pool::take_for_overwrite(items * t);
     let vis = Visibility::of(mask);
@@ -346,18 +348,10 @@ fn forward_in(
             Ok(())
         })
     };
-    if d == 0 {
-        // No output to split (its chunks would be none), but the log-sum-exps still are
-        // written: each task gets an empty output.
-        lse.par_chunks_mut((per * t).max(1))
-            .enumerate()
-            .try_for_each(|(n, l)| task((n, (&mut [], l))))?;
-    } else {
-        out.par_chunks_mut(per * t * d)
-            .zip(lse.par_chunks_mut((per * t).max(1)))
-            .enumerate()
-            .try_for_each(task)?;
-    }
+    out.par_chunks_mut((per * t * d).max(1))
+        .zip(lse.par_chunks_mut((per * t).max(1)))
+        .enumerate()
+        .try_for_each(task)?;
     Ok((out, lse, !bad.into_inner()))
 }
 

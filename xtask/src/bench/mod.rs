@@ -9,7 +9,7 @@ mod markdown;
 mod memory;
 mod report;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde_json::json;
@@ -104,11 +104,15 @@ pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
 fn python_baselines(target: &Path, quick: bool, cap_env: &[(&str, &str)]) -> Result<()> {
     let python = crate::venv::ensure_venv()?;
     // Each script under benches/python with its run length, the run's instruction-set cap,
-    // and its output (removed first, so that a failed run leaves no stale figures).
-    let script = |name: &str, out: &str| {
-        let _ = std::fs::remove_file(target.join("bench").join(out));
+    // its leading arguments, and its output last (removed first, so that a failed run
+    // leaves no stale figures).
+    let script = |name: &str, lead: &[PathBuf], out: &str| {
+        let out = target.join("bench").join(out);
+        let _ = std::fs::remove_file(&out);
         let mut cmd = std::process::Command::new(&python);
         cmd.arg(root().join("benches/python").join(name))
+            .args(lead)
+            .arg(out)
             .env("LORA_BENCH_SECONDS", if quick { "3" } else { "8" })
             .envs(cap_env.iter().copied());
         cmd
@@ -116,28 +120,26 @@ fn python_baselines(target: &Path, quick: bool, cap_env: &[(&str, &str)]) -> Res
     let quick_env = quick.then_some(("LORA_BENCH_QUICK", "1"));
     run_cmd(
         "PyTorch + PEFT baseline (benches/python/peft_linear.py)",
-        script("peft_linear.py", "pytorch.json")
-            .arg(target.join("bench/pytorch.json"))
-            .envs(quick_env),
+        script("peft_linear.py", &[], "pytorch.json").envs(quick_env),
     )?;
     // PyTorch + PEFT on all-MiniLM-L6-v2 (encoder forward, LoRA training step).
     run_cmd(
         "PyTorch + PEFT on all-MiniLM-L6-v2 (benches/python/bert_minilm.py)",
-        script("bert_minilm.py", "bert_pytorch.json")
-            .arg(crate::venv::fetch_minilm()?)
-            .arg(target.join("bench/bert_pytorch.json")),
+        &mut script(
+            "bert_minilm.py",
+            &[crate::venv::fetch_minilm()?],
+            "bert_pytorch.json",
+        ),
     )?;
     // PyTorch + PEFT on the random Llama (training step, generation).
     run_cmd(
         "PyTorch + PEFT on a random Llama (benches/python/decoder_llama.py)",
-        script("decoder_llama.py", "decoder_pytorch.json")
-            .arg(target.join("bench/decoder_pytorch.json"))
-            .envs(quick_env),
+        script("decoder_llama.py", &[], "decoder_pytorch.json").envs(quick_env),
     )?;
     // bitsandbytes + PEFT for the quantized-base workloads.
     run_cmd(
         "bitsandbytes + PEFT baseline (benches/python/bnb_quant.py)",
-        script("bnb_quant.py", "bnb.json").arg(target.join("bench/bnb.json")),
+        &mut script("bnb_quant.py", &[], "bnb.json"),
     )?;
     Ok(())
 }

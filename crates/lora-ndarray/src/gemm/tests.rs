@@ -141,7 +141,7 @@ fn beta_zero_ignores_nan_in_output() {
             "{m}x{n}x{k} {ta:?}: a NaN in the output leaked through beta = 0"
         );
     }
-    // `gemm_serial` with no depth (attention's scores at head size 0) writes zeros.
+    // `gemm_serial` with no depth writes zeros under `beta = 0` too, never reading `c`.
     let (a, b) = (vec![0.0; 0], vec![0.0; 0]);
     let mut c = vec![f32::NAN; 3 * 5];
     let view = |data, rows, cols| View {
