@@ -5,7 +5,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{Epilogue, Kernel, Tile};
+use super::{APanel, Epilogue, Kernel, Tile};
 
 /// The kernel for AVX2+FMA CPUs without AVX-512.
 pub(super) struct Avx2;
@@ -24,9 +24,9 @@ impl Kernel for Avx2 {
     /// 120 x 256 floats = 120 KiB, a quarter of Zen 3's 512 KiB L2.
     const MC: usize = 120;
 
-    unsafe fn tile(kc: usize, a_panel: &[f32], b_panel: &[f32], tile: Tile, epilogue: Epilogue) {
+    unsafe fn tile(a: APanel<'_>, b_panel: &[f32], tile: Tile, epilogue: Epilogue) {
         // SAFETY: forwarded to the caller's contract (which includes AVX2 and FMA).
-        unsafe { tile_kernel(kc, a_panel, b_panel, tile, epilogue) }
+        unsafe { tile_kernel(a, b_panel, tile, epilogue) }
     }
 }
 
@@ -37,32 +37,66 @@ impl Kernel for Avx2 {
 #[cfg(target_arch = "x86_64")]
 #[inline(never)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_kernel(
-    kc: usize,
-    a_panel: &[f32],
-    b_panel: &[f32],
-    tile: Tile,
-    (alpha, beta, bias): Epilogue,
-) {
-    debug_assert!(a_panel.len() >= kc * MR && b_panel.len() >= kc * NR);
+unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, bias): Epilogue) {
+    let kc_direct = a.direct.map_or(0, |d| d.kc);
+    debug_assert!(a.packed.len() >= a.kc_packed * MR);
+    debug_assert!(b_panel.len() >= (kc_direct + a.kc_packed) * NR);
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    let (mut ap, mut bp) = (a_panel.as_ptr(), b_panel.as_ptr());
+    let mut bp = b_panel.as_ptr();
     tile.prefetch();
-    // SAFETY: `ap` and `bp` advance by MR and NR per step over `kc` steps, inside the
-    // panels (checked above); the tile's stores stay in its rows x cols.
+    // SAFETY: `bp` advances by NR per step over the panel's steps (checked above); the
+    // direct rows hold `kc` steps each and the packed panel `kc_packed` (the caller's
+    // contract); the tile's stores stay in its rows x cols.
     unsafe {
-        macro_rules! step {
-            ($u:expr) => {{
+        // One packed depth step: two vectors of `B` against the six rows' values at `$a(i)`.
+        macro_rules! fma_step {
+            ($u:expr, $a:expr) => {{
                 let b0 = _mm256_loadu_ps(bp.add($u * NR));
                 let b1 = _mm256_loadu_ps(bp.add($u * NR + 8));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ap.add($u * MR + i));
+                    let av = _mm256_broadcast_ss(&*$a(i));
                     row[0] = _mm256_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm256_fmadd_ps(av, b1, row[1]);
                 }
             }};
         }
-        depth_loop!(kc, ap, bp, MR, NR, step);
+        if let Some(d) = a.direct {
+            let offsets = d.offsets::<MR>(tile.rows);
+            let rows: [*const f32; MR] = std::array::from_fn(|i| d.a.add(offsets[i]));
+            let mut p = 0;
+            // As on the AVX-512 tile (see there): each in-place broadcast and its two
+            // FMAs in one block, which LLVM cannot hoist past the FMAs before it.
+            macro_rules! step {
+                ($u:expr) => {{
+                    let b = [_mm256_loadu_ps(bp.add($u * NR)), _mm256_loadu_ps(bp.add($u * NR + 8))];
+                    for (row, &from) in acc.iter_mut().zip(&rows) {
+                        let _scratch: __m256;
+                        std::arch::asm!(
+                            "vbroadcastss {t}, dword ptr [{row} + {at} * 4 + {disp}]",
+                            "vfmadd231ps {c0}, {t}, {b0}",
+                            "vfmadd231ps {c1}, {t}, {b1}",
+                            row = in(reg) from,
+                            at = in(reg) p,
+                            disp = const 4 * $u,
+                            t = out(ymm_reg) _scratch,
+                            b0 = in(ymm_reg) b[0],
+                            b1 = in(ymm_reg) b[1],
+                            c0 = inout(ymm_reg) row[0],
+                            c1 = inout(ymm_reg) row[1],
+                            options(readonly, nostack, preserves_flags),
+                        );
+                    }
+                }};
+            }
+            in_place_depth_loop!(d.kc, p, bp, NR, step, |_| ());
+        }
+        let mut ap = a.packed.as_ptr();
+        macro_rules! step {
+            ($u:expr) => {
+                fma_step!($u, |i: usize| ap.add($u * MR + i))
+            };
+        }
+        depth_loop!(a.kc_packed, ap, bp, MR, NR, step);
         let va = _mm256_set1_ps(alpha);
         let vb = _mm256_set1_ps(beta);
         if tile.rows == MR && tile.cols == NR {
@@ -105,6 +139,6 @@ unsafe fn tile_kernel(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_kernel(_: usize, _: &[f32], _: &[f32], _: Tile, _: Epilogue) {
+unsafe fn tile_kernel(_: APanel<'_>, _: &[f32], _: Tile, _: Epilogue) {
     unreachable!("our kernels are only dispatched to on x86-64")
 }

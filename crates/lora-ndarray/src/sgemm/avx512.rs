@@ -13,7 +13,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{Epilogue, Kernel, Tile};
+use super::{APanel, Epilogue, Kernel, Tile};
 
 /// The kernel for CPUs with AVX-512F.
 pub(super) struct Avx512;
@@ -36,9 +36,9 @@ impl Kernel for Avx512 {
     /// better).
     const MC: usize = 240;
 
-    unsafe fn tile(kc: usize, a_panel: &[f32], b_panel: &[f32], tile: Tile, epilogue: Epilogue) {
+    unsafe fn tile(a: APanel<'_>, b_panel: &[f32], tile: Tile, epilogue: Epilogue) {
         // SAFETY: forwarded to the caller's contract (which includes AVX-512F).
-        unsafe { tile_kernel(kc, a_panel, b_panel, tile, epilogue) }
+        unsafe { tile_kernel(a, b_panel, tile, epilogue) }
     }
 }
 
@@ -50,37 +50,90 @@ impl Kernel for Avx512 {
 #[cfg(target_arch = "x86_64")]
 #[inline(never)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_kernel(
-    kc: usize,
-    a_panel: &[f32],
-    b_panel: &[f32],
-    tile: Tile,
-    (alpha, beta, bias): Epilogue,
-) {
-    debug_assert!(a_panel.len() >= kc * MR && b_panel.len() >= kc * NR);
+unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, bias): Epilogue) {
+    let kc_direct = a.direct.map_or(0, |d| d.kc);
+    debug_assert!(a.packed.len() >= a.kc_packed * MR);
+    debug_assert!(b_panel.len() >= (kc_direct + a.kc_packed) * NR);
     debug_assert!(tile.rows <= MR && tile.cols <= NR);
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    let (mut ap, mut bp) = (a_panel.as_ptr(), b_panel.as_ptr());
-    let lines = tile.lines_for_depth(kc);
-    // SAFETY: `ap` and `bp` advance by MR and NR per step over `kc` steps, inside the
-    // panels (checked above); the masked loads and stores touch only the tile's
-    // `rows x cols` elements and the bias's `cols` values.
+    let mut bp = b_panel.as_ptr();
+    // The output's lines are fetched over the first (longest) depth loop.
+    let lines = tile.lines_for_depth(kc_direct.max(a.kc_packed));
+    let prefetch = |g| {
+        if let Some(lines) = &lines {
+            lines.prefetch(g)
+        }
+    };
+    // SAFETY: `bp` advances by NR per step over the panel's steps (checked above); the
+    // direct rows hold `kc` steps each and the packed panel `kc_packed` (the caller's
+    // contract); the masked loads and stores touch only the tile's `rows x cols` elements
+    // and the bias's `cols` values.
     unsafe {
-        macro_rules! step {
-            ($u:expr) => {{
+        // One packed depth step: three vectors of `B` against the eight rows' values `$a(i)`.
+        macro_rules! fma_step {
+            ($u:expr, $a:expr) => {{
                 let b: [__m512; NV] =
                     std::array::from_fn(|v| _mm512_loadu_ps(bp.add($u * NR + 16 * v)));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ap.add($u * MR + i));
+                    let av = _mm512_set1_ps($a(i));
                     for v in 0..NV {
                         row[v] = _mm512_fmadd_ps(av, b[v], row[v]);
                     }
                 }
             }};
         }
-        depth_loop!(kc, ap, bp, MR, NR, step, |g| if let Some(lines) = &lines {
-            lines.prefetch(g)
-        });
+        // `row += row.add(at + u)[0] · b` for the three vectors of `b`: one broadcast and
+        // its three FMAs as one block the compiler keeps whole. Written with intrinsics,
+        // LLVM hoisted all eight of a depth step's in-place broadcasts (and the next
+        // step's) above their FMAs: 35 live vectors, spilled to the stack, and the MiniLM
+        // step 30% slower. The packed loop's broadcasts (one pointer) it leaves in place.
+        macro_rules! row_fma {
+            ($row:expr, $at:expr, $u:expr, $b:expr, $acc:expr) => {{
+                let _scratch: __m512;
+                std::arch::asm!(
+                    "vbroadcastss {t}, dword ptr [{row} + {at} * 4 + {disp}]",
+                    "vfmadd231ps {c0}, {t}, {b0}",
+                    "vfmadd231ps {c1}, {t}, {b1}",
+                    "vfmadd231ps {c2}, {t}, {b2}",
+                    row = in(reg) $row,
+                    at = in(reg) $at,
+                    disp = const 4 * $u,
+                    t = out(zmm_reg) _scratch,
+                    b0 = in(zmm_reg) $b[0],
+                    b1 = in(zmm_reg) $b[1],
+                    b2 = in(zmm_reg) $b[2],
+                    c0 = inout(zmm_reg) $acc[0],
+                    c1 = inout(zmm_reg) $acc[1],
+                    c2 = inout(zmm_reg) $acc[2],
+                    options(readonly, nostack, preserves_flags),
+                );
+            }};
+        }
+        if let Some(d) = a.direct {
+            let offsets = d.offsets::<MR>(tile.rows);
+            let rows: [*const f32; MR] = std::array::from_fn(|i| d.a.add(offsets[i]));
+            let mut p = 0;
+            macro_rules! step {
+                ($u:expr) => {{
+                    let b: [__m512; NV] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(bp.add($u * NR + 16 * v)));
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        row_fma!(rows[i], p, $u, b, row);
+                    }
+                }};
+            }
+            in_place_depth_loop!(d.kc, p, bp, NR, step, prefetch);
+        }
+        let mut ap = a.packed.as_ptr();
+        macro_rules! step {
+            ($u:expr) => {
+                fma_step!($u, |i: usize| *ap.add($u * MR + i))
+            };
+        }
+        match a.direct {
+            None => depth_loop!(a.kc_packed, ap, bp, MR, NR, step, prefetch),
+            Some(_) => depth_loop!(a.kc_packed, ap, bp, MR, NR, step),
+        }
         // Lane masks of the tile's column vectors (all ones on a full tile).
         let lanes = |from: usize| -> __mmask16 {
             let n = tile.cols.saturating_sub(from).min(16);
@@ -109,6 +162,6 @@ unsafe fn tile_kernel(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_kernel(_: usize, _: &[f32], _: &[f32], _: Tile, _: Epilogue) {
+unsafe fn tile_kernel(_: APanel<'_>, _: &[f32], _: Tile, _: Epilogue) {
     unreachable!("our kernels are only dispatched to on x86-64")
 }

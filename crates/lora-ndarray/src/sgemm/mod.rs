@@ -3,8 +3,8 @@
 //!
 //! The classic Goto/BLIS structure: the `k` dimension in slices of `KC`; per slice, a
 //! block of `B` packed into column panels of `NR` (kept in L3/L2), then blocks of `MC`
-//! rows of `A` packed into row panels of `MR` (kept in L2), then one register tile per
-//! pair of panels. The blocking loops and the packing are written once ([`Kernel`] gives
+//! rows of `A` (kept in L2), then one register tile per pair of panels. A row-major `A`
+//! is read in place; any other is packed into row panels of `MR` ([`APanel`]). The blocking loops and the packing are written once ([`Kernel`] gives
 //! each instruction set's tile and block sizes).
 //!
 //! Why not only the `gemm` crate: on the 2-core AMD EPYC (Zen 3) development VM, one
@@ -52,6 +52,27 @@ macro_rules! depth_loop {
     }};
 }
 
+/// [`depth_loop!`] for `A` read in place ([`DirectRows`]): `$step!(u)` reads step
+/// `$p + u` of each row, and `$p` counts the steps.
+macro_rules! in_place_depth_loop {
+    ($kc:expr, $p:ident, $bp:ident, $nr:expr, $step:ident, $each_group:expr) => {{
+        while $p + 4 <= $kc {
+            $each_group($p / 4);
+            $step!(0);
+            $step!(1);
+            $step!(2);
+            $step!(3);
+            $bp = $bp.add(4 * $nr);
+            $p += 4;
+        }
+        while $p < $kc {
+            $step!(0);
+            $bp = $bp.add($nr);
+            $p += 1;
+        }
+    }};
+}
+
 mod avx2;
 mod avx512;
 mod pack;
@@ -73,14 +94,49 @@ trait Kernel {
     /// Rows of `A` packed at once (a whole number of tiles), kept in L2.
     const MC: usize;
 
-    /// `tile = alpha · a_panel b_panel + beta · tile [+ bias]` over `kc` packed steps
+    /// `tile = alpha · a b_panel + beta · tile [+ bias]` over the depth steps of `a`
     /// (`bias`: the tile's column values, added to every row; with `beta == 0` the tile's
     /// old contents are never read).
     ///
     /// # Safety
     /// The CPU supports the kernel's instruction set; the tile's `rows x cols` elements
-    /// are addressable and owned by this thread; the panels hold `kc` steps each.
-    unsafe fn tile(kc: usize, a_panel: &[f32], b_panel: &[f32], tile: Tile, epilogue: Epilogue);
+    /// are addressable and owned by this thread; `a` is as [`APanel`] says, and `b_panel`
+    /// holds as many steps as `a`.
+    unsafe fn tile(a: APanel<'_>, b_panel: &[f32], tile: Tile, epilogue: Epilogue);
+}
+
+/// The `A` side of one register tile: `direct.kc` depth steps read in place from `A`'s
+/// rows, then `kc_packed` steps from a packed panel (`MR` values per step).
+///
+/// Why in place: packing a row-major `A` (every `x` of `x Wᵀ`) is a transpose that waits
+/// on `x` coming from L3, 8.7% of the MiniLM training step's samples on AVX-512
+/// (docs/performance.md, stop 32), and each packed value then feeds only `2n` FLOPs (768
+/// for the model's 384-wide outputs). Read in place, the first tile of a block overlaps
+/// those loads with its FMAs, and a broadcast costs one load either way: the tile's samples
+/// stayed level while packing's went from 8.2% to 2.4% (what is left packs `B`), and
+/// the MiniLM step ran 2.3% faster on the AVX2 tile, 2.8% on the AVX-512 one
+/// (alternating pairs, stop 33).
+struct APanel<'a> {
+    direct: Option<DirectRows>,
+    packed: &'a [f32],
+    kc_packed: usize,
+}
+
+/// `kc` depth steps of the tile's rows of a row-major `A` (unit column stride): row `i`
+/// at `a + i·lda`. Rows past the tile's `rows` read row `rows - 1` again (their results
+/// are never stored), so a partial tile reads nothing outside `A`.
+#[derive(Clone, Copy)]
+struct DirectRows {
+    a: *const f32,
+    lda: usize,
+    kc: usize,
+}
+
+impl DirectRows {
+    /// The offsets of the `mr` rows a tile of `rows` rows reads (see [`DirectRows`]).
+    fn offsets<const MR: usize>(&self, rows: usize) -> [usize; MR] {
+        std::array::from_fn(|i| i.min(rows - 1) * self.lda)
+    }
 }
 
 /// `(alpha, beta, bias)` applied as a tile is stored.
@@ -91,10 +147,10 @@ type Epilogue = (f32, f32, Option<*const f32>);
 /// [`sgemm_plus`] applies an activation with it (a BERT feed-forward's GELU).
 pub(crate) type Finish<'a> = Option<&'a dyn Fn(usize, usize, usize)>;
 
-/// Called as `hook(row, rows, col, depth)` once per block of `A` the kernel packs: rows
-/// `row..row + rows`, depth steps (columns of `A`) `col..col + depth`, right after packing
-/// them (the block is in L2), and for a product over a second segment before that
-/// segment's block is packed. Blocks come in depth order for each row block, each once.
+/// Called as `hook(row, rows, col, depth)` once per block of `A`: rows `row..row + rows`,
+/// depth steps (columns of `A`) `col..col + depth`, before the block's tiles run (right
+/// after packing it, where `A` is packed), and for a product over a second segment before
+/// that segment's block is packed. Blocks come in depth order for each row block, each once.
 /// A fused LoRA backward computes `dy B` and `dyᵀ H` from the blocks of `dy` here, so
 /// the second segment (`dy B`) is complete when it is packed.
 pub(crate) type BlockHook<'a> = Option<&'a dyn Fn(usize, usize, usize, usize)>;
@@ -372,6 +428,9 @@ unsafe fn blocked<K: Kernel>(
 ) {
     let (mr, nr) = (K::MR, K::NR);
     let (main, extra) = (segs[0], segs.get(1).filter(|s| s.k > 0));
+    // A row-major `A` is read in place (see [`APanel`]); only a second segment is packed.
+    let (a_base, a_rs, a_cs) = main.a;
+    let direct = a_cs == 1 && a_rs > 0;
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..main.k).step_by(K::KC) {
@@ -388,16 +447,24 @@ unsafe fn blocked<K: Kernel>(
                     pack_b(nr, s.k, nc, s.b.at(0, jc), (&mut *b_pack, kc, kc1));
                 }
             }
+            // Depth steps per packed panel of `A`, and the first one this slice packs.
+            let (a_depth, packed_from) = match direct {
+                true => (kc - kc1, 0),
+                false => (kc, kc1),
+            };
             for ic in (0..m).step_by(K::MC) {
                 let mc = K::MC.min(m - ic);
                 unsafe {
-                    pack_a(mr, mc, kc1, main.a.at(ic, pc), (&mut *a_pack, kc, 0));
+                    if !direct {
+                        pack_a(mr, mc, kc1, main.a.at(ic, pc), (&mut *a_pack, kc, 0));
+                    }
                     if let Some(hook) = hook.filter(|_| jc == 0) {
                         hook(ic, mc, pc, kc1);
                     }
                     if let Some(s) = tail {
-                        pack_a(mr, mc, s.k, s.a.at(ic, 0), (&mut *a_pack, kc, kc1));
-                        scale_packed(mr, a_pack, mc, kc, kc1, s.scale);
+                        let dst = (&mut *a_pack, a_depth, packed_from);
+                        pack_a(mr, mc, s.k, s.a.at(ic, 0), dst);
+                        scale_packed(mr, a_pack, mc, a_depth, packed_from, s.scale);
                     }
                 }
                 let finish = finish.filter(|_| pc + kc1 == main.k);
@@ -405,7 +472,17 @@ unsafe fn blocked<K: Kernel>(
                 for jr in (0..nc).step_by(nr) {
                     let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
                     for ir in (0..mc).step_by(mr) {
-                        let a_panel = &a_pack[ir * kc..(ir + mr) * kc];
+                        let a = APanel {
+                            direct: direct.then(|| DirectRows {
+                                a: unsafe {
+                                    a_base.offset((ic + ir) as isize * a_rs + pc as isize)
+                                },
+                                lda: a_rs as usize,
+                                kc: kc1,
+                            }),
+                            packed: &a_pack[ir * a_depth..(ir + mr) * a_depth],
+                            kc_packed: a_depth,
+                        };
                         let tile = Tile {
                             c: unsafe { c.add((ic + ir) * ldc + jc + jr) },
                             ldc,
@@ -413,7 +490,7 @@ unsafe fn blocked<K: Kernel>(
                             cols: nr.min(nc - jr),
                         };
                         let bias = bias.map(|b| unsafe { b.add(jc + jr) });
-                        unsafe { K::tile(kc, a_panel, b_panel, tile, (alpha, beta, bias)) };
+                        unsafe { K::tile(a, b_panel, tile, (alpha, beta, bias)) };
                     }
                     let end = (jr + nr).min(nc);
                     if let Some(finish) =

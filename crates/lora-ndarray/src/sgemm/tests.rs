@@ -268,3 +268,50 @@ fn beta_zero_never_reads_the_output() {
         assert!(c.iter().all(|v| v.is_finite()), "{isa:?}");
     }
 }
+
+/// A row-major `A` is read in place (no packing); a partial tile's missing rows must not
+/// read past `A`'s last row. Here `A` ends where an inaccessible page begins, so a read
+/// past it faults and the test process dies.
+#[test]
+fn in_place_rows_never_read_past_the_last_row_of_a() {
+    use rustix::mm::{MapFlags, MprotectFlags, ProtFlags, mmap_anonymous, mprotect, munmap};
+    let page = rustix::param::page_size();
+    for isa in kernels_here() {
+        // 11 rows: a partial last tile on both kernels (6 and 8 rows).
+        let (m, n, k) = (11, 64, 40);
+        let values = rand(m * k, 6);
+        let b = Mat::new(k, n, false, 7);
+        // SAFETY: a fresh private mapping of two pages; the second is made inaccessible,
+        // `A` fills the end of the first, and both are unmapped below.
+        unsafe {
+            let map = mmap_anonymous(
+                std::ptr::null_mut(),
+                2 * page,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+            .expect("mmap");
+            mprotect(map.byte_add(page), page, MprotectFlags::empty()).expect("mprotect");
+            let a = map.byte_add(page).cast::<f32>().sub(m * k);
+            a.copy_from_nonoverlapping(values.as_ptr(), m * k);
+            let seg = [Segment {
+                a: (a.cast_const(), k as isize, 1),
+                b: b.operand(),
+                k,
+                scale: 1.0,
+            }];
+            let mut c = vec![0.0; m * n];
+            let epilogue = (1.0, 0.0, None);
+            product_on(isa, (m, n), &seg, epilogue, (None, None), c.as_mut_ptr(), n);
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|p| f64::from(values[i * k + p]) * b.at(p, j))
+                        .sum();
+                    assert_close(c[i * n + j], dot, k, &format!("{isa:?} ({i}, {j})"));
+                }
+            }
+            munmap(map, 2 * page).expect("munmap");
+        }
+    }
+}
