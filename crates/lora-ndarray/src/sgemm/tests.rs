@@ -273,7 +273,7 @@ fn beta_zero_never_reads_the_output() {
 /// read past `A`'s last row. Here `A` ends where an inaccessible page begins, so a read
 /// past it faults and the test process dies.
 #[test]
-fn in_place_rows_never_read_past_the_last_row_of_a() {
+fn in_place_rows_never_read_past_the_last_row_of_a() -> rustix::io::Result<()> {
     use rustix::mm::{MapFlags, MprotectFlags, ProtFlags, mmap_anonymous, mprotect, munmap};
     let page = rustix::param::page_size();
     for isa in kernels_here() {
@@ -289,9 +289,8 @@ fn in_place_rows_never_read_past_the_last_row_of_a() {
                 2 * page,
                 ProtFlags::READ | ProtFlags::WRITE,
                 MapFlags::PRIVATE,
-            )
-            .expect("mmap");
-            mprotect(map.byte_add(page), page, MprotectFlags::empty()).expect("mprotect");
+            )?;
+            mprotect(map.byte_add(page), page, MprotectFlags::empty())?;
             let a = map.byte_add(page).cast::<f32>().sub(m * k);
             a.copy_from_nonoverlapping(values.as_ptr(), m * k);
             let seg = [Segment {
@@ -311,7 +310,8 @@ fn in_place_rows_never_read_past_the_last_row_of_a() {
                     assert_close(c[i * n + j], dot, k, &format!("{isa:?} ({i}, {j})"));
                 }
             }
-            munmap(map, 2 * page).expect("munmap");
+            munmap(map, 2 * page)?;
         }
     }
+    Ok(())
 }
