@@ -212,7 +212,7 @@ pub(super) fn row_bands((m, n, k): (usize, usize, usize), r: usize) -> Option<us
         && r > 0
         && r < skinny::NARROW
         && r <= sgemm::MAX_EXTRA_DEPTH
-        && (bands == 1 || sgemm::prefers_row_panels(m, n, bands));
+        && (bands == 1 || sgemm::prefers_row_panels(m, n, bands, false));
     fused.then_some(bands)
 }
 

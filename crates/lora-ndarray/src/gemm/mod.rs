@@ -237,7 +237,7 @@ unsafe fn gemm_to(
     let rhs = ConstPtr(b.as_slice().as_ptr());
 
     // One single-thread call on the sub-problem rows [r0, r0+mr) x cols [c0, c0+nc).
-    split_panels((m, n, k), |r0, mr, c0, nc| {
+    split_panels((m, n, k), trans_a == Transpose::No, |r0, mr, c0, nc| {
         // SAFETY: all pointers address contiguous buffers whose sizes `check_gemm` matched
         // to (m, n, k) and the strides above; the offsets stay inside them, and concurrent
         // calls receive disjoint output panels.
@@ -258,7 +258,12 @@ unsafe fn gemm_to(
 
 /// Runs `run(r0, rows, c0, cols)` over panels of an `m x n` output of depth `k`, in
 /// parallel as the shape warrants; the panels are disjoint and cover the output.
-fn split_panels((m, n, k): (usize, usize, usize), run: impl Fn(usize, usize, usize, usize) + Sync) {
+/// `a_row_major`: the row operand has unit column stride (our kernel reads it in place).
+fn split_panels(
+    (m, n, k): (usize, usize, usize),
+    a_row_major: bool,
+    run: impl Fn(usize, usize, usize, usize) + Sync,
+) {
     let work = m * n * k;
     let threads = rayon::current_num_threads();
     // A few rows against a large weight: bound by streaming the weight, which two cores
@@ -279,7 +284,7 @@ fn split_panels((m, n, k): (usize, usize, usize), run: impl Fn(usize, usize, usi
         // that packs less; on the `gemm` crate, row panels unless the rows are too few
         // (there row panels measured at least as fast, and 7% faster at 512x4096x4096).
         let by_rows = match sgemm::available() && sgemm::suits(m, n, k) {
-            true => sgemm::prefers_row_panels(m, n, threads),
+            true => sgemm::prefers_row_panels(m, n, threads, a_row_major),
             false => m >= WHOLE_PANELS_MIN_SIDE * threads || m >= n,
         };
         let side = if by_rows { m } else { n };

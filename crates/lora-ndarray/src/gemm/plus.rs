@@ -72,7 +72,7 @@ pub(crate) fn gemm_plus_act_new(
     // The activation and where it writes, both present or both absent.
     let finishing = act.zip(post.as_mut().map(|p| SendPtr(p.as_mut_ptr())));
     let post_bad = std::sync::atomic::AtomicBool::new(false);
-    split_panels((m, n, k1 + k2), |r0, mr, c0, nc| {
+    split_panels((m, n, k1 + k2), ta1 == Transpose::No, |r0, mr, c0, nc| {
         let rows = |(p, rs, cs): (ConstPtr, isize, isize)| {
             // SAFETY (this and `cols`): row r0 and column c0 lie inside the operands, whose
             // extents `check_gemm` matched to the m x n output.

@@ -64,6 +64,8 @@ fn every_path_and_transpose_matches_the_naive_product() {
         (300, 260, 280),
         // One panel per thread split by columns (it packs less than rows on our kernel).
         (260, 300, 280),
+        // One panel per thread split by rows with a row-major `A` too (`m >= 2n`).
+        (600, 200, 150),
         // Token reductions over several accumulator blocks with a partial last vector
         // (16 x 1100: 256-column blocks, 1100 = 137 x 8 + 4) and a token count that is
         // not a multiple of 8; rank-8 narrow outputs (eight rows at a time) with a tail.
@@ -200,12 +202,14 @@ fn assert_near(what: &str, got: &[f32], want: &[f32], depth: usize) {
 fn assert_not_fusable((m, n, k): (usize, usize, usize), what: &str) {
     let threads = rayon::current_num_threads();
     assert!(
-        !sgemm::available() || !sgemm::suits(m, n, k) || !sgemm::prefers_row_panels(m, n, threads),
+        !sgemm::available()
+            || !sgemm::suits(m, n, k)
+            || !sgemm::prefers_row_panels(m, n, threads, false),
         "{what}: not fused"
     );
 }
 
-/// The fused LoRA backward (one product over `dy` with `dy B` and `dyᵀ H` from its packed
+/// The fused LoRA backward (one product over `dy` with `dy B` and `dyᵀ H` from its
 /// blocks) against the three products it replaces, on the f64 reference: several depth
 /// slices of `dy` (out = 1100 on either tile), a last slice under 8 columns (out = 515:
 /// the hook's element-wise fallback), ranks 1, 5, 8, 16 and 33, one band and one per

@@ -249,12 +249,28 @@ pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
 }
 
 /// Whether `threads` panels of an `m x n` product on this kernel should be row panels
-/// (else column panels): the split that packs fewer elements per thread. Each thread
-/// packs all of `B` under a row split and all of `A` (once per [`NC`] columns) under a
-/// column split, so for `n <= NC` it is simply the longer side; the decoder's output head
-/// (1024 x 32000) splits by columns. Interleaved on the AMD VM, column panels ran 512 x
-/// 4096 x 4096 at 9% more GFLOP/s than row panels (docs/performance.md).
-pub(crate) fn prefers_row_panels(m: usize, n: usize, threads: usize) -> bool {
+/// (else column panels).
+///
+/// A packed `A` (`a_in_place` false): the split that packs fewer elements per thread.
+/// Each thread packs all of `B` under a row split and all of `A` (once per [`NC`] columns)
+/// under a column split, so for `n <= NC` it is simply the longer side; the decoder's
+/// output head (1024 x 32000) splits by columns. Interleaved on the AMD VM, column panels
+/// ran 512 x 4096 x 4096 at 9% more GFLOP/s than row panels (docs/performance.md).
+///
+/// `A` read in place ([`APanel`]): a row split still has each thread pack all of `B`,
+/// a column split half of it, but then each thread reads all of `A` (from L3 or memory)
+/// instead of half. Counting a packed element as two reads, rows win from `m >= 2n`.
+/// On the Xeon VM (stop 33, alternating rounds), this rule against the packed count:
+/// capped at AVX2, 2048³ 214-219 → 222-225 GFLOP/s and 1024x1024x2816 214-220 → 224-228;
+/// on AVX-512 within noise (2048³ 349-367 / 359-365). Forcing columns on every shape
+/// made the MiniLM step (`[4096, 384]` outputs, which this rule keeps on rows) 4% slower.
+///
+/// The fused LoRA products pass `false`: their hooks need row bands, and they fuse
+/// where the packed-`A` count prefers rows (`gemm::lora_backward::row_bands`).
+pub(crate) fn prefers_row_panels(m: usize, n: usize, threads: usize, a_in_place: bool) -> bool {
+    if a_in_place {
+        return m >= 2 * n;
+    }
     let rows = n + m.div_ceil(threads) * n.div_ceil(NC);
     let cols = n.div_ceil(threads) + m * n.div_ceil(threads).div_ceil(NC);
     rows <= cols
