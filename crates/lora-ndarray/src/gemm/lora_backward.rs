@@ -21,7 +21,7 @@ use lora_core::{Error, LoraGrads, Result, Tensor};
 use rayon::prelude::*;
 
 use super::{ConstPtr, PARALLEL_MIN_WORK, SendPtr};
-use crate::few_rows::few_rows_times_wt;
+use crate::few_rows::narrow_times_wt;
 use crate::sgemm::{self, Operand};
 use crate::tensor::NdTensor;
 use crate::{pool, skinny, token_reduction};
@@ -248,17 +248,7 @@ pub(super) unsafe fn slice_product(
     if dots_on_this_cpu() && y_rs == 1 && y_cs > 0 && kc >= 16 {
         // SAFETY: the r rows of y's transpose are kc long; the rest is forwarded to the
         // caller's contract.
-        unsafe {
-            few_rows_times_wt(
-                (mc, r, kc),
-                1.0,
-                (a, lda),
-                (y, y_cs as usize),
-                beta,
-                (c, r),
-                true,
-            )
-        };
+        unsafe { narrow_times_wt((mc, r, kc), 1.0, (a, lda), (y, y_cs as usize), beta, (c, r)) };
         return;
     }
     // SAFETY: forwarded to the caller's contract.
