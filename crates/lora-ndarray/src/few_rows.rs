@@ -90,6 +90,50 @@ unsafe fn store(c: *mut f32, alpha: f32, sum: f32, beta: f32) {
     };
 }
 
+/// The lanes of a 16-lane chunk of the depth with `left` steps left: all sixteen, or the
+/// tail's.
+#[inline(always)]
+fn depth_lanes(left: usize) -> u16 {
+    match left >= 16 {
+        true => u16::MAX,
+        false => (1u16 << left) - 1,
+    }
+}
+
+/// The 16-lane partial sums of the dot products of `M` rows of `a` with the first `cols`
+/// (at most `C`) rows of `W`, over the depth `k` in 16-lane chunks (the tail through lane
+/// masks); sums past `cols` stay zero.
+///
+/// # Safety
+/// Rows `0..M` of `a` and `0..cols` of `W` hold `k` values each; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_accumulators<const M: usize, const C: usize>(
+    k: usize,
+    cols: usize,
+    (a, lda): (*const f32, usize),
+    (w, ldw): (*const f32, usize),
+) -> [[__m512; C]; M] {
+    let mut acc = [[_mm512_setzero_ps(); C]; M];
+    // SAFETY: every masked load reads elements p..p + 16 (fewer at the tail) of rows
+    // i < M of `a` and q < cols of `W`, all inside their k columns.
+    unsafe {
+        for p in (0..k).step_by(16) {
+            let mask = depth_lanes(k - p);
+            let xv: [__m512; M] =
+                std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, a.add(i * lda + p)));
+            for q in 0..cols {
+                let wv = _mm512_maskz_loadu_ps(mask, w.add(q * ldw + p));
+                for (row, &x) in acc.iter_mut().zip(&xv) {
+                    row[q] = _mm512_fmadd_ps(x, wv, row[q]);
+                }
+            }
+        }
+    }
+    acc
+}
+
 /// [`few_rows_times_wt`] for `M` rows on AVX-512F: the depth's tail through lane masks.
 ///
 /// # Safety
@@ -106,27 +150,11 @@ unsafe fn dots_avx512<const M: usize>(
 ) {
     for j0 in (0..n).step_by(COLS) {
         let cols = COLS.min(n - j0);
-        let mut acc = [[_mm512_setzero_ps(); COLS]; M];
-        // SAFETY: every masked load reads elements p..p + 16 (fewer at the tail) of rows
-        // i < M of `a` and j0 + q < n of `W`, all inside their k columns; the stores
+        // SAFETY: forwarded (rows j0..j0 + cols of `W` lie inside its n rows); the stores
         // write (i, j0 + q) of `c`.
         unsafe {
-            for p in (0..k).step_by(16) {
-                let mask = match k - p >= 16 {
-                    true => u16::MAX,
-                    false => (1u16 << (k - p)) - 1,
-                };
-                let wv: [__m512; COLS] = std::array::from_fn(|q| match q < cols {
-                    true => _mm512_maskz_loadu_ps(mask, w.add((j0 + q) * ldw + p)),
-                    false => _mm512_setzero_ps(),
-                });
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_maskz_loadu_ps(mask, a.add(i * lda + p));
-                    for (q, v) in row.iter_mut().enumerate() {
-                        *v = _mm512_fmadd_ps(xv, wv[q], *v);
-                    }
-                }
-            }
+            let w = w.add(j0 * ldw);
+            let acc = dot_accumulators::<M, COLS>(k, cols, (a, lda), (w, ldw));
             for (i, row) in acc.iter().enumerate() {
                 for (q, &v) in row.iter().enumerate().take(cols) {
                     store(
@@ -201,25 +229,11 @@ unsafe fn narrow_dots_avx512<const M: usize>(
 ) {
     for j0 in (0..n).step_by(NARROW_COLS) {
         let cols = NARROW_COLS.min(n - j0);
-        let mut acc = [[_mm512_setzero_ps(); NARROW_COLS]; M];
-        // SAFETY: every masked load reads elements p..p + 16 (fewer at the tail) of rows
-        // i < M of `a` and j0 + q < n of `W`, all inside their k columns; the stores write
-        // (i, j0..j0 + cols) of `c`.
+        // SAFETY: forwarded (rows j0..j0 + cols of `W` lie inside its n rows); the stores
+        // write (i, j0..j0 + cols) of `c`.
         unsafe {
-            for p in (0..k).step_by(16) {
-                let mask = match k - p >= 16 {
-                    true => u16::MAX,
-                    false => (1u16 << (k - p)) - 1,
-                };
-                let xv: [__m512; M] =
-                    std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, a.add(i * lda + p)));
-                for q in 0..cols {
-                    let wv = _mm512_maskz_loadu_ps(mask, w.add((j0 + q) * ldw + p));
-                    for (row, &x) in acc.iter_mut().zip(&xv) {
-                        row[q] = _mm512_fmadd_ps(x, wv, row[q]);
-                    }
-                }
-            }
+            let w = w.add(j0 * ldw);
+            let acc = dot_accumulators::<M, NARROW_COLS>(k, cols, (a, lda), (w, ldw));
             let store_mask = ((1u32 << cols) - 1) as __mmask8;
             let (va, vb) = (_mm256_set1_ps(alpha), _mm256_set1_ps(beta));
             for (i, row) in acc.iter().enumerate() {

@@ -61,9 +61,7 @@ unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, 
             }};
         }
         if let Some(d) = a.direct {
-            let offsets = d.offsets::<MR>(tile.rows);
-            let rows: [*const f32; MR] = std::array::from_fn(|i| d.a.add(offsets[i]));
-            let mut p = 0;
+            let (rows, mut p) = (d.row_starts::<MR>(tile.rows), 0);
             // As on the AVX-512 tile (see there): each in-place broadcast and its two
             // FMAs in one block, which LLVM cannot hoist past the FMAs before it.
             macro_rules! step {

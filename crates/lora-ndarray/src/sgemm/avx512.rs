@@ -110,9 +110,7 @@ unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, 
             }};
         }
         if let Some(d) = a.direct {
-            let offsets = d.offsets::<MR>(tile.rows);
-            let rows: [*const f32; MR] = std::array::from_fn(|i| d.a.add(offsets[i]));
-            let mut p = 0;
+            let (rows, mut p) = (d.row_starts::<MR>(tile.rows), 0);
             macro_rules! step {
                 ($u:expr) => {{
                     let b: [__m512; NV] =

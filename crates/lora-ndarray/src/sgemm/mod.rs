@@ -133,9 +133,13 @@ struct DirectRows {
 }
 
 impl DirectRows {
-    /// The offsets of the `mr` rows a tile of `rows` rows reads (see [`DirectRows`]).
-    fn offsets<const MR: usize>(&self, rows: usize) -> [usize; MR] {
-        std::array::from_fn(|i| i.min(rows - 1) * self.lda)
+    /// The first values of the `MR` rows a tile of `rows` rows reads (see [`DirectRows`]).
+    ///
+    /// # Safety
+    /// `a`'s first `rows` rows lie in one allocation (the tile's contract).
+    unsafe fn row_starts<const MR: usize>(&self, rows: usize) -> [*const f32; MR] {
+        // SAFETY: row `min(i, rows - 1)` is one of the tile's rows.
+        std::array::from_fn(|i| unsafe { self.a.add(i.min(rows - 1) * self.lda) })
     }
 }
 
