@@ -3,9 +3,10 @@
 //!
 //! Composed from products, the backward reads `dy` (`[tokens, out]`, the largest operand)
 //! three times: for the base's `dx = dy W`, for `dB = s·dyᵀ H` and for `g = dy B`. Here
-//! the input gradient's product packs `dy` block by block (rows `MC` at a time, columns
-//! `KC` at a time, each block then in L2), and a [`BlockHook`](sgemm::BlockHook) computes both of LoRA's
-//! projections from the block just packed: `g`'s rows (a narrow product added slice by
+//! the input gradient's product walks `dy` block by block (rows `MC` at a time, columns
+//! `KC` at a time), and a [`BlockHook`](sgemm::BlockHook) computes both of LoRA's
+//! projections from each block just before the product's tiles read it (in place, so the
+//! hook's read brings it into L2 for them): `g`'s rows (a narrow product added slice by
 //! slice) and each thread's partial `dyᵀ H` (a token reduction). `g` is complete for a
 //! row block when its last slice has been seen, which is when the kernel packs it as the
 //! product's second segment, so `dx = dy W + s·g A` still comes out of the same product;
@@ -92,7 +93,7 @@ pub(crate) fn lora_dense_backward(
             let g_band = g_ptr.get().add(r0 * r);
             let partial = part.get().add(band * band_len);
             let partial_a = partial.add(r * ld);
-            // Rows ic..ic + mc, columns pc..pc + kc of dy, just packed.
+            // Rows ic..ic + mc, columns pc..pc + kc of dy, before the tiles read them.
             let hook = |ic: usize, mc: usize, pc: usize, kc: usize| {
                 let block = dy_band.add(ic * out + pc);
                 let g_rows = g_band.add(ic * r);

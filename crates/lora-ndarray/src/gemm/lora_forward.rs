@@ -3,9 +3,10 @@
 //!
 //! Composed, the forward reads `x` twice: for `H = x Aᵀ`, then for the base product
 //! `x Wᵀ` (which takes `s·H Bᵀ` and the bias in the same pass, `gemm_plus_new`). Here the
-//! base product packs `x` block by block and a [`BlockHook`](crate::sgemm::BlockHook)
-//! adds each block's `x Aᵀ` to `H`'s rows while the block is in L2; `H`'s rows are
-//! complete when the kernel packs them as the product's second segment. Each thread
+//! base product walks `x` block by block and a [`BlockHook`](crate::sgemm::BlockHook)
+//! adds each block's `x Aᵀ` to `H`'s rows just before the tiles read the block (the
+//! hook's read brings it into L2 for them); `H`'s rows are complete when the kernel packs
+//! them as the product's second segment. Each thread
 //! takes a band of rows (tokens), as in the fused backward (`lora_backward.rs`).
 #![allow(unsafe_code)]
 
@@ -56,7 +57,7 @@ pub(crate) fn lora_dense_forward(
         unsafe {
             let x_band = x_p.get().add(r0 * inp);
             let h_band = h_ptr.get().add(r0 * r);
-            // Rows ic..ic + mc, columns pc..pc + kc of x, just packed: their x Aᵀ.
+            // Rows ic..ic + mc, columns pc..pc + kc of x, before the tiles read them: x Aᵀ.
             let hook = |ic: usize, mc: usize, pc: usize, kc: usize| {
                 let block = x_band.add(ic * inp + pc);
                 let h_rows = h_band.add(ic * r);
