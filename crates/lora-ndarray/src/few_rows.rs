@@ -180,7 +180,8 @@ const NARROW_COLS: usize = 8;
 /// each row of `a` is read once per eight columns (not per four), and eleven loads feed
 /// twenty-four FMAs (eight per sixteen in [`dots_avx512`]). The 24 sums of a tile are
 /// reduced together by lane shuffles into one 8-wide store per row rather than one
-/// `reduce_add` per sum, which at a 384-deep slice cost a third as much as the FMAs.
+/// `reduce_add` per sum (counted, not timed alone: about eight instructions per sum, so a
+/// third as many as the FMAs of a 384-deep slice).
 ///
 /// # Safety
 /// As [`few_rows_times_wt`], with AVX-512F.
@@ -254,7 +255,7 @@ unsafe fn narrow_dots_avx512<const M: usize>(_: NarrowArgs) {
 }
 
 /// The horizontal sums of eight 16-lane vectors, in order: pairs of vectors are
-/// interleaved and added, then the four 128-bit lanes folded, 22 shuffles and adds for
+/// interleaved and added, then the four 128-bit lanes folded: 24 shuffles and adds for
 /// all eight sums.
 #[cfg(target_arch = "x86_64")]
 #[inline]
