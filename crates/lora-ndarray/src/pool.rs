@@ -67,6 +67,9 @@ pub struct PoolStats {
     pub evicted: u64,
     /// Bytes the pool holds now.
     pub free_bytes: usize,
+    /// Bytes the frozen weights' packed copies hold now (kept for our GEMM's tiles beside
+    /// the weights, up to `LORA_NDARRAY_PACKED_MB`, default 1024; not pool buffers).
+    pub kept_panel_bytes: usize,
 }
 
 static POOL: Mutex<Pool> = Mutex::new(Pool {
@@ -82,6 +85,7 @@ static POOL: Mutex<Pool> = Mutex::new(Pool {
         allocated: 0,
         evicted: 0,
         free_bytes: 0,
+        kept_panel_bytes: 0,
     },
 });
 
@@ -244,6 +248,7 @@ pub fn stats() -> PoolStats {
     let pool = lock();
     PoolStats {
         free_bytes: pool.free_bytes,
+        kept_panel_bytes: crate::sgemm::kept_panel_bytes(),
         ..pool.stats
     }
 }

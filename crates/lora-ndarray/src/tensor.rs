@@ -7,6 +7,7 @@ use lora_core::{Error, Result, Shape, Tensor};
 use ndarray::{ArcArray, ArrayD, IxDyn};
 
 use crate::pool;
+use crate::sgemm::{Layout, PackSlots, PackedB};
 
 /// A dense f32 tensor in standard (row-major, contiguous) layout.
 ///
@@ -28,6 +29,9 @@ pub struct NdTensor {
     shape: Shape,
     /// [`UNKNOWN`], [`FINITE`] or [`NOT_FINITE`].
     finite: AtomicU8,
+    /// Copies packed for our GEMM's tiles, made where the tensor is a product's `B` more
+    /// than once (a frozen weight): `sgemm/prepacked.rs`.
+    packs: PackSlots,
 }
 
 /// Nobody has looked at every element yet.
@@ -44,6 +48,7 @@ impl Clone for NdTensor {
             array: self.array.clone(),
             shape: self.shape.clone(),
             finite: AtomicU8::new(self.finite.load(Relaxed)),
+            packs: self.packs.clone(),
         }
     }
 }
@@ -82,6 +87,7 @@ impl NdTensor {
             array: ManuallyDrop::new(array.into_shared()),
             shape,
             finite: AtomicU8::new(UNKNOWN),
+            packs: PackSlots::default(),
         }
     }
 
@@ -96,6 +102,7 @@ impl NdTensor {
             array: ManuallyDrop::new(array.into_shared()),
             shape: Shape::new(shape),
             finite: AtomicU8::new(UNKNOWN),
+            packs: PackSlots::default(),
         })
     }
 
@@ -112,6 +119,8 @@ impl NdTensor {
             array: ManuallyDrop::new(array),
             shape: Shape::new(shape),
             finite: AtomicU8::new(self.finite.load(Relaxed)),
+            // Another matrix view of the same values: packed apart.
+            packs: PackSlots::default(),
         })
     }
 
@@ -129,6 +138,8 @@ impl NdTensor {
     /// The elements as a flat mutable slice (copies the storage first if it is shared).
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
         *self.finite.get_mut() = UNKNOWN;
+        // Packed copies of the old values are stale (clones keep theirs, and the values).
+        self.packs = PackSlots::default();
         if !self.array.is_unique() {
             // Copy into a pooled buffer rather than let ndarray clone into a new one.
             let copy = pool::copy_of(self.as_slice());
@@ -149,6 +160,21 @@ impl NdTensor {
             NOT_FINITE => Some(false),
             _ => None,
         }
+    }
+
+    /// This tensor's packed copy as a product's `B` in `layout` (its matrix view, or that
+    /// transposed), made at the second such use; see `sgemm/prepacked.rs`.
+    #[allow(unsafe_code)]
+    pub(crate) fn kept_b(&self, layout: Layout) -> Option<&PackedB> {
+        let (rows, cols) = self.shape.as_matrix();
+        let p = self.as_slice().as_ptr();
+        let (b, k_n) = match layout {
+            Layout::AsIs => ((p, cols as isize, 1), (rows, cols)),
+            Layout::Transposed => ((p, 1, cols as isize), (cols, rows)),
+        };
+        // SAFETY: `b` addresses this tensor's elements as a `k x n` operand, and `packs`
+        // were replaced at every write since they were made.
+        unsafe { self.packs.for_use(layout, b, k_n) }
     }
 
     /// Records what a look at every element of this tensor found.

@@ -15,8 +15,9 @@ use lora_core::{Result, Tensor};
 
 use super::lora_backward::{adapter_rank, for_each_band, row_bands, slice_product};
 use super::{ConstPtr, SendPtr};
+use crate::pool;
+use crate::sgemm::{self, Layout};
 use crate::tensor::NdTensor;
-use crate::{pool, sgemm};
 
 /// `(y, H)` of LoRA `(a, b, s)` over the dense weight `w` (`[out, in]`) and `bias` for
 /// the input `x` (`[.., in]`): `H = x Aᵀ` (`[rows, r]`) and `y = x Wᵀ + s·H Bᵀ + bias`
@@ -49,6 +50,8 @@ pub(crate) fn lora_dense_forward(
     let (dst, h_ptr) = (SendPtr(y.as_mut_ptr()), SendPtr(h.as_mut_ptr()));
     let src = |t: &NdTensor| ConstPtr(t.as_slice().as_ptr());
     let (x_p, w_p, a_p, b_p) = (src(x), src(w), src(a), src(b));
+    // A frozen weight's panels, packed once (from its second use on).
+    let kept_w = w.kept_b(Layout::Transposed);
     let bias = bias.map(src);
     for_each_band(m, bands, |_, r0, rows| {
         // SAFETY (whole band): `check_gemm` and the checks above matched every operand to
@@ -67,7 +70,11 @@ pub(crate) fn lora_dense_forward(
             };
             sgemm::sgemm_plus(
                 (rows, out),
-                ((x_band, inp as isize, 1), (w_p.get(), 1, inp as isize), inp),
+                (
+                    (x_band, inp as isize, 1),
+                    ((w_p.get(), 1, inp as isize), kept_w.map(|w| (w, 0))),
+                    inp,
+                ),
                 s,
                 ((h_band, r as isize, 1), (b_p.get(), 1, r as isize), r),
                 bias.map(|b| b.get()),

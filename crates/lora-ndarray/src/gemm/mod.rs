@@ -81,6 +81,14 @@ fn strides(cols: usize, t: Transpose) -> (isize, isize) {
     }
 }
 
+/// How an operand `op(b)` enters a product as `B`, for its packed copies.
+fn kept_layout(t: Transpose) -> sgemm::Layout {
+    match t {
+        Transpose::No => sgemm::Layout::AsIs,
+        Transpose::Yes => sgemm::Layout::Transposed,
+    }
+}
+
 /// One call of the `gemm` kernel: `c = alpha·a·b + beta·c` for an `m x n` output with
 /// row stride `c_rs` (unit column stride) and operands given by column and row strides.
 ///
@@ -97,6 +105,7 @@ unsafe fn raw_gemm(
     alpha: f32,
     beta: f32,
     par: Parallelism,
+    kept: Option<sgemm::Kept<'_>>,
 ) {
     let serial = matches!(par, Parallelism::None);
     // SAFETY: forwarded to the caller's contract; `available` checked the CPU (AVX2+FMA).
@@ -122,7 +131,7 @@ unsafe fn raw_gemm(
                 (m, n, k),
                 alpha,
                 (a, a_rs, a_cs),
-                (b, b_rs, b_cs),
+                ((b, b_rs, b_cs), kept),
                 beta,
                 c,
                 c_rs as usize,
@@ -235,6 +244,11 @@ unsafe fn gemm_to(
     let c_rs = n as isize;
     let lhs = ConstPtr(a.as_slice().as_ptr());
     let rhs = ConstPtr(b.as_slice().as_ptr());
+    // A frozen weight's panels, packed once (from its second use on), where our kernel
+    // runs the product with `A` read in place.
+    let kept = (trans_a == Transpose::No && sgemm::available() && sgemm::suits(m, n, k))
+        .then(|| b.kept_b(kept_layout(trans_b)))
+        .flatten();
 
     // One single-thread call on the sub-problem rows [r0, r0+mr) x cols [c0, c0+nc).
     split_panels((m, n, k), trans_a == Transpose::No, |r0, mr, c0, nc| {
@@ -251,6 +265,7 @@ unsafe fn gemm_to(
                 alpha,
                 beta,
                 Parallelism::None,
+                kept.map(|b| (b, c0)),
             );
         }
     });
@@ -288,7 +303,12 @@ fn split_panels(
             false => m >= WHOLE_PANELS_MIN_SIDE * threads || m >= n,
         };
         let side = if by_rows { m } else { n };
-        let per = side.div_ceil(threads);
+        // Column panels start on a whole number of both tiles' widths (16, 48), where a
+        // weight's kept panels (`sgemm/prepacked.rs`) serve them.
+        let per = match by_rows {
+            true => side.div_ceil(threads),
+            false => side.div_ceil(threads).div_ceil(48) * 48,
+        };
         (0..side.div_ceil(per)).into_par_iter().for_each(|p| {
             let (s0, len) = (p * per, per.min(side - p * per));
             match by_rows {
@@ -355,6 +375,7 @@ pub(crate) fn bmm_into(
                 alpha,
                 beta,
                 Parallelism::None,
+                None,
             );
         }
     };
@@ -465,6 +486,7 @@ pub(crate) fn gemm_serial(
             alpha,
             beta,
             Parallelism::None,
+            None,
         );
     }
     Ok(())

@@ -6,7 +6,7 @@
 use lora_core::backend::{Product, Transpose, check_gemm, check_row_broadcast};
 use lora_core::{Result, Tensor};
 
-use super::{ConstPtr, SendPtr, split_panels, strides};
+use super::{ConstPtr, SendPtr, kept_layout, split_panels, strides};
 use crate::pool;
 use crate::sgemm;
 use crate::tensor::NdTensor;
@@ -72,6 +72,11 @@ pub(crate) fn gemm_plus_act_new(
     // The activation and where it writes, both present or both absent.
     let finishing = act.zip(post.as_mut().map(|p| SendPtr(p.as_mut_ptr())));
     let post_bad = std::sync::atomic::AtomicBool::new(false);
+    // A frozen weight's panels, packed once (from its second use on), beside `A` read in
+    // place (row-major).
+    let kept_b1 = (ta1 == Transpose::No)
+        .then(|| b1.kept_b(kept_layout(tb1)))
+        .flatten();
     split_panels((m, n, k1 + k2), ta1 == Transpose::No, |r0, mr, c0, nc| {
         let rows = |(p, rs, cs): (ConstPtr, isize, isize)| {
             // SAFETY (this and `cols`): row r0 and column c0 lie inside the operands, whose
@@ -107,7 +112,7 @@ pub(crate) fn gemm_plus_act_new(
         unsafe {
             sgemm::sgemm_plus(
                 (mr, nc),
-                (rows(first_a), cols(first_b), k1),
+                (rows(first_a), (cols(first_b), kept_b1.map(|b| (b, c0))), k1),
                 scale2,
                 (rows(second_a), cols(second_b), k2),
                 bias.map(|b| b.get().add(c0)),

@@ -235,12 +235,25 @@ fn fused_lora_backward_matches_the_composed_products() {
         let s = 0.75;
         let mut dx_shape = dy_shape.to_vec();
         *dx_shape.last_mut().unwrap_or(&mut 0) = inp;
-        let Some((dx, grads)) = lora_dense_backward(&dy, &w, (&a, &b, s), (&x, &h), &dx_shape)
-            .unwrap_or_else(|e| panic!("{e}"))
-        else {
+        let run = || {
+            lora_dense_backward(&dy, &w, (&a, &b, s), (&x, &h), &dx_shape)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let Some((dx, grads)) = run() else {
             assert_not_fusable((m, inp, out), &format!("{dy_shape:?}"));
             continue;
         };
+        // The second use packs `w` once and reads those panels: the same sums in the
+        // same order, so the same bits.
+        let again = run().map(|(dx, g)| (dx, g.d_a, g.d_b));
+        assert!(
+            w.kept_b(sgemm::Layout::AsIs).is_some(),
+            "{dy_shape:?}: w kept"
+        );
+        assert!(
+            again == Some((dx.clone(), grads.d_a.clone(), grads.d_b.clone())),
+            "{dy_shape:?}: kept panels changed the result"
+        );
         assert_eq!(dx.shape().dims(), &dx_shape[..]);
         let dy2 = dy.reshaped(&[m, out]).unwrap_or_else(|e| panic!("{e}"));
         let g = reference(1.0, (&dy2, Transpose::No), (&b, Transpose::No));
@@ -298,12 +311,24 @@ fn fused_lora_forward_matches_the_composed_products() {
         let s = 1.5;
         let mut y_shape = x_shape.to_vec();
         *y_shape.last_mut().unwrap_or(&mut 0) = out;
-        let Some((y, h)) = lora_dense_forward(&x, (&w, bias.as_ref()), (&a, &b, s), &y_shape)
-            .unwrap_or_else(|e| panic!("{e}"))
-        else {
+        let run = || {
+            lora_dense_forward(&x, (&w, bias.as_ref()), (&a, &b, s), &y_shape)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let Some((y, h)) = run() else {
             assert_not_fusable((m, out, inp), &format!("{x_shape:?}"));
             continue;
         };
+        // As in the backward test: the second use reads `wᵀ`'s kept panels.
+        let again = run();
+        assert!(
+            w.kept_b(sgemm::Layout::Transposed).is_some(),
+            "{x_shape:?}: w kept"
+        );
+        assert!(
+            again == Some((y.clone(), h.clone())),
+            "{x_shape:?}: kept panels changed the result"
+        );
         assert_eq!(y.shape().dims(), &y_shape[..]);
         let x2 = x.reshaped(&[m, inp]).unwrap_or_else(|e| panic!("{e}"));
         let want_h = reference(1.0, (&x2, Transpose::No), (&a, Transpose::Yes));
@@ -319,6 +344,55 @@ fn fused_lora_forward_matches_the_composed_products() {
             ("H", h.as_slice(), want_h.as_slice()),
         ] {
             assert_near(&format!("{x_shape:?} x {out} r{r} {what}"), got, want, inp);
+        }
+    }
+}
+
+/// A weight's kept panels (`sgemm/prepacked.rs`) follow its values: products after a write
+/// to it, and a clone's products (which keep the old values), match the f64 reference, on
+/// a row split and a column split, for `x Wᵀ` and `dy W`, through `gemm_new` and
+/// `gemm_plus_new`.
+#[test]
+fn kept_weight_panels_follow_writes_and_clones() {
+    if !sgemm::available() {
+        eprintln!("skipped: this CPU runs none of our kernels, which keep no panels");
+        return;
+    }
+    // (m, n, k): rows split (m >= 2n), columns split (two panels of 1200 columns).
+    for (m, n, k) in [(1000, 200, 256), (128, 2400, 300)] {
+        for tb in [Transpose::Yes, Transpose::No] {
+            let x = rand(&[m, k], 31);
+            let (rows, cols) = tb.apply((k, n));
+            let mut w = rand(&[rows, cols], 32);
+            let layout = kept_layout(tb);
+            let check = |w: &NdTensor, what: &str| {
+                let want = reference(1.0, (&x, Transpose::No), (w, tb));
+                for use_ in 0..3 {
+                    let got = gemm_new(1.0, (&x, Transpose::No), (w, tb), &[m, n])
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    let what = format!("{m}x{n}x{k} {tb:?} {what}, use {use_}");
+                    assert_near(&what, got.as_slice(), want.as_slice(), k);
+                    let plus = gemm_plus_new(((&x, Transpose::No), (w, tb)), None, None, &[m, n])
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    if let Some(plus) = plus {
+                        assert_near(&format!("{what} plus"), plus.as_slice(), want.as_slice(), k);
+                    }
+                }
+                assert!(
+                    w.kept_b(layout).is_some(),
+                    "{m}x{n}x{k} {tb:?} {what}: kept"
+                );
+            };
+            check(&w, "first values");
+            // Shared storage: the write copies it; the clone keeps the old values and panels.
+            let old = w.clone();
+            w.as_mut_slice().iter_mut().for_each(|v| *v = 0.5 - *v);
+            check(&w, "after a write to shared storage");
+            check(&old, "the clone");
+            drop(old);
+            // Sole owner: the write is in place, and the panels must go.
+            w.as_mut_slice().iter_mut().for_each(|v| *v *= -2.0);
+            check(&w, "after a write in place");
         }
     }
 }

@@ -5,7 +5,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{APanel, Epilogue, Kernel, Tile};
+use super::{APanel, BPanel, Epilogue, Kernel, Tile};
 
 /// The kernel for AVX2+FMA CPUs without AVX-512.
 pub(super) struct Avx2;
@@ -24,9 +24,9 @@ impl Kernel for Avx2 {
     /// 120 x 256 floats = 120 KiB, a quarter of Zen 3's 512 KiB L2.
     const MC: usize = 120;
 
-    unsafe fn tile(a: APanel<'_>, b_panel: &[f32], tile: Tile, epilogue: Epilogue) {
+    unsafe fn tile(a: APanel<'_>, b: BPanel<'_>, tile: Tile, epilogue: Epilogue) {
         // SAFETY: forwarded to the caller's contract (which includes AVX2 and FMA).
-        unsafe { tile_kernel(a, b_panel, tile, epilogue) }
+        unsafe { tile_kernel(a, b, tile, epilogue) }
     }
 }
 
@@ -37,12 +37,12 @@ impl Kernel for Avx2 {
 #[cfg(target_arch = "x86_64")]
 #[inline(never)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, bias): Epilogue) {
+unsafe fn tile_kernel(a: APanel<'_>, b: BPanel<'_>, tile: Tile, (alpha, beta, bias): Epilogue) {
     let kc_direct = a.direct.map_or(0, |d| d.kc);
     debug_assert!(a.packed.len() >= a.kc_packed * MR);
-    debug_assert!(b_panel.len() >= (kc_direct + a.kc_packed) * NR);
+    debug_assert!(b.holds(NR, kc_direct, a.kc_packed));
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    let mut bp = b_panel.as_ptr();
+    let mut bp = b.steps.as_ptr();
     tile.prefetch();
     // SAFETY: `bp` advances by NR per step over the panel's steps (checked above); the
     // direct rows hold `kc` steps each and the packed panel `kc_packed` (the caller's
@@ -87,6 +87,10 @@ unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, 
                 }};
             }
             in_place_depth_loop!(d.kc, p, bp, NR, step, |_| ());
+        }
+        // Kept panels hold the direct steps only: the packed ones are elsewhere.
+        if let Some(then) = b.then {
+            bp = then.as_ptr();
         }
         let mut ap = a.packed.as_ptr();
         macro_rules! step {
@@ -137,6 +141,6 @@ unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_kernel(_: APanel<'_>, _: &[f32], _: Tile, _: Epilogue) {
+unsafe fn tile_kernel(_: APanel<'_>, _: BPanel<'_>, _: Tile, _: Epilogue) {
     unreachable!("our kernels are only dispatched to on x86-64")
 }

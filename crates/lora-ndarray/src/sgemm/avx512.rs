@@ -13,7 +13,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{APanel, Epilogue, Kernel, Tile};
+use super::{APanel, BPanel, Epilogue, Kernel, Tile};
 
 /// The kernel for CPUs with AVX-512F.
 pub(super) struct Avx512;
@@ -36,9 +36,9 @@ impl Kernel for Avx512 {
     /// better).
     const MC: usize = 240;
 
-    unsafe fn tile(a: APanel<'_>, b_panel: &[f32], tile: Tile, epilogue: Epilogue) {
+    unsafe fn tile(a: APanel<'_>, b: BPanel<'_>, tile: Tile, epilogue: Epilogue) {
         // SAFETY: forwarded to the caller's contract (which includes AVX-512F).
-        unsafe { tile_kernel(a, b_panel, tile, epilogue) }
+        unsafe { tile_kernel(a, b, tile, epilogue) }
     }
 }
 
@@ -50,13 +50,13 @@ impl Kernel for Avx512 {
 #[cfg(target_arch = "x86_64")]
 #[inline(never)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, bias): Epilogue) {
+unsafe fn tile_kernel(a: APanel<'_>, b: BPanel<'_>, tile: Tile, (alpha, beta, bias): Epilogue) {
     let kc_direct = a.direct.map_or(0, |d| d.kc);
     debug_assert!(a.packed.len() >= a.kc_packed * MR);
-    debug_assert!(b_panel.len() >= (kc_direct + a.kc_packed) * NR);
+    debug_assert!(b.holds(NR, kc_direct, a.kc_packed));
     debug_assert!(tile.rows <= MR && tile.cols <= NR);
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    let mut bp = b_panel.as_ptr();
+    let mut bp = b.steps.as_ptr();
     // The output's lines are fetched over the first (longest) depth loop.
     let lines = tile.lines_for_depth(kc_direct.max(a.kc_packed));
     let prefetch = |g| {
@@ -122,6 +122,10 @@ unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, 
             }
             in_place_depth_loop!(d.kc, p, bp, NR, step, prefetch);
         }
+        // Kept panels hold the direct steps only: the packed ones are elsewhere.
+        if let Some(then) = b.then {
+            bp = then.as_ptr();
+        }
         let mut ap = a.packed.as_ptr();
         macro_rules! step {
             ($u:expr) => {
@@ -160,6 +164,6 @@ unsafe fn tile_kernel(a: APanel<'_>, b_panel: &[f32], tile: Tile, (alpha, beta, 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_kernel(_: APanel<'_>, _: &[f32], _: Tile, _: Epilogue) {
+unsafe fn tile_kernel(_: APanel<'_>, _: BPanel<'_>, _: Tile, _: Epilogue) {
     unreachable!("our kernels are only dispatched to on x86-64")
 }

@@ -23,7 +23,8 @@ use std::sync::OnceLock;
 
 use pack::{At, pack_a, pack_b, scale_packed};
 use pack_buffer::PackBuffer;
-use tile::{APanel, DirectRows, Tile};
+pub(crate) use prepacked::{Layout, PackSlots, PackedB, kept_panel_bytes};
+use tile::{APanel, BPanel, DirectRows, Tile};
 
 /// A register tile's depth loop over `$kc` packed steps: `$step!(u)` for the steps
 /// `u = 0..4` of each group of four (unrolled), then one at a time, with the panel
@@ -79,6 +80,7 @@ mod avx2;
 mod avx512;
 mod pack;
 mod pack_buffer;
+mod prepacked;
 mod tile;
 
 /// Columns of `B` packed at once: `KC` x 3072 floats (3 MiB on the AVX2 tile, 6 MiB on the
@@ -97,15 +99,15 @@ trait Kernel {
     /// Rows of `A` packed at once (a whole number of tiles), kept in L2.
     const MC: usize;
 
-    /// `tile = alpha · a b_panel + beta · tile [+ bias]` over the depth steps of `a`
+    /// `tile = alpha · a b + beta · tile [+ bias]` over the depth steps of `a`
     /// (`bias`: the tile's column values, added to every row; with `beta == 0` the tile's
     /// old contents are never read).
     ///
     /// # Safety
     /// The CPU supports the kernel's instruction set; the tile's `rows x cols` elements
-    /// are addressable and owned by this thread; `a` is as [`APanel`] says, and `b_panel`
+    /// are addressable and owned by this thread; `a` is as [`APanel`] says, and `b`
     /// holds as many steps as `a`.
-    unsafe fn tile(a: APanel<'_>, b_panel: &[f32], tile: Tile, epilogue: Epilogue);
+    unsafe fn tile(a: APanel<'_>, b: BPanel<'_>, tile: Tile, epilogue: Epilogue);
 }
 
 /// `(alpha, beta, bias)` applied as a tile is stored.
@@ -258,16 +260,19 @@ pub(crate) type Operand = (*const f32, isize, isize);
 /// `c = alpha * a b + beta * c` for an `m x n` output with row stride `ldc` (unit column
 /// stride); `a` is `m x k` and `b` is `k x n`, each with arbitrary strides. With
 /// `beta == 0` the old contents of `c` are never read (they may be uninitialised or NaN).
+/// `kept`: `b` packed once ([`PackedB`], from a column), read instead of packing it where
+/// it fits.
 ///
 /// # Safety
 /// [`available`] must be true; every element the shapes and strides reach must lie in
-/// live allocations; no other thread may touch `c`'s elements during the call.
+/// live allocations; no other thread may touch `c`'s elements during the call; `kept`
+/// holds `b`'s current values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm(
     (m, n, k): (usize, usize, usize),
     alpha: f32,
     a: Operand,
-    b: Operand,
+    (b, kept): (Operand, Option<Kept<'_>>),
     beta: f32,
     c: *mut f32,
     ldc: usize,
@@ -277,6 +282,7 @@ pub(crate) unsafe fn sgemm(
         b,
         k,
         scale: 1.0,
+        kept,
     }];
     let epilogue = (alpha, beta, None);
     // SAFETY: forwarded to the caller's contract; `isa` checked the CPU.
@@ -300,7 +306,7 @@ pub(crate) const MAX_EXTRA_DEPTH: usize = 64;
 /// multiply-adds and no second pass over the output (which a separate `beta = 1` product
 /// makes: a read and a write of every element of `c`); the bias neither. `finish` sees
 /// each stretch of `c` once it is complete (see [`Finish`]); `hook` each packed block of
-/// `a1` (see [`BlockHook`]).
+/// `a1` (see [`BlockHook`]); `kept` as [`sgemm`]'s, for `b1`.
 ///
 /// # Safety
 /// As [`sgemm`], for both operand pairs (the second is not read when `k2 == 0`); `k1 > 0`,
@@ -309,7 +315,7 @@ pub(crate) const MAX_EXTRA_DEPTH: usize = 64;
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm_plus(
     (m, n): (usize, usize),
-    (a1, b1, k1): (Operand, Operand, usize),
+    (a1, (b1, kept), k1): (Operand, (Operand, Option<Kept<'_>>), usize),
     scale2: f32,
     (a2, b2, k2): (Operand, Operand, usize),
     bias: Option<*const f32>,
@@ -324,12 +330,14 @@ pub(crate) unsafe fn sgemm_plus(
             b: b1,
             k: k1,
             scale: 1.0,
+            kept,
         },
         Segment {
             a: a2,
             b: b2,
             k: k2,
             scale: scale2,
+            kept: None,
         },
     ];
     let epilogue = (1.0, 0.0, bias);
@@ -345,14 +353,18 @@ pub(crate) unsafe fn sgemm_plus(
 }
 
 /// One operand pair of a product over a concatenated depth: `a` is `m x k`, `b` is
-/// `k x n`, and `a`'s packed values are multiplied by `scale`.
+/// `k x n` (`kept`: packed once), and `a`'s packed values are multiplied by `scale`.
 #[derive(Clone, Copy)]
-struct Segment {
+struct Segment<'a> {
     a: Operand,
     b: Operand,
     k: usize,
     scale: f32,
+    kept: Option<Kept<'a>>,
 }
+
+/// A [`PackedB`] and the column of it where a product's `b` starts.
+pub(crate) type Kept<'a> = (&'a PackedB, usize);
 
 /// The product of `segs` (see [`blocked`]) on kernel `K`, with this thread's packing
 /// buffers grown to hold its blocks.
@@ -362,7 +374,7 @@ struct Segment {
 unsafe fn product<K: Kernel>(
     m: usize,
     n: usize,
-    segs: &[Segment],
+    segs: &[Segment<'_>],
     epilogue: Epilogue,
     calls: (Finish<'_>, BlockHook<'_>),
     c: *mut f32,
@@ -404,7 +416,7 @@ type Packs<'a> = (&'a mut [f32], &'a mut [f32]);
 unsafe fn blocked<K: Kernel>(
     m: usize,
     n: usize,
-    segs: &[Segment],
+    segs: &[Segment<'_>],
     (alpha, beta, bias): Epilogue,
     (finish, hook): (Finish<'_>, BlockHook<'_>),
     c: *mut f32,
@@ -416,6 +428,12 @@ unsafe fn blocked<K: Kernel>(
     // A row-major `A` is read in place (see [`APanel`]); only a second segment is packed.
     let (a_base, a_rs, a_cs) = main.a;
     let direct = a_cs == 1 && a_rs > 0;
+    // A kept `B` is read in place; it holds its own depth, so a second segment's `B` is
+    // packed alone ([`BPanel::then`]). Only beside a direct `A`, whose packed steps (if
+    // any) are the second segment's alone.
+    let kept = main
+        .kept
+        .filter(|&(b, col)| direct && b.fits::<K>(main.k, (col, n)));
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..main.k).step_by(K::KC) {
@@ -427,11 +445,21 @@ unsafe fn blocked<K: Kernel>(
             // SAFETY (all blocks below): offsets stay within each segment's m x k, k x n
             // and the m x n output, which the caller guarantees are addressable.
             unsafe {
-                pack_b(nr, kc1, nc, main.b.at(pc, jc), (&mut *b_pack, kc, 0));
-                if let Some(s) = tail {
-                    pack_b(nr, s.k, nc, s.b.at(0, jc), (&mut *b_pack, kc, kc1));
+                match kept {
+                    None => {
+                        pack_b(nr, kc1, nc, main.b.at(pc, jc), (&mut *b_pack, kc, 0));
+                        if let Some(s) = tail {
+                            pack_b(nr, s.k, nc, s.b.at(0, jc), (&mut *b_pack, kc, kc1));
+                        }
+                    }
+                    Some(_) => {
+                        if let Some(s) = tail {
+                            pack_b(nr, s.k, nc, s.b.at(0, jc), (&mut *b_pack, s.k, 0));
+                        }
+                    }
                 }
             }
+            let kept_block = kept.map(|(b, col)| b.panels(pc, col + jc));
             // Depth steps per packed panel of `A`, and the first one this slice packs.
             let (a_depth, packed_from) = match direct {
                 true => (kc - kc1, 0),
@@ -455,7 +483,16 @@ unsafe fn blocked<K: Kernel>(
                 let finish = finish.filter(|_| pc + kc1 == main.k);
                 let mut finished = 0;
                 for jr in (0..nc).step_by(nr) {
-                    let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
+                    let b = match kept_block {
+                        None => BPanel {
+                            steps: &b_pack[jr * kc..(jr + nr) * kc],
+                            then: None,
+                        },
+                        Some(block) => BPanel {
+                            steps: &block[jr * kc1..(jr + nr) * kc1],
+                            then: tail.map(|s| &b_pack[jr * s.k..(jr + nr) * s.k]),
+                        },
+                    };
                     for ir in (0..mc).step_by(mr) {
                         let a = APanel {
                             direct: direct.then(|| DirectRows {
@@ -475,7 +512,7 @@ unsafe fn blocked<K: Kernel>(
                             cols: nr.min(nc - jr),
                         };
                         let bias = bias.map(|b| unsafe { b.add(jc + jr) });
-                        unsafe { K::tile(a, b_panel, tile, (alpha, beta, bias)) };
+                        unsafe { K::tile(a, b, tile, (alpha, beta, bias)) };
                     }
                     let end = (jr + nr).min(nc);
                     if let Some(finish) =

@@ -28,7 +28,7 @@ fn kernels_here() -> Vec<Isa> {
 unsafe fn product_on(
     isa: Isa,
     (m, n): (usize, usize),
-    segs: &[Segment],
+    segs: &[Segment<'_>],
     epilogue: Epilogue,
     calls: (Finish<'_>, BlockHook<'_>),
     c: *mut f32,
@@ -106,6 +106,7 @@ fn blocked_kernels_match_the_naive_product_across_block_edges() {
                     b: b.operand(),
                     k,
                     scale: 1.0,
+                    kept: None,
                 }];
                 for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 0.75)] {
                     let mut c = c0.clone();
@@ -183,12 +184,14 @@ fn fused_second_product_and_bias_match_the_naive_sum() {
                     b: b1.operand(),
                     k: k1,
                     scale: 1.0,
+                    kept: None,
                 },
                 Segment {
                     a: a2_live.operand(),
                     b: b2.operand(),
                     k: k2,
                     scale: 0.25,
+                    kept: None,
                 },
             ];
             let mut c = vec![f32::NAN; m * n];
@@ -251,6 +254,7 @@ fn beta_zero_never_reads_the_output() {
             b: b.operand(),
             k,
             scale: 1.0,
+            kept: None,
         }];
         let mut c = vec![f32::NAN; m * n];
         // SAFETY: the operands and `c` hold exactly the shapes described.
@@ -298,6 +302,7 @@ fn in_place_rows_never_read_past_the_last_row_of_a() -> rustix::io::Result<()> {
                 b: b.operand(),
                 k,
                 scale: 1.0,
+                kept: None,
             }];
             let mut c = vec![0.0; m * n];
             let epilogue = (1.0, 0.0, None);
@@ -314,4 +319,91 @@ fn in_place_rows_never_read_past_the_last_row_of_a() -> rustix::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// [`PackedB::for_kernel`] on the kernel of `isa`.
+///
+/// # Safety
+/// As [`PackedB::for_kernel`].
+unsafe fn kept_on(isa: Isa, b: Operand, k: usize, n: usize) -> Option<PackedB> {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        match isa {
+            Isa::Avx512 => PackedB::for_kernel::<avx512::Avx512>(b, k, n),
+            Isa::Avx2 => PackedB::for_kernel::<avx2::Avx2>(b, k, n),
+        }
+    }
+}
+
+/// A product reading kept panels gives, bit for bit, the product that packs them, across
+/// depth slices, column blocks, partial panels, a column offset and a LoRA tail. The
+/// panels are kept from a second matrix `b_kept` while the operand still points at `b`:
+/// the result is `b_kept`'s product, so the tiles read the panels, not `b`.
+#[test]
+fn kept_panels_give_the_product_that_packs_them() {
+    // (m, columns of B, k1, k2, first column of the product, its width)
+    let cases = [
+        (37, 3090, 515, 0, 0, 3090),
+        (25, 200, 40, 5, 48, 100),
+        (9, 96, 33, 16, 0, 96),
+        (70, 144, 300, 8, 96, 48),
+    ];
+    for isa in kernels_here() {
+        for &(m, nb, k1, k2, col, n) in &cases {
+            for tb in [false, true] {
+                let (a1, b) = (Mat::new(m, k1, false, 11), Mat::new(k1, nb, tb, 12));
+                let b_kept = Mat::new(k1, nb, tb, 13);
+                let (a2, b2) = (Mat::new(m, k2, false, 14), Mat::new(k2, nb, false, 15));
+                // SAFETY: `b_kept` holds k1 x nb values.
+                let kept = unsafe { kept_on(isa, b_kept.operand(), k1, nb) };
+                let Some(kept) = kept else {
+                    panic!("{isa:?}: no room for {k1}x{nb} panels under the budget");
+                };
+                let from = |mat: &Mat| {
+                    // SAFETY: column `col` lies in the matrix.
+                    unsafe { mat.operand().at(0, col) }
+                };
+                let run = |b1: Operand, kept: Option<Kept<'_>>| {
+                    let segs = [
+                        Segment {
+                            a: a1.operand(),
+                            b: b1,
+                            k: k1,
+                            scale: 1.0,
+                            kept,
+                        },
+                        Segment {
+                            a: a2.operand(),
+                            b: from(&b2),
+                            k: k2,
+                            scale: 0.5,
+                            kept: None,
+                        },
+                    ];
+                    let mut c = vec![f32::NAN; m * n];
+                    // SAFETY: the operands and `c` hold exactly the shapes described.
+                    unsafe {
+                        product_on(
+                            isa,
+                            (m, n),
+                            &segs[..1 + usize::from(k2 > 0)],
+                            (1.0, 0.0, None),
+                            (None, None),
+                            c.as_mut_ptr(),
+                            n,
+                        )
+                    };
+                    c
+                };
+                let packed = run(from(&b_kept), None);
+                let read = run(from(&b), Some((&kept, col)));
+                let what = format!("{isa:?} {m}x{n}x{k1}+{k2} from column {col} of {nb}, tb {tb}");
+                assert!(packed.iter().all(|v| v.is_finite()), "{what}");
+                assert!(
+                    packed == read,
+                    "{what}: kept panels differ from packing them"
+                );
+            }
+        }
+    }
 }

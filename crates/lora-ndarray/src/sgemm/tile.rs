@@ -20,6 +20,26 @@ pub(super) struct APanel<'a> {
     pub(super) kc_packed: usize,
 }
 
+/// The `B` side of one register tile: `NR` values per depth step, for `A`'s direct steps
+/// and then its packed ones. `then` holds the packed steps where they are not right after
+/// the direct ones in `steps`: a weight's kept panels (`prepacked.rs`) hold its own depth
+/// only, and a LoRA term's steps are packed beside them per call.
+#[derive(Clone, Copy)]
+pub(super) struct BPanel<'a> {
+    pub(super) steps: &'a [f32],
+    pub(super) then: Option<&'a [f32]>,
+}
+
+impl BPanel<'_> {
+    /// Whether the panel holds `direct` steps and then `packed` steps of `nr` values.
+    pub(super) fn holds(&self, nr: usize, direct: usize, packed: usize) -> bool {
+        match self.then {
+            Some(then) => self.steps.len() >= direct * nr && then.len() >= packed * nr,
+            None => self.steps.len() >= (direct + packed) * nr,
+        }
+    }
+}
+
 /// `kc` depth steps of the tile's rows of a row-major `A` (unit column stride): row `i`
 /// at `a + i·lda`. Rows past the tile's `rows` read row `rows - 1` again (their results
 /// are never stored), so a partial tile reads nothing outside `A`.

@@ -1,0 +1,197 @@
+//! A product's `B` operand packed once and kept with its tensor: the frozen weights of a
+//! LoRA model, which every training step multiplies twice (`x Wᵀ` forward, `dy W`
+//! backward) and which never change.
+//!
+//! Why: under a row split each thread packs all of `B` for every product (the blocking
+//! loops in `mod.rs`), and packing `W` and `Wᵀ` was about 2% of the AVX-512 MiniLM
+//! training step's samples (stop 34, docs/performance.md). Packed once, the tiles read the
+//! kept panels directly.
+//!
+//! Which tensors: a tensor's second use as `B` in the same layout ([`PackSlots`]), so
+//! nothing is packed for an activation used once, and no caller has to say what is a
+//! weight. What it costs: a copy of each such weight per layout (the two layouts double
+//! a dense model's weight memory), bounded by a process-wide budget
+//! ([`budget_bytes`], `LORA_NDARRAY_PACKED_MB`); past it, products pack as before. A write
+//! to the tensor drops its packed copies (`NdTensor::as_mut_slice`).
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use super::pack::{At, pack_b};
+use super::{Isa, Kernel, Operand, avx2, avx512, isa};
+
+/// The default budget for packed copies: 1 GiB, all of a 250M-parameter model's weights
+/// in both layouts, a seventh of a 7B model's f32 weights.
+const DEFAULT_BUDGET_MB: usize = 1024;
+
+/// Bytes held by packed copies now, across the process.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// The most bytes packed copies may hold: `LORA_NDARRAY_PACKED_MB` megabytes (0 turns
+/// them off), else [`DEFAULT_BUDGET_MB`]; read once per process.
+pub(crate) fn budget_bytes() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let mb = match std::env::var("LORA_NDARRAY_PACKED_MB") {
+            Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+                eprintln!("lora-ndarray: LORA_NDARRAY_PACKED_MB={v:?} is not a whole number of MB; using {DEFAULT_BUDGET_MB}");
+                DEFAULT_BUDGET_MB
+            }),
+            Err(_) => DEFAULT_BUDGET_MB,
+        };
+        mb << 20
+    })
+}
+
+/// Bytes the packed copies hold now (what the budget counts).
+pub(crate) fn kept_panel_bytes() -> usize {
+    HELD.load(Relaxed)
+}
+
+/// A `k x n` operand in the panels a kernel's tile reads: for each depth slice of `KC`,
+/// all of its panels of `NR` columns (`kc` steps of `NR` values each; columns past `n`
+/// zero). Not blocked by `NC` columns as per-call packing is: a column panel of a product
+/// starting at any multiple of `NR` finds its panels in place.
+pub(crate) struct PackedB {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
+    nr: usize,
+    kc: usize,
+}
+
+impl PackedB {
+    /// `b` packed for this CPU's kernel, if our kernels run here and the budget has room.
+    ///
+    /// # Safety
+    /// `b`'s `k x n` elements are addressable.
+    unsafe fn new(b: Operand, k: usize, n: usize) -> Option<Self> {
+        // SAFETY: forwarded.
+        unsafe {
+            match isa()? {
+                Isa::Avx512 => Self::for_kernel::<avx512::Avx512>(b, k, n),
+                Isa::Avx2 => Self::for_kernel::<avx2::Avx2>(b, k, n),
+            }
+        }
+    }
+
+    /// `b` packed for kernel `K`'s tiles, if the budget has room.
+    ///
+    /// # Safety
+    /// `b`'s `k x n` elements are addressable.
+    pub(super) unsafe fn for_kernel<K: Kernel>(b: Operand, k: usize, n: usize) -> Option<Self> {
+        let (nr, kc) = (K::NR, K::KC);
+        let len = k * width(n, nr);
+        let bytes = len * size_of::<f32>();
+        if HELD.fetch_add(bytes, Relaxed) + bytes > budget_bytes() {
+            HELD.fetch_sub(bytes, Relaxed);
+            return None;
+        }
+        let mut data = vec![0.0; len];
+        for pc in (0..k).step_by(kc) {
+            let kc1 = kc.min(k - pc);
+            let at = pc * width(n, nr);
+            // SAFETY: row pc lies in b; the slice's panels fit from `at` (`len`).
+            unsafe { pack_b(nr, kc1, n, b.at(pc, 0), (&mut data[at..], kc1, 0)) };
+        }
+        Some(Self { data, k, n, nr, kc })
+    }
+
+    /// Whether kernel `K`'s tiles can read columns `col..col + n` of a `k`-deep operand
+    /// from these panels.
+    pub(super) fn fits<K: Kernel>(&self, k: usize, (col, n): (usize, usize)) -> bool {
+        (self.k, self.nr, self.kc) == (k, K::NR, K::KC) && col % K::NR == 0 && col + n <= self.n
+    }
+
+    /// The panels from column `col` (a multiple of `NR`) of the depth slice from `pc` (a
+    /// multiple of `KC`): `min(KC, k - pc)` steps each, one after another.
+    pub(super) fn panels(&self, pc: usize, col: usize) -> &[f32] {
+        let kc1 = self.kc.min(self.k - pc);
+        &self.data[pc * width(self.n, self.nr) + col * kc1..]
+    }
+}
+
+impl Drop for PackedB {
+    fn drop(&mut self) {
+        HELD.fetch_sub(self.data.len() * size_of::<f32>(), Relaxed);
+    }
+}
+
+/// `nc` columns rounded up to whole panels of `nr`.
+fn width(nc: usize, nr: usize) -> usize {
+    nc.div_ceil(nr) * nr
+}
+
+/// How a tensor enters a product as `B`: as itself (`dy W`) or transposed (`x Wᵀ`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    AsIs = 0,
+    Transposed = 1,
+}
+
+/// A tensor's packed copies, one per [`Layout`], each made at the layout's second use.
+/// Clones of a tensor share its storage and so its copies; a write gives it new slots.
+#[derive(Default)]
+pub(crate) struct PackSlots {
+    slots: [Slot; 2],
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Uses as `B` so far (saturating at 2).
+    uses: AtomicU8,
+    /// Set at the second use: the copy, or `None` where there was no room.
+    packed: OnceLock<Option<Arc<PackedB>>>,
+}
+
+impl Clone for PackSlots {
+    fn clone(&self) -> Self {
+        let slot = |s: &Slot| Slot {
+            uses: AtomicU8::new(s.uses.load(Relaxed)),
+            packed: s.packed.clone(),
+        };
+        Self {
+            slots: [slot(&self.slots[0]), slot(&self.slots[1])],
+        }
+    }
+}
+
+impl std::fmt::Debug for PackSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = |s: &Slot| s.packed.get().is_some_and(Option::is_some);
+        f.debug_struct("PackSlots")
+            .field("as_is", &held(&self.slots[0]))
+            .field("transposed", &held(&self.slots[1]))
+            .finish()
+    }
+}
+
+impl PackSlots {
+    /// The packed copy of `b` (the tensor these slots belong to, entering as `layout`: a
+    /// `k x n` operand) for this use, made now if this is its second use and the budget
+    /// has room; `None` on a first use or where there is no copy.
+    ///
+    /// # Safety
+    /// `b` addresses this tensor's elements as a `k x n` operand in `layout`, and the
+    /// tensor's elements have not changed since these slots were made.
+    pub(crate) unsafe fn for_use(
+        &self,
+        layout: Layout,
+        b: Operand,
+        (k, n): (usize, usize),
+    ) -> Option<&PackedB> {
+        let slot = &self.slots[layout as usize];
+        if let Some(kept) = slot.packed.get() {
+            return kept.as_deref();
+        }
+        if slot.uses.fetch_add(1, Relaxed) == 0 {
+            return None;
+        }
+        // SAFETY: forwarded to the caller's contract.
+        let made = slot
+            .packed
+            .get_or_init(|| unsafe { PackedB::new(b, k, n) }.map(Arc::new));
+        made.as_deref()
+    }
+}
