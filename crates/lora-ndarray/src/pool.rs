@@ -68,7 +68,7 @@ pub struct PoolStats {
     /// Bytes the pool holds now.
     pub free_bytes: usize,
     /// Bytes the frozen weights' packed copies hold now (kept for our GEMM's tiles beside
-    /// the weights, up to `LORA_NDARRAY_PACKED_MB`, default 1024; not pool buffers).
+    /// the weights, up to [`set_kept_panel_limit`]; not pool buffers).
     pub kept_panel_bytes: usize,
 }
 
@@ -231,6 +231,16 @@ pub fn set_limit(bytes: Option<usize>) {
     let mut pool = lock();
     pool.fixed_limit = bytes;
     pool.evict();
+}
+
+/// Caps the bytes of the frozen weights' packed copies (`PoolStats::kept_panel_bytes`):
+/// a weight used twice as a product's `B` is packed once for our GEMM and kept beside
+/// it, which saves each product's packing (2% of an AVX-512 MiniLM training step) and
+/// costs up to two more copies of every frozen weight. 0 turns them off; the default is
+/// `LORA_NDARRAY_PACKED_MB` megabytes if set, else 512 MiB. Copies made already stay
+/// until their weights are dropped or written.
+pub fn set_kept_panel_limit(bytes: usize) {
+    crate::sgemm::set_budget_bytes(bytes);
 }
 
 /// Frees every buffer the pool holds (for example after training, before serving).

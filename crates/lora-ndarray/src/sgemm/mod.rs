@@ -4,7 +4,8 @@
 //! The classic Goto/BLIS structure: the `k` dimension in slices of `KC`; per slice, a
 //! block of `B` packed into column panels of `NR` (kept in L3/L2), then blocks of `MC`
 //! rows of `A` (kept in L2), then one register tile per pair of panels. A row-major `A`
-//! is read in place; any other is packed into row panels of `MR` ([`APanel`]). The
+//! is read in place; any other is packed into row panels of `MR` ([`APanel`]). A frozen
+//! weight's `B` is packed once and kept with its tensor (`prepacked.rs`). The
 //! blocking loops and the packing are written once ([`Kernel`] gives each instruction
 //! set's tile and block sizes; `tile.rs` what a tile reads and writes).
 //!
@@ -23,7 +24,7 @@ use std::sync::OnceLock;
 
 use pack::{At, pack_a, pack_b, scale_packed};
 use pack_buffer::PackBuffer;
-pub(crate) use prepacked::{Layout, PackSlots, PackedB, kept_panel_bytes};
+pub(crate) use prepacked::{Layout, PackSlots, PackedB, kept_panel_bytes, set_budget_bytes};
 use tile::{APanel, BPanel, DirectRows, Tile};
 
 /// A register tile's depth loop over `$kc` packed steps: `$step!(u)` for the steps

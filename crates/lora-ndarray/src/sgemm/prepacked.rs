@@ -10,8 +10,9 @@
 //! Which tensors: a tensor's second use as `B` in the same layout ([`PackSlots`]), so
 //! nothing is packed for an activation used once, and no caller has to say what is a
 //! weight. What it costs: a copy of each such weight per layout (the two layouts double
-//! a dense model's weight memory), bounded by a process-wide budget
-//! ([`budget_bytes`], `LORA_NDARRAY_PACKED_MB`); past it, products pack as before. A write
+//! a dense model's weight memory), bounded by a process-wide budget ([`budget_bytes`]:
+//! `lora::ndarray_pool::set_kept_panel_limit`, `LORA_NDARRAY_PACKED_MB`, default 512 MiB);
+//! past it, products pack as before. A write
 //! to the tensor drops its packed copies (`NdTensor::as_mut_slice`).
 #![allow(unsafe_code)]
 
@@ -21,27 +22,46 @@ use std::sync::{Arc, OnceLock};
 use super::pack::{At, pack_b};
 use super::{Isa, Kernel, Operand, avx2, avx512, isa};
 
-/// The default budget for packed copies: 1 GiB, all of a 250M-parameter model's weights
-/// in both layouts, a seventh of a 7B model's f32 weights.
-const DEFAULT_BUDGET_MB: usize = 1024;
+/// The default budget for packed copies: 512 MiB, a 60M-parameter model's f32 weights in
+/// both layouts (MiniLM's take 79 MiB), and at most that much more memory for a larger one.
+const DEFAULT_BUDGET_MB: usize = 512;
 
 /// Bytes held by packed copies now, across the process.
 static HELD: AtomicUsize = AtomicUsize::new(0);
 
-/// The most bytes packed copies may hold: `LORA_NDARRAY_PACKED_MB` megabytes (0 turns
-/// them off), else [`DEFAULT_BUDGET_MB`]; read once per process.
+/// The budget in bytes, [`UNSET`] until first read or set.
+static BUDGET: AtomicUsize = AtomicUsize::new(UNSET);
+const UNSET: usize = usize::MAX;
+
+/// The most bytes packed copies may hold: what [`set_budget_bytes`] set, else
+/// `LORA_NDARRAY_PACKED_MB` megabytes (0 turns them off), else [`DEFAULT_BUDGET_MB`].
 pub(crate) fn budget_bytes() -> usize {
-    static BUDGET: OnceLock<usize> = OnceLock::new();
-    *BUDGET.get_or_init(|| {
-        let mb = match std::env::var("LORA_NDARRAY_PACKED_MB") {
-            Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-                eprintln!("lora-ndarray: LORA_NDARRAY_PACKED_MB={v:?} is not a whole number of MB; using {DEFAULT_BUDGET_MB}");
-                DEFAULT_BUDGET_MB
-            }),
-            Err(_) => DEFAULT_BUDGET_MB,
-        };
-        mb << 20
-    })
+    let set = BUDGET.load(Relaxed);
+    if set != UNSET {
+        return set;
+    }
+    let mb = match std::env::var("LORA_NDARRAY_PACKED_MB") {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!(
+                "lora-ndarray: LORA_NDARRAY_PACKED_MB={v:?} is not a whole number of MB; \
+                 using {DEFAULT_BUDGET_MB}"
+            );
+            DEFAULT_BUDGET_MB
+        }),
+        Err(_) => DEFAULT_BUDGET_MB,
+    };
+    // A concurrent `set_budget_bytes` wins over the environment.
+    let bytes = mb.saturating_mul(1 << 20).min(UNSET - 1);
+    match BUDGET.compare_exchange(UNSET, bytes, Relaxed, Relaxed) {
+        Ok(_) => bytes,
+        Err(set) => set,
+    }
+}
+
+/// Sets the budget (overriding `LORA_NDARRAY_PACKED_MB`). Copies made already stay until
+/// their tensors are dropped or written; later ones are made only within the new budget.
+pub(crate) fn set_budget_bytes(bytes: usize) {
+    BUDGET.store(bytes.min(UNSET - 1), Relaxed);
 }
 
 /// Bytes the packed copies hold now (what the budget counts).
