@@ -43,6 +43,28 @@ unsafe fn product_on(
     }
 }
 
+/// `segs`' product (`alpha = 1`, `beta = 0`) on the kernel of `isa`, into a new `m x n`
+/// output filled with NaN first (so an element the kernel skips shows).
+///
+/// # Safety
+/// As [`product`] for `segs`; `isa` is one of [`kernels_here`].
+unsafe fn into_nan(isa: Isa, (m, n): (usize, usize), segs: &[Segment<'_>]) -> Vec<f32> {
+    let mut c = vec![f32::NAN; m * n];
+    // SAFETY: forwarded to the caller's contract; `c` holds the m x n output.
+    unsafe {
+        product_on(
+            isa,
+            (m, n),
+            segs,
+            (1.0, 0.0, None),
+            (None, None),
+            c.as_mut_ptr(),
+            n,
+        )
+    };
+    c
+}
+
 /// A random `m x k` operand stored row-major, or transposed (`k x m` row-major).
 struct Mat {
     data: Vec<f32>,
@@ -256,19 +278,8 @@ fn beta_zero_never_reads_the_output() {
             scale: 1.0,
             kept: None,
         }];
-        let mut c = vec![f32::NAN; m * n];
-        // SAFETY: the operands and `c` hold exactly the shapes described.
-        unsafe {
-            product_on(
-                isa,
-                (m, n),
-                &seg,
-                (1.0, 0.0, None),
-                (None, None),
-                c.as_mut_ptr(),
-                n,
-            )
-        };
+        // SAFETY: the operands hold exactly the shapes described.
+        let c = unsafe { into_nan(isa, (m, n), &seg) };
         assert!(c.iter().all(|v| v.is_finite()), "{isa:?}");
     }
 }
@@ -380,20 +391,8 @@ fn kept_panels_give_the_product_that_packs_them() {
                             kept: None,
                         },
                     ];
-                    let mut c = vec![f32::NAN; m * n];
-                    // SAFETY: the operands and `c` hold exactly the shapes described.
-                    unsafe {
-                        product_on(
-                            isa,
-                            (m, n),
-                            &segs[..1 + usize::from(k2 > 0)],
-                            (1.0, 0.0, None),
-                            (None, None),
-                            c.as_mut_ptr(),
-                            n,
-                        )
-                    };
-                    c
+                    // SAFETY: the operands hold exactly the shapes described.
+                    unsafe { into_nan(isa, (m, n), &segs[..1 + usize::from(k2 > 0)]) }
                 };
                 let packed = run(from(&b_kept), None);
                 let read = run(from(&b), Some((&kept, col)));
