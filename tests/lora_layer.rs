@@ -479,3 +479,43 @@ fn backward_params_gives_the_adapter_gradients_alone() {
         "{err}"
     );
 }
+
+/// Kept weight panels (`ndarray_pool::set_kept_panel_limit`, off by default) change no bit
+/// of a LoRA layer's outputs and gradients over repeated steps, nor of a plain layer's:
+/// from the second use on, the tiles read panels packed once, in the order they would have
+/// packed them. The limit is process-wide; every other test in this binary computes the
+/// same bits with or without copies, so they may run meanwhile.
+#[test]
+fn kept_weight_panels_change_no_bits_of_repeated_steps() {
+    let b = backend();
+    // Shapes our GEMM takes (sides of 64 or more): a fused LoRA product and a plain one.
+    let (n, inp, out) = (256, 192, 160);
+    let x = rand_tensor(&[n, inp], 9, 1);
+    let g = rand_tensor(&[n, out], 9, 2);
+    let run = |limit: usize| {
+        lora::ndarray_pool::set_kept_panel_limit(limit);
+        let mut lora_layer = LoraLinear::new("q", base(out, inp, 9));
+        lora_layer
+            .inject_lora(&b, &spec(8, 16.0, 0.0, LoraInit::Random))
+            .unwrap();
+        let plain = base(out, inp, 10);
+        let mut bits = Vec::new();
+        for _ in 0..3 {
+            let y = lora_layer.forward(&b, &x, Mode::Train).unwrap();
+            let dx = lora_layer.backward(&b, &g).unwrap();
+            let pg = lora_layer.params_and_grads();
+            let (da, db) = (host(&b, pg[0].grad), host(&b, pg[1].grad));
+            let plain_y = plain.forward(&b, &x).unwrap();
+            let plain_dx = plain.backward(&b, &g).unwrap();
+            for t in [&y, &dx, &plain_y, &plain_dx] {
+                bits.extend(host(&b, t).iter().map(|v| v.to_bits()));
+            }
+            bits.extend(da.iter().chain(&db).map(|v| v.to_bits()));
+        }
+        bits
+    };
+    let packed_per_call = run(0);
+    let kept = run(1 << 30);
+    lora::ndarray_pool::set_kept_panel_limit(0);
+    assert!(packed_per_call == kept, "kept panels changed a result");
+}

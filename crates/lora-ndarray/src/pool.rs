@@ -236,9 +236,9 @@ pub fn set_limit(bytes: Option<usize>) {
 /// Caps the bytes of the frozen weights' packed copies (`PoolStats::kept_panel_bytes`):
 /// a weight used twice as a product's `B` is packed once for our GEMM and kept beside
 /// it, which saves each product's packing (2% of an AVX-512 MiniLM training step) and
-/// costs up to two more copies of every frozen weight. 0 turns them off; the default is
-/// `LORA_NDARRAY_PACKED_MB` megabytes if set, else 512 MiB. Copies made already stay
-/// until their weights are dropped or written.
+/// costs up to two more copies of every frozen weight (MiniLM's: 79 MiB). The default is
+/// `LORA_NDARRAY_PACKED_MB` megabytes if set, else 0 (off). Copies made already stay until
+/// their weights are dropped or written.
 pub fn set_kept_panel_limit(bytes: usize) {
     crate::sgemm::set_budget_bytes(bytes);
 }

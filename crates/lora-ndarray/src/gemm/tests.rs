@@ -216,6 +216,8 @@ fn assert_not_fusable((m, n, k): (usize, usize, usize), what: &str) {
 /// thread, and a 3-D `dy`.
 #[test]
 fn fused_lora_backward_matches_the_composed_products() {
+    // Room for kept panels (off by default), which the second call of each case reads.
+    sgemm::set_budget_bytes(1 << 30);
     let cases: [(&[usize], usize, usize); 7] = [
         (&[300, 1100], 96, 8),
         (&[2, 150, 515], 70, 5),
@@ -293,6 +295,7 @@ fn fused_lora_backward_names_a_mismatched_adapter() {
 /// columns (in = 515), ranks 1 to 33, with and without a bias, a 3-D `x`.
 #[test]
 fn fused_lora_forward_matches_the_composed_products() {
+    sgemm::set_budget_bytes(1 << 30);
     let cases: [(&[usize], usize, usize); 6] = [
         (&[300, 1100], 96, 8),
         (&[2, 150, 515], 70, 5),
@@ -358,6 +361,7 @@ fn kept_weight_panels_follow_writes_and_clones() {
         eprintln!("skipped: this CPU runs none of our kernels, which keep no panels");
         return;
     }
+    sgemm::set_budget_bytes(1 << 30);
     // (m, n, k): rows split (m >= 2n), columns split (two panels of 1200 columns).
     for (m, n, k) in [(1000, 200, 256), (128, 2400, 300)] {
         for tb in [Transpose::Yes, Transpose::No] {

@@ -9,11 +9,11 @@
 //!
 //! Which tensors: a tensor's second use as `B` in the same layout ([`PackSlots`]), so
 //! nothing is packed for an activation used once, and no caller has to say what is a
-//! weight. What it costs: a copy of each such weight per layout (the two layouts double
+//! weight. What it costs: a copy of each such weight per layout (the two layouts triple
 //! a dense model's weight memory), bounded by a process-wide budget ([`budget_bytes`]:
-//! `lora::ndarray_pool::set_kept_panel_limit`, `LORA_NDARRAY_PACKED_MB`, default 512 MiB);
-//! past it, products pack as before. A write
-//! to the tensor drops its packed copies (`NdTensor::as_mut_slice`).
+//! `lora::ndarray_pool::set_kept_panel_limit`, `LORA_NDARRAY_PACKED_MB`), which is 0 by
+//! default (see [`DEFAULT_BUDGET_MB`]); past it, products pack as before. A write to the
+//! tensor drops its packed copies (`NdTensor::as_mut_slice`).
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
@@ -22,9 +22,13 @@ use std::sync::{Arc, OnceLock};
 use super::pack::{At, pack_b};
 use super::{Isa, Kernel, Operand, avx2, avx512, isa};
 
-/// The default budget for packed copies: 512 MiB, a 60M-parameter model's f32 weights in
-/// both layouts (MiniLM's take 79 MiB), and at most that much more memory for a larger one.
-const DEFAULT_BUDGET_MB: usize = 512;
+/// The default budget for packed copies: none. They are a trade the user makes: MiniLM's
+/// take 79 MiB (both layouts of its 36 linear weights) for 2% of an AVX-512 training
+/// step, but the issue-shape decoder (hidden 1024, vocabulary 32000) peaked at 1387 MiB
+/// without them, 1529 MiB with 96 MiB of them and 1954 MiB with 512, against PyTorch's
+/// 1470 (docs/performance.md, stop 34): no default budget both helps and keeps a larger
+/// model's peak under PyTorch's.
+const DEFAULT_BUDGET_MB: usize = 0;
 
 /// Bytes held by packed copies now, across the process.
 static HELD: AtomicUsize = AtomicUsize::new(0);
