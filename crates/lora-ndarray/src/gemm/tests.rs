@@ -78,8 +78,9 @@ fn every_path_and_transpose_matches_the_naive_product() {
         (70, 3, 150),
         // Our kernel at attention's depth of 32 (both output sides 64 or more).
         (100, 70, 32),
-        // Attention's `p·v` at MiniLM's head size (AVX-512: twelve rows of two vectors),
-        // and a width one past two vectors with a row tail.
+        // Attention's `p·v` (and, transposed, `pᵀ·g`) at MiniLM's head size (AVX-512:
+        // twelve rows of two vectors; AVX2: six rows, then single rows), and a width one
+        // past two vectors with a row tail. (130, 12, 77) above ends on four AVX2 rows.
         (128, 32, 128),
         (45, 33, 20),
         (1, 1, 1),
