@@ -163,7 +163,8 @@ impl NdTensor {
     }
 
     /// This tensor's packed copy as a product's `B` in `layout` (its matrix view, or that
-    /// transposed), made at the second such use; see `sgemm/prepacked.rs`.
+    /// transposed), made at a use after the first while the budget has room; see
+    /// `sgemm/prepacked.rs`.
     #[allow(unsafe_code)]
     pub(crate) fn kept_b(&self, layout: Layout) -> Option<&PackedB> {
         let (rows, cols) = self.shape.as_matrix();

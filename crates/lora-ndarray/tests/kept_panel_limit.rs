@@ -22,7 +22,8 @@ fn use_thrice(b: &NdArray, x: &NdTensor, w: &NdTensor) -> Result<()> {
 }
 
 #[test]
-fn the_limit_bounds_the_kept_copies_and_dropping_a_weight_frees_its_copy() -> Result<()> {
+fn the_limit_bounds_the_kept_copies_a_raised_limit_serves_weights_used_before_and_dropping_frees()
+-> Result<()> {
     #[cfg(target_arch = "x86_64")]
     let ours = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
@@ -45,23 +46,29 @@ fn the_limit_bounds_the_kept_copies_and_dropping_a_weight_frees_its_copy() -> Re
     pool::set_kept_panel_limit(1 << 30);
     let w2 = tensor(&[192, 128], 3)?;
     use_thrice(&b, &x, &w2)?;
-    let held = pool::stats().kept_panel_bytes;
     // 128 steps of 192 columns, rounded up to whole panels (16 or 48 wide): 192 either way.
-    assert_eq!(held, 128 * 192 * 4, "one copy of w2ᵀ");
-    // The first weight was used while the limit was 0: its slot stays empty.
+    let one = 128 * 192 * 4;
+    assert_eq!(pool::stats().kept_panel_bytes, one, "one copy of w2ᵀ");
+    // The first weight was used while the limit was 0; now there is room, it gets its copy.
     use_thrice(&b, &x, &w)?;
-    assert_eq!(pool::stats().kept_panel_bytes, held);
+    assert_eq!(
+        pool::stats().kept_panel_bytes,
+        2 * one,
+        "w's copy once there is room"
+    );
 
     let w3 = tensor(&[192, 128], 4)?;
-    pool::set_kept_panel_limit(held + 1);
+    pool::set_kept_panel_limit(2 * one + 1);
     use_thrice(&b, &x, &w3)?;
-    assert_eq!(pool::stats().kept_panel_bytes, held, "no room for w3ᵀ");
+    assert_eq!(pool::stats().kept_panel_bytes, 2 * one, "no room for w3ᵀ");
 
     drop(w2);
     assert_eq!(
         pool::stats().kept_panel_bytes,
-        0,
+        one,
         "dropping w2 frees its copy"
     );
+    drop(w);
+    assert_eq!(pool::stats().kept_panel_bytes, 0, "and w's");
     Ok(())
 }

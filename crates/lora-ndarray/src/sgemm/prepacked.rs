@@ -7,8 +7,8 @@
 //! training step's samples (stop 34, docs/performance.md). Packed once, the tiles read the
 //! kept panels directly.
 //!
-//! Which tensors: a tensor's second use as `B` in the same layout ([`PackSlots`]), so
-//! nothing is packed for an activation used once, and no caller has to say what is a
+//! Which tensors: a tensor's second (or later) use as `B` in the same layout
+//! ([`PackSlots`]), so nothing is packed for an activation used once, and no caller has to say what is a
 //! weight. What it costs: a copy of each such weight per layout (the two layouts triple
 //! a dense model's weight memory), bounded by a process-wide budget ([`budget_bytes`]:
 //! `lora::ndarray_pool::set_kept_panel_limit`, `LORA_NDARRAY_PACKED_MB`), which is 0 by
@@ -16,7 +16,7 @@
 //! tensor drops its packed copies (`NdTensor::as_mut_slice`).
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use super::pack::{At, pack_b};
@@ -154,8 +154,10 @@ pub(crate) enum Layout {
     Transposed = 1,
 }
 
-/// A tensor's packed copies, one per [`Layout`], each made at the layout's second use.
-/// Clones of a tensor share its storage and so its copies; a write gives it new slots.
+/// A tensor's packed copies, one per [`Layout`], each made at a use after the layout's
+/// first while the budget has room (a use without room leaves the slot empty, so a copy
+/// comes once the limit is raised). Clones of a tensor share its storage and so its
+/// copies; a write gives it new slots.
 #[derive(Default)]
 pub(crate) struct PackSlots {
     slots: [Slot; 2],
@@ -163,16 +165,16 @@ pub(crate) struct PackSlots {
 
 #[derive(Default)]
 struct Slot {
-    /// Uses as `B` so far (saturating at 2).
-    uses: AtomicU8,
-    /// Set at the second use: the copy, or `None` where there was no room.
-    packed: OnceLock<Option<Arc<PackedB>>>,
+    /// Whether the tensor has entered a product in this layout before.
+    used: AtomicBool,
+    /// The copy, once made.
+    packed: OnceLock<Arc<PackedB>>,
 }
 
 impl Clone for PackSlots {
     fn clone(&self) -> Self {
         let slot = |s: &Slot| Slot {
-            uses: AtomicU8::new(s.uses.load(Relaxed)),
+            used: AtomicBool::new(s.used.load(Relaxed)),
             packed: s.packed.clone(),
         };
         Self {
@@ -183,7 +185,7 @@ impl Clone for PackSlots {
 
 impl std::fmt::Debug for PackSlots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let held = |s: &Slot| s.packed.get().is_some_and(Option::is_some);
+        let held = |s: &Slot| s.packed.get().is_some();
         f.debug_struct("PackSlots")
             .field("as_is", &held(&self.slots[0]))
             .field("transposed", &held(&self.slots[1]))
@@ -193,8 +195,8 @@ impl std::fmt::Debug for PackSlots {
 
 impl PackSlots {
     /// The packed copy of `b` (the tensor these slots belong to, entering as `layout`: a
-    /// `k x n` operand) for this use, made now if this is its second use and the budget
-    /// has room; `None` on a first use or where there is no copy.
+    /// `k x n` operand) for this use, made now if this is not its first use and the
+    /// budget has room; `None` on a first use or where there is no copy.
     ///
     /// # Safety
     /// `b` addresses this tensor's elements as a `k x n` operand in `layout`, and the
@@ -207,15 +209,15 @@ impl PackSlots {
     ) -> Option<&PackedB> {
         let slot = &self.slots[layout as usize];
         if let Some(kept) = slot.packed.get() {
-            return kept.as_deref();
+            return Some(kept);
         }
-        if slot.uses.fetch_add(1, Relaxed) == 0 {
+        if !slot.used.swap(true, Relaxed) || budget_bytes() == 0 {
             return None;
         }
         // SAFETY: forwarded to the caller's contract.
-        let made = slot
-            .packed
-            .get_or_init(|| unsafe { PackedB::new(b, k, n) }.map(Arc::new));
-        made.as_deref()
+        let made = unsafe { PackedB::new(b, k, n) }?;
+        // Where another thread set it first, this copy is dropped (and uncounted).
+        let _ = slot.packed.set(Arc::new(made));
+        slot.packed.get().map(|kept| &**kept)
     }
 }
