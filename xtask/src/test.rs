@@ -221,9 +221,9 @@ fn ndarray_tests(minilm: &Path) -> Result<Vec<String>> {
 /// at AVX2 on CPUs with AVX-512 (`LORA_NDARRAY_ISA=avx2`), with the workspace's unit
 /// tests: each kind of CPU then checks both sets of kernels (the AVX2 ones are all that run
 /// on the AMD machines, the AVX-512 ones all that run on the Xeons). This run also keeps
-/// the frozen weights' packed panels (`LORA_NDARRAY_PACKED_MB`, off by default), so the
-/// models' parity suites check them too. `None` without AVX-512 (the first run already
-/// used AVX2).
+/// the frozen weights' packed panels (`LORA_NDARRAY_PACKED_MB`, off by default): the
+/// suites that use a weight twice the same way (repeated steps, as `step_allocations`
+/// runs) read them. `None` without AVX-512 (the first run already used AVX2).
 fn ndarray_avx2_tests(minilm: &Path) -> Result<Option<Vec<String>>> {
     #[cfg(target_arch = "x86_64")]
     let avx512 = std::arch::is_x86_feature_detected!("avx512f");

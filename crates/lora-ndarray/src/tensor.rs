@@ -3,11 +3,12 @@
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
+use lora_core::backend::Transpose;
 use lora_core::{Error, Result, Shape, Tensor};
 use ndarray::{ArcArray, ArrayD, IxDyn};
 
 use crate::pool;
-use crate::sgemm::{Layout, PackSlots, PackedB};
+use crate::sgemm::{PackSlots, PackedB};
 
 /// A dense f32 tensor in standard (row-major, contiguous) layout.
 ///
@@ -162,20 +163,20 @@ impl NdTensor {
         }
     }
 
-    /// This tensor's packed copy as a product's `B` in `layout` (its matrix view, or that
-    /// transposed), made at a use after the first while the budget has room; see
+    /// This tensor's packed copy as a product's `B` (its matrix view, or that transposed:
+    /// `t`), made at a use after the first while the budget has room; see
     /// `sgemm/prepacked.rs`.
     #[allow(unsafe_code)]
-    pub(crate) fn kept_b(&self, layout: Layout) -> Option<&PackedB> {
+    pub(crate) fn kept_b(&self, t: Transpose) -> Option<&PackedB> {
         let (rows, cols) = self.shape.as_matrix();
         let p = self.as_slice().as_ptr();
-        let (b, k_n) = match layout {
-            Layout::AsIs => ((p, cols as isize, 1), (rows, cols)),
-            Layout::Transposed => ((p, 1, cols as isize), (cols, rows)),
+        let (b, k_n) = match t {
+            Transpose::No => ((p, cols as isize, 1), (rows, cols)),
+            Transpose::Yes => ((p, 1, cols as isize), (cols, rows)),
         };
         // SAFETY: `b` addresses this tensor's elements as a `k x n` operand, and `packs`
         // were replaced at every write since they were made.
-        unsafe { self.packs.for_use(layout, b, k_n) }
+        unsafe { self.packs.for_use(t, b, k_n) }
     }
 
     /// Records what a look at every element of this tensor found.

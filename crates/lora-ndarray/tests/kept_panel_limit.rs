@@ -25,7 +25,9 @@ fn use_thrice(b: &NdArray, x: &NdTensor, w: &NdTensor) -> Result<()> {
 fn the_limit_bounds_the_kept_copies_a_raised_limit_serves_weights_used_before_and_dropping_frees()
 -> Result<()> {
     #[cfg(target_arch = "x86_64")]
-    let ours = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let ours = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && std::env::var("LORA_NDARRAY_ISA").as_deref() != Ok("none");
     #[cfg(not(target_arch = "x86_64"))]
     let ours = false;
     if !ours {

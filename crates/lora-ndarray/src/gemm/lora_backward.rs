@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::{ConstPtr, PARALLEL_MIN_WORK, SendPtr};
 use crate::few_rows::narrow_times_wt;
-use crate::sgemm::{self, Layout, Operand};
+use crate::sgemm::{self, Operand};
 use crate::tensor::NdTensor;
 use crate::{pool, skinny, token_reduction};
 
@@ -85,7 +85,7 @@ pub(crate) fn lora_dense_backward(
     };
     let (dy_p, w_p, a_p, h_p, x_p) = (src(dy), src(w), src(a), src(h), src(x));
     // A frozen weight's panels, packed once (from its second use on).
-    let kept_w = w.kept_b(Layout::AsIs);
+    let kept_w = w.kept_b(Transpose::No);
     for_each_band(m, bands, |band, r0, rows| {
         // SAFETY (whole band): `check_gemm` and the checks above matched every operand to
         // (m, inp, out, r); this band reads rows r0..r0 + rows of dy, h and g, writes

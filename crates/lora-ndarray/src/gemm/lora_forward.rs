@@ -16,7 +16,7 @@ use lora_core::{Result, Tensor};
 use super::lora_backward::{adapter_rank, for_each_band, row_bands, slice_product};
 use super::{ConstPtr, SendPtr};
 use crate::pool;
-use crate::sgemm::{self, Layout};
+use crate::sgemm;
 use crate::tensor::NdTensor;
 
 /// `(y, H)` of LoRA `(a, b, s)` over the dense weight `w` (`[out, in]`) and `bias` for
@@ -51,7 +51,7 @@ pub(crate) fn lora_dense_forward(
     let src = |t: &NdTensor| ConstPtr(t.as_slice().as_ptr());
     let (x_p, w_p, a_p, b_p) = (src(x), src(w), src(a), src(b));
     // A frozen weight's panels, packed once (from its second use on).
-    let kept_w = w.kept_b(Layout::Transposed);
+    let kept_w = w.kept_b(Transpose::Yes);
     let bias = bias.map(src);
     for_each_band(m, bands, |_, r0, rows| {
         // SAFETY (whole band): `check_gemm` and the checks above matched every operand to

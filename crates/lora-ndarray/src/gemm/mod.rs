@@ -81,14 +81,6 @@ fn strides(cols: usize, t: Transpose) -> (isize, isize) {
     }
 }
 
-/// How an operand `op(b)` enters a product as `B`, for its packed copies.
-fn kept_layout(t: Transpose) -> sgemm::Layout {
-    match t {
-        Transpose::No => sgemm::Layout::AsIs,
-        Transpose::Yes => sgemm::Layout::Transposed,
-    }
-}
-
 /// One call of the `gemm` kernel: `c = alpha·a·b + beta·c` for an `m x n` output with
 /// row stride `c_rs` (unit column stride) and operands given by column and row strides.
 ///
@@ -247,7 +239,7 @@ unsafe fn gemm_to(
     // A frozen weight's panels, packed once (from its second use on), where our kernel
     // runs the product with `A` read in place.
     let kept = (trans_a == Transpose::No && sgemm::available() && sgemm::suits(m, n, k))
-        .then(|| b.kept_b(kept_layout(trans_b)))
+        .then(|| b.kept_b(trans_b))
         .flatten();
 
     // One single-thread call on the sub-problem rows [r0, r0+mr) x cols [c0, c0+nc).
@@ -303,11 +295,12 @@ fn split_panels(
             false => m >= WHOLE_PANELS_MIN_SIDE * threads || m >= n,
         };
         let side = if by_rows { m } else { n };
-        // Column panels start on a whole number of both tiles' widths (16, 48), where a
-        // weight's kept panels (`sgemm/prepacked.rs`) serve them.
-        let per = match by_rows {
-            true => side.div_ceil(threads),
-            false => side.div_ceil(threads).div_ceil(48) * 48,
+        // Wide column panels start on a whole number of both tiles' widths (16, 48),
+        // where a weight's kept panels (`sgemm/prepacked.rs`) serve them; rounding moves
+        // such a panel by under 1/16 of its width. Narrower ones split evenly.
+        let per = match side.div_ceil(threads) {
+            even if by_rows || even < 16 * 48 => even,
+            even => even.div_ceil(48) * 48,
         };
         (0..side.div_ceil(per)).into_par_iter().for_each(|p| {
             let (s0, len) = (p * per, per.min(side - p * per));

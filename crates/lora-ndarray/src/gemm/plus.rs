@@ -6,7 +6,7 @@
 use lora_core::backend::{Product, Transpose, check_gemm, check_row_broadcast};
 use lora_core::{Result, Tensor};
 
-use super::{ConstPtr, SendPtr, kept_layout, split_panels, strides};
+use super::{ConstPtr, SendPtr, split_panels, strides};
 use crate::pool;
 use crate::sgemm;
 use crate::tensor::NdTensor;
@@ -74,9 +74,7 @@ pub(crate) fn gemm_plus_act_new(
     let post_bad = std::sync::atomic::AtomicBool::new(false);
     // A frozen weight's panels, packed once (from its second use on), beside `A` read in
     // place (row-major).
-    let kept_b1 = (ta1 == Transpose::No)
-        .then(|| b1.kept_b(kept_layout(tb1)))
-        .flatten();
+    let kept_b1 = (ta1 == Transpose::No).then(|| b1.kept_b(tb1)).flatten();
     split_panels((m, n, k1 + k2), ta1 == Transpose::No, |r0, mr, c0, nc| {
         let rows = |(p, rs, cs): (ConstPtr, isize, isize)| {
             // SAFETY (this and `cols`): row r0 and column c0 lie inside the operands, whose

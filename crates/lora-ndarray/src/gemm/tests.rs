@@ -249,10 +249,7 @@ fn fused_lora_backward_matches_the_composed_products() {
         // The second use packs `w` once and reads those panels: the same sums in the
         // same order, so the same bits.
         let again = run().map(|(dx, g)| (dx, g.d_a, g.d_b));
-        assert!(
-            w.kept_b(sgemm::Layout::AsIs).is_some(),
-            "{dy_shape:?}: w kept"
-        );
+        assert!(w.kept_b(Transpose::No).is_some(), "{dy_shape:?}: w kept");
         assert!(
             again == Some((dx.clone(), grads.d_a.clone(), grads.d_b.clone())),
             "{dy_shape:?}: kept panels changed the result"
@@ -325,10 +322,7 @@ fn fused_lora_forward_matches_the_composed_products() {
         };
         // As in the backward test: the second use reads `wᵀ`'s kept panels.
         let again = run();
-        assert!(
-            w.kept_b(sgemm::Layout::Transposed).is_some(),
-            "{x_shape:?}: w kept"
-        );
+        assert!(w.kept_b(Transpose::Yes).is_some(), "{x_shape:?}: w kept");
         assert!(
             again == Some((y.clone(), h.clone())),
             "{x_shape:?}: kept panels changed the result"
@@ -369,7 +363,6 @@ fn kept_weight_panels_follow_writes_and_clones() {
             let x = rand(&[m, k], 31);
             let (rows, cols) = tb.apply((k, n));
             let mut w = rand(&[rows, cols], 32);
-            let layout = kept_layout(tb);
             let check = |w: &NdTensor, what: &str| {
                 let want = reference(1.0, (&x, Transpose::No), (w, tb));
                 for use_ in 0..3 {
@@ -383,10 +376,7 @@ fn kept_weight_panels_follow_writes_and_clones() {
                         assert_near(&format!("{what} plus"), plus.as_slice(), want.as_slice(), k);
                     }
                 }
-                assert!(
-                    w.kept_b(layout).is_some(),
-                    "{m}x{n}x{k} {tb:?} {what}: kept"
-                );
+                assert!(w.kept_b(tb).is_some(), "{m}x{n}x{k} {tb:?} {what}: kept");
             };
             check(&w, "first values");
             // Shared storage: the write copies it; the clone keeps the old values and panels.

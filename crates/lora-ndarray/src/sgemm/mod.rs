@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 
 use pack::{At, pack_a, pack_b, scale_packed};
 use pack_buffer::PackBuffer;
-pub(crate) use prepacked::{Layout, PackSlots, PackedB, kept_panel_bytes, set_budget_bytes};
+pub(crate) use prepacked::{PackSlots, PackedB, kept_panel_bytes, set_budget_bytes};
 use tile::{APanel, BPanel, DirectRows, Tile};
 
 /// A register tile's depth loop over `$kc` packed steps: `$step!(u)` for the steps

@@ -7,10 +7,10 @@
 //! training step's samples (stop 34, docs/performance.md). Packed once, the tiles read the
 //! kept panels directly.
 //!
-//! Which tensors: a tensor's second (or later) use as `B` in the same layout
-//! ([`PackSlots`]), so nothing is packed for an activation used once, and no caller has to say what is a
-//! weight. What it costs: a copy of each such weight per layout (the two layouts triple
-//! a dense model's weight memory), bounded by a process-wide budget ([`budget_bytes`]:
+//! Which tensors: a tensor's second (or later) use as `B`, transposed or not
+//! ([`PackSlots`]), so nothing is packed for an activation used once, and no caller has to
+//! say what is a weight. What it costs: a copy of each such weight per way it is used (the
+//! two of them triple a dense model's weight memory), bounded by a process-wide budget ([`budget_bytes`]:
 //! `lora::ndarray_pool::set_kept_panel_limit`, `LORA_NDARRAY_PACKED_MB`), which is 0 by
 //! default (see [`DEFAULT_BUDGET_MB`]); past it, products pack as before. A write to the
 //! tensor drops its packed copies (`NdTensor::as_mut_slice`).
@@ -18,6 +18,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
+
+use lora_core::backend::Transpose;
 
 use super::pack::{At, pack_b};
 use super::{Isa, Kernel, Operand, avx2, avx512, isa};
@@ -147,19 +149,14 @@ fn width(nc: usize, nr: usize) -> usize {
     nc.div_ceil(nr) * nr
 }
 
-/// How a tensor enters a product as `B`: as itself (`dy W`) or transposed (`x Wᵀ`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Layout {
-    AsIs = 0,
-    Transposed = 1,
-}
-
-/// A tensor's packed copies, one per [`Layout`], each made at a use after the layout's
+/// A tensor's packed copies, one per way it enters a product as `B` (as itself, `dy W`;
+/// transposed, `x Wᵀ`), each made at a use after the layout's
 /// first while the budget has room (a use without room leaves the slot empty, so a copy
 /// comes once the limit is raised). Clones of a tensor share its storage and so its
 /// copies; a write gives it new slots.
 #[derive(Default)]
 pub(crate) struct PackSlots {
+    /// `[as itself, transposed]`.
     slots: [Slot; 2],
 }
 
@@ -187,27 +184,27 @@ impl std::fmt::Debug for PackSlots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let held = |s: &Slot| s.packed.get().is_some();
         f.debug_struct("PackSlots")
-            .field("as_is", &held(&self.slots[0]))
+            .field("as_itself", &held(&self.slots[0]))
             .field("transposed", &held(&self.slots[1]))
             .finish()
     }
 }
 
 impl PackSlots {
-    /// The packed copy of `b` (the tensor these slots belong to, entering as `layout`: a
-    /// `k x n` operand) for this use, made now if this is not its first use and the
+    /// The packed copy of `b` (the tensor these slots belong to, transposed or not as `t`
+    /// says: a `k x n` operand) for this use, made now if this is not its first use and the
     /// budget has room; `None` on a first use or where there is no copy.
     ///
     /// # Safety
-    /// `b` addresses this tensor's elements as a `k x n` operand in `layout`, and the
+    /// `b` addresses this tensor's elements as a `k x n` operand (transposed as `t`), and the
     /// tensor's elements have not changed since these slots were made.
     pub(crate) unsafe fn for_use(
         &self,
-        layout: Layout,
+        t: Transpose,
         b: Operand,
         (k, n): (usize, usize),
     ) -> Option<&PackedB> {
-        let slot = &self.slots[layout as usize];
+        let slot = &self.slots[usize::from(t == Transpose::Yes)];
         if let Some(kept) = slot.packed.get() {
             return Some(kept);
         }
