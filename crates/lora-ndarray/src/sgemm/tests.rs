@@ -408,3 +408,19 @@ fn kept_panels_give_the_product_that_packs_them() {
         }
     }
 }
+
+/// Blocks of `A` are whole tiles, never over the kernel's `MC`, and the last one is within
+/// one tile per block of the others (no 8-row block after seventeen of 120).
+#[test]
+fn row_blocks_are_whole_tiles_of_nearly_equal_size() {
+    for (most, mr) in [(120, 6), (240, 8)] {
+        for m in 1..3000 {
+            let step = balanced_block(m, most, mr);
+            let blocks = m.div_ceil(step);
+            let last = m - (blocks - 1) * step;
+            assert!(step % mr == 0 && step <= most, "m = {m}: blocks of {step}");
+            assert_eq!(blocks, m.div_ceil(most), "m = {m}: blocks of {step}");
+            assert!(last + blocks * mr >= step, "m = {m}: {step} then {last}");
+        }
+    }
+}
