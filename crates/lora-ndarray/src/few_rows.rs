@@ -102,7 +102,9 @@ fn depth_lanes(left: usize) -> u16 {
 
 /// The 16-lane partial sums of the dot products of `M` rows of `a` with the first `cols`
 /// (at most `C`) rows of `W`, over the depth `k` in 16-lane chunks (the tail through lane
-/// masks); sums past `cols` stay zero.
+/// masks); sums past `cols` stay zero. With `ahead > 0`, each chunk of a row also
+/// prefetches the chunk `ahead` elements further on (a later row's, which may lie past
+/// `a`: a prefetch never faults).
 ///
 /// # Safety
 /// Rows `0..M` of `a` and `0..cols` of `W` hold `k` values each; the CPU has AVX-512F.
@@ -114,6 +116,7 @@ unsafe fn dot_accumulators<const M: usize, const C: usize>(
     cols: usize,
     (a, lda): (*const f32, usize),
     (w, ldw): (*const f32, usize),
+    ahead: usize,
 ) -> [[__m512; C]; M] {
     let mut acc = [[_mm512_setzero_ps(); C]; M];
     // SAFETY: every masked load reads elements p..p + 16 (fewer at the tail) of rows
@@ -121,6 +124,12 @@ unsafe fn dot_accumulators<const M: usize, const C: usize>(
     unsafe {
         for p in (0..k).step_by(16) {
             let mask = depth_lanes(k - p);
+            if ahead > 0 {
+                for i in 0..M {
+                    let line = a.wrapping_add(i * lda + p + ahead).cast::<i8>();
+                    _mm_prefetch::<_MM_HINT_T0>(line);
+                }
+            }
             let xv: [__m512; M] =
                 std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, a.add(i * lda + p)));
             for q in 0..cols {
@@ -154,7 +163,7 @@ unsafe fn dots_avx512<const M: usize>(
         // write (i, j0 + q) of `c`.
         unsafe {
             let w = w.add(j0 * ldw);
-            let acc = dot_accumulators::<M, COLS>(k, cols, (a, lda), (w, ldw));
+            let acc = dot_accumulators::<M, COLS>(k, cols, (a, lda), (w, ldw), 0);
             for (i, row) in acc.iter().enumerate() {
                 for (q, &v) in row.iter().enumerate().take(cols) {
                     store(
@@ -174,6 +183,15 @@ const NARROW_ROWS: usize = 3;
 /// Rows of `W` read side by side by [`narrow_times_wt`]: a rank-8 adapter's whole `Aᵀ` or
 /// `Bᵀ`.
 const NARROW_COLS: usize = 8;
+/// How many rows of `a` ahead [`narrow_times_wt`] prefetches, as it reads each row. In the
+/// fused LoRA backward its rows are `dy`'s, read there first (from L3 or memory) and then
+/// by the base product's tiles; past a block's last row, the next block's, which the next
+/// call reads. Twelve rows ahead, LoRA fwd+bwd over frozen on the Xeon VM (alternating
+/// builds, stop 35): 2048x384x1536 r8 1.133-1.135x -> 1.112-1.117x (three pairs),
+/// 2048x384x384 r8 1.106-1.109x -> 1.100x (two); 512x4096x4096 r16 level. 3 to 48 rows
+/// all helped, 12-24 most. (The same prefetch in the AVX2 path's `skinny::rows_kernel`
+/// and in `token_reduction`'s tiles gained nothing measurable.)
+const NARROW_AHEAD: usize = 12;
 
 /// [`few_rows_times_wt`] on AVX-512 for many rows against a narrow `W` (a LoRA slice's
 /// `Aᵀ` or `Bᵀ`, `n` the rank): three rows of `a` against eight rows of `W` at a time, so
@@ -234,7 +252,8 @@ unsafe fn narrow_dots_avx512<const M: usize>(
         // write (i, j0..j0 + cols) of `c`.
         unsafe {
             let w = w.add(j0 * ldw);
-            let acc = dot_accumulators::<M, NARROW_COLS>(k, cols, (a, lda), (w, ldw));
+            let ahead = NARROW_AHEAD * lda;
+            let acc = dot_accumulators::<M, NARROW_COLS>(k, cols, (a, lda), (w, ldw), ahead);
             let store_mask = ((1u32 << cols) - 1) as __mmask8;
             let (va, vb) = (_mm256_set1_ps(alpha), _mm256_set1_ps(beta));
             for (i, row) in acc.iter().enumerate() {
