@@ -7,7 +7,7 @@
 //! fused multiply-adds (`mul_add`: one rounding each, the same bits with or without the
 //! FMA instruction; see `vectorize.rs`): the MiniLM forward, whose GELU and softmax
 //! exponentials run through here, went 319-339 → 315-324 ms in four alternating pairs
-//! on the Xeon VM (docs/performance.md, stop 30).
+//! on the Xeon VM (docs/performance/stops-29-31.md, stop 30).
 
 /// Below this, `e^x` is under the smallest normal f32.
 const MIN_ARG: f32 = -87.336_54;

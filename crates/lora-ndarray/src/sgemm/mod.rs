@@ -13,7 +13,8 @@
 //! thread on 512x2816x1024 ran at a median 64 GFLOP/s with the `gemm` crate and 74 with
 //! the AVX2 kernel (a core's FMA peak is about 91), and the two-thread `gemm` bench put it
 //! at 127-144 GFLOP/s on the large and decoder shapes against the crate's 95-124
-//! (docs/performance.md). Our kernel also fuses what the crate cannot: a second low-depth
+//! (docs/performance/early-kernels.md). Our kernel also fuses what the crate cannot: a second
+//! low-depth
 //! product and a bias in the same pass over the output ([`sgemm_plus`], LoRA's forward).
 //!
 //! Results differ from the `gemm` crate's only by summation order (both use FMA).
@@ -227,7 +228,8 @@ pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
 /// Each thread packs all of `B` under a row split and all of `A` (once per [`NC`] columns)
 /// under a column split, so for `n <= NC` it is simply the longer side; the decoder's
 /// output head (1024 x 32000) splits by columns. Interleaved on the AMD VM, column panels
-/// ran 512 x 4096 x 4096 at 9% more GFLOP/s than row panels (docs/performance.md).
+/// ran 512 x 4096 x 4096 at 9% more GFLOP/s than row panels (docs/performance/stops-25-28.md, stop
+/// 25).
 ///
 /// `A` read in place ([`APanel`]): a row split still has each thread pack all of `B`,
 /// a column split half of it, but then each thread reads all of `A` (from L3 or memory)
@@ -537,7 +539,8 @@ unsafe fn blocked<K: Kernel>(
 /// Blocks of exactly `most` leave a short last block, whose few tiles still stream every
 /// panel of `B` past them: a thread's 2048 rows of the MiniLM step on the AVX2 tile were 17
 /// blocks of 120 and one of 8. Evened out (18 of 114), the AVX2-capped step ran 3.4% faster
-/// on the Xeon VM (means of four alternating pairs, 1056 / 1094 ms; docs/performance.md,
+/// on the Xeon VM (means of four alternating pairs, 1056 / 1094 ms;
+/// docs/performance/stops-32-35.md,
 /// stop 35); the AVX-512 step (8 x 240 + 128 rows) and the GEMM bench were level.
 fn balanced_block(m: usize, most: usize, mr: usize) -> usize {
     let blocks = m.div_ceil(most).max(1);

@@ -7,7 +7,7 @@
 //! nested paging walks two page tables. Most distributions leave huge pages to `madvise`
 //! (`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`), so a plain `Vec` gets
 //! none. Measured on the 2-core Xeon VM, one thread, alternating with the `Vec` build
-//! (docs/performance.md, stop 30).
+//! (docs/performance/stops-29-31.md, stop 30).
 //!
 //! Where the mapping or the advice fails (another OS, huge pages off), the buffer is
 //! still correct memory, only in small pages; a failed mapping falls back to a `Vec`.

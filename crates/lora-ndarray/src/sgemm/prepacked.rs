@@ -4,7 +4,8 @@
 //!
 //! Why: under a row split each thread packs all of `B` for every product (the blocking
 //! loops in `mod.rs`), and packing `W` and `Wᵀ` was about 2% of the AVX-512 MiniLM
-//! training step's samples (stop 34, docs/performance.md). Packed once, the tiles read the
+//! training step's samples (stop 34, docs/performance/stops-32-35.md). Packed once, the tiles read
+//! the
 //! kept panels directly.
 //!
 //! Which tensors: a tensor's second (or later) use as `B`, transposed or not
@@ -28,7 +29,7 @@ use super::{Isa, Kernel, Operand, avx2, avx512, isa};
 /// take 79 MiB (both layouts of its 36 linear weights) for 2% of an AVX-512 training
 /// step, but the issue-shape decoder (hidden 1024, vocabulary 32000) peaked at 1387 MiB
 /// without them, 1529 MiB with 96 MiB of them and 1954 MiB with 512, against PyTorch's
-/// 1470 (docs/performance.md, stop 34): no default budget both helps and keeps a larger
+/// 1470 (docs/performance/stops-32-35.md, stop 34): no default budget both helps and keeps a larger
 /// model's peak under PyTorch's.
 const DEFAULT_BUDGET_MB: usize = 0;
 

@@ -418,7 +418,10 @@ fn row_blocks_are_whole_tiles_of_nearly_equal_size() {
             let step = balanced_block(m, most, mr);
             let blocks = m.div_ceil(step);
             let last = m - (blocks - 1) * step;
-            assert!(step.is_multiple_of(mr) && step <= most, "m = {m}: blocks of {step}");
+            assert!(
+                step.is_multiple_of(mr) && step <= most,
+                "m = {m}: blocks of {step}"
+            );
             assert_eq!(blocks, m.div_ceil(most), "m = {m}: blocks of {step}");
             assert!(last + blocks * mr >= step, "m = {m}: {step} then {last}");
         }
