@@ -1,13 +1,13 @@
 //! `e^x` for f32 written so that LLVM vectorizes loops over it (glibc's `expf` is a call
-//! per element): Cody-Waite range reduction `x = n·ln2 + r` with `n` rounded by the
-//! 1.5·2²³ trick, Cephes' degree-5 polynomial for `e^r` on `|r| <= ln2/2`, and `2^n`
-//! built in the exponent bits. Within 2 ulp of the exact value on the normal range
-//! (tested below against f64); 0 below `ln(f32::MIN_POSITIVE)`, where the result would
-//! be subnormal, as masked softmax entries need. The reduction and the polynomial are
-//! fused multiply-adds (`mul_add`: one rounding each, the same bits with or without the
-//! FMA instruction; see `vectorize.rs`): the MiniLM forward, whose GELU and softmax
-//! exponentials run through here, went 319-339 → 315-324 ms in four alternating pairs
-//! on the Xeon VM (docs/performance/stops-29-31.md, stop 30).
+//! per element): Cody-Waite range reduction `x = n·ln2 + r` with `n` rounded by the 1.5·2²³
+//! trick, Cephes' degree-5 polynomial for `e^r` on `|r| <= ln2/2`, and `2^n` built in the
+//! exponent bits. Within 2 ulp of the exact value on the normal range (tested below against
+//! f64); 0 below `ln(f32::MIN_POSITIVE)`, where the result would be subnormal, as masked
+//! softmax entries need. The reduction and the polynomial are fused multiply-adds
+//! (`mul_add`: one rounding each, the same bits with or without the FMA instruction; see
+//! `vectorize.rs`): the MiniLM forward, whose GELU and softmax exponentials run through
+//! here, went 319-339 → 315-324 ms in four alternating pairs on the Xeon VM
+//! (docs/performance/stops-29-31.md, stop 30).
 
 /// Below this, `e^x` is under the smallest normal f32.
 const MIN_ARG: f32 = -87.336_54;

@@ -34,8 +34,8 @@ pub(crate) use plus::{Activation, gemm_plus_act_new, gemm_plus_new};
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// From this many weights (512 KiB of f32) a product of at most `FEW_ROWS` rows splits its
 /// columns between threads (see `few_rows.rs`): a decoder's generation, whose projections
-/// are 131-721 thousand weights, ran 337-352 → 291-295 ms in three alternating pairs on
-/// the Xeon VM with the `gemm` crate's kernel split that way (docs/performance/stops-29-31.md,
+/// are 131-721 thousand weights, ran 337-352 → 291-295 ms in three alternating pairs on the
+/// Xeon VM with the `gemm` crate's kernel split that way (docs/performance/stops-29-31.md,
 /// stop 30).
 const FEW_ROWS_PARALLEL_MIN_WEIGHTS: usize = 1 << 17;
 /// At or above this many multiply-adds, with both output sides large, the output is cut

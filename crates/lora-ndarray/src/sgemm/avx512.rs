@@ -3,8 +3,8 @@
 //! and eleven loads per twelve cycles of a Xeon core's two 512-bit FMA pipes. Eight rows
 //! also make `A`'s packing whole 8 x 8 transposes. Measured on the 2-core Xeon VM, one
 //! thread, `x·Wᵀ` products, alternating in one process: 12 x 32 ran within noise of it or
-//! up to 10% slower, 14 x 32 and 6 x 64 no faster on any shape (docs/performance/stops-25-28.md,
-//! stop 26).
+//! up to 10% slower, 14 x 32 and 6 x 64 no faster on any shape
+//! (docs/performance/stops-25-28.md, stop 26).
 //!
 //! On AVX-512 CPUs the `gemm` crate runs 16-lane kernels too; ours packs into buffers it
 //! keeps (no scratch allocation per call), prefetches the output tile, and fuses a LoRA

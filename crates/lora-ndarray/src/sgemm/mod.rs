@@ -9,13 +9,13 @@
 //! blocking loops and the packing are written once ([`Kernel`] gives each instruction
 //! set's tile and block sizes; `tile.rs` what a tile reads and writes).
 //!
-//! Why not only the `gemm` crate: on the 2-core AMD EPYC (Zen 3) development VM, one
-//! thread on 512x2816x1024 ran at a median 64 GFLOP/s with the `gemm` crate and 74 with
-//! the AVX2 kernel (a core's FMA peak is about 91), and the two-thread `gemm` bench put it
-//! at 127-144 GFLOP/s on the large and decoder shapes against the crate's 95-124
-//! (docs/performance/early-kernels.md). Our kernel also fuses what the crate cannot: a second
-//! low-depth
-//! product and a bias in the same pass over the output ([`sgemm_plus`], LoRA's forward).
+//! Why not only the `gemm` crate: on the 2-core AMD EPYC (Zen 3) development VM, one thread
+//! on 512x2816x1024 ran at a median 64 GFLOP/s with the `gemm` crate and 74 with the AVX2
+//! kernel (a core's FMA peak is about 91), and the two-thread `gemm` bench put it at
+//! 127-144 GFLOP/s on the large and decoder shapes against the crate's 95-124
+//! (docs/performance/early-kernels.md). Our kernel also fuses what the crate cannot: a
+//! second low-depth product and a bias in the same pass over the output ([`sgemm_plus`],
+//! LoRA's forward).
 //!
 //! Results differ from the `gemm` crate's only by summation order (both use FMA).
 #![allow(unsafe_code)]
@@ -85,8 +85,8 @@ mod pack_buffer;
 mod prepacked;
 mod tile;
 
-/// Columns of `B` packed at once: `KC` x 3072 floats (3 MiB on the AVX2 tile, 6 MiB on the
-/// AVX-512 one), in the shared L3.
+/// Columns of `B` packed at once: `KC` x 3072 floats (4.5 MiB on the AVX2 tile, 6 MiB on
+/// the AVX-512 one), in the shared L3.
 const NC: usize = 3072;
 
 /// A register-tile kernel and the block sizes that keep its operands in cache.
@@ -224,12 +224,12 @@ pub(crate) fn suits(m: usize, n: usize, k: usize) -> bool {
 /// Whether `threads` panels of an `m x n` product on this kernel should be row panels
 /// (else column panels).
 ///
-/// A packed `A` (`a_in_place` false): the split that packs fewer elements per thread.
-/// Each thread packs all of `B` under a row split and all of `A` (once per [`NC`] columns)
-/// under a column split, so for `n <= NC` it is simply the longer side; the decoder's
-/// output head (1024 x 32000) splits by columns. Interleaved on the AMD VM, column panels
-/// ran 512 x 4096 x 4096 at 9% more GFLOP/s than row panels (docs/performance/stops-25-28.md, stop
-/// 25).
+/// A packed `A` (`a_in_place` false): the split that packs fewer elements per thread. Each
+/// thread packs all of `B` under a row split and all of `A` (once per [`NC`] columns) under
+/// a column split, so for `n <= NC` it is simply the longer side; the decoder's output head
+/// (1024 x 32000) splits by columns. Interleaved on the AMD VM, column panels ran 512 x
+/// 4096 x 4096 at 9% more GFLOP/s than row panels (stop 25 in
+/// docs/performance/stops-25-28.md).
 ///
 /// `A` read in place ([`APanel`]): a row split still has each thread pack all of `B`,
 /// a column split half of it, but then each thread reads all of `A` (from L3 or memory)
@@ -539,9 +539,9 @@ unsafe fn blocked<K: Kernel>(
 /// Blocks of exactly `most` leave a short last block, whose few tiles still stream every
 /// panel of `B` past them: a thread's 2048 rows of the MiniLM step on the AVX2 tile were 17
 /// blocks of 120 and one of 8. Evened out (18 of 114), the AVX2-capped step ran 3.4% faster
-/// on the Xeon VM (means of four alternating pairs, 1056 / 1094 ms;
-/// docs/performance/stops-32-35.md,
-/// stop 35); the AVX-512 step (8 x 240 + 128 rows) and the GEMM bench were level.
+/// on the Xeon VM (means of four alternating pairs, 1056 / 1094 ms; stop 35 in
+/// docs/performance/stops-32-35.md); the AVX-512 step (8 x 240 + 128 rows) and the GEMM
+/// bench were level.
 fn balanced_block(m: usize, most: usize, mr: usize) -> usize {
     let blocks = m.div_ceil(most).max(1);
     m.div_ceil(blocks).div_ceil(mr).max(1) * mr

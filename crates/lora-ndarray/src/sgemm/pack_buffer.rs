@@ -1,12 +1,12 @@
 //! The packing buffers' memory: an anonymous mapping on 2 MiB boundaries that asks Linux
 //! for transparent huge pages (`MADV_HUGEPAGE`).
 //!
-//! Why: a packed block of `B` is about 7 MiB on the AVX-512 tile, and the tile streams a
-//! 96 KiB panel of it per output tile, with the `A` panel and eight rows of `C` beside it.
-//! In 4 KiB pages that is dozens of TLB entries per tile, and each miss under a VM's
-//! nested paging walks two page tables. Most distributions leave huge pages to `madvise`
-//! (`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`), so a plain `Vec` gets
-//! none. Measured on the 2-core Xeon VM, one thread, alternating with the `Vec` build
+//! Why: a packed block of `B` is about 7 MiB on the AVX-512 tile, and the tile streams a 96
+//! KiB panel of it per output tile, with the `A` panel and eight rows of `C` beside it. In
+//! 4 KiB pages that is dozens of TLB entries per tile, and each miss under a VM's nested
+//! paging walks two page tables. Most distributions leave huge pages to `madvise`
+//! (`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`), so a plain `Vec` gets none.
+//! Measured on the 2-core Xeon VM, one thread, alternating with the `Vec` build
 //! (docs/performance/stops-29-31.md, stop 30).
 //!
 //! Where the mapping or the advice fails (another OS, huge pages off), the buffer is

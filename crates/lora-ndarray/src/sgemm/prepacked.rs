@@ -3,10 +3,9 @@
 //! backward) and which never change.
 //!
 //! Why: under a row split each thread packs all of `B` for every product (the blocking
-//! loops in `mod.rs`), and packing `W` and `Wᵀ` was about 2% of the AVX-512 MiniLM
-//! training step's samples (stop 34, docs/performance/stops-32-35.md). Packed once, the tiles read
-//! the
-//! kept panels directly.
+//! loops in `mod.rs`), and packing `W` and `Wᵀ` was about 2% of the AVX-512 MiniLM training
+//! step's samples (stop 34, docs/performance/stops-32-35.md). Packed once, the tiles read
+//! the kept panels directly.
 //!
 //! Which tensors: a tensor's second (or later) use as `B`, transposed or not
 //! ([`PackSlots`]), so nothing is packed for an activation used once, and no caller has to
@@ -26,11 +25,11 @@ use super::pack::{At, pack_b};
 use super::{Isa, Kernel, Operand, avx2, avx512, isa};
 
 /// The default budget for packed copies: none. They are a trade the user makes: MiniLM's
-/// take 79 MiB (both layouts of its 36 linear weights) for 2% of an AVX-512 training
-/// step, but the issue-shape decoder (hidden 1024, vocabulary 32000) peaked at 1387 MiB
-/// without them, 1529 MiB with 96 MiB of them and 1954 MiB with 512, against PyTorch's
-/// 1470 (docs/performance/stops-32-35.md, stop 34): no default budget both helps and keeps a larger
-/// model's peak under PyTorch's.
+/// take 79 MiB (both layouts of its 36 linear weights) for 2% of an AVX-512 training step,
+/// but the issue-shape decoder (hidden 1024, vocabulary 32000) peaked at 1387 MiB without
+/// them, 1529 MiB with 96 MiB of them and 1954 MiB with 512, against PyTorch's 1470
+/// (docs/performance/stops-32-35.md, stop 34): no default budget both helps and keeps a
+/// larger model's peak under PyTorch's.
 const DEFAULT_BUDGET_MB: usize = 0;
 
 /// Bytes held by packed copies now, across the process.

@@ -5,16 +5,15 @@
 /// The `A` side of one register tile: `direct.kc` depth steps read in place from `A`'s
 /// rows, then `kc_packed` steps from a packed panel (`MR` values per step).
 ///
-/// Why in place: packing a row-major `A` (every `x` of `x Wᵀ`) is a transpose that waits
-/// on `x` coming from L3, 8.7% of the MiniLM training step's samples on AVX-512
-/// (docs/performance/stops-32-35.md, stop 32), and each packed value then feeds only `2n` FLOPs
-/// (768
-/// for the model's 384-wide outputs). Read in place, the first tile of a block overlaps
-/// those loads with its FMAs, and a broadcast costs one load either way: the tile's samples
-/// stayed level while packing's went from 8.2% to 2.4% (what is left packs `B`). The
-/// MiniLM step and the GEMM bench came out level with stop 32's packed tile, alternated
-/// on the Xeon VM (docs/performance/stops-32-35.md, stop 33): this saves a pass and a buffer, not
-/// measured time.
+/// Why in place: packing a row-major `A` (every `x` of `x Wᵀ`) is a transpose that waits on
+/// `x` coming from L3, 8.7% of the MiniLM training step's samples on AVX-512
+/// (docs/performance/stops-32-35.md, stop 32), and each packed value then feeds only `2n`
+/// FLOPs (768 for the model's 384-wide outputs). Read in place, the first tile of a block
+/// overlaps those loads with its FMAs, and a broadcast costs one load either way: the
+/// tile's samples stayed level while packing's went from 8.2% to 2.4% (what is left packs
+/// `B`). The MiniLM step and the GEMM bench came out level with stop 32's packed tile,
+/// alternated on the Xeon VM (docs/performance/stops-32-35.md, stop 33): this saves a pass
+/// and a buffer, not measured time.
 pub(super) struct APanel<'a> {
     pub(super) direct: Option<DirectRows>,
     pub(super) packed: &'a [f32],
@@ -72,13 +71,13 @@ pub(super) struct Tile {
 }
 
 impl Tile {
-    /// Prefetches the tile's rows of `c`, which on large products are far from this
-    /// core's caches (a block of `c` outgrows L2), so that the stores after the depth loop
-    /// do not wait on misses. Measured on the AMD VM, interleaved in one process: 8-20%
-    /// more GFLOP/s on the large products (docs/performance/stops-25-28.md, stop 25). The AVX2
-    /// tile's twelve
-    /// lines go at once: spread as the AVX-512 tile's are, its products on the Xeon VM
-    /// gained nothing (10 of 12 timings 0.4-3% slower, within noise; AMD not measured).
+    /// Prefetches the tile's rows of `c`, which on large products are far from this core's
+    /// caches (a block of `c` outgrows L2), so that the stores after the depth loop do not
+    /// wait on misses. Measured on the AMD VM, interleaved in one process: 8-20% more
+    /// GFLOP/s on the large products (docs/performance/stops-25-28.md, stop 25). The AVX2
+    /// tile's twelve lines go at once: spread as the AVX-512 tile's are, its products on
+    /// the Xeon VM gained nothing (10 of 12 timings 0.4-3% slower, within noise; AMD not
+    /// measured).
     pub(super) fn prefetch(&self) {
         let last = size_of::<f32>() * (self.cols - 1);
         for i in 0..self.rows {
@@ -91,10 +90,10 @@ impl Tile {
 
     /// [`Tile::prefetch`] spread over the depth loop: one line per group of four depth
     /// steps (`TileLines::prefetch(group)`), or all of them now (then `None`) where the
-    /// depth has fewer groups than the tile has lines. Issued together at the tile's
-    /// start, the 32 prefetches of an AVX-512 tile held 4.5% of its samples (the misses
-    /// fill the core's line-fill buffers); spread, two threads ran 1024x2816x1024 x·Wᵀ at
-    /// 367-372 GFLOP/s against 343-351 on the Xeon VM (docs/performance/stops-29-31.md, stop 30).
+    /// depth has fewer groups than the tile has lines. Issued together at the tile's start,
+    /// the 32 prefetches of an AVX-512 tile held 4.5% of its samples (the misses fill the
+    /// core's line-fill buffers); spread, two threads ran 1024x2816x1024 x·Wᵀ at 367-372
+    /// GFLOP/s against 343-351 on the Xeon VM (docs/performance/stops-29-31.md, stop 30).
     pub(super) fn lines_for_depth(&self, kc: usize) -> Option<TileLines> {
         let lines = TileLines {
             c: self.c.cast::<i8>().cast_const(),
