@@ -21,8 +21,8 @@ impl Kernel for Avx2 {
     /// A 384 x 16 panel of `B` (24 KiB) is meant to stay in a 32 KiB L1 while `A`'s rows
     /// stream past it (read in place, each line once per tile). Against 256 (a 16 KiB
     /// panel), capped at AVX2 on the Xeon VM (stop 35, alternating): the MiniLM forward
-    /// 3.5% faster (means of five pairs; its 384-deep products in one slice instead of 256
-    /// + 128, 1536-deep in four, not six), the training step 1.7% (4 of 5 pairs), 384-deep
+    /// 3.5% faster (means of five pairs; its 384-deep products in one slice instead of
+    /// 256 + 128, 1536-deep in four, not six), the training step 1.7% (4 of 5 pairs), 384-deep
     /// products 3-5% more GFLOP/s and the large ones level. 512 ran the forward as fast,
     /// but its 32 KiB panel fills Zen's whole L1. Not measured on an AMD CPU.
     const KC: usize = 384;
