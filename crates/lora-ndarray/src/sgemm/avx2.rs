@@ -18,16 +18,13 @@ const NR: usize = 16;
 impl Kernel for Avx2 {
     const MR: usize = MR;
     const NR: usize = NR;
-    /// A 384 x 16 panel of `B` (24 KiB) is meant to stay in a 32 KiB L1 while `A`'s rows
-    /// stream past it (read in place, each line once per tile). Against 256 (a 16 KiB
-    /// panel), capped at AVX2 on the Xeon VM (stop 35, alternating): the MiniLM forward
-    /// 3.5% faster (means of five pairs; its 384-deep products in one slice instead of
-    /// 256 + 128, 1536-deep in four, not six), the training step 1.7% (4 of 5 pairs), 384-deep
-    /// products 3-5% more GFLOP/s and the large ones level. 512 ran the forward as fast,
-    /// but its 32 KiB panel fills Zen's whole L1. Not measured on an AMD CPU.
-    const KC: usize = 384;
-    /// 120 x 384 floats = 180 KiB, about a third of Zen 3's 512 KiB L2.
+    /// A 6 x 256 panel of `A` (6 KiB) and a 256 x 16 panel of `B` (16 KiB) stay in the
+    /// 32 KiB L1 together.
+    const KC: usize = 256;
+    /// 120 x 256 floats = 120 KiB, a quarter of Zen 3's 512 KiB L2.
     const MC: usize = 120;
+    /// A product up to 384 deep runs in one slice (see `slice_depth`).
+    const SLICE_MAX: usize = 384;
 
     unsafe fn tile(a: APanel<'_>, b: BPanel<'_>, tile: Tile, epilogue: Epilogue) {
         // SAFETY: forwarded to the caller's contract (which includes AVX2 and FMA).

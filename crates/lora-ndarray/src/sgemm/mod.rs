@@ -85,8 +85,8 @@ mod pack_buffer;
 mod prepacked;
 mod tile;
 
-/// Columns of `B` packed at once: `KC` x 3072 floats (4.5 MiB on the AVX2 tile, 6 MiB on
-/// the AVX-512 one), in the shared L3.
+/// Columns of `B` packed at once: `KC` x 3072 floats (3 MiB on the AVX2 tile, 4.5 at its
+/// deepest slice; 6 MiB on the AVX-512 one), in the shared L3.
 const NC: usize = 3072;
 
 /// A register-tile kernel and the block sizes that keep its operands in cache.
@@ -100,6 +100,9 @@ trait Kernel {
     const KC: usize;
     /// Rows of `A` packed at once (a whole number of tiles), kept in L2.
     const MC: usize;
+    /// The deepest slice [`slice_depth`] may cut instead of `KC` slices with a short last
+    /// one (`KC` itself: never).
+    const SLICE_MAX: usize;
 
     /// `tile = alpha · a b + beta · tile [+ bias]` over the depth steps of `a`
     /// (`bias`: the tile's column values, added to every row; with `beta == 0` the tile's
@@ -387,7 +390,7 @@ unsafe fn product<K: Kernel>(
     PACKS.with(|packs| {
         let mut packs = packs.borrow_mut();
         let (a_pack, b_pack) = &mut *packs;
-        let depth = K::KC + extra;
+        let depth = slice_depth::<K>(segs[0].k) + extra;
         let b_need = depth * NC.min(n.div_ceil(K::NR) * K::NR);
         let a_need = depth * K::MC.min(m.div_ceil(K::MR) * K::MR);
         // A thread's first product sizes its buffers for the largest block any product
@@ -395,7 +398,7 @@ unsafe fn product<K: Kernel>(
         // product's need, a buffer grew again whenever a thread first ran a larger shape,
         // and which thread runs which panel is rayon's choice, so a steady-state training
         // step could still allocate (tests/step_allocations.rs failed 1 run in 10 so).
-        let max_depth = K::KC + MAX_EXTRA_DEPTH;
+        let max_depth = K::SLICE_MAX + MAX_EXTRA_DEPTH;
         let b_pack = b_pack.grown(b_need, max_depth * NC);
         let a_pack = a_pack.grown(a_need, max_depth * K::MC);
         // SAFETY: forwarded to the caller's contract; the buffers now hold the blocks.
@@ -439,8 +442,9 @@ unsafe fn blocked<K: Kernel>(
         .filter(|&(b, col)| direct && b.fits::<K>(main.k, (col, n)));
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
-        for pc in (0..main.k).step_by(K::KC) {
-            let kc1 = K::KC.min(main.k - pc);
+        let kc_step = slice_depth::<K>(main.k);
+        for pc in (0..main.k).step_by(kc_step) {
+            let kc1 = kc_step.min(main.k - pc);
             let tail = extra.filter(|_| pc + kc1 == main.k);
             let kc = kc1 + tail.map_or(0, |s| s.k);
             // The first slice applies `beta` and the bias; later slices add to what it wrote.
@@ -545,6 +549,27 @@ unsafe fn blocked<K: Kernel>(
 fn balanced_block(m: usize, most: usize, mr: usize) -> usize {
     let blocks = m.div_ceil(most).max(1);
     m.div_ceil(blocks).div_ceil(mr).max(1) * mr
+}
+
+/// The depth of each slice of a `k`-deep product on kernel `K`: `k / KC` rounded half
+/// down, at least one, slices of equal depth, where that depth is at most `SLICE_MAX`; else
+/// slices of `KC`.
+///
+/// Each slice stores (and after the first reloads) every output tile, so a short last one
+/// costs a tile pass for little work: on the AVX2 tile (`KC` 256) a 384-deep product, every
+/// MiniLM projection's forward, took 256 + 128. One 384-deep slice instead, capped at AVX2
+/// on the Xeon VM (stop 35, alternating): MiniLM training step 1051 → 1028 ms (means of
+/// five pairs, -2.2%), forward 487 → 481 ms (three). `KC` 384 for every product read 1021
+/// and 477 ms in three of those rounds, but gives every deep product a 24 KiB panel of
+/// `B`, which with `A`'s streaming rows overfills a 32 KiB L1 (AMD Zen, where this tile
+/// runs; BLIS's Zen 3 configuration keeps 256 for f32): here only products up to 384 deep
+/// get one. Not measured on an AMD CPU.
+fn slice_depth<K: Kernel>(k: usize) -> usize {
+    let slices = (2 * k + K::KC - 1) / (2 * K::KC);
+    match k.div_ceil(slices.max(1)) {
+        depth if depth <= K::SLICE_MAX => depth.max(1),
+        _ => K::KC,
+    }
 }
 
 #[cfg(test)]

@@ -75,7 +75,8 @@ pub(crate) fn kept_panel_bytes() -> usize {
     HELD.load(Relaxed)
 }
 
-/// A `k x n` operand in the panels a kernel's tile reads: for each depth slice of `KC`,
+/// A `k x n` operand in the panels a kernel's tile reads: for each depth slice (of
+/// `kc`, the kernel's [`slice_depth`](super::slice_depth) for `k`),
 /// all of its panels of `NR` columns (`kc` steps of `NR` values each; columns past `n`
 /// zero). Not blocked by `NC` columns as per-call packing is: a column panel of a product
 /// starting at any multiple of `NR` finds its panels in place.
@@ -107,7 +108,7 @@ impl PackedB {
     /// # Safety
     /// `b`'s `k x n` elements are addressable.
     pub(super) unsafe fn for_kernel<K: Kernel>(b: Operand, k: usize, n: usize) -> Option<Self> {
-        let (nr, kc) = (K::NR, K::KC);
+        let (nr, kc) = (K::NR, super::slice_depth::<K>(k));
         let len = k * width(n, nr);
         let bytes = len * size_of::<f32>();
         if HELD.fetch_add(bytes, Relaxed) + bytes > budget_bytes() {
@@ -127,11 +128,12 @@ impl PackedB {
     /// Whether kernel `K`'s tiles can read columns `col..col + n` of a `k`-deep operand
     /// from these panels.
     pub(super) fn fits<K: Kernel>(&self, k: usize, (col, n): (usize, usize)) -> bool {
-        (self.k, self.nr, self.kc) == (k, K::NR, K::KC) && col % K::NR == 0 && col + n <= self.n
+        let same_slices = self.kc == super::slice_depth::<K>(k);
+        (self.k, self.nr) == (k, K::NR) && same_slices && col % K::NR == 0 && col + n <= self.n
     }
 
     /// The panels from column `col` (a multiple of `NR`) of the depth slice from `pc` (a
-    /// multiple of `KC`): `min(KC, k - pc)` steps each, one after another.
+    /// multiple of `kc`): `min(kc, k - pc)` steps each, one after another.
     pub(super) fn panels(&self, pc: usize, col: usize) -> &[f32] {
         let kc1 = self.kc.min(self.k - pc);
         &self.data[pc * width(self.n, self.nr) + col * kc1..]

@@ -427,3 +427,30 @@ fn row_blocks_are_whole_tiles_of_nearly_equal_size() {
         }
     }
 }
+
+/// Depth slices: never deeper than the kernel allows, never more of them than slices of
+/// `KC` would make; on the AVX2 tile a 384-deep product is one slice and a 1536-deep one
+/// six of 256 (`slice_depth`).
+#[test]
+fn depth_slices_are_no_more_and_no_deeper_than_the_kernel_takes() {
+    fn check<K: Kernel>(name: &str) {
+        for k in 0..5000 {
+            let depth = slice_depth::<K>(k);
+            assert!(
+                (1..=K::SLICE_MAX).contains(&depth),
+                "{name} k = {k}: slices of {depth}"
+            );
+            assert!(
+                k.div_ceil(depth) <= k.div_ceil(K::KC),
+                "{name} k = {k}: {depth}"
+            );
+        }
+    }
+    check::<avx2::Avx2>("AVX2");
+    check::<avx512::Avx512>("AVX-512");
+    assert_eq!(slice_depth::<avx2::Avx2>(384), 384);
+    assert_eq!(slice_depth::<avx2::Avx2>(1536), 256);
+    assert_eq!(slice_depth::<avx2::Avx2>(640), 320);
+    assert_eq!(slice_depth::<avx512::Avx512>(384), 384);
+    assert_eq!(slice_depth::<avx512::Avx512>(600), 512);
+}
