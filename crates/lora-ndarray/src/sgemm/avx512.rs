@@ -36,9 +36,10 @@ impl Kernel for Avx512 {
     /// 240 x 512 floats = 480 KiB of a Xeon core's 2 MiB L2 (120 and 480 measured no
     /// better).
     const MC: usize = 240;
-    /// Slices of exactly `KC`: one 384-deep slice instead of 256 + 128 helped the AVX2
-    /// tile; here `KC` 768 (1536-deep products in two slices) ran the MiniLM step level
-    /// (stop 35), so the pack buffers are not made larger for it.
+    /// No slice deeper than `KC` (only evened out where that keeps their number, 800 =
+    /// 400 + 400): one 384-deep slice instead of 256 + 128 helped the AVX2 tile, but here
+    /// `KC` 768 (1536-deep products in two slices) ran the MiniLM step level (stop 35), so
+    /// the pack buffers are not made larger for it.
     const SLICE_MAX: usize = 512;
 
     unsafe fn tile(a: APanel<'_>, b: BPanel<'_>, tile: Tile, epilogue: Epilogue) {
