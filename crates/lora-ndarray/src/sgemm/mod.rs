@@ -1,9 +1,10 @@
 //! Our own single-threaded f32 GEMM for x86-64 CPUs with AVX2+FMA, with a register tile
 //! per instruction set: 6 x 16 on AVX2 (`avx2.rs`), 8 x 48 on AVX-512 (`avx512.rs`).
 //!
-//! The classic Goto/BLIS structure: the `k` dimension in slices of `KC`; per slice, a
-//! block of `B` packed into column panels of `NR` (kept in L3/L2), then blocks of `MC`
-//! rows of `A` (kept in L2), then one register tile per pair of panels. A row-major `A`
+//! The classic Goto/BLIS structure: the `k` dimension in slices of `KC` (one slice up to
+//! `SLICE_MAX` deep: [`slice_depth`]); per slice, a block of `B` packed into column panels
+//! of `NR` (kept in L3/L2), then blocks of at most `MC` rows of `A` (kept in L2,
+//! [`balanced_block`]), then one register tile per pair of panels. A row-major `A`
 //! is read in place; any other is packed into row panels of `MR` ([`APanel`]). A frozen
 //! weight's `B` is packed once and kept with its tensor (`prepacked.rs`). The
 //! blocking loops and the packing are written once ([`Kernel`] gives each instruction
@@ -410,14 +411,15 @@ unsafe fn product<K: Kernel>(
 type Packs<'a> = (&'a mut [f32], &'a mut [f32]);
 
 /// The three blocking loops around the register tile, over the depth of `segs[0]` in
-/// slices of `KC`; the depth of a second segment joins the last slice. The first slice
+/// slices of [`slice_depth`]; the depth of a second segment joins the last slice. The first slice
 /// applies `beta` and adds the bias (`n` values, if any) as it stores each tile; the last
 /// one calls `finish` on the finished stretches. `hook` sees each packed block of `A`
 /// during the first column block (`jc == 0`).
 ///
 /// # Safety
-/// As [`sgemm`] for every segment, the CPU runs `K`, and the pack buffers hold `KC + k2`
-/// deep blocks of `min(MC, m)` and `min(NC, n)` rounded up to whole tiles.
+/// As [`sgemm`] for every segment, the CPU runs `K`, and the pack buffers hold
+/// `slice_depth + k2` deep blocks of `min(MC, m)` and `min(NC, n)` rounded up to whole
+/// tiles.
 #[allow(clippy::too_many_arguments)]
 unsafe fn blocked<K: Kernel>(
     m: usize,
