@@ -32,7 +32,7 @@ use lora::models::decoder::DecoderModel;
 use lora::peft::{self, LoraConfig, TargetModules};
 use lora::{Adam, Backend, DenseLinear, NdArray, Optimizer, ndarray_pool};
 use lora_tests::decoder_fixtures::{dir, train_backward};
-use lora_tests::minilm_dir;
+use lora_tests::{minilm_dir, own_kernels_run};
 
 /// Allocations at least this large are checked (two pages). Per-token host vectors (token
 /// ids as row indices, loss targets: 8 and 16 bytes per token) stay under it at the
@@ -155,19 +155,6 @@ fn check_steady_state(what: &str, mut step: impl FnMut()) {
         offenders.len(),
         offenders.join("\n")
     );
-}
-
-/// Whether the ndarray backend's own kernels run this CPU's products (x86-64 with AVX2
-/// and FMA; AVX-512 CPUs included).
-fn own_kernels_run() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 fn minilm_step(b: &NdArray) -> Option<impl FnMut()> {

@@ -252,7 +252,8 @@ unsafe fn narrow_dots_avx512<const M: usize>(
         // write (i, j0..j0 + cols) of `c`.
         unsafe {
             let w = w.add(j0 * ldw);
-            let ahead = NARROW_AHEAD * lda;
+            // The next rows' lines once, in the first block of columns (rank 16 takes two).
+            let ahead = if j0 == 0 { NARROW_AHEAD * lda } else { 0 };
             let acc = dot_accumulators::<M, NARROW_COLS>(k, cols, (a, lda), (w, ldw), ahead);
             let store_mask = ((1u32 << cols) - 1) as __mmask8;
             let (va, vb) = (_mm256_set1_ps(alpha), _mm256_set1_ps(beta));

@@ -442,9 +442,9 @@ unsafe fn blocked<K: Kernel>(
     let kept = main
         .kept
         .filter(|&(b, col)| direct && b.fits::<K>(main.k, (col, n)));
+    let (kc_step, mc_step) = (slice_depth::<K>(main.k), balanced_block(m, K::MC, mr));
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
-        let kc_step = slice_depth::<K>(main.k);
         for pc in (0..main.k).step_by(kc_step) {
             let kc1 = kc_step.min(main.k - pc);
             let tail = extra.filter(|_| pc + kc1 == main.k);
@@ -474,7 +474,6 @@ unsafe fn blocked<K: Kernel>(
                 true => (kc - kc1, 0),
                 false => (kc, kc1),
             };
-            let mc_step = balanced_block(m, K::MC, mr);
             for ic in (0..m).step_by(mc_step) {
                 let mc = mc_step.min(m - ic);
                 unsafe {
