@@ -243,7 +243,7 @@ fn minilm_section(md: &mut String, rows: &[Row]) {
         rows,
         "minilm_",
         "all-MiniLM-L6-v2 (BERT encoder)",
-        "Batch 32 x 128 tokens, every token attended. `encoder_fwd`: inference forward (last hidden state). `lora_train_step`: LoRA r=8 on query and value, mean pooling, a linear head, cross-entropy, backward through the whole encoder, AdamW. PyTorch + PEFT (`benches/python/bert_minilm.py`) runs the same workloads on the same CPU in the same `cargo xtask bench` run. Goals: faster than PyTorch on CPU, and at most 0.9x its time (issue 16).",
+        "Batch 32 x 128 tokens, every token attended. `encoder_fwd`: inference forward (last hidden state). `lora_train_step`: LoRA r=8 on query and value, mean pooling, a linear head, cross-entropy, backward through the whole encoder, AdamW. PyTorch + PEFT (`benches/python/bert_minilm.py`) runs the same workloads on the same CPU in the same `cargo xtask bench` run, once before our benches and once after; its figure is the mean of the two, and the ratio is against that mean. Goals: faster than PyTorch on CPU, and at most 0.9x its time (issue 16).",
     );
 }
 
@@ -254,7 +254,7 @@ fn llama_section(md: &mut String, rows: &[Row]) {
         rows,
         "llama_",
         "Decoder LLM (random Llama)",
-        "A random Llama (shape `h<hidden>-l<layers>-v<vocab>-<batch>x<tokens>`; 8 layers, grouped-query attention with 4 key/value heads; `--quick`: hidden 512, vocabulary 8000; full runs: hidden 1024, 16 heads, intermediate 2816, vocabulary 32000). `train_step`: LoRA r=16 on every projection, forward, causal-LM loss, backward, AdamW at batch 4 x 256. `generate`: 32 greedy tokens after a 16-token prompt with the KV cache. PyTorch + PEFT (`benches/python/decoder_llama.py`) runs the same workloads on the same shapes in the same run. Goals: at most PyTorch + PEFT's time (issue 13), at most 0.9x of it (issue 16).",
+        "A random Llama (shape `h<hidden>-l<layers>-v<vocab>-<batch>x<tokens>`; 8 layers, grouped-query attention with 4 key/value heads; `--quick`: hidden 512, vocabulary 8000; full runs: hidden 1024, 16 heads, intermediate 2816, vocabulary 32000). `train_step`: LoRA r=16 on every projection, forward, causal-LM loss, backward, AdamW at batch 4 x 256. `generate`: 32 greedy tokens after a 16-token prompt with the KV cache. PyTorch + PEFT (`benches/python/decoder_llama.py`) runs the same workloads on the same shapes in the same run, before and after ours (the mean of the two, as above). Goals: at most PyTorch + PEFT's time (issue 13), at most 0.9x of it (issue 16).",
     );
 }
 
@@ -276,8 +276,14 @@ fn model_section(md: &mut String, rows: &[Row], prefix: &str, title: &str, text:
     );
     for r in rows.iter().filter(|r| r.op.starts_with(prefix)) {
         let vs = r.extra.get("vs_pytorch").and_then(Value::as_f64);
+        let time = |k| r.extra.get(k).and_then(Value::as_f64);
+        // PyTorch's mean of the runs before and after ours, and the two.
+        let runs = match (time("before_s"), time("after_s")) {
+            (Some(b), Some(a)) => format!(" (before ours {b:.3}, after {a:.3})"),
+            _ => String::new(),
+        };
         md.push_str(&format!(
-            "| {} | {} | {} | {:.3} s | {} | {} |\n",
+            "| {} | {} | {} | {:.3} s{runs} | {} | {} |\n",
             r.op.trim_start_matches(prefix),
             r.shape,
             r.backend,

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use super::models::{ModelFamily, bracketed, model_row, torch_rows};
 use crate::cmd::root;
 
 /// One measured figure.
@@ -28,7 +29,7 @@ pub(super) struct FmaPeak {
     pub(super) isa: Option<String>,
 }
 
-fn read_json(p: &Path) -> Option<Value> {
+pub(super) fn read_json(p: &Path) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
@@ -90,8 +91,8 @@ pub(super) fn report(target: &Path, quick: bool, cap: Option<super::IsaCap>) -> 
         })
         .unwrap_or_default();
     check_cap(&fma, cap)?;
-    let bert_torch = read_json(&target.join("bench/bert_pytorch.json")).unwrap_or(json!({}));
-    let decoder_torch = read_json(&target.join("bench/decoder_pytorch.json")).unwrap_or(json!({}));
+    let bert_torch = bracketed(target, "bert_pytorch");
+    let decoder_torch = bracketed(target, "decoder_pytorch");
     let families = [
         ModelFamily {
             group: "bert_",
@@ -185,34 +186,6 @@ fn write_report(
     Ok(())
 }
 
-/// A model benchmarked whole against PyTorch + PEFT: its criterion group prefix, the
-/// prefix of its report ops, and PyTorch's medians (keys `"<op>/<shape>"`).
-struct ModelFamily<'a> {
-    group: &'static str,
-    op_prefix: &'static str,
-    torch: &'a Value,
-}
-
-/// PyTorch + PEFT's rows of one model family.
-fn torch_rows(f: &ModelFamily<'_>) -> Vec<Row> {
-    let mut rows = Vec::new();
-    for (op, v) in f.torch.as_object().into_iter().flatten() {
-        let Some((op, shape)) = op.split_once('/') else {
-            continue;
-        };
-        if let Some(t) = v["median_s"].as_f64() {
-            rows.push(Row {
-                backend: "pytorch+peft".into(),
-                op: format!("{}{op}", f.op_prefix),
-                shape: shape.into(),
-                median_s: t,
-                extra: BTreeMap::new(),
-            });
-        }
-    }
-    rows
-}
-
 /// Rows from criterion's medians: GEMM (GFLOP/s, fraction of the FMA peak), whole models
 /// (against PyTorch + PEFT) and the rest as measured. The LoRA-linear and
 /// quantized groups come from `paired.json` / `quant.json` instead.
@@ -294,29 +267,6 @@ fn gemm_rate(shape: &str, median_ns: f64, peak: Option<f64>) -> BTreeMap<&'stati
         );
     }
     extra
-}
-
-/// One whole-model bench: `"<backend>/<op>/<shape>"`, against PyTorch + PEFT's time for
-/// the same op.
-fn model_row(function: &str, median_ns: f64, f: &ModelFamily<'_>) -> Option<Row> {
-    let mut parts = function.splitn(3, '/');
-    let (Some(be), Some(op), Some(shape)) = (parts.next(), parts.next(), parts.next()) else {
-        return None;
-    };
-    let mut extra = BTreeMap::new();
-    if let Some(t) = f.torch[format!("{op}/{shape}").as_str()]["median_s"].as_f64() {
-        extra.insert(
-            "vs_pytorch",
-            json!((median_ns * 1e-9 / t * 1e4).round() / 1e4),
-        );
-    }
-    Some(Row {
-        backend: be.into(),
-        op: format!("{}{op}", f.op_prefix),
-        shape: shape.into(),
-        median_s: median_ns * 1e-9,
-        extra,
-    })
 }
 
 /// LoRA over frozen, interleaved, for us (`paired.json`) and for PyTorch + PEFT

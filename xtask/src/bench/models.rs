@@ -1,0 +1,129 @@
+//! The models benchmarked whole against PyTorch + PEFT (all-MiniLM-L6-v2, the random
+//! Llama): PyTorch's medians, bracketed by a run before and after ours, and our criterion
+//! medians as rows against them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::report::{Row, read_json};
+
+/// A model benchmarked whole against PyTorch + PEFT: its criterion group prefix, the
+/// prefix of its report ops, and PyTorch's medians (keys `"<op>/<shape>"`).
+pub(super) struct ModelFamily<'a> {
+    pub(super) group: &'static str,
+    pub(super) op_prefix: &'static str,
+    pub(super) torch: &'a Value,
+}
+
+/// PyTorch + PEFT's medians of one model (`target/bench/<name>.json`, run after our
+/// benches) with those of its run before them (`<name>_before.json`): where both have a
+/// figure, its `median_s` is their mean and `before_s` / `after_s` keep the two (see
+/// `model_baselines`). A figure from one run alone is kept as it is.
+pub(super) fn bracketed(target: &Path, name: &str) -> Value {
+    let file = |suffix: &str| read_json(&target.join(format!("bench/{name}{suffix}.json")));
+    let before = file(super::BEFORE).unwrap_or(json!({}));
+    let mut after = file("").unwrap_or(json!({}));
+    for (key, v) in after.as_object_mut().into_iter().flatten() {
+        let times = (
+            before[key.as_str()]["median_s"].as_f64(),
+            v["median_s"].as_f64(),
+        );
+        if let (Some(b), Some(a)) = times {
+            v["median_s"] = json!((a + b) / 2.0);
+            v["before_s"] = json!(b);
+            v["after_s"] = json!(a);
+        }
+    }
+    after
+}
+
+/// PyTorch + PEFT's rows of one model family.
+pub(super) fn torch_rows(f: &ModelFamily<'_>) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (op, v) in f.torch.as_object().into_iter().flatten() {
+        let Some((op, shape)) = op.split_once('/') else {
+            continue;
+        };
+        if let Some(t) = v["median_s"].as_f64() {
+            let extra = ["before_s", "after_s"]
+                .into_iter()
+                .filter_map(|k| Some((k, json!(v[k].as_f64()?))))
+                .collect();
+            rows.push(Row {
+                backend: "pytorch+peft".into(),
+                op: format!("{}{op}", f.op_prefix),
+                shape: shape.into(),
+                median_s: t,
+                extra,
+            });
+        }
+    }
+    rows
+}
+
+/// One whole-model bench: `"<backend>/<op>/<shape>"`, against PyTorch + PEFT's time for
+/// the same op.
+pub(super) fn model_row(function: &str, median_ns: f64, f: &ModelFamily<'_>) -> Option<Row> {
+    let mut parts = function.splitn(3, '/');
+    let (Some(be), Some(op), Some(shape)) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    let mut extra = BTreeMap::new();
+    if let Some(t) = f.torch[format!("{op}/{shape}").as_str()]["median_s"].as_f64() {
+        extra.insert(
+            "vs_pytorch",
+            json!((median_ns * 1e-9 / t * 1e4).round() / 1e4),
+        );
+    }
+    Some(Row {
+        backend: be.into(),
+        op: format!("{}{op}", f.op_prefix),
+        shape: shape.into(),
+        median_s: median_ns * 1e-9,
+        extra,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The figure both runs have is their mean, with the two kept; one from the run after
+    /// ours alone stays as it is; one from the run before alone is not reported.
+    #[test]
+    fn bracketed_baseline_is_the_mean_of_the_runs_before_and_after() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("bench"))?;
+        let write = |name: &str, v: Value| {
+            std::fs::write(dir.path().join("bench").join(name), v.to_string())
+        };
+        write(
+            "m_before.json",
+            json!({"step/a": {"median_s": 1.0}, "fwd/a": {"median_s": 9.0}}),
+        )?;
+        write(
+            "m.json",
+            json!({"step/a": {"median_s": 1.5}, "gen/a": {"median_s": 2.0}}),
+        )?;
+        let v = bracketed(dir.path(), "m");
+        assert_eq!(v["step/a"]["median_s"].as_f64(), Some(1.25));
+        assert_eq!(v["step/a"]["before_s"].as_f64(), Some(1.0));
+        assert_eq!(v["step/a"]["after_s"].as_f64(), Some(1.5));
+        assert_eq!(v["gen/a"], json!({"median_s": 2.0}));
+        assert!(v.get("fwd/a").is_none(), "{v}");
+        let rows = torch_rows(&ModelFamily {
+            group: "m_",
+            op_prefix: "m_",
+            torch: &v,
+        });
+        let step = rows.iter().find(|r| r.op == "m_step");
+        assert_eq!(step.map(|r| r.median_s), Some(1.25));
+        assert_eq!(
+            step.and_then(|r| r.extra.get("before_s")),
+            Some(&json!(1.0))
+        );
+        Ok(())
+    }
+}
