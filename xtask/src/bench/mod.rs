@@ -5,6 +5,7 @@
 //! baselines; `memory` measures peak RSS per process, `report` turns the measurements into
 //! rows and `markdown` writes them up.
 
+mod bracket;
 mod markdown;
 mod memory;
 mod models;
@@ -70,8 +71,9 @@ pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
     // The MiniLM benches read the model from the cache: fetch it first, or a fresh
     // machine's report has no ndarray MiniLM rows.
     crate::venv::fetch_minilm()?;
-    // PyTorch's model workloads run before and after ours; the report compares with the
-    // mean of the two (`report::bracketed`).
+    // PyTorch's workloads run before and after ours; the report compares with the mean of
+    // the two (`bracket.rs`).
+    peft_linear(&target, quick, &cap_env, BEFORE)?;
     model_baselines(&target, quick, &cap_env, BEFORE)?;
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "lora-benches"]);
@@ -103,8 +105,8 @@ pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
     report::report(&target, quick, cap)
 }
 
-/// The suffix of the model baselines' files from the run before our benches
-/// (`bert_pytorch_before.json`, `decoder_pytorch_before.json`).
+/// The suffix of the PyTorch baselines' files from the run before our benches
+/// (`pytorch_before.json`, `bert_pytorch_before.json`, `decoder_pytorch_before.json`).
 pub(super) const BEFORE: &str = "_before";
 
 /// A Python baseline script under benches/python with the run length, the run's
@@ -171,14 +173,30 @@ fn model_baselines(
     )
 }
 
+/// PyTorch + PEFT's LoRA layers (frozen and LoRA interleaved, as ours) and `torch.mm` on
+/// the GEMM bench's products: `pytorch<suffix>.json`.
+fn peft_linear(target: &Path, quick: bool, cap_env: &[(&str, &str)], suffix: &str) -> Result<()> {
+    let when = if suffix == BEFORE {
+        ", before ours"
+    } else {
+        ""
+    };
+    run_cmd(
+        &format!("PyTorch + PEFT baseline (benches/python/peft_linear.py){when}"),
+        &mut baseline_script(
+            (target, quick, cap_env),
+            "peft_linear.py",
+            &[],
+            &format!("pytorch{suffix}.json"),
+        )?,
+    )
+}
+
 /// The Python baselines after our benches, minutes apart from them on the same machine:
 /// `target/bench/pytorch.json`, `bert_pytorch.json`, `decoder_pytorch.json` and `bnb.json`.
 fn python_baselines(target: &Path, quick: bool, cap_env: &[(&str, &str)]) -> Result<()> {
     let run = (target, quick, cap_env);
-    run_cmd(
-        "PyTorch + PEFT baseline (benches/python/peft_linear.py)",
-        &mut baseline_script(run, "peft_linear.py", &[], "pytorch.json")?,
-    )?;
+    peft_linear(target, quick, cap_env, "")?;
     model_baselines(target, quick, cap_env, "")?;
     // bitsandbytes + PEFT for the quantized-base workloads.
     run_cmd(

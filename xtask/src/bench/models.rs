@@ -2,12 +2,12 @@
 //! Llama): PyTorch's medians, bracketed by a run before and after ours, and our criterion
 //! medians as rows against them.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
-use super::report::{Row, read_json};
+#[cfg(test)]
+use super::bracket::bracketed;
+use super::report::Row;
 
 /// A model benchmarked whole against PyTorch + PEFT: its criterion group prefix, the
 /// prefix of its report ops, and PyTorch's medians (keys `"<op>/<shape>"`).
@@ -15,28 +15,6 @@ pub(super) struct ModelFamily<'a> {
     pub(super) group: &'static str,
     pub(super) op_prefix: &'static str,
     pub(super) torch: &'a Value,
-}
-
-/// PyTorch + PEFT's medians of one model (`target/bench/<name>.json`, run after our
-/// benches) with those of its run before them (`<name>_before.json`): where both have a
-/// figure, its `median_s` is their mean and `before_s` / `after_s` keep the two (see
-/// `model_baselines`). A figure from one run alone is kept as it is.
-pub(super) fn bracketed(target: &Path, name: &str) -> Value {
-    let file = |suffix: &str| read_json(&target.join(format!("bench/{name}{suffix}.json")));
-    let before = file(super::BEFORE).unwrap_or(json!({}));
-    let mut after = file("").unwrap_or(json!({}));
-    for (key, v) in after.as_object_mut().into_iter().flatten() {
-        let times = (
-            before[key.as_str()]["median_s"].as_f64(),
-            v["median_s"].as_f64(),
-        );
-        if let (Some(b), Some(a)) = times {
-            v["median_s"] = json!((a + b) / 2.0);
-            v["before_s"] = json!(b);
-            v["after_s"] = json!(a);
-        }
-    }
-    after
 }
 
 /// PyTorch + PEFT's rows of one model family.
@@ -90,10 +68,10 @@ pub(super) fn model_row(function: &str, median_ns: f64, f: &ModelFamily<'_>) -> 
 mod tests {
     use super::*;
 
-    /// The figure both runs have is their mean, with the two kept; one from the run after
-    /// ours alone stays as it is; one from the run before alone is not reported.
+    /// PyTorch's row of a model takes the bracketed mean, and keeps the runs before and
+    /// after ours for the table.
     #[test]
-    fn bracketed_baseline_is_the_mean_of_the_runs_before_and_after() -> anyhow::Result<()> {
+    fn torch_rows_take_the_bracketed_mean() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("bench"))?;
         let write = |name: &str, v: Value| {

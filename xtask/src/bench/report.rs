@@ -7,7 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::models::{ModelFamily, bracketed, model_row, torch_rows};
+use super::bracket::bracketed;
+use super::models::{ModelFamily, model_row, torch_rows};
 use crate::cmd::root;
 
 /// One measured figure.
@@ -235,7 +236,7 @@ fn criterion_rows(peak: Option<f64>, families: &[ModelFamily<'_>], rows: &mut Ve
 /// PyTorch's `torch.mm` on the GEMM bench's products (`pytorch.json`'s `"matmul"`), as
 /// GFLOP/s and the fraction of the FMA peak, like ours.
 fn torch_gemm_rows(target: &Path, peak: Option<f64>, rows: &mut Vec<Row>) {
-    let torch = read_json(&target.join("bench/pytorch.json")).unwrap_or(json!({}));
+    let torch = bracketed(target, "pytorch");
     for (key, v) in torch["matmul"].as_object().into_iter().flatten() {
         let Some(median_s) = v["median_s"].as_f64() else {
             continue;
@@ -273,7 +274,7 @@ fn gemm_rate(shape: &str, median_ns: f64, peak: Option<f64>) -> BTreeMap<&'stati
 /// (`pytorch.json`).
 fn paired_rows(target: &Path, rows: &mut Vec<Row>) {
     let paired = read_json(&target.join("bench/paired.json")).unwrap_or(json!({}));
-    let torch = read_json(&target.join("bench/pytorch.json")).unwrap_or(json!({}));
+    let torch = bracketed(target, "pytorch");
     // Ours: "<backend>/<op>/<shape>"; PyTorch's: "<op>/<shape>".
     let ours = paired
         .as_object()
