@@ -109,6 +109,14 @@ pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
 /// (`pytorch_before.json`, `bert_pytorch_before.json`, `decoder_pytorch_before.json`).
 pub(super) const BEFORE: &str = "_before";
 
+/// How a baseline's progress line names its run: the one before ours, or (no suffix) after.
+fn which_run(suffix: &str) -> &'static str {
+    match suffix == BEFORE {
+        true => ", before ours",
+        false => "",
+    }
+}
+
 /// A Python baseline script under benches/python with the run length, the run's
 /// instruction-set cap, its leading arguments, and its output (`target/bench/<out>`) last;
 /// the output is removed first, so that a failed run leaves no stale figures.
@@ -147,12 +155,7 @@ fn model_baselines(
     cap_env: &[(&str, &str)],
     suffix: &str,
 ) -> Result<()> {
-    let run = (target, quick, cap_env);
-    let when = if suffix == BEFORE {
-        ", before ours"
-    } else {
-        ""
-    };
+    let (run, when) = ((target, quick, cap_env), which_run(suffix));
     run_cmd(
         &format!("PyTorch + PEFT on all-MiniLM-L6-v2 (benches/python/bert_minilm.py){when}"),
         &mut baseline_script(
@@ -176,11 +179,7 @@ fn model_baselines(
 /// PyTorch + PEFT's LoRA layers (frozen and LoRA interleaved, as ours) and `torch.mm` on
 /// the GEMM bench's products: `pytorch<suffix>.json`.
 fn peft_linear(target: &Path, quick: bool, cap_env: &[(&str, &str)], suffix: &str) -> Result<()> {
-    let when = if suffix == BEFORE {
-        ", before ours"
-    } else {
-        ""
-    };
+    let when = which_run(suffix);
     run_cmd(
         &format!("PyTorch + PEFT baseline (benches/python/peft_linear.py){when}"),
         &mut baseline_script(
