@@ -72,7 +72,11 @@ pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
     // machine's report has no ndarray MiniLM rows.
     crate::venv::fetch_minilm()?;
     // PyTorch's workloads run before and after ours; the report compares with the mean of
-    // the two (`bracket.rs`).
+    // the two (`bracket.rs`). The last run's figures after ours go first, so that a run
+    // stopped in between never averages this run's figures with the last one's.
+    for name in ["pytorch", "bert_pytorch", "decoder_pytorch"] {
+        let _ = std::fs::remove_file(target.join(format!("bench/{name}.json")));
+    }
     peft_linear(&target, quick, &cap_env, BEFORE)?;
     model_baselines(&target, quick, &cap_env, BEFORE)?;
     let mut cmd = cargo();
