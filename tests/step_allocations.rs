@@ -32,7 +32,7 @@ use lora::models::decoder::DecoderModel;
 use lora::peft::{self, LoraConfig, TargetModules};
 use lora::{Adam, Backend, DenseLinear, NdArray, Optimizer, ndarray_pool};
 use lora_tests::decoder_fixtures::{dir, train_backward};
-use lora_tests::{minilm_dir, own_kernels_run};
+use lora_tests::minilm_dir;
 
 /// Allocations at least this large are checked (two pages). Per-token host vectors (token
 /// ids as row indices, loss targets: 8 and 16 bytes per token) stay under it at the
@@ -140,7 +140,7 @@ fn check_steady_state(what: &str, mut step: impl FnMut()) {
     );
     let large_in_step = LARGE_COUNT.load(Relaxed) - large;
     assert!(
-        !own_kernels_run() || large_in_step == 0,
+        !ndarray_pool::own_kernels() || large_in_step == 0,
         "{what}: {large_in_step} allocations of 8 KiB or more in a steady-state step on a CPU \
          where our own product kernels run"
     );

@@ -16,22 +16,6 @@ pub fn backend() -> NdArray {
     NdArray::new()
 }
 
-/// Whether the ndarray backend's own kernels run this CPU's products: x86-64 with AVX2
-/// and FMA (AVX-512 CPUs included), unless `LORA_NDARRAY_ISA=none` turns them off. Only
-/// they keep weight panels and avoid the `gemm` crate's per-call scratch.
-pub fn own_kernels_run() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && std::env::var("LORA_NDARRAY_ISA").as_deref() != Ok("none")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Uniform values in `[-1, 1)` from stream `stream` of `seed`.
 pub fn rand_vec(n: usize, seed: u64, stream: u64) -> Vec<f32> {
     let mut v = vec![0.0; n];

@@ -243,6 +243,14 @@ pub fn set_kept_panel_limit(bytes: usize) {
     crate::sgemm::set_budget_bytes(bytes);
 }
 
+/// Whether the backend's own GEMM kernels run this process's products: x86-64 with AVX2
+/// and FMA, unless `LORA_NDARRAY_ISA=none` turns them off (read once per process). Only
+/// they keep weight panels (`set_kept_panel_limit`) and pack into buffers they reuse;
+/// elsewhere the `gemm` crate runs every product, with scratch memory per call.
+pub fn own_kernels() -> bool {
+    crate::sgemm::available()
+}
+
 /// Frees every buffer the pool holds (for example after training, before serving).
 pub fn release() {
     let mut pool = lock();

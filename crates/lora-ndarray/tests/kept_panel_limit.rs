@@ -24,13 +24,7 @@ fn use_thrice(b: &NdArray, x: &NdTensor, w: &NdTensor) -> Result<()> {
 #[test]
 fn the_limit_bounds_the_kept_copies_a_raised_limit_serves_weights_used_before_and_dropping_frees()
 -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    let ours = is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && std::env::var("LORA_NDARRAY_ISA").as_deref() != Ok("none");
-    #[cfg(not(target_arch = "x86_64"))]
-    let ours = false;
-    if !ours {
+    if !pool::own_kernels() {
         eprintln!("skipped: no AVX2+FMA, so our GEMM (which keeps copies) does not run here");
         return Ok(());
     }
