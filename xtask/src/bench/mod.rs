@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: runs the criterion benches and turns their medians into
-//! `target/bench/report.json`, `docs/benchmarks.md` and `docs/benchmarks.png`.
+//! `target/bench/report.json`, `docs/benchmarks.md` and `docs/benchmarks.png`
+//! (`-avx2` capped, `-amd` on an AMD CPU: [`IsaCap::suffix`]).
 //!
 //! This file holds the entry points and the runs of the criterion benches and the Python
 //! baselines; `memory` measures peak RSS per process, `report` turns the measurements into
@@ -42,13 +43,26 @@ impl IsaCap {
     }
 
     /// The suffix of the report's own files (`target/bench/report.json`,
-    /// `docs/benchmarks.md` and `.png`): none, or `-avx2`. The measurements it is made
-    /// from (`target/bench/*.json`, criterion's estimates) are the last run's either way;
-    /// `report` checks they match the cap.
+    /// `docs/benchmarks.md` and `.png`): `-avx2` with the cap; uncapped, `-amd` on an AMD
+    /// CPU (AVX2 only in our fleet), so that its run and the Xeon's AVX-512 one each keep
+    /// their own page; else none. The measurements it is made from (`target/bench/*.json`,
+    /// criterion's estimates) are the last run's either way; `report` checks they match
+    /// the cap.
     pub(super) fn suffix(cap: Option<Self>) -> &'static str {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Self::suffix_on(cap, &cpuinfo)
+    }
+
+    /// [`suffix`](Self::suffix) on a CPU described by `cpuinfo` (`/proc/cpuinfo`'s text).
+    fn suffix_on(cap: Option<Self>, cpuinfo: &str) -> &'static str {
+        let amd = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("vendor_id"))
+            .is_some_and(|l| l.contains("AuthenticAMD"));
         match cap {
-            None => "",
             Some(Self::Avx2) => "-avx2",
+            None if amd => "-amd",
+            None => "",
         }
     }
 }
@@ -279,4 +293,20 @@ fn merge_bench(target: &Path, quick: bool) -> Result<()> {
 /// Rebuilds the report and chart from the last run's files under `target/`.
 pub fn report_only(quick: bool, cap: Option<IsaCap>) -> Result<()> {
     report::report(&root().join("target"), quick, cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IsaCap;
+
+    #[test]
+    fn each_kind_of_run_keeps_its_own_report() {
+        let amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n";
+        let intel = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n";
+        assert_eq!(IsaCap::suffix_on(None, intel), "");
+        assert_eq!(IsaCap::suffix_on(None, amd), "-amd");
+        assert_eq!(IsaCap::suffix_on(Some(IsaCap::Avx2), intel), "-avx2");
+        assert_eq!(IsaCap::suffix_on(Some(IsaCap::Avx2), amd), "-avx2");
+        assert_eq!(IsaCap::suffix_on(None, ""), "");
+    }
 }
