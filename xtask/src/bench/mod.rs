@@ -85,6 +85,9 @@ pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
     // The MiniLM benches read the model from the cache: fetch it first, or a fresh
     // machine's report has no ndarray MiniLM rows.
     crate::venv::fetch_minilm()?;
+    // The Python baselines write into target/bench and do not create it (on a fresh clone
+    // the first of them runs before any of ours).
+    std::fs::create_dir_all(target.join("bench"))?;
     // PyTorch's workloads run before and after ours; the report compares with the mean of
     // the two (`bracket.rs`). The last run's figures after ours go first, so that a run
     // stopped in between never averages this run's figures with the last one's.
