@@ -86,8 +86,8 @@ mod pack_buffer;
 mod prepacked;
 mod tile;
 
-/// Columns of `B` packed at once: `KC` x 3072 floats (3 MiB on the AVX2 tile, 4.5 at its
-/// deepest slice; 6 MiB on the AVX-512 one), in the shared L3.
+/// Columns of `B` packed at once: `KC` x 3072 floats (4.5 MiB on the AVX2 tile, 6 MiB on
+/// the AVX-512 one), in the shared L3.
 const NC: usize = 3072;
 
 /// A register-tile kernel and the block sizes that keep its operands in cache.
@@ -557,14 +557,12 @@ fn balanced_block(m: usize, most: usize, mr: usize) -> usize {
 /// slices of `KC`.
 ///
 /// Each slice stores (and after the first reloads) every output tile, so a short last one
-/// costs a tile pass for little work: on the AVX2 tile (`KC` 256) a 384-deep product, every
-/// MiniLM projection's forward, took 256 + 128. One 384-deep slice instead, capped at AVX2
-/// on the Xeon VM (stop 35, alternating): MiniLM training step 1051 → 1028 ms (means of
-/// five pairs, -2.2%), forward 487 → 481 ms (three). `KC` 384 for every product read 1021
-/// and 477 ms in three of those rounds, but gives every deep product a 24 KiB panel of
-/// `B`, which with `A`'s streaming rows overfills a 32 KiB L1 (AMD Zen, where this tile
-/// runs; BLIS's Zen 3 configuration keeps 256 for f32): here only products up to 384 deep
-/// get one. Not measured on an AMD CPU.
+/// costs a tile pass for little work: on the AVX2 tile with `KC` 256 a 384-deep product,
+/// every MiniLM projection's forward, took 256 + 128. One 384-deep slice instead, capped at
+/// AVX2 on the Xeon VM (stop 35, alternating): MiniLM training step 1051 → 1028 ms (means
+/// of five pairs, -2.2%), forward 487 → 481 ms (three). Since stop 37 the AVX2 tile's `KC`
+/// is 384 for every product (measured on an AMD EPYC, see `avx2.rs`), so there the rule
+/// only evens out the slices (4096 deep: eleven of 373, not ten of 384 and one of 256).
 fn slice_depth<K: Kernel>(k: usize) -> usize {
     let slices = (2 * k + K::KC - 1) / (2 * K::KC);
     match k.div_ceil(slices.max(1)) {

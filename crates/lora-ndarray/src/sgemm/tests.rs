@@ -429,8 +429,8 @@ fn row_blocks_are_whole_tiles_of_nearly_equal_size() {
 }
 
 /// Depth slices: never deeper than the kernel allows, never more of them than slices of
-/// `KC` would make; on the AVX2 tile a 384-deep product is one slice and a 1536-deep one
-/// six of 256 (`slice_depth`).
+/// `KC` would make; on the AVX2 tile a 384-deep product is one slice, a 1536-deep one four
+/// of 384 and a 4096-deep one eleven of 373 (`slice_depth`).
 #[test]
 fn depth_slices_are_no_more_and_no_deeper_than_the_kernel_takes() {
     fn check<K: Kernel>(name: &str) {
@@ -449,7 +449,8 @@ fn depth_slices_are_no_more_and_no_deeper_than_the_kernel_takes() {
     check::<avx2::Avx2>("AVX2");
     check::<avx512::Avx512>("AVX-512");
     assert_eq!(slice_depth::<avx2::Avx2>(384), 384);
-    assert_eq!(slice_depth::<avx2::Avx2>(1536), 256);
+    assert_eq!(slice_depth::<avx2::Avx2>(1536), 384);
+    assert_eq!(slice_depth::<avx2::Avx2>(4096), 373);
     assert_eq!(slice_depth::<avx2::Avx2>(640), 320);
     assert_eq!(slice_depth::<avx512::Avx512>(384), 384);
     assert_eq!(slice_depth::<avx512::Avx512>(600), 512);
