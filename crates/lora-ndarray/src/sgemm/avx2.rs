@@ -22,8 +22,9 @@ impl Kernel for Avx2 {
     /// (9 KiB each) overfill Zen 3's 32 KiB L1, yet `KC` 384 ran the MiniLM training step
     /// 3.5% faster than 256 on a 2-core AMD EPYC (Zen 3; stop 37, seven alternating pairs,
     /// 1.723 → 1.662 s, faster in six) and about 1% faster capped at AVX2 on the Xeon VM
-    /// (stop 35); 512 read level with 384 (three pairs). Fewer slices store and reload every
-    /// output tile fewer times; what misses L1 comes from L2 within the tile's FMA latency.
+    /// (stop 35); 512 was slower than 384 on the AMD EPYC (1.610 against 1.583 s, nine
+    /// pairs). Fewer slices store and reload every output tile fewer times; what misses L1
+    /// comes from L2 within the tile's FMA latency.
     const KC: usize = 384;
     /// 120 x 384 floats = 180 KiB, about a third of Zen 3's 512 KiB L2.
     const MC: usize = 120;
