@@ -119,22 +119,14 @@ pub fn rand(b: &NdArray, shape: &[usize], stream: u64) -> NdTensor {
     b.from_host(&v, shape).unwrap()
 }
 
-/// The widest f32 FMA this CPU runs: 16 lanes with AVX-512F, 8 with AVX2+FMA; capped
-/// as our kernels are by `LORA_NDARRAY_ISA=avx2` (or `none`), so that the peak a capped
-/// run reports is the one its products can reach.
+/// The widest f32 FMA our kernels run on this CPU: 16 lanes with AVX-512 (F, BW, DQ, VL),
+/// 8 with AVX2+FMA; capped as they are by `LORA_NDARRAY_ISA=avx2` (or `none`), so that the
+/// peak a run reports is the one its products can reach.
 #[cfg(target_arch = "x86_64")]
 fn fma_lanes() -> Option<usize> {
-    let cap = std::env::var("LORA_NDARRAY_ISA").unwrap_or_default();
-    if cap == "none" {
-        return None;
-    }
-    if std::is_x86_feature_detected!("avx512f") && cap != "avx2" {
-        Some(16)
-    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        Some(8)
-    } else {
-        None
-    }
+    // The backend decides: 16 lanes only where its AVX-512 kernels run (they need `bw`,
+    // `dq` and `vl` besides `avx512f`), after the same cap.
+    lora::ndarray_pool::kernel_lanes()
 }
 
 /// The vector ISA the FMA peak uses on this CPU: `"avx512f"`, `"avx2+fma"` or `None`.

@@ -251,6 +251,17 @@ pub fn own_kernels() -> bool {
     crate::sgemm::available()
 }
 
+/// The f32 lanes of the vector FMAs the backend's own kernels run in this process: 16
+/// (AVX-512: `avx512f`, `bw`, `dq` and `vl`), 8 (AVX2 and FMA) or `None` where the `gemm`
+/// crate runs every product, after `LORA_NDARRAY_ISA`'s cap (read once per process). The
+/// benchmarks measure the machine's FMA peak at this width.
+pub fn kernel_lanes() -> Option<usize> {
+    crate::sgemm::isa().map(|isa| match isa {
+        crate::sgemm::Isa::Avx2 => 8,
+        crate::sgemm::Isa::Avx512 => 16,
+    })
+}
+
 /// Frees every buffer the pool holds (for example after training, before serving).
 pub fn release() {
     let mut pool = lock();
@@ -313,5 +324,28 @@ mod tests {
         set_limit(None);
         release();
         assert_eq!(stats().free_bytes, 0);
+    }
+
+    /// The lanes the benchmarks measure the FMA peak at are those of kernels that run:
+    /// none without them, never 16 on a CPU that lacks one of the AVX-512 subsets.
+    #[test]
+    fn kernel_lanes_are_those_of_kernels_that_run() {
+        let lanes = kernel_lanes();
+        assert_eq!(lanes.is_some(), own_kernels());
+        assert!(matches!(lanes, None | Some(8) | Some(16)), "{lanes:?}");
+        #[cfg(target_arch = "x86_64")]
+        if lanes == Some(16) {
+            for feature in [
+                is_x86_feature_detected!("avx512f"),
+                is_x86_feature_detected!("avx512bw"),
+                is_x86_feature_detected!("avx512dq"),
+                is_x86_feature_detected!("avx512vl"),
+            ] {
+                assert!(
+                    feature,
+                    "16 lanes without every AVX-512 subset the kernels use"
+                );
+            }
+        }
     }
 }
