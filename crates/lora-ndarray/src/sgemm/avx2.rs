@@ -23,8 +23,8 @@ impl Kernel for Avx2 {
     /// 3.5% faster than 256 on a 2-core AMD EPYC (Zen 3; stop 37, seven alternating pairs,
     /// 1.723 → 1.662 s, faster in six) and about 1% faster capped at AVX2 on the Xeon VM
     /// (stop 35); 512 was slower than 384 on the AMD EPYC (1.610 against 1.583 s, nine
-    /// pairs). Fewer slices store and reload every output tile fewer times; what misses L1
-    /// comes from L2 within the tile's FMA latency.
+    /// pairs). Fewer slices store and reload every output tile fewer times; that what misses
+    /// L1 comes from L2 within the tile's FMA latency is inferred, not measured.
     const KC: usize = 384;
     /// 120 x 384 floats = 180 KiB, about a third of Zen 3's 512 KiB L2.
     const MC: usize = 120;
