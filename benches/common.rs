@@ -119,35 +119,19 @@ pub fn rand(b: &NdArray, shape: &[usize], stream: u64) -> NdTensor {
     b.from_host(&v, shape).unwrap()
 }
 
-/// The widest f32 FMA our kernels run on this CPU: 16 lanes with AVX-512 (F, BW, DQ, VL),
-/// 8 with AVX2+FMA; capped as they are by `LORA_NDARRAY_ISA=avx2` (or `none`), so that the
-/// peak a run reports is the one its products can reach.
-#[cfg(target_arch = "x86_64")]
-fn fma_lanes() -> Option<usize> {
-    // The backend decides: 16 lanes only where its AVX-512 kernels run (they need `bw`,
-    // `dq` and `vl` besides `avx512f`), after the same cap.
-    lora::ndarray_pool::kernel_lanes()
-}
-
-/// The vector ISA the FMA peak uses on this CPU: `"avx512f"`, `"avx2+fma"` or `None`.
-/// Uncapped, the `gemm` crate's kernels pick the same way at run time; they ignore
-/// `LORA_NDARRAY_ISA`.
+/// The vector ISA the FMA peak uses on this CPU: `"avx512f"`, `"avx2+fma"` or `None`, that
+/// of our kernels ([`lora::ndarray_pool::kernel_lanes`], after `LORA_NDARRAY_ISA`'s cap).
+/// The `gemm` crate picks its own at run time and ignores the cap.
 pub fn fma_isa() -> Option<&'static str> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        fma_lanes().map(|l| if l == 16 { "avx512f" } else { "avx2+fma" })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        None
-    }
+    lora::ndarray_pool::kernel_lanes().map(|l| if l == 16 { "avx512f" } else { "avx2+fma" })
 }
 
 /// Measured f32 FMA peak of this machine in GFLOP/s: every hardware thread runs twelve
-/// independent chains of fused multiply-adds at the widest width the CPU has (16-lane
-/// AVX-512 where present and not capped by `LORA_NDARRAY_ISA`, so that a GEMM running
-/// AVX-512 kernels is measured against the right ceiling; else 8-lane AVX2), and the best
-/// of three runs of about 0.3 s counts.
+/// independent chains of fused multiply-adds at the width our kernels run
+/// ([`lora::ndarray_pool::kernel_lanes`]: 16-lane AVX-512 where they use it and
+/// `LORA_NDARRAY_ISA` does not cap it, so that a GEMM running AVX-512 kernels is measured
+/// against the right ceiling; else 8-lane AVX2), and the best of three runs of about 0.3 s
+/// counts.
 /// Twelve chains keep two FMA ports busy with a latency up to six cycles and still fit the
 /// sixteen AVX2 registers. (Eight chains and one 70 ms run read 102 GFLOP/s on the 2-core
 /// AMD EPYC, where GEMMs reached 145 and a C loop with twelve chains 195.)
@@ -155,7 +139,7 @@ pub fn fma_isa() -> Option<&'static str> {
 pub fn fma_peak_gflops() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        let lanes = fma_lanes()?;
+        let lanes = lora::ndarray_pool::kernel_lanes()?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         const ITERS: u64 = 150_000_000;
         let mut best = f64::MAX;
@@ -194,10 +178,10 @@ mod fma_x86 {
     /// `CHAINS` dependency-free FMA chains of `lanes` floats, `iters` rounds.
     pub fn run(lanes: usize, iters: u64) -> f32 {
         if lanes == 16 {
-            // SAFETY: `fma_lanes` returns 16 only after detecting AVX-512F.
+            // SAFETY: `kernel_lanes` returns 16 only after detecting AVX-512F (BW, DQ, VL).
             unsafe { chains_avx512(iters) }
         } else {
-            // SAFETY: `fma_lanes` returns 8 only after detecting AVX2 and FMA.
+            // SAFETY: `kernel_lanes` returns 8 only after detecting AVX2 and FMA.
             unsafe { chains_avx2(iters) }
         }
     }

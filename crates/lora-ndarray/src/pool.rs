@@ -327,7 +327,8 @@ mod tests {
     }
 
     /// The lanes the benchmarks measure the FMA peak at are those of kernels that run:
-    /// none without them, never 16 on a CPU that lacks one of the AVX-512 subsets.
+    /// none without them, never 16 on a CPU that lacks one of the AVX-512 subsets, never
+    /// 8 without AVX2 and FMA.
     #[test]
     fn kernel_lanes_are_those_of_kernels_that_run() {
         let lanes = kernel_lanes();
@@ -346,6 +347,10 @@ mod tests {
                     "16 lanes without every AVX-512 subset the kernels use"
                 );
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if lanes == Some(8) {
+            assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
         }
     }
 }

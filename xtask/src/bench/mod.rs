@@ -55,16 +55,21 @@ impl IsaCap {
 
     /// [`suffix`](Self::suffix) on a CPU described by `cpuinfo` (`/proc/cpuinfo`'s text).
     fn suffix_on(cap: Option<Self>, cpuinfo: &str) -> &'static str {
-        let amd = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("vendor_id"))
-            .is_some_and(|l| l.contains("AuthenticAMD"));
+        let amd = cpuinfo_field(cpuinfo, "vendor_id") == Some("AuthenticAMD");
         match cap {
             Some(Self::Avx2) => "-avx2",
             None if amd => "-amd",
             None => "",
         }
     }
+}
+
+/// The value of `key` in `/proc/cpuinfo`'s text (its first processor's line).
+pub(super) fn cpuinfo_field<'a>(cpuinfo: &'a str, key: &str) -> Option<&'a str> {
+    cpuinfo.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == key).then(|| v.trim())
+    })
 }
 
 /// Runs the benches and writes the report.
@@ -85,9 +90,6 @@ pub fn run(backends: &[&str], quick: bool, cap: Option<IsaCap>) -> Result<()> {
     // The MiniLM benches read the model from the cache: fetch it first, or a fresh
     // machine's report has no ndarray MiniLM rows.
     crate::venv::fetch_minilm()?;
-    // The Python baselines write into target/bench and do not create it (on a fresh clone
-    // the first of them runs before any of ours).
-    std::fs::create_dir_all(target.join("bench"))?;
     // PyTorch's workloads run before and after ours; the report compares with the mean of
     // the two (`bracket.rs`). The last run's figures after ours go first, so that a run
     // stopped in between never averages this run's figures with the last one's.
@@ -147,7 +149,11 @@ fn baseline_script(
     lead: &[PathBuf],
     out: &str,
 ) -> Result<std::process::Command> {
-    let out = target.join("bench").join(out);
+    // The scripts do not create the folder, and on a fresh clone the first of them runs
+    // before any bench of ours has.
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join(out);
     let _ = std::fs::remove_file(&out);
     let mut cmd = std::process::Command::new(crate::venv::ensure_venv()?);
     cmd.arg(root().join("benches/python").join(name))
@@ -311,5 +317,7 @@ mod tests {
         assert_eq!(IsaCap::suffix_on(Some(IsaCap::Avx2), intel), "-avx2");
         assert_eq!(IsaCap::suffix_on(Some(IsaCap::Avx2), amd), "-avx2");
         assert_eq!(IsaCap::suffix_on(None, ""), "");
+        assert_eq!(super::cpuinfo_field(amd, "cpu family"), Some("25"));
+        assert_eq!(super::cpuinfo_field(amd, "family"), None);
     }
 }

@@ -58,14 +58,8 @@ fn criterion_results(dir: &Path, out: &mut Vec<(Value, Value)>) {
 
 /// The machine in one line: CPU model, hardware threads, RAM.
 pub(super) fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = super::cpuinfo_field(&cpuinfo, "model name").unwrap_or("unknown CPU");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
